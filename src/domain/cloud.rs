@@ -122,6 +122,8 @@ impl CloudEndpoints {
                 None => Ok(default.to_string()),
             }
         };
+        let login_url = pick("login", &overrides.login, login)?;
+        let graph_url = pick("graph", &overrides.graph, graph)?;
         let exchange_url = pick("exchange", &overrides.exchange, exchange)?;
         let exchange_resource = if cloud == Cloud::China && overrides.exchange.is_some() {
             exchange_url.clone()
@@ -129,8 +131,8 @@ impl CloudEndpoints {
             exo_res.to_string()
         };
         Ok(CloudEndpoints {
-            login: pick("login", &overrides.login, login)?,
-            graph: pick("graph", &overrides.graph, graph)?,
+            login: login_url,
+            graph: graph_url,
             exchange: exchange_url,
             graph_resource: graph_res.to_string(),
             exchange_resource,
