@@ -2,4 +2,12 @@
 //! mailboxes, and prove the restriction is in force.
 #![forbid(unsafe_code)]
 
+pub mod api;
+pub mod app;
+pub mod auth;
+pub mod cli;
+pub mod config;
+pub mod crypto;
 pub mod domain;
+pub mod store;
+pub mod telemetry;

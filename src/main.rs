@@ -1,1 +1,4 @@
-fn main() {}
+//! The `mailscope` binary: everything lives in the library; see `cli.rs`.
+fn main() -> std::process::ExitCode {
+    mailscope::cli::main()
+}

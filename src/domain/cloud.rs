@@ -76,7 +76,9 @@ pub struct CloudEndpoints {
 pub enum EndpointError {
     #[error("cloud `custom` needs `endpoints.{0}`")]
     MissingCustom(&'static str),
-    #[error("endpoints.{field} must be an absolute http(s) URL without query or fragment, got `{value}`")]
+    #[error(
+        "endpoints.{field} must be an absolute http(s) URL without query or fragment, got `{value}`"
+    )]
     InvalidUrl { field: &'static str, value: String },
 }
 
@@ -115,12 +117,10 @@ impl CloudEndpoints {
                 "https://partner.outlook.cn",
             ),
         };
-        let pick = |field: &'static str, given: &Option<String>, default: &str| {
-            match given {
-                Some(v) => validate_base_url(field, v),
-                None if cloud == Cloud::Custom => Err(EndpointError::MissingCustom(field)),
-                None => Ok(default.to_string()),
-            }
+        let pick = |field: &'static str, given: &Option<String>, default: &str| match given {
+            Some(v) => validate_base_url(field, v),
+            None if cloud == Cloud::Custom => Err(EndpointError::MissingCustom(field)),
+            None => Ok(default.to_string()),
         };
         let login_url = pick("login", &overrides.login, login)?;
         let graph_url = pick("graph", &overrides.graph, graph)?;
@@ -150,7 +150,10 @@ impl CloudEndpoints {
 
 /// Accept `http(s)://host[:port][/path]`, strip one trailing slash.
 pub fn validate_base_url(field: &'static str, value: &str) -> Result<String, EndpointError> {
-    let bad = || EndpointError::InvalidUrl { field, value: value.to_string() };
+    let bad = || EndpointError::InvalidUrl {
+        field,
+        value: value.to_string(),
+    };
     let rest = value
         .strip_prefix("https://")
         .or_else(|| value.strip_prefix("http://"))
@@ -176,7 +179,10 @@ mod tests {
 
     #[test]
     fn custom_requires_all_three() {
-        let o = EndpointOverrides { login: Some("http://127.0.0.1:1".into()), ..Default::default() };
+        let o = EndpointOverrides {
+            login: Some("http://127.0.0.1:1".into()),
+            ..Default::default()
+        };
         assert_eq!(
             CloudEndpoints::resolve(Cloud::Custom, &o),
             Err(EndpointError::MissingCustom("graph"))
@@ -186,7 +192,11 @@ mod tests {
     #[test]
     fn custom_keeps_global_resources() {
         let u = Some("http://127.0.0.1:8090/".to_string());
-        let o = EndpointOverrides { login: u.clone(), graph: u.clone(), exchange: u };
+        let o = EndpointOverrides {
+            login: u.clone(),
+            graph: u.clone(),
+            exchange: u,
+        };
         let e = CloudEndpoints::resolve(Cloud::Custom, &o).unwrap();
         assert_eq!(e.graph, "http://127.0.0.1:8090");
         assert_eq!(e.exchange_scope(), "https://outlook.office365.com/.default");

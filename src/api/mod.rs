@@ -1,0 +1,129 @@
+//! The HTTP API: shared state, route table, extractor error handlers and the OpenAPI document.
+//! One file per resource, each with its own `routes()`.
+use std::sync::Arc;
+
+use actix_web::error::{JsonPayloadError, PathError, QueryPayloadError};
+use actix_web::{HttpRequest, HttpResponse, web};
+use deadpool_postgres::Pool;
+
+use crate::config::Settings;
+use crate::crypto::CredentialCipher;
+use problem::{ApiError, FieldError, ProblemKind};
+
+pub mod audit;
+pub mod health;
+pub mod middleware;
+pub mod openapi;
+pub mod problem;
+pub mod tenants;
+
+/// Everything a handler may need, cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub pool: Pool,
+    pub cipher: CredentialCipher,
+    pub settings: Arc<Settings>,
+}
+
+impl AppState {
+    pub async fn db(&self) -> Result<deadpool_postgres::Object, ApiError> {
+        self.pool
+            .get()
+            .await
+            .map_err(|e| ApiError::from(crate::store::StoreError::from(e)))
+    }
+}
+
+/// The request id set by the request-context middleware.
+pub fn request_id(req: &HttpRequest) -> String {
+    use actix_web::HttpMessage;
+    req.extensions()
+        .get::<middleware::RequestId>()
+        .map(|r| r.0.clone())
+        .unwrap_or_default()
+}
+
+/// Register every route and the extractor configuration on an actix app.
+pub fn configure(cfg: &mut web::ServiceConfig, body_limit: usize) {
+    cfg.app_data(
+        web::JsonConfig::default()
+            .limit(body_limit)
+            .error_handler(|e, _| json_error(e).into()),
+    )
+    .app_data(web::PathConfig::default().error_handler(|e, _| path_error(e).into()))
+    .app_data(web::QueryConfig::default().error_handler(|e, _| query_error(e).into()))
+    .app_data(web::PayloadConfig::default().limit(body_limit))
+    .configure(health::routes)
+    .configure(openapi::routes)
+    .service(
+        web::scope("/v1")
+            .configure(tenants::routes)
+            .configure(audit::routes),
+    )
+    .default_service(web::to(not_found));
+}
+
+async fn not_found() -> Result<HttpResponse, ApiError> {
+    Err(ApiError::not_found("no resource at this path"))
+}
+
+fn json_error(e: JsonPayloadError) -> ApiError {
+    match e {
+        JsonPayloadError::ContentType => ApiError::new(
+            ProblemKind::UnsupportedMediaType,
+            "send the body as JSON with `Content-Type: application/json`",
+        ),
+        JsonPayloadError::Overflow { limit }
+        | JsonPayloadError::OverflowKnownLength { limit, .. } => ApiError::new(
+            ProblemKind::PayloadTooLarge,
+            format!("the body exceeds the limit of {limit} bytes"),
+        ),
+        JsonPayloadError::Deserialize(de) if de.is_data() => {
+            // Unknown fields, wrong types, missing fields: the JSON parsed, its content is wrong.
+            ApiError::validation(vec![FieldError {
+                field: "body".into(),
+                message: de.to_string(),
+            }])
+        }
+        JsonPayloadError::Deserialize(de) => ApiError::new(
+            ProblemKind::MalformedJson,
+            format!("the body is not valid JSON: {de}"),
+        ),
+        other => ApiError::new(
+            ProblemKind::MalformedJson,
+            format!("cannot read the body: {other}"),
+        ),
+    }
+}
+
+fn path_error(e: PathError) -> ApiError {
+    let PathError::Deserialize(de) = e else {
+        return ApiError::new(ProblemKind::InvalidPathParameter, "invalid path");
+    };
+    let msg = de.to_string();
+    let detail = if msg.contains("UUID") || msg.contains("Uuid") || msg.contains("uuid") {
+        format!("a path segment must be a UUID: {msg}")
+    } else {
+        format!("invalid path parameter: {msg}")
+    };
+    ApiError::new(ProblemKind::InvalidPathParameter, detail)
+}
+
+fn query_error(e: QueryPayloadError) -> ApiError {
+    ApiError::new(
+        ProblemKind::InvalidQuery,
+        format!("invalid query string: {e}"),
+    )
+}
+
+/// `?limit=` handling shared by list endpoints.
+pub fn page_limit(limit: Option<i64>) -> Result<i64, ApiError> {
+    match limit {
+        None => Ok(50),
+        Some(l) if (1..=500).contains(&l) => Ok(l),
+        Some(_) => Err(ApiError::new(
+            ProblemKind::InvalidQuery,
+            "limit must be between 1 and 500",
+        )),
+    }
+}

@@ -1,0 +1,130 @@
+//! The OpenAPI 3.1 document (generated from the code), Swagger UI with vendored assets, and the
+//! problem-type catalogue that the problems' `type` URIs point at.
+use actix_web::{HttpResponse, web};
+use serde::Serialize;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi, ToSchema};
+use utoipa_swagger_ui::SwaggerUi;
+
+use super::problem::{ApiError, CATALOGUE, FieldError, Problem};
+use super::{audit, health, tenants};
+use crate::domain::cloud::{Cloud, EndpointOverrides};
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "mailscope",
+        description = "Give a third-party app access to some Exchange Online mailboxes and no others, \
+and prove that the restriction is in force.\n\nErrors are RFC 9457 `application/problem+json` documents; \
+branch on `type` (or its short form `code`). Every response carries `X-Request-Id`.",
+        license(name = "Apache-2.0")
+    ),
+    paths(
+        health::healthz, health::readyz, health::metrics,
+        problem_types, problem_type,
+        tenants::put_tenant, tenants::get_tenant, tenants::list_tenants, tenants::delete_tenant,
+        audit::list_audit_events,
+    ),
+    components(schemas(
+        Problem, FieldError, ProblemType, Cloud, EndpointOverrides,
+        tenants::TenantInput, tenants::CredentialsInput, tenants::Tenant, tenants::TenantList,
+        tenants::CredentialSummary, audit::AuditEvent, audit::AuditEventList, audit::Actor,
+        health::Health,
+    )),
+    modifiers(&BearerAuth),
+    tags(
+        (name = "tenants", description = "Microsoft 365 tenants mailscope manages"),
+        (name = "operations", description = "Health, readiness, metrics and error catalogue"),
+    )
+)]
+pub struct ApiDoc;
+
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("JWT")
+                    .description(Some(
+                        "A JWT from your identity provider (or `mailscope token` locally) with \
+                         MailScope.Read / MailScope.Write / MailScope.Admin in `roles` or `scp`.",
+                    ))
+                    .build(),
+            ),
+        );
+    }
+}
+
+/// The generated document, as committed in `openapi/openapi.json`.
+pub fn document() -> utoipa::openapi::OpenApi {
+    ApiDoc::openapi()
+}
+
+/// Pretty JSON with a trailing newline (the committed file's exact form).
+pub fn document_json() -> String {
+    let mut s = document().to_pretty_json().unwrap_or_default();
+    s.push('\n');
+    s
+}
+
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.service(SwaggerUi::new("/docs/{_:.*}").url("/openapi.json", document()))
+        .route(
+            "/docs",
+            web::get().to(|| async {
+                HttpResponse::PermanentRedirect()
+                    .insert_header(("Location", "/docs/"))
+                    .finish()
+            }),
+        )
+        .route("/problems", web::get().to(problem_types))
+        .route("/problems/{code}", web::get().to(problem_type));
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ProblemType {
+    #[schema(example = "validation_failed")]
+    pub code: &'static str,
+    pub title: &'static str,
+    pub status: u16,
+    pub description: &'static str,
+}
+
+fn catalogue() -> Vec<ProblemType> {
+    CATALOGUE
+        .iter()
+        .map(|(k, title, description)| ProblemType {
+            code: k.code(),
+            title,
+            status: k.status().as_u16(),
+            description,
+        })
+        .collect()
+}
+
+/// Every problem type this API returns.
+#[utoipa::path(get, path = "/problems", tag = "operations",
+    responses((status = 200, description = "the catalogue", body = [ProblemType])))]
+pub async fn problem_types() -> HttpResponse {
+    HttpResponse::Ok().json(catalogue())
+}
+
+/// One problem type (the target of a problem's `type` URI).
+#[utoipa::path(get, path = "/problems/{code}", tag = "operations",
+    params(("code" = String, Path, description = "problem code")),
+    responses(
+        (status = 200, description = "the problem type", body = ProblemType),
+        (status = 404, description = "no such problem type", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn problem_type(code: web::Path<String>) -> Result<HttpResponse, ApiError> {
+    catalogue()
+        .into_iter()
+        .find(|p| p.code == code.as_str())
+        .map(|p| HttpResponse::Ok().json(p))
+        .ok_or_else(|| ApiError::not_found(format!("no problem type `{code}`")))
+}

@@ -1,0 +1,370 @@
+//! The HTTP error type of the API and its RFC 9457 `application/problem+json` rendering.
+//!
+//! Every failure a client can see goes through [`ApiError`]: handlers return it, extractor
+//! failures are converted into it, and the request-context middleware fills in `instance` and
+//! `request_id` when the response leaves. Internal causes are logged there, never sent.
+use actix_web::http::StatusCode;
+use actix_web::http::header::{self, HeaderValue};
+use actix_web::{HttpResponse, ResponseError};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+pub const PROBLEM_CONTENT_TYPE: &str = "application/problem+json";
+
+/// Stable error kinds. The `type` URI of a problem is `/problems/{code}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ProblemKind {
+    MalformedJson,
+    UnsupportedMediaType,
+    PayloadTooLarge,
+    InvalidPathParameter,
+    InvalidQuery,
+    ValidationFailed,
+    Unauthenticated,
+    Forbidden,
+    NotFound,
+    MethodNotAllowed,
+    Conflict,
+    DatabaseUnavailable,
+    NotReady,
+    Internal,
+}
+
+/// The catalogue, served at `/problems` and `/problems/{code}` so the `type` URIs resolve.
+pub const CATALOGUE: &[(ProblemKind, &str, &str)] = &[
+    (
+        ProblemKind::MalformedJson,
+        "Malformed JSON",
+        "The request body is not valid JSON.",
+    ),
+    (
+        ProblemKind::UnsupportedMediaType,
+        "Unsupported media type",
+        "The request body must be sent with a supported Content-Type, usually application/json.",
+    ),
+    (
+        ProblemKind::PayloadTooLarge,
+        "Payload too large",
+        "The request body exceeds the configured limit (http.body_limit_bytes).",
+    ),
+    (
+        ProblemKind::InvalidPathParameter,
+        "Invalid path parameter",
+        "A path segment has the wrong format, for example a tenant id that is not a UUID.",
+    ),
+    (
+        ProblemKind::InvalidQuery,
+        "Invalid query",
+        "A query parameter is missing, unknown or has the wrong format.",
+    ),
+    (
+        ProblemKind::ValidationFailed,
+        "Validation failed",
+        "The request is well-formed JSON but its content is invalid; `errors` lists each field.",
+    ),
+    (
+        ProblemKind::Unauthenticated,
+        "Unauthenticated",
+        "A valid bearer token is required: check its signature, issuer, audience and expiry.",
+    ),
+    (
+        ProblemKind::Forbidden,
+        "Forbidden",
+        "The token is valid but lacks the role this operation needs.",
+    ),
+    (
+        ProblemKind::NotFound,
+        "Not found",
+        "No such resource, or the caller may not see it.",
+    ),
+    (
+        ProblemKind::MethodNotAllowed,
+        "Method not allowed",
+        "The resource exists but does not support this HTTP method.",
+    ),
+    (
+        ProblemKind::Conflict,
+        "Conflict",
+        "The request conflicts with the current state of the resource.",
+    ),
+    (
+        ProblemKind::DatabaseUnavailable,
+        "Database unavailable",
+        "mailscope cannot reach its database right now; retry after the indicated delay.",
+    ),
+    (
+        ProblemKind::NotReady,
+        "Not ready",
+        "The service is starting or its database schema is not at the expected version.",
+    ),
+    (
+        ProblemKind::Internal,
+        "Internal error",
+        "An unexpected error; the request id identifies it in the service's logs.",
+    ),
+];
+
+impl ProblemKind {
+    pub fn code(self) -> &'static str {
+        match self {
+            ProblemKind::MalformedJson => "malformed_json",
+            ProblemKind::UnsupportedMediaType => "unsupported_media_type",
+            ProblemKind::PayloadTooLarge => "payload_too_large",
+            ProblemKind::InvalidPathParameter => "invalid_path_parameter",
+            ProblemKind::InvalidQuery => "invalid_query",
+            ProblemKind::ValidationFailed => "validation_failed",
+            ProblemKind::Unauthenticated => "unauthenticated",
+            ProblemKind::Forbidden => "forbidden",
+            ProblemKind::NotFound => "not_found",
+            ProblemKind::MethodNotAllowed => "method_not_allowed",
+            ProblemKind::Conflict => "conflict",
+            ProblemKind::DatabaseUnavailable => "database_unavailable",
+            ProblemKind::NotReady => "not_ready",
+            ProblemKind::Internal => "internal",
+        }
+    }
+
+    pub fn status(self) -> StatusCode {
+        match self {
+            ProblemKind::MalformedJson
+            | ProblemKind::InvalidPathParameter
+            | ProblemKind::InvalidQuery => StatusCode::BAD_REQUEST,
+            ProblemKind::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ProblemKind::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ProblemKind::ValidationFailed => StatusCode::UNPROCESSABLE_ENTITY,
+            ProblemKind::Unauthenticated => StatusCode::UNAUTHORIZED,
+            ProblemKind::Forbidden => StatusCode::FORBIDDEN,
+            ProblemKind::NotFound => StatusCode::NOT_FOUND,
+            ProblemKind::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ProblemKind::Conflict => StatusCode::CONFLICT,
+            ProblemKind::DatabaseUnavailable | ProblemKind::NotReady => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            ProblemKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    pub fn title(self) -> &'static str {
+        CATALOGUE
+            .iter()
+            .find(|(k, _, _)| *k == self)
+            .map(|(_, t, _)| *t)
+            .unwrap_or("Error")
+    }
+
+    pub fn type_uri(self) -> String {
+        format!("/problems/{}", self.code())
+    }
+}
+
+/// One invalid field of a request body.
+#[derive(Debug, Clone, Serialize, ToSchema, PartialEq)]
+pub struct FieldError {
+    /// JSON pointer-like path of the field, e.g. `credentials.client_id`.
+    #[schema(example = "credentials.client_id")]
+    pub field: String,
+    #[schema(example = "must be a GUID")]
+    pub message: String,
+}
+
+/// An RFC 9457 problem document.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Problem {
+    /// Stable URI reference naming the kind of problem; branch on this (or `code`).
+    #[serde(rename = "type")]
+    #[schema(example = "/problems/validation_failed")]
+    pub type_uri: String,
+    #[schema(example = "Validation failed")]
+    pub title: String,
+    #[schema(example = 422)]
+    pub status: u16,
+    /// What went wrong with this request, in words a person can act on.
+    #[schema(example = "credentials.client_id: must be a GUID")]
+    pub detail: String,
+    /// The request path this problem is about.
+    #[schema(example = "/v1/tenants/0b1c6a36-6b53-4bcb-8e56-0d4f5c7f3a11")]
+    pub instance: String,
+    /// Identifies the request in mailscope's logs (echoed in the `X-Request-Id` header).
+    #[schema(example = "5f0c3c3e-2d3f-4c52-9f0b-6a8d1f1b2a77")]
+    pub request_id: String,
+    /// The same kind as `type`, without the path.
+    #[schema(example = "validation_failed")]
+    pub code: String,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub errors: Vec<FieldError>,
+}
+
+/// The API's error: a kind, a message for the client, and (optionally) an internal cause that is
+/// logged and never sent.
+#[derive(Debug)]
+pub struct ApiError {
+    pub kind: ProblemKind,
+    pub detail: String,
+    pub errors: Vec<FieldError>,
+    pub retry_after: Option<u64>,
+    pub extra_headers: Vec<(header::HeaderName, HeaderValue)>,
+    pub internal: Option<anyhow::Error>,
+    /// A more specific problem code than the kind's (e.g. `policy_limit_reached`).
+    pub code_override: Option<&'static str>,
+}
+
+impl ApiError {
+    pub fn new(kind: ProblemKind, detail: impl Into<String>) -> Self {
+        ApiError {
+            kind,
+            detail: detail.into(),
+            errors: Vec::new(),
+            retry_after: None,
+            extra_headers: Vec::new(),
+            internal: None,
+            code_override: None,
+        }
+    }
+
+    pub fn not_found(detail: impl Into<String>) -> Self {
+        Self::new(ProblemKind::NotFound, detail)
+    }
+
+    pub fn conflict(detail: impl Into<String>) -> Self {
+        Self::new(ProblemKind::Conflict, detail)
+    }
+
+    pub fn validation(errors: Vec<FieldError>) -> Self {
+        let detail = errors
+            .iter()
+            .map(|e| format!("{}: {}", e.field, e.message))
+            .collect::<Vec<_>>()
+            .join("; ");
+        ApiError {
+            errors,
+            ..Self::new(ProblemKind::ValidationFailed, detail)
+        }
+    }
+
+    pub fn unauthenticated(detail: impl Into<String>) -> Self {
+        let mut e = Self::new(ProblemKind::Unauthenticated, detail);
+        e.extra_headers.push((
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer error=\"invalid_token\""),
+        ));
+        e
+    }
+
+    pub fn forbidden(detail: impl Into<String>) -> Self {
+        Self::new(ProblemKind::Forbidden, detail)
+    }
+
+    /// An unexpected failure: the client sees a generic message, the cause goes to the log.
+    pub fn internal(cause: impl Into<anyhow::Error>) -> Self {
+        ApiError {
+            internal: Some(cause.into()),
+            ..Self::new(
+                ProblemKind::Internal,
+                "an unexpected error occurred; quote the request id when reporting it",
+            )
+        }
+    }
+
+    pub fn database_unavailable(cause: impl Into<anyhow::Error>) -> Self {
+        ApiError {
+            internal: Some(cause.into()),
+            retry_after: Some(5),
+            ..Self::new(
+                ProblemKind::DatabaseUnavailable,
+                "the database is unreachable or busy; retry shortly",
+            )
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        self.code_override.unwrap_or_else(|| self.kind.code())
+    }
+
+    /// The problem document for this error in the context of one request.
+    pub fn to_problem(&self, instance: &str, request_id: &str) -> Problem {
+        Problem {
+            type_uri: format!("/problems/{}", self.code()),
+            title: self.kind.title().to_string(),
+            status: self.kind.status().as_u16(),
+            detail: self.detail.clone(),
+            instance: instance.to_string(),
+            request_id: request_id.to_string(),
+            code: self.code().to_string(),
+            errors: self.errors.clone(),
+        }
+    }
+
+    /// Render with request context (used by the request-context middleware).
+    pub fn render(&self, instance: &str, request_id: &str) -> HttpResponse {
+        let mut b = HttpResponse::build(self.kind.status());
+        b.insert_header((header::CONTENT_TYPE, PROBLEM_CONTENT_TYPE));
+        if let Some(s) = self.retry_after {
+            b.insert_header((header::RETRY_AFTER, s.to_string()));
+        }
+        for (k, v) in &self.extra_headers {
+            b.insert_header((k.clone(), v.clone()));
+        }
+        let body = serde_json::to_vec(&self.to_problem(instance, request_id)).unwrap_or_default();
+        b.body(body)
+    }
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.code(), self.detail)
+    }
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        self.kind.status()
+    }
+
+    // Without request context (the middleware re-renders with it); still a valid problem.
+    fn error_response(&self) -> HttpResponse {
+        self.render("", "")
+    }
+}
+
+impl From<crate::store::StoreError> for ApiError {
+    fn from(e: crate::store::StoreError) -> Self {
+        use crate::store::StoreError;
+        match e {
+            StoreError::Unavailable(cause) => ApiError::database_unavailable(cause),
+            StoreError::Other(cause) => ApiError::internal(cause),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_kind_is_in_the_catalogue_with_a_distinct_code() {
+        let mut codes: Vec<_> = CATALOGUE.iter().map(|(k, _, _)| k.code()).collect();
+        let n = codes.len();
+        codes.sort();
+        codes.dedup();
+        assert_eq!(codes.len(), n);
+        assert_eq!(n, 14);
+    }
+
+    #[test]
+    fn internal_cause_is_not_rendered() {
+        let e = ApiError::internal(anyhow::anyhow!("password=hunter2 in connection string"));
+        let p = e.to_problem("/v1/x", "rid");
+        assert!(!serde_json::to_string(&p).unwrap().contains("hunter2"));
+        assert_eq!(p.status, 500);
+    }
+
+    #[test]
+    fn validation_detail_lists_fields() {
+        let e = ApiError::validation(vec![FieldError {
+            field: "a".into(),
+            message: "bad".into(),
+        }]);
+        assert_eq!(e.detail, "a: bad");
+        assert_eq!(e.kind.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    }
+}

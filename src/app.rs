@@ -1,0 +1,168 @@
+//! Building and running the service: resolve the database (external or embedded), apply
+//! migrations, assemble state, bind the listener. Tests build the same `Application` on port 0.
+use std::net::TcpListener;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::dev::Server;
+use actix_web::{App, HttpServer, middleware::from_fn, web};
+use anyhow::Context;
+use deadpool_postgres::Pool;
+
+use crate::api::{self, AppState};
+use crate::auth::Verifier;
+use crate::config::{Secret, Settings, decode_encryption_key};
+use crate::crypto::CredentialCipher;
+use crate::store::{self, embedded::EmbeddedPostgres, local_secrets};
+use crate::telemetry::Metrics;
+
+/// What `serve` runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// API and worker in one process.
+    All,
+    ApiOnly,
+    WorkerOnly,
+}
+
+/// The database and secrets resolved from settings (embedded cluster started if needed).
+pub struct Resolved {
+    pub settings: Settings,
+    pub database_url: Secret,
+    pub embedded: Option<EmbeddedPostgres>,
+}
+
+/// Start the embedded cluster and fill in generated local secrets when nothing is configured.
+pub async fn resolve(mut settings: Settings) -> anyhow::Result<Resolved> {
+    let data_dir = settings.database.data_dir.clone();
+    let (database_url, embedded) = match settings.database.url.clone() {
+        Some(url) => (url, None),
+        None => {
+            let pg = EmbeddedPostgres::start(&data_dir).await?;
+            let url = pg.ensure_database().await?;
+            (url, Some(pg))
+        }
+    };
+    if settings.encryption_key.is_none() {
+        settings.encryption_key = Some(local_secrets::read_or_create(
+            &data_dir,
+            local_secrets::ENCRYPTION_KEY_FILE,
+            32,
+        )?);
+    }
+    if settings.auth.jwks_url.is_none() && settings.auth.hs256_secret.is_none() {
+        settings.auth.hs256_secret = Some(local_secrets::read_or_create(
+            &data_dir,
+            local_secrets::HS256_SECRET_FILE,
+            48,
+        )?);
+    }
+    Ok(Resolved {
+        settings,
+        database_url,
+        embedded,
+    })
+}
+
+/// Apply migrations on one dedicated connection (the advisory lock is per session).
+pub async fn migrate(database_url: &str) -> anyhow::Result<Vec<i32>> {
+    let (mut client, conn) = tokio_postgres::connect(database_url, tokio_postgres::NoTls)
+        .await
+        .context("cannot connect to the database to migrate")?;
+    let driver = tokio::spawn(conn);
+    let applied = store::migrate::run(&mut client).await;
+    drop(client);
+    let _ = driver.await;
+    applied
+}
+
+pub struct Application {
+    port: u16,
+    server: Server,
+    pub pool: Pool,
+    embedded: Option<EmbeddedPostgres>,
+}
+
+impl Application {
+    /// Resolve, migrate (unless disabled) and bind. Nothing is served until `run_until_stopped`.
+    pub async fn build(settings: Settings, role: Role) -> anyhow::Result<Application> {
+        let Resolved {
+            settings,
+            database_url,
+            embedded,
+        } = resolve(settings).await?;
+        if settings.database.migrate_on_start && role != Role::WorkerOnly {
+            migrate(database_url.expose()).await?;
+        }
+        let pool = store::create_pool(database_url.expose(), &settings.database)?;
+        let key = settings
+            .encryption_key
+            .as_ref()
+            .map(|k| decode_encryption_key(k.expose()))
+            .transpose()
+            .map_err(|e| anyhow::anyhow!("encryption key: {e}"))?
+            .context("no encryption key")?;
+        let cipher = CredentialCipher::new(&key);
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .user_agent(concat!("mailscope/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        let verifier = match (&settings.auth.jwks_url, &settings.auth.hs256_secret) {
+            (Some(url), _) => Verifier::jwks(settings.auth.clone(), url.clone(), http.clone()),
+            (None, Some(secret)) => Verifier::hs256(settings.auth.clone(), secret.expose()),
+            (None, None) => anyhow::bail!("no token verification configured"),
+        };
+        verifier.warm_up().await;
+        let verifier = web::Data::new(verifier);
+        let metrics = web::Data::new(Metrics::new()?);
+        let state = web::Data::new(AppState {
+            pool: pool.clone(),
+            cipher,
+            settings: Arc::new(settings.clone()),
+        });
+
+        let listener = TcpListener::bind(&settings.listen)
+            .with_context(|| format!("cannot listen on {}", settings.listen))?;
+        let port = listener.local_addr()?.port();
+        let body_limit = settings.http.body_limit_bytes;
+        let mut server = HttpServer::new(move || {
+            App::new()
+                .wrap(from_fn(api::middleware::request_context))
+                .app_data(state.clone())
+                .app_data(verifier.clone())
+                .app_data(metrics.clone())
+                .configure(|cfg| api::configure(cfg, body_limit))
+        })
+        .shutdown_timeout(settings.shutdown_grace_seconds)
+        .listen(listener)?;
+        if let Some(w) = settings.http.workers {
+            server = server.workers(w);
+        }
+        tracing::info!(port, "listening");
+        Ok(Application {
+            port,
+            server: server.run(),
+            pool,
+            embedded,
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Serve until SIGINT/SIGTERM (actix drains in-flight requests), then stop the embedded cluster.
+    pub async fn run_until_stopped(self) -> anyhow::Result<()> {
+        let result = self.server.await;
+        self.pool.close();
+        if let Some(pg) = self.embedded {
+            pg.stop().await;
+        }
+        result.map_err(Into::into)
+    }
+
+    /// A handle to stop the server from elsewhere (tests).
+    pub fn handle(&self) -> actix_web::dev::ServerHandle {
+        self.server.handle()
+    }
+}

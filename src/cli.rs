@@ -1,0 +1,193 @@
+//! The command line: one binary, one role per subcommand.
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::app::{self, Application, Role};
+use crate::config::Settings;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "mailscope",
+    version,
+    about = "Scope an Entra app's mailbox access to chosen Exchange Online mailboxes, and prove it."
+)]
+pub struct Cli {
+    /// Optional TOML configuration file (layered between defaults and MAILSCOPE_* variables).
+    #[arg(long, global = true, env = "MAILSCOPE_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the HTTP API and the background worker.
+    Serve(ServeArgs),
+    /// Apply database migrations and exit.
+    Migrate,
+    /// Print the OpenAPI document.
+    Openapi,
+    /// Mint a development token (HS256 setups only).
+    Token(TokenArgs),
+    /// Validate the configuration, print it with secrets redacted, and exit.
+    CheckConfig,
+}
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// Serve the API only; run workers as a separate deployment.
+    #[arg(long, conflicts_with = "worker_only")]
+    pub no_worker: bool,
+    /// Run the worker only (health, readiness and metrics are still served).
+    #[arg(long)]
+    pub worker_only: bool,
+    /// Do not apply migrations at start (run `mailscope migrate` separately).
+    #[arg(long)]
+    pub no_migrate: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct TokenArgs {
+    /// Role to grant (repeatable). Default: MailScope.Admin.
+    #[arg(long = "role", value_name = "ROLE")]
+    pub roles: Vec<String>,
+    /// Tenant id the token may see (repeatable), or `*` for all. Default: `*`.
+    #[arg(long = "tenant", value_name = "TENANT_ID")]
+    pub tenants: Vec<String>,
+    /// Subject (`sub`) of the token.
+    #[arg(long, default_value = "local-developer")]
+    pub subject: String,
+    /// Lifetime in seconds.
+    #[arg(long, default_value_t = 3600, value_parser = clap::value_parser!(i64).range(60..=86400 * 30))]
+    pub ttl: i64,
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let settings = match Settings::load(cli.config.as_deref()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("mailscope: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    crate::telemetry::init_logging(settings.log_format, &settings.log_filter);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("mailscope: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command, settings)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("mailscope: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command, mut settings: Settings) -> anyhow::Result<()> {
+    match command {
+        Command::Serve(args) => {
+            let role = match (args.no_worker, args.worker_only) {
+                (true, _) => Role::ApiOnly,
+                (_, true) => Role::WorkerOnly,
+                _ => Role::All,
+            };
+            if args.no_migrate {
+                settings.database.migrate_on_start = false;
+            }
+            let app = Application::build(settings, role).await?;
+            app.run_until_stopped().await
+        }
+        Command::Migrate => {
+            let resolved = app::resolve(settings).await?;
+            let result = app::migrate(resolved.database_url.expose()).await;
+            if let Some(pg) = resolved.embedded {
+                pg.stop().await;
+            }
+            let applied = result?;
+            println!(
+                "schema at version {} ({} migration(s) applied now)",
+                crate::store::migrate::latest_version(),
+                applied.len()
+            );
+            Ok(())
+        }
+        Command::Openapi => {
+            print!("{}", crate::api::openapi::document_json());
+            Ok(())
+        }
+        Command::Token(args) => {
+            if settings.auth.jwks_url.is_some() {
+                anyhow::bail!(
+                    "tokens come from your identity provider: this configuration verifies tokens \
+                     with auth.jwks_url, and `mailscope token` only mints local HS256 tokens"
+                );
+            }
+            let secret = match &settings.auth.hs256_secret {
+                Some(s) => s.clone(),
+                None => crate::store::local_secrets::read_or_create(
+                    &settings.database.data_dir,
+                    crate::store::local_secrets::HS256_SECRET_FILE,
+                    48,
+                )?,
+            };
+            let roles = if args.roles.is_empty() {
+                vec![settings.auth.role_admin.clone()]
+            } else {
+                args.roles
+            };
+            let tenants = if args.tenants.is_empty() {
+                vec!["*".to_string()]
+            } else {
+                args.tenants
+            };
+            let token = crate::auth::mint_hs256(
+                &settings.auth,
+                secret.expose(),
+                &args.subject,
+                &roles,
+                &tenants,
+                args.ttl,
+            )?;
+            println!("{token}");
+            Ok(())
+        }
+        Command::CheckConfig => {
+            println!("{}", toml_like(&serde_json::to_value(&settings)?));
+            eprintln!("configuration is valid");
+            Ok(())
+        }
+    }
+}
+
+/// Render the effective configuration as readable `key = value` lines (secrets are redacted by
+/// their serializer).
+fn toml_like(v: &serde_json::Value) -> String {
+    fn walk(prefix: &str, v: &serde_json::Value, out: &mut Vec<String>) {
+        match v {
+            serde_json::Value::Object(m) => {
+                for (k, v) in m {
+                    let key = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    walk(&key, v, out);
+                }
+            }
+            other => out.push(format!("{prefix} = {other}")),
+        }
+    }
+    let mut out = Vec::new();
+    walk("", v, &mut out);
+    out.join("\n")
+}

@@ -1,0 +1,570 @@
+//! Configuration: compiled-in defaults, then an optional TOML file, then `MAILSCOPE_*` environment
+//! variables (`__` separates nesting levels, e.g. `MAILSCOPE_DATABASE__POOL_SIZE`). `DATABASE_URL`
+//! is honoured as a conventional alias of `database.url`.
+//!
+//! Everything is validated once, at start, and every bad value is reported at the same time.
+//! Unknown keys are errors, so a misspelled variable cannot be silently ignored.
+//! Secrets are wrapped in [`Secret`], whose `Debug` and `Serialize` never show the value.
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use base64::Engine;
+use figment::Figment;
+use figment::providers::{Format, Toml};
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// Environment variables read besides the `MAILSCOPE_` tree.
+pub const DATABASE_URL_ENV: &str = "DATABASE_URL";
+/// The variable naming the optional TOML file (also `--config`); not itself a setting.
+pub const CONFIG_FILE_ENV: &str = "MAILSCOPE_CONFIG";
+
+/// A secret value from configuration: never printed, never serialized in clear.
+#[derive(Clone)]
+pub struct Secret(SecretString);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(SecretString::from(value.into()))
+    }
+    pub fn expose(&self) -> &str {
+        self.0.expose_secret()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("[redacted]")
+    }
+}
+
+impl<'de> Deserialize<'de> for Secret {
+    // Environment values such as `12345` arrive typed as numbers; a secret is always text.
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Secret;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Secret, E> {
+                Ok(Secret::new(v))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Secret, E> {
+                Ok(Secret::new(v.to_string()))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Secret, E> {
+                Ok(Secret::new(v.to_string()))
+            }
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Secret, E> {
+                Ok(Secret::new(v.to_string()))
+            }
+            fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<Secret, E> {
+                Ok(Secret::new(v.to_string()))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    /// Address the HTTP API listens on.
+    pub listen: String,
+    pub log_format: LogFormat,
+    /// `tracing` filter directives, e.g. `info,mailscope=debug`.
+    pub log_filter: String,
+    /// How long a stopping process waits for in-flight requests and jobs.
+    pub shutdown_grace_seconds: u64,
+    /// base64 of 32 bytes; encrypts tenant credentials at rest (AES-256-GCM).
+    pub encryption_key: Option<Secret>,
+    pub database: DatabaseSettings,
+    pub auth: AuthSettings,
+    pub http: HttpSettings,
+    pub worker: WorkerSettings,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DatabaseSettings {
+    /// `postgres://…` URL. When absent, `serve` runs an embedded PostgreSQL in `data_dir`.
+    pub url: Option<Secret>,
+    pub pool_size: usize,
+    /// How long a request waits for a pooled connection before answering 503.
+    pub acquire_timeout_seconds: u64,
+    pub connect_timeout_seconds: u64,
+    /// Where the embedded cluster and generated local secrets live.
+    pub data_dir: PathBuf,
+    /// Apply migrations when `serve` starts.
+    pub migrate_on_start: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthSettings {
+    pub issuer: String,
+    pub audience: String,
+    /// OIDC JWKS document URL (asymmetric keys). Exclusive with `hs256_secret`.
+    pub jwks_url: Option<String>,
+    /// Shared HS256 secret for local use. Exclusive with `jwks_url`.
+    pub hs256_secret: Option<Secret>,
+    /// Algorithms accepted with JWKS keys.
+    pub algorithms: Vec<String>,
+    pub leeway_seconds: u64,
+    /// An unknown `kid` triggers a refetch at most this often.
+    pub jwks_min_refresh_seconds: u64,
+    /// Keys older than this are refreshed on next use (served stale if the IdP is down).
+    pub jwks_max_age_seconds: u64,
+    pub role_read: String,
+    pub role_write: String,
+    pub role_admin: String,
+    /// Claim listing the tenant ids a caller may see (`*` for all).
+    pub tenants_claim: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpSettings {
+    pub body_limit_bytes: usize,
+    /// actix worker threads; defaults to the number of cores.
+    pub workers: Option<usize>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WorkerSettings {
+    /// Jobs one worker process runs at the same time.
+    pub concurrency: usize,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            listen: "127.0.0.1:8080".into(),
+            log_format: LogFormat::Text,
+            log_filter: "info".into(),
+            shutdown_grace_seconds: 30,
+            encryption_key: None,
+            database: DatabaseSettings::default(),
+            auth: AuthSettings::default(),
+            http: HttpSettings::default(),
+            worker: WorkerSettings::default(),
+        }
+    }
+}
+
+impl Default for DatabaseSettings {
+    fn default() -> Self {
+        DatabaseSettings {
+            url: None,
+            pool_size: 16,
+            acquire_timeout_seconds: 5,
+            connect_timeout_seconds: 5,
+            data_dir: PathBuf::from(".mailscope"),
+            migrate_on_start: true,
+        }
+    }
+}
+
+impl Default for AuthSettings {
+    fn default() -> Self {
+        AuthSettings {
+            issuer: "mailscope-local".into(),
+            audience: "mailscope".into(),
+            jwks_url: None,
+            hs256_secret: None,
+            algorithms: vec!["RS256".into(), "ES256".into()],
+            leeway_seconds: 30,
+            jwks_min_refresh_seconds: 30,
+            jwks_max_age_seconds: 3600,
+            role_read: "MailScope.Read".into(),
+            role_write: "MailScope.Write".into(),
+            role_admin: "MailScope.Admin".into(),
+            tenants_claim: "mailscope_tenants".into(),
+        }
+    }
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        HttpSettings {
+            body_limit_bytes: 1024 * 1024,
+            workers: None,
+        }
+    }
+}
+
+impl Default for WorkerSettings {
+    fn default() -> Self {
+        WorkerSettings { concurrency: 8 }
+    }
+}
+
+/// Every problem found in the configuration, reported together.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration:\n  - {}", .0.join("\n  - "))]
+pub struct ConfigError(pub Vec<String>);
+
+pub const ALLOWED_JWKS_ALGORITHMS: &[&str] = &[
+    "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA",
+];
+
+impl Settings {
+    /// Load defaults → optional file → environment, then validate.
+    pub fn load(file: Option<&Path>) -> Result<Settings, ConfigError> {
+        Self::load_from(file, std::env::vars())
+    }
+
+    /// As [`Settings::load`] with an explicit environment (tests, `check-config`).
+    pub fn load_from(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Settings, ConfigError> {
+        let env: Vec<(String, String)> = env.into_iter().collect();
+        let mut fig = Figment::new();
+        if let Some(path) = file {
+            if !path.is_file() {
+                return Err(ConfigError(vec![format!(
+                    "configuration file {} does not exist",
+                    path.display()
+                )]));
+            }
+            fig = fig.merge(Toml::file(path));
+        }
+        let mut prefixed = Vec::new();
+        let mut database_url = None;
+        for (k, v) in env {
+            if k == DATABASE_URL_ENV {
+                database_url = Some(v);
+            } else if let Some(rest) = k.strip_prefix("MAILSCOPE_") {
+                if k != CONFIG_FILE_ENV {
+                    prefixed.push((rest.to_string(), v));
+                }
+            }
+        }
+        // Build the env layer from the captured list so tests are not affected by the process env.
+        let env_layer = prefixed.into_iter().fold(Figment::new(), |f, (k, v)| {
+            let key = k.to_ascii_lowercase().replace("__", ".");
+            f.merge((key, parse_env_value(&v)))
+        });
+        fig = fig.merge(env_layer);
+        let mut settings: Settings = fig.extract().map_err(|e| {
+            ConfigError(e.into_iter().map(|e| describe_figment_error(&e)).collect())
+        })?;
+        if settings.database.url.is_none() {
+            if let Some(url) = database_url.filter(|u| !u.is_empty()) {
+                settings.database.url = Some(Secret::new(url));
+            }
+        }
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// True when no database is configured and `serve` runs its own PostgreSQL.
+    pub fn embedded_database(&self) -> bool {
+        self.database.url.is_none()
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut errs = Vec::new();
+        if self.listen.parse::<SocketAddr>().is_err() {
+            errs.push(format!(
+                "listen: `{}` is not an address like 127.0.0.1:8080",
+                self.listen
+            ));
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log_filter).is_err() {
+            errs.push(format!(
+                "log_filter: `{}` is not a valid tracing filter",
+                self.log_filter
+            ));
+        }
+        if !(1..=1000).contains(&self.database.pool_size) {
+            errs.push("database.pool_size must be between 1 and 1000".into());
+        }
+        if self.database.acquire_timeout_seconds == 0 || self.database.connect_timeout_seconds == 0
+        {
+            errs.push("database timeouts must be at least 1 second".into());
+        }
+        if let Some(url) = &self.database.url {
+            let u = url.expose();
+            if !(u.starts_with("postgres://") || u.starts_with("postgresql://")) {
+                // Never echo the URL: it may carry a password.
+                errs.push(
+                    "database.url (DATABASE_URL) must start with postgres:// or postgresql://"
+                        .into(),
+                );
+            } else if u.parse::<tokio_postgres::Config>().is_err() {
+                errs.push("database.url (DATABASE_URL) is not a valid PostgreSQL URL".into());
+            }
+        }
+        if let Some(key) = &self.encryption_key {
+            if let Err(e) = decode_encryption_key(key.expose()) {
+                errs.push(format!("encryption_key (MAILSCOPE_ENCRYPTION_KEY): {e}"));
+            }
+        } else if !self.embedded_database() {
+            errs.push(
+                "encryption_key (MAILSCOPE_ENCRYPTION_KEY) is required with an external database: \
+                 base64 of 32 random bytes, e.g. `openssl rand -base64 32`"
+                    .into(),
+            );
+        }
+        let a = &self.auth;
+        match (&a.jwks_url, &a.hs256_secret) {
+            (Some(_), Some(_)) => errs.push(
+                "auth.jwks_url and auth.hs256_secret are exclusive: asymmetric keys and a shared \
+                 secret must never both be accepted"
+                    .into(),
+            ),
+            (None, None) if !self.embedded_database() => errs.push(
+                "auth: set auth.jwks_url (MAILSCOPE_AUTH__JWKS_URL) for your identity provider, or \
+                 auth.hs256_secret (MAILSCOPE_AUTH__HS256_SECRET) for local use"
+                    .into(),
+            ),
+            _ => {}
+        }
+        if let Some(u) = &a.jwks_url {
+            if !(u.starts_with("https://") || u.starts_with("http://")) {
+                errs.push(format!("auth.jwks_url: `{u}` must be an http(s) URL"));
+            }
+        }
+        if let Some(s) = &a.hs256_secret {
+            if s.expose().len() < 32 {
+                errs.push("auth.hs256_secret must be at least 32 characters".into());
+            }
+        }
+        if a.algorithms.is_empty() {
+            errs.push("auth.algorithms must name at least one algorithm".into());
+        }
+        for alg in &a.algorithms {
+            if !ALLOWED_JWKS_ALGORITHMS.contains(&alg.as_str()) {
+                errs.push(format!(
+                    "auth.algorithms: `{alg}` is not allowed (choose from {})",
+                    ALLOWED_JWKS_ALGORITHMS.join(", ")
+                ));
+            }
+        }
+        if a.issuer.is_empty() || a.audience.is_empty() {
+            errs.push("auth.issuer and auth.audience must not be empty".into());
+        }
+        for (name, v) in [
+            ("auth.role_read", &a.role_read),
+            ("auth.role_write", &a.role_write),
+            ("auth.role_admin", &a.role_admin),
+            ("auth.tenants_claim", &a.tenants_claim),
+        ] {
+            if v.is_empty() {
+                errs.push(format!("{name} must not be empty"));
+            }
+        }
+        if self.http.body_limit_bytes < 1024 {
+            errs.push("http.body_limit_bytes must be at least 1024".into());
+        }
+        if self.http.workers == Some(0) {
+            errs.push("http.workers must be at least 1".into());
+        }
+        if !(1..=256).contains(&self.worker.concurrency) {
+            errs.push("worker.concurrency must be between 1 and 256".into());
+        }
+        if errs.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError(errs))
+        }
+    }
+}
+
+/// Environment values are typed like TOML scalars (numbers, booleans), otherwise strings.
+fn parse_env_value(v: &str) -> figment::value::Value {
+    use figment::value::Value;
+    if let Ok(b) = v.parse::<bool>() {
+        return Value::from(b);
+    }
+    if let Ok(n) = v.parse::<u64>() {
+        return Value::from(n);
+    }
+    if v.starts_with('[') {
+        if let Ok(list) = serde_json::from_str::<Vec<String>>(v) {
+            return Value::from(list);
+        }
+    }
+    Value::from(v.to_string())
+}
+
+fn describe_figment_error(e: &figment::Error) -> String {
+    let path = e.path.join(".");
+    let kind = match &e.kind {
+        figment::error::Kind::UnknownField(f, _) => {
+            let full = if path.is_empty() {
+                f.clone()
+            } else {
+                format!("{path}.{f}")
+            };
+            return format!(
+                "unknown setting `{full}` (environment variable MAILSCOPE_{})",
+                full.to_ascii_uppercase().replace('.', "__")
+            );
+        }
+        other => other.to_string(),
+    };
+    if path.is_empty() {
+        kind
+    } else {
+        format!("{path}: {kind}")
+    }
+}
+
+/// Decode a base64 AES-256 key.
+pub fn decode_encryption_key(b64: &str) -> Result<[u8; 32], String> {
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(b64.trim())
+        .map_err(|_| "must be base64".to_string())?;
+    raw.try_into()
+        .map_err(|v: Vec<u8>| format!("must decode to 32 bytes, got {}", v.len()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    const KEY: &str = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+
+    #[test]
+    fn defaults_are_valid_for_embedded_mode() {
+        let s = Settings::load_from(None, env(&[])).unwrap();
+        assert!(s.embedded_database());
+        assert_eq!(s.listen, "127.0.0.1:8080");
+    }
+
+    #[test]
+    fn env_overrides_nested_values() {
+        let s = Settings::load_from(
+            None,
+            env(&[
+                ("MAILSCOPE_DATABASE__POOL_SIZE", "4"),
+                ("MAILSCOPE_LOG_FORMAT", "json"),
+                (
+                    "MAILSCOPE_AUTH__HS256_SECRET",
+                    "0123456789012345678901234567890123",
+                ),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.database.pool_size, 4);
+        assert_eq!(s.log_format, LogFormat::Json);
+        assert_eq!(
+            s.auth.hs256_secret.unwrap().expose(),
+            "0123456789012345678901234567890123"
+        );
+    }
+
+    #[test]
+    fn unknown_variable_is_named() {
+        let e =
+            Settings::load_from(None, env(&[("MAILSCOPE_DATABASE__POOLSIZE", "4")])).unwrap_err();
+        assert!(
+            e.to_string().contains("MAILSCOPE_DATABASE__POOLSIZE"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn all_bad_values_reported_at_once_without_secrets() {
+        let e = Settings::load_from(
+            None,
+            env(&[
+                ("DATABASE_URL", "mysql://user:hunter2@x/db"),
+                ("MAILSCOPE_LISTEN", "nowhere"),
+                ("MAILSCOPE_DATABASE__POOL_SIZE", "0"),
+            ]),
+        )
+        .unwrap_err();
+        let text = e.to_string();
+        assert!(text.contains("listen"));
+        assert!(text.contains("pool_size"));
+        assert!(text.contains("encryption_key"));
+        assert!(text.contains("auth:"));
+        assert!(!text.contains("hunter2"));
+    }
+
+    #[test]
+    fn external_database_needs_key_and_auth() {
+        let s = Settings::load_from(
+            None,
+            env(&[
+                ("DATABASE_URL", "postgres://postgres@127.0.0.1/x"),
+                ("MAILSCOPE_ENCRYPTION_KEY", KEY),
+                ("MAILSCOPE_AUTH__JWKS_URL", "https://idp.example/keys"),
+            ]),
+        )
+        .unwrap();
+        assert!(!s.embedded_database());
+    }
+
+    #[test]
+    fn jwks_and_hs256_are_exclusive() {
+        let e = Settings::load_from(
+            None,
+            env(&[
+                ("MAILSCOPE_AUTH__JWKS_URL", "https://idp.example/keys"),
+                (
+                    "MAILSCOPE_AUTH__HS256_SECRET",
+                    "0123456789012345678901234567890123",
+                ),
+            ]),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("exclusive"));
+    }
+
+    #[test]
+    fn secrets_are_redacted_in_debug_and_serialization() {
+        let s = Settings {
+            encryption_key: Some(Secret::new(KEY)),
+            ..Settings::default()
+        };
+        assert!(!format!("{s:?}").contains(KEY));
+        assert!(!serde_json::to_string(&s).unwrap().contains(KEY));
+    }
+
+    #[test]
+    fn file_layer_sits_between_defaults_and_env() {
+        let dir = std::env::temp_dir().join(format!("mailscope-cfg-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("c.toml");
+        std::fs::write(&f, "listen = \"0.0.0.0:9000\"\n[database]\npool_size = 3\n").unwrap();
+        let s =
+            Settings::load_from(Some(&f), env(&[("MAILSCOPE_DATABASE__POOL_SIZE", "5")])).unwrap();
+        assert_eq!(s.listen, "0.0.0.0:9000");
+        assert_eq!(s.database.pool_size, 5);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn encryption_key_length_checked() {
+        assert!(decode_encryption_key("AAAA").is_err());
+        assert!(decode_encryption_key(KEY).is_ok());
+    }
+}
