@@ -251,10 +251,10 @@ impl Settings {
         for (k, v) in env {
             if k == DATABASE_URL_ENV {
                 database_url = Some(v);
-            } else if let Some(rest) = k.strip_prefix("MAILSCOPE_") {
-                if k != CONFIG_FILE_ENV {
-                    prefixed.push((rest.to_string(), v));
-                }
+            } else if let Some(rest) = k.strip_prefix("MAILSCOPE_")
+                && k != CONFIG_FILE_ENV
+            {
+                prefixed.push((rest.to_string(), v));
             }
         }
         // Build the env layer from the captured list so tests are not affected by the process env.
@@ -266,10 +266,10 @@ impl Settings {
         let mut settings: Settings = fig.extract().map_err(|e| {
             ConfigError(e.into_iter().map(|e| describe_figment_error(&e)).collect())
         })?;
-        if settings.database.url.is_none() {
-            if let Some(url) = database_url.filter(|u| !u.is_empty()) {
-                settings.database.url = Some(Secret::new(url));
-            }
+        if settings.database.url.is_none()
+            && let Some(url) = database_url.filter(|u| !u.is_empty())
+        {
+            settings.database.url = Some(Secret::new(url));
         }
         settings.validate()?;
         Ok(settings)
@@ -338,15 +338,15 @@ impl Settings {
             ),
             _ => {}
         }
-        if let Some(u) = &a.jwks_url {
-            if !(u.starts_with("https://") || u.starts_with("http://")) {
-                errs.push(format!("auth.jwks_url: `{u}` must be an http(s) URL"));
-            }
+        if let Some(u) = &a.jwks_url
+            && !(u.starts_with("https://") || u.starts_with("http://"))
+        {
+            errs.push(format!("auth.jwks_url: `{u}` must be an http(s) URL"));
         }
-        if let Some(s) = &a.hs256_secret {
-            if s.expose().len() < 32 {
-                errs.push("auth.hs256_secret must be at least 32 characters".into());
-            }
+        if let Some(s) = &a.hs256_secret
+            && s.expose().len() < 32
+        {
+            errs.push("auth.hs256_secret must be at least 32 characters".into());
         }
         if a.algorithms.is_empty() {
             errs.push("auth.algorithms must name at least one algorithm".into());
@@ -398,10 +398,10 @@ fn parse_env_value(v: &str) -> figment::value::Value {
     if let Ok(n) = v.parse::<u64>() {
         return Value::from(n);
     }
-    if v.starts_with('[') {
-        if let Ok(list) = serde_json::from_str::<Vec<String>>(v) {
-            return Value::from(list);
-        }
+    if v.starts_with('[')
+        && let Ok(list) = serde_json::from_str::<Vec<String>>(v)
+    {
+        return Value::from(list);
     }
     Value::from(v.to_string())
 }

@@ -314,7 +314,10 @@ pub async fn put_tenant(
     let plaintext = serde_json::to_vec(&v.sealed).map_err(ApiError::internal)?;
     let mut db = state.db().await?;
     let tx = db.transaction().await.map_err(store::StoreError::from)?;
-    let existing = store::tenants::get_for_update(&tx, tenant_id).await?;
+    // Serialise concurrent PUTs of one tenant, including the very first (no row to lock yet), so
+    // each later one compares against the stored state instead of blindly overwriting it.
+    store::lock_key(&tx, "tenant", &tenant_id.to_string()).await?;
+    let existing = store::tenants::get(&tx, tenant_id).await?;
 
     let record = TenantRecord {
         tenant_id,

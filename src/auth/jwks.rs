@@ -62,11 +62,9 @@ impl JwksCache {
                 .is_none_or(|t| t.elapsed() >= self.min_refresh)
         };
         let mut fetch_error = None;
-        if attempt_allowed {
-            if let Err(e) = self.refresh().await {
-                tracing::warn!(error = %e, "JWKS refresh failed; serving cached keys");
-                fetch_error = Some(e);
-            }
+        if attempt_allowed && let Err(e) = self.refresh().await {
+            tracing::warn!(error = %e, "JWKS refresh failed; serving cached keys");
+            fetch_error = Some(e);
         }
         let s = self.state.read().await;
         match s.keys.get(kid) {

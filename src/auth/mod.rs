@@ -168,10 +168,10 @@ impl Verifier {
 
     /// Fetch keys ahead of the first request (failure is logged, not fatal).
     pub async fn warm_up(&self) {
-        if let KeyMode::Jwks { cache, .. } = &self.mode {
-            if let Err(e) = cache.refresh().await {
-                tracing::warn!(error = %e, "could not fetch the JWKS at start; will retry on demand");
-            }
+        if let KeyMode::Jwks { cache, .. } = &self.mode
+            && let Err(e) = cache.refresh().await
+        {
+            tracing::warn!(error = %e, "could not fetch the JWKS at start; will retry on demand");
         }
     }
 

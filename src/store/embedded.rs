@@ -105,7 +105,12 @@ impl EmbeddedPostgres {
         &self.pg_dir
     }
 
-    /// Connection URL of the server's maintenance database.
+    /// URL of the maintenance database `postgres`, as the cluster's superuser.
+    pub fn maintenance_url(&self) -> Secret {
+        self.url_for("postgres")
+    }
+
+    /// Connection URL of one database of the cluster.
     fn url_for(&self, db: &str) -> Secret {
         Secret::new(format!(
             "postgres://{SUPERUSER}:{}@127.0.0.1:{}/{db}",
@@ -128,15 +133,14 @@ impl EmbeddedPostgres {
             )
             .await?
             .is_some();
-        if !exists {
-            if let Err(e) = client
+        if !exists
+            && let Err(e) = client
                 .batch_execute(&format!("CREATE DATABASE {DATABASE_NAME}"))
                 .await
-            {
-                // Another process created it between our check and our create.
-                if super::sqlstate(&e) != Some("42P04") {
-                    return Err(e.into());
-                }
+        {
+            // Another process created it between our check and our create.
+            if super::sqlstate(&e) != Some("42P04") {
+                return Err(e.into());
             }
         }
         drop(client);
@@ -287,10 +291,11 @@ fn unprivileged_user() -> anyhow::Result<(u32, u32)> {
     for wanted in ["postgres", "nobody"] {
         for line in passwd.lines() {
             let f: Vec<&str> = line.split(':').collect();
-            if f.len() > 3 && f[0] == wanted {
-                if let (Ok(uid), Ok(gid)) = (f[2].parse(), f[3].parse()) {
-                    return Ok((uid, gid));
-                }
+            if f.len() > 3
+                && f[0] == wanted
+                && let (Ok(uid), Ok(gid)) = (f[2].parse(), f[3].parse())
+            {
+                return Ok((uid, gid));
             }
         }
     }

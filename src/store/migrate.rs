@@ -81,14 +81,14 @@ async fn apply_pending(client: &mut Client) -> anyhow::Result<Vec<i32>> {
         tracing::info!(version, name, "applied migration");
         done.push(*version);
     }
-    if let Some(max) = applied.keys().max() {
-        if *max > latest_version() {
-            anyhow::bail!(
-                "the database is at schema version {max}, newer than this binary knows ({}); \
+    if let Some(max) = applied.keys().max()
+        && *max > latest_version()
+    {
+        anyhow::bail!(
+            "the database is at schema version {max}, newer than this binary knows ({}); \
                  run a newer mailscope",
-                latest_version()
-            );
-        }
+            latest_version()
+        );
     }
     Ok(done)
 }

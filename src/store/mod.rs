@@ -25,10 +25,9 @@ pub enum StoreError {
 
 impl From<PoolError> for StoreError {
     fn from(e: PoolError) -> Self {
-        match e {
-            PoolError::Backend(pe) => pe.into(),
-            other => StoreError::Unavailable(anyhow::Error::new(other)),
-        }
+        // Any failure to obtain a connection (timeout, refused, rejected login, database not
+        // accepting connections) means the database is unavailable to us right now.
+        StoreError::Unavailable(anyhow::Error::new(e))
     }
 }
 
@@ -55,6 +54,21 @@ fn is_unavailable(e: &tokio_postgres::Error) -> bool {
         // No server error attached: an I/O or protocol failure talking to the server.
         None => true,
     }
+}
+
+/// Take a transaction-scoped advisory lock on (namespace, key): serialises writers of one
+/// logical object even before its row exists.
+pub async fn lock_key(
+    c: &impl deadpool_postgres::GenericClient,
+    namespace: &str,
+    key: &str,
+) -> Result<(), StoreError> {
+    c.execute(
+        "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
+        &[&format!("{namespace}:{key}")],
+    )
+    .await?;
+    Ok(())
 }
 
 /// The SQLSTATE of a database error, for mapping constraint violations at the call site.

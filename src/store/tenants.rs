@@ -48,15 +48,6 @@ pub async fn get(c: &impl GenericClient, id: Uuid) -> Result<Option<TenantRecord
     Ok(c.query_opt(&sql, &[&id]).await?.as_ref().map(from_row))
 }
 
-/// Lock the row for the rest of the transaction (serialises concurrent PUTs of one tenant).
-pub async fn get_for_update(
-    c: &impl GenericClient,
-    id: Uuid,
-) -> Result<Option<TenantRecord>, StoreError> {
-    let sql = format!("SELECT {COLUMNS} FROM tenants WHERE tenant_id = $1 FOR UPDATE");
-    Ok(c.query_opt(&sql, &[&id]).await?.as_ref().map(from_row))
-}
-
 /// Tenants ordered by id, after `after`, restricted to `visible` unless `None` (all).
 pub async fn list(
     c: &impl GenericClient,

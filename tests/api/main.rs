@@ -1,1 +1,10 @@
+//! The single integration-test binary: every test starts the real service over HTTP against its
+//! own PostgreSQL database.
+#![allow(clippy::unwrap_used)]
 
+mod helpers;
+
+mod auth;
+mod operations;
+mod problems;
+mod tenants;

@@ -1,0 +1,248 @@
+//! Test harness: the real application on port 0 against a fresh PostgreSQL database per test.
+//!
+//! `DATABASE_URL` names the server (default `postgres://postgres@127.0.0.1:5432/postgres`); each
+//! test creates `mailscope_test_<uuid>` and drops it (WITH FORCE) when the `TestApp` is dropped.
+use std::time::Duration;
+
+use mailscope::app::{Application, Role};
+use mailscope::config::{Secret, Settings};
+
+pub const HS_SECRET: &str = "test-secret-0123456789-0123456789-abcdef";
+pub const ENCRYPTION_KEY: &str = "q83vEjRWeJASNFZ4kBI0VniQEjRWeJASNFZ4kBI0Vng=";
+
+static ADMIN_URL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// `DATABASE_URL`, else the local server on 5432, else (a fresh machine) an embedded cluster
+/// under `target/`, started once and reused by later runs.
+pub fn admin_url() -> String {
+    ADMIN_URL
+        .get_or_init(|| {
+            if let Ok(url) = std::env::var("DATABASE_URL") {
+                return url;
+            }
+            let local: std::net::SocketAddr = ([127, 0, 0, 1], 5432).into();
+            if std::net::TcpStream::connect_timeout(&local, Duration::from_secs(1)).is_ok() {
+                return "postgres://postgres@127.0.0.1:5432/postgres".to_string();
+            }
+            std::thread::spawn(|| {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                rt.block_on(async {
+                    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                        .join("target/test-postgres");
+                    let pg = mailscope::store::embedded::EmbeddedPostgres::start(&dir)
+                        .await
+                        .expect(
+                            "no PostgreSQL answers on 127.0.0.1:5432 and none could be started",
+                        );
+                    pg.maintenance_url().expose().to_string()
+                })
+            })
+            .join()
+            .unwrap()
+        })
+        .clone()
+}
+
+pub async fn admin_client() -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(&admin_url(), tokio_postgres::NoTls)
+        .await
+        .expect("PostgreSQL must answer at DATABASE_URL (default 127.0.0.1:5432, user postgres)");
+    tokio::spawn(conn);
+    client
+}
+
+/// A database created for one test and dropped with it.
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+}
+
+impl TestDb {
+    pub async fn create() -> TestDb {
+        let name = format!("mailscope_test_{}", uuid::Uuid::new_v4().simple());
+        admin_client()
+            .await
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .unwrap();
+        let mut cfg: tokio_postgres::Config = admin_url().parse().unwrap();
+        cfg.dbname(&name);
+        let url = url_with_db(&admin_url(), &name);
+        TestDb { name, url }
+    }
+
+    pub async fn client(&self) -> tokio_postgres::Client {
+        let (client, conn) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        client
+    }
+}
+
+fn url_with_db(url: &str, db: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, format!("?{q}")),
+        None => (url, String::new()),
+    };
+    let scheme_end = base.find("://").map(|i| i + 3).unwrap_or(0);
+    let base = match base[scheme_end..].find('/') {
+        Some(i) => &base[..scheme_end + i],
+        None => base,
+    };
+    format!("{base}/{db}{query}")
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        // Drop runs outside async context; use a private runtime on a plain thread.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                if let Ok((c, conn)) =
+                    tokio_postgres::connect(&admin_url(), tokio_postgres::NoTls).await
+                {
+                    tokio::spawn(conn);
+                    let _ = c
+                        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                        .await;
+                }
+            })
+        })
+        .join();
+    }
+}
+
+pub fn test_settings(db_url: &str) -> Settings {
+    let mut s = Settings {
+        listen: "127.0.0.1:0".into(),
+        ..Settings::default()
+    };
+    s.http.workers = Some(1);
+    s.database.url = Some(Secret::new(db_url));
+    s.database.pool_size = 4;
+    s.database.acquire_timeout_seconds = 2;
+    s.database.connect_timeout_seconds = 2;
+    s.encryption_key = Some(Secret::new(ENCRYPTION_KEY));
+    s.auth.hs256_secret = Some(Secret::new(HS_SECRET));
+    s.shutdown_grace_seconds = 1;
+    if std::env::var("TEST_LOG").is_ok() {
+        mailscope::telemetry::init_logging(s.log_format, "info");
+    }
+    s
+}
+
+pub struct TestApp {
+    pub base: String,
+    pub http: reqwest::Client,
+    pub settings: Settings,
+    handle: actix_web::dev::ServerHandle,
+    // Last: the database is dropped after the server handle.
+    pub db: TestDb,
+}
+
+impl TestApp {
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    /// A token signed with the test HS256 secret.
+    pub fn token(&self, roles: &[&str], tenants: &[&str]) -> String {
+        let roles: Vec<String> = roles.iter().map(|s| s.to_string()).collect();
+        let tenants: Vec<String> = tenants.iter().map(|s| s.to_string()).collect();
+        mailscope::auth::mint_hs256(
+            &self.settings.auth,
+            HS_SECRET,
+            "tester",
+            &roles,
+            &tenants,
+            600,
+        )
+        .unwrap()
+    }
+
+    pub fn admin(&self) -> String {
+        self.token(&["MailScope.Admin"], &["*"])
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        // Sends the stop command at once; the worker threads wind down on their own.
+        drop(self.handle.stop(false));
+    }
+}
+
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(|_| {}).await
+}
+
+pub async fn spawn_app_with(adjust: impl FnOnce(&mut Settings)) -> TestApp {
+    let db = TestDb::create().await;
+    let mut settings = test_settings(&db.url);
+    adjust(&mut settings);
+    let app = Application::build(settings.clone(), Role::All)
+        .await
+        .expect("application builds");
+    let base = format!("http://127.0.0.1:{}", app.port());
+    let handle = app.handle();
+    tokio::spawn(app.run_until_stopped());
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    TestApp {
+        base,
+        http,
+        settings,
+        handle,
+        db,
+    }
+}
+
+/// A valid tenant registration body.
+pub fn tenant_body(secret: &str) -> serde_json::Value {
+    serde_json::json!({
+        "display_name": "Contoso",
+        "cloud": "custom",
+        "default_domain": "contoso.onmicrosoft.com",
+        "endpoints": {"login": "http://127.0.0.1:9", "graph": "http://127.0.0.1:9", "exchange": "http://127.0.0.1:9"},
+        "credentials": {"client_id": "6f1d7c55-2b1e-4d2a-9c65-8f3a1c2b4d5e", "client_secret": secret},
+        "canary_mailboxes": ["ceo@contoso.onmicrosoft.com"]
+    })
+}
+
+/// Assert an RFC 9457 response and return its body.
+pub async fn assert_problem(res: reqwest::Response, status: u16, code: &str) -> serde_json::Value {
+    assert_eq!(res.status().as_u16(), status, "status");
+    let ct = res
+        .headers()
+        .get("content-type")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(ct, "application/problem+json");
+    let rid = res
+        .headers()
+        .get("x-request-id")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_string();
+    let body: serde_json::Value = res.json().await.unwrap();
+    assert_eq!(body["type"], format!("/problems/{code}"), "{body}");
+    assert_eq!(body["code"], code);
+    assert_eq!(body["status"], status);
+    assert_eq!(body["request_id"], rid, "request id in body equals header");
+    assert!(body["detail"].as_str().is_some_and(|d| !d.is_empty()));
+    assert!(body["title"].as_str().is_some());
+    body
+}
