@@ -13,8 +13,28 @@ use crate::api::{self, AppState};
 use crate::auth::Verifier;
 use crate::config::{Secret, Settings, decode_encryption_key};
 use crate::crypto::CredentialCipher;
+use crate::queue::worker::{Worker, WorkerConfig};
 use crate::store::{self, embedded::EmbeddedPostgres, local_secrets};
 use crate::telemetry::Metrics;
+
+fn build_worker(
+    pool: Pool,
+    settings: &Settings,
+    registry: &prometheus::Registry,
+    database_url: &str,
+) -> anyhow::Result<Worker> {
+    let w = &settings.worker;
+    let cfg = WorkerConfig {
+        concurrency: w.concurrency,
+        per_tenant_cap: w.per_tenant_concurrency,
+        lease: Duration::from_secs(w.lease_seconds),
+        poll_interval: Duration::from_secs(w.poll_interval_seconds),
+        shutdown_grace: Duration::from_secs(settings.shutdown_grace_seconds),
+        ..WorkerConfig::default()
+    };
+    // Job kinds register their handlers here as they are added.
+    Worker::new(pool, cfg, registry, Some(database_url.to_string()))
+}
 
 /// What `serve` runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,6 +100,8 @@ pub struct Application {
     port: u16,
     server: Server,
     pub pool: Pool,
+    worker: Option<Worker>,
+    shutdown_grace: Duration,
     embedded: Option<EmbeddedPostgres>,
 }
 
@@ -121,6 +143,16 @@ impl Application {
             settings: Arc::new(settings.clone()),
         });
 
+        let worker = match role {
+            Role::ApiOnly => None,
+            Role::All | Role::WorkerOnly => Some(build_worker(
+                pool.clone(),
+                &settings,
+                &metrics.registry,
+                database_url.expose(),
+            )?),
+        };
+
         let listener = TcpListener::bind(&settings.listen)
             .with_context(|| format!("cannot listen on {}", settings.listen))?;
         let port = listener.local_addr()?.port();
@@ -131,7 +163,7 @@ impl Application {
                 .app_data(state.clone())
                 .app_data(verifier.clone())
                 .app_data(metrics.clone())
-                .configure(|cfg| api::configure(cfg, body_limit))
+                .configure(|cfg| api::configure(cfg, body_limit, role != Role::WorkerOnly))
         })
         .shutdown_timeout(settings.shutdown_grace_seconds)
         .listen(listener)?;
@@ -143,6 +175,8 @@ impl Application {
             port,
             server: server.run(),
             pool,
+            worker,
+            shutdown_grace: Duration::from_secs(settings.shutdown_grace_seconds),
             embedded,
         })
     }
@@ -153,12 +187,28 @@ impl Application {
 
     /// Serve until SIGINT/SIGTERM (actix drains in-flight requests), then stop the embedded cluster.
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let worker = self.worker.map(|w| tokio::spawn(w.run(stop_rx)));
+        // actix stops on SIGINT/SIGTERM after draining requests; then the worker gets its grace.
         let result = self.server.await;
+        let _ = stop_tx.send(true);
+        if let Some(w) = worker
+            && tokio::time::timeout(self.shutdown_grace + Duration::from_secs(5), w)
+                .await
+                .is_err()
+        {
+            tracing::warn!("the worker did not stop in time");
+        }
         self.pool.close();
         if let Some(pg) = self.embedded {
             pg.stop().await;
         }
         result.map_err(Into::into)
+    }
+
+    /// The worker, to register job handlers before running (tests and later job kinds).
+    pub fn worker_mut(&mut self) -> Option<&mut Worker> {
+        self.worker.as_mut()
     }
 
     /// A handle to stop the server from elsewhere (tests).

@@ -150,6 +150,12 @@ pub struct HttpSettings {
 pub struct WorkerSettings {
     /// Jobs one worker process runs at the same time.
     pub concurrency: usize,
+    /// Running jobs per tenant across all workers, so one tenant cannot starve the others.
+    pub per_tenant_concurrency: i64,
+    /// A job's lease; renewed every third of it while the job runs.
+    pub lease_seconds: u64,
+    /// Polling interval (LISTEN/NOTIFY wakes workers sooner).
+    pub poll_interval_seconds: u64,
 }
 
 impl Default for Settings {
@@ -211,7 +217,12 @@ impl Default for HttpSettings {
 
 impl Default for WorkerSettings {
     fn default() -> Self {
-        WorkerSettings { concurrency: 8 }
+        WorkerSettings {
+            concurrency: 8,
+            per_tenant_concurrency: 4,
+            lease_seconds: 60,
+            poll_interval_seconds: 5,
+        }
     }
 }
 
@@ -380,6 +391,15 @@ impl Settings {
         }
         if !(1..=256).contains(&self.worker.concurrency) {
             errs.push("worker.concurrency must be between 1 and 256".into());
+        }
+        if self.worker.per_tenant_concurrency < 1 {
+            errs.push("worker.per_tenant_concurrency must be at least 1".into());
+        }
+        if !(3..=3600).contains(&self.worker.lease_seconds) {
+            errs.push("worker.lease_seconds must be between 3 and 3600".into());
+        }
+        if !(1..=300).contains(&self.worker.poll_interval_seconds) {
+            errs.push("worker.poll_interval_seconds must be between 1 and 300".into());
         }
         if errs.is_empty() {
             Ok(())

@@ -9,5 +9,6 @@ pub mod cli;
 pub mod config;
 pub mod crypto;
 pub mod domain;
+pub mod queue;
 pub mod store;
 pub mod telemetry;

@@ -36,7 +36,7 @@ pub async fn healthz() -> HttpResponse {
     })
 }
 
-/// The database answers and its schema is at this binary's version.
+/// The database answers and its schema is at (or ahead of) this binary's version.
 #[utoipa::path(get, path = "/readyz", tag = "operations",
     responses(
         (status = 200, description = "ready", body = Health),

@@ -43,8 +43,14 @@ pub fn request_id(req: &HttpRequest) -> String {
         .unwrap_or_default()
 }
 
-/// Register every route and the extractor configuration on an actix app.
-pub fn configure(cfg: &mut web::ServiceConfig, body_limit: usize) {
+/// Register the routes and the extractor configuration on an actix app. A worker-only process
+/// serves just the operational endpoints (probes and metrics).
+pub fn configure(cfg: &mut web::ServiceConfig, body_limit: usize, with_api: bool) {
+    if !with_api {
+        cfg.configure(health::routes)
+            .default_service(web::to(not_found));
+        return;
+    }
     cfg.app_data(
         web::JsonConfig::default()
             .limit(body_limit)

@@ -6,8 +6,10 @@ use sha2::{Digest, Sha256};
 use tokio_postgres::Client;
 
 /// (version, name, sql). Append only; never edit an applied file.
-pub const MIGRATIONS: &[(i32, &str, &str)] =
-    &[(1, "init", include_str!("../../migrations/0001_init.sql"))];
+pub const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (1, "init", include_str!("../../migrations/0001_init.sql")),
+    (2, "jobs", include_str!("../../migrations/0002_jobs.sql")),
+];
 
 /// Arbitrary but fixed: "mailscop" in ASCII.
 const MIGRATION_LOCK: i64 = 0x6d61_696c_7363_6f70;

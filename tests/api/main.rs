@@ -7,4 +7,5 @@ mod helpers;
 mod auth;
 mod operations;
 mod problems;
+mod queue;
 mod tenants;

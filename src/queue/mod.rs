@@ -1,0 +1,238 @@
+//! A PostgreSQL job queue (no other broker).
+//!
+//! - **Claim**: a CTE walks the tenants that have queued work (a loose index scan), takes each
+//!   tenant's oldest runnable jobs up to the per-tenant cap minus what it already runs, and locks
+//!   them with `FOR UPDATE SKIP LOCKED` before `UPDATE … RETURNING` marks them running. One
+//!   tenant's thousand jobs therefore cannot starve the others, and replicas never collide.
+//! - **Leases and fencing**: a running job holds a lease renewed by a heartbeat. The reaper returns
+//!   jobs whose lease lapsed (a crashed worker) to the queue. Each claim increments `attempt`, and
+//!   every write a worker makes names the attempt it claimed, so a late worker's write matches no
+//!   row and is discarded.
+//! - **Wake-ups**: an insert trigger NOTIFYs; workers LISTEN on a dedicated connection that
+//!   reconnects by itself, and poll as a fallback (future `run_at`, lost notifications).
+//! - **Uniqueness**: a partial unique index over active states allows one active job per
+//!   (kind, tenant, unique key); enqueueing again returns the active job.
+use chrono::{DateTime, Utc};
+use deadpool_postgres::GenericClient;
+use serde::Serialize;
+use tokio_postgres::Row;
+use uuid::Uuid;
+
+use crate::store::StoreError;
+
+pub mod listener;
+pub mod worker;
+
+pub const NOTIFY_CHANNEL: &str = "mailscope_jobs";
+
+/// Job states, as stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl JobState {
+    pub fn parse(s: &str) -> JobState {
+        match s {
+            "running" => JobState::Running,
+            "succeeded" => JobState::Succeeded,
+            "failed" => JobState::Failed,
+            "cancelled" => JobState::Cancelled,
+            _ => JobState::Queued,
+        }
+    }
+
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            JobState::Succeeded | JobState::Failed | JobState::Cancelled
+        )
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct NewJob {
+    pub kind: String,
+    /// `Uuid::nil()` for jobs of no tenant.
+    pub tenant_id: Uuid,
+    pub unique_key: Option<String>,
+    pub payload: serde_json::Value,
+    pub run_at: Option<DateTime<Utc>>,
+    pub max_failures: i32,
+}
+
+impl NewJob {
+    pub fn new(kind: &str, tenant_id: Uuid, payload: serde_json::Value) -> Self {
+        NewJob {
+            kind: kind.into(),
+            tenant_id,
+            unique_key: None,
+            payload,
+            run_at: None,
+            max_failures: 10,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct JobRecord {
+    pub id: Uuid,
+    pub kind: String,
+    pub tenant_id: Uuid,
+    pub unique_key: Option<String>,
+    pub payload: serde_json::Value,
+    pub state: JobState,
+    pub attempt: i32,
+    pub failures: i32,
+    pub max_failures: i32,
+    pub run_at: DateTime<Utc>,
+    pub lease_owner: Option<String>,
+    pub cancel_requested: bool,
+    pub last_error: Option<String>,
+    pub result: Option<serde_json::Value>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+pub(crate) const COLUMNS: &str = "id, kind, tenant_id, unique_key, payload, state, attempt, failures, \
+    max_failures, run_at, lease_owner, cancel_requested, last_error, result, created_at, updated_at, \
+    started_at, finished_at";
+
+pub(crate) fn from_row(r: &Row) -> JobRecord {
+    let state: String = r.get(5);
+    JobRecord {
+        id: r.get(0),
+        kind: r.get(1),
+        tenant_id: r.get(2),
+        unique_key: r.get(3),
+        payload: r.get(4),
+        state: JobState::parse(&state),
+        attempt: r.get(6),
+        failures: r.get(7),
+        max_failures: r.get(8),
+        run_at: r.get(9),
+        lease_owner: r.get(10),
+        cancel_requested: r.get(11),
+        last_error: r.get(12),
+        result: r.get(13),
+        created_at: r.get(14),
+        updated_at: r.get(15),
+        started_at: r.get(16),
+        finished_at: r.get(17),
+    }
+}
+
+/// Whether `enqueue` created a job or found the active one with the same unique key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Enqueued {
+    Created(Uuid),
+    Existing(Uuid),
+}
+
+impl Enqueued {
+    pub fn id(self) -> Uuid {
+        match self {
+            Enqueued::Created(id) | Enqueued::Existing(id) => id,
+        }
+    }
+}
+
+/// Enqueue, in the caller's transaction if it passes one (so the job exists iff the business
+/// write commits).
+pub async fn enqueue(c: &impl GenericClient, job: &NewJob) -> Result<Enqueued, StoreError> {
+    let id = Uuid::new_v4();
+    let row = c
+        .query_opt(
+            "INSERT INTO jobs (id, kind, tenant_id, unique_key, payload, run_at, max_failures)
+             VALUES ($1, $2, $3, $4, $5, coalesce($6, now()), $7)
+             ON CONFLICT (kind, tenant_id, unique_key)
+                 WHERE state IN ('queued', 'running') AND unique_key IS NOT NULL
+             DO NOTHING
+             RETURNING id",
+            &[
+                &id,
+                &job.kind,
+                &job.tenant_id,
+                &job.unique_key,
+                &job.payload,
+                &job.run_at,
+                &job.max_failures,
+            ],
+        )
+        .await?;
+    if let Some(r) = row {
+        return Ok(Enqueued::Created(r.get(0)));
+    }
+    let existing = c
+        .query_opt(
+            "SELECT id FROM jobs WHERE kind = $1 AND tenant_id = $2 AND unique_key = $3
+               AND state IN ('queued', 'running')",
+            &[&job.kind, &job.tenant_id, &job.unique_key],
+        )
+        .await?;
+    match existing {
+        Some(r) => Ok(Enqueued::Existing(r.get(0))),
+        // The active job finished between our insert and our look-up: try once more.
+        None => Box::pin(enqueue(c, job)).await,
+    }
+}
+
+pub async fn get(c: &impl GenericClient, id: Uuid) -> Result<Option<JobRecord>, StoreError> {
+    let sql = format!("SELECT {COLUMNS} FROM jobs WHERE id = $1");
+    Ok(c.query_opt(&sql, &[&id]).await?.as_ref().map(from_row))
+}
+
+/// Replace the payload of an active job (a newer change updates the expectations of the check
+/// already queued instead of starting a second one). Returns false if the job is no longer active.
+pub async fn update_payload(
+    c: &impl GenericClient,
+    id: Uuid,
+    payload: &serde_json::Value,
+) -> Result<bool, StoreError> {
+    Ok(c.execute(
+        "UPDATE jobs SET payload = $2, updated_at = now()
+         WHERE id = $1 AND state IN ('queued', 'running')",
+        &[&id, payload],
+    )
+    .await?
+        == 1)
+}
+
+/// Cancel: a queued job is cancelled at once; a running one is flagged and its worker stops it
+/// at the next heartbeat. Returns the job's state after the request, or `None` if unknown.
+pub async fn cancel(c: &impl GenericClient, id: Uuid) -> Result<Option<JobState>, StoreError> {
+    let row = c
+        .query_opt(
+            "UPDATE jobs SET
+                 cancel_requested = true,
+                 state = CASE WHEN state = 'queued' THEN 'cancelled' ELSE state END,
+                 finished_at = CASE WHEN state = 'queued' THEN now() ELSE finished_at END,
+                 updated_at = now()
+             WHERE id = $1
+             RETURNING state",
+            &[&id],
+        )
+        .await?;
+    Ok(row.map(|r| JobState::parse(r.get::<_, &str>(0))))
+}
+
+/// Queue depth by (kind, state), for metrics.
+pub async fn depth(c: &impl GenericClient) -> Result<Vec<(String, String, i64)>, StoreError> {
+    let rows = c
+        .query(
+            "SELECT kind, state, count(*) FROM jobs GROUP BY kind, state",
+            &[],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect())
+}

@@ -1,0 +1,598 @@
+//! The worker: claims jobs, runs their handlers with a heartbeat-renewed lease, records outcomes
+//! under the attempt fence, reaps lapsed leases, and releases what it holds when it stops.
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use deadpool_postgres::Pool;
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
+};
+use rand::Rng;
+use tokio::sync::{Notify, Semaphore, watch};
+use tokio::task::JoinSet;
+use uuid::Uuid;
+
+use super::{COLUMNS, JobRecord, from_row};
+use crate::store::StoreError;
+
+/// What a handler decided.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    Succeeded(serde_json::Value),
+    /// Not done yet and not a failure (a poll): run again at `at`, optionally with a new payload.
+    Reschedule {
+        at: DateTime<Utc>,
+        payload: Option<serde_json::Value>,
+    },
+    /// Failed this time; retried with backoff until `max_failures`.
+    Retry(String),
+    /// Failed for good.
+    Fail(String),
+    /// Stopped because a cancel was requested.
+    Cancelled,
+}
+
+/// Set when the job's cancellation was requested (seen by the heartbeat).
+#[derive(Clone)]
+pub struct CancelSignal(watch::Receiver<bool>);
+
+impl CancelSignal {
+    pub fn is_cancelled(&self) -> bool {
+        *self.0.borrow()
+    }
+
+    /// Resolves when cancellation is requested.
+    pub async fn cancelled(&mut self) {
+        while !*self.0.borrow() {
+            if self.0.changed().await.is_err() {
+                // Sender gone: the job is over; never resolve.
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+}
+
+pub struct JobContext {
+    pub job: JobRecord,
+    pub pool: Pool,
+    pub cancel: CancelSignal,
+}
+
+pub type HandlerFuture = Pin<Box<dyn Future<Output = Outcome> + Send>>;
+pub type Handler = Arc<dyn Fn(JobContext) -> HandlerFuture + Send + Sync>;
+
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// Identifies this worker in `lease_owner` (host + random suffix by default).
+    pub owner: String,
+    pub concurrency: usize,
+    /// At most this many running jobs per tenant across all workers (soft: concurrent claimers
+    /// may overshoot briefly, never by more than their own batch).
+    pub per_tenant_cap: i64,
+    pub lease: Duration,
+    pub poll_interval: Duration,
+    pub reap_interval: Duration,
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+    /// On shutdown, how long running jobs may finish before they are released to the queue.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        WorkerConfig {
+            owner: format!("worker-{}", &Uuid::new_v4().simple().to_string()[..8]),
+            concurrency: 8,
+            per_tenant_cap: 4,
+            lease: Duration::from_secs(60),
+            poll_interval: Duration::from_secs(5),
+            reap_interval: Duration::from_secs(15),
+            backoff_base: Duration::from_secs(10),
+            backoff_max: Duration::from_secs(600),
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Clone)]
+struct QueueMetrics {
+    claim_latency: Histogram,
+    job_duration: HistogramVec,
+    finished: IntCounterVec,
+    retries: IntCounterVec,
+    depth: IntGaugeVec,
+}
+
+impl QueueMetrics {
+    fn new(registry: &Registry) -> anyhow::Result<Self> {
+        let claim_latency = Histogram::with_opts(
+            HistogramOpts::new("queue_claim_seconds", "Time to claim a batch of jobs").buckets(
+                vec![
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+                ],
+            ),
+        )?;
+        let job_duration = HistogramVec::new(
+            HistogramOpts::new("queue_job_seconds", "Job run time by kind and outcome"),
+            &["kind", "outcome"],
+        )?;
+        let finished = IntCounterVec::new(
+            Opts::new("queue_job_runs_total", "Job runs by kind and outcome"),
+            &["kind", "outcome"],
+        )?;
+        let retries = IntCounterVec::new(
+            Opts::new("queue_retries_total", "Failed runs that will retry"),
+            &["kind"],
+        )?;
+        let depth = IntGaugeVec::new(
+            Opts::new("queue_jobs", "Jobs by kind and state"),
+            &["kind", "state"],
+        )?;
+        registry.register(Box::new(claim_latency.clone()))?;
+        registry.register(Box::new(job_duration.clone()))?;
+        registry.register(Box::new(finished.clone()))?;
+        registry.register(Box::new(retries.clone()))?;
+        registry.register(Box::new(depth.clone()))?;
+        Ok(QueueMetrics {
+            claim_latency,
+            job_duration,
+            finished,
+            retries,
+            depth,
+        })
+    }
+}
+
+pub struct Worker {
+    pool: Pool,
+    cfg: WorkerConfig,
+    handlers: HashMap<String, Handler>,
+    metrics: QueueMetrics,
+    listen_url: Option<String>,
+}
+
+/// Jobs this worker holds: id → attempt.
+type Held = Arc<Mutex<HashMap<Uuid, i32>>>;
+
+impl Worker {
+    pub fn new(
+        pool: Pool,
+        cfg: WorkerConfig,
+        registry: &Registry,
+        listen_url: Option<String>,
+    ) -> anyhow::Result<Self> {
+        Ok(Worker {
+            pool,
+            cfg,
+            handlers: HashMap::new(),
+            metrics: QueueMetrics::new(registry)?,
+            listen_url,
+        })
+    }
+
+    pub fn register<F, Fut>(&mut self, kind: &str, f: F)
+    where
+        F: Fn(JobContext) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Outcome> + Send + 'static,
+    {
+        self.handlers
+            .insert(kind.to_string(), Arc::new(move |ctx| Box::pin(f(ctx))));
+    }
+
+    /// Run until `shutdown` becomes true; then let running jobs finish within the grace period
+    /// and release the rest back to the queue.
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let wake = Arc::new(Notify::new());
+        let mut background = JoinSet::new();
+        if let Some(url) = self.listen_url.clone() {
+            background.spawn(super::listener::run(url, wake.clone(), shutdown.clone()));
+        }
+        background.spawn(reaper(
+            self.pool.clone(),
+            self.cfg.reap_interval,
+            self.metrics.clone(),
+            shutdown.clone(),
+        ));
+
+        let kinds: Vec<String> = self.handlers.keys().cloned().collect();
+        let slots = Arc::new(Semaphore::new(self.cfg.concurrency));
+        let held: Held = Arc::default();
+        let mut running = JoinSet::new();
+        let this = Arc::new(self);
+        tracing::info!(owner = %this.cfg.owner, ?kinds, concurrency = this.cfg.concurrency, "worker started");
+        loop {
+            if *shutdown.borrow() {
+                break;
+            }
+            let free = slots.available_permits();
+            let mut claimed = 0;
+            if free > 0 && !kinds.is_empty() {
+                match this.claim(&kinds, free as i64).await {
+                    Ok(jobs) => {
+                        claimed = jobs.len();
+                        for job in jobs {
+                            let Ok(permit) = slots.clone().try_acquire_owned() else {
+                                break;
+                            };
+                            held.lock().map(|mut h| h.insert(job.id, job.attempt)).ok();
+                            let (w, held) = (this.clone(), held.clone());
+                            running.spawn(async move {
+                                let (id, attempt) = (job.id, job.attempt);
+                                w.execute(job).await;
+                                held.lock()
+                                    .map(|mut h| h.remove(&id).filter(|a| *a == attempt))
+                                    .ok();
+                                drop(permit);
+                            });
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "claiming jobs failed"),
+                }
+            }
+            if claimed > 0 && claimed == free {
+                continue; // Possibly more work waiting, and we have no free slot anyway.
+            }
+            tokio::select! {
+                _ = wake.notified() => {}
+                _ = tokio::time::sleep(this.cfg.poll_interval) => {}
+                Some(_) = running.join_next(), if !running.is_empty() => {}
+                _ = shutdown.changed() => {}
+            }
+        }
+
+        tracing::info!(running = running.len(), "worker stopping");
+        let deadline = tokio::time::sleep(this.cfg.shutdown_grace);
+        tokio::pin!(deadline);
+        while !running.is_empty() {
+            tokio::select! {
+                _ = running.join_next() => {}
+                _ = &mut deadline => break,
+            }
+        }
+        running.abort_all();
+        let leftovers: Vec<(Uuid, i32)> = held
+            .lock()
+            .map(|h| h.iter().map(|(k, v)| (*k, *v)).collect())
+            .unwrap_or_default();
+        for (id, attempt) in leftovers {
+            match this.release(id, attempt).await {
+                Ok(true) => tracing::info!(job = %id, "released job back to the queue"),
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(job = %id, error = %e, "could not release job; its lease will lapse")
+                }
+            }
+        }
+        background.abort_all();
+    }
+
+    /// Claim up to `limit` runnable jobs of the given kinds, fairly across tenants.
+    pub async fn claim(&self, kinds: &[String], limit: i64) -> Result<Vec<JobRecord>, StoreError> {
+        let started = Instant::now();
+        let client = self.pool.get().await?;
+        let sql = format!(
+            "WITH RECURSIVE tenants AS (
+                 (SELECT tenant_id FROM jobs WHERE state = 'queued' ORDER BY tenant_id LIMIT 1)
+                 UNION ALL
+                 SELECT (SELECT j.tenant_id FROM jobs j
+                         WHERE j.state = 'queued' AND j.tenant_id > t.tenant_id
+                         ORDER BY j.tenant_id LIMIT 1)
+                 FROM tenants t WHERE t.tenant_id IS NOT NULL
+             ),
+             busy AS (
+                 SELECT tenant_id, count(*) AS n FROM jobs WHERE state = 'running' GROUP BY tenant_id
+             ),
+             candidates AS (
+                 SELECT c.id, c.run_at FROM tenants t
+                 LEFT JOIN busy b ON b.tenant_id = t.tenant_id
+                 CROSS JOIN LATERAL (
+                     SELECT j.id, j.run_at FROM jobs j
+                     WHERE j.state = 'queued' AND j.tenant_id = t.tenant_id
+                       AND j.run_at <= now() AND j.kind = ANY($1)
+                     ORDER BY j.run_at
+                     LIMIT greatest($2 - coalesce(b.n, 0), 0)
+                 ) c
+                 WHERE t.tenant_id IS NOT NULL
+             ),
+             picked AS MATERIALIZED (
+                 SELECT j.id FROM jobs j JOIN candidates c ON c.id = j.id
+                 WHERE j.state = 'queued'
+                 ORDER BY c.run_at, j.id
+                 LIMIT $3
+                 FOR UPDATE OF j SKIP LOCKED
+             )
+             UPDATE jobs SET state = 'running', attempt = jobs.attempt + 1, lease_owner = $4,
+                 lease_expires_at = now() + make_interval(secs => $5), updated_at = now(),
+                 started_at = coalesce(jobs.started_at, now())
+             FROM picked WHERE jobs.id = picked.id
+             RETURNING {}",
+            COLUMNS.split(", ").map(|c| format!("jobs.{c}")).collect::<Vec<_>>().join(", ")
+        );
+        let rows = client
+            .query(
+                &sql,
+                &[
+                    &kinds,
+                    &self.cfg.per_tenant_cap,
+                    &limit,
+                    &self.cfg.owner,
+                    &self.cfg.lease.as_secs_f64(),
+                ],
+            )
+            .await?;
+        self.metrics
+            .claim_latency
+            .observe(started.elapsed().as_secs_f64());
+        Ok(rows.iter().map(from_row).collect())
+    }
+
+    async fn execute(&self, job: JobRecord) {
+        let Some(handler) = self.handlers.get(&job.kind).cloned() else {
+            return;
+        };
+        let (id, attempt, kind) = (job.id, job.attempt, job.kind.clone());
+        let span =
+            tracing::info_span!("job", job = %id, kind = %kind, attempt, tenant = %job.tenant_id);
+        let started = Instant::now();
+        let (cancel_tx, cancel_rx) = watch::channel(job.cancel_requested);
+        let (lost_tx, mut lost_rx) = watch::channel(false);
+        let heartbeat = tokio::spawn(heartbeat(
+            self.pool.clone(),
+            id,
+            attempt,
+            self.cfg.lease,
+            cancel_tx,
+            lost_tx,
+        ));
+        let ctx = JobContext {
+            job,
+            pool: self.pool.clone(),
+            cancel: CancelSignal(cancel_rx),
+        };
+        let run = tokio::spawn(tracing::Instrument::instrument(handler(ctx), span.clone()));
+        let abort = run.abort_handle();
+        let outcome = tokio::select! {
+            r = run => match r {
+                Ok(o) => Some(o),
+                Err(e) if e.is_panic() => Some(Outcome::Retry("the job handler panicked".into())),
+                Err(_) => None,
+            },
+            _ = async { while !*lost_rx.borrow() { if lost_rx.changed().await.is_err() { std::future::pending::<()>().await } } } => {
+                abort.abort();
+                span.in_scope(|| tracing::warn!("lease lost; stopped the handler"));
+                None
+            }
+        };
+        heartbeat.abort();
+        let Some(outcome) = outcome else { return };
+        let label = match &outcome {
+            Outcome::Succeeded(_) => "succeeded",
+            Outcome::Reschedule { .. } => "rescheduled",
+            Outcome::Retry(_) => "retry",
+            Outcome::Fail(_) => "failed",
+            Outcome::Cancelled => "cancelled",
+        };
+        self.metrics
+            .job_duration
+            .with_label_values(&[&kind, label])
+            .observe(started.elapsed().as_secs_f64());
+        self.metrics
+            .finished
+            .with_label_values(&[&kind, label])
+            .inc();
+        if matches!(outcome, Outcome::Retry(_)) {
+            self.metrics.retries.with_label_values(&[&kind]).inc();
+        }
+        match self.record(id, attempt, &outcome).await {
+            Ok(true) => {}
+            Ok(false) => span.in_scope(|| {
+                tracing::warn!("lease lost before the outcome was recorded; discarded")
+            }),
+            Err(e) => span.in_scope(
+                || tracing::warn!(error = %e, "could not record the outcome; the lease will lapse"),
+            ),
+        }
+    }
+
+    /// Write the outcome, fenced by attempt. Returns false if this worker no longer owns the job.
+    pub async fn record(
+        &self,
+        id: Uuid,
+        attempt: i32,
+        outcome: &Outcome,
+    ) -> Result<bool, StoreError> {
+        let c = self.pool.get().await?;
+        const FENCE: &str = "WHERE id = $1 AND attempt = $2 AND state = 'running'";
+        const CLEAR: &str = "lease_owner = NULL, lease_expires_at = NULL, updated_at = now()";
+        let n = match outcome {
+            Outcome::Succeeded(result) => {
+                c.execute(
+                    &format!("UPDATE jobs SET state = 'succeeded', result = $3, failures = 0, finished_at = now(), {CLEAR} {FENCE}"),
+                    &[&id, &attempt, result],
+                )
+                .await?
+            }
+            Outcome::Reschedule { at, payload } => {
+                c.execute(
+                    &format!("UPDATE jobs SET state = 'queued', run_at = $3, payload = coalesce($4, payload), failures = 0, {CLEAR} {FENCE}"),
+                    &[&id, &attempt, at, payload],
+                )
+                .await?
+            }
+            Outcome::Retry(error) => {
+                let row = c
+                    .query_opt(
+                        &format!("SELECT failures, max_failures FROM jobs {FENCE}"),
+                        &[&id, &attempt],
+                    )
+                    .await?;
+                let Some(row) = row else { return Ok(false) };
+                let failures: i32 = row.get::<_, i32>(0) + 1;
+                let max: i32 = row.get(1);
+                if failures >= max {
+                    c.execute(
+                        &format!("UPDATE jobs SET state = 'failed', failures = $3, last_error = $4, finished_at = now(), {CLEAR} {FENCE}"),
+                        &[&id, &attempt, &failures, error],
+                    )
+                    .await?
+                } else {
+                    let delay = backoff(failures, self.cfg.backoff_base, self.cfg.backoff_max);
+                    let at = Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default();
+                    c.execute(
+                        &format!("UPDATE jobs SET state = 'queued', failures = $3, last_error = $4, run_at = $5, {CLEAR} {FENCE}"),
+                        &[&id, &attempt, &failures, error, &at],
+                    )
+                    .await?
+                }
+            }
+            Outcome::Fail(error) => {
+                c.execute(
+                    &format!("UPDATE jobs SET state = 'failed', last_error = $3, finished_at = now(), {CLEAR} {FENCE}"),
+                    &[&id, &attempt, error],
+                )
+                .await?
+            }
+            Outcome::Cancelled => {
+                c.execute(
+                    &format!("UPDATE jobs SET state = 'cancelled', finished_at = now(), {CLEAR} {FENCE}"),
+                    &[&id, &attempt],
+                )
+                .await?
+            }
+        };
+        Ok(n == 1)
+    }
+
+    /// Put a held job back in the queue at once (graceful shutdown). Not a failure.
+    async fn release(&self, id: Uuid, attempt: i32) -> Result<bool, StoreError> {
+        let c = self.pool.get().await?;
+        Ok(c.execute(
+            "UPDATE jobs SET state = 'queued', run_at = now(), lease_owner = NULL,
+                 lease_expires_at = NULL, updated_at = now()
+             WHERE id = $1 AND attempt = $2 AND state = 'running'",
+            &[&id, &attempt],
+        )
+        .await?
+            == 1)
+    }
+}
+
+/// Exponential backoff with jitter: base·2^(n−1), capped, then a random 50–100 % of it so that
+/// jobs failing together do not retry together.
+pub fn backoff(failures: i32, base: Duration, max: Duration) -> Duration {
+    let exp = base
+        .saturating_mul(1u32 << (failures.clamp(1, 20) - 1) as u32)
+        .min(max);
+    let factor = rand::thread_rng().gen_range(0.5..=1.0);
+    exp.mul_f64(factor)
+}
+
+/// Renew the lease every third of its length; report cancellation requests and a lost lease.
+async fn heartbeat(
+    pool: Pool,
+    id: Uuid,
+    attempt: i32,
+    lease: Duration,
+    cancel: watch::Sender<bool>,
+    lost: watch::Sender<bool>,
+) {
+    let every = lease / 3;
+    loop {
+        tokio::time::sleep(every).await;
+        let result = async {
+            let c = pool.get().await?;
+            let row = c
+                .query_opt(
+                    "UPDATE jobs SET lease_expires_at = now() + make_interval(secs => $3)
+                     WHERE id = $1 AND attempt = $2 AND state = 'running'
+                     RETURNING cancel_requested",
+                    &[&id, &attempt, &lease.as_secs_f64()],
+                )
+                .await?;
+            Ok::<_, StoreError>(row.map(|r| r.get::<_, bool>(0)))
+        }
+        .await;
+        match result {
+            Ok(Some(requested)) => {
+                if requested {
+                    let _ = cancel.send(true);
+                }
+            }
+            Ok(None) => {
+                let _ = lost.send(true);
+                return;
+            }
+            // A blip: keep trying; the lease is long enough to survive a few.
+            Err(e) => tracing::warn!(job = %id, error = %e, "heartbeat failed"),
+        }
+    }
+}
+
+/// Return jobs whose lease lapsed (their worker died) to the queue, counting it as a failure so a
+/// job that kills its worker every time ends up failed instead of looping; refresh depth gauges.
+async fn reaper(
+    pool: Pool,
+    every: Duration,
+    metrics: QueueMetrics,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        match reap(&pool).await {
+            Ok(n) if n > 0 => {
+                tracing::warn!(jobs = n, "requeued jobs whose worker stopped heartbeating")
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "reaping expired leases failed"),
+        }
+        if let Ok(c) = pool.get().await
+            && let Ok(rows) = super::depth(&c).await
+        {
+            metrics.depth.reset();
+            for (kind, state, n) in rows {
+                metrics.depth.with_label_values(&[&kind, &state]).set(n);
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+pub async fn reap(pool: &Pool) -> Result<u64, StoreError> {
+    let c = pool.get().await?;
+    Ok(c.execute(
+        "UPDATE jobs SET
+             state = CASE WHEN failures + 1 >= max_failures THEN 'failed' ELSE 'queued' END,
+             finished_at = CASE WHEN failures + 1 >= max_failures THEN now() END,
+             failures = failures + 1,
+             last_error = 'the worker running this job stopped (lease expired)',
+             lease_owner = NULL, lease_expires_at = NULL, run_at = now(), updated_at = now()
+         WHERE state = 'running' AND lease_expires_at < now()",
+        &[],
+    )
+    .await?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_caps_and_jitters() {
+        let base = Duration::from_secs(10);
+        let max = Duration::from_secs(600);
+        for _ in 0..100 {
+            let b1 = backoff(1, base, max);
+            assert!(b1 >= Duration::from_secs(5) && b1 <= Duration::from_secs(10));
+            let b3 = backoff(3, base, max);
+            assert!(b3 >= Duration::from_secs(20) && b3 <= Duration::from_secs(40));
+            let b30 = backoff(30, base, max);
+            assert!(b30 >= Duration::from_secs(300) && b30 <= max);
+        }
+    }
+}

@@ -1,0 +1,409 @@
+//! The job queue against a real PostgreSQL: claiming, fencing, retries, cancellation, fairness,
+//! wake-ups and shutdown. Workers run in-process with short leases and intervals.
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use mailscope::queue::worker::{Outcome, Worker, WorkerConfig};
+use mailscope::queue::{self, Enqueued, JobState, NewJob};
+use tokio::sync::watch;
+use uuid::Uuid;
+
+use crate::helpers::*;
+
+async fn queue_db() -> (TestDb, deadpool_postgres::Pool) {
+    let db = TestDb::create().await;
+    mailscope::app::migrate(&db.url).await.unwrap();
+    let pool = mailscope::store::create_pool(&db.url, &test_settings(&db.url).database).unwrap();
+    (db, pool)
+}
+
+fn cfg() -> WorkerConfig {
+    WorkerConfig {
+        concurrency: 4,
+        per_tenant_cap: 4,
+        lease: Duration::from_secs(3),
+        poll_interval: Duration::from_millis(200),
+        reap_interval: Duration::from_millis(200),
+        backoff_base: Duration::from_millis(50),
+        backoff_max: Duration::from_millis(200),
+        shutdown_grace: Duration::from_secs(5),
+        ..WorkerConfig::default()
+    }
+}
+
+fn worker(pool: &deadpool_postgres::Pool, cfg: WorkerConfig, listen: Option<&str>) -> Worker {
+    Worker::new(
+        pool.clone(),
+        cfg,
+        &prometheus::Registry::new(),
+        listen.map(str::to_string),
+    )
+    .unwrap()
+}
+
+async fn wait_state(
+    pool: &deadpool_postgres::Pool,
+    id: Uuid,
+    want: JobState,
+    secs: u64,
+) -> queue::JobRecord {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        let c = pool.get().await.unwrap();
+        let job = queue::get(&c, id).await.unwrap().unwrap();
+        if job.state == want {
+            return job;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "job {id} stuck in {:?}, wanted {want:?}: {job:?}",
+            job.state
+        );
+        drop(c);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn start(w: Worker) -> (watch::Sender<bool>, tokio::task::JoinHandle<()>) {
+    let (tx, rx) = watch::channel(false);
+    (tx, tokio::spawn(w.run(rx)))
+}
+
+#[tokio::test]
+async fn job_runs_once_and_result_is_stored() {
+    let (_db, pool) = queue_db().await;
+    let c = pool.get().await.unwrap();
+    let id = queue::enqueue(
+        &c,
+        &NewJob::new("echo", Uuid::nil(), serde_json::json!({"n": 7})),
+    )
+    .await
+    .unwrap()
+    .id();
+    let mut w = worker(&pool, cfg(), None);
+    w.register("echo", |ctx| async move {
+        Outcome::Succeeded(ctx.job.payload.clone())
+    });
+    let (stop, handle) = start(w);
+    let job = wait_state(&pool, id, JobState::Succeeded, 10).await;
+    assert_eq!(job.result, Some(serde_json::json!({"n": 7})));
+    assert_eq!(job.attempt, 1);
+    stop.send(true).unwrap();
+    handle.await.unwrap();
+}
+
+#[tokio::test]
+async fn one_active_job_per_unique_key() {
+    let (_db, pool) = queue_db().await;
+    let c = pool.get().await.unwrap();
+    let tenant = Uuid::new_v4();
+    let mut job = NewJob::new("check", tenant, serde_json::json!({}));
+    job.unique_key = Some("app-1".into());
+    let first = queue::enqueue(&c, &job).await.unwrap();
+    let second = queue::enqueue(&c, &job).await.unwrap();
+    assert!(matches!(first, Enqueued::Created(_)));
+    assert_eq!(second, Enqueued::Existing(first.id()));
+    // Once the first is final, a new one may start.
+    queue::cancel(&c, first.id()).await.unwrap();
+    assert!(matches!(
+        queue::enqueue(&c, &job).await.unwrap(),
+        Enqueued::Created(_)
+    ));
+}
+
+#[tokio::test]
+async fn failures_retry_with_backoff_then_fail_for_good() {
+    let (_db, pool) = queue_db().await;
+    let c = pool.get().await.unwrap();
+    let mut flaky = NewJob::new("flaky", Uuid::nil(), serde_json::json!({}));
+    flaky.max_failures = 5;
+    let flaky = queue::enqueue(&c, &flaky).await.unwrap().id();
+    let mut doomed = NewJob::new("doomed", Uuid::nil(), serde_json::json!({}));
+    doomed.max_failures = 3;
+    let doomed = queue::enqueue(&c, &doomed).await.unwrap().id();
+    let runs = Arc::new(Mutex::new(0));
+    let mut w = worker(&pool, cfg(), None);
+    let r = runs.clone();
+    w.register("flaky", move |_| {
+        let r = r.clone();
+        async move {
+            let mut n = r.lock().unwrap();
+            *n += 1;
+            if *n < 3 {
+                Outcome::Retry(format!("transient {n}"))
+            } else {
+                Outcome::Succeeded(serde_json::json!("ok"))
+            }
+        }
+    });
+    w.register("doomed", |_| async {
+        Outcome::Retry("always broken".into())
+    });
+    let (stop, handle) = start(w);
+    let ok = wait_state(&pool, flaky, JobState::Succeeded, 10).await;
+    assert_eq!(ok.attempt, 3);
+    let bad = wait_state(&pool, doomed, JobState::Failed, 10).await;
+    assert_eq!(bad.failures, 3);
+    assert_eq!(bad.last_error.as_deref(), Some("always broken"));
+    stop.send(true).unwrap();
+    handle.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_lapsed_lease_is_reclaimed_and_the_late_worker_is_fenced_off() {
+    let (_db, pool) = queue_db().await;
+    let c = pool.get().await.unwrap();
+    let id = queue::enqueue(&c, &NewJob::new("slow", Uuid::nil(), serde_json::json!({})))
+        .await
+        .unwrap()
+        .id();
+    // Worker A claims, then "crashes": it never heartbeats (we claim by hand).
+    let a = worker(
+        &pool,
+        WorkerConfig {
+            lease: Duration::from_secs(1),
+            ..cfg()
+        },
+        None,
+    );
+    let claimed = a.claim(&["slow".to_string()], 1).await.unwrap();
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(claimed[0].attempt, 1);
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(mailscope::queue::worker::reap(&pool).await.unwrap(), 1);
+
+    let mut b = worker(&pool, cfg(), None);
+    b.register("slow", |ctx| async move {
+        Outcome::Succeeded(serde_json::json!({"attempt": ctx.job.attempt}))
+    });
+    let (stop, handle) = start(b);
+    let done = wait_state(&pool, id, JobState::Succeeded, 10).await;
+    assert_eq!(done.attempt, 2);
+    assert_eq!(done.failures, 0);
+    // A finishes late with its old attempt number: nothing changes.
+    let late = a
+        .record(id, 1, &Outcome::Fail("late result".into()))
+        .await
+        .unwrap();
+    assert!(!late, "a write fenced by a stale attempt matches no row");
+    let after = queue::get(&c, id).await.unwrap().unwrap();
+    assert_eq!(after.state, JobState::Succeeded);
+    assert_eq!(after.result, Some(serde_json::json!({"attempt": 2})));
+    stop.send(true).unwrap();
+    handle.await.unwrap();
+}
+
+#[tokio::test]
+async fn two_workers_never_run_the_same_job_at_once() {
+    let (_db, pool) = queue_db().await;
+    let c = pool.get().await.unwrap();
+    let mut ids = Vec::new();
+    for i in 0..60 {
+        let tenant = Uuid::from_u128(1 + (i % 6) as u128);
+        ids.push(
+            queue::enqueue(&c, &NewJob::new("count", tenant, serde_json::json!({})))
+                .await
+                .unwrap()
+                .id(),
+        );
+    }
+    let runs: Arc<Mutex<HashMap<Uuid, usize>>> = Arc::default();
+    let active: Arc<Mutex<std::collections::HashSet<Uuid>>> = Arc::default();
+    let mut stops = Vec::new();
+    for _ in 0..2 {
+        let mut w = worker(&pool, cfg(), None);
+        let (runs, active) = (runs.clone(), active.clone());
+        w.register("count", move |ctx| {
+            let (runs, active) = (runs.clone(), active.clone());
+            async move {
+                assert!(
+                    active.lock().unwrap().insert(ctx.job.id),
+                    "job running twice at once"
+                );
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                *runs.lock().unwrap().entry(ctx.job.id).or_default() += 1;
+                active.lock().unwrap().remove(&ctx.job.id);
+                Outcome::Succeeded(serde_json::Value::Null)
+            }
+        });
+        stops.push(start(w));
+    }
+    for id in &ids {
+        wait_state(&pool, *id, JobState::Succeeded, 30).await;
+    }
+    assert!(
+        runs.lock().unwrap().values().all(|n| *n == 1),
+        "each job ran exactly once"
+    );
+    assert_eq!(runs.lock().unwrap().len(), 60);
+    for (stop, handle) in stops {
+        stop.send(true).unwrap();
+        handle.await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_busy_tenant_cannot_starve_the_others() {
+    let (_db, pool) = queue_db().await;
+    let c = pool.get().await.unwrap();
+    let busy = Uuid::from_u128(1);
+    let quiet = Uuid::from_u128(2);
+    for _ in 0..12 {
+        queue::enqueue(&c, &NewJob::new("work", busy, serde_json::json!({})))
+            .await
+            .unwrap();
+    }
+    // Enqueued last, so a plain FIFO would run it after all of the busy tenant's jobs.
+    let q = queue::enqueue(&c, &NewJob::new("work", quiet, serde_json::json!({})))
+        .await
+        .unwrap()
+        .id();
+    let order: Arc<Mutex<Vec<Uuid>>> = Arc::default();
+    let max_busy = Arc::new(Mutex::new((0usize, 0usize))); // (current, max) of the busy tenant
+    let mut w = worker(
+        &pool,
+        WorkerConfig {
+            concurrency: 4,
+            per_tenant_cap: 2,
+            ..cfg()
+        },
+        None,
+    );
+    let (o, m) = (order.clone(), max_busy.clone());
+    w.register("work", move |ctx| {
+        let (o, m) = (o.clone(), m.clone());
+        async move {
+            o.lock().unwrap().push(ctx.job.tenant_id);
+            if ctx.job.tenant_id == busy {
+                let mut g = m.lock().unwrap();
+                g.0 += 1;
+                g.1 = g.1.max(g.0);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if ctx.job.tenant_id == busy {
+                m.lock().unwrap().0 -= 1;
+            }
+            Outcome::Succeeded(serde_json::Value::Null)
+        }
+    });
+    let (stop, handle) = start(w);
+    wait_state(&pool, q, JobState::Succeeded, 20).await;
+    let position = order
+        .lock()
+        .unwrap()
+        .iter()
+        .position(|t| *t == quiet)
+        .unwrap();
+    assert!(
+        position <= 2,
+        "the quiet tenant ran early (position {position})"
+    );
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(max_busy.lock().unwrap().1 <= 2, "per-tenant cap respected");
+    stop.send(true).unwrap();
+    handle.await.unwrap();
+}
+
+#[tokio::test]
+async fn cancel_stops_queued_and_running_jobs() {
+    let (_db, pool) = queue_db().await;
+    let c = pool.get().await.unwrap();
+    let mut later = NewJob::new("wait", Uuid::nil(), serde_json::json!({}));
+    later.run_at = Some(chrono::Utc::now() + chrono::Duration::hours(1));
+    let queued = queue::enqueue(&c, &later).await.unwrap().id();
+    assert_eq!(
+        queue::cancel(&c, queued).await.unwrap(),
+        Some(JobState::Cancelled)
+    );
+
+    let running = queue::enqueue(&c, &NewJob::new("wait", Uuid::nil(), serde_json::json!({})))
+        .await
+        .unwrap()
+        .id();
+    let mut w = worker(
+        &pool,
+        WorkerConfig {
+            lease: Duration::from_millis(600),
+            ..cfg()
+        },
+        None,
+    );
+    w.register("wait", |mut ctx| async move {
+        ctx.cancel.cancelled().await;
+        Outcome::Cancelled
+    });
+    let (stop, handle) = start(w);
+    wait_state(&pool, running, JobState::Running, 10).await;
+    assert_eq!(
+        queue::cancel(&c, running).await.unwrap(),
+        Some(JobState::Running)
+    );
+    wait_state(&pool, running, JobState::Cancelled, 10).await;
+    stop.send(true).unwrap();
+    handle.await.unwrap();
+}
+
+#[tokio::test]
+async fn shutdown_releases_jobs_still_running() {
+    let (_db, pool) = queue_db().await;
+    let c = pool.get().await.unwrap();
+    let id = queue::enqueue(
+        &c,
+        &NewJob::new("forever", Uuid::nil(), serde_json::json!({})),
+    )
+    .await
+    .unwrap()
+    .id();
+    let mut w = worker(
+        &pool,
+        WorkerConfig {
+            shutdown_grace: Duration::from_millis(200),
+            ..cfg()
+        },
+        None,
+    );
+    w.register("forever", |_| async {
+        std::future::pending::<()>().await;
+        Outcome::Succeeded(serde_json::Value::Null)
+    });
+    let (stop, handle) = start(w);
+    wait_state(&pool, id, JobState::Running, 10).await;
+    stop.send(true).unwrap();
+    handle.await.unwrap();
+    let job = queue::get(&c, id).await.unwrap().unwrap();
+    assert_eq!(
+        job.state,
+        JobState::Queued,
+        "released, not left to a lapsing lease"
+    );
+    assert!(job.lease_owner.is_none());
+    assert_eq!(job.failures, 0, "a release is not a failure");
+}
+
+#[tokio::test]
+async fn notify_wakes_an_idle_worker_long_before_its_poll() {
+    let (db, pool) = queue_db().await;
+    let mut w = worker(
+        &pool,
+        WorkerConfig {
+            poll_interval: Duration::from_secs(120),
+            ..cfg()
+        },
+        Some(&db.url),
+    );
+    w.register("ping", |_| async {
+        Outcome::Succeeded(serde_json::Value::Null)
+    });
+    let (stop, handle) = start(w);
+    tokio::time::sleep(Duration::from_millis(500)).await; // let it go idle and LISTEN
+    let c = pool.get().await.unwrap();
+    let id = queue::enqueue(&c, &NewJob::new("ping", Uuid::nil(), serde_json::json!({})))
+        .await
+        .unwrap()
+        .id();
+    // Far less than the 120 s poll: only a notification can explain it.
+    wait_state(&pool, id, JobState::Succeeded, 30).await;
+    stop.send(true).unwrap();
+    handle.await.unwrap();
+}
