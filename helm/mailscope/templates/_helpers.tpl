@@ -191,10 +191,8 @@ ConfigMap, which every render produces.
 {{- fail (printf "%s.autoscaling.minReplicas must not exceed %s.autoscaling.maxReplicas" $component $component) }}
 {{- end }}
 {{- if $v.pdb.enabled }}
-{{- $hasMin := not (kindIs "invalid" $v.pdb.minAvailable) }}
-{{- $hasMax := not (kindIs "invalid" $v.pdb.maxUnavailable) }}
-{{- if eq $hasMin $hasMax }}
-{{- fail (printf "%s.pdb: set exactly one of minAvailable and maxUnavailable (the other to null)" $component) }}
+{{- if eq (include "mailscope.isSet" $v.pdb.minAvailable) (include "mailscope.isSet" $v.pdb.maxUnavailable) }}
+{{- fail (printf "%s.pdb: set exactly one of minAvailable and maxUnavailable (the other to \"\")" $component) }}
 {{- end }}
 {{- end }}
 {{- end }}
@@ -263,4 +261,9 @@ helm.sh/hook-delete-policy: before-hook-creation,hook-succeeded
 {{- $parts = append $parts (printf "migrate %d" (int .Values.migrations.databasePoolSize)) }}
 {{- end }}
 {{- printf "%s = %d" (join " + " $parts) $total }}
+{{- end }}
+
+{{/* "true" when a value is set: neither null nor "" (0 counts as set). */}}
+{{- define "mailscope.isSet" -}}
+{{- if not (or (kindIs "invalid" .) (eq (toString .) "")) }}true{{ end }}
 {{- end }}
