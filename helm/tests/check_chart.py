@@ -344,6 +344,8 @@ def resolve_env(r: Rendered, container: dict[str, Any]) -> dict[str, str]:
             env[name] = str(var["value"])
         elif "secretKeyRef" in (var.get("valueFrom") or {}):
             assert name in DUMMY_SECRETS, f"no dummy value for secret variable {name}"
+            if var["valueFrom"]["secretKeyRef"].get("optional") and r.merged["config"]["auth"]["jwksUrl"]:
+                continue  # With a JWKS URL the docs say to leave the optional HS256 key out.
             env[name] = DUMMY_SECRETS[name]
         else:
             raise AssertionError(f"unsupported env source for {name}: {var}")
@@ -774,7 +776,7 @@ def check_config_env(b: Binary, renders: list[Rendered]) -> None:
         seen.add(key)
         p = b.run(["check-config"], env)
         out = p.stdout + p.stderr
-        label = f"{r.name}: {owner['metadata']['name']} ({' '.join(sorted(env))})"
+        label = f"{r.name}: {owner['metadata']['name']} with {' '.join(sorted(env))}"
         if p.returncode != 0:
             problems.append(f"{label}\n  check-config exited {p.returncode}:\n{_indent(out)}")
         leaked = [m for m in SECRET_MARKERS if m in out]
