@@ -8,7 +8,7 @@
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-venv="${MAILSCOPE_HELM_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/mailscope-helm-venv}"
+venv="${MAILSCOPE_HELM_VENV:-${XDG_CACHE_HOME:-${HOME:-/tmp}/.cache}/mailscope-helm-venv}"
 requirements="$here/requirements.txt"
 
 args=()

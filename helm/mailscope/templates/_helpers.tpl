@@ -237,13 +237,13 @@ helm.sh/hook-delete-policy: before-hook-creation,hook-succeeded
 {{- $db := .Values.networkPolicy.egress.database -}}
 {{ include "mailscope.networkPolicy.dnsEgress" . }}
 # PostgreSQL{{ if not $db.to }}, at any address: narrow it with networkPolicy.egress.database.to{{ end }}.
-- {{- with $db.to }}
+- ports:
+    - port: {{ $db.port }}
+      protocol: TCP
+  {{- with $db.to }}
   to:
     {{- toYaml . | nindent 4 }}
   {{- end }}
-  ports:
-    - port: {{ $db.port }}
-      protocol: TCP
 {{- end }}
 
 {{/* Peak PostgreSQL connections at maximum scale: pool size x replicas per component, plus the migration Job. */}}
