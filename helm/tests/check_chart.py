@@ -466,7 +466,6 @@ def check_secrets(r: Rendered) -> None:
 
 
 def check_workloads(r: Rendered) -> None:
-    v = r.values
     merged = r.merged
     migrations = merged["migrations"]["enabled"]
     problems = []
@@ -901,6 +900,8 @@ def main() -> int:
     run.check("Chart.yaml has appVersion and kubeVersion", lambda: (
         _require(meta.get("appVersion"), "no appVersion"), _require(floor, "no kubeVersion floor")))
     run.check("every value in values.yaml has a comment", check_values_commented)
+    run.check("Chart appVersion is the Cargo package version (the default image tag)",
+              lambda: check_app_version(meta.get("appVersion")))
 
     renders: list[Rendered] = []
     for name, extra in SCENARIOS.items():
@@ -1033,6 +1034,15 @@ def check_values_commented() -> None:
         if not is_section:
             problems.append(f"values.yaml:{i + 1}: {key} has no comment")
     assert not problems, "\n".join(problems)
+
+
+def check_app_version(app_version: str | None) -> None:
+    cargo = (REPO / "Cargo.toml").read_text()
+    package = re.search(r'(?ms)^\[package\]\s*$(.*?)(?=^\[)', cargo + "\n[")
+    version = re.search(r'(?m)^version\s*=\s*"([^"]+)"', package.group(1)) if package else None
+    assert version, "no [package] version in Cargo.toml"
+    assert app_version == version.group(1), (
+        f"Chart.yaml appVersion {app_version!r} but Cargo.toml version {version.group(1)!r}: bump them together")
 
 
 def check_dockerfile() -> None:
