@@ -17,6 +17,30 @@ use crate::queue::worker::{Worker, WorkerConfig};
 use crate::store::{self, embedded::EmbeddedPostgres, local_secrets};
 use crate::telemetry::Metrics;
 
+/// Periodic housekeeping run by worker processes: forget expired idempotency keys and old
+/// finished jobs.
+async fn maintenance(state: AppState, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let r = state.settings.retention.clone();
+    loop {
+        let keys = Duration::from_secs(r.idempotency_keys_hours * 3600);
+        match api::idempotency::purge_expired(&state, keys).await {
+            Ok(n) if n > 0 => tracing::info!(keys = n, "purged expired idempotency keys"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "purging idempotency keys failed"),
+        }
+        let jobs = Duration::from_secs(r.finished_jobs_days * 86400);
+        match crate::queue::purge_finished(&state.pool, jobs).await {
+            Ok(n) if n > 0 => tracing::info!(jobs = n, "purged old finished jobs"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "purging finished jobs failed"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(900)) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
 fn build_worker(
     pool: Pool,
     settings: &Settings,
@@ -100,6 +124,7 @@ pub struct Application {
     port: u16,
     server: Server,
     pub pool: Pool,
+    state: AppState,
     worker: Option<Worker>,
     shutdown_grace: Duration,
     embedded: Option<EmbeddedPostgres>,
@@ -157,6 +182,7 @@ impl Application {
             .with_context(|| format!("cannot listen on {}", settings.listen))?;
         let port = listener.local_addr()?.port();
         let body_limit = settings.http.body_limit_bytes;
+        let app_state = state.get_ref().clone();
         let mut server = HttpServer::new(move || {
             App::new()
                 .wrap(from_fn(api::middleware::request_context))
@@ -175,6 +201,7 @@ impl Application {
             port,
             server: server.run(),
             pool,
+            state: app_state,
             worker,
             shutdown_grace: Duration::from_secs(settings.shutdown_grace_seconds),
             embedded,
@@ -188,10 +215,17 @@ impl Application {
     /// Serve until SIGINT/SIGTERM (actix drains in-flight requests), then stop the embedded cluster.
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let maintenance = self
+            .worker
+            .as_ref()
+            .map(|_| tokio::spawn(maintenance(self.state.clone(), stop_rx.clone())));
         let worker = self.worker.map(|w| tokio::spawn(w.run(stop_rx)));
         // actix stops on SIGINT/SIGTERM after draining requests; then the worker gets its grace.
         let result = self.server.await;
         let _ = stop_tx.send(true);
+        if let Some(m) = maintenance {
+            m.abort();
+        }
         if let Some(w) = worker
             && tokio::time::timeout(self.shutdown_grace + Duration::from_secs(5), w)
                 .await

@@ -97,6 +97,25 @@ pub struct Settings {
     pub auth: AuthSettings,
     pub http: HttpSettings,
     pub worker: WorkerSettings,
+    pub retention: RetentionSettings,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetentionSettings {
+    /// How long an Idempotency-Key and its stored response are kept (72 h survives a weekend).
+    pub idempotency_keys_hours: u64,
+    /// How long finished jobs (and their results) are kept.
+    pub finished_jobs_days: u64,
+}
+
+impl Default for RetentionSettings {
+    fn default() -> Self {
+        RetentionSettings {
+            idempotency_keys_hours: 72,
+            finished_jobs_days: 30,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -170,6 +189,7 @@ impl Default for Settings {
             auth: AuthSettings::default(),
             http: HttpSettings::default(),
             worker: WorkerSettings::default(),
+            retention: RetentionSettings::default(),
         }
     }
 }

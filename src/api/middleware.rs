@@ -90,11 +90,13 @@ fn finish(
             Some(e.render(path, request_id))
         }
         None if status.is_client_error() || status.is_server_error() => {
-            let is_problem = res
-                .headers()
-                .get(header::CONTENT_TYPE)
-                .is_some_and(|v| v.as_bytes().starts_with(PROBLEM_CONTENT_TYPE.as_bytes()));
-            if is_problem {
+            // A JSON body was written on purpose by a handler; only bare framework errors
+            // (empty or text bodies) are turned into problems.
+            let is_json = res.headers().get(header::CONTENT_TYPE).is_some_and(|v| {
+                let v = v.as_bytes();
+                v.starts_with(PROBLEM_CONTENT_TYPE.as_bytes()) || v.starts_with(b"application/json")
+            });
+            if is_json {
                 None
             } else {
                 // Errors produced outside our handlers (router 404/405, actix internals).
@@ -130,6 +132,10 @@ fn generic(status: actix_web::http::StatusCode) -> ApiError {
             ProblemKind::UnsupportedMediaType,
             "unsupported content type",
         ),
+        S::UNAUTHORIZED => ApiError::unauthenticated("authentication required"),
+        S::FORBIDDEN => ApiError::forbidden("forbidden"),
+        S::CONFLICT => ApiError::conflict("conflict"),
+        S::UNPROCESSABLE_ENTITY => ApiError::new(ProblemKind::ValidationFailed, "invalid request"),
         s if s.is_client_error() => ApiError::new(ProblemKind::MalformedJson, "bad request"),
         _ => ApiError::internal(anyhow::anyhow!("unhandled status {status}")),
     }

@@ -12,6 +12,7 @@ use problem::{ApiError, FieldError, ProblemKind};
 
 pub mod audit;
 pub mod health;
+pub mod idempotency;
 pub mod middleware;
 pub mod openapi;
 pub mod problem;
@@ -63,6 +64,7 @@ pub fn configure(cfg: &mut web::ServiceConfig, body_limit: usize, with_api: bool
     .configure(openapi::routes)
     .service(
         web::scope("/v1")
+            .wrap(actix_web::middleware::from_fn(idempotency::middleware))
             .configure(tenants::routes)
             .configure(audit::routes),
     )

@@ -25,6 +25,9 @@ pub enum ProblemKind {
     NotFound,
     MethodNotAllowed,
     Conflict,
+    InvalidIdempotencyKey,
+    IdempotencyKeyReused,
+    IdempotencyKeyInUse,
     DatabaseUnavailable,
     NotReady,
     Internal,
@@ -118,6 +121,9 @@ impl ProblemKind {
             ProblemKind::NotFound => "not_found",
             ProblemKind::MethodNotAllowed => "method_not_allowed",
             ProblemKind::Conflict => "conflict",
+            ProblemKind::InvalidIdempotencyKey => "invalid_idempotency_key",
+            ProblemKind::IdempotencyKeyReused => "idempotency_key_reused",
+            ProblemKind::IdempotencyKeyInUse => "idempotency_key_in_use",
             ProblemKind::DatabaseUnavailable => "database_unavailable",
             ProblemKind::NotReady => "not_ready",
             ProblemKind::Internal => "internal",
@@ -128,7 +134,10 @@ impl ProblemKind {
         match self {
             ProblemKind::MalformedJson
             | ProblemKind::InvalidPathParameter
-            | ProblemKind::InvalidQuery => StatusCode::BAD_REQUEST,
+            | ProblemKind::InvalidQuery
+            | ProblemKind::InvalidIdempotencyKey => StatusCode::BAD_REQUEST,
+            ProblemKind::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
+            ProblemKind::IdempotencyKeyInUse => StatusCode::CONFLICT,
             ProblemKind::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ProblemKind::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ProblemKind::ValidationFailed => StatusCode::UNPROCESSABLE_ENTITY,
@@ -347,7 +356,7 @@ mod tests {
         codes.sort();
         codes.dedup();
         assert_eq!(codes.len(), n);
-        assert_eq!(n, 14);
+        assert_eq!(n, 17);
     }
 
     #[test]

@@ -236,3 +236,17 @@ pub async fn depth(c: &impl GenericClient) -> Result<Vec<(String, String, i64)>,
         .map(|r| (r.get(0), r.get(1), r.get(2)))
         .collect())
 }
+
+/// Delete finished jobs older than `age` (their outcome has been reported by then).
+pub async fn purge_finished(
+    pool: &deadpool_postgres::Pool,
+    age: std::time::Duration,
+) -> Result<u64, StoreError> {
+    let c = pool.get().await?;
+    Ok(c.execute(
+        "DELETE FROM jobs WHERE state IN ('succeeded', 'failed', 'cancelled')
+           AND finished_at < now() - make_interval(secs => $1)",
+        &[&age.as_secs_f64()],
+    )
+    .await?)
+}

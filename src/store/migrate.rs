@@ -9,6 +9,11 @@ use tokio_postgres::Client;
 pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     (1, "init", include_str!("../../migrations/0001_init.sql")),
     (2, "jobs", include_str!("../../migrations/0002_jobs.sql")),
+    (
+        3,
+        "idempotency_keys",
+        include_str!("../../migrations/0003_idempotency_keys.sql"),
+    ),
 ];
 
 /// Arbitrary but fixed: "mailscop" in ASCII.

@@ -5,6 +5,7 @@
 mod helpers;
 
 mod auth;
+mod idempotency;
 mod operations;
 mod problems;
 mod queue;

@@ -1,0 +1,295 @@
+//! `Idempotency-Key` for POST and PATCH under `/v1`, following the IETF draft
+//! (draft-ietf-httpapi-idempotency-key-header):
+//!
+//! - the same key with the same request (method, path, body) replays the stored response, marked
+//!   `Idempotent-Replayed: true`, success or client error alike;
+//! - the same key with a different request answers 422 `idempotency_key_reused`;
+//! - while the first request is still running, 409 `idempotency_key_in_use` (retry unchanged);
+//! - keys are scoped to the authenticated caller and kept for `idempotency.retention_hours`.
+//!
+//! Transient failures (5xx, 429) are not stored: the key is released so that a retry runs again,
+//! which is safe because every provisioning operation is idempotent by its natural key. A request
+//! that crashed mid-way holds the key only until its lock lapses; then a retry takes it over.
+use std::time::Duration;
+
+use actix_web::body::{BoxBody, MessageBody};
+use actix_web::dev::{Payload, ServiceRequest, ServiceResponse};
+use actix_web::http::{Method, StatusCode, header};
+use actix_web::middleware::Next;
+use actix_web::{Error, HttpResponse, web};
+use sha2::{Digest, Sha256};
+
+use super::AppState;
+use super::problem::{ApiError, ProblemKind};
+use crate::auth::Verifier;
+
+pub const HEADER: &str = "idempotency-key";
+pub const REPLAYED_HEADER: &str = "idempotent-replayed";
+/// How long a running request holds its key before a retry may take over.
+const LOCK: Duration = Duration::from_secs(300);
+/// Response headers worth replaying.
+const KEPT_HEADERS: &[&str] = &["content-type", "location", "link", "retry-after"];
+
+/// Parse the header: an RFC 8941 string (`"…"`) as the draft specifies, or a bare token.
+pub fn parse_key(raw: &str) -> Result<String, ApiError> {
+    let raw = raw.trim();
+    let key = raw
+        .strip_prefix('"')
+        .and_then(|r| r.strip_suffix('"'))
+        .unwrap_or(raw);
+    if key.is_empty() || key.len() > 255 || !key.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+        return Err(ApiError::new(
+            ProblemKind::InvalidIdempotencyKey,
+            "Idempotency-Key must be 1 to 255 printable ASCII characters",
+        ));
+    }
+    Ok(key.to_string())
+}
+
+fn fingerprint(method: &Method, path: &str, query: &str, body: &[u8]) -> Vec<u8> {
+    let mut h = Sha256::new();
+    for part in [
+        method.as_str().as_bytes(),
+        path.as_bytes(),
+        query.as_bytes(),
+    ] {
+        h.update((part.len() as u64).to_be_bytes());
+        h.update(part);
+    }
+    h.update(body);
+    h.finalize().to_vec()
+}
+
+/// What to do with a request that carries an Idempotency-Key.
+enum Decision {
+    PassThrough,
+    Replay(HttpResponse),
+    /// We hold the key: run the request, then store its response.
+    Run {
+        caller: String,
+        key: String,
+    },
+}
+
+pub async fn middleware(
+    mut req: ServiceRequest,
+    next: Next<impl MessageBody + 'static>,
+) -> Result<ServiceResponse<BoxBody>, Error> {
+    let decision = match decide(&mut req).await {
+        Ok(d) => d,
+        // Attach the error to the request so the request-context middleware renders it.
+        Err(e) => return Ok(req.error_response(e)),
+    };
+    let (caller, key) = match decision {
+        Decision::PassThrough => {
+            return next
+                .call(req)
+                .await
+                .map(ServiceResponse::map_into_boxed_body);
+        }
+        Decision::Replay(res) => {
+            let (http_req, _) = req.into_parts();
+            return Ok(ServiceResponse::new(http_req, res));
+        }
+        Decision::Run { caller, key } => (caller, key),
+    };
+    let state = req.app_data::<web::Data<AppState>>().cloned();
+    let res = next.call(req).await?;
+    let status = res.status();
+    let (http_req, res) = res.into_parts();
+    let (head, body) = res.into_parts();
+    let bytes = actix_web::body::to_bytes(body).await.unwrap_or_default();
+    if let Some(state) = state {
+        if let Err(e) = store_outcome(&state, &caller, &key, status, head.headers(), &bytes).await {
+            // The operation happened; only its replay record is missing. A retry re-runs it,
+            // which the natural-key idempotency of every operation makes harmless.
+            tracing::warn!(error = %e, "could not store the idempotent response");
+        }
+    }
+    let res = head.set_body(BoxBody::new(bytes));
+    Ok(ServiceResponse::new(http_req, res))
+}
+
+async fn decide(req: &mut ServiceRequest) -> Result<Decision, ApiError> {
+    let applies = matches!(*req.method(), Method::POST | Method::PATCH);
+    let Some(raw_key) = req.headers().get(HEADER).filter(|_| applies) else {
+        return Ok(Decision::PassThrough);
+    };
+    let key = parse_key(raw_key.to_str().unwrap_or("\u{0}"))?;
+    let (Some(state), Some(verifier)) = (
+        req.app_data::<web::Data<AppState>>().cloned(),
+        req.app_data::<web::Data<Verifier>>().cloned(),
+    ) else {
+        return Ok(Decision::PassThrough);
+    };
+    // Keys are scoped to the caller; an unauthenticated request goes on to its 401.
+    let token = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|h| h.split_once(' '))
+        .map(|(_, t)| t.trim().to_string());
+    let Some(token) = token else {
+        return Ok(Decision::PassThrough);
+    };
+    let Ok(who) = verifier.verify(&token).await else {
+        return Ok(Decision::PassThrough);
+    };
+    let caller = format!(
+        "{}|{}",
+        who.subject.unwrap_or_default(),
+        who.app.unwrap_or_default()
+    );
+
+    let body = req.extract::<web::Bytes>().await.map_err(|e| {
+        ApiError::new(
+            ProblemKind::PayloadTooLarge,
+            format!("cannot read the body: {e}"),
+        )
+    })?;
+    let fp = fingerprint(req.method(), req.path(), req.query_string(), &body);
+    let (method, path) = (req.method().to_string(), req.path().to_string());
+    // Put the body back for the handler.
+    let replay_body = body.clone();
+    req.set_payload(Payload::Stream {
+        payload: Box::pin(futures_util::stream::once(async move { Ok(replay_body) })),
+    });
+
+    let db = state.db().await?;
+    let sql_err = |e| ApiError::from(crate::store::StoreError::from(e));
+    let claimed = db
+        .query_opt(
+            "INSERT INTO idempotency_keys (caller, key, fingerprint, method, path, locked_until)
+             VALUES ($1, $2, $3, $4, $5, now() + make_interval(secs => $6))
+             ON CONFLICT (caller, key) DO UPDATE SET locked_until = EXCLUDED.locked_until
+                 WHERE idempotency_keys.response_status IS NULL
+                   AND idempotency_keys.locked_until < now()
+                   AND idempotency_keys.fingerprint = EXCLUDED.fingerprint
+             RETURNING 1",
+            &[&caller, &key, &fp, &method, &path, &LOCK.as_secs_f64()],
+        )
+        .await
+        .map_err(sql_err)?
+        .is_some();
+    if claimed {
+        return Ok(Decision::Run { caller, key });
+    }
+    let row = db
+        .query_opt(
+            "SELECT fingerprint, response_status, response_headers, response_body
+             FROM idempotency_keys WHERE caller = $1 AND key = $2",
+            &[&caller, &key],
+        )
+        .await
+        .map_err(sql_err)?;
+    // Gone between insert and read: the first attempt failed transiently and released it.
+    let Some(row) = row else { return Err(in_use()) };
+    if row.get::<_, Vec<u8>>(0) != fp {
+        return Err(ApiError::new(
+            ProblemKind::IdempotencyKeyReused,
+            "this Idempotency-Key was used with a different request; use a new key for a new request",
+        ));
+    }
+    let Some(status) = row.get::<_, Option<i32>>(1) else {
+        return Err(in_use());
+    };
+    let mut res =
+        HttpResponse::build(StatusCode::from_u16(status as u16).unwrap_or(StatusCode::OK));
+    if let Some(serde_json::Value::Object(headers)) = row.get::<_, Option<serde_json::Value>>(2) {
+        for (k, v) in headers {
+            if let Some(v) = v.as_str() {
+                res.insert_header((k.as_str(), v));
+            }
+        }
+    }
+    res.insert_header((REPLAYED_HEADER, "true"));
+    let body: Vec<u8> = row.get::<_, Option<Vec<u8>>>(3).unwrap_or_default();
+    Ok(Decision::Replay(res.body(body)))
+}
+
+/// Store a final response for replay, or release the key after a transient failure.
+async fn store_outcome(
+    state: &AppState,
+    caller: &str,
+    key: &str,
+    status: StatusCode,
+    headers: &header::HeaderMap,
+    body: &[u8],
+) -> Result<(), ApiError> {
+    let db = state.db().await?;
+    let sql_err = |e| ApiError::from(crate::store::StoreError::from(e));
+    if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
+        db.execute(
+            "DELETE FROM idempotency_keys WHERE caller = $1 AND key = $2",
+            &[&caller, &key],
+        )
+        .await
+        .map_err(sql_err)?;
+        return Ok(());
+    }
+    let kept: serde_json::Map<String, serde_json::Value> = KEPT_HEADERS
+        .iter()
+        .filter_map(|h| {
+            let v = headers.get(*h)?.to_str().ok()?;
+            Some((h.to_string(), serde_json::Value::String(v.to_string())))
+        })
+        .collect();
+    db.execute(
+        "UPDATE idempotency_keys SET response_status = $3, response_headers = $4,
+             response_body = $5, locked_until = NULL
+         WHERE caller = $1 AND key = $2",
+        &[
+            &caller,
+            &key,
+            &(status.as_u16() as i32),
+            &serde_json::Value::Object(kept),
+            &body,
+        ],
+    )
+    .await
+    .map_err(sql_err)?;
+    Ok(())
+}
+
+fn in_use() -> ApiError {
+    let mut e = ApiError::new(
+        ProblemKind::IdempotencyKeyInUse,
+        "the first request with this Idempotency-Key is still running; retry shortly",
+    );
+    e.retry_after = Some(1);
+    e
+}
+
+/// Forget keys older than the retention period (run by the worker's maintenance loop).
+pub async fn purge_expired(state: &AppState, retention: Duration) -> Result<u64, ApiError> {
+    let db = state.db().await?;
+    Ok(db
+        .execute(
+            "DELETE FROM idempotency_keys WHERE created_at < now() - make_interval(secs => $1)",
+            &[&retention.as_secs_f64()],
+        )
+        .await
+        .map_err(crate::store::StoreError::from)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_structured_strings_or_tokens() {
+        assert_eq!(parse_key("\"abc-123\"").unwrap(), "abc-123");
+        assert_eq!(parse_key("abc").unwrap(), "abc");
+        assert!(parse_key("\"\"").is_err());
+        assert!(parse_key(&"x".repeat(256)).is_err());
+        assert!(parse_key("caf\u{e9}").is_err());
+    }
+
+    #[test]
+    fn fingerprint_separates_fields() {
+        let a = fingerprint(&Method::POST, "/a", "b", b"");
+        let b = fingerprint(&Method::POST, "/ab", "", b"");
+        assert_ne!(a, b);
+        assert_eq!(a, fingerprint(&Method::POST, "/a", "b", b""));
+    }
+}
