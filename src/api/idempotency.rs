@@ -99,12 +99,12 @@ pub async fn middleware(
     let (http_req, res) = res.into_parts();
     let (head, body) = res.into_parts();
     let bytes = actix_web::body::to_bytes(body).await.unwrap_or_default();
-    if let Some(state) = state {
-        if let Err(e) = store_outcome(&state, &caller, &key, status, head.headers(), &bytes).await {
-            // The operation happened; only its replay record is missing. A retry re-runs it,
-            // which the natural-key idempotency of every operation makes harmless.
-            tracing::warn!(error = %e, "could not store the idempotent response");
-        }
+    if let Some(state) = state
+        && let Err(e) = store_outcome(&state, &caller, &key, status, head.headers(), &bytes).await
+    {
+        // The operation happened; only its replay record is missing. A retry re-runs it,
+        // which the natural-key idempotency of every operation makes harmless.
+        tracing::warn!(error = %e, "could not store the idempotent response");
     }
     let res = head.set_body(BoxBody::new(bytes));
     Ok(ServiceResponse::new(http_req, res))
