@@ -1,1 +1,2 @@
-
+mod sandbox_helpers;
+mod sandbox_login;
