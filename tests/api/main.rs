@@ -1,2 +1,3 @@
 mod sandbox_helpers;
 mod sandbox_login;
+mod sandbox_exchange;

@@ -126,14 +126,19 @@ impl Sb {
             .c
             .post(self.url(&format!("/adminapi/beta/{tenant}/InvokeCommand")))
             .bearer_auth(token)
-            .header(
+            .json(&json!({"CmdletInput": input}));
+        if !extra_headers
+            .iter()
+            .any(|(k, _)| k.eq_ignore_ascii_case("X-AnchorMailbox"))
+        {
+            req = req.header(
                 "X-AnchorMailbox",
                 format!(
                     "APP:SystemMailbox{{bb558c35-97f1-4cb9-8ff7-d53741dc928c}}@{}",
                     self.tenant
                 ),
-            )
-            .json(&json!({"CmdletInput": input}));
+            );
+        }
         for (k, v) in extra_headers {
             req = req.header(*k, *v);
         }
