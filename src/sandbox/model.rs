@@ -161,7 +161,7 @@ impl RecipientKind {
         use RecipientKind::*;
         Some(
             match s.to_ascii_lowercase().replace(['-', '_', ' '], "").as_str() {
-                "usermailbox" | "user" | "mailbox" => UserMailbox,
+                "usermailbox" | "mailbox" => UserMailbox,
                 "sharedmailbox" | "shared" => SharedMailbox,
                 "roommailbox" | "room" => RoomMailbox,
                 "equipmentmailbox" | "equipment" => EquipmentMailbox,
@@ -173,7 +173,7 @@ impl RecipientKind {
                 "mailuniversaldistributiongroup" | "distribution" => MailUniversalDistributionGroup,
                 "groupmailbox" | "m365" | "microsoft365" | "unified" => GroupMailbox,
                 "securitygroup" | "entrasecurity" | "entra" => SecurityGroup,
-                "usernomailbox" | "entrauser" => User,
+                "user" | "usernomailbox" | "entrauser" => User,
                 _ => return None,
             },
         )
