@@ -334,6 +334,7 @@ pub fn authorize_mailbox_call(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -616,6 +616,7 @@ pub fn rbac_permissions_on(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -69,11 +69,10 @@ fn bad(status: u16, msg: impl Into<String>) -> HttpResponse {
     .json(json!({"error": msg.into()}))
 }
 
-fn parse<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, HttpResponse> {
-    if body.is_empty() {
-        return serde_json::from_str("{}").map_err(|e| bad(400, format!("invalid JSON body: {e}")));
-    }
-    serde_json::from_slice(body).map_err(|e| bad(400, format!("invalid JSON body: {e}")))
+/// Parse a JSON body (an empty body is `{}`); the error is the 400 response to send.
+fn parse<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, Box<HttpResponse>> {
+    let text: &[u8] = if body.is_empty() { b"{}" } else { body };
+    serde_json::from_slice(text).map_err(|e| Box::new(bad(400, format!("invalid JSON body: {e}"))))
 }
 
 async fn info(req: HttpRequest, sh: web::Data<Shared>) -> HttpResponse {
@@ -114,7 +113,7 @@ fn merge<T: serde::Serialize + for<'de> Deserialize<'de>>(
 async fn patch_settings(body: web::Bytes, sh: web::Data<Shared>) -> HttpResponse {
     let patch: Value = match parse(&body) {
         Ok(v) => v,
-        Err(e) => return e,
+        Err(e) => return *e,
     };
     let mut w = sh.lock();
     let pacing_patch = patch.get("pacing").cloned().unwrap_or_else(|| {
@@ -180,7 +179,7 @@ struct NewTenant {
 async fn create_tenant(body: web::Bytes, sh: web::Data<Shared>) -> HttpResponse {
     let n: NewTenant = match parse(&body) {
         Ok(n) => n,
-        Err(e) => return e,
+        Err(e) => return *e,
     };
     let mut w = sh.lock();
     let wall = sh.clock.wall();
@@ -306,7 +305,7 @@ async fn patch_tenant_settings(
 ) -> HttpResponse {
     let patch: Value = match parse(&body) {
         Ok(v) => v,
-        Err(e) => return e,
+        Err(e) => return *e,
     };
     let mut w = sh.lock();
     let Some(t) = w.tenant_mut(&path) else {
@@ -441,7 +440,7 @@ async fn create_recipient(
 ) -> HttpResponse {
     let n: NewRecipientBody = match parse(&body) {
         Ok(n) => n,
-        Err(e) => return e,
+        Err(e) => return *e,
     };
     let mut w = sh.lock();
     add_recipient(&mut w, &sh, &path, n, RecipientKind::UserMailbox, false)
@@ -454,7 +453,7 @@ async fn create_group(
 ) -> HttpResponse {
     let n: NewRecipientBody = match parse(&body) {
         Ok(n) => n,
-        Err(e) => return e,
+        Err(e) => return *e,
     };
     let mut w = sh.lock();
     add_recipient(
@@ -486,7 +485,7 @@ async fn patch_recipient(
     let (tenant, rid) = path.into_inner();
     let p: PatchRecipient = match parse(&body) {
         Ok(p) => p,
-        Err(e) => return e,
+        Err(e) => return *e,
     };
     let now = sh.clock.now();
     let mut w = sh.lock();
@@ -533,7 +532,7 @@ async fn add_member(
     let (tenant, group) = path.into_inner();
     let m: MemberBody = match parse(&body) {
         Ok(m) => m,
-        Err(e) => return e,
+        Err(e) => return *e,
     };
     change_membership(&sh, &tenant, &group, &m.member, true)
 }
@@ -608,7 +607,7 @@ async fn create_credentials(
 ) -> HttpResponse {
     let b: CredentialsBody = match parse(&body) {
         Ok(b) => b,
-        Err(e) => return e,
+        Err(e) => return *e,
     };
     let cert = match &b.certificate_pem {
         Some(pem) => {
@@ -764,7 +763,7 @@ struct AdvanceBody {
 async fn advance_clock(body: web::Bytes, sh: web::Data<Shared>) -> HttpResponse {
     let b: AdvanceBody = match parse(&body) {
         Ok(b) => b,
-        Err(e) => return e,
+        Err(e) => return *e,
     };
     let by = match (b.by, b.seconds) {
         (Some(s), _) => match parse_duration(&s) {

@@ -909,7 +909,7 @@ fn run_cmdlet(cx: &mut Cx<'_>, cmdlet: &str, params: &Map<String, Value>) -> R {
                 cx.t.recipient(&gid)
                     .cloned()
                     .ok_or_else(|| ExoError::not_found(&gid, cx.t))?;
-            if g.members.iter().any(|m| *m == member.id) {
+            if g.members.contains(&member.id) {
                 return Err(ExoError {
                     status: 400,
                     code: "BadRequest",
@@ -957,7 +957,7 @@ fn run_cmdlet(cx: &mut Cx<'_>, cmdlet: &str, params: &Map<String, Value>) -> R {
                 cx.t.recipient(&gid)
                     .cloned()
                     .ok_or_else(|| ExoError::not_found(&gid, cx.t))?;
-            if !g.members.iter().any(|m| *m == member.id) {
+            if !g.members.contains(&member.id) {
                 return Err(ExoError {
                     status: 400,
                     code: "BadRequest",
@@ -2223,6 +2223,7 @@ fn assignment_object(t: &Tenant, a: &RoleAssignmentRecord) -> Value {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

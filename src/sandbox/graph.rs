@@ -406,7 +406,7 @@ fn dispatch(
                     t.recipients
                         .iter()
                         .filter(|r| r.kind.is_group())
-                        .map(|g| group_json(g))
+                        .map(group_json)
                         .collect(),
                     query,
                     100,
@@ -2171,6 +2171,7 @@ fn batch(w: &mut World, gx: &Gx, body: Option<Value>) -> Reply {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -555,6 +555,7 @@ pub fn bearer_claims(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -181,6 +181,7 @@ pub struct PendingAdoption {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use crate::domain::access::AccessRight;

@@ -1,4 +1,5 @@
 //! The control API: call log, counters, tenants, settings, reset.
+#![allow(clippy::unwrap_used)]
 use serde_json::{Value, json};
 
 use crate::sandbox_helpers::*;

@@ -1,5 +1,6 @@
 //! Exchange admin InvokeCommand: authorization, parameter validation, every cmdlet, paging,
 //! replication lag, tenant forms and the anchor header.
+#![allow(clippy::unwrap_used)]
 use std::time::Duration;
 
 use mailscope::sandbox::SandboxSettings;

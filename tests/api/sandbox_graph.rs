@@ -1,5 +1,6 @@
 //! The Graph subset: applications, service principals, grants, directory roles, users, mailbox
 //! endpoints with Exchange's access rules, and `$batch`.
+#![allow(clippy::unwrap_used)]
 use serde_json::{Value, json};
 
 use crate::sandbox_helpers::*;

@@ -1,5 +1,6 @@
 //! Helpers for the sandbox tests: start an in-process sandbox on port 0 and talk to it over HTTP
 //! exactly as a client would.
+#![allow(clippy::unwrap_used)]
 use mailscope::sandbox::{SandboxHandle, SandboxSettings, spawn};
 use secrecy::ExposeSecret;
 use serde_json::{Value, json};

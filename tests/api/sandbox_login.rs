@@ -1,4 +1,5 @@
 //! The simulated login endpoint: client secrets, certificate assertions, AADSTS errors, discovery.
+#![allow(clippy::unwrap_used)]
 use base64::Engine;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use mailscope::sandbox::tokens::{pem_to_der, thumbprint_sha1, thumbprint_sha256};

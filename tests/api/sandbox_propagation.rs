@@ -1,6 +1,7 @@
 //! Propagation: Test cmdlets see changes at once, Graph front ends adopt them over time and flap
 //! in between. Long simulated delays are stepped through with the sandbox clock, so these tests
 //! never depend on how fast the machine is.
+#![allow(clippy::unwrap_used)]
 use std::time::Duration;
 
 use mailscope::sandbox::SandboxSettings;

@@ -1,4 +1,5 @@
 //! Throttling (429 with Retry-After), Exchange's concurrency limit and injected faults.
+#![allow(clippy::unwrap_used)]
 use std::time::Duration;
 
 use mailscope::sandbox::SandboxSettings;
