@@ -220,8 +220,9 @@ struct AssertionClaims {
     aud: Option<Value>,
     iss: Option<String>,
     sub: Option<String>,
-    exp: Option<i64>,
-    nbf: Option<i64>,
+    // NumericDate may be fractional (RFC 7519 §2); MSAL Python sends floats.
+    exp: Option<f64>,
+    nbf: Option<f64>,
 }
 
 /// Verify a client assertion against the app's registered certificates (DER).
@@ -267,8 +268,12 @@ pub fn verify_client_assertion(
     v.validate_nbf = false;
     v.validate_aud = false;
     v.required_spec_claims = HashSet::new();
-    let data = jsonwebtoken::decode::<AssertionClaims>(assertion, &key, &v)
-        .map_err(|_| AssertionProblem::BadSignature)?;
+    let data = jsonwebtoken::decode::<AssertionClaims>(assertion, &key, &v).map_err(|e| match e
+        .kind()
+    {
+        jsonwebtoken::errors::ErrorKind::InvalidSignature => AssertionProblem::BadSignature,
+        _ => AssertionProblem::Malformed(format!("client assertion is invalid: {e}")),
+    })?;
     let c = data.claims;
     if c.iss.as_deref() != Some(client_id) || c.sub.as_deref() != Some(client_id) {
         return Err(AssertionProblem::ClientMismatch);
@@ -290,13 +295,13 @@ pub fn verify_client_assertion(
     }
     // Entra allows five minutes of clock skew.
     let skew = 300;
-    let late = c.exp.is_none_or(|e| e + skew < now);
-    let early = c.nbf.is_some_and(|n| n - skew > now);
+    let late = c.exp.is_none_or(|e| e as i64 + skew < now);
+    let early = c.nbf.is_some_and(|n| n as i64 - skew > now);
     if late || early {
         return Err(AssertionProblem::Expired {
             now,
-            nbf: c.nbf,
-            exp: c.exp,
+            nbf: c.nbf.map(|n| n as i64),
+            exp: c.exp.map(|e| e as i64),
         });
     }
     Ok(())
