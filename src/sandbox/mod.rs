@@ -331,6 +331,7 @@ fn start(
     let data = web::Data::from(shared.clone());
     let mut server = HttpServer::new(move || App::new().app_data(data.clone()).configure(routes))
         .workers(settings.workers.max(1))
+        .shutdown_timeout(5)
         .listen(listener)?;
     if !signals {
         server = server.disable_signals();
