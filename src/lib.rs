@@ -10,5 +10,6 @@ pub mod config;
 pub mod crypto;
 pub mod domain;
 pub mod queue;
+pub mod sandbox;
 pub mod store;
 pub mod telemetry;

@@ -1,4 +1,6 @@
 //! Pure domain types and rules: no I/O, no clocks, no randomness passed in implicitly.
 //! Everything here is unit-tested in place and shared by the API, the connector and the sandbox.
+pub mod access;
 pub mod cloud;
 pub mod credential;
+pub mod rbac;

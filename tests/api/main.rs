@@ -1,5 +1,5 @@
-//! The single integration-test binary: every test starts the real service over HTTP against its
-//! own PostgreSQL database.
+//! The single integration-test binary: every test starts the real service (or the sandbox) over
+//! HTTP, the service against its own PostgreSQL database.
 #![allow(clippy::unwrap_used)]
 
 mod helpers;
@@ -10,3 +10,11 @@ mod operations;
 mod problems;
 mod queue;
 mod tenants;
+
+mod sandbox_control;
+mod sandbox_exchange;
+mod sandbox_graph;
+mod sandbox_helpers;
+mod sandbox_login;
+mod sandbox_propagation;
+mod sandbox_throttling;
