@@ -143,7 +143,7 @@ impl TenantHandle {
         self.client
             .core
             .tokens
-            .get(&self.client.core, &self.ctx, resource, false)
+            .get(&self.client.core, &self.ctx, resource, None)
             .await
     }
 

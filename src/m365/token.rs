@@ -77,6 +77,10 @@ impl AccessToken {
         self.tenant_guid.as_deref()
     }
 
+    fn same_as(&self, other: &AccessToken) -> bool {
+        self.obtained_at == other.obtained_at && self.expose() == other.expose()
+    }
+
     pub fn expires_in(&self) -> Duration {
         self.expires_at.saturating_duration_since(Instant::now())
     }
@@ -112,14 +116,14 @@ impl TokenCache {
             .retain(|k, _| k.tenant != t);
     }
 
-    /// A valid token for (tenant, client, resource), fetching one if needed. `force_refresh`
-    /// skips a cached token unless it was obtained moments ago by another caller.
+    /// A valid token for (tenant, client, resource), fetching one if needed. `rejected` is a
+    /// token the service just refused (401): it is replaced unless another caller already did.
     pub(crate) async fn get(
         &self,
         core: &Core,
         ctx: &TenantContext,
         resource: TokenResource,
-        force_refresh: bool,
+        rejected: Option<&AccessToken>,
     ) -> Result<AccessToken, M365Error> {
         let key = TokenKey {
             tenant: ctx.tenant_id.to_ascii_lowercase(),
@@ -131,8 +135,8 @@ impl TokenCache {
         let mut cached = slot.lock().await;
         let skew = Duration::from_secs(core.settings.token_refresh_skew_secs);
         if let Some(t) = cached.as_ref() {
-            let just_fetched = t.obtained_at.elapsed() < Duration::from_secs(10);
-            if (!force_refresh && t.expires_in() > skew) || (force_refresh && just_fetched) {
+            let is_rejected = rejected.is_some_and(|r| r.same_as(t));
+            if !is_rejected && t.expires_in() > skew {
                 return Ok(t.clone());
             }
         }
@@ -143,7 +147,11 @@ impl TokenCache {
             }
             Err(e) => match cached.as_ref() {
                 // Early refresh failed for a passing reason: keep using the token while it lasts.
-                Some(old) if e.is_retryable() && old.expires_in() > Duration::from_secs(30) => {
+                Some(old)
+                    if e.is_retryable()
+                        && old.expires_in() > Duration::from_secs(30)
+                        && !rejected.is_some_and(|r| r.same_as(old)) =>
+                {
                     tracing::warn!(tenant = %ctx.tenant_id, error = %e, "token refresh failed; using the cached token until it expires");
                     Ok(old.clone())
                 }

@@ -177,7 +177,7 @@ impl Core {
         let mut attempt: u32 = 0;
         let mut retries: u32 = 0;
         let mut refreshed_token = false;
-        let mut force_refresh = false;
+        let mut rejected: Option<AccessToken> = None;
         loop {
             attempt += 1;
             let span = tracing::info_span!(
@@ -187,15 +187,17 @@ impl Core {
                 operation = call.operation,
                 attempt
             );
+            let mut used_token: Option<AccessToken> = None;
             let result = async {
                 let token = match call.auth {
                     Some(a) => Some(
-                        Box::pin(self.tokens.get(self, a.ctx, a.resource, force_refresh))
+                        Box::pin(self.tokens.get(self, a.ctx, a.resource, rejected.as_ref()))
                             .await
                             .map_err(|e| (e, false))?,
                     ),
                     None => None,
                 };
+                used_token.clone_from(&token);
                 let _permit = limiter.admit().await;
                 let started = Instant::now();
                 let r = self.send_once(call, token.as_ref()).await;
@@ -231,13 +233,13 @@ impl Core {
                 Err((e, false)) => return Err(e),
                 Err((e, true)) => e,
             };
-            force_refresh = false;
+            rejected = None;
 
             // A 401 with a cached token: the token may predate a role grant or be revoked. One
             // more try with a fresh token; the request was refused, so this is always safe.
             if err.status() == Some(401) && call.auth.is_some() && !refreshed_token {
                 refreshed_token = true;
-                force_refresh = true;
+                rejected = used_token;
                 self.metrics
                     .retries
                     .with_label_values(&[labels[0], labels[1], labels[2], "token_refresh"])

@@ -97,7 +97,7 @@ impl ExchangeClient {
         let t = self
             .core
             .tokens
-            .get(&self.core, &self.ctx, TokenResource::Exchange, false)
+            .get(&self.core, &self.ctx, TokenResource::Exchange, None)
             .await?;
         Ok(t.tenant_guid()
             .map(str::to_string)

@@ -31,12 +31,14 @@ pub const EXCHANGE_APP_ID: &str = "00000002-0000-0ff1-ce00-000000000000";
 /// Guard against a server that keeps handing out next links.
 const MAX_PAGES: usize = 10_000;
 
-/// Percent-encode a path segment or query value (RFC 3986 unreserved kept).
+/// Percent-encode a path segment or query value: RFC 3986 unreserved characters and `@` (legal
+/// in both, and how Graph shows UPNs in paths) are kept; `#` in guest UPNs, `/`, `&`, spaces and
+/// quotes are escaped.
 pub(crate) fn pct(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
         match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' | b'@' => {
                 out.push(b as char)
             }
             _ => out.push_str(&format!("%{b:02X}")),
@@ -663,7 +665,7 @@ mod tests {
 
     #[test]
     fn encoding_helpers() {
-        assert_eq!(pct("a b/c#d@e.f"), "a%20b%2Fc%23d%40e.f");
+        assert_eq!(pct("a b/c#EXT#d@e.f"), "a%20b%2Fc%23EXT%23d@e.f");
         assert_eq!(odata_str("o'brien"), "o''brien");
     }
 }
