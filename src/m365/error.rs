@@ -156,9 +156,13 @@ impl ErrorKind {
     }
 }
 
-/// An error from the Microsoft 365 connector.
+/// An error from the Microsoft 365 connector. Boxed so `Result<_, M365Error>` stays one pointer
+/// wide on the happy path.
 #[derive(Debug, Clone)]
-pub struct M365Error {
+pub struct M365Error(Box<ErrorInner>);
+
+#[derive(Debug, Clone)]
+struct ErrorInner {
     kind: ErrorKind,
     service: Service,
     operation: String,
@@ -179,7 +183,7 @@ const MAX_MESSAGE: usize = 600;
 
 impl M365Error {
     pub fn new(kind: ErrorKind, service: Service, operation: impl Into<String>) -> Self {
-        M365Error {
+        M365Error(Box::new(ErrorInner {
             kind,
             service,
             operation: operation.into(),
@@ -189,23 +193,23 @@ impl M365Error {
             remote_message: None,
             request_id: None,
             retry_after_hint: None,
-        }
+        }))
     }
 
     pub fn with_retry_after_hint(mut self, d: Option<Duration>) -> Self {
-        self.retry_after_hint = d;
+        self.0.retry_after_hint = d;
         self
     }
 
     pub fn with_status(mut self, status: u16) -> Self {
-        self.status = Some(status);
+        self.0.status = Some(status);
         self
     }
 
     pub fn with_remote_code(mut self, code: impl Into<String>) -> Self {
         let code = code.into();
         if !code.is_empty() {
-            self.remote_code = Some(code);
+            self.0.remote_code = Some(code);
         }
         self
     }
@@ -213,7 +217,7 @@ impl M365Error {
     pub fn with_exception_type(mut self, t: impl Into<String>) -> Self {
         let t = t.into();
         if !t.is_empty() {
-            self.exception_type = Some(t);
+            self.0.exception_type = Some(t);
         }
         self
     }
@@ -221,73 +225,73 @@ impl M365Error {
     pub fn with_message(mut self, message: impl AsRef<str>) -> Self {
         let m = message.as_ref().trim();
         if !m.is_empty() {
-            self.remote_message = Some(truncate(m, MAX_MESSAGE));
+            self.0.remote_message = Some(truncate(m, MAX_MESSAGE));
         }
         self
     }
 
     pub fn with_request_id(mut self, id: Option<String>) -> Self {
-        self.request_id = id.filter(|s| !s.is_empty());
+        self.0.request_id = id.filter(|s| !s.is_empty());
         self
     }
 
     /// Replace the operation name (used when a lower layer did not know it).
     pub fn with_operation(mut self, operation: impl Into<String>) -> Self {
-        self.operation = operation.into();
+        self.0.operation = operation.into();
         self
     }
 
     pub fn kind(&self) -> &ErrorKind {
-        &self.kind
+        &self.0.kind
     }
     pub fn service(&self) -> Service {
-        self.service
+        self.0.service
     }
     pub fn operation(&self) -> &str {
-        &self.operation
+        &self.0.operation
     }
     pub fn status(&self) -> Option<u16> {
-        self.status
+        self.0.status
     }
     pub fn remote_code(&self) -> Option<&str> {
-        self.remote_code.as_deref()
+        self.0.remote_code.as_deref()
     }
     pub fn exception_type(&self) -> Option<&str> {
-        self.exception_type.as_deref()
+        self.0.exception_type.as_deref()
     }
     pub fn remote_message(&self) -> Option<&str> {
-        self.remote_message.as_deref()
+        self.0.remote_message.as_deref()
     }
     pub fn request_id(&self) -> Option<&str> {
-        self.request_id.as_deref()
+        self.0.request_id.as_deref()
     }
 
     /// Stable machine code (see [`ErrorKind::code`]).
     pub fn code(&self) -> &'static str {
-        self.kind.code()
+        self.0.kind.code()
     }
 
     pub fn is_retryable(&self) -> bool {
-        self.kind.is_retryable()
+        self.0.kind.is_retryable()
     }
 
     pub fn is_not_found(&self) -> bool {
-        self.kind == ErrorKind::NotFound
+        self.0.kind == ErrorKind::NotFound
     }
 
     /// How long Microsoft asked us to wait before trying again, if it said so.
     pub fn retry_after(&self) -> Option<Duration> {
-        match self.kind {
+        match self.0.kind {
             ErrorKind::Throttled {
                 retry_after: Some(d),
             } => Some(d),
-            _ => self.retry_after_hint,
+            _ => self.0.retry_after_hint,
         }
     }
 
     /// A status the HTTP layer can answer with when it passes this error on.
     pub fn suggested_http_status(&self) -> u16 {
-        match self.kind {
+        match self.0.kind {
             ErrorKind::NotFound => 404,
             ErrorKind::AlreadyExists => 409,
             ErrorKind::InvalidParameter | ErrorKind::PolicyLimitReached => 422,
@@ -300,12 +304,12 @@ impl M365Error {
 
     /// One sentence: what happened, in an admin's words.
     pub fn cause(&self) -> String {
-        let svc = match self.service {
+        let svc = match self.0.service {
             Service::Login => "Microsoft Entra sign-in",
             Service::Graph => "Microsoft Graph",
             Service::Exchange => "Exchange Online",
         };
-        match &self.kind {
+        match &self.0.kind {
             ErrorKind::InvalidClientSecret => "The client secret of mailscope's management app is wrong.".into(),
             ErrorKind::ClientSecretExpired => "The client secret of mailscope's management app has expired.".into(),
             ErrorKind::InvalidClientCertificate => {
@@ -362,7 +366,7 @@ impl M365Error {
 
     /// One sentence: what an admin should do about it.
     pub fn fix(&self) -> String {
-        match &self.kind {
+        match &self.0.kind {
             ErrorKind::InvalidClientSecret => {
                 "Copy the secret's Value (not its Secret ID) from the app's Certificates & secrets page into the tenant's credential in mailscope.".into()
             }
@@ -439,20 +443,20 @@ impl fmt::Display for M365Error {
         write!(
             f,
             "{} {}: {}",
-            self.service.as_str(),
-            self.operation,
+            self.0.service.as_str(),
+            self.0.operation,
             self.cause()
         )?;
-        if let Some(s) = self.status {
+        if let Some(s) = self.0.status {
             write!(f, " (HTTP {s}")?;
-            if let Some(c) = &self.remote_code {
+            if let Some(c) = &self.0.remote_code {
                 write!(f, ", {c}")?;
             }
             write!(f, ")")?;
-        } else if let Some(c) = &self.remote_code {
+        } else if let Some(c) = &self.0.remote_code {
             write!(f, " ({c})")?;
         }
-        if let Some(m) = &self.remote_message {
+        if let Some(m) = &self.0.remote_message {
             write!(f, ": {m}")?;
         }
         Ok(())
@@ -473,6 +477,7 @@ pub(crate) fn truncate(s: &str, max: usize) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // unwrap is fine in tests (developers' guide)
 mod tests {
     use super::*;
 

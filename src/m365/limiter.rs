@@ -144,6 +144,7 @@ impl Limiters {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // unwrap is fine in tests (developers' guide)
 mod tests {
     use super::*;
 

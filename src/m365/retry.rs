@@ -72,6 +72,7 @@ pub fn next_delay(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // unwrap is fine in tests (developers' guide)
 mod tests {
     use super::*;
     use rand::SeedableRng;

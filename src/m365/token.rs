@@ -414,6 +414,7 @@ pub(crate) fn form_encode(pairs: &[(&str, String)]) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // unwrap is fine in tests (developers' guide)
 mod tests {
     use super::*;
 

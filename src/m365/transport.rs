@@ -383,6 +383,7 @@ pub(crate) fn rebase_next_link(base: &str, link: &str) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // unwrap is fine in tests (developers' guide)
 mod tests {
     use super::*;
 

@@ -80,7 +80,7 @@ async fn batch_of_45_is_split_20_20_5_and_only_throttled_parts_are_resent() {
                 let mut seen = seen.lock().unwrap();
                 let times = seen.entry(id.clone()).or_insert(0);
                 *times += 1;
-                if n % 7 == 0 && *times == 1 {
+                if n.is_multiple_of(7) && *times == 1 {
                     json!({"id": id, "status": 429, "headers": {"Retry-After": "1"},
                            "body": {"error": {"code": "TooManyRequests", "message": "Please retry again later."}}})
                 } else if n == 44 {

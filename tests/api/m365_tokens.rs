@@ -61,7 +61,7 @@ async fn client_secret_request_has_the_documented_form() {
     Mock::given(method("POST"))
         .and(path(format!("/{TENANT}/oauth2/v2.0/token")))
         .and(body_string_contains("grant_type=client_credentials"))
-        .and(body_string_contains(&format!("client_id={CLIENT_ID}")))
+        .and(body_string_contains(format!("client_id={CLIENT_ID}")))
         // The secret is form-encoded, not sent raw.
         .and(body_string_contains(
             "client_secret=s3cr3t%7Evalue%2Bwith%2Fodd%3Dchars",

@@ -1,4 +1,5 @@
 //! The single integration-test binary.
+#![allow(clippy::unwrap_used)] // unwrap is fine in tests (developers' guide)
 mod m365_connection_test;
 mod m365_exchange;
 mod m365_graph;

@@ -143,6 +143,7 @@ pub(crate) fn classify_exchange(resp: &RawResponse, service: Service, op: &str) 
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // unwrap is fine in tests (developers' guide)
 mod tests {
     use super::*;
     use reqwest::header::{HeaderMap, HeaderValue};

@@ -271,6 +271,7 @@ pub(crate) fn strip_annotations(m: Map<String, Value>) -> Map<String, Value> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // unwrap is fine in tests (developers' guide)
 mod tests {
     use super::*;
 

@@ -602,6 +602,7 @@ pub(crate) fn classify_graph(resp: &RawResponse, service: Service, op: &str) -> 
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // unwrap is fine in tests (developers' guide)
 mod tests {
     use super::*;
 
