@@ -251,7 +251,12 @@ impl Core {
             if let ErrorKind::Throttled { retry_after } = kind {
                 self.metrics.throttles.with_label_values(&labels).inc();
                 if let Some(ra) = retry_after {
-                    limiter.pause_until(Instant::now() + ra);
+                    // Hold the whole tenant, but not for longer than we would sleep ourselves: a
+                    // very long Retry-After (often scoped to one mailbox) must not freeze every
+                    // caller of the tenant; the caller that saw it gets it back to reschedule.
+                    limiter.pause_until(
+                        Instant::now() + ra.min(M365Settings::ms(s.max_retry_after_ms)),
+                    );
                 }
             }
 
