@@ -12,6 +12,12 @@
 //! or a mock server. Every call goes through [`transport`]: per-tenant concurrency and rate
 //! limits, timeouts, retries honouring `Retry-After`, a tracing span and Prometheus metrics.
 //! Every failure is an [`M365Error`] with a stable code, a cause and a fix.
+//!
+//! Wiring for the service: deserialize [`M365Settings`] from `[m365]` (all keys optional), build
+//! one [`M365Client`] with the process registry, keep it in the app state, and call
+//! [`M365Client::forget_tenant`] when a tenant's credential changes. The HTTP layer can use
+//! [`M365Error::code`] as the problem `type` suffix, [`M365Error::cause`]/[`M365Error::fix`] as
+//! detail text and [`M365Error::suggested_http_status`] as the status.
 pub mod connection_test;
 pub mod error;
 pub mod exchange;
