@@ -409,3 +409,62 @@ async fn graph_401_fetches_a_fresh_token_once() {
     );
     assert_eq!(script.hits().len(), 2);
 }
+
+#[tokio::test]
+async fn unreachable_host_is_reported_as_such() {
+    // A port that was just free: connections are refused.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let server = MockServer::start().await;
+    mount_token(&server, TENANT, None).await;
+    let (c, _) = client(M365Settings {
+        max_attempts: 2,
+        ..fast_settings()
+    });
+    let mut ctx = context(&server, TENANT, secret_credential());
+    ctx.endpoints.graph = format!("http://127.0.0.1:{port}");
+    let err = c.tenant(ctx).graph().get_user("a").await.unwrap_err();
+    assert_eq!(*err.kind(), ErrorKind::Unreachable);
+    assert!(err.fix().contains("firewall"));
+}
+
+#[tokio::test]
+async fn exchange_calls_of_one_tenant_respect_the_concurrency_limit() {
+    let server = MockServer::start().await;
+    mount_token(&server, TENANT, None).await;
+    let script = Script::new(|_, _| {
+        let (s, t) = json(200, json!({"value": []}));
+        (s, t.set_delay(Duration::from_millis(150)))
+    });
+    Mock::given(method("POST"))
+        .and(path(invoke_path()))
+        .respond_with(script.clone())
+        .mount(&server)
+        .await;
+    let t = tenant_with(
+        &server,
+        M365Settings {
+            exchange_concurrency_per_tenant: 1,
+            ..fast_settings()
+        },
+    );
+    let calls = (0..4).map(|_| {
+        let x = t.exchange();
+        tokio::spawn(async move { x.list_mailboxes(Some(1)).await })
+    });
+    for r in futures_util::future::join_all(calls).await {
+        r.unwrap().unwrap();
+    }
+    let hits = script.hits();
+    assert_eq!(hits.len(), 4);
+    // With one slot, a request can only arrive after the previous answer (150 ms later) was read.
+    for w in hits.windows(2) {
+        assert!(
+            w[1].at.duration_since(w[0].at) >= Duration::from_millis(150),
+            "two requests overlapped"
+        );
+    }
+}
