@@ -9,6 +9,7 @@ pub mod cli;
 pub mod config;
 pub mod crypto;
 pub mod domain;
+pub mod m365;
 pub mod queue;
 pub mod sandbox;
 pub mod store;

@@ -18,3 +18,10 @@ mod sandbox_helpers;
 mod sandbox_login;
 mod sandbox_propagation;
 mod sandbox_throttling;
+
+mod m365_connection_test;
+mod m365_exchange;
+mod m365_graph;
+mod m365_resilience;
+mod m365_support;
+mod m365_tokens;
