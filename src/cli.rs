@@ -33,6 +33,8 @@ pub enum Command {
     Token(TokenArgs),
     /// Validate the configuration, print it with secrets redacted, and exit.
     CheckConfig,
+    /// Run the sandbox: a simulated Microsoft 365 tenant (login, Graph, Exchange admin API).
+    Sandbox(Box<crate::sandbox::SandboxArgs>),
 }
 
 #[derive(Args, Debug)]
@@ -66,6 +68,12 @@ pub struct TokenArgs {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Sandbox(args) = cli.command {
+        // The sandbox stands apart from the service's configuration; it only shares logging.
+        let s = Settings::load(cli.config.as_deref()).unwrap_or_default();
+        crate::telemetry::init_logging(s.log_format, &s.log_filter);
+        return block_on(crate::sandbox::run(*args));
+    }
     let settings = match Settings::load(cli.config.as_deref()) {
         Ok(s) => s,
         Err(e) => {
@@ -74,6 +82,10 @@ pub fn main() -> ExitCode {
         }
     };
     crate::telemetry::init_logging(settings.log_format, &settings.log_filter);
+    block_on(run(cli.command, settings))
+}
+
+fn block_on(f: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -84,7 +96,7 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli.command, settings)) {
+    match runtime.block_on(f) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("mailscope: {e:#}");
@@ -161,6 +173,7 @@ async fn run(command: Command, mut settings: Settings) -> anyhow::Result<()> {
             println!("{token}");
             Ok(())
         }
+        Command::Sandbox(_) => unreachable!("handled before configuration is loaded"),
         Command::CheckConfig => {
             println!("{}", toml_like(&serde_json::to_value(&settings)?));
             eprintln!("configuration is valid");

@@ -17,6 +17,8 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// Environment variables read besides the `MAILSCOPE_` tree.
 pub const DATABASE_URL_ENV: &str = "DATABASE_URL";
+/// Variables of the `sandbox` subcommand (its flags), not settings of the service.
+pub const SANDBOX_ENV_PREFIX: &str = "MAILSCOPE_SANDBOX_";
 /// The variable naming the optional TOML file (also `--config`); not itself a setting.
 pub const CONFIG_FILE_ENV: &str = "MAILSCOPE_CONFIG";
 
@@ -284,6 +286,7 @@ impl Settings {
                 database_url = Some(v);
             } else if let Some(rest) = k.strip_prefix("MAILSCOPE_")
                 && k != CONFIG_FILE_ENV
+                && !k.starts_with(SANDBOX_ENV_PREFIX)
             {
                 prefixed.push((rest.to_string(), v));
             }

@@ -91,6 +91,21 @@ pub const CATALOGUE: &[(ProblemKind, &str, &str)] = &[
         "The request conflicts with the current state of the resource.",
     ),
     (
+        ProblemKind::InvalidIdempotencyKey,
+        "Invalid idempotency key",
+        "The Idempotency-Key header must be 1 to 255 printable characters, ideally a quoted UUID.",
+    ),
+    (
+        ProblemKind::IdempotencyKeyReused,
+        "Idempotency key reused",
+        "This Idempotency-Key was already used with a different request (method, path or body); use a new key.",
+    ),
+    (
+        ProblemKind::IdempotencyKeyInUse,
+        "Idempotency key in use",
+        "The first request with this Idempotency-Key is still running; retry the same request shortly.",
+    ),
+    (
         ProblemKind::DatabaseUnavailable,
         "Database unavailable",
         "mailscope cannot reach its database right now; retry after the indicated delay.",
