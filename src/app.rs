@@ -162,10 +162,12 @@ impl Application {
         verifier.warm_up().await;
         let verifier = web::Data::new(verifier);
         let metrics = web::Data::new(Metrics::new()?);
+        let m365 = crate::m365::M365Client::new(settings.m365.clone(), &metrics.registry)?;
         let state = web::Data::new(AppState {
             pool: pool.clone(),
             cipher,
             settings: Arc::new(settings.clone()),
+            m365,
         });
 
         let worker = match role {

@@ -100,6 +100,8 @@ pub struct Settings {
     pub http: HttpSettings,
     pub worker: WorkerSettings,
     pub retention: RetentionSettings,
+    /// The Microsoft 365 connector: timeouts, retries, per-tenant limits (see `m365::settings`).
+    pub m365: crate::m365::M365Settings,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -192,6 +194,7 @@ impl Default for Settings {
             http: HttpSettings::default(),
             worker: WorkerSettings::default(),
             retention: RetentionSettings::default(),
+            m365: crate::m365::M365Settings::default(),
         }
     }
 }

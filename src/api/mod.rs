@@ -24,6 +24,7 @@ pub struct AppState {
     pub pool: Pool,
     pub cipher: CredentialCipher,
     pub settings: Arc<Settings>,
+    pub m365: crate::m365::M365Client,
 }
 
 impl AppState {

@@ -23,13 +23,15 @@ branch on `type` (or its short form `code`). Every response carries `X-Request-I
         health::healthz, health::readyz, health::metrics,
         problem_types, problem_type,
         tenants::put_tenant, tenants::get_tenant, tenants::list_tenants, tenants::delete_tenant,
+        tenants::connection_test,
         audit::list_audit_events,
     ),
     components(schemas(
         Problem, FieldError, ProblemType, Cloud, EndpointOverrides,
         tenants::TenantInput, tenants::CredentialsInput, tenants::Tenant, tenants::TenantList,
         tenants::CredentialSummary, audit::AuditEvent, audit::AuditEventList, audit::Actor,
-        health::Health,
+        health::Health, crate::m365::ConnectionTestReport, crate::m365::ConnectionTestStep,
+        crate::m365::StepStatus,
     )),
     modifiers(&BearerAuth),
     tags(

@@ -30,6 +30,8 @@ pub enum ProblemKind {
     IdempotencyKeyInUse,
     DatabaseUnavailable,
     NotReady,
+    /// Microsoft (or the sandbox) refused or failed the request; the code says why.
+    Microsoft365,
     Internal,
 }
 
@@ -116,6 +118,11 @@ pub const CATALOGUE: &[(ProblemKind, &str, &str)] = &[
         "The service is starting or its database schema is not at the expected version.",
     ),
     (
+        ProblemKind::Microsoft365,
+        "Microsoft 365 request failed",
+        "Microsoft Entra ID, Graph or Exchange Online refused or failed a call mailscope made; the problem's code names the cause and its detail says how to fix it.",
+    ),
+    (
         ProblemKind::Internal,
         "Internal error",
         "An unexpected error; the request id identifies it in the service's logs.",
@@ -141,6 +148,7 @@ impl ProblemKind {
             ProblemKind::IdempotencyKeyInUse => "idempotency_key_in_use",
             ProblemKind::DatabaseUnavailable => "database_unavailable",
             ProblemKind::NotReady => "not_ready",
+            ProblemKind::Microsoft365 => "microsoft_365",
             ProblemKind::Internal => "internal",
         }
     }
@@ -164,6 +172,7 @@ impl ProblemKind {
             ProblemKind::DatabaseUnavailable | ProblemKind::NotReady => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
+            ProblemKind::Microsoft365 => StatusCode::BAD_GATEWAY,
             ProblemKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -230,6 +239,8 @@ pub struct ApiError {
     pub internal: Option<anyhow::Error>,
     /// A more specific problem code than the kind's (e.g. `policy_limit_reached`).
     pub code_override: Option<&'static str>,
+    /// A status other than the kind's (Microsoft errors choose theirs).
+    pub status_override: Option<StatusCode>,
 }
 
 impl ApiError {
@@ -242,6 +253,7 @@ impl ApiError {
             extra_headers: Vec::new(),
             internal: None,
             code_override: None,
+            status_override: None,
         }
     }
 
@@ -304,12 +316,16 @@ impl ApiError {
         self.code_override.unwrap_or_else(|| self.kind.code())
     }
 
+    pub fn status(&self) -> StatusCode {
+        self.status_override.unwrap_or_else(|| self.kind.status())
+    }
+
     /// The problem document for this error in the context of one request.
     pub fn to_problem(&self, instance: &str, request_id: &str) -> Problem {
         Problem {
             type_uri: format!("/problems/{}", self.code()),
             title: self.kind.title().to_string(),
-            status: self.kind.status().as_u16(),
+            status: self.status().as_u16(),
             detail: self.detail.clone(),
             instance: instance.to_string(),
             request_id: request_id.to_string(),
@@ -320,7 +336,7 @@ impl ApiError {
 
     /// Render with request context (used by the request-context middleware).
     pub fn render(&self, instance: &str, request_id: &str) -> HttpResponse {
-        let mut b = HttpResponse::build(self.kind.status());
+        let mut b = HttpResponse::build(self.status());
         b.insert_header((header::CONTENT_TYPE, PROBLEM_CONTENT_TYPE));
         if let Some(s) = self.retry_after {
             b.insert_header((header::RETRY_AFTER, s.to_string()));
@@ -341,12 +357,27 @@ impl std::fmt::Display for ApiError {
 
 impl ResponseError for ApiError {
     fn status_code(&self) -> StatusCode {
-        self.kind.status()
+        self.status()
     }
 
     // Without request context (the middleware re-renders with it); still a valid problem.
     fn error_response(&self) -> HttpResponse {
         self.render("", "")
+    }
+}
+
+/// Microsoft's failures become problems a person can act on: the connector's stable code as the
+/// type, its cause and fix as the detail, and `Retry-After` when Microsoft throttled us.
+impl From<crate::m365::M365Error> for ApiError {
+    fn from(e: crate::m365::M365Error) -> Self {
+        let mut a = ApiError::new(
+            ProblemKind::Microsoft365,
+            format!("{} {}", e.cause(), e.fix()),
+        );
+        a.code_override = Some(e.code());
+        a.status_override = StatusCode::from_u16(e.suggested_http_status()).ok();
+        a.retry_after = e.retry_after().map(|d| d.as_secs().max(1));
+        a
     }
 }
 
@@ -371,7 +402,7 @@ mod tests {
         codes.sort();
         codes.dedup();
         assert_eq!(codes.len(), n);
-        assert_eq!(n, 17);
+        assert_eq!(n, 18);
     }
 
     #[test]

@@ -24,6 +24,10 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
                 .route(web::put().to(put_tenant))
                 .route(web::get().to(get_tenant))
                 .route(web::delete().to(delete_tenant)),
+        )
+        .route(
+            "/tenants/{tenant_id}/connection-test",
+            web::post().to(connection_test),
         );
 }
 
@@ -397,6 +401,14 @@ pub async fn put_tenant(
     )
     .await?;
     tx.commit().await.map_err(store::StoreError::from)?;
+    if existing.is_some()
+        && changed
+            .iter()
+            .any(|f| ["cloud", "endpoints", "credentials"].contains(f))
+    {
+        // Cached tokens were issued to the old credential or authority.
+        state.m365.forget_tenant(&tenant_id.to_string());
+    }
     let view = view(stored);
     Ok(if created {
         HttpResponse::Created().json(view)
@@ -495,6 +507,54 @@ pub async fn delete_tenant(
     .await?;
     tx.commit().await.map_err(store::StoreError::from)?;
     Ok(HttpResponse::NoContent().finish())
+}
+
+/// A visible tenant's registration and a connector handle for it.
+pub async fn tenant_handle(
+    state: &AppState,
+    caller: &Caller,
+    tenant_id: Uuid,
+) -> Result<(TenantRecord, crate::m365::TenantHandle), ApiError> {
+    caller.require_tenant(tenant_id)?;
+    let db = state.db().await?;
+    let record = store::tenants::get(&db, tenant_id)
+        .await?
+        .ok_or_else(|| tenant_not_found(tenant_id))?;
+    drop(db);
+    let cloud = Cloud::parse(&record.cloud).unwrap_or(Cloud::Custom);
+    let overrides: EndpointOverrides =
+        serde_json::from_value(record.endpoints.clone()).unwrap_or_default();
+    let endpoints = CloudEndpoints::resolve(cloud, &overrides)
+        .map_err(|e| ApiError::internal(anyhow::anyhow!("stored endpoints invalid: {e}")))?;
+    let credential = open_credential(state, &record)?;
+    let handle = state.m365.tenant(crate::m365::TenantContext {
+        tenant_id: tenant_id.to_string(),
+        endpoints,
+        credential,
+    });
+    Ok((record, handle))
+}
+
+/// Check that mailscope can act in the tenant: both tokens, one harmless Graph call and one
+/// harmless Exchange call. Always 200: the report says per step what worked and, if not, the
+/// cause and the fix.
+#[utoipa::path(post, path = "/v1/tenants/{tenant_id}/connection-test", tag = "tenants",
+    params(("tenant_id" = Uuid, Path, description = "The Microsoft Entra tenant id")),
+    responses(
+        (status = 200, description = "the report (see `ok` and each step)", body = crate::m365::ConnectionTestReport),
+        (status = 401, description = "missing or invalid token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "needs MailScope.Read", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "unknown tenant", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = [])))]
+pub async fn connection_test(
+    caller: Caller,
+    state: web::Data<AppState>,
+    path: web::Path<Uuid>,
+) -> Result<HttpResponse, ApiError> {
+    caller.require(Role::Read)?;
+    let (_, handle) = tenant_handle(&state, &caller, path.into_inner()).await?;
+    Ok(HttpResponse::Ok().json(handle.connection_test().await))
 }
 
 /// Load a tenant's stored credential, decrypted (for the connector; never for responses).

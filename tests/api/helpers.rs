@@ -246,3 +246,101 @@ pub async fn assert_problem(res: reqwest::Response, status: u16, code: &str) -> 
     assert!(body["title"].as_str().is_some());
     body
 }
+
+/// The service and a sandbox tenant registered with it (cloud `custom`, all three base URLs
+/// pointing at the sandbox), as a user of the README would set them up.
+pub struct WithSandbox {
+    pub app: TestApp,
+    pub sandbox: mailscope::sandbox::SandboxHandle,
+    pub tenant: String,
+}
+
+impl WithSandbox {
+    pub async fn start() -> WithSandbox {
+        Self::start_with(mailscope::sandbox::SandboxSettings::fast()).await
+    }
+
+    pub async fn start_with(settings: mailscope::sandbox::SandboxSettings) -> WithSandbox {
+        use secrecy::ExposeSecret;
+        let sandbox = mailscope::sandbox::spawn(settings)
+            .await
+            .expect("sandbox starts");
+        let app = spawn_app().await;
+        let tenant = sandbox.default_tenant_id();
+        let body = sandbox_tenant_body(
+            &sandbox,
+            &sandbox.management_client_id(),
+            sandbox.management_client_secret().expose_secret(),
+        );
+        let res = app
+            .http
+            .put(app.url(&format!("/v1/tenants/{tenant}")))
+            .bearer_auth(app.admin())
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 201, "{}", res.text().await.unwrap());
+        WithSandbox {
+            app,
+            sandbox,
+            tenant,
+        }
+    }
+
+    /// `/v1/tenants/{tenant}{rest}`
+    pub fn url(&self, rest: &str) -> String {
+        self.app.url(&format!("/v1/tenants/{}{rest}", self.tenant))
+    }
+
+    /// Re-register the tenant with another management credential.
+    pub async fn use_credential(&self, client_id: &str, secret: &str) {
+        let body = sandbox_tenant_body(&self.sandbox, client_id, secret);
+        let res = self
+            .app
+            .http
+            .put(self.url(""))
+            .bearer_auth(self.app.admin())
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert!(res.status().is_success());
+    }
+
+    /// Register an app in the sandbox tenant (control API) and return (client id, secret).
+    pub async fn sandbox_app(&self, body: serde_json::Value) -> (String, String) {
+        let res = self
+            .app
+            .http
+            .post(format!(
+                "{}/_sandbox/tenants/{}/credentials",
+                self.sandbox.base_url, self.tenant
+            ))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 201);
+        let v: serde_json::Value = res.json().await.unwrap();
+        (
+            v["clientId"].as_str().unwrap().to_string(),
+            v["clientSecret"].as_str().unwrap_or_default().to_string(),
+        )
+    }
+}
+
+pub fn sandbox_tenant_body(
+    sandbox: &mailscope::sandbox::SandboxHandle,
+    client_id: &str,
+    secret: &str,
+) -> serde_json::Value {
+    let base = &sandbox.base_url;
+    serde_json::json!({
+        "display_name": "Contoso (sandbox)",
+        "cloud": "custom",
+        "default_domain": "contoso-sandbox.onmicrosoft.com",
+        "endpoints": {"login": base, "graph": base, "exchange": base},
+        "credentials": {"client_id": client_id, "client_secret": secret},
+    })
+}

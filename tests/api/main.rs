@@ -5,6 +5,7 @@
 mod helpers;
 
 mod auth;
+mod connection_test;
 mod idempotency;
 mod operations;
 mod problems;
