@@ -212,6 +212,16 @@ impl SandboxHandle {
         self.shared.lock().default_tenant_id.clone()
     }
 
+    /// The default tenant's initial domain, e.g. `contoso-sandbox.onmicrosoft.com`.
+    pub fn default_tenant_domain(&self) -> String {
+        let w = self.shared.lock();
+        w.tenants
+            .iter()
+            .find(|t| t.id.eq_ignore_ascii_case(&w.default_tenant_id))
+            .map(|t| t.initial_domain.clone())
+            .unwrap_or_default()
+    }
+
     /// Client id of the default tenant's management app.
     pub fn management_client_id(&self) -> String {
         self.management_credentials(None)
@@ -364,6 +374,7 @@ fn print_banner(h: &SandboxHandle, seed: u64, p: &Pacing) {
     // The sandbox's management secret is a throwaway credential of a simulated tenant; printing
     // it is the point (the user registers it with mailscope).
     let secret = creds.map(|c| c.client_secret).unwrap_or_default();
+    let domain = h.default_tenant_domain();
     println!("mailscope sandbox: a simulated Microsoft 365 tenant");
     println!();
     println!("  URL (login, Graph and Exchange):  {url}");
@@ -376,12 +387,14 @@ fn print_banner(h: &SandboxHandle, seed: u64, p: &Pacing) {
         p.propagation_delay, p.rbac_propagation_delay, p.replication_delay, p.front_ends
     );
     println!();
-    println!(
-        "Register it with mailscope (cloud \"custom\", all three endpoints = the sandbox URL):"
-    );
+    println!("Register it with mailscope (a token from `mailscope token`, the API on :8080):");
     println!();
+    println!("  curl -s -X PUT http://127.0.0.1:8080/v1/tenants/{tenant} \\");
     println!(
-        "  {{\"tenant_id\": \"{tenant}\", \"cloud\": \"custom\",\n   \"endpoints\": {{\"login\": \"{url}\", \"graph\": \"{url}\", \"exchange\": \"{url}\"}},\n   \"credential\": {{\"kind\": \"client_secret\", \"client_id\": \"{client_id}\", \"client_secret\": \"{secret}\"}}}}"
+        "    -H \"Authorization: Bearer $(mailscope token)\" -H 'Content-Type: application/json' \\"
+    );
+    println!(
+        "    -d '{{\"display_name\": \"Contoso (sandbox)\", \"cloud\": \"custom\", \"default_domain\": \"{domain}\",\n        \"endpoints\": {{\"login\": \"{url}\", \"graph\": \"{url}\", \"exchange\": \"{url}\"}},\n        \"credentials\": {{\"client_id\": \"{client_id}\", \"client_secret\": \"{secret}\"}}}}'"
     );
     println!();
     println!(
