@@ -58,6 +58,7 @@ fn build_worker(
     };
     // Job kinds register their handlers here as they are added.
     Worker::new(pool, cfg, registry, Some(database_url.to_string()))
+        .map(|w| w.with_tls_ca_file(settings.database.tls_ca_file.clone()))
 }
 
 /// What `serve` runs.
@@ -110,10 +111,16 @@ pub async fn resolve(mut settings: Settings) -> anyhow::Result<Resolved> {
 
 /// Apply migrations on one dedicated connection (the advisory lock is per session).
 pub async fn migrate(database_url: &str) -> anyhow::Result<Vec<i32>> {
-    let (mut client, conn) = tokio_postgres::connect(database_url, tokio_postgres::NoTls)
+    migrate_with(database_url, None).await
+}
+
+pub async fn migrate_with(
+    database_url: &str,
+    ca_file: Option<&std::path::Path>,
+) -> anyhow::Result<Vec<i32>> {
+    let (mut client, driver) = store::connect_one(database_url, ca_file)
         .await
         .context("cannot connect to the database to migrate")?;
-    let driver = tokio::spawn(conn);
     let applied = store::migrate::run(&mut client).await;
     drop(client);
     let _ = driver.await;
@@ -139,7 +146,11 @@ impl Application {
             embedded,
         } = resolve(settings).await?;
         if settings.database.migrate_on_start && role != Role::WorkerOnly {
-            migrate(database_url.expose()).await?;
+            migrate_with(
+                database_url.expose(),
+                settings.database.tls_ca_file.as_deref(),
+            )
+            .await?;
         }
         let pool = store::create_pool(database_url.expose(), &settings.database)?;
         let key = settings

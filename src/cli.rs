@@ -121,7 +121,11 @@ async fn run(command: Command, mut settings: Settings) -> anyhow::Result<()> {
         }
         Command::Migrate => {
             let resolved = app::resolve(settings).await?;
-            let result = app::migrate(resolved.database_url.expose()).await;
+            let result = app::migrate_with(
+                resolved.database_url.expose(),
+                resolved.settings.database.tls_ca_file.as_deref(),
+            )
+            .await;
             if let Some(pg) = resolved.embedded {
                 pg.stop().await;
             }

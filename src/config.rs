@@ -135,6 +135,8 @@ pub struct DatabaseSettings {
     pub data_dir: PathBuf,
     /// Apply migrations when `serve` starts.
     pub migrate_on_start: bool,
+    /// Extra CA certificates (PEM) trusted for `sslmode=require`, e.g. a cloud provider's RDS CA.
+    pub tls_ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -208,6 +210,7 @@ impl Default for DatabaseSettings {
             connect_timeout_seconds: 5,
             data_dir: PathBuf::from(".mailscope"),
             migrate_on_start: true,
+            tls_ca_file: None,
         }
     }
 }
@@ -349,6 +352,14 @@ impl Settings {
             } else if u.parse::<tokio_postgres::Config>().is_err() {
                 errs.push("database.url (DATABASE_URL) is not a valid PostgreSQL URL".into());
             }
+        }
+        if let Some(ca) = &self.database.tls_ca_file
+            && !ca.is_file()
+        {
+            errs.push(format!(
+                "database.tls_ca_file: {} does not exist",
+                ca.display()
+            ));
         }
         if let Some(key) = &self.encryption_key {
             if let Err(e) = decode_encryption_key(key.expose()) {

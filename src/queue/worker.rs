@@ -153,6 +153,7 @@ pub struct Worker {
     handlers: HashMap<String, Handler>,
     metrics: QueueMetrics,
     listen_url: Option<String>,
+    tls_ca_file: Option<std::path::PathBuf>,
 }
 
 /// Jobs this worker holds: id → attempt.
@@ -171,7 +172,14 @@ impl Worker {
             handlers: HashMap::new(),
             metrics: QueueMetrics::new(registry)?,
             listen_url,
+            tls_ca_file: None,
         })
+    }
+
+    /// Extra CA for the LISTEN connection (same rules as the pool).
+    pub fn with_tls_ca_file(mut self, ca: Option<std::path::PathBuf>) -> Self {
+        self.tls_ca_file = ca;
+        self
     }
 
     pub fn register<F, Fut>(&mut self, kind: &str, f: F)
@@ -189,7 +197,12 @@ impl Worker {
         let wake = Arc::new(Notify::new());
         let mut background = JoinSet::new();
         if let Some(url) = self.listen_url.clone() {
-            background.spawn(super::listener::run(url, wake.clone(), shutdown.clone()));
+            background.spawn(super::listener::run(
+                url,
+                self.tls_ca_file.clone(),
+                wake.clone(),
+                shutdown.clone(),
+            ));
         }
         background.spawn(reaper(
             self.pool.clone(),

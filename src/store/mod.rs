@@ -76,18 +76,81 @@ pub fn sqlstate(e: &tokio_postgres::Error) -> Option<&str> {
     e.as_db_error().map(|d| d.code().code())
 }
 
+/// TLS for `sslmode=require`: rustls with the WebPKI roots (plus `database.tls_ca_file`), always
+/// verifying the certificate and host name — stricter than libpq's `require`, on purpose.
+/// Other modes connect in plain text: `prefer` must not fail against the self-signed
+/// certificate a default Debian cluster offers on loopback.
+pub fn tls_connector(
+    cfg: &tokio_postgres::Config,
+    ca_file: Option<&std::path::Path>,
+) -> anyhow::Result<Option<tokio_postgres_rustls::MakeRustlsConnect>> {
+    use rustls::pki_types::{CertificateDer, pem::PemObject};
+    if cfg.get_ssl_mode() != tokio_postgres::config::SslMode::Require {
+        return Ok(None);
+    }
+    let mut roots = rustls::RootCertStore {
+        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+    };
+    if let Some(path) = ca_file {
+        let certs: Vec<CertificateDer> = CertificateDer::pem_file_iter(path)
+            .map_err(|e| anyhow::anyhow!("database.tls_ca_file {}: {e}", path.display()))?
+            .collect::<Result<_, _>>()
+            .map_err(|e| anyhow::anyhow!("database.tls_ca_file {}: {e}", path.display()))?;
+        let (added, _) = roots.add_parsable_certificates(certs);
+        anyhow::ensure!(
+            added > 0,
+            "database.tls_ca_file {} holds no usable certificate",
+            path.display()
+        );
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Some(tokio_postgres_rustls::MakeRustlsConnect::new(config)))
+}
+
+/// One connection outside the pool (migrations), with the same TLS rules as the pool.
+pub async fn connect_one(
+    url: &str,
+    ca_file: Option<&std::path::Path>,
+) -> anyhow::Result<(tokio_postgres::Client, tokio::task::JoinHandle<()>)> {
+    let cfg: tokio_postgres::Config = url.parse()?;
+    Ok(match tls_connector(&cfg, ca_file)? {
+        Some(tls) => {
+            let (client, conn) = cfg.connect(tls).await?;
+            (
+                client,
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                }),
+            )
+        }
+        None => {
+            let (client, conn) = cfg.connect(NoTls).await?;
+            (
+                client,
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                }),
+            )
+        }
+    })
+}
+
 pub fn create_pool(url: &str, settings: &DatabaseSettings) -> anyhow::Result<Pool> {
     let mut cfg: tokio_postgres::Config = url.parse()?;
     cfg.connect_timeout(Duration::from_secs(settings.connect_timeout_seconds));
     cfg.application_name("mailscope");
-    let mgr = Manager::from_config(
-        cfg,
-        NoTls,
-        // `Fast` recycling notices sockets closed by a restarted server, so the pool heals by itself.
-        ManagerConfig {
-            recycling_method: RecyclingMethod::Fast,
-        },
-    );
+    // `Fast` recycling notices sockets closed by a restarted server, so the pool heals by itself.
+    let manager_config = ManagerConfig {
+        recycling_method: RecyclingMethod::Fast,
+    };
+    let mgr = match tls_connector(&cfg, settings.tls_ca_file.as_deref())? {
+        Some(tls) => Manager::from_config(cfg, tls, manager_config),
+        None => Manager::from_config(cfg, NoTls, manager_config),
+    };
     let wait = Duration::from_secs(settings.acquire_timeout_seconds);
     Ok(Pool::builder(mgr)
         .max_size(settings.pool_size)
@@ -96,4 +159,28 @@ pub fn create_pool(url: &str, settings: &DatabaseSettings) -> anyhow::Result<Poo
         .recycle_timeout(Some(Duration::from_secs(settings.connect_timeout_seconds)))
         .runtime(Runtime::Tokio1)
         .build()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tls_only_for_sslmode_require() {
+        let plain: tokio_postgres::Config = "postgres://u@h/db".parse().unwrap();
+        assert!(tls_connector(&plain, None).unwrap().is_none());
+        let prefer: tokio_postgres::Config = "postgres://u@h/db?sslmode=prefer".parse().unwrap();
+        assert!(tls_connector(&prefer, None).unwrap().is_none());
+        let require: tokio_postgres::Config = "postgres://u@h/db?sslmode=require".parse().unwrap();
+        assert!(tls_connector(&require, None).unwrap().is_some());
+    }
+
+    #[test]
+    fn a_ca_file_without_certificates_is_an_error() {
+        let require: tokio_postgres::Config = "postgres://u@h/db?sslmode=require".parse().unwrap();
+        let f = std::env::temp_dir().join(format!("mailscope-ca-{}.pem", uuid::Uuid::new_v4()));
+        std::fs::write(&f, "not a certificate").unwrap();
+        assert!(tls_connector(&require, Some(&f)).is_err());
+        std::fs::remove_file(f).unwrap();
+    }
 }

@@ -359,3 +359,32 @@ async fn zero_config_serve_runs_its_own_postgres() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `sslmode=require` really verifies the server certificate: the local cluster's self-signed
+/// (Debian snakeoil) certificate is refused unless its CA is configured.
+#[tokio::test]
+async fn sslmode_require_verifies_the_server_certificate() {
+    let base = admin_url();
+    let sep = if base.contains('?') { '&' } else { '?' };
+    let url = format!("{base}{sep}sslmode=require");
+    let err = match mailscope::store::connect_one(&url, None).await {
+        Ok(_) => panic!("a self-signed server certificate must not be trusted"),
+        Err(e) => format!("{e:#}"),
+    };
+    let ssl_on: String = admin_client()
+        .await
+        .query_one("SHOW ssl", &[])
+        .await
+        .unwrap()
+        .get(0);
+    if ssl_on == "on" {
+        assert!(err.to_lowercase().contains("certificate"), "{err}");
+    } else {
+        assert!(
+            err.to_lowercase().contains("tls") || err.to_lowercase().contains("ssl"),
+            "{err}"
+        );
+    }
+    // Plain connections (sslmode unset or prefer) keep working against the same server.
+    assert!(mailscope::store::connect_one(&base, None).await.is_ok());
+}
