@@ -447,7 +447,7 @@ fn interrupted(w: &World, tenant: Option<&str>, i: Interrupt, request_id: &str) 
             )
             .header("request-id", request_id);
             if behaviour.exchange_retry_after {
-                r = r.header("Retry-After", retry.as_secs().max(1).to_string());
+                r = r.header("Retry-After", super::wire::retry_after_whole_secs(retry));
             }
             r
         }
