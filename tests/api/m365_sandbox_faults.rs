@@ -219,10 +219,22 @@ async fn safe_requests_survive_injected_5xx_and_dropped_connections() {
     )
     .await;
     let t = env.tenant();
-    for who in ["alice", "bob", "carol", "dave", "erin", "alice", "bob", "carol"] {
-        assert!(t.graph().get_user(&upn(who)).await.unwrap().is_some());
-        assert!(t.exchange().get_mailbox(who).await.unwrap().is_some());
-    }
+    // Concurrent, so the 503s' `Retry-After: 2` waits overlap.
+    let who = ["alice", "bob", "carol", "dave", "erin", "alice", "bob", "carol"];
+    let g = t.graph();
+    let x = t.exchange();
+    let (users, mailboxes) = tokio::join!(
+        futures_util::future::join_all(who.iter().map(|w| {
+            let g = g.clone();
+            async move { g.get_user(&upn(w)).await }
+        })),
+        futures_util::future::join_all(who.iter().map(|w| x.get_mailbox(w))),
+    );
+    assert!(users.iter().all(|u| matches!(u, Ok(Some(_)))), "{users:?}");
+    assert!(
+        mailboxes.iter().all(|m| matches!(m, Ok(Some(_)))),
+        "{mailboxes:?}"
+    );
     let calls = env.sb.calls("").await;
     let faults: Vec<&str> = calls.iter().filter_map(|c| c["fault"].as_str()).collect();
     assert!(faults.contains(&"server_error"), "{faults:?}");
@@ -271,25 +283,31 @@ async fn unsafe_creates_are_not_repeated_after_a_5xx() {
 async fn slow_answers_time_out_and_safe_ones_are_retried_to_success() {
     let mut s = SandboxSettings::fast();
     s.seed = 11;
-    // Half the requests take 1.5 s, the others are instant; the connector waits 600 ms.
+    // Requests take 0-600 ms; the connector waits 300 ms, so about half time out.
     s.pacing.latency = DelayRange {
         min: Duration::ZERO,
-        max: Duration::from_millis(1500),
+        max: Duration::from_millis(600),
     };
     s.pacing.fault_apis = vec![Api::Graph];
     let env = Env::start(
         s,
         M365Settings {
-            graph_timeout_ms: 600,
+            graph_timeout_ms: 300,
             max_attempts: 12,
             ..test_settings()
         },
     )
     .await;
     let t = env.tenant();
-    for who in ["alice", "bob", "carol", "dave"] {
-        assert!(t.graph().get_user(&upn(who)).await.unwrap().is_some());
-    }
+    let g = t.graph();
+    let users = futures_util::future::join_all(
+        ["alice", "bob", "carol", "dave"].map(|w| {
+            let g = g.clone();
+            async move { g.get_user(&upn(w)).await }
+        }),
+    )
+    .await;
+    assert!(users.iter().all(|u| matches!(u, Ok(Some(_)))), "{users:?}");
     let timeouts = crate::m365_support::counter(
         &env.registry,
         "mailscope_m365_calls_total",
