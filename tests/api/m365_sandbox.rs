@@ -135,7 +135,10 @@ impl Env {
 }
 
 fn statuses(calls: &[Value]) -> Vec<u64> {
-    calls.iter().map(|c| c["status"].as_u64().unwrap()).collect()
+    calls
+        .iter()
+        .map(|c| c["status"].as_u64().unwrap())
+        .collect()
 }
 
 fn names(v: &[mailscope::m365::exchange::Recipient]) -> Vec<String> {
@@ -360,7 +363,12 @@ async fn application_access_policy_cmdlets() {
     let env = Env::fast().await;
     let t = env.tenant();
     let x = t.exchange();
-    assert!(x.list_application_access_policies().await.unwrap().is_empty());
+    assert!(
+        x.list_application_access_policies()
+            .await
+            .unwrap()
+            .is_empty()
+    );
     let group = x
         .new_security_group(&NewSecurityGroup {
             name: "crm-allowed".into(),
@@ -437,7 +445,11 @@ async fn application_access_policy_cmdlets() {
         )
         .await
         .unwrap();
-    assert_eq!(raw.items.len(), 2, "the sandbox answers an unknown Identity with every policy");
+    assert_eq!(
+        raw.items.len(),
+        2,
+        "the sandbox answers an unknown Identity with every policy"
+    );
     assert_eq!(
         x.get_application_access_policy(&unknown).await.unwrap(),
         None,
@@ -561,7 +573,10 @@ async fn rbac_for_applications_cmdlets() {
         .await
         .unwrap();
     assert_eq!(listed.len(), 1, "{listed:?}");
-    assert_eq!(listed[0].custom_resource_scope.as_deref(), Some("crm-sales"));
+    assert_eq!(
+        listed[0].custom_resource_scope.as_deref(),
+        Some("crm-sales")
+    );
 
     let rows = x
         .test_service_principal_authorization(&sp.id, Some("alice"))
@@ -703,7 +718,11 @@ async fn service_principals_app_role_grants_and_directory_roles_onboard_a_workin
     let sp = g.create_service_principal(&app.app_id).await.unwrap();
     assert_eq!(sp.app_id, app.app_id);
     assert_eq!(
-        g.get_service_principal(&sp.id).await.unwrap().unwrap().app_id,
+        g.get_service_principal(&sp.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .app_id,
         app.app_id
     );
     assert_eq!(
@@ -749,7 +768,10 @@ async fn service_principals_app_role_grants_and_directory_roles_onboard_a_workin
         .grant_app_role(&graph_sp.id, &sp.id, &user_read.id)
         .await
         .unwrap();
-    let a2 = g.grant_app_role(&exo_sp.id, &sp.id, &manage.id).await.unwrap();
+    let a2 = g
+        .grant_app_role(&exo_sp.id, &sp.id, &manage.id)
+        .await
+        .unwrap();
     assert_eq!(a1.principal_id, sp.id);
     assert!(
         g.app_role_assigned_to(&graph_sp.id)
@@ -762,7 +784,10 @@ async fn service_principals_app_role_grants_and_directory_roles_onboard_a_workin
     assert_eq!(mine.len(), 2);
 
     let exchange_admin = "29232cdf-9323-42fd-ade2-1d097af3e4de";
-    let d = g.assign_directory_role(&sp.id, exchange_admin).await.unwrap();
+    let d = g
+        .assign_directory_role(&sp.id, exchange_admin)
+        .await
+        .unwrap();
     assert_eq!(d.role_definition_id, exchange_admin);
     let roles = g.directory_role_assignments(&sp.id).await.unwrap();
     assert_eq!(roles.len(), 1);
@@ -770,7 +795,14 @@ async fn service_principals_app_role_grants_and_directory_roles_onboard_a_workin
     // The onboarded app now works end to end as a management app.
     let pw = g.add_password(&app.id, "s", None).await.unwrap();
     let second = env.as_app(&app.app_id, pw.secret_text.expose_secret());
-    assert!(second.graph().get_user(&upn("carol")).await.unwrap().is_some());
+    assert!(
+        second
+            .graph()
+            .get_user(&upn("carol"))
+            .await
+            .unwrap()
+            .is_some()
+    );
     assert!(
         second
             .exchange()

@@ -81,12 +81,19 @@ async fn graph_throttling_storm_never_calls_before_retry_after_and_finishes() {
         })
         .collect();
     for task in tasks {
-        assert!(task.await.unwrap().unwrap().is_some(), "every caller finished");
+        assert!(
+            task.await.unwrap().unwrap().is_some(),
+            "every caller finished"
+        );
     }
     let calls = env.calls("graph").await;
     let throttled = assert_nothing_sent_before_retry_after(&calls);
     assert!(throttled >= 2, "the storm was throttled: {throttled}");
-    assert_eq!(calls.len(), 24 + throttled, "each 429 cost exactly one retry");
+    assert_eq!(
+        calls.len(),
+        24 + throttled,
+        "each 429 cost exactly one retry"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -146,13 +153,21 @@ async fn exchange_429_without_retry_after_and_concurrency_limit_are_backed_off_t
     .await;
     let t = env.tenant();
     let x = t.exchange();
-    let who = ["alice", "bob", "carol", "dave", "erin", "alice", "bob", "carol"];
+    let who = [
+        "alice", "bob", "carol", "dave", "erin", "alice", "bob", "carol",
+    ];
     let results = futures_util::future::join_all(who.iter().map(|w| x.get_mailbox(w))).await;
-    assert!(results.iter().all(|r| matches!(r, Ok(Some(_)))), "{results:?}");
+    assert!(
+        results.iter().all(|r| matches!(r, Ok(Some(_)))),
+        "{results:?}"
+    );
     let calls = env.calls("exchange").await;
     let faults: Vec<&str> = calls.iter().filter_map(|c| c["fault"].as_str()).collect();
     assert!(faults.contains(&"throttled") || faults.contains(&"concurrency_limit"));
-    assert_eq!(calls.iter().filter(|c| c["status"] == 200).count(), who.len());
+    assert_eq!(
+        calls.iter().filter(|c| c["status"] == 200).count(),
+        who.len()
+    );
 }
 
 #[tokio::test]
@@ -187,7 +202,10 @@ async fn batch_members_throttled_inside_a_batch_are_resent_until_done() {
         .into_iter()
         .filter(|c| c["batchRequestId"].is_string())
         .collect::<Vec<_>>();
-    assert!(inner.iter().any(|c| c["status"] == 429), "some parts were throttled");
+    assert!(
+        inner.iter().any(|c| c["status"] == 429),
+        "some parts were throttled"
+    );
     // Only the failed parts were sent again: 30 successes, each id succeeded once.
     let ok: Vec<&str> = inner
         .iter()
@@ -220,7 +238,9 @@ async fn safe_requests_survive_injected_5xx_and_dropped_connections() {
     .await;
     let t = env.tenant();
     // Concurrent, so the 503s' `Retry-After: 2` waits overlap.
-    let who = ["alice", "bob", "carol", "dave", "erin", "alice", "bob", "carol"];
+    let who = [
+        "alice", "bob", "carol", "dave", "erin", "alice", "bob", "carol",
+    ];
     let g = t.graph();
     let x = t.exchange();
     let (users, mailboxes) = tokio::join!(
@@ -300,12 +320,10 @@ async fn slow_answers_time_out_and_safe_ones_are_retried_to_success() {
     .await;
     let t = env.tenant();
     let g = t.graph();
-    let users = futures_util::future::join_all(
-        ["alice", "bob", "carol", "dave"].map(|w| {
-            let g = g.clone();
-            async move { g.get_user(&upn(w)).await }
-        }),
-    )
+    let users = futures_util::future::join_all(["alice", "bob", "carol", "dave"].map(|w| {
+        let g = g.clone();
+        async move { g.get_user(&upn(w)).await }
+    }))
     .await;
     assert!(users.iter().all(|u| matches!(u, Ok(Some(_)))), "{users:?}");
     let timeouts = crate::m365_support::counter(
@@ -392,7 +410,9 @@ async fn apps_without_exchange_grants_get_named_causes() {
     let env = Env::fast().await;
     let (no_role, s1, _) = env
         .sb
-        .new_app(json!({"displayName": "no ManageAsApp", "directoryRoles": ["Exchange Administrator"]}))
+        .new_app(
+            json!({"displayName": "no ManageAsApp", "directoryRoles": ["Exchange Administrator"]}),
+        )
         .await;
     let e = env
         .as_app(&no_role, &s1)
