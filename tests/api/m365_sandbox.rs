@@ -764,6 +764,17 @@ async fn service_principals_app_role_grants_and_directory_roles_onboard_a_workin
         .count();
     assert_eq!(sp_lookups, 1, "the resource service principal is cached");
 
+    // An app that may not read service principals falls back to the documented id (the cache
+    // is per tenant, so it is emptied first).
+    env.m365.forget_tenant(&env.sb.tenant);
+    let crm = env.as_app(CRM_APP_ID, CRM_SECRET).graph();
+    let fallback = crm
+        .resolve_app_role(GRAPH_APP_ID, "Mail.Read")
+        .await
+        .unwrap();
+    assert_eq!(fallback.source, AppRoleSource::WellKnown);
+    assert_eq!(fallback.id, mail_read.id);
+
     let a1 = g
         .grant_app_role(&graph_sp.id, &sp.id, &user_read.id)
         .await
