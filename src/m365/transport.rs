@@ -210,6 +210,20 @@ impl Core {
                     Ok(resp) => Err((classify(&resp, call.service, call.operation), true)),
                     Err(e) => Err((e, true)),
                 };
+                // Pause the tenant while this attempt still holds its slot: released first, a
+                // caller queued for the slot could be admitted and send before the pause exists.
+                if let Err((e, _)) = &r
+                    && let ErrorKind::Throttled {
+                        retry_after: Some(ra),
+                    } = e.kind()
+                {
+                    // Not for longer than we would sleep ourselves: a very long Retry-After (often
+                    // scoped to one mailbox) must not freeze every caller of the tenant; the
+                    // caller that saw it gets it back to reschedule.
+                    limiter.pause_until(
+                        Instant::now() + (*ra).min(M365Settings::ms(s.max_retry_after_ms)),
+                    );
+                }
                 let outcome = match &r {
                     Ok(_) => "ok",
                     Err((e, _)) => e.code(),
@@ -248,16 +262,8 @@ impl Core {
             }
 
             let kind = err.kind().clone();
-            if let ErrorKind::Throttled { retry_after } = kind {
+            if let ErrorKind::Throttled { .. } = kind {
                 self.metrics.throttles.with_label_values(&labels).inc();
-                if let Some(ra) = retry_after {
-                    // Hold the whole tenant, but not for longer than we would sleep ourselves: a
-                    // very long Retry-After (often scoped to one mailbox) must not freeze every
-                    // caller of the tenant; the caller that saw it gets it back to reschedule.
-                    limiter.pause_until(
-                        Instant::now() + ra.min(M365Settings::ms(s.max_retry_after_ms)),
-                    );
-                }
             }
 
             // Replication lag: a just-created object reads as 404 for a while.

@@ -149,6 +149,19 @@ impl ExoError {
         }
     }
 
+    /// A name, address or key collision. Exchange raises these as `ADObjectAlreadyExistsException`
+    /// (PowerShell shows `[New-DistributionGroup], ADObjectAlreadyExistsException` for "The name
+    /// … is being used"); clients tell "already there" from a bad parameter by the type alone.
+    fn exists(text: String) -> Self {
+        ExoError {
+            status: 400,
+            code: "BadRequest",
+            error_id: "Ex4D1C7E",
+            exception: "Microsoft.Exchange.Data.Directory.ADObjectAlreadyExistsException",
+            text,
+        }
+    }
+
     fn task(text: String) -> Self {
         ExoError {
             status: 400,
@@ -447,7 +460,7 @@ fn interrupted(w: &World, tenant: Option<&str>, i: Interrupt, request_id: &str) 
             )
             .header("request-id", request_id);
             if behaviour.exchange_retry_after {
-                r = r.header("Retry-After", retry.as_secs().max(1).to_string());
+                r = r.header("Retry-After", super::wire::retry_after_whole_secs(retry));
             }
             r
         }
@@ -1150,7 +1163,7 @@ fn run_cmdlet(cx: &mut Cx<'_>, cmdlet: &str, params: &Map<String, Value>) -> R {
                 s.app_id.eq_ignore_ascii_case(&app_id)
                     || s.object_id.eq_ignore_ascii_case(&object_id)
             }) {
-                return Err(ExoError::task(format!(
+                return Err(ExoError::exists(format!(
                     "A service principal with AppId '{app_id}' or ObjectId '{object_id}' already exists."
                 )));
             }
@@ -1221,7 +1234,7 @@ fn run_cmdlet(cx: &mut Cx<'_>, cmdlet: &str, params: &Map<String, Value>) -> R {
                 .iter()
                 .any(|s| s.name.eq_ignore_ascii_case(&name))
             {
-                return Err(ExoError::task(format!(
+                return Err(ExoError::exists(format!(
                     "The management scope \"{name}\" already exists. Specify a unique name."
                 )));
             }
@@ -1544,7 +1557,7 @@ fn new_distribution_group(cx: &mut Cx<'_>, params: &Map<String, Value>) -> R {
         .iter()
         .any(|r| r.name.eq_ignore_ascii_case(&name))
     {
-        return Err(ExoError::task(format!(
+        return Err(ExoError::exists(format!(
             "The name \"{name}\" is being used. Please choose another name."
         )));
     }
@@ -1558,7 +1571,7 @@ fn new_distribution_group(cx: &mut Cx<'_>, params: &Map<String, Value>) -> R {
                 .any(|a| a.eq_ignore_ascii_case(&format!("smtp:{smtp}")))
         })
     {
-        return Err(ExoError::task(format!(
+        return Err(ExoError::exists(format!(
             "The proxy address \"SMTP:{smtp}\" is already being used by the proxy addresses or LegacyExchangeDN. Please choose another proxy address."
         )));
     }
@@ -1821,7 +1834,7 @@ fn new_policy(cx: &mut Cx<'_>, params: &Map<String, Value>) -> R {
             .iter()
             .any(|p| p.app_id.eq_ignore_ascii_case(&app) && p.scope_id == scope.id)
         {
-            return Err(ExoError::task(format!(
+            return Err(ExoError::exists(format!(
                 "An application access policy for app '{app}' and scope '{}' already exists.",
                 scope.name
             )));
@@ -1970,7 +1983,7 @@ fn new_role_assignment(cx: &mut Cx<'_>, params: &Map<String, Value>) -> R {
         .iter()
         .any(|a| a.name.eq_ignore_ascii_case(&name))
     {
-        return Err(ExoError::task(format!(
+        return Err(ExoError::exists(format!(
             "The role assignment \"{name}\" already exists. Specify a unique name."
         )));
     }

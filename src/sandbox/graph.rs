@@ -2154,6 +2154,11 @@ fn batch(w: &mut World, gx: &Gx, body: Option<Value>) -> Reply {
             front_end: Some(fe),
             batch_request_id: Some(id.clone()),
             fault: None,
+            retry_after: reply
+                .headers
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case("retry-after"))
+                .map(|(_, v)| v.clone()),
         });
         let mut headers = Map::new();
         for (k, v) in &reply.headers {

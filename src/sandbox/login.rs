@@ -76,7 +76,7 @@ pub async fn token(
                 chrono::Utc::now(),
                 &uuid::Uuid::new_v4().to_string(),
             )
-            .header("Retry-After", d.as_secs().max(1).to_string()),
+            .header("Retry-After", super::wire::retry_after_whole_secs(d)),
             _ => aadsts(
                 "temporarily_unavailable",
                 90033,

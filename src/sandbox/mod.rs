@@ -490,7 +490,12 @@ pub(crate) async fn guarded(
         .clock
         .wall()
         .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-    let record = |w: &mut World, status: u16, note: CallNote, fault: Option<&str>| {
+    let record = |w: &mut World, reply: &Reply, note: CallNote, fault: Option<&str>| {
+        let retry_after = reply
+            .headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case("retry-after"))
+            .map(|(_, v)| v.clone());
         w.record(CallRecord {
             seq: 0,
             at: at.clone(),
@@ -502,22 +507,33 @@ pub(crate) async fn guarded(
             cmdlet: note.cmdlet,
             parameters: note.parameters,
             body: note.body,
-            status,
+            status: reply.status,
             app_id: note.app_id,
             front_end: note.front_end,
             batch_request_id: None,
             fault: fault.map(str::to_string),
+            retry_after,
         });
     };
     let interrupt = match (fault, early) {
         (Fault::Drop, _) => {
-            record(&mut w, 0, inc.note.clone(), Some("dropped"));
-            return Reply {
+            let dropped = Reply {
                 status: 200,
                 headers: vec![],
                 body: wire::Body::Drop,
-            }
-            .into_response();
+            };
+            // Status 0: no answer reached the client.
+            record(
+                &mut w,
+                &Reply {
+                    status: 0,
+                    headers: vec![],
+                    body: wire::Body::Empty,
+                },
+                inc.note.clone(),
+                Some("dropped"),
+            );
+            return dropped.into_response();
         }
         (Fault::ServerError, _) => Some((Interrupt::ServerError, "server_error")),
         (Fault::None, Some(i @ Interrupt::Throttled(_))) => Some((i, "throttled")),
@@ -527,11 +543,11 @@ pub(crate) async fn guarded(
     };
     if let Some((i, label)) = interrupt {
         let reply = interrupted(&w, i);
-        record(&mut w, reply.status, inc.note.clone(), Some(label));
+        record(&mut w, &reply, inc.note.clone(), Some(label));
         return reply.into_response();
     }
     let (reply, note) = handle(&mut w, shared);
-    record(&mut w, reply.status, note, None);
+    record(&mut w, &reply, note, None);
     drop(w);
     reply.into_response()
 }

@@ -97,6 +97,10 @@ pub struct CallRecord {
     pub batch_request_id: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fault: Option<String>,
+    /// The `Retry-After` header sent with the answer, so a client's "never call before
+    /// `Retry-After`" can be checked from this log alone.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry_after: Option<String>,
 }
 
 /// Credentials of a tenant's management app (printed at start).

@@ -7,6 +7,13 @@ use actix_web::web::Bytes;
 use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 
+/// A whole-second `Retry-After` value: rounded **up**, so a client that waits exactly this long
+/// finds the budget window reset (rounding down would invite a second 429), and at least 1.
+pub fn retry_after_whole_secs(d: std::time::Duration) -> String {
+    let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
+    secs.max(1).to_string()
+}
+
 /// A response under construction.
 #[derive(Debug, Clone)]
 pub struct Reply {
@@ -162,4 +169,18 @@ pub fn aadsts(error: &str, code: u32, text: &str, now: DateTime<Utc>, trace_id: 
             "timestamp": ts, "trace_id": trace_id, "correlation_id": trace_id,
             "error_uri": format!("https://login.microsoftonline.com/error?code={code}")}),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn whole_second_retry_after_never_points_before_the_reset() {
+        assert_eq!(retry_after_whole_secs(Duration::from_millis(1500)), "2");
+        assert_eq!(retry_after_whole_secs(Duration::from_secs(2)), "2");
+        assert_eq!(retry_after_whole_secs(Duration::from_millis(1)), "1");
+        assert_eq!(retry_after_whole_secs(Duration::ZERO), "1");
+    }
 }

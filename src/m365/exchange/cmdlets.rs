@@ -360,12 +360,26 @@ pub struct ExoServicePrincipal {
 pub struct ManagementScope {
     pub identity: Option<String>,
     pub name: Option<String>,
-    /// Read back after every write: an empty filter widens the scope to the organization.
+    /// The filter as `Get-/New-ManagementScope` output names it: `-RecipientRestrictionFilter` is
+    /// only the parameter; the object property is `RecipientFilter`. Use [`ManagementScope::filter`].
+    pub recipient_filter: Option<String>,
+    /// Accepted in case an output ever echoes the parameter name.
     pub recipient_restriction_filter: Option<String>,
     pub recipient_root: Option<String>,
     pub scope_restriction_type: Option<String>,
     #[serde(deserialize_with = "de_opt_bool")]
     pub exclusive: Option<bool>,
+}
+
+impl ManagementScope {
+    /// The recipient filter. Read back after every write: an empty filter widens the scope to
+    /// the organization.
+    pub fn filter(&self) -> Option<&str> {
+        self.recipient_filter
+            .as_deref()
+            .or(self.recipient_restriction_filter.as_deref())
+            .filter(|f| !f.trim().is_empty())
+    }
 }
 
 /// Parameters of `New-ManagementRoleAssignment` for an app.
@@ -1085,6 +1099,17 @@ mod tests {
         let a: AccessCheck =
             serde_json::from_value(serde_json::json!({"AccessCheckResult":"Denied"})).unwrap();
         assert_eq!(a.granted(), Some(false));
+    }
+
+    #[test]
+    fn management_scope_filter_is_read_from_recipient_filter() {
+        let s: ManagementScope = serde_json::from_value(serde_json::json!({
+            "Name": "s", "RecipientFilter": "MemberOfGroup -eq 'CN=x'"}))
+        .unwrap();
+        assert_eq!(s.filter(), Some("MemberOfGroup -eq 'CN=x'"));
+        let s: ManagementScope =
+            serde_json::from_value(serde_json::json!({"RecipientFilter": ""})).unwrap();
+        assert_eq!(s.filter(), None);
     }
 
     #[test]
