@@ -10,6 +10,7 @@ use crate::config::Settings;
 use crate::crypto::CredentialCipher;
 use problem::{ApiError, FieldError, ProblemKind};
 
+pub mod applications;
 pub mod audit;
 pub mod health;
 pub mod idempotency;
@@ -67,6 +68,7 @@ pub fn configure(cfg: &mut web::ServiceConfig, body_limit: usize, with_api: bool
         web::scope("/v1")
             .wrap(actix_web::middleware::from_fn(idempotency::middleware))
             .configure(tenants::routes)
+            .configure(applications::routes)
             .configure(audit::routes),
     )
     .default_service(web::to(not_found));

@@ -71,7 +71,12 @@ mod tests {
 
     #[test]
     fn mail_calendar_contacts_and_ews_are_covered() {
-        for p in ["Mail.Read", "Mail.Send", "Mail.ReadBasic.All", "Calendars.ReadWrite"] {
+        for p in [
+            "Mail.Read",
+            "Mail.Send",
+            "Mail.ReadBasic.All",
+            "Calendars.ReadWrite",
+        ] {
             assert!(classify(p).covered_by_access_policies, "{p}");
             assert_eq!(classify(p).resource_app_id, GRAPH_RESOURCE);
         }
@@ -82,7 +87,12 @@ mod tests {
 
     #[test]
     fn everything_else_is_tenant_wide() {
-        for p in ["Files.Read.All", "User.Read.All", "Sites.Read.All", "mail.read"] {
+        for p in [
+            "Files.Read.All",
+            "User.Read.All",
+            "Sites.Read.All",
+            "mail.read",
+        ] {
             assert!(!classify(p).covered_by_access_policies, "{p}");
         }
         let manage = classify("Exchange.ManageAsApp");

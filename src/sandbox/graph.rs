@@ -2239,7 +2239,10 @@ mod tests {
             Ok(Some(Filter::Eq("appId".into(), "abc".into())))
         );
         assert!(parse_filter(&[("$filter".into(), "startswith(displayName,'a')".into())]).is_err());
-        for f in ["tags/any(t:t eq 'mailscope:crm')", "tags/any(x: x eq 'mailscope:crm')"] {
+        for f in [
+            "tags/any(t:t eq 'mailscope:crm')",
+            "tags/any(x: x eq 'mailscope:crm')",
+        ] {
             assert_eq!(
                 parse_filter(&[("$filter".into(), f.into())]),
                 Ok(Some(Filter::Any("tags".into(), "mailscope:crm".into()))),

@@ -161,7 +161,11 @@ pub async fn save(
     Ok(from_row(&row))
 }
 
-pub async fn delete(c: &impl GenericClient, tenant_id: Uuid, key: &str) -> Result<bool, StoreError> {
+pub async fn delete(
+    c: &impl GenericClient,
+    tenant_id: Uuid,
+    key: &str,
+) -> Result<bool, StoreError> {
     Ok(c.execute(
         "DELETE FROM applications WHERE tenant_id = $1 AND key = $2",
         &[&tenant_id, &key],
