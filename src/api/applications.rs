@@ -232,6 +232,19 @@ fn lock_name(tenant_id: Uuid, key: &str) -> String {
     format!("{tenant_id}/{key}")
 }
 
+/// Queue behind other requests for this application in this process before taking a pooled
+/// connection (see `api::locks`); the advisory lock taken afterwards covers other replicas.
+async fn take_turn(
+    state: &AppState,
+    tenant_id: Uuid,
+    key: &str,
+) -> tokio::sync::OwnedMutexGuard<()> {
+    state
+        .key_locks
+        .lock(format!("application:{}", lock_name(tenant_id, key)))
+        .await
+}
+
 /// Graph object ids are GUIDs; anything else is a protocol surprise.
 fn guid(s: &str) -> Result<Uuid, ApiError> {
     s.parse::<Uuid>()
@@ -767,6 +780,7 @@ async fn ensure_created(
     // Resolve names before anything is recorded: an unknown permission is the caller's error.
     let roles = resolve_permissions(graph, &spec.permissions, spec.grant_admin_consent).await?;
     let mark = marker(key);
+    let _turn = take_turn(state, tenant_id, key).await;
     let mut db = state.db().await?;
     // The intent, committed before Microsoft is asked to create anything.
     store::applications::insert_intent(
@@ -1000,6 +1014,7 @@ async fn adopt(
     app_id: Uuid,
     allow_unscoped: bool,
 ) -> Result<(ApplicationRecord, bool), ApiError> {
+    let _turn = take_turn(state, tenant_id, key).await;
     let mut db = state.db().await?;
     let tx = db.transaction().await.map_err(store::StoreError::from)?;
     store::lock_key(&tx, "application", &lock_name(tenant_id, key)).await?;
@@ -1232,6 +1247,7 @@ pub async fn delete_application(
     let (tenant_id, key) = path.into_inner();
     let (_, handle) = tenant_handle(&state, &caller, tenant_id).await?;
     let graph = handle.graph();
+    let _turn = take_turn(&state, tenant_id, &key).await;
     let mut db = state.db().await?;
     let tx = db.transaction().await.map_err(store::StoreError::from)?;
     store::lock_key(&tx, "application", &lock_name(tenant_id, &key)).await?;
@@ -1368,6 +1384,7 @@ pub async fn add_secret(
     }
     let (_, handle) = tenant_handle(&state, &caller, tenant_id).await?;
     let graph = handle.graph();
+    let _turn = take_turn(&state, tenant_id, &key).await;
     let mut db = state.db().await?;
     let tx = db.transaction().await.map_err(store::StoreError::from)?;
     store::lock_key(&tx, "application", &lock_name(tenant_id, &key)).await?;
@@ -1497,6 +1514,7 @@ pub async fn delete_secret(
     let (tenant_id, key, key_id) = path.into_inner();
     let (_, handle) = tenant_handle(&state, &caller, tenant_id).await?;
     let graph = handle.graph();
+    let _turn = take_turn(&state, tenant_id, &key).await;
     let mut db = state.db().await?;
     let tx = db.transaction().await.map_err(store::StoreError::from)?;
     store::lock_key(&tx, "application", &lock_name(tenant_id, &key)).await?;

@@ -14,6 +14,7 @@ pub mod applications;
 pub mod audit;
 pub mod health;
 pub mod idempotency;
+pub mod locks;
 pub mod middleware;
 pub mod openapi;
 pub mod problem;
@@ -26,6 +27,8 @@ pub struct AppState {
     pub cipher: CredentialCipher,
     pub settings: Arc<Settings>,
     pub m365: crate::m365::M365Client,
+    /// In-process queues per natural key, in front of the database's advisory locks.
+    pub key_locks: Arc<locks::KeyLocks>,
 }
 
 impl AppState {
