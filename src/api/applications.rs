@@ -939,13 +939,12 @@ async fn ensure_created(
     if !granted.is_empty() || !revoked.is_empty() {
         changed.push("consent");
     }
-    if existing.grant_admin_consent != spec.grant_admin_consent
+    if (existing.grant_admin_consent != spec.grant_admin_consent
         || existing.allow_unscoped_permissions != spec.allow_unscoped
-        || existing.permissions != spec.permissions
+        || existing.permissions != spec.permissions)
+        && !changed.contains(&"permissions")
     {
-        if !changed.contains(&"permissions") {
-            changed.push("permissions");
-        }
+        changed.push("permissions");
     }
 
     let record = ApplicationRecord {
