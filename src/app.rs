@@ -179,6 +179,7 @@ impl Application {
             cipher,
             settings: Arc::new(settings.clone()),
             m365,
+            key_locks: Default::default(),
         });
 
         let worker = match role {

@@ -102,6 +102,27 @@ pub struct Settings {
     pub retention: RetentionSettings,
     /// The Microsoft 365 connector: timeouts, retries, per-tenant limits (see `m365::settings`).
     pub m365: crate::m365::M365Settings,
+    /// Limits of what the provisioning API creates in a tenant.
+    pub provisioning: ProvisioningSettings,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProvisioningSettings {
+    /// Longest lifetime a client secret created through the API may have (Microsoft allows two
+    /// years; shorter limits the damage of a leaked secret).
+    pub max_secret_lifetime_days: u32,
+    /// A secret ending within this many days is reported as `expiring_soon`.
+    pub secret_expiring_soon_days: u32,
+}
+
+impl Default for ProvisioningSettings {
+    fn default() -> Self {
+        ProvisioningSettings {
+            max_secret_lifetime_days: 180,
+            secret_expiring_soon_days: 30,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -197,6 +218,7 @@ impl Default for Settings {
             worker: WorkerSettings::default(),
             retention: RetentionSettings::default(),
             m365: crate::m365::M365Settings::default(),
+            provisioning: ProvisioningSettings::default(),
         }
     }
 }
@@ -438,6 +460,16 @@ impl Settings {
         if !(1..=300).contains(&self.worker.poll_interval_seconds) {
             errs.push("worker.poll_interval_seconds must be between 1 and 300".into());
         }
+        let p = &self.provisioning;
+        if !(1..=730).contains(&p.max_secret_lifetime_days) {
+            errs.push(
+                "provisioning.max_secret_lifetime_days must be between 1 and 730 (Microsoft's two-year maximum)"
+                    .into(),
+            );
+        }
+        if !(1..=365).contains(&p.secret_expiring_soon_days) {
+            errs.push("provisioning.secret_expiring_soon_days must be between 1 and 365".into());
+        }
         if errs.is_empty() {
             Ok(())
         } else {
@@ -617,6 +649,28 @@ mod tests {
         assert_eq!(s.listen, "0.0.0.0:9000");
         assert_eq!(s.database.pool_size, 5);
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn secret_lifetime_limits_are_validated() {
+        let s = Settings::load_from(
+            None,
+            env(&[("MAILSCOPE_PROVISIONING__MAX_SECRET_LIFETIME_DAYS", "90")]),
+        )
+        .unwrap();
+        assert_eq!(s.provisioning.max_secret_lifetime_days, 90);
+        assert_eq!(s.provisioning.secret_expiring_soon_days, 30);
+        let err = Settings::load_from(
+            None,
+            env(&[
+                ("MAILSCOPE_PROVISIONING__MAX_SECRET_LIFETIME_DAYS", "731"),
+                ("MAILSCOPE_PROVISIONING__SECRET_EXPIRING_SOON_DAYS", "0"),
+            ]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("max_secret_lifetime_days"), "{err}");
+        assert!(err.contains("secret_expiring_soon_days"), "{err}");
     }
 
     #[test]

@@ -60,6 +60,12 @@ fn fingerprint(method: &Method, path: &str, query: &str, body: &[u8]) -> Vec<u8>
     h.finalize().to_vec()
 }
 
+/// Set by a handler (as a response extension) when its answer must not be replayed as sent: this
+/// body is stored for replays instead. The secrets endpoint stores its answer without the secret
+/// text, which is shown once and never written to the database.
+#[derive(Clone)]
+pub struct ReplayBody(pub Vec<u8>);
+
 /// What to do with a request that carries an Idempotency-Key.
 enum Decision {
     PassThrough,
@@ -99,8 +105,10 @@ pub async fn middleware(
     let (http_req, res) = res.into_parts();
     let (head, body) = res.into_parts();
     let bytes = actix_web::body::to_bytes(body).await.unwrap_or_default();
+    let replay = head.extensions().get::<ReplayBody>().map(|r| r.0.clone());
+    let stored: &[u8] = replay.as_deref().unwrap_or(&bytes);
     if let Some(state) = state
-        && let Err(e) = store_outcome(&state, &caller, &key, status, head.headers(), &bytes).await
+        && let Err(e) = store_outcome(&state, &caller, &key, status, head.headers(), stored).await
     {
         // The operation happened; only its replay record is missing. A retry re-runs it,
         // which the natural-key idempotency of every operation makes harmless.

@@ -10,9 +10,11 @@ use crate::config::Settings;
 use crate::crypto::CredentialCipher;
 use problem::{ApiError, FieldError, ProblemKind};
 
+pub mod applications;
 pub mod audit;
 pub mod health;
 pub mod idempotency;
+pub mod locks;
 pub mod middleware;
 pub mod openapi;
 pub mod problem;
@@ -25,6 +27,8 @@ pub struct AppState {
     pub cipher: CredentialCipher,
     pub settings: Arc<Settings>,
     pub m365: crate::m365::M365Client,
+    /// In-process queues per natural key, in front of the database's advisory locks.
+    pub key_locks: Arc<locks::KeyLocks>,
 }
 
 impl AppState {
@@ -67,6 +71,7 @@ pub fn configure(cfg: &mut web::ServiceConfig, body_limit: usize, with_api: bool
         web::scope("/v1")
             .wrap(actix_web::middleware::from_fn(idempotency::middleware))
             .configure(tenants::routes)
+            .configure(applications::routes)
             .configure(audit::routes),
     )
     .default_service(web::to(not_found));

@@ -7,7 +7,7 @@ use utoipa::{Modify, OpenApi, ToSchema};
 use utoipa_swagger_ui::SwaggerUi;
 
 use super::problem::{ApiError, CATALOGUE, FieldError, Problem};
-use super::{audit, health, tenants};
+use super::{applications, audit, health, tenants};
 use crate::domain::cloud::{Cloud, EndpointOverrides};
 
 #[derive(OpenApi)]
@@ -24,6 +24,9 @@ branch on `type` (or its short form `code`). Every response carries `X-Request-I
         problem_types, problem_type,
         tenants::put_tenant, tenants::get_tenant, tenants::list_tenants, tenants::delete_tenant,
         tenants::connection_test,
+        applications::put_application, applications::get_application,
+        applications::list_applications, applications::delete_application,
+        applications::add_secret, applications::list_secrets, applications::delete_secret,
         audit::list_audit_events,
     ),
     components(schemas(
@@ -32,10 +35,16 @@ branch on `type` (or its short form `code`). Every response carries `X-Request-I
         tenants::CredentialSummary, audit::AuditEvent, audit::AuditEventList, audit::Actor,
         health::Health, crate::m365::ConnectionTestReport, crate::m365::ConnectionTestStep,
         crate::m365::StepStatus,
+        applications::ApplicationInput, applications::ApplicationView,
+        applications::ApplicationSummary, applications::ApplicationList,
+        applications::PermissionView, applications::ConsentState, applications::SecretView,
+        applications::SecretStatus, applications::SecretInput, applications::NewSecret,
+        applications::SecretList,
     )),
     modifiers(&BearerAuth),
     tags(
         (name = "tenants", description = "Microsoft 365 tenants mailscope manages"),
+        (name = "applications", description = "The third party's app registration: permissions, admin consent, secrets"),
         (name = "operations", description = "Health, readiness, metrics and error catalogue"),
     )
 )]

@@ -3,4 +3,5 @@
 pub mod access;
 pub mod cloud;
 pub mod credential;
+pub mod permissions;
 pub mod rbac;

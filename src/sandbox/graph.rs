@@ -499,11 +499,34 @@ fn with_context(mut v: Value, ctx: &str) -> Value {
     v
 }
 
-/// `$filter=prop eq 'value'` (the only form the sandbox supports).
-fn parse_filter(q: &[(String, String)]) -> Result<Option<(String, String)>, ()> {
+/// A `$filter` the sandbox understands.
+#[derive(Debug, PartialEq)]
+enum Filter {
+    /// `prop eq 'value'`
+    Eq(String, String),
+    /// `prop/any(x:x eq 'value')`: a string collection holds the value (e.g. `tags`).
+    Any(String, String),
+}
+
+/// `$filter=prop eq 'value'` or `prop/any(x:x eq 'value')` (the forms the sandbox supports).
+fn parse_filter(q: &[(String, String)]) -> Result<Option<Filter>, ()> {
     let Some((_, f)) = q.iter().find(|(k, _)| k == "$filter") else {
         return Ok(None);
     };
+    if let Some((prop, lambda)) = f.split_once("/any(") {
+        let inner = lambda.trim().strip_suffix(')').ok_or(())?;
+        let (var, cond) = inner.split_once(':').ok_or(())?;
+        let var = var.trim();
+        let cond = cond.trim();
+        let rest = cond.strip_prefix(var).ok_or(())?;
+        let q = vec![("$filter".to_string(), format!("{var}{rest}"))];
+        return match parse_filter(&q)? {
+            Some(Filter::Eq(v, val)) if v == var && !var.is_empty() => {
+                Ok(Some(Filter::Any(prop.trim().to_string(), val)))
+            }
+            _ => Err(()),
+        };
+    }
     let parts: Vec<&str> = f.splitn(3, ' ').collect();
     match parts.as_slice() {
         [prop, op, val]
@@ -512,7 +535,7 @@ fn parse_filter(q: &[(String, String)]) -> Result<Option<(String, String)>, ()> 
                 && val.ends_with('\'')
                 && val.len() >= 2 =>
         {
-            Ok(Some((
+            Ok(Some(Filter::Eq(
                 prop.to_string(),
                 val[1..val.len() - 1].replace("''", "'"),
             )))
@@ -553,7 +576,9 @@ fn list(
 ) -> Reply {
     let mut items = items;
     match parse_filter(q) {
-        Ok(Some((prop, val))) => {
+        Ok(Some(filter)) => {
+            let (Filter::Eq(prop, val) | Filter::Any(prop, val)) = &filter;
+            let (prop, val) = (prop.clone(), val.clone());
             if !filterable.iter().any(|f| f.eq_ignore_ascii_case(&prop)) {
                 return err(
                     gx,
@@ -564,11 +589,18 @@ fn list(
                     ),
                 );
             }
+            let any = matches!(filter, Filter::Any(..));
             items.retain(|i| {
-                i.as_object()
+                let v = i
+                    .as_object()
                     .and_then(|o| o.iter().find(|(k, _)| k.eq_ignore_ascii_case(&prop)))
-                    .and_then(|(_, v)| v.as_str())
-                    .is_some_and(|s| s.eq_ignore_ascii_case(&val))
+                    .map(|(_, v)| v);
+                match (any, v) {
+                    (false, Some(v)) => v.as_str().is_some_and(|s| s.eq_ignore_ascii_case(&val)),
+                    // Collection values compare exactly, as Graph does for `tags`.
+                    (true, Some(Value::Array(a))) => a.iter().any(|x| x.as_str() == Some(&val)),
+                    _ => false,
+                }
             });
         }
         Ok(None) => {}
@@ -577,7 +609,7 @@ fn list(
                 gx,
                 400,
                 "BadRequest",
-                "Invalid filter clause: the sandbox supports `property eq 'value'`.",
+                "Invalid filter clause: the sandbox supports `property eq 'value'` and `property/any(x:x eq 'value')`.",
             );
         }
     }
@@ -662,7 +694,8 @@ fn app_json(t: &Tenant, a: &Application) -> Value {
     let mut v = json!({
         "id": a.id, "deletedDateTime": null, "appId": a.app_id, "displayName": a.display_name,
         "createdDateTime": ts(a.created), "signInAudience": a.sign_in_audience,
-        "publisherDomain": t.initial_domain, "identifierUris": [], "tags": [],
+        "publisherDomain": t.initial_domain, "identifierUris": [],
+        "tags": a.extra.get("tags").filter(|v| v.is_array()).cloned().unwrap_or(json!([])),
         "requiredResourceAccess": a.required_resource_access,
         "passwordCredentials": a.password_credentials.iter().map(|p| json!({
             "customKeyIdentifier": null, "displayName": p.display_name, "endDateTime": ts(p.end),
@@ -835,7 +868,7 @@ fn applications(
                     q,
                     100,
                     999,
-                    &["appId", "displayName", "id"],
+                    &["appId", "displayName", "id", "tags"],
                 )
             }
             "POST" => {
@@ -2208,8 +2241,20 @@ mod tests {
         );
         assert_eq!(
             parse_filter(&[("$filter".into(), "appId eq 'abc'".into())]),
-            Ok(Some(("appId".into(), "abc".into())))
+            Ok(Some(Filter::Eq("appId".into(), "abc".into())))
         );
         assert!(parse_filter(&[("$filter".into(), "startswith(displayName,'a')".into())]).is_err());
+        for f in [
+            "tags/any(t:t eq 'mailscope:crm')",
+            "tags/any(x: x eq 'mailscope:crm')",
+        ] {
+            assert_eq!(
+                parse_filter(&[("$filter".into(), f.into())]),
+                Ok(Some(Filter::Any("tags".into(), "mailscope:crm".into()))),
+                "{f}"
+            );
+        }
+        assert!(parse_filter(&[("$filter".into(), "tags/any(t:x eq 'a')".into())]).is_err());
+        assert!(parse_filter(&[("$filter".into(), "tags/any(t:t eq 'a'".into())]).is_err());
     }
 }

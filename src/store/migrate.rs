@@ -14,6 +14,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "idempotency_keys",
         include_str!("../../migrations/0003_idempotency_keys.sql"),
     ),
+    (
+        5,
+        "applications",
+        include_str!("../../migrations/0005_applications.sql"),
+    ),
 ];
 
 /// Arbitrary but fixed: "mailscop" in ASCII.

@@ -8,6 +8,7 @@ use tokio_postgres::NoTls;
 
 use crate::config::DatabaseSettings;
 
+pub mod applications;
 pub mod audit;
 pub mod embedded;
 pub mod local_secrets;

@@ -46,6 +46,7 @@ async fn echo_server() -> Echo {
         settings: Arc::new(settings.clone()),
         m365: mailscope::m365::M365Client::new(settings.m365.clone(), &prometheus::Registry::new())
             .unwrap(),
+        key_locks: Default::default(),
     });
     let verifier = web::Data::new(Verifier::hs256(settings.auth.clone(), HS_SECRET));
     let calls = Arc::new(AtomicUsize::new(0));

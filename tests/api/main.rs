@@ -4,6 +4,7 @@
 
 mod helpers;
 
+mod applications;
 mod auth;
 mod connection_test;
 mod idempotency;

@@ -45,6 +45,9 @@ pub struct Application {
     pub required_resource_access: Vec<RequiredResourceAccess>,
     #[serde(deserialize_with = "null_as_default")]
     pub password_credentials: Vec<PasswordCredentialInfo>,
+    /// Free-form labels; mailscope marks the registrations it creates with one (`mailscope:<key>`).
+    #[serde(deserialize_with = "null_as_default")]
+    pub tags: Vec<String>,
 }
 
 /// Body of `POST /applications`.
@@ -56,6 +59,8 @@ pub struct NewApplication {
     pub sign_in_audience: Option<String>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub required_resource_access: Vec<RequiredResourceAccess>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
 }
 
 /// A secret just created by addPassword. `secret_text` is returned once and never shown by `Debug`.

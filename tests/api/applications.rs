@@ -1,0 +1,823 @@
+//! `/v1/tenants/{id}/applications` against the sandbox: creating a registration with consent (and
+//! signing in as it), adopting, the unscoped-permission guard, fifty concurrent PUTs, recovery after
+//! a crash between Microsoft's create and mailscope's write, DELETE of created vs adopted apps, and
+//! client secrets whose text is shown once and stored nowhere.
+use base64::Engine;
+use serde_json::{Value, json};
+
+use crate::helpers::*;
+
+const CRM_APP_ID: &str = "b9701c1e-1364-464d-93e4-01ae925e8d6c";
+const CRM_SECRET: &str = "sandbox-crm-secret-not-for-production";
+const GRAPH_SCOPE: &str = "https://graph.microsoft.com/.default";
+
+fn create_body(perms: &[&str]) -> Value {
+    json!({"display_name": "Contoso CRM connector", "permissions": perms, "grant_admin_consent": true})
+}
+
+async fn put(env: &WithSandbox, key: &str, body: &Value) -> reqwest::Response {
+    env.app
+        .http
+        .put(env.url(&format!("/applications/{key}")))
+        .bearer_auth(env.app.admin())
+        .json(body)
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn put_ok(env: &WithSandbox, key: &str, body: &Value, status: u16) -> Value {
+    let res = put(env, key, body).await;
+    let got = res.status().as_u16();
+    let text = res.text().await.unwrap();
+    assert_eq!(got, status, "{text}");
+    serde_json::from_str(&text).unwrap()
+}
+
+async fn get(env: &WithSandbox, path: &str) -> (u16, Value) {
+    let res = env
+        .app
+        .http
+        .get(env.url(path))
+        .bearer_auth(env.app.admin())
+        .send()
+        .await
+        .unwrap();
+    let status = res.status().as_u16();
+    (status, res.json().await.unwrap_or(Value::Null))
+}
+
+async fn add_secret(env: &WithSandbox, key: &str, body: Value) -> reqwest::Response {
+    env.app
+        .http
+        .post(env.url(&format!("/applications/{key}/secrets")))
+        .bearer_auth(env.app.admin())
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn counters(env: &WithSandbox) -> Value {
+    env.app
+        .http
+        .get(format!(
+            "{}/_sandbox/counters?tenant={}",
+            env.sandbox.base_url, env.tenant
+        ))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+fn count(c: &Value, endpoint: &str) -> u64 {
+    c[endpoint].as_u64().unwrap_or(0)
+}
+
+/// Graph calls that change the tenant.
+fn writes(c: &Value) -> u64 {
+    c.as_object()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| {
+            k.starts_with("graph:POST")
+                || k.starts_with("graph:PATCH")
+                || k.starts_with("graph:DELETE")
+        })
+        .map(|(_, v)| v.as_u64().unwrap_or(0))
+        .sum()
+}
+
+async fn sandbox_tenant(env: &WithSandbox) -> Value {
+    env.app
+        .http
+        .get(format!(
+            "{}/_sandbox/tenants/{}",
+            env.sandbox.base_url, env.tenant
+        ))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// The sandbox's token endpoint, as the third party's app would call it.
+async fn token(env: &WithSandbox, client_id: &str, secret: &str) -> reqwest::Response {
+    env.app
+        .http
+        .post(format!(
+            "{}/{}/oauth2/v2.0/token",
+            env.sandbox.base_url, env.tenant
+        ))
+        .form(&[
+            ("client_id", client_id),
+            ("client_secret", secret),
+            ("scope", GRAPH_SCOPE),
+            ("grant_type", "client_credentials"),
+        ])
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn roles_of(env: &WithSandbox, client_id: &str, secret: &str) -> Vec<String> {
+    let res = token(env, client_id, secret).await;
+    assert_eq!(res.status(), 200, "{}", res.text().await.unwrap());
+    let v: Value = res.json().await.unwrap();
+    let jwt = v["access_token"].as_str().unwrap();
+    let payload = jwt.split('.').nth(1).unwrap();
+    let claims: Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload)
+            .unwrap(),
+    )
+    .unwrap();
+    let mut roles: Vec<String> = claims["roles"]
+        .as_array()
+        .map(|a| a.iter().map(|r| r.as_str().unwrap().to_string()).collect())
+        .unwrap_or_default();
+    roles.sort();
+    roles
+}
+
+async fn audit_actions(env: &WithSandbox) -> Vec<Value> {
+    let (status, v) = get(env, "/audit-events").await;
+    assert_eq!(status, 200);
+    v["items"].as_array().unwrap().clone()
+}
+
+fn perm<'a>(view: &'a Value, name: &str) -> &'a Value {
+    view["permissions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == name)
+        .unwrap_or_else(|| panic!("{name} in {view:#}"))
+}
+
+#[tokio::test]
+async fn created_app_gets_consent_and_signs_in_with_exactly_those_roles() {
+    let env = WithSandbox::start().await;
+    let view = put_ok(
+        &env,
+        "contoso-crm",
+        &create_body(&["Mail.Read", "Mail.Send"]),
+        201,
+    )
+    .await;
+    assert_eq!(view["key"], "contoso-crm");
+    assert_eq!(view["state"], "ready");
+    assert_eq!(view["origin"], "created");
+    for f in [
+        "app_id",
+        "application_object_id",
+        "service_principal_object_id",
+    ] {
+        assert!(
+            view[f].as_str().unwrap().parse::<uuid::Uuid>().is_ok(),
+            "{f}"
+        );
+    }
+    for name in ["Mail.Read", "Mail.Send"] {
+        let p = perm(&view, name);
+        assert_eq!(p["consent"], "granted");
+        assert_eq!(p["requested"], true);
+        assert_eq!(p["covered_by_access_policies"], true);
+        assert_eq!(p["resource_app_id"], "00000003-0000-0000-c000-000000000000");
+    }
+    assert_eq!(view["unscoped_permissions"], json!([]));
+    assert!(view.get("policies").is_none());
+
+    // The registration carries the crash-recovery marker.
+    let app_id = view["app_id"].as_str().unwrap().to_string();
+    let t = sandbox_tenant(&env).await;
+    let app = t["applications"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["appId"] == app_id.as_str())
+        .unwrap();
+    assert_eq!(app["extra"]["tags"], json!(["mailscope:contoso-crm"]));
+
+    // The third party signs in with a secret from mailscope and holds exactly the granted roles.
+    let res = add_secret(
+        &env,
+        "contoso-crm",
+        json!({"display_name": "s1", "lifetime_days": 90}),
+    )
+    .await;
+    assert_eq!(res.status(), 201);
+    let secret: Value = res.json().await.unwrap();
+    let text = secret["secret_text"].as_str().unwrap();
+    assert_eq!(
+        roles_of(&env, &app_id, text).await,
+        ["Mail.Read", "Mail.Send"]
+    );
+
+    let actions = audit_actions(&env).await;
+    let created = actions
+        .iter()
+        .find(|e| e["action"] == "application.created")
+        .unwrap();
+    assert_eq!(created["target"], "application/contoso-crm");
+    assert_eq!(created["details"]["created_in_tenant"], true);
+    assert!(
+        actions
+            .iter()
+            .any(|e| e["action"] == "application.secret_added")
+    );
+}
+
+#[tokio::test]
+async fn repeating_a_put_changes_nothing_and_a_new_permission_set_is_reconciled() {
+    let env = WithSandbox::start().await;
+    let first = put_ok(&env, "crm", &create_body(&["Mail.Read", "Mail.Send"]), 201).await;
+    let before = counters(&env).await;
+    let again = put_ok(&env, "crm", &create_body(&["Mail.Read", "Mail.Send"]), 200).await;
+    assert_eq!(again["app_id"], first["app_id"]);
+    assert_eq!(
+        writes(&counters(&env).await),
+        writes(&before),
+        "no write the second time"
+    );
+    let n_audit = audit_actions(&env).await.len();
+
+    // Mail.Send out, Calendars.Read in: requested set replaced, consent granted and revoked.
+    let view = put_ok(
+        &env,
+        "crm",
+        &create_body(&["Mail.Read", "Calendars.Read"]),
+        200,
+    )
+    .await;
+    assert_eq!(view["app_id"], first["app_id"]);
+    let names: Vec<&str> = view["permissions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["Calendars.Read", "Mail.Read"]);
+    assert!(
+        view["permissions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|p| p["consent"] == "granted")
+    );
+    let c = counters(&env).await;
+    assert_eq!(count(&c, "graph:POST /applications"), 1);
+    assert_eq!(
+        count(&c, "graph:POST /servicePrincipals/{id}/appRoleAssignedTo"),
+        3
+    );
+    assert_eq!(
+        count(
+            &c,
+            "graph:DELETE /servicePrincipals/{id}/appRoleAssignedTo/{id}"
+        ),
+        1
+    );
+    let actions = audit_actions(&env).await;
+    assert_eq!(actions.len(), n_audit + 1);
+    assert_eq!(actions[0]["action"], "application.updated");
+    assert_eq!(actions[0]["details"]["granted"], json!(["Calendars.Read"]));
+    assert_eq!(actions[0]["details"]["revoked"], json!(["Mail.Send"]));
+
+    // Without consent, the request is recorded but assignments are left alone.
+    let view = put_ok(
+        &env,
+        "crm",
+        &json!({"display_name": "Renamed", "permissions": ["Mail.Read"], "grant_admin_consent": false}),
+        200,
+    )
+    .await;
+    assert_eq!(view["display_name"], "Renamed");
+    assert_eq!(perm(&view, "Calendars.Read")["requested"], false);
+    assert_eq!(perm(&view, "Calendars.Read")["consent"], "granted");
+}
+
+#[tokio::test]
+async fn unscoped_permissions_are_refused_unless_accepted() {
+    let env = WithSandbox::start().await;
+    let res = put(&env, "dir", &create_body(&["Mail.Read", "User.Read.All"])).await;
+    let p = assert_problem(res, 422, "validation_failed").await;
+    assert_eq!(p["errors"][0]["field"], "permissions[1]");
+    assert!(
+        p["detail"]
+            .as_str()
+            .unwrap()
+            .contains("allow_unscoped_permissions"),
+        "{p}"
+    );
+    assert_eq!(count(&counters(&env).await, "graph:POST /applications"), 0);
+    let (status, _) = get(&env, "/applications/dir").await;
+    assert_eq!(status, 404, "a refused PUT records nothing");
+
+    // A permission that does not exist is named as such.
+    let mut body = create_body(&["Mail.Read", "Nope.Read.All"]);
+    body["allow_unscoped_permissions"] = json!(true);
+    let p = assert_problem(put(&env, "dir", &body).await, 422, "validation_failed").await;
+    assert_eq!(p["errors"][0]["field"], "permissions[1]");
+    assert!(
+        p["detail"]
+            .as_str()
+            .unwrap()
+            .contains("not an application permission"),
+        "{p}"
+    );
+
+    let mut body = create_body(&["Mail.Read", "User.Read.All"]);
+    body["allow_unscoped_permissions"] = json!(true);
+    let view = put_ok(&env, "dir", &body, 201).await;
+    assert_eq!(view["unscoped_permissions"], json!(["User.Read.All"]));
+    assert_eq!(
+        perm(&view, "User.Read.All")["covered_by_access_policies"],
+        false
+    );
+    assert_eq!(perm(&view, "User.Read.All")["consent"], "granted");
+}
+
+#[tokio::test]
+async fn fifty_concurrent_identical_puts_create_one_registration() {
+    let env = WithSandbox::start().await;
+    let body = create_body(&["Mail.Read", "Mail.Send"]);
+    let all = futures_util::future::join_all((0..50).map(|_| put(&env, "burst", &body))).await;
+    let mut statuses: Vec<u16> = all.iter().map(|r| r.status().as_u16()).collect();
+    statuses.sort();
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 201).count(),
+        1,
+        "{statuses:?}"
+    );
+    assert!(
+        statuses.iter().all(|s| *s == 200 || *s == 201),
+        "{statuses:?}"
+    );
+    let c = counters(&env).await;
+    assert_eq!(count(&c, "graph:POST /applications"), 1, "{c:#}");
+    assert_eq!(count(&c, "graph:POST /servicePrincipals"), 1, "{c:#}");
+    assert_eq!(
+        count(&c, "graph:POST /servicePrincipals/{id}/appRoleAssignedTo"),
+        2,
+        "{c:#}"
+    );
+    let created = audit_actions(&env)
+        .await
+        .iter()
+        .filter(|e| e["action"] == "application.created")
+        .count();
+    assert_eq!(created, 1);
+}
+
+#[tokio::test]
+async fn a_crash_between_microsofts_create_and_mailscopes_write_is_recovered_on_retry() {
+    let env = WithSandbox::start().await;
+    // What a crashed first attempt leaves: the intent row…
+    let db = env.app.db.client().await;
+    db.execute(
+        "INSERT INTO applications (tenant_id, key, state, origin, marker, display_name, permissions, grant_admin_consent)
+         VALUES ($1, 'crm', 'creating', 'created', 'mailscope:crm', 'Contoso CRM connector', '{Mail.Read}', true)",
+        &[&env.tenant.parse::<uuid::Uuid>().unwrap()],
+    )
+    .await
+    .unwrap();
+    let (status, pending) = get(&env, "/applications/crm").await;
+    assert_eq!(status, 200);
+    assert_eq!(pending["state"], "creating");
+    assert_eq!(perm(&pending, "Mail.Read")["consent"], "unknown");
+    // …and the registration and service principal Microsoft had already made, with the marker.
+    let graph = env.sandbox.base_url.clone();
+    let mgmt: Value = token(
+        &env,
+        &env.sandbox.management_client_id(),
+        secrecy::ExposeSecret::expose_secret(&env.sandbox.management_client_secret()),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    let bearer = mgmt["access_token"].as_str().unwrap();
+    let made: Value = env
+        .app
+        .http
+        .post(format!("{graph}/v1.0/applications"))
+        .bearer_auth(bearer)
+        .json(&json!({"displayName": "Contoso CRM connector", "tags": ["mailscope:crm"]}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let res = env
+        .app
+        .http
+        .post(format!("{graph}/v1.0/servicePrincipals"))
+        .bearer_auth(bearer)
+        .json(&json!({"appId": made["appId"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201);
+
+    let view = put_ok(&env, "crm", &create_body(&["Mail.Read"]), 201).await;
+    assert_eq!(
+        view["app_id"], made["appId"],
+        "the registration was adopted, not duplicated"
+    );
+    assert_eq!(view["origin"], "created");
+    assert_eq!(perm(&view, "Mail.Read")["consent"], "granted");
+    let c = counters(&env).await;
+    assert_eq!(
+        count(&c, "graph:POST /applications"),
+        1,
+        "only the crashed attempt's create"
+    );
+    assert_eq!(count(&c, "graph:POST /servicePrincipals"), 1);
+    let created = audit_actions(&env)
+        .await
+        .into_iter()
+        .find(|e| e["action"] == "application.created")
+        .unwrap();
+    assert_eq!(created["details"]["recovered_by_marker"], true);
+    assert_eq!(created["details"]["created_in_tenant"], false);
+}
+
+#[tokio::test]
+async fn adopting_records_an_existing_app_without_changing_the_tenant() {
+    let env = WithSandbox::start().await;
+    let before = writes(&counters(&env).await);
+    // The CRM connector holds User.Read.All: adopting it needs the explicit acceptance.
+    let res = put(&env, "crm", &json!({"app_id": CRM_APP_ID})).await;
+    let p = assert_problem(res, 422, "validation_failed").await;
+    assert!(
+        p["detail"].as_str().unwrap().contains("User.Read.All"),
+        "{p}"
+    );
+    let view = put_ok(
+        &env,
+        "crm",
+        &json!({"app_id": CRM_APP_ID, "allow_unscoped_permissions": true}),
+        201,
+    )
+    .await;
+    assert_eq!(view["origin"], "adopted");
+    assert_eq!(view["app_id"], CRM_APP_ID);
+    assert_eq!(view["unscoped_permissions"], json!(["User.Read.All"]));
+    for name in ["Calendars.Read", "Mail.Read", "Mail.Send", "User.Read.All"] {
+        assert_eq!(perm(&view, name)["consent"], "granted");
+    }
+    assert_eq!(
+        writes(&counters(&env).await),
+        before,
+        "adopting writes nothing to the tenant"
+    );
+    // Same again: 200; another key for the same app, or a create body on the adopted key: 409.
+    put_ok(
+        &env,
+        "crm",
+        &json!({"app_id": CRM_APP_ID, "allow_unscoped_permissions": true}),
+        200,
+    )
+    .await;
+    let res = put(
+        &env,
+        "crm-2",
+        &json!({"app_id": CRM_APP_ID, "allow_unscoped_permissions": true}),
+    )
+    .await;
+    assert_problem(res, 409, "conflict").await;
+    let res = put(&env, "crm", &create_body(&["Mail.Read"])).await;
+    assert_problem(res, 409, "conflict").await;
+    // An app that is not in the tenant.
+    let res = put(
+        &env,
+        "ghost",
+        &json!({"app_id": "0e0e0e0e-1111-4222-8333-444444444444"}),
+    )
+    .await;
+    let p = assert_problem(res, 422, "validation_failed").await;
+    assert_eq!(p["errors"][0]["field"], "app_id");
+    // Both forms at once.
+    let res = put(
+        &env,
+        "x",
+        &json!({"app_id": CRM_APP_ID, "display_name": "x"}),
+    )
+    .await;
+    assert_problem(res, 422, "validation_failed").await;
+
+    let (_, list) = get(&env, "/applications").await;
+    assert_eq!(list["items"].as_array().unwrap().len(), 1);
+    assert_eq!(list["items"][0]["key"], "crm");
+    assert_eq!(list["items"][0]["origin"], "adopted");
+}
+
+#[tokio::test]
+async fn delete_removes_what_mailscope_created_and_forgets_what_it_adopted() {
+    let env = WithSandbox::start().await;
+    let created = put_ok(&env, "made", &create_body(&["Mail.Read"]), 201).await;
+    let made_id = created["app_id"].as_str().unwrap().to_string();
+    put_ok(
+        &env,
+        "crm",
+        &json!({"app_id": CRM_APP_ID, "allow_unscoped_permissions": true}),
+        201,
+    )
+    .await;
+    let res = add_secret(
+        &env,
+        "crm",
+        json!({"display_name": "from mailscope", "lifetime_days": 30}),
+    )
+    .await;
+    assert_eq!(res.status(), 201);
+    let added: Value = res.json().await.unwrap();
+    let added_text = added["secret_text"].as_str().unwrap().to_string();
+
+    for key in ["made", "crm"] {
+        let res = env
+            .app
+            .http
+            .delete(env.url(&format!("/applications/{key}")))
+            .bearer_auth(env.app.admin())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 204, "{key}");
+        assert_eq!(get(&env, &format!("/applications/{key}")).await.0, 404);
+    }
+    let t = sandbox_tenant(&env).await;
+    let apps = t["applications"].as_array().unwrap();
+    assert!(
+        !apps.iter().any(|a| a["appId"] == made_id.as_str()),
+        "created app deleted"
+    );
+    assert!(
+        !t["servicePrincipals"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["appId"] == made_id.as_str())
+    );
+    let crm = apps
+        .iter()
+        .find(|a| a["appId"] == CRM_APP_ID)
+        .expect("adopted app kept");
+    assert!(
+        !crm["passwordCredentials"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["keyId"] == added["key_id"]),
+        "the secret mailscope added is removed"
+    );
+    // The vendor's own secret still works; mailscope's no longer does.
+    assert_eq!(token(&env, CRM_APP_ID, CRM_SECRET).await.status(), 200);
+    assert_eq!(token(&env, CRM_APP_ID, &added_text).await.status(), 401);
+    let deleted: Vec<Value> = audit_actions(&env)
+        .await
+        .into_iter()
+        .filter(|e| e["action"] == "application.deleted")
+        .collect();
+    assert_eq!(deleted.len(), 2);
+    let res = env
+        .app
+        .http
+        .delete(env.url("/applications/made"))
+        .bearer_auth(env.app.admin())
+        .send()
+        .await
+        .unwrap();
+    assert_problem(res, 404, "not_found").await;
+}
+
+#[tokio::test]
+async fn a_secret_is_shown_once_never_stored_and_listed_with_its_status() {
+    let env = WithSandbox::start().await;
+    put_ok(&env, "crm", &create_body(&["Mail.Read"]), 201).await;
+    let send = |key: &'static str, body: Value| {
+        env.app
+            .http
+            .post(env.url("/applications/crm/secrets"))
+            .bearer_auth(env.app.admin())
+            .header("Idempotency-Key", key)
+            .json(&body)
+            .send()
+    };
+    let res = send("k1", json!({"display_name": "long", "lifetime_days": 90}))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201);
+    let first: Value = res.json().await.unwrap();
+    let text = first["secret_text"].as_str().unwrap().to_string();
+    assert!(text.len() >= 16);
+    assert_eq!(first["status"], "current");
+    assert_eq!(first["hint"], text[..3]);
+    // A replay answers the same metadata, without the text, and adds no second secret.
+    let res = send("k1", json!({"display_name": "long", "lifetime_days": 90}))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201);
+    assert_eq!(res.headers()["idempotent-replayed"], "true");
+    let replay: Value = res.json().await.unwrap();
+    assert!(replay.get("secret_text").is_none());
+    assert_eq!(replay["key_id"], first["key_id"]);
+    let c = counters(&env).await;
+    assert_eq!(count(&c, "graph:POST /applications/{id}/addPassword"), 1);
+
+    let res = add_secret(
+        &env,
+        "crm",
+        json!({"display_name": "short", "lifetime_days": 10}),
+    )
+    .await;
+    assert_eq!(res.status(), 201);
+    let short: Value = res.json().await.unwrap();
+    assert_eq!(short["status"], "expiring_soon");
+    let res = add_secret(
+        &env,
+        "crm",
+        json!({"display_name": "too long", "lifetime_days": 181}),
+    )
+    .await;
+    let p = assert_problem(res, 422, "validation_failed").await;
+    assert_eq!(p["errors"][0]["field"], "lifetime_days");
+    let res = add_secret(&env, "crm", json!({"display_name": "", "lifetime_days": 0})).await;
+    let p = assert_problem(res, 422, "validation_failed").await;
+    assert_eq!(p["errors"].as_array().unwrap().len(), 2);
+
+    let (status, list) = get(&env, "/applications/crm/secrets").await;
+    assert_eq!(status, 200);
+    let items = list["items"].as_array().unwrap();
+    assert_eq!(items.len(), 2);
+    assert_eq!(items[0]["key_id"], short["key_id"], "soonest-ending first");
+    assert_eq!(items[0]["status"], "expiring_soon");
+    assert_eq!(items[1]["status"], "current");
+    assert!(items.iter().all(|s| s["created_by_mailscope"] == true));
+    let (_, view) = get(&env, "/applications/crm").await;
+    assert_eq!(view["secrets"].as_array().unwrap().len(), 2);
+    assert!(!list.to_string().contains(&text) && !view.to_string().contains(&text));
+
+    // Nothing in the database holds the text: every row of every table, as text.
+    let db = env.app.db.client().await;
+    let tables = db
+        .query(
+            "SELECT tablename FROM pg_tables WHERE schemaname = 'public'",
+            &[],
+        )
+        .await
+        .unwrap();
+    for t in tables {
+        let name: String = t.get(0);
+        let rows = db
+            .query(&format!("SELECT t::text FROM {name} t"), &[])
+            .await
+            .unwrap();
+        for r in rows {
+            let row: String = r.get(0);
+            assert!(!row.contains(&text), "{name} holds the secret text");
+        }
+    }
+    // The bytea response bodies too (they are hex in the text form above).
+    let bodies = db
+        .query("SELECT response_body FROM idempotency_keys", &[])
+        .await
+        .unwrap();
+    assert!(!bodies.is_empty());
+    for r in bodies {
+        let body: Vec<u8> = r.get::<_, Option<Vec<u8>>>(0).unwrap_or_default();
+        assert!(!String::from_utf8_lossy(&body).contains(&text));
+    }
+}
+
+#[tokio::test]
+async fn an_expired_secret_of_an_adopted_app_is_reported_expired() {
+    let env = WithSandbox::start().await;
+    let (client_id, _) = env
+        .sandbox_app(json!({"displayName": "old vendor app", "graphPermissions": ["Mail.Read"], "secretExpired": true}))
+        .await;
+    put_ok(&env, "old", &json!({"app_id": client_id}), 201).await;
+    let (status, list) = get(&env, "/applications/old/secrets").await;
+    assert_eq!(status, 200);
+    let items = list["items"].as_array().unwrap();
+    assert_eq!(items.len(), 1);
+    assert_eq!(items[0]["status"], "expired");
+    assert_eq!(items[0]["created_by_mailscope"], false);
+}
+
+#[tokio::test]
+async fn deleting_a_secret_removes_it_in_the_tenant() {
+    let env = WithSandbox::start().await;
+    let view = put_ok(&env, "crm", &create_body(&["Mail.Read"]), 201).await;
+    let app_id = view["app_id"].as_str().unwrap().to_string();
+    let res = add_secret(
+        &env,
+        "crm",
+        json!({"display_name": "s", "lifetime_days": 30}),
+    )
+    .await;
+    let secret: Value = res.json().await.unwrap();
+    let text = secret["secret_text"].as_str().unwrap().to_string();
+    assert_eq!(token(&env, &app_id, &text).await.status(), 200);
+    let path = format!(
+        "/applications/crm/secrets/{}",
+        secret["key_id"].as_str().unwrap()
+    );
+    let del = || {
+        env.app
+            .http
+            .delete(env.url(&path))
+            .bearer_auth(env.app.admin())
+            .send()
+    };
+    assert_eq!(del().await.unwrap().status(), 204);
+    assert_eq!(token(&env, &app_id, &text).await.status(), 401);
+    let (_, list) = get(&env, "/applications/crm/secrets").await;
+    assert_eq!(list["items"], json!([]));
+    assert_problem(del().await.unwrap(), 404, "not_found").await;
+    assert!(
+        audit_actions(&env)
+            .await
+            .iter()
+            .any(|e| e["action"] == "application.secret_removed")
+    );
+}
+
+#[tokio::test]
+async fn other_tenants_and_read_only_callers_are_kept_out() {
+    let env = WithSandbox::start().await;
+    put_ok(&env, "crm", &create_body(&["Mail.Read"]), 201).await;
+    let other = "44444444-4444-4444-8444-444444444444";
+    let outsider = env.app.token(&["MailScope.Write"], &[other]);
+    for (method, path) in [
+        ("GET", "/applications"),
+        ("GET", "/applications/crm"),
+        ("PUT", "/applications/crm"),
+        ("DELETE", "/applications/crm"),
+        ("GET", "/applications/crm/secrets"),
+        ("POST", "/applications/crm/secrets"),
+    ] {
+        let req = env
+            .app
+            .http
+            .request(method.parse().unwrap(), env.url(path))
+            .bearer_auth(&outsider);
+        let req = match method {
+            "PUT" => req.json(&create_body(&["Mail.Read"])),
+            "POST" => req.json(&json!({"display_name": "s", "lifetime_days": 1})),
+            _ => req,
+        };
+        assert_problem(req.send().await.unwrap(), 404, "not_found").await;
+    }
+    let reader = env.app.token(&["MailScope.Read"], &[&env.tenant]);
+    let res = env
+        .app
+        .http
+        .put(env.url("/applications/crm"))
+        .bearer_auth(&reader)
+        .json(&create_body(&["Mail.Read"]))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(res, 403, "forbidden").await;
+    let res = env
+        .app
+        .http
+        .get(env.url("/applications/crm"))
+        .bearer_auth(&reader)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let res = put(&env, "Bad_Key", &create_body(&["Mail.Read"])).await;
+    let p = assert_problem(res, 422, "validation_failed").await;
+    assert_eq!(p["errors"][0]["field"], "key");
+}
+
+#[tokio::test]
+async fn the_list_pages_by_key() {
+    let env = WithSandbox::start().await;
+    for key in ["b-app", "a-app"] {
+        put_ok(
+            &env,
+            key,
+            &json!({"display_name": key, "permissions": []}),
+            201,
+        )
+        .await;
+    }
+    let (_, page) = get(&env, "/applications?limit=1").await;
+    assert_eq!(page["items"][0]["key"], "a-app");
+    assert_eq!(page["next_after"], "a-app");
+    let (_, page) = get(&env, "/applications?limit=1&after=a-app").await;
+    assert_eq!(page["items"][0]["key"], "b-app");
+    assert_eq!(page["items"][0]["state"], "ready");
+    assert!(page["next_after"].is_null());
+}
