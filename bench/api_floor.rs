@@ -18,7 +18,9 @@ struct Floor {
 }
 
 async fn tenant(floor: web::Data<Arc<Floor>>, id: web::Path<Uuid>) -> HttpResponse {
-    let Ok(c) = floor.pool.get().await else { return HttpResponse::ServiceUnavailable().finish() };
+    let Ok(c) = floor.pool.get().await else {
+        return HttpResponse::ServiceUnavailable().finish();
+    };
     match c
         .query_opt(
             "SELECT tenant_id, display_name, cloud, default_domain, endpoints, client_id, \
@@ -39,7 +41,9 @@ async fn tenant(floor: web::Data<Arc<Floor>>, id: web::Path<Uuid>) -> HttpRespon
 }
 
 async fn replay(floor: web::Data<Arc<Floor>>, key: web::Path<String>) -> HttpResponse {
-    let Ok(c) = floor.pool.get().await else { return HttpResponse::ServiceUnavailable().finish() };
+    let Ok(c) = floor.pool.get().await else {
+        return HttpResponse::ServiceUnavailable().finish();
+    };
     match c
         .query_opt(
             "SELECT response_status, response_body FROM idempotency_keys WHERE key = $1 LIMIT 1",
@@ -92,24 +96,36 @@ async fn replay_auth(
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     // `cargo bench` passes `--bench`; take the positional arguments after it.
-    let pos: Vec<&String> = args.iter().skip(1).filter(|a| !a.starts_with("--")).collect();
+    let pos: Vec<&String> = args
+        .iter()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
     let [db, listen, secret] = [pos.first(), pos.get(1), pos.get(2)];
     let (Some(db), Some(listen), Some(secret)) = (db, listen, secret) else {
         anyhow::bail!("usage: api_floor <database-url> <listen-addr> <hs256-secret>");
     };
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async move {
         let cfg: tokio_postgres::Config = db.parse()?;
         let mgr = Manager::from_config(
             cfg,
             tokio_postgres::NoTls,
-            ManagerConfig { recycling_method: RecyclingMethod::Fast },
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
         );
         let pool = Pool::builder(mgr).max_size(16).build()?;
         let mut validation = Validation::new(Algorithm::HS256);
         validation.set_issuer(&["mailscope-local"]);
         validation.set_audience(&["mailscope"]);
-        let floor = Arc::new(Floor { pool, key: DecodingKey::from_secret(secret.as_bytes()), validation });
+        let floor = Arc::new(Floor {
+            pool,
+            key: DecodingKey::from_secret(secret.as_bytes()),
+            validation,
+        });
         HttpServer::new(move || {
             App::new()
                 .app_data(web::Data::new(floor.clone()))
