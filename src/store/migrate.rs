@@ -14,6 +14,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "idempotency_keys",
         include_str!("../../migrations/0003_idempotency_keys.sql"),
     ),
+    (
+        4,
+        "scope_groups_and_policies",
+        include_str!("../../migrations/0004_scope_groups_and_policies.sql"),
+    ),
 ];
 
 /// Arbitrary but fixed: "mailscop" in ASCII.

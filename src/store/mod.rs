@@ -8,10 +8,12 @@ use tokio_postgres::NoTls;
 
 use crate::config::DatabaseSettings;
 
+pub mod access_policies;
 pub mod audit;
 pub mod embedded;
 pub mod local_secrets;
 pub mod migrate;
+pub mod scope_groups;
 pub mod tenants;
 
 #[derive(Debug, thiserror::Error)]
