@@ -16,6 +16,7 @@ pub mod idempotency;
 pub mod middleware;
 pub mod openapi;
 pub mod problem;
+pub mod scope_groups;
 pub mod tenants;
 
 /// Everything a handler may need, cheap to clone.
@@ -67,6 +68,7 @@ pub fn configure(cfg: &mut web::ServiceConfig, body_limit: usize, with_api: bool
         web::scope("/v1")
             .wrap(actix_web::middleware::from_fn(idempotency::middleware))
             .configure(tenants::routes)
+            .configure(scope_groups::routes)
             .configure(audit::routes),
     )
     .default_service(web::to(not_found));
