@@ -10,6 +10,7 @@ use crate::config::Settings;
 use crate::crypto::CredentialCipher;
 use problem::{ApiError, FieldError, ProblemKind};
 
+pub mod access_policies;
 pub mod audit;
 pub mod health;
 pub mod idempotency;
@@ -69,6 +70,7 @@ pub fn configure(cfg: &mut web::ServiceConfig, body_limit: usize, with_api: bool
             .wrap(actix_web::middleware::from_fn(idempotency::middleware))
             .configure(tenants::routes)
             .configure(scope_groups::routes)
+            .configure(access_policies::routes)
             .configure(audit::routes),
     )
     .default_service(web::to(not_found));

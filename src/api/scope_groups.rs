@@ -361,6 +361,14 @@ async fn current_members(exo: &ExchangeClient, object_id: &str) -> Result<BTreeS
         .collect())
 }
 
+/// Current members (primary SMTP addresses, lower case, sorted) as a list.
+pub(crate) async fn current_members_of(
+    exo: &ExchangeClient,
+    object_id: &str,
+) -> Result<Vec<String>, ApiError> {
+    Ok(current_members(exo, object_id).await?.into_iter().collect())
+}
+
 fn group_fields(g: &DistributionGroup, alias: &str) -> Result<(String, String), ApiError> {
     let oid = group_object_id(g).ok_or_else(|| {
         ApiError::internal(anyhow::anyhow!("Exchange returned group {alias} without an object id"))
