@@ -4,12 +4,14 @@
 
 mod helpers;
 
+mod access_policies;
 mod auth;
 mod connection_test;
 mod idempotency;
 mod operations;
 mod problems;
 mod queue;
+mod scope_groups;
 mod tenants;
 
 mod sandbox_control;
