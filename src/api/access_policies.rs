@@ -35,9 +35,7 @@ use super::scope_groups::{
 use super::tenants::tenant_handle;
 use super::{AppState, page_limit};
 use crate::auth::{Caller, Role};
-use crate::domain::access::{
-    self as rules, ALL_APPS, AccessRule, GroupMembers, NestedGroups,
-};
+use crate::domain::access::{self as rules, ALL_APPS, AccessRule, GroupMembers, NestedGroups};
 use crate::m365::exchange::{
     AccessRight as ExoRight, ApplicationAccessPolicy, ExchangeClient, NewApplicationAccessPolicy,
     Recipient, Replication,
@@ -261,7 +259,9 @@ async fn resolve_scope(
             None => {
                 return Err(ApiError::validation(vec![field(
                     "scope",
-                    format!("mailscope has no scope group `{text}`; create it with PUT /scope-groups/{text}, or give an SMTP address"),
+                    format!(
+                        "mailscope has no scope group `{text}`; create it with PUT /scope-groups/{text}, or give an SMTP address"
+                    ),
                 )]));
             }
         }
@@ -292,10 +292,7 @@ async fn resolve_scope(
         .await?
         .map(|g| g.alias);
     Ok(Scope {
-        ids: ids_of(
-            r.external_directory_object_id.as_deref(),
-            r.guid.as_deref(),
-        ),
+        ids: ids_of(r.external_directory_object_id.as_deref(), r.guid.as_deref()),
         object_id,
         kind: r.recipient_type_details.clone().unwrap_or_default(),
         address: primary_address(&r).unwrap_or(text),
@@ -368,7 +365,9 @@ async fn lock_policies(
 }
 
 fn policy_not_found(id: Uuid) -> ApiError {
-    ApiError::not_found(format!("mailscope has no access policy {id} in this tenant"))
+    ApiError::not_found(format!(
+        "mailscope has no access policy {id} in this tenant"
+    ))
 }
 
 /// `New-ApplicationAccessPolicy`; when it fails as if the policy already existed (a create whose
@@ -412,7 +411,9 @@ fn conflict(existing_id: Option<Uuid>, diffs: Vec<FieldError>, where_: &str) -> 
         errors: diffs,
         ..ApiError::new(
             ProblemKind::PolicyConflict,
-            format!("{where_}{id} already has a policy for this app and scope with different settings; see `errors`. Change it with PUT or PATCH /access-policies/{{id}}."),
+            format!(
+                "{where_}{id} already has a policy for this app and scope with different settings; see `errors`. Change it with PUT or PATCH /access-policies/{{id}}."
+            ),
         )
     }
 }
@@ -453,7 +454,10 @@ pub async fn create_policy(
     let app_id = check_app_id(&input.app_id, "app_id", &mut errs);
     let description = check_description(input.description.as_deref(), &mut errs);
     if input.scope.trim().is_empty() {
-        errs.push(field("scope", "name a scope group alias or an SMTP address"));
+        errs.push(field(
+            "scope",
+            "name a scope group alias or an SMTP address",
+        ));
     }
     if !errs.is_empty() {
         return Err(ApiError::validation(errs));
@@ -472,13 +476,20 @@ pub async fn create_policy(
         if existing.access_right != right.as_str() {
             diffs.push(field(
                 "access_right",
-                format!("existing: {}, requested: {}", existing.access_right, right.as_str()),
+                format!(
+                    "existing: {}, requested: {}",
+                    existing.access_right,
+                    right.as_str()
+                ),
             ));
         }
         if existing.description != description {
             diffs.push(field(
                 "description",
-                format!("existing: {:?}, requested: {:?}", existing.description, description),
+                format!(
+                    "existing: {:?}, requested: {:?}",
+                    existing.description, description
+                ),
             ));
         }
         tx.commit().await.map_err(store::StoreError::from)?;
@@ -497,7 +508,10 @@ pub async fn create_policy(
                     None,
                     vec![field(
                         "access_right",
-                        format!("in the tenant: {tenant_right}, requested: {}", right.as_str()),
+                        format!(
+                            "in the tenant: {tenant_right}, requested: {}",
+                            right.as_str()
+                        ),
                     )],
                     "the tenant",
                 ));
@@ -514,7 +528,9 @@ pub async fn create_policy(
             {
                 return Err(ApiError::validation(vec![field(
                     "app_id",
-                    format!("no app with client id {app_id} has a service principal in this tenant; register or consent the app first (use its client id, not an object id)"),
+                    format!(
+                        "no app with client id {app_id} has a service principal in this tenant; register or consent the app first (use its client id, not an object id)"
+                    ),
                 )]));
             }
             new_policy(&exo, &app_id, &scope, right, &description).await?
@@ -602,7 +618,10 @@ pub async fn list_access_policies(
             a.trim()
                 .parse::<Uuid>()
                 .map_err(|_| {
-                    ApiError::new(ProblemKind::InvalidQuery, "app_id must be a client id (GUID)")
+                    ApiError::new(
+                        ProblemKind::InvalidQuery,
+                        "app_id must be a client id (GUID)",
+                    )
                 })?
                 .to_string(),
         ),
@@ -616,7 +635,11 @@ pub async fn list_access_policies(
         store::access_policies::list(&db, tenant_id, app_id.as_deref(), q.after, limit + 1).await?;
     let more = rows.len() as i64 > limit;
     let items: Vec<AccessPolicy> = rows.into_iter().take(limit as usize).map(view).collect();
-    let next_after = if more { items.last().map(|p| p.id) } else { None };
+    let next_after = if more {
+        items.last().map(|p| p.id)
+    } else {
+        None
+    };
     Ok(HttpResponse::Ok().json(AccessPolicyList { items, next_after }))
 }
 
@@ -774,7 +797,10 @@ pub async fn put_access_policy(
     if rec.app_id != app_id {
         return Err(ApiError::validation(vec![field(
             "app_id",
-            format!("a policy's app cannot change (this one is {}); create a policy for the other app instead", rec.app_id),
+            format!(
+                "a policy's app cannot change (this one is {}); create a policy for the other app instead",
+                rec.app_id
+            ),
         )]));
     }
     let same_scope = scope.ids.contains(&rec.scope_object_id);
@@ -830,14 +856,18 @@ pub async fn put_access_policy(
         {
             return Err(conflict(
                 Some(other.id),
-                vec![field("scope", format!("policy {} already covers this app and scope; delete this one instead", other.id))],
+                vec![field(
+                    "scope",
+                    format!(
+                        "policy {} already covers this app and scope; delete this one instead",
+                        other.id
+                    ),
+                )],
                 "mailscope",
             ));
         }
         let (p, origin) = match in_tenant(&all, &app_id, &scope.ids) {
-            Some(p) if p.access_right.as_deref() == Some(right.as_str()) => {
-                (p.clone(), "adopted")
-            }
+            Some(p) if p.access_right.as_deref() == Some(right.as_str()) => (p.clone(), "adopted"),
             Some(p) => {
                 return Err(conflict(
                     None,
@@ -873,7 +903,10 @@ pub async fn put_access_policy(
             scope_alias: scope.alias.clone(),
             access_right: right.as_str().into(),
             description,
-            exchange_identity: new_policy_obj.identity.clone().or(rec.exchange_identity.clone()),
+            exchange_identity: new_policy_obj
+                .identity
+                .clone()
+                .or(rec.exchange_identity.clone()),
             state: "pending_propagation".into(),
             origin,
             ..rec
@@ -1038,9 +1071,10 @@ async fn expand_groups(
             .await?;
         let mut ids = Vec::new();
         for r in list {
-            let Some(id) = recipient_object_id(&r) else { continue };
-            if r
-                .recipient_type_details
+            let Some(id) = recipient_object_id(&r) else {
+                continue;
+            };
+            if r.recipient_type_details
                 .as_deref()
                 .is_some_and(|t| t.contains("Group"))
             {
@@ -1138,7 +1172,16 @@ pub async fn access_test(
     let disagreement = if agree {
         None
     } else {
-        Some(explain(&exo, &app_id, &records, exchange_granted, eval(NestedGroups::DirectOnly).granted).await?)
+        Some(
+            explain(
+                &exo,
+                &app_id,
+                &records,
+                exchange_granted,
+                eval(NestedGroups::DirectOnly).granted,
+            )
+            .await?,
+        )
     };
     Ok(HttpResponse::Ok().json(AccessTestResult {
         app_id,
@@ -1168,7 +1211,9 @@ async fn explain(
     direct_only_granted: bool,
 ) -> Result<String, ApiError> {
     let Some(exchange_granted) = exchange_granted else {
-        return Ok("Exchange answered neither Granted nor Denied, so there is nothing to compare".into());
+        return Ok(
+            "Exchange answered neither Granted nor Denied, so there is nothing to compare".into(),
+        );
     };
     let tenant: BTreeSet<(String, String)> = exo
         .list_application_access_policies()
@@ -1280,9 +1325,9 @@ pub async fn sync(
     let tenant_policies = exo.list_application_access_policies().await?;
     let mut scope_cache: BTreeMap<String, Option<Recipient>> = BTreeMap::new();
     for g in tenant_policies.iter().filter_map(scope_guid) {
-        if !scope_cache.contains_key(&g) {
-            let r = exo.get_recipient(&g, Replication::Ignore).await?;
-            scope_cache.insert(g, r);
+        if let std::collections::btree_map::Entry::Vacant(slot) = scope_cache.entry(g) {
+            let r = exo.get_recipient(slot.key(), Replication::Ignore).await?;
+            slot.insert(r);
         }
     }
     let mut groups = DriftSet::default();
@@ -1338,7 +1383,9 @@ pub async fn sync(
     }
     // Security groups that scope tenant policies but are unknown to mailscope.
     for r in scope_cache.values().flatten() {
-        let Some(oid) = recipient_object_id(r) else { continue };
+        let Some(oid) = recipient_object_id(r) else {
+            continue;
+        };
         if r.recipient_type_details.as_deref() != Some("MailUniversalSecurityGroup")
             || known_group_ids.contains(&oid)
         {
@@ -1346,7 +1393,11 @@ pub async fn sync(
         }
         known_group_ids.insert(oid.clone());
         let alias = r.alias.clone().unwrap_or_default().to_ascii_lowercase();
-        if alias.is_empty() || store::scope_groups::get(&tx, tenant_id, &alias).await?.is_some() {
+        if alias.is_empty()
+            || store::scope_groups::get(&tx, tenant_id, &alias)
+                .await?
+                .is_some()
+        {
             continue;
         }
         let members = current_members_of(&exo, &oid).await?;
@@ -1380,7 +1431,9 @@ pub async fn sync(
     let records = store::access_policies::all(&tx, tenant_id).await?;
     let mut matched: BTreeSet<Uuid> = BTreeSet::new();
     for p in &tenant_policies {
-        let (Some(app), Some(guid)) = (p.app_id.clone(), scope_guid(p)) else { continue };
+        let (Some(app), Some(guid)) = (p.app_id.clone(), scope_guid(p)) else {
+            continue;
+        };
         let app = app.to_ascii_lowercase();
         let right = p.access_right.clone().unwrap_or_default();
         let desc = p.description.clone().unwrap_or_default();

@@ -255,11 +255,15 @@ pub(crate) fn scope_refusal(r: &Recipient) -> Option<String> {
 fn member_refusal(r: &Recipient) -> Option<String> {
     match r.recipient_type_details.as_deref().unwrap_or("unknown") {
         "UserMailbox" | "SharedMailbox" | "RoomMailbox" | "EquipmentMailbox" | "MailUser" => None,
-        "MailContact" => Some("a mail contact has no mailbox in this tenant for an app to reach".into()),
+        "MailContact" => {
+            Some("a mail contact has no mailbox in this tenant for an app to reach".into())
+        }
         t if t.contains("Group") => Some(format!(
             "a group ({t}) cannot be added: whether policies count members of nested groups is unverified (reference §2.5), so mailscope adds mailboxes directly"
         )),
-        t => Some(format!("a recipient of type {t} cannot be a scope-group member")),
+        t => Some(format!(
+            "a recipient of type {t} cannot be a scope-group member"
+        )),
     }
 }
 
@@ -352,7 +356,10 @@ fn check_alias(alias: &str) -> Result<String, ApiError> {
     }
 }
 
-async fn current_members(exo: &ExchangeClient, object_id: &str) -> Result<BTreeSet<String>, ApiError> {
+async fn current_members(
+    exo: &ExchangeClient,
+    object_id: &str,
+) -> Result<BTreeSet<String>, ApiError> {
     Ok(exo
         .get_distribution_group_members(object_id, Replication::Ignore)
         .await?
@@ -371,7 +378,9 @@ pub(crate) async fn current_members_of(
 
 fn group_fields(g: &DistributionGroup, alias: &str) -> Result<(String, String), ApiError> {
     let oid = group_object_id(g).ok_or_else(|| {
-        ApiError::internal(anyhow::anyhow!("Exchange returned group {alias} without an object id"))
+        ApiError::internal(anyhow::anyhow!(
+            "Exchange returned group {alias} without an object id"
+        ))
     })?;
     let smtp = g
         .primary_smtp_address
@@ -407,7 +416,10 @@ fn require_security_group(g: &DistributionGroup, alias: &str) -> Result<(), ApiE
 /// Is this Microsoft failure possibly "the object already exists" (a create racing a crashed
 /// earlier attempt)? Exchange reports a taken name as a generic task error.
 pub(crate) fn maybe_exists(e: &M365Error) -> bool {
-    matches!(e.kind(), ErrorKind::AlreadyExists | ErrorKind::InvalidParameter)
+    matches!(
+        e.kind(),
+        ErrorKind::AlreadyExists | ErrorKind::InvalidParameter
+    )
 }
 
 // ---------- handlers ----------
@@ -478,8 +490,12 @@ pub async fn put_scope_group(
 
     // Look up before creating: the record's object id when mailscope knows the group, else the
     // alias (a group left by a crashed attempt, or made outside mailscope, is adopted).
-    let lookup = existing.as_ref().map_or(alias.as_str(), |e| e.object_id.as_str());
-    let found = exo.get_distribution_group(lookup, Replication::Ignore).await?;
+    let lookup = existing
+        .as_ref()
+        .map_or(alias.as_str(), |e| e.object_id.as_str());
+    let found = exo
+        .get_distribution_group(lookup, Replication::Ignore)
+        .await?;
     if let Some(g) = &found {
         require_security_group(g, &alias)?;
     }
@@ -508,7 +524,10 @@ pub async fn put_scope_group(
 
     let mut exchange_changes: Vec<&str> = Vec::new();
     let (group, origin) = match found {
-        Some(g) => (g, existing.as_ref().map_or("adopted", |e| e.origin.as_str())),
+        Some(g) => (
+            g,
+            existing.as_ref().map_or("adopted", |e| e.origin.as_str()),
+        ),
         None => {
             let new = NewSecurityGroup {
                 name: alias.clone(),
@@ -525,7 +544,10 @@ pub async fn put_scope_group(
                 // The name may have been taken a moment ago by an attempt whose response was
                 // lost: adopt it if it is now visible.
                 Err(e) if maybe_exists(&e) => {
-                    match exo.get_distribution_group(&alias, Replication::Ignore).await? {
+                    match exo
+                        .get_distribution_group(&alias, Replication::Ignore)
+                        .await?
+                    {
                         Some(g) => {
                             require_security_group(&g, &alias)?;
                             (g, "adopted")
@@ -662,7 +684,9 @@ pub async fn get_scope_group(
 }
 
 fn group_not_found(alias: &str) -> ApiError {
-    ApiError::not_found(format!("mailscope has no scope group `{alias}` in this tenant"))
+    ApiError::not_found(format!(
+        "mailscope has no scope group `{alias}` in this tenant"
+    ))
 }
 
 /// The tenant's scope groups, by alias (members as last recorded by mailscope).
@@ -754,10 +778,7 @@ pub async fn delete_scope_group(
         .get_distribution_group(&rec.object_id, Replication::Ignore)
         .await?;
     if let Some(g) = &group {
-        let ids = ids_of(
-            g.external_directory_object_id.as_deref(),
-            g.guid.as_deref(),
-        );
+        let ids = ids_of(g.external_directory_object_id.as_deref(), g.guid.as_deref());
         let outside: Vec<String> = exo
             .list_application_access_policies()
             .await?
@@ -809,11 +830,14 @@ pub(crate) fn parse_upn_csv(text: &str) -> Result<Vec<(String, String)>, ApiErro
             message: m,
         }])
     })?;
-    let mut rows = rows.into_iter().filter(|(_, r)| r.iter().any(|f| !f.trim().is_empty()));
+    let mut rows = rows
+        .into_iter()
+        .filter(|(_, r)| r.iter().any(|f| !f.trim().is_empty()));
     let Some((_, header)) = rows.next() else {
         return Err(ApiError::validation(vec![FieldError {
             field: "body".into(),
-            message: "the CSV is empty; it needs a header row with a UserPrincipalName column".into(),
+            message: "the CSV is empty; it needs a header row with a UserPrincipalName column"
+                .into(),
         }]));
     };
     let Some(col) = header
@@ -875,7 +899,9 @@ fn csv_rows(text: &str) -> Result<Vec<(usize, Vec<String>)>, String> {
         }
     }
     if in_quotes {
-        return Err(format!("unterminated quoted field starting on line {row_line}"));
+        return Err(format!(
+            "unterminated quoted field starting on line {row_line}"
+        ));
     }
     if !field.is_empty() || !row.is_empty() {
         row.push(field);
@@ -1135,8 +1161,16 @@ mod tests {
         };
         assert!(scope_refusal(&r("MailUniversalSecurityGroup")).is_none());
         assert!(scope_refusal(&r("UserMailbox")).is_none());
-        assert!(scope_refusal(&r("SharedMailbox")).unwrap().contains("scope group"));
-        assert!(scope_refusal(&r("GroupMailbox")).unwrap().contains("Microsoft 365 group"));
+        assert!(
+            scope_refusal(&r("SharedMailbox"))
+                .unwrap()
+                .contains("scope group")
+        );
+        assert!(
+            scope_refusal(&r("GroupMailbox"))
+                .unwrap()
+                .contains("Microsoft 365 group")
+        );
         assert!(
             scope_refusal(&r("MailUniversalDistributionGroup"))
                 .unwrap()

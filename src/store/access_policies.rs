@@ -103,7 +103,11 @@ pub async fn all(
     tenant_id: Uuid,
 ) -> Result<Vec<AccessPolicyRecord>, StoreError> {
     let sql = format!("SELECT {COLUMNS} FROM access_policies WHERE tenant_id = $1 ORDER BY id");
-    Ok(c.query(&sql, &[&tenant_id]).await?.iter().map(from_row).collect())
+    Ok(c.query(&sql, &[&tenant_id])
+        .await?
+        .iter()
+        .map(from_row)
+        .collect())
 }
 
 /// How many policies use this scope.
@@ -187,11 +191,10 @@ pub async fn update(
 }
 
 pub async fn delete(c: &impl GenericClient, tenant_id: Uuid, id: Uuid) -> Result<bool, StoreError> {
-    Ok(c
-        .execute(
-            "DELETE FROM access_policies WHERE tenant_id = $1 AND id = $2",
-            &[&tenant_id, &id],
-        )
-        .await?
+    Ok(c.execute(
+        "DELETE FROM access_policies WHERE tenant_id = $1 AND id = $2",
+        &[&tenant_id, &id],
+    )
+    .await?
         == 1)
 }

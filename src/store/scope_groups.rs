@@ -56,8 +56,7 @@ pub async fn get_by_object_id(
     tenant_id: Uuid,
     object_id: &str,
 ) -> Result<Option<ScopeGroupRecord>, StoreError> {
-    let sql =
-        format!("SELECT {COLUMNS} FROM scope_groups WHERE tenant_id = $1 AND object_id = $2");
+    let sql = format!("SELECT {COLUMNS} FROM scope_groups WHERE tenant_id = $1 AND object_id = $2");
     Ok(c.query_opt(&sql, &[&tenant_id, &object_id])
         .await?
         .as_ref()
@@ -117,12 +116,15 @@ pub async fn upsert(
     Ok(from_row(&row))
 }
 
-pub async fn delete(c: &impl GenericClient, tenant_id: Uuid, alias: &str) -> Result<bool, StoreError> {
-    Ok(c
-        .execute(
-            "DELETE FROM scope_groups WHERE tenant_id = $1 AND alias = $2",
-            &[&tenant_id, &alias],
-        )
-        .await?
+pub async fn delete(
+    c: &impl GenericClient,
+    tenant_id: Uuid,
+    alias: &str,
+) -> Result<bool, StoreError> {
+    Ok(c.execute(
+        "DELETE FROM scope_groups WHERE tenant_id = $1 AND alias = $2",
+        &[&tenant_id, &alias],
+    )
+    .await?
         == 1)
 }

@@ -88,7 +88,10 @@ async fn a_policy_is_created_once_per_app_and_scope() {
         .into_iter()
         .find(|c| c["cmdlet"] == "New-ApplicationAccessPolicy")
         .unwrap();
-    assert_eq!(new_call["parameters"]["Description"], " ", "the smallest description (§2.6)");
+    assert_eq!(
+        new_call["parameters"]["Description"], " ",
+        "the smallest description (§2.6)"
+    );
 
     // The same policy again (by the group's address this time): 200 with the existing one.
     let res = post_policy(
@@ -108,7 +111,12 @@ async fn a_policy_is_created_once_per_app_and_scope() {
     .await;
     let problem = assert_problem(res, 409, "policy_conflict").await;
     assert_eq!(problem["errors"][0]["field"], "access_right");
-    assert!(problem["errors"][0]["message"].as_str().unwrap().contains("DenyAccess"));
+    assert!(
+        problem["errors"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("DenyAccess")
+    );
     assert_eq!(count(&env, "New-ApplicationAccessPolicy").await, 1);
 
     let id = p["id"].as_str().unwrap();
@@ -139,10 +147,7 @@ async fn a_policy_is_created_once_per_app_and_scope() {
     let none: Value = env
         .app
         .http
-        .get(env.url(&format!(
-            "/access-policies?app_id={}",
-            uuid::Uuid::new_v4()
-        )))
+        .get(env.url(&format!("/access-policies?app_id={}", uuid::Uuid::new_v4())))
         .bearer_auth(env.app.admin())
         .send()
         .await
@@ -159,10 +164,22 @@ async fn scopes_exchange_refuses_are_named_with_the_reason_before_any_create() {
     for (scope, code, needle) in [
         (addr("support"), "invalid_policy_scope", "scope group"),
         (addr("room101"), "invalid_policy_scope", "RoomMailbox"),
-        (addr("allstaff"), "invalid_policy_scope", "distribution group"),
-        (addr("projectx"), "invalid_policy_scope", "Microsoft 365 group"),
+        (
+            addr("allstaff"),
+            "invalid_policy_scope",
+            "distribution group",
+        ),
+        (
+            addr("projectx"),
+            "invalid_policy_scope",
+            "Microsoft 365 group",
+        ),
         (addr("nobody"), "validation_failed", "no recipient"),
-        ("no-such-group".to_string(), "validation_failed", "PUT /scope-groups"),
+        (
+            "no-such-group".to_string(),
+            "validation_failed",
+            "PUT /scope-groups",
+        ),
     ] {
         let res = post_policy(
             &env,
@@ -170,7 +187,10 @@ async fn scopes_exchange_refuses_are_named_with_the_reason_before_any_create() {
         )
         .await;
         let p = assert_problem(res, 422, code).await;
-        assert!(p["detail"].as_str().unwrap().contains(needle), "{scope}: {p}");
+        assert!(
+            p["detail"].as_str().unwrap().contains(needle),
+            "{scope}: {p}"
+        );
     }
     let res = post_policy(
         &env,
@@ -209,7 +229,13 @@ async fn fifty_concurrent_identical_posts_create_one_policy() {
             let token = env.app.admin();
             let body = body.clone();
             tokio::spawn(async move {
-                let res = http.post(url).bearer_auth(token).json(&body).send().await.unwrap();
+                let res = http
+                    .post(url)
+                    .bearer_auth(token)
+                    .json(&body)
+                    .send()
+                    .await
+                    .unwrap();
                 let status = res.status().as_u16();
                 let v: Value = res.json().await.unwrap();
                 (status, v["id"].clone())
@@ -221,9 +247,20 @@ async fn fifty_concurrent_identical_posts_create_one_policy() {
         results.push(t.await.unwrap());
     }
     let statuses: Vec<u16> = results.iter().map(|r| r.0).collect();
-    assert_eq!(statuses.iter().filter(|s| **s == 201).count(), 1, "{statuses:?}");
-    assert_eq!(statuses.iter().filter(|s| **s == 200).count(), 49, "{statuses:?}");
-    assert!(results.iter().all(|r| r.1 == results[0].1), "one id for all");
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 201).count(),
+        1,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 200).count(),
+        49,
+        "{statuses:?}"
+    );
+    assert!(
+        results.iter().all(|r| r.1 == results[0].1),
+        "one id for all"
+    );
     assert_eq!(count(&env, "New-ApplicationAccessPolicy").await, 1);
 }
 
@@ -242,7 +279,11 @@ async fn a_policy_created_before_a_crash_is_adopted_on_retry() {
     let p: Value = res.json().await.unwrap();
     assert_eq!(p["origin"], "adopted");
     assert_eq!(p["state"], "unverified");
-    assert_eq!(count(&env, "New-ApplicationAccessPolicy").await, 1, "not duplicated");
+    assert_eq!(
+        count(&env, "New-ApplicationAccessPolicy").await,
+        1,
+        "not duplicated"
+    );
 }
 
 #[tokio::test]
@@ -263,7 +304,10 @@ async fn put_creates_the_new_policy_before_removing_the_old() {
         .unwrap();
     assert_eq!(res.status(), 200, "{}", res.text().await.unwrap());
     let replaced: Value = res.json().await.unwrap();
-    assert_eq!(replaced["id"], p["id"], "mailscope's id survives a replacement");
+    assert_eq!(
+        replaced["id"], p["id"],
+        "mailscope's id survives a replacement"
+    );
     assert_eq!(replaced["scope_alias"], "finance");
 
     let calls = exchange_calls(&env).await;
@@ -277,10 +321,16 @@ async fn put_creates_the_new_policy_before_removing_the_old() {
     let news = seq("New-ApplicationAccessPolicy");
     let removes = seq("Remove-ApplicationAccessPolicy");
     assert_eq!((news.len(), removes.len()), (2, 1));
-    assert!(news[1] < removes[0], "created {news:?} before removing {removes:?}");
+    assert!(
+        news[1] < removes[0],
+        "created {news:?} before removing {removes:?}"
+    );
 
     assert_eq!(access_test(&env, "bob").await["exchange"]["granted"], true);
-    assert_eq!(access_test(&env, "alice").await["exchange"]["granted"], false);
+    assert_eq!(
+        access_test(&env, "alice").await["exchange"]["granted"],
+        false
+    );
     // Moving the scope group out from under the policy is refused while it is in use.
     let res = env
         .app
@@ -314,7 +364,12 @@ async fn the_last_restrict_policy_is_not_removed_without_consent() {
     assert_eq!(delete_policy(&env, b, "").await.status(), 204);
     let res = delete_policy(&env, a, "").await;
     let p = assert_problem(res, 409, "last_restrict_policy").await;
-    assert!(p["detail"].as_str().unwrap().contains("allow_unrestricted=true"));
+    assert!(
+        p["detail"]
+            .as_str()
+            .unwrap()
+            .contains("allow_unrestricted=true")
+    );
     // Turning it into DenyAccess would open the tenant just the same.
     let res = env
         .app
@@ -414,19 +469,28 @@ async fn access_tests_compare_exchange_with_the_local_rules_and_explain_differen
     assert_eq!(carol["local"]["granted"], true, "{carol}");
     assert_eq!(carol["exchange"]["granted"], false);
     assert_eq!(carol["agree"], false);
-    assert!(carol["disagreement"].as_str().unwrap().contains("nested"), "{carol}");
+    assert!(
+        carol["disagreement"].as_str().unwrap().contains("nested"),
+        "{carol}"
+    );
 
     // A policy mailscope does not know about is named, with the fix.
     env.app
         .db
         .client()
         .await
-        .execute("DELETE FROM access_policies WHERE scope_alias = 'sales'", &[])
+        .execute(
+            "DELETE FROM access_policies WHERE scope_alias = 'sales'",
+            &[],
+        )
         .await
         .unwrap();
     let alice = access_test(&env, "alice").await;
     assert_eq!(alice["agree"], false);
-    assert!(alice["disagreement"].as_str().unwrap().contains("/sync"), "{alice}");
+    assert!(
+        alice["disagreement"].as_str().unwrap().contains("/sync"),
+        "{alice}"
+    );
 }
 
 #[tokio::test]
@@ -434,7 +498,12 @@ async fn sync_imports_the_tenant_and_reports_drift() {
     let env = WithSandbox::start().await;
     let empty = sync(&env, "").await;
     assert_eq!(empty["access_policies"]["unchanged"], 0);
-    assert!(empty["access_policies"]["added"].as_array().unwrap().is_empty());
+    assert!(
+        empty["access_policies"]["added"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
 
     create_group(&env, "sales", &["alice"]).await;
     let forgotten = restrict(&env, "sales").await;
@@ -443,13 +512,21 @@ async fn sync_imports_the_tenant_and_reports_drift() {
     // Drift made outside mailscope: a record lost, a right changed, a policy removed, a member added.
     db.execute(
         "DELETE FROM access_policies WHERE id = $1",
-        &[&forgotten["id"].as_str().unwrap().parse::<uuid::Uuid>().unwrap()],
+        &[&forgotten["id"]
+            .as_str()
+            .unwrap()
+            .parse::<uuid::Uuid>()
+            .unwrap()],
     )
     .await
     .unwrap();
     db.execute(
         "UPDATE access_policies SET access_right = 'DenyAccess' WHERE id = $1",
-        &[&changed["id"].as_str().unwrap().parse::<uuid::Uuid>().unwrap()],
+        &[&changed["id"]
+            .as_str()
+            .unwrap()
+            .parse::<uuid::Uuid>()
+            .unwrap()],
     )
     .await
     .unwrap();
@@ -482,15 +559,25 @@ async fn sync_imports_the_tenant_and_reports_drift() {
     )
     .await;
     assert_eq!(res.status(), 201);
-    db.execute("DELETE FROM access_policies WHERE scope_address = $1", &[&addr("financeteam")])
-        .await
-        .unwrap();
+    db.execute(
+        "DELETE FROM access_policies WHERE scope_address = $1",
+        &[&addr("financeteam")],
+    )
+    .await
+    .unwrap();
 
     let dry = sync(&env, "?dry_run=true").await;
     assert_eq!(dry["dry_run"], true);
-    assert_eq!(dry["access_policies"]["added"].as_array().unwrap().len(), 2, "{dry:#}");
+    assert_eq!(
+        dry["access_policies"]["added"].as_array().unwrap().len(),
+        2,
+        "{dry:#}"
+    );
     let again = sync(&env, "?dry_run=true").await;
-    assert_eq!(again["access_policies"], dry["access_policies"], "a dry run changes nothing");
+    assert_eq!(
+        again["access_policies"], dry["access_policies"],
+        "a dry run changes nothing"
+    );
 
     let report = sync(&env, "").await;
     let pol = &report["access_policies"];
@@ -511,7 +598,10 @@ async fn sync_imports_the_tenant_and_reports_drift() {
     assert_eq!(after["access_policies"]["unchanged"], 3, "{after:#}");
     for set in ["access_policies", "scope_groups"] {
         for kind in ["added", "removed", "changed"] {
-            assert!(after[set][kind].as_array().unwrap().is_empty(), "{set}.{kind}: {after:#}");
+            assert!(
+                after[set][kind].as_array().unwrap().is_empty(),
+                "{set}.{kind}: {after:#}"
+            );
         }
     }
     let list: Value = env
@@ -527,7 +617,11 @@ async fn sync_imports_the_tenant_and_reports_drift() {
         .unwrap();
     let items = list["items"].as_array().unwrap();
     assert_eq!(items.len(), 3);
-    assert!(items.iter().any(|p| p["origin"] == "imported" && p["scope_alias"] == "sales"));
+    assert!(
+        items
+            .iter()
+            .any(|p| p["origin"] == "imported" && p["scope_alias"] == "sales")
+    );
 }
 
 #[tokio::test]
@@ -544,8 +638,9 @@ async fn callers_of_other_tenants_see_nothing() {
         http.get(env.url(&format!("/access-policies/{id}"))),
         http.get(env.url("/access-policies")),
         http.delete(env.url(&format!("/access-policies/{id}?allow_unrestricted=true"))),
-        http.post(env.url("/access-policies"))
-            .json(&json!({"app_id": APP, "scope": addr("alice"), "access_right": "RestrictAccess"})),
+        http.post(env.url("/access-policies")).json(
+            &json!({"app_id": APP, "scope": addr("alice"), "access_right": "RestrictAccess"}),
+        ),
         http.post(env.url("/access-tests"))
             .json(&json!({"app_id": APP, "mailbox": addr("alice")})),
         http.post(env.url("/sync")),

@@ -163,7 +163,12 @@ async fn put_creates_a_security_group_with_all_members_in_one_call_and_is_idempo
 async fn exact_replaces_and_additive_adds_with_one_update_call() {
     let env = WithSandbox::start().await;
     create_group(&env, "team", &["alice", "bob"]).await;
-    let res = put_group(&env, "team", json!({"members": [addr("bob"), addr("carol")]})).await;
+    let res = put_group(
+        &env,
+        "team",
+        json!({"members": [addr("bob"), addr("carol")]}),
+    )
+    .await;
     assert_eq!(res.status(), 200);
     let g: Value = res.json().await.unwrap();
     assert_eq!(g["members"], json!([addr("bob"), addr("carol")]));
@@ -176,7 +181,10 @@ async fn exact_replaces_and_additive_adds_with_one_update_call() {
     )
     .await;
     let g: Value = res.json().await.unwrap();
-    assert_eq!(g["members"], json!([addr("bob"), addr("carol"), addr("dave")]));
+    assert_eq!(
+        g["members"],
+        json!([addr("bob"), addr("carol"), addr("dave")])
+    );
     assert_eq!(g["membership"], "additive");
     assert_eq!(count(&env, "Update-DistributionGroupMember").await, 2);
     let live: Value = get_group(&env, "team").await.json().await.unwrap();
@@ -195,15 +203,25 @@ async fn unknown_or_unsuitable_members_are_named_before_exchange_is_changed() {
     let p = assert_problem(res, 422, "validation_failed").await;
     let errors = p["errors"].as_array().unwrap();
     assert!(
-        errors
-            .iter()
-            .any(|e| e["field"] == "members[3]" && e["message"].as_str().unwrap().contains("not an email"))
+        errors.iter().any(|e| e["field"] == "members[3]"
+            && e["message"].as_str().unwrap().contains("not an email"))
     );
-    let res = put_group(&env, "bad", json!({"members": [addr("alice"), addr("nobody"), addr("vendor")]})).await;
+    let res = put_group(
+        &env,
+        "bad",
+        json!({"members": [addr("alice"), addr("nobody"), addr("vendor")]}),
+    )
+    .await;
     let p = assert_problem(res, 422, "validation_failed").await;
     let text = p["errors"].to_string();
-    assert!(text.contains("members[1]") && text.contains(&addr("nobody")), "{p}");
-    assert!(text.contains("members[2]") && text.contains("contact"), "{p}");
+    assert!(
+        text.contains("members[1]") && text.contains(&addr("nobody")),
+        "{p}"
+    );
+    assert!(
+        text.contains("members[2]") && text.contains("contact"),
+        "{p}"
+    );
     assert_eq!(count(&env, "New-DistributionGroup").await, 0);
 
     // Shared, room and equipment mailboxes are fine as members.
@@ -217,7 +235,13 @@ async fn an_alias_held_by_a_group_that_cannot_be_a_scope_is_refused_with_the_rea
     // "All Staff" is a distribution group whose alias is AllStaff.
     let res = put_group(&env, "allstaff", json!({"members": [addr("alice")]})).await;
     let p = assert_problem(res, 422, "invalid_policy_scope").await;
-    assert!(p["detail"].as_str().unwrap().contains("MailUniversalDistributionGroup"), "{p}");
+    assert!(
+        p["detail"]
+            .as_str()
+            .unwrap()
+            .contains("MailUniversalDistributionGroup"),
+        "{p}"
+    );
     assert_eq!(count(&env, "New-DistributionGroup").await, 0);
     assert_eq!(count(&env, "Update-DistributionGroupMember").await, 0);
 }
@@ -373,8 +397,16 @@ async fn fifty_concurrent_identical_puts_create_one_group() {
     for t in tasks {
         statuses.push(t.await.unwrap());
     }
-    assert_eq!(statuses.iter().filter(|s| **s == 201).count(), 1, "{statuses:?}");
-    assert_eq!(statuses.iter().filter(|s| **s == 200).count(), 49, "{statuses:?}");
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 201).count(),
+        1,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 200).count(),
+        49,
+        "{statuses:?}"
+    );
     assert_eq!(count(&env, "New-DistributionGroup").await, 1);
     assert_eq!(count(&env, "Update-DistributionGroupMember").await, 0);
 }
@@ -394,7 +426,11 @@ async fn a_group_created_before_a_crash_is_adopted_on_retry() {
     let g: Value = res.json().await.unwrap();
     assert_eq!(g["origin"], "adopted");
     assert_eq!(g["members"], json!([addr("alice")]));
-    assert_eq!(count(&env, "New-DistributionGroup").await, 1, "no second group");
+    assert_eq!(
+        count(&env, "New-DistributionGroup").await,
+        1,
+        "no second group"
+    );
 }
 
 #[tokio::test]
