@@ -10,6 +10,7 @@ use crate::config::Settings;
 use crate::crypto::CredentialCipher;
 use problem::{ApiError, FieldError, ProblemKind};
 
+pub mod access_policies;
 pub mod applications;
 pub mod audit;
 pub mod health;
@@ -18,6 +19,7 @@ pub mod locks;
 pub mod middleware;
 pub mod openapi;
 pub mod problem;
+pub mod scope_groups;
 pub mod tenants;
 
 /// Everything a handler may need, cheap to clone.
@@ -72,6 +74,8 @@ pub fn configure(cfg: &mut web::ServiceConfig, body_limit: usize, with_api: bool
             .wrap(actix_web::middleware::from_fn(idempotency::middleware))
             .configure(tenants::routes)
             .configure(applications::routes)
+            .configure(scope_groups::routes)
+            .configure(access_policies::routes)
             .configure(audit::routes),
     )
     .default_service(web::to(not_found));

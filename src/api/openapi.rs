@@ -7,7 +7,7 @@ use utoipa::{Modify, OpenApi, ToSchema};
 use utoipa_swagger_ui::SwaggerUi;
 
 use super::problem::{ApiError, CATALOGUE, FieldError, Problem};
-use super::{applications, audit, health, tenants};
+use super::{access_policies, applications, audit, health, scope_groups, tenants};
 use crate::domain::cloud::{Cloud, EndpointOverrides};
 
 #[derive(OpenApi)]
@@ -28,6 +28,13 @@ branch on `type` (or its short form `code`). Every response carries `X-Request-I
         applications::list_applications, applications::delete_application,
         applications::add_secret, applications::list_secrets, applications::delete_secret,
         audit::list_audit_events,
+        scope_groups::put_scope_group, scope_groups::get_scope_group,
+        scope_groups::list_scope_groups, scope_groups::delete_scope_group,
+        scope_groups::add_members, scope_groups::remove_member,
+        access_policies::create_policy, access_policies::list_access_policies,
+        access_policies::get_access_policy, access_policies::patch_access_policy,
+        access_policies::put_access_policy, access_policies::delete_access_policy,
+        access_policies::access_test, access_policies::sync,
     ),
     components(schemas(
         Problem, FieldError, ProblemType, Cloud, EndpointOverrides,
@@ -40,11 +47,21 @@ branch on `type` (or its short form `code`). Every response carries `X-Request-I
         applications::PermissionView, applications::ConsentState, applications::SecretView,
         applications::SecretStatus, applications::SecretInput, applications::NewSecret,
         applications::SecretList,
+        scope_groups::ScopeGroupInput, scope_groups::Membership, scope_groups::MembersInput,
+        scope_groups::ScopeGroup, scope_groups::ScopeGroupList, scope_groups::MembersAdded,
+        access_policies::AccessRight, access_policies::AccessPolicyInput,
+        access_policies::AccessPolicyPatch, access_policies::AccessPolicy,
+        access_policies::AccessPolicyList, access_policies::AccessTestInput,
+        access_policies::AccessTestResult, access_policies::ExchangeVerdict,
+        access_policies::LocalVerdict, access_policies::SyncReport, access_policies::DriftSet,
+        access_policies::DriftItem, access_policies::FieldDrift,
     )),
     modifiers(&BearerAuth),
     tags(
         (name = "tenants", description = "Microsoft 365 tenants mailscope manages"),
         (name = "applications", description = "The third party's app registration: permissions, admin consent, secrets"),
+        (name = "scope groups", description = "Mail-enabled security groups that define which mailboxes an app may reach"),
+        (name = "access policies", description = "Application access policies: create, replace safely, test and sync"),
         (name = "operations", description = "Health, readiness, metrics and error catalogue"),
     )
 )]

@@ -32,6 +32,14 @@ pub enum ProblemKind {
     NotReady,
     /// Microsoft (or the sandbox) refused or failed the request; the code says why.
     Microsoft365,
+    /// An access policy with the same app and scope exists with other settings.
+    PolicyConflict,
+    /// Removing the app's last RestrictAccess policy would open every mailbox to it.
+    LastRestrictPolicy,
+    /// A scope group still scopes an access policy.
+    ScopeGroupInUse,
+    /// The recipient cannot be the scope of an application access policy.
+    InvalidPolicyScope,
     Internal,
 }
 
@@ -123,6 +131,26 @@ pub const CATALOGUE: &[(ProblemKind, &str, &str)] = &[
         "Microsoft Entra ID, Graph or Exchange Online refused or failed a call mailscope made; the problem's code names the cause and its detail says how to fix it.",
     ),
     (
+        ProblemKind::PolicyConflict,
+        "Access policy conflict",
+        "An application access policy for this app and scope already exists with different settings; `errors` lists what differs. Change it with PUT or PATCH /access-policies/{id}.",
+    ),
+    (
+        ProblemKind::LastRestrictPolicy,
+        "Last RestrictAccess policy",
+        "Removing the app's last RestrictAccess policy would give it every mailbox in the tenant (rule 4). Revoke its mail permissions first, or repeat with `?allow_unrestricted=true`.",
+    ),
+    (
+        ProblemKind::ScopeGroupInUse,
+        "Scope group in use",
+        "The scope group is the scope of one or more application access policies; delete or replace those first.",
+    ),
+    (
+        ProblemKind::InvalidPolicyScope,
+        "Invalid policy scope",
+        "Only a user mailbox, a mail user or a mail-enabled security group can scope an application access policy; shared, room and equipment mailboxes must be put into a scope group.",
+    ),
+    (
         ProblemKind::Internal,
         "Internal error",
         "An unexpected error; the request id identifies it in the service's logs.",
@@ -149,6 +177,10 @@ impl ProblemKind {
             ProblemKind::DatabaseUnavailable => "database_unavailable",
             ProblemKind::NotReady => "not_ready",
             ProblemKind::Microsoft365 => "microsoft_365",
+            ProblemKind::PolicyConflict => "policy_conflict",
+            ProblemKind::LastRestrictPolicy => "last_restrict_policy",
+            ProblemKind::ScopeGroupInUse => "scope_group_in_use",
+            ProblemKind::InvalidPolicyScope => "invalid_policy_scope",
             ProblemKind::Internal => "internal",
         }
     }
@@ -173,6 +205,10 @@ impl ProblemKind {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             ProblemKind::Microsoft365 => StatusCode::BAD_GATEWAY,
+            ProblemKind::PolicyConflict
+            | ProblemKind::LastRestrictPolicy
+            | ProblemKind::ScopeGroupInUse => StatusCode::CONFLICT,
+            ProblemKind::InvalidPolicyScope => StatusCode::UNPROCESSABLE_ENTITY,
             ProblemKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -402,7 +438,7 @@ mod tests {
         codes.sort();
         codes.dedup();
         assert_eq!(codes.len(), n);
-        assert_eq!(n, 18);
+        assert_eq!(n, 22);
     }
 
     #[test]

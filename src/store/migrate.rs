@@ -15,6 +15,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         include_str!("../../migrations/0003_idempotency_keys.sql"),
     ),
     (
+        4,
+        "scope_groups_and_policies",
+        include_str!("../../migrations/0004_scope_groups_and_policies.sql"),
+    ),
+    (
         5,
         "applications",
         include_str!("../../migrations/0005_applications.sql"),
@@ -35,27 +40,23 @@ fn checksum(sql: &str) -> String {
 
 /// Apply pending migrations; returns the versions applied by this call.
 pub async fn run(client: &mut Client) -> anyhow::Result<Vec<i32>> {
-    client
-        .batch_execute(
-            "CREATE TABLE IF NOT EXISTS schema_migrations (
-                version integer PRIMARY KEY,
-                name text NOT NULL,
-                checksum text NOT NULL,
-                applied_at timestamptz NOT NULL DEFAULT now())",
-        )
-        .await
-        .or_else(|e| {
-            // Two processes creating the table at once: one wins, the other sees a unique violation.
-            if super::sqlstate(&e) == Some("23505") || super::sqlstate(&e) == Some("42P07") {
-                Ok(())
-            } else {
-                Err(e)
-            }
-        })?;
+    // Lock first: even `CREATE TABLE IF NOT EXISTS` races when two sessions run it at once.
     client
         .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
         .await?;
-    let result = apply_pending(client).await;
+    let result = async {
+        client
+            .batch_execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations (
+                    version integer PRIMARY KEY,
+                    name text NOT NULL,
+                    checksum text NOT NULL,
+                    applied_at timestamptz NOT NULL DEFAULT now())",
+            )
+            .await?;
+        apply_pending(client).await
+    }
+    .await;
     // Unlock even on failure; the session ending would release it too.
     let _ = client
         .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])

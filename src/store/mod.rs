@@ -8,11 +8,13 @@ use tokio_postgres::NoTls;
 
 use crate::config::DatabaseSettings;
 
+pub mod access_policies;
 pub mod applications;
 pub mod audit;
 pub mod embedded;
 pub mod local_secrets;
 pub mod migrate;
+pub mod scope_groups;
 pub mod tenants;
 
 #[derive(Debug, thiserror::Error)]

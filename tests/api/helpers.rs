@@ -261,11 +261,20 @@ impl WithSandbox {
     }
 
     pub async fn start_with(settings: mailscope::sandbox::SandboxSettings) -> WithSandbox {
+        Self::start_adjusted(settings, |_| {}).await
+    }
+
+    /// Like `start_with`, with the service's settings adjusted (e.g. a longer database pool wait
+    /// for tests that fire many concurrent requests).
+    pub async fn start_adjusted(
+        settings: mailscope::sandbox::SandboxSettings,
+        adjust: impl FnOnce(&mut Settings),
+    ) -> WithSandbox {
         use secrecy::ExposeSecret;
         let sandbox = mailscope::sandbox::spawn(settings)
             .await
             .expect("sandbox starts");
-        let app = spawn_app().await;
+        let app = spawn_app_with(adjust).await;
         let tenant = sandbox.default_tenant_id();
         let body = sandbox_tenant_body(
             &sandbox,

@@ -4,6 +4,7 @@
 
 mod helpers;
 
+mod access_policies;
 mod applications;
 mod auth;
 mod connection_test;
@@ -11,6 +12,7 @@ mod idempotency;
 mod operations;
 mod problems;
 mod queue;
+mod scope_groups;
 mod tenants;
 
 mod sandbox_control;

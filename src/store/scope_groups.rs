@@ -1,0 +1,130 @@
+//! SQL for the `scope_groups` table: mailscope's record of the mail-enabled security groups it
+//! manages, keyed by (tenant, alias).
+use chrono::{DateTime, Utc};
+use deadpool_postgres::GenericClient;
+use tokio_postgres::Row;
+use uuid::Uuid;
+
+use super::StoreError;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScopeGroupRecord {
+    pub tenant_id: Uuid,
+    pub alias: String,
+    pub display_name: String,
+    pub primary_smtp_address: String,
+    pub object_id: String,
+    pub membership: String,
+    pub members: Vec<String>,
+    pub origin: String,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+const COLUMNS: &str = "tenant_id, alias, display_name, primary_smtp_address, object_id, \
+    membership, members, origin, created_at, updated_at";
+
+fn from_row(r: &Row) -> ScopeGroupRecord {
+    ScopeGroupRecord {
+        tenant_id: r.get(0),
+        alias: r.get(1),
+        display_name: r.get(2),
+        primary_smtp_address: r.get(3),
+        object_id: r.get(4),
+        membership: r.get(5),
+        members: r.get(6),
+        origin: r.get(7),
+        created_at: r.get(8),
+        updated_at: r.get(9),
+    }
+}
+
+pub async fn get(
+    c: &impl GenericClient,
+    tenant_id: Uuid,
+    alias: &str,
+) -> Result<Option<ScopeGroupRecord>, StoreError> {
+    let sql = format!("SELECT {COLUMNS} FROM scope_groups WHERE tenant_id = $1 AND alias = $2");
+    Ok(c.query_opt(&sql, &[&tenant_id, &alias])
+        .await?
+        .as_ref()
+        .map(from_row))
+}
+
+pub async fn get_by_object_id(
+    c: &impl GenericClient,
+    tenant_id: Uuid,
+    object_id: &str,
+) -> Result<Option<ScopeGroupRecord>, StoreError> {
+    let sql = format!("SELECT {COLUMNS} FROM scope_groups WHERE tenant_id = $1 AND object_id = $2");
+    Ok(c.query_opt(&sql, &[&tenant_id, &object_id])
+        .await?
+        .as_ref()
+        .map(from_row))
+}
+
+/// Ordered by alias, after `after`.
+pub async fn list(
+    c: &impl GenericClient,
+    tenant_id: Uuid,
+    after: Option<&str>,
+    limit: i64,
+) -> Result<Vec<ScopeGroupRecord>, StoreError> {
+    let sql = format!(
+        "SELECT {COLUMNS} FROM scope_groups
+         WHERE tenant_id = $1 AND ($2::text IS NULL OR alias > $2)
+         ORDER BY alias LIMIT $3"
+    );
+    Ok(c.query(&sql, &[&tenant_id, &after, &limit])
+        .await?
+        .iter()
+        .map(from_row)
+        .collect())
+}
+
+/// Insert or replace by (tenant, alias); returns the stored row.
+pub async fn upsert(
+    c: &impl GenericClient,
+    g: &ScopeGroupRecord,
+) -> Result<ScopeGroupRecord, StoreError> {
+    let sql = format!(
+        "INSERT INTO scope_groups (tenant_id, alias, display_name, primary_smtp_address, object_id,
+             membership, members, origin)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+         ON CONFLICT (tenant_id, alias) DO UPDATE SET
+             display_name = EXCLUDED.display_name,
+             primary_smtp_address = EXCLUDED.primary_smtp_address,
+             object_id = EXCLUDED.object_id, membership = EXCLUDED.membership,
+             members = EXCLUDED.members, origin = EXCLUDED.origin, updated_at = now()
+         RETURNING {COLUMNS}"
+    );
+    let row = c
+        .query_one(
+            &sql,
+            &[
+                &g.tenant_id,
+                &g.alias,
+                &g.display_name,
+                &g.primary_smtp_address,
+                &g.object_id,
+                &g.membership,
+                &g.members,
+                &g.origin,
+            ],
+        )
+        .await?;
+    Ok(from_row(&row))
+}
+
+pub async fn delete(
+    c: &impl GenericClient,
+    tenant_id: Uuid,
+    alias: &str,
+) -> Result<bool, StoreError> {
+    Ok(c.execute(
+        "DELETE FROM scope_groups WHERE tenant_id = $1 AND alias = $2",
+        &[&tenant_id, &alias],
+    )
+    .await?
+        == 1)
+}

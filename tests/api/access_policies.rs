@@ -1,0 +1,660 @@
+//! `/v1/tenants/{id}/access-policies`, `/access-tests` and `/sync` against the sandbox: keyed by
+//! app and scope, adopted instead of duplicated, replaced create-before-remove, guarded against
+//! leaving an app unrestricted, tested both ways, and reconciled with the tenant.
+use serde_json::{Value, json};
+
+use crate::helpers::*;
+use crate::scope_groups::{
+    addr, break_inserts, count, create_group, exchange_calls, repair_inserts,
+};
+
+/// The fixture's "Contoso CRM connector" app.
+const APP: &str = "b9701c1e-1364-464d-93e4-01ae925e8d6c";
+
+async fn post_policy(env: &WithSandbox, body: Value) -> reqwest::Response {
+    env.app
+        .http
+        .post(env.url("/access-policies"))
+        .bearer_auth(env.app.admin())
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn restrict(env: &WithSandbox, scope: &str) -> Value {
+    let res = post_policy(
+        env,
+        json!({"app_id": APP, "scope": scope, "access_right": "RestrictAccess"}),
+    )
+    .await;
+    assert_eq!(res.status(), 201, "{}", res.text().await.unwrap());
+    res.json().await.unwrap()
+}
+
+async fn delete_policy(env: &WithSandbox, id: &str, query: &str) -> reqwest::Response {
+    env.app
+        .http
+        .delete(env.url(&format!("/access-policies/{id}{query}")))
+        .bearer_auth(env.app.admin())
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn access_test(env: &WithSandbox, mailbox: &str) -> Value {
+    let res = env
+        .app
+        .http
+        .post(env.url("/access-tests"))
+        .bearer_auth(env.app.admin())
+        .json(&json!({"app_id": APP, "mailbox": addr(mailbox)}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200, "{}", res.text().await.unwrap());
+    res.json().await.unwrap()
+}
+
+async fn sync(env: &WithSandbox, query: &str) -> Value {
+    let res = env
+        .app
+        .http
+        .post(env.url(&format!("/sync{query}")))
+        .bearer_auth(env.app.admin())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200, "{}", res.text().await.unwrap());
+    res.json().await.unwrap()
+}
+
+#[tokio::test]
+async fn a_policy_is_created_once_per_app_and_scope() {
+    let env = WithSandbox::start().await;
+    let group = create_group(&env, "crm-scope", &["alice"]).await;
+    let p = restrict(&env, "crm-scope").await;
+    assert_eq!(p["app_id"], APP);
+    assert_eq!(p["scope_object_id"], group["object_id"]);
+    assert_eq!(p["scope_alias"], "crm-scope");
+    assert_eq!(p["scope_type"], "MailUniversalSecurityGroup");
+    assert_eq!(p["access_right"], "RestrictAccess");
+    assert_eq!(p["description"], " ");
+    assert_eq!(p["state"], "pending_propagation");
+    assert_eq!(p["origin"], "created");
+    assert!(p["exchange_identity"].as_str().unwrap().contains(APP));
+    let new_call = exchange_calls(&env)
+        .await
+        .into_iter()
+        .find(|c| c["cmdlet"] == "New-ApplicationAccessPolicy")
+        .unwrap();
+    assert_eq!(
+        new_call["parameters"]["Description"], " ",
+        "the smallest description (§2.6)"
+    );
+
+    // The same policy again (by the group's address this time): 200 with the existing one.
+    let res = post_policy(
+        &env,
+        json!({"app_id": APP.to_uppercase(), "scope": addr("crm-scope"), "access_right": "RestrictAccess"}),
+    )
+    .await;
+    assert_eq!(res.status(), 200);
+    let again: Value = res.json().await.unwrap();
+    assert_eq!(again["id"], p["id"]);
+
+    // Same key, other right: 409 saying what differs.
+    let res = post_policy(
+        &env,
+        json!({"app_id": APP, "scope": "crm-scope", "access_right": "DenyAccess"}),
+    )
+    .await;
+    let problem = assert_problem(res, 409, "policy_conflict").await;
+    assert_eq!(problem["errors"][0]["field"], "access_right");
+    assert!(
+        problem["errors"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("DenyAccess")
+    );
+    assert_eq!(count(&env, "New-ApplicationAccessPolicy").await, 1);
+
+    let id = p["id"].as_str().unwrap();
+    let one: Value = env
+        .app
+        .http
+        .get(env.url(&format!("/access-policies/{id}")))
+        .bearer_auth(env.app.admin())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(one["id"], p["id"]);
+    let list: Value = env
+        .app
+        .http
+        .get(env.url(&format!("/access-policies?app_id={APP}")))
+        .bearer_auth(env.app.admin())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list["items"].as_array().unwrap().len(), 1);
+    let none: Value = env
+        .app
+        .http
+        .get(env.url(&format!("/access-policies?app_id={}", uuid::Uuid::new_v4())))
+        .bearer_auth(env.app.admin())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(none["items"].as_array().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn scopes_exchange_refuses_are_named_with_the_reason_before_any_create() {
+    let env = WithSandbox::start().await;
+    for (scope, code, needle) in [
+        (addr("support"), "invalid_policy_scope", "scope group"),
+        (addr("room101"), "invalid_policy_scope", "RoomMailbox"),
+        (
+            addr("allstaff"),
+            "invalid_policy_scope",
+            "distribution group",
+        ),
+        (
+            addr("projectx"),
+            "invalid_policy_scope",
+            "Microsoft 365 group",
+        ),
+        (addr("nobody"), "validation_failed", "no recipient"),
+        (
+            "no-such-group".to_string(),
+            "validation_failed",
+            "PUT /scope-groups",
+        ),
+    ] {
+        let res = post_policy(
+            &env,
+            json!({"app_id": APP, "scope": scope, "access_right": "RestrictAccess"}),
+        )
+        .await;
+        let p = assert_problem(res, 422, code).await;
+        assert!(
+            p["detail"].as_str().unwrap().contains(needle),
+            "{scope}: {p}"
+        );
+    }
+    let res = post_policy(
+        &env,
+        json!({"app_id": "not-a-guid", "scope": addr("dave"), "access_right": "RestrictAccess"}),
+    )
+    .await;
+    assert_problem(res, 422, "validation_failed").await;
+    // An app that is not in the tenant.
+    let res = post_policy(
+        &env,
+        json!({"app_id": uuid::Uuid::new_v4(), "scope": addr("dave"), "access_right": "RestrictAccess"}),
+    )
+    .await;
+    let p = assert_problem(res, 422, "validation_failed").await;
+    assert_eq!(p["errors"][0]["field"], "app_id");
+    assert_eq!(count(&env, "New-ApplicationAccessPolicy").await, 0);
+
+    // A single user mailbox is a valid scope.
+    let p = restrict(&env, &addr("dave")).await;
+    assert_eq!(p["scope_type"], "UserMailbox");
+    assert_eq!(p["scope_alias"], Value::Null);
+}
+
+#[tokio::test]
+async fn fifty_concurrent_identical_posts_create_one_policy() {
+    let env = WithSandbox::start_adjusted(mailscope::sandbox::SandboxSettings::fast(), |s| {
+        s.database.acquire_timeout_seconds = 60;
+    })
+    .await;
+    create_group(&env, "crm-scope", &["alice"]).await;
+    let body = json!({"app_id": APP, "scope": "crm-scope", "access_right": "RestrictAccess"});
+    let tasks: Vec<_> = (0..50)
+        .map(|_| {
+            let http = env.app.http.clone();
+            let url = env.url("/access-policies");
+            let token = env.app.admin();
+            let body = body.clone();
+            tokio::spawn(async move {
+                let res = http
+                    .post(url)
+                    .bearer_auth(token)
+                    .json(&body)
+                    .send()
+                    .await
+                    .unwrap();
+                let status = res.status().as_u16();
+                let v: Value = res.json().await.unwrap();
+                (status, v["id"].clone())
+            })
+        })
+        .collect();
+    let mut results = Vec::new();
+    for t in tasks {
+        results.push(t.await.unwrap());
+    }
+    let statuses: Vec<u16> = results.iter().map(|r| r.0).collect();
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 201).count(),
+        1,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 200).count(),
+        49,
+        "{statuses:?}"
+    );
+    assert!(
+        results.iter().all(|r| r.1 == results[0].1),
+        "one id for all"
+    );
+    assert_eq!(count(&env, "New-ApplicationAccessPolicy").await, 1);
+}
+
+#[tokio::test]
+async fn a_policy_created_before_a_crash_is_adopted_on_retry() {
+    let env = WithSandbox::start().await;
+    create_group(&env, "crm-scope", &["alice"]).await;
+    break_inserts(&env, "access_policies").await;
+    let body = json!({"app_id": APP, "scope": "crm-scope", "access_right": "RestrictAccess"});
+    assert_problem(post_policy(&env, body.clone()).await, 500, "internal").await;
+    assert_eq!(count(&env, "New-ApplicationAccessPolicy").await, 1);
+    repair_inserts(&env, "access_policies").await;
+
+    let res = post_policy(&env, body).await;
+    assert_eq!(res.status(), 200);
+    let p: Value = res.json().await.unwrap();
+    assert_eq!(p["origin"], "adopted");
+    assert_eq!(p["state"], "unverified");
+    assert_eq!(
+        count(&env, "New-ApplicationAccessPolicy").await,
+        1,
+        "not duplicated"
+    );
+}
+
+#[tokio::test]
+async fn put_creates_the_new_policy_before_removing_the_old() {
+    let env = WithSandbox::start().await;
+    create_group(&env, "sales", &["alice"]).await;
+    create_group(&env, "finance", &["bob"]).await;
+    let p = restrict(&env, "sales").await;
+    let id = p["id"].as_str().unwrap();
+    let res = env
+        .app
+        .http
+        .put(env.url(&format!("/access-policies/{id}")))
+        .bearer_auth(env.app.admin())
+        .json(&json!({"app_id": APP, "scope": "finance", "access_right": "RestrictAccess"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200, "{}", res.text().await.unwrap());
+    let replaced: Value = res.json().await.unwrap();
+    assert_eq!(
+        replaced["id"], p["id"],
+        "mailscope's id survives a replacement"
+    );
+    assert_eq!(replaced["scope_alias"], "finance");
+
+    let calls = exchange_calls(&env).await;
+    let seq = |cmdlet: &str| -> Vec<u64> {
+        calls
+            .iter()
+            .filter(|c| c["cmdlet"] == cmdlet && c["status"] == 200)
+            .map(|c| c["seq"].as_u64().unwrap())
+            .collect()
+    };
+    let news = seq("New-ApplicationAccessPolicy");
+    let removes = seq("Remove-ApplicationAccessPolicy");
+    assert_eq!((news.len(), removes.len()), (2, 1));
+    assert!(
+        news[1] < removes[0],
+        "created {news:?} before removing {removes:?}"
+    );
+
+    assert_eq!(access_test(&env, "bob").await["exchange"]["granted"], true);
+    assert_eq!(
+        access_test(&env, "alice").await["exchange"]["granted"],
+        false
+    );
+    // Moving the scope group out from under the policy is refused while it is in use.
+    let res = env
+        .app
+        .http
+        .delete(env.url("/scope-groups/finance"))
+        .bearer_auth(env.app.admin())
+        .send()
+        .await
+        .unwrap();
+    assert_problem(res, 409, "scope_group_in_use").await;
+    let res = env
+        .app
+        .http
+        .delete(env.url("/scope-groups/sales"))
+        .bearer_auth(env.app.admin())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 204, "the old scope is free again");
+}
+
+#[tokio::test]
+async fn the_last_restrict_policy_is_not_removed_without_consent() {
+    let env = WithSandbox::start().await;
+    create_group(&env, "sales", &["alice"]).await;
+    let a = restrict(&env, "sales").await;
+    let b = restrict(&env, &addr("dave")).await;
+    let (a, b) = (a["id"].as_str().unwrap(), b["id"].as_str().unwrap());
+
+    // Two restrict policies: removing one keeps the app restricted.
+    assert_eq!(delete_policy(&env, b, "").await.status(), 204);
+    let res = delete_policy(&env, a, "").await;
+    let p = assert_problem(res, 409, "last_restrict_policy").await;
+    assert!(
+        p["detail"]
+            .as_str()
+            .unwrap()
+            .contains("allow_unrestricted=true")
+    );
+    // Turning it into DenyAccess would open the tenant just the same.
+    let res = env
+        .app
+        .http
+        .put(env.url(&format!("/access-policies/{a}")))
+        .bearer_auth(env.app.admin())
+        .json(&json!({"app_id": APP, "scope": "sales", "access_right": "DenyAccess"}))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(res, 409, "last_restrict_policy").await;
+    assert_eq!(count(&env, "Remove-ApplicationAccessPolicy").await, 1);
+    assert_eq!(access_test(&env, "bob").await["exchange"]["granted"], false);
+
+    let res = delete_policy(&env, a, "?allow_unrestricted=true").await;
+    assert_eq!(res.status(), 204);
+    assert_eq!(access_test(&env, "bob").await["exchange"]["granted"], true);
+    let events: Value = env
+        .app
+        .http
+        .get(env.url("/audit-events"))
+        .bearer_auth(env.app.admin())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let last = &events["items"][0];
+    assert_eq!(last["action"], "access_policy.deleted");
+    assert_eq!(last["details"]["left_unrestricted"], true);
+    assert_problem(delete_policy(&env, a, "").await, 404, "not_found").await;
+}
+
+#[tokio::test]
+async fn patch_changes_the_description_in_place() {
+    let env = WithSandbox::start().await;
+    let p = restrict(&env, &addr("dave")).await;
+    let id = p["id"].as_str().unwrap();
+    let res = env
+        .app
+        .http
+        .patch(env.url(&format!("/access-policies/{id}")))
+        .bearer_auth(env.app.admin())
+        .json(&json!({"description": "CRM: Dave only"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let v: Value = res.json().await.unwrap();
+    assert_eq!(v["description"], "CRM: Dave only");
+    assert_eq!(count(&env, "Set-ApplicationAccessPolicy").await, 1);
+    assert_eq!(count(&env, "New-ApplicationAccessPolicy").await, 1);
+    let res = env
+        .app
+        .http
+        .patch(env.url(&format!("/access-policies/{id}")))
+        .bearer_auth(env.app.admin())
+        .json(&json!({"access_right": "DenyAccess"}))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(res, 422, "validation_failed").await;
+}
+
+#[tokio::test]
+async fn access_tests_compare_exchange_with_the_local_rules_and_explain_differences() {
+    let env = WithSandbox::start().await;
+    create_group(&env, "sales", &["alice"]).await;
+    let p = restrict(&env, "sales").await;
+    let alice = access_test(&env, "alice").await;
+    assert_eq!(alice["exchange"]["access_check_result"], "Granted");
+    assert_eq!(alice["local"]["granted"], true);
+    assert_eq!(alice["local"]["rule"], "restrict_match");
+    assert_eq!(alice["local"]["matched_policies"], json!([p["id"]]));
+    assert_eq!(alice["agree"], true);
+    let bob = access_test(&env, "bob").await;
+    assert_eq!(bob["exchange"]["granted"], false);
+    assert_eq!(bob["local"]["rule"], "restrict_miss");
+    assert_eq!(bob["agree"], true);
+
+    // Exchange counting only direct members of nested groups (§2.5) is named as the cause.
+    let res = env
+        .app
+        .http
+        .patch(format!(
+            "{}/_sandbox/tenants/{}/settings",
+            env.sandbox.base_url, env.tenant
+        ))
+        .json(&json!({"aapNestedGroups": "direct_only"}))
+        .send()
+        .await
+        .unwrap();
+    assert!(res.status().is_success());
+    restrict(&env, &addr("financeteam")).await;
+    let carol = access_test(&env, "carol").await;
+    assert_eq!(carol["local"]["granted"], true, "{carol}");
+    assert_eq!(carol["exchange"]["granted"], false);
+    assert_eq!(carol["agree"], false);
+    assert!(
+        carol["disagreement"].as_str().unwrap().contains("nested"),
+        "{carol}"
+    );
+
+    // A policy mailscope does not know about is named, with the fix.
+    env.app
+        .db
+        .client()
+        .await
+        .execute(
+            "DELETE FROM access_policies WHERE scope_alias = 'sales'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let alice = access_test(&env, "alice").await;
+    assert_eq!(alice["agree"], false);
+    assert!(
+        alice["disagreement"].as_str().unwrap().contains("/sync"),
+        "{alice}"
+    );
+}
+
+#[tokio::test]
+async fn sync_imports_the_tenant_and_reports_drift() {
+    let env = WithSandbox::start().await;
+    let empty = sync(&env, "").await;
+    assert_eq!(empty["access_policies"]["unchanged"], 0);
+    assert!(
+        empty["access_policies"]["added"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+
+    create_group(&env, "sales", &["alice"]).await;
+    let forgotten = restrict(&env, "sales").await;
+    let changed = restrict(&env, &addr("dave")).await;
+    let db = env.app.db.client().await;
+    // Drift made outside mailscope: a record lost, a right changed, a policy removed, a member added.
+    db.execute(
+        "DELETE FROM access_policies WHERE id = $1",
+        &[&forgotten["id"]
+            .as_str()
+            .unwrap()
+            .parse::<uuid::Uuid>()
+            .unwrap()],
+    )
+    .await
+    .unwrap();
+    db.execute(
+        "UPDATE access_policies SET access_right = 'DenyAccess' WHERE id = $1",
+        &[&changed["id"]
+            .as_str()
+            .unwrap()
+            .parse::<uuid::Uuid>()
+            .unwrap()],
+    )
+    .await
+    .unwrap();
+    let ghost = uuid::Uuid::new_v4();
+    db.execute(
+        "INSERT INTO access_policies (id, tenant_id, app_id, scope_object_id, scope_type,
+             scope_address, access_right, description, state, origin)
+         VALUES ($1, $2, $3, 'gone-scope', 'UserMailbox', 'gone@x.com', 'RestrictAccess', ' ',
+             'pending_propagation', 'created')",
+        &[&ghost, &env.tenant.parse::<uuid::Uuid>().unwrap(), &APP],
+    )
+    .await
+    .unwrap();
+    let res = env
+        .app
+        .http
+        .post(format!(
+            "{}/_sandbox/tenants/{}/groups/sales/members",
+            env.sandbox.base_url, env.tenant
+        ))
+        .json(&json!({"member": "bob"}))
+        .send()
+        .await
+        .unwrap();
+    assert!(res.status().is_success(), "{}", res.text().await.unwrap());
+    // A security group used by a policy made outside mailscope is imported with it.
+    let res = post_policy(
+        &env,
+        json!({"app_id": APP, "scope": addr("financeteam"), "access_right": "DenyAccess"}),
+    )
+    .await;
+    assert_eq!(res.status(), 201);
+    db.execute(
+        "DELETE FROM access_policies WHERE scope_address = $1",
+        &[&addr("financeteam")],
+    )
+    .await
+    .unwrap();
+
+    let dry = sync(&env, "?dry_run=true").await;
+    assert_eq!(dry["dry_run"], true);
+    assert_eq!(
+        dry["access_policies"]["added"].as_array().unwrap().len(),
+        2,
+        "{dry:#}"
+    );
+    let again = sync(&env, "?dry_run=true").await;
+    assert_eq!(
+        again["access_policies"], dry["access_policies"],
+        "a dry run changes nothing"
+    );
+
+    let report = sync(&env, "").await;
+    let pol = &report["access_policies"];
+    assert_eq!(pol["added"].as_array().unwrap().len(), 2, "{report:#}");
+    assert_eq!(pol["removed"].as_array().unwrap().len(), 1);
+    assert_eq!(pol["removed"][0]["id"], ghost.to_string());
+    assert_eq!(pol["changed"].as_array().unwrap().len(), 1);
+    assert_eq!(pol["changed"][0]["id"], changed["id"]);
+    assert_eq!(pol["changed"][0]["changes"][0]["field"], "access_right");
+    assert_eq!(pol["changed"][0]["changes"][0]["tenant"], "RestrictAccess");
+    let groups = &report["scope_groups"];
+    assert_eq!(groups["changed"][0]["key"], "sales", "{report:#}");
+    assert_eq!(groups["changed"][0]["changes"][0]["field"], "members");
+    assert_eq!(groups["added"][0]["key"], "financeteam");
+
+    // The records now match the tenant: a second sync finds no drift.
+    let after = sync(&env, "").await;
+    assert_eq!(after["access_policies"]["unchanged"], 3, "{after:#}");
+    for set in ["access_policies", "scope_groups"] {
+        for kind in ["added", "removed", "changed"] {
+            assert!(
+                after[set][kind].as_array().unwrap().is_empty(),
+                "{set}.{kind}: {after:#}"
+            );
+        }
+    }
+    let list: Value = env
+        .app
+        .http
+        .get(env.url("/access-policies"))
+        .bearer_auth(env.app.admin())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let items = list["items"].as_array().unwrap();
+    assert_eq!(items.len(), 3);
+    assert!(
+        items
+            .iter()
+            .any(|p| p["origin"] == "imported" && p["scope_alias"] == "sales")
+    );
+}
+
+#[tokio::test]
+async fn callers_of_other_tenants_see_nothing() {
+    let env = WithSandbox::start().await;
+    let p = restrict(&env, &addr("dave")).await;
+    let other = env.app.token(
+        &["MailScope.Write"],
+        &["1b2c3d4e-5f60-4718-8293-a4b5c6d7e8f9"],
+    );
+    let id = p["id"].as_str().unwrap();
+    let http = &env.app.http;
+    for req in [
+        http.get(env.url(&format!("/access-policies/{id}"))),
+        http.get(env.url("/access-policies")),
+        http.delete(env.url(&format!("/access-policies/{id}?allow_unrestricted=true"))),
+        http.post(env.url("/access-policies")).json(
+            &json!({"app_id": APP, "scope": addr("alice"), "access_right": "RestrictAccess"}),
+        ),
+        http.post(env.url("/access-tests"))
+            .json(&json!({"app_id": APP, "mailbox": addr("alice")})),
+        http.post(env.url("/sync")),
+    ] {
+        let res = req.bearer_auth(&other).send().await.unwrap();
+        assert_problem(res, 404, "not_found").await;
+    }
+    assert_eq!(count(&env, "Remove-ApplicationAccessPolicy").await, 0);
+    let reader = env.app.token(&["MailScope.Read"], &[&env.tenant]);
+    let res = http
+        .delete(env.url(&format!("/access-policies/{id}")))
+        .bearer_auth(&reader)
+        .send()
+        .await
+        .unwrap();
+    assert_problem(res, 403, "forbidden").await;
+}
