@@ -180,7 +180,7 @@ fn right_of(s: &str) -> AccessRight {
     }
 }
 
-fn view(r: AccessPolicyRecord) -> AccessPolicy {
+pub(crate) fn view(r: AccessPolicyRecord) -> AccessPolicy {
     AccessPolicy {
         id: r.id,
         app_id: r.app_id,

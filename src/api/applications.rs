@@ -19,7 +19,7 @@ use uuid::Uuid;
 
 use super::audit::record as audit;
 use super::idempotency::ReplayBody;
-use super::problem::{ApiError, FieldError, Problem};
+use super::problem::{ApiError, FieldError, Problem, ProblemKind};
 use super::tenants::tenant_handle;
 use super::{AppState, page_limit};
 use crate::auth::{Caller, Role};
@@ -175,6 +175,8 @@ pub struct ApplicationView {
     /// Names of granted or requested permissions that no application access policy restricts.
     pub unscoped_permissions: Vec<String>,
     pub secrets: Vec<SecretView>,
+    /// The application access policies mailscope manages for this app.
+    pub policies: Vec<crate::api::access_policies::AccessPolicy>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
@@ -542,6 +544,12 @@ async fn describe(
 ) -> Result<ApplicationView, ApiError> {
     let db = state.db().await?;
     let ours = store::applications::secrets(&db, r.tenant_id, &r.key).await?;
+    let policies = match r.app_id {
+        Some(app_id) => {
+            store::access_policies::for_app(&db, r.tenant_id, &app_id.to_string()).await?
+        }
+        None => Vec::new(),
+    };
     drop(db);
     let now = Utc::now();
     let soon = state.settings.provisioning.secret_expiring_soon_days;
@@ -556,6 +564,10 @@ async fn describe(
         permissions: Vec::new(),
         unscoped_permissions: Vec::new(),
         secrets: Vec::new(),
+        policies: policies
+            .into_iter()
+            .map(crate::api::access_policies::view)
+            .collect(),
         created_at: r.created_at,
         updated_at: r.updated_at,
     };
@@ -1253,6 +1265,25 @@ pub async fn delete_application(
     let record = store::applications::get(&tx, tenant_id, &key)
         .await?
         .ok_or_else(|| app_not_found(&key))?;
+    if let Some(app_id) = record.app_id {
+        // Deleting or forgetting an app must not strand its policies: a forgotten app keeps
+        // access, and removing its last RestrictAccess policy is a decision of its own.
+        let policies = store::access_policies::for_app(&tx, tenant_id, &app_id.to_string()).await?;
+        if !policies.is_empty() {
+            let ids: Vec<String> = policies.iter().map(|p| p.id.to_string()).collect();
+            return Err(ApiError::new(
+                ProblemKind::ApplicationHasPolicies,
+                format!(
+                    "application `{key}` still has {} access polic{} ({}); delete them first with \
+                     DELETE /v1/tenants/{tenant_id}/access-policies/{{id}} (the last RestrictAccess \
+                     policy needs ?allow_unrestricted=true)",
+                    ids.len(),
+                    if ids.len() == 1 { "y" } else { "ies" },
+                    ids.join(", ")
+                ),
+            ));
+        }
+    }
     let mut deleted_in_tenant: Vec<String> = Vec::new();
     let mut removed_secrets: Vec<Uuid> = Vec::new();
     if record.origin == "created" {

@@ -38,6 +38,7 @@ pub enum ProblemKind {
     LastRestrictPolicy,
     /// A scope group still scopes an access policy.
     ScopeGroupInUse,
+    ApplicationHasPolicies,
     /// The recipient cannot be the scope of an application access policy.
     InvalidPolicyScope,
     Internal,
@@ -146,6 +147,11 @@ pub const CATALOGUE: &[(ProblemKind, &str, &str)] = &[
         "The scope group is the scope of one or more application access policies; delete or replace those first.",
     ),
     (
+        ProblemKind::ApplicationHasPolicies,
+        "Application has access policies",
+        "The application still has access policies managed by mailscope; delete them first (the last RestrictAccess policy needs allow_unrestricted=true).",
+    ),
+    (
         ProblemKind::InvalidPolicyScope,
         "Invalid policy scope",
         "Only a user mailbox, a mail user or a mail-enabled security group can scope an application access policy; shared, room and equipment mailboxes must be put into a scope group.",
@@ -180,6 +186,7 @@ impl ProblemKind {
             ProblemKind::PolicyConflict => "policy_conflict",
             ProblemKind::LastRestrictPolicy => "last_restrict_policy",
             ProblemKind::ScopeGroupInUse => "scope_group_in_use",
+            ProblemKind::ApplicationHasPolicies => "application_has_policies",
             ProblemKind::InvalidPolicyScope => "invalid_policy_scope",
             ProblemKind::Internal => "internal",
         }
@@ -207,7 +214,8 @@ impl ProblemKind {
             ProblemKind::Microsoft365 => StatusCode::BAD_GATEWAY,
             ProblemKind::PolicyConflict
             | ProblemKind::LastRestrictPolicy
-            | ProblemKind::ScopeGroupInUse => StatusCode::CONFLICT,
+            | ProblemKind::ScopeGroupInUse
+            | ProblemKind::ApplicationHasPolicies => StatusCode::CONFLICT,
             ProblemKind::InvalidPolicyScope => StatusCode::UNPROCESSABLE_ENTITY,
             ProblemKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -438,7 +446,7 @@ mod tests {
         codes.sort();
         codes.dedup();
         assert_eq!(codes.len(), n);
-        assert_eq!(n, 22);
+        assert_eq!(n, 23);
     }
 
     #[test]

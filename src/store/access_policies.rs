@@ -97,6 +97,23 @@ pub async fn list(
         .collect())
 }
 
+/// The policies mailscope records for one app (client id, compared case-insensitively).
+pub async fn for_app(
+    c: &impl GenericClient,
+    tenant_id: Uuid,
+    app_id: &str,
+) -> Result<Vec<AccessPolicyRecord>, StoreError> {
+    let sql = format!(
+        "SELECT {COLUMNS} FROM access_policies
+         WHERE tenant_id = $1 AND lower(app_id) = lower($2) ORDER BY created_at, id"
+    );
+    Ok(c.query(&sql, &[&tenant_id, &app_id])
+        .await?
+        .iter()
+        .map(from_row)
+        .collect())
+}
+
 /// Every policy of the tenant (for evaluation and sync).
 pub async fn all(
     c: &impl GenericClient,

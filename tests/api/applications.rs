@@ -191,7 +191,7 @@ async fn created_app_gets_consent_and_signs_in_with_exactly_those_roles() {
         assert_eq!(p["resource_app_id"], "00000003-0000-0000-c000-000000000000");
     }
     assert_eq!(view["unscoped_permissions"], json!([]));
-    assert!(view.get("policies").is_none());
+    assert_eq!(view["policies"], json!([]));
 
     // The registration carries the crash-recovery marker.
     let app_id = view["app_id"].as_str().unwrap().to_string();
