@@ -63,7 +63,7 @@ run() { # name method url [auth]
   rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
   p50=$(awk '$1=="50%" {print $2}' <<<"$out"); p90=$(awk '$1=="90%" {print $2}' <<<"$out")
   p99=$(awk '$1=="99%" {print $2}' <<<"$out")
-  non2xx=$(awk '/Non-2xx/ {print $4}' <<<"$out"); non2xx=${non2xx:-0}
+  non2xx=$(awk '/Non-2xx or 3xx responses/ {print $NF}' <<<"$out"); non2xx=${non2xx:-0}
   printf '| %s | %s | %s | %s | %s | %s |\n' "$1" "$rps" "$p50" "$p90" "$p99" "$non2xx"
 }
 
@@ -75,14 +75,16 @@ result=bench/results/api-$(date -u +%Y-%m-%d).md
   echo "Machine: $(nproc) cores, $(awk -F: '/model name/ {print $2; exit}' /proc/cpuinfo | xargs), $(free -g | awk '/Mem/ {print $2}') GiB;"
   echo "PostgreSQL $(psql "$ADMIN_URL" -tAc 'show server_version'); wrk -t2 -c$CONNECTIONS -d$DURATION on the same machine; release build, 2 HTTP workers each."
   echo
+  echo "Load average at start: $(cut -d' ' -f1-3 /proc/loadavg) (other builds share these 2 cores when above ~1)."
+  echo
   echo "| endpoint | req/s | p50 | p90 | p99 | non-2xx |"
   echo "|---|---|---|---|---|---|"
   run "floor: GET single-row query, no auth" GET "http://$FLOOR/floor/tenants/$TENANT"
   run "floor: GET single-row query + JWT check" GET "http://$FLOOR/floor-auth/tenants/$TENANT" auth
   run "mailscope: GET /v1/tenants/{id} (auth)" GET "http://$API/v1/tenants/$TENANT" auth
   run "mailscope: GET /healthz (no auth, no query)" GET "http://$API/healthz"
-  run "floor: POST replay row lookup, no auth" GET "http://$FLOOR/floor/replay/bench-replay"
+  run "floor: replay row lookup, no auth" POST "http://$FLOOR/floor/replay/bench-replay"
+  run "floor: replay row lookup + JWT check" POST "http://$FLOOR/floor-auth/replay/bench-replay"
   run "mailscope: POST Idempotency-Key replay (auth)" POST "http://$API/v1/tenants/$TENANT/connection-test"
 } | tee "$result"
-sed -i 's#| floor: POST replay row lookup, no auth | #| floor: replay row lookup, no auth | #' "$result"
 echo "written to $result"

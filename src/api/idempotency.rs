@@ -165,6 +165,29 @@ async fn decide(req: &mut ServiceRequest) -> Result<Decision, ApiError> {
 
     let db = state.db().await?;
     let sql_err = |e| ApiError::from(crate::store::StoreError::from(e));
+    let read = async {
+        db.query_opt(
+            "SELECT fingerprint, response_status, response_headers, response_body,
+                    locked_until > now()
+             FROM idempotency_keys WHERE caller = $1 AND key = $2",
+            &[&caller, &key],
+        )
+        .await
+        .map_err(sql_err)
+    };
+    // Read first, without locks: replays (the common case for a repeated key) are one indexed
+    // read. Only an unknown key, or one whose holder crashed, is claimed with a write.
+    if let Some(row) = read.await? {
+        if row.get::<_, Vec<u8>>(0) != fp {
+            return Err(reused());
+        }
+        if let Some(status) = row.get::<_, Option<i32>>(1) {
+            return Ok(Decision::Replay(replay(&row, status)));
+        }
+        if row.get::<_, Option<bool>>(4).unwrap_or(false) {
+            return Err(in_use());
+        }
+    }
     let claimed = db
         .query_opt(
             "INSERT INTO idempotency_keys (caller, key, fingerprint, method, path, locked_until)
@@ -182,6 +205,7 @@ async fn decide(req: &mut ServiceRequest) -> Result<Decision, ApiError> {
     if claimed {
         return Ok(Decision::Run { caller, key });
     }
+    // Someone else claimed or finished it between our read and our claim.
     let row = db
         .query_opt(
             "SELECT fingerprint, response_status, response_headers, response_body
@@ -193,14 +217,23 @@ async fn decide(req: &mut ServiceRequest) -> Result<Decision, ApiError> {
     // Gone between insert and read: the first attempt failed transiently and released it.
     let Some(row) = row else { return Err(in_use()) };
     if row.get::<_, Vec<u8>>(0) != fp {
-        return Err(ApiError::new(
-            ProblemKind::IdempotencyKeyReused,
-            "this Idempotency-Key was used with a different request; use a new key for a new request",
-        ));
+        return Err(reused());
     }
-    let Some(status) = row.get::<_, Option<i32>>(1) else {
-        return Err(in_use());
-    };
+    match row.get::<_, Option<i32>>(1) {
+        Some(status) => Ok(Decision::Replay(replay(&row, status))),
+        None => Err(in_use()),
+    }
+}
+
+fn reused() -> ApiError {
+    ApiError::new(
+        ProblemKind::IdempotencyKeyReused,
+        "this Idempotency-Key was used with a different request; use a new key for a new request",
+    )
+}
+
+/// The stored response, marked as a replay. Columns: 1 status (given), 2 headers, 3 body.
+fn replay(row: &tokio_postgres::Row, status: i32) -> HttpResponse {
     let mut res =
         HttpResponse::build(StatusCode::from_u16(status as u16).unwrap_or(StatusCode::OK));
     if let Some(serde_json::Value::Object(headers)) = row.get::<_, Option<serde_json::Value>>(2) {
@@ -211,8 +244,7 @@ async fn decide(req: &mut ServiceRequest) -> Result<Decision, ApiError> {
         }
     }
     res.insert_header((REPLAYED_HEADER, "true"));
-    let body: Vec<u8> = row.get::<_, Option<Vec<u8>>>(3).unwrap_or_default();
-    Ok(Decision::Replay(res.body(body)))
+    res.body(row.get::<_, Option<Vec<u8>>>(3).unwrap_or_default())
 }
 
 /// Store a final response for replay, or release the key after a transient failure.
