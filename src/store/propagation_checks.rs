@@ -220,7 +220,8 @@ pub async fn save_progress(
                  propagation_seconds = $10, updated_at = now(),
                  started_at = coalesce(started_at, now()),
                  finished_at = CASE WHEN $3 IN ('queued', 'running') THEN NULL ELSE now() END
-             WHERE id = $1 AND revision = $2 AND state IN ('queued', 'running')",
+             WHERE id = $1 AND revision = $2 AND state IN ('queued', 'running')
+               AND (NOT cancel_requested OR $3 NOT IN ('queued', 'running'))",
             &[
                 &id,
                 &revision,
