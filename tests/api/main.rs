@@ -11,6 +11,7 @@ mod connection_test;
 mod idempotency;
 mod operations;
 mod problems;
+mod propagation_checks;
 mod queue;
 mod scope_groups;
 mod tenants;

@@ -1,0 +1,519 @@
+//! Propagation checks against the sandbox, run by the in-process worker: a RestrictAccess
+//! policy's check passes only once Graph's front ends agree (long simulated delays are stepped
+//! through with the sandbox clock, so nothing depends on the machine's speed), a misconfiguration
+//! fails fast, a check times out when propagation never comes, cancel works, the probe secret
+//! is gone in every outcome, and apps mailscope did not create are verified by Exchange's test.
+use std::time::Duration;
+
+use mailscope::config::Settings;
+use mailscope::sandbox::SandboxSettings;
+use mailscope::sandbox::settings::DelayRange;
+use serde_json::{Value, json};
+
+use crate::helpers::*;
+use crate::scope_groups::{addr, create_group};
+
+/// The fixture's "Contoso CRM connector" (not created by mailscope).
+const CRM: &str = "b9701c1e-1364-464d-93e4-01ae925e8d6c";
+const PROBE_NAME: &str = "mailscope propagation probe";
+
+/// Graph front ends adopt each change after `min..max` minutes of sandbox time.
+fn sandbox(min_minutes: u64, max_minutes: u64) -> SandboxSettings {
+    let mut s = SandboxSettings::fast();
+    s.seed = 11;
+    s.pacing.front_ends = 4;
+    s.pacing.propagation_delay = DelayRange::between(
+        Duration::from_secs(min_minutes * 60),
+        Duration::from_secs(max_minutes * 60),
+    );
+    s
+}
+
+/// Short observation spacing so a check runs in seconds.
+fn quick(s: &mut Settings) {
+    s.database.pool_size = 8;
+    s.worker.poll_interval_seconds = 1;
+    s.propagation.first_delay_ms = 200;
+    s.propagation.max_delay_ms = 800;
+    s.propagation.backoff_factor = 1.5;
+    s.propagation.required_matches = 2;
+}
+
+async fn start(sb: SandboxSettings, adjust: impl FnOnce(&mut Settings)) -> WithSandbox {
+    WithSandbox::start_adjusted(sb, |s| {
+        quick(s);
+        adjust(s);
+    })
+    .await
+}
+
+/// Create an app registration through mailscope (origin `created`); returns its client id.
+async fn managed_app(env: &WithSandbox, key: &str, permissions: &[&str]) -> String {
+    let res = env
+        .app
+        .http
+        .put(env.url(&format!("/applications/{key}")))
+        .bearer_auth(env.app.admin())
+        .json(&json!({"display_name": "Probe target", "permissions": permissions, "grant_admin_consent": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201, "{}", res.text().await.unwrap());
+    let v: Value = res.json().await.unwrap();
+    v["app_id"].as_str().unwrap().to_string()
+}
+
+/// POST a policy; returns (body, Link header).
+async fn restrict(
+    env: &WithSandbox,
+    app_id: &str,
+    scope: &str,
+    canaries: &[&str],
+) -> (Value, String) {
+    let canaries: Vec<String> = canaries.iter().map(|c| addr(c)).collect();
+    let res = env
+        .app
+        .http
+        .post(env.url("/access-policies"))
+        .bearer_auth(env.app.admin())
+        .json(
+            &json!({"app_id": app_id, "scope": scope, "access_right": "RestrictAccess",
+            "canary_mailboxes": canaries}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201);
+    let link = res
+        .headers()
+        .get("link")
+        .expect("Link header")
+        .to_str()
+        .unwrap()
+        .to_string();
+    (res.json().await.unwrap(), link)
+}
+
+async fn get_check(env: &WithSandbox, id: &str) -> Value {
+    let res = env
+        .app
+        .http
+        .get(env.url(&format!("/propagation-checks/{id}")))
+        .bearer_auth(env.app.token(&["MailScope.Read"], &["*"]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    res.json().await.unwrap()
+}
+
+/// Poll until `done(check)`; panics after a minute with the last state.
+async fn wait_until(env: &WithSandbox, id: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let mut last = Value::Null;
+    for _ in 0..300 {
+        last = get_check(env, id).await;
+        if done(&last) {
+            return last;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("condition never met; last: {last:#}");
+}
+
+fn expectation<'a>(check: &'a Value, name: &str) -> &'a Value {
+    check["expectations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["mailbox"] == addr(name))
+        .unwrap_or_else(|| panic!("{name} in {check:#}"))
+}
+
+fn is_final(c: &Value) -> bool {
+    !matches!(c["state"].as_str(), Some("queued" | "running"))
+}
+
+/// Probe secrets currently on the app registration in the sandbox tenant.
+async fn probe_secrets(env: &WithSandbox, app_id: &str) -> usize {
+    let t: Value = env
+        .app
+        .http
+        .get(format!(
+            "{}/_sandbox/tenants/{}",
+            env.sandbox.base_url, env.tenant
+        ))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let app = t["applications"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["appId"] == app_id)
+        .unwrap_or_else(|| panic!("app {app_id} in the sandbox"));
+    app["passwordCredentials"]
+        .as_array()
+        .map(|creds| {
+            creds
+                .iter()
+                .filter(|c| {
+                    c["displayName"]
+                        .as_str()
+                        .is_some_and(|n| n.starts_with(PROBE_NAME))
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+async fn exchange_verdict(env: &WithSandbox, app_id: &str, mailbox: &str) -> Value {
+    let res = env
+        .app
+        .http
+        .post(env.url("/access-tests"))
+        .bearer_auth(env.app.admin())
+        .json(&json!({"app_id": app_id, "mailbox": addr(mailbox)}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let v: Value = res.json().await.unwrap();
+    v["exchange"]["access_check_result"].clone()
+}
+
+#[tokio::test]
+async fn a_restrict_policy_check_passes_only_after_every_front_end_agrees() {
+    let env = start(sandbox(10, 20), |_| {}).await;
+    let app = managed_app(&env, "crm", &["Mail.Read"]).await;
+    create_group(&env, "crm-scope", &["alice", "bob"]).await;
+    let (policy, link) = restrict(&env, &app, "crm-scope", &["carol"]).await;
+    let check = &policy["propagation_check"];
+    let id = check["id"].as_str().unwrap().to_string();
+    assert_eq!(
+        link,
+        format!(
+            "</v1/tenants/{}/propagation-checks/{id}>; rel=\"propagation-check\"",
+            env.tenant
+        )
+    );
+    assert_eq!(check["app_id"], app.as_str());
+    let expected: Vec<(String, String)> = check["expectations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["mailbox"].as_str().unwrap().to_string(),
+                e["expected"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        expected,
+        vec![
+            (addr("alice"), "granted".into()),
+            (addr("bob"), "granted".into()),
+            (addr("carol"), "denied".into()),
+        ],
+        "in-scope members granted, the canary denied"
+    );
+
+    // Exchange already denies the canary, yet Graph still lets the app in: the check keeps
+    // going (live stage, probing as the app with its probe secret), it does not pass.
+    assert_eq!(exchange_verdict(&env, &app, "carol").await, "Denied");
+    let running = wait_until(&env, &id, |c| {
+        c["stage"] == "live" && expectation(c, "carol")["last_observed"] == "granted"
+    })
+    .await;
+    assert!(
+        matches!(running["state"].as_str(), Some("queued" | "running")),
+        "{running:#}"
+    );
+    assert_eq!(expectation(&running, "carol")["consecutive_matches"], 0);
+    assert!(running["next_run_at"].is_string() || running["state"] == "running");
+    assert_eq!(
+        probe_secrets(&env, &app).await,
+        1,
+        "a probe secret while live"
+    );
+
+    // Every front end adopts the change; the check then needs its streaks and passes.
+    env.sandbox.advance_clock(Duration::from_secs(25 * 60));
+    let done = wait_until(&env, &id, is_final).await;
+    assert_eq!(done["state"], "succeeded", "{done:#}");
+    assert_eq!(done["stage"], "done");
+    assert_eq!(done["verified_by"], "graph");
+    assert!(done["propagation_seconds"].as_f64().unwrap() > 0.0);
+    let carol = expectation(&done, "carol");
+    assert_eq!(carol["last_observed"], "denied");
+    assert!(carol["consecutive_matches"].as_u64().unwrap() >= 2);
+    assert!(carol["met_at"].is_string() && carol["first_matched_at"].is_string());
+    assert_eq!(probe_secrets(&env, &app).await, 0, "probe secret removed");
+
+    // The policy is now known to be in force.
+    let p: Value = env
+        .app
+        .http
+        .get(env.url(&format!(
+            "/access-policies/{}",
+            policy["id"].as_str().unwrap()
+        )))
+        .bearer_auth(env.app.admin())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(p["state"], "in_force");
+}
+
+#[tokio::test]
+async fn an_expectation_exchange_disagrees_with_fails_fast_as_misconfigured() {
+    let env = start(sandbox(600, 1200), |_| {}).await;
+    let app = managed_app(&env, "crm", &["Mail.Read"]).await;
+    create_group(&env, "crm-scope", &["alice"]).await;
+    let (policy, _) = restrict(&env, &app, "crm-scope", &[]).await;
+    let first = policy["propagation_check"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    // Carol is outside the group: expecting her granted is a configuration error, not a delay.
+    let res = env
+        .app
+        .http
+        .post(env.url("/propagation-checks"))
+        .bearer_auth(env.app.admin())
+        .json(&json!({"app_id": app, "expectations": [
+            {"mailbox": addr("alice"), "expected": "granted"},
+            {"mailbox": addr("carol"), "expected": "granted"}]}))
+        .send()
+        .await
+        .unwrap();
+    let status = res.status().as_u16();
+    let check: Value = res.json().await.unwrap();
+    let id = check["id"].as_str().unwrap().to_string();
+    if status == 200 {
+        assert_eq!(
+            id, first,
+            "the app's active check is updated, not duplicated"
+        );
+    } else {
+        assert_eq!(status, 201);
+    }
+    let done = wait_until(&env, &id, is_final).await;
+    assert_eq!(done["state"], "misconfigured", "{done:#}");
+    let reason = done["reason"].as_str().unwrap();
+    assert!(
+        reason.contains(&format!(
+            "mailbox {} is not a member of crm-scope",
+            addr("carol")
+        )),
+        "{reason}"
+    );
+    assert!(!reason.contains(&addr("alice")), "{reason}");
+    assert_eq!(expectation(&done, "carol")["last_observed"], "denied");
+    assert_eq!(probe_secrets(&env, &app).await, 0);
+
+    // One check per app: the list shows no second active one.
+    let list: Value = env
+        .app
+        .http
+        .get(env.url(&format!("/propagation-checks?app_id={app}")))
+        .bearer_auth(env.app.admin())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let items = list["items"].as_array().unwrap();
+    assert!(items.iter().all(is_final), "{list:#}");
+}
+
+#[tokio::test]
+async fn a_check_times_out_when_propagation_never_comes() {
+    let env = start(sandbox(600, 1200), |s| s.propagation.deadline_seconds = 4).await;
+    let app = managed_app(&env, "crm", &["Calendars.Read"]).await;
+    create_group(&env, "crm-scope", &["alice"]).await;
+    let (policy, _) = restrict(&env, &app, "crm-scope", &["carol"]).await;
+    let id = policy["propagation_check"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let done = wait_until(&env, &id, is_final).await;
+    assert_eq!(done["state"], "timed_out", "{done:#}");
+    assert!(done["verified_by"].is_null());
+    let reason = done["reason"].as_str().unwrap();
+    assert!(
+        reason.contains(&format!(
+            "{} expected denied, last seen granted",
+            addr("carol")
+        )),
+        "{reason}"
+    );
+    assert_eq!(expectation(&done, "alice")["last_observed"], "granted");
+    assert_eq!(probe_secrets(&env, &app).await, 0, "probe secret removed");
+}
+
+#[tokio::test]
+async fn cancel_ends_a_live_check_and_takes_its_probe_secret_back() {
+    let env = start(sandbox(600, 1200), |_| {}).await;
+    let app = managed_app(&env, "crm", &["Mail.Read"]).await;
+    create_group(&env, "crm-scope", &["alice"]).await;
+    let (policy, _) = restrict(&env, &app, "crm-scope", &["carol"]).await;
+    let id = policy["propagation_check"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    wait_until(&env, &id, |c| c["stage"] == "live").await;
+    // The first live round adds the probe secret.
+    let mut secrets = 0;
+    for _ in 0..150 {
+        secrets = probe_secrets(&env, &app).await;
+        if secrets > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(secrets, 1);
+
+    let cancel = |token: String| {
+        env.app
+            .http
+            .post(env.url(&format!("/propagation-checks/{id}/cancel")))
+            .bearer_auth(token)
+            .send()
+    };
+    let res = cancel(env.app.token(&["MailScope.Read"], &["*"]))
+        .await
+        .unwrap();
+    assert_problem(res, 403, "forbidden").await;
+    let res = cancel(env.app.admin()).await.unwrap();
+    assert!(matches!(res.status().as_u16(), 200 | 202));
+    let done = wait_until(&env, &id, is_final).await;
+    assert_eq!(done["state"], "cancelled", "{done:#}");
+    assert_eq!(probe_secrets(&env, &app).await, 0, "probe secret removed");
+    let res = cancel(env.app.admin()).await.unwrap();
+    assert_problem(res, 409, "conflict").await;
+}
+
+#[tokio::test]
+async fn an_adopted_app_is_verified_by_exchanges_test_without_a_probe_secret() {
+    let env = start(sandbox(600, 1200), |_| {}).await;
+    let res = env
+        .app
+        .http
+        .put(env.url("/applications/crm"))
+        .bearer_auth(env.app.admin())
+        .json(&json!({"app_id": CRM, "allow_unscoped_permissions": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201, "{}", res.text().await.unwrap());
+    create_group(&env, "crm-scope", &["alice"]).await;
+    let (policy, _) = restrict(&env, CRM, "crm-scope", &["carol"]).await;
+    let id = policy["propagation_check"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    // `?wait` returns as soon as the state changes (or after the wait).
+    let res = env
+        .app
+        .http
+        .get(env.url(&format!("/propagation-checks/{id}?wait=20")))
+        .bearer_auth(env.app.admin())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let done = wait_until(&env, &id, is_final).await;
+    assert_eq!(done["state"], "succeeded", "{done:#}");
+    assert_eq!(done["verified_by"], "exchange_test");
+    assert_eq!(expectation(&done, "carol")["last_observed"], "denied");
+    assert_eq!(expectation(&done, "alice")["last_observed"], "granted");
+    assert_eq!(probe_secrets(&env, CRM).await, 0);
+    assert!(done["attempts"].as_i64().unwrap() >= 1);
+}
+
+#[tokio::test]
+async fn manual_checks_are_validated_and_need_the_write_role() {
+    let env = start(SandboxSettings::fast(), |_| {}).await;
+    let post = |token: String, body: Value| {
+        env.app
+            .http
+            .post(env.url("/propagation-checks"))
+            .bearer_auth(token)
+            .json(&body)
+            .send()
+    };
+    let ok = json!({"app_id": CRM, "canary_mailboxes": [addr("carol")]});
+    let res = post(env.app.token(&["MailScope.Read"], &["*"]), ok.clone())
+        .await
+        .unwrap();
+    assert_problem(res, 403, "forbidden").await;
+    let res = post(
+        env.app.admin(),
+        json!({"app_id": "nope", "expectations": [{"mailbox": "x", "expected": "granted"}],
+            "callback_url": "ftp://x"}),
+    )
+    .await
+    .unwrap();
+    let p = assert_problem(res, 422, "validation_failed").await;
+    let fields: Vec<&str> = p["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["field"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        fields,
+        vec!["app_id", "expectations[0].mailbox", "callback_url"]
+    );
+
+    let res = post(
+        env.app.admin(),
+        json!({"app_id": CRM, "canary_mailboxes": [addr("carol")], "callback_url": "https://hooks.example.com/x"}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(res.status(), 201);
+    let created: Value = res.json().await.unwrap();
+    assert_eq!(created["callback_url"], "https://hooks.example.com/x");
+    assert_eq!(created["origin"], "manual");
+    let id = created["id"].as_str().unwrap().to_string();
+    // Carol is reachable (the CRM app has no policy): Exchange grants her, so misconfigured.
+    let done = wait_until(&env, &id, is_final).await;
+    assert_eq!(done["state"], "misconfigured");
+    assert!(
+        done["reason"].as_str().unwrap().contains("rule 4"),
+        "{done:#}"
+    );
+
+    let res = env
+        .app
+        .http
+        .get(env.url("/propagation-checks?state=bogus"))
+        .bearer_auth(env.app.admin())
+        .send()
+        .await
+        .unwrap();
+    assert_problem(res, 400, "invalid_query").await;
+    let list: Value = env
+        .app
+        .http
+        .get(env.url("/propagation-checks?state=misconfigured&limit=1"))
+        .bearer_auth(env.app.admin())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list["items"][0]["id"], id.as_str());
+}
