@@ -517,3 +517,96 @@ async fn manual_checks_are_validated_and_need_the_write_role() {
         .unwrap();
     assert_eq!(list["items"][0]["id"], id.as_str());
 }
+
+/// A `mailscope serve --worker-only` process on the test database; killed when dropped.
+struct WorkerProcess(std::process::Child);
+
+impl WorkerProcess {
+    fn spawn(env: &WithSandbox) -> WorkerProcess {
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_mailscope"))
+            .args(["serve", "--worker-only"])
+            .env_remove("MAILSCOPE_CONFIG")
+            .env("DATABASE_URL", &env.app.db.url)
+            .env("MAILSCOPE_LISTEN", "127.0.0.1:0")
+            .env("MAILSCOPE_ENCRYPTION_KEY", ENCRYPTION_KEY)
+            .env("MAILSCOPE_AUTH__HS256_SECRET", HS_SECRET)
+            .env("MAILSCOPE_SHUTDOWN_GRACE_SECONDS", "1")
+            .env("MAILSCOPE_WORKER__LEASE_SECONDS", "3")
+            .env("MAILSCOPE_WORKER__POLL_INTERVAL_SECONDS", "1")
+            .env("MAILSCOPE_PROPAGATION__FIRST_DELAY_MS", "200")
+            .env("MAILSCOPE_PROPAGATION__MAX_DELAY_MS", "800")
+            .env("MAILSCOPE_PROPAGATION__REQUIRED_MATCHES", "2")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("the mailscope binary starts");
+        WorkerProcess(child)
+    }
+
+    /// SIGKILL: no graceful release, the lease just stops being renewed.
+    fn kill_9(mut self) {
+        self.0.kill().unwrap();
+        self.0.wait().unwrap();
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn a_worker_killed_mid_check_loses_nothing_and_two_workers_finish_it_once() {
+    // The in-process worker may claim nothing (a per-tenant cap of 0): only the spawned
+    // processes run checks.
+    let env = start(sandbox(10, 20), |s| s.worker.per_tenant_concurrency = 0).await;
+    let app = managed_app(&env, "crm", &["Mail.Read"]).await;
+    create_group(&env, "crm-scope", &["alice"]).await;
+    let (policy, _) = restrict(&env, &app, "crm-scope", &["carol"]).await;
+    let id = policy["propagation_check"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    let first = WorkerProcess::spawn(&env);
+    // Mid-check: live, probing as the app with the probe secret the first process added.
+    let mut secrets = 0;
+    for _ in 0..300 {
+        secrets = probe_secrets(&env, &app).await;
+        if secrets > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(secrets, 1);
+    first.kill_9();
+
+    // Two new workers race for the check; the change reaches every front end.
+    let _second = WorkerProcess::spawn(&env);
+    let _third = WorkerProcess::spawn(&env);
+    env.sandbox.advance_clock(Duration::from_secs(25 * 60));
+    let done = wait_until(&env, &id, is_final).await;
+    assert_eq!(done["state"], "succeeded", "{done:#}");
+    assert_eq!(done["verified_by"], "graph");
+    // The probe secret of the killed process was reused (sealed in the database) and removed.
+    assert_eq!(probe_secrets(&env, &app).await, 0);
+
+    let db = env.app.db.client().await;
+    let jobs = db
+        .query(
+            "SELECT state FROM jobs WHERE kind = 'propagation_check'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(jobs.len(), 1, "one job, never duplicated");
+    assert_eq!(jobs[0].get::<_, String>(0), "succeeded");
+    let checks: i64 = db
+        .query_one("SELECT count(*) FROM propagation_checks", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(checks, 1);
+}
