@@ -633,6 +633,38 @@ mod tests {
     }
 
     #[test]
+    fn propagation_settings_are_read_and_checked() {
+        let s = Settings::load_from(
+            None,
+            env(&[
+                ("MAILSCOPE_PROPAGATION__FIRST_DELAY_MS", "200"),
+                ("MAILSCOPE_PROPAGATION__REQUIRED_MATCHES", "2"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.propagation.first_delay_ms, 200);
+        assert_eq!(s.propagation.required_matches, 2);
+        assert_eq!(s.propagation.deadline_seconds, 86_400);
+        let e = Settings::load_from(
+            None,
+            env(&[
+                ("MAILSCOPE_PROPAGATION__FIRST_DELAY_MS", "900000"),
+                ("MAILSCOPE_PROPAGATION__REQUIRED_MATCHES", "0"),
+                ("MAILSCOPE_PROPAGATION__SAMPLE_SIZE", "0"),
+            ]),
+        )
+        .unwrap_err()
+        .to_string();
+        for part in [
+            "propagation.first_delay_ms",
+            "propagation.required_matches",
+            "propagation.sample_size",
+        ] {
+            assert!(e.contains(part), "{e}");
+        }
+    }
+
+    #[test]
     fn unknown_variable_is_named() {
         let e =
             Settings::load_from(None, env(&[("MAILSCOPE_DATABASE__POOLSIZE", "4")])).unwrap_err();

@@ -566,3 +566,26 @@ async fn mark_in_force(db: &deadpool_postgres::Object, check: &CheckRecord) -> S
     .map_err(err)?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_harmless_read_follows_the_permissions() {
+        let p = |v: &[&str]| harmless_read(&v.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        assert_eq!(p(&["Mail.ReadBasic.All"]), Some(MailboxProbe::Messages));
+        assert_eq!(
+            p(&["Mail.Send", "Calendars.ReadWrite"]),
+            Some(MailboxProbe::Calendars)
+        );
+        assert_eq!(p(&["Contacts.Read"]), Some(MailboxProbe::Contacts));
+        assert_eq!(
+            p(&["MailboxSettings.Read"]),
+            Some(MailboxProbe::MailboxSettings)
+        );
+        // Send-only: no read that would prove anything without side effects.
+        assert_eq!(p(&["Mail.Send"]), None);
+        assert_eq!(p(&[]), None);
+    }
+}

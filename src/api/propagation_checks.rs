@@ -251,9 +251,12 @@ pub async fn start_or_update(
         )
         .await?;
         if let Some(job) = updated.job_id {
-            // Look at the new expectations now rather than at the end of a long backoff.
+            // Look at the new expectations now rather than at the end of a long backoff. A new
+            // change supersedes a pending cancel: it needs verifying all the same.
             c.execute(
-                "UPDATE jobs SET run_at = now(), updated_at = now() WHERE id = $1 AND state = 'queued'",
+                "UPDATE jobs SET run_at = CASE WHEN state = 'queued' THEN now() ELSE run_at END,
+                     cancel_requested = false, updated_at = now()
+                 WHERE id = $1 AND state IN ('queued', 'running')",
                 &[&job],
             )
             .await

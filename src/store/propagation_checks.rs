@@ -186,6 +186,7 @@ pub async fn replace_expectations(
     let sql = format!(
         "UPDATE propagation_checks SET expectations = $2, revision = revision + 1,
              stage = 'configuration', rounds = 0, deadline = greatest(deadline, $3),
+             cancel_requested = false,
              callback_url = coalesce($4, callback_url), changed_at = now(), updated_at = now()
          WHERE id = $1 RETURNING {COLUMNS}"
     );
