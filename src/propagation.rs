@@ -158,7 +158,17 @@ async fn step(state: &AppState, ctx: &JobContext, check_id: Uuid) -> Step<Outcom
             "the deadline passed before the change was seen in force: {}",
             pending.join("; ")
         );
-        return finish_with(&db, &check, "timed_out", None, &exps, Some(&reason), None).await;
+        return finish_with(
+            &db,
+            &check,
+            "timed_out",
+            None,
+            &exps,
+            Some(&reason),
+            None,
+            check.rounds,
+        )
+        .await;
     }
 
     let live = live_target(&db, &check).await?;
@@ -201,6 +211,7 @@ async fn step(state: &AppState, ctx: &JobContext, check_id: Uuid) -> Step<Outcom
                 &exps,
                 Some(&reason),
                 None,
+                check.rounds,
             )
             .await;
         }
@@ -214,6 +225,7 @@ async fn step(state: &AppState, ctx: &JobContext, check_id: Uuid) -> Step<Outcom
                 &exps,
                 None,
                 None,
+                check.rounds,
             )
             .await;
         }
@@ -250,6 +262,7 @@ async fn step(state: &AppState, ctx: &JobContext, check_id: Uuid) -> Step<Outcom
             &exps,
             None,
             None,
+            check.rounds,
         )
         .await;
     };
@@ -293,6 +306,7 @@ async fn step(state: &AppState, ctx: &JobContext, check_id: Uuid) -> Step<Outcom
             &exps,
             None,
             seconds,
+            rounds,
         )
         .await?;
         mark_in_force(&db, &check).await?;
@@ -347,6 +361,7 @@ async fn finish_with(
     exps: &[Expectation],
     reason: Option<&str>,
     seconds: Option<f64>,
+    rounds: i32,
 ) -> Step<Outcome> {
     let result = summary(check, final_state);
     let saved = checks::save_progress(
@@ -358,7 +373,7 @@ async fn finish_with(
             stage: "done",
             verified_by,
             expectations: exps,
-            rounds: check.rounds,
+            rounds,
             reason,
             result: Some(&result),
             propagation_seconds: seconds,

@@ -518,6 +518,24 @@ async fn manual_checks_are_validated_and_need_the_write_role() {
     assert_eq!(list["items"][0]["id"], id.as_str());
 }
 
+/// Graph calls recorded by the sandbox for the default tenant.
+async fn graph_calls(env: &WithSandbox) -> Vec<Value> {
+    let v: Value = env
+        .app
+        .http
+        .get(format!(
+            "{}/_sandbox/calls?api=graph&tenant={}",
+            env.sandbox.base_url, env.tenant
+        ))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    v["value"].as_array().cloned().unwrap_or_default()
+}
+
 /// A `mailscope serve --worker-only` process on the test database; killed when dropped.
 struct WorkerProcess(std::process::Child);
 
@@ -582,6 +600,22 @@ async fn a_worker_killed_mid_check_loses_nothing_and_two_workers_finish_it_once(
     }
     assert_eq!(secrets, 1);
     first.kill_9();
+    // Let a request the killed process had in flight land in the sandbox's log first.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let db = env.app.db.client().await;
+    let rounds = || async {
+        db.query_one("SELECT rounds FROM propagation_checks", &[])
+            .await
+            .unwrap()
+            .get::<_, i32>(0)
+    };
+    let rounds_at_kill = rounds().await;
+    let seq_at_kill = graph_calls(&env)
+        .await
+        .iter()
+        .filter_map(|c| c["seq"].as_u64())
+        .max()
+        .unwrap_or(0);
 
     // Two new workers race for the check; the change reaches every front end.
     let _second = WorkerProcess::spawn(&env);
@@ -593,7 +627,20 @@ async fn a_worker_killed_mid_check_loses_nothing_and_two_workers_finish_it_once(
     // The probe secret of the killed process was reused (sealed in the database) and removed.
     assert_eq!(probe_secrets(&env, &app).await, 0);
 
-    let db = env.app.db.client().await;
+    // Each live round is one `$batch` as the app; had two workers run the same round at once,
+    // there would be more batches than recorded rounds.
+    let batches = graph_calls(&env)
+        .await
+        .iter()
+        .filter(|c| {
+            c["seq"].as_u64().unwrap_or(0) > seq_at_kill
+                && c["endpoint"] == "graph:POST /$batch"
+                && c["appId"] == app.as_str()
+        })
+        .count();
+    let rounds_done = rounds().await - rounds_at_kill;
+    assert!(rounds_done >= 2, "{rounds_done}");
+    assert_eq!(batches, usize::try_from(rounds_done).unwrap());
     let jobs = db
         .query(
             "SELECT state FROM jobs WHERE kind = 'propagation_check'",
