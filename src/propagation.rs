@@ -161,12 +161,16 @@ async fn step(state: &AppState, ctx: &JobContext, check_id: Uuid) -> Step<Outcom
         return finish_with(
             &db,
             &check,
-            "timed_out",
-            None,
-            &exps,
-            Some(&reason),
-            None,
-            check.rounds,
+            Progress {
+                state: "timed_out",
+                stage: "done",
+                verified_by: None,
+                expectations: &exps,
+                rounds: check.rounds,
+                reason: Some(&reason),
+                result: None,
+                propagation_seconds: None,
+            },
         )
         .await;
     }
@@ -206,12 +210,16 @@ async fn step(state: &AppState, ctx: &JobContext, check_id: Uuid) -> Step<Outcom
             return finish_with(
                 &db,
                 &check,
-                "misconfigured",
-                None,
-                &exps,
-                Some(&reason),
-                None,
-                check.rounds,
+                Progress {
+                    state: "misconfigured",
+                    stage: "done",
+                    verified_by: None,
+                    expectations: &exps,
+                    rounds: check.rounds,
+                    reason: Some(&reason),
+                    result: None,
+                    propagation_seconds: None,
+                },
             )
             .await;
         }
@@ -220,12 +228,16 @@ async fn step(state: &AppState, ctx: &JobContext, check_id: Uuid) -> Step<Outcom
             return finish_with(
                 &db,
                 &check,
-                "succeeded",
-                Some("exchange_test"),
-                &exps,
-                None,
-                None,
-                check.rounds,
+                Progress {
+                    state: "succeeded",
+                    stage: "done",
+                    verified_by: Some("exchange_test"),
+                    expectations: &exps,
+                    rounds: check.rounds,
+                    reason: None,
+                    result: None,
+                    propagation_seconds: None,
+                },
             )
             .await;
         }
@@ -257,12 +269,16 @@ async fn step(state: &AppState, ctx: &JobContext, check_id: Uuid) -> Step<Outcom
         return finish_with(
             &db,
             &check,
-            "succeeded",
-            Some("exchange_test"),
-            &exps,
-            None,
-            None,
-            check.rounds,
+            Progress {
+                state: "succeeded",
+                stage: "done",
+                verified_by: Some("exchange_test"),
+                expectations: &exps,
+                rounds: check.rounds,
+                reason: None,
+                result: None,
+                propagation_seconds: None,
+            },
         )
         .await;
     };
@@ -301,12 +317,16 @@ async fn step(state: &AppState, ctx: &JobContext, check_id: Uuid) -> Step<Outcom
         let outcome = finish_with(
             &db,
             &check,
-            "succeeded",
-            Some("graph"),
-            &exps,
-            None,
-            seconds,
-            rounds,
+            Progress {
+                state: "succeeded",
+                stage: "done",
+                verified_by: Some("graph"),
+                expectations: &exps,
+                rounds,
+                reason: None,
+                result: None,
+                propagation_seconds: seconds,
+            },
         )
         .await?;
         mark_in_force(&db, &check).await?;
@@ -353,30 +373,20 @@ fn reschedule(
     Outcome::Reschedule { at, payload: None }
 }
 
+/// Record a final state (the run's result is the check's summary).
 async fn finish_with(
     db: &deadpool_postgres::Object,
     check: &CheckRecord,
-    final_state: &str,
-    verified_by: Option<&str>,
-    exps: &[Expectation],
-    reason: Option<&str>,
-    seconds: Option<f64>,
-    rounds: i32,
+    p: Progress<'_>,
 ) -> Step<Outcome> {
-    let result = summary(check, final_state);
+    let result = summary(check, p.state);
     let saved = checks::save_progress(
         db,
         check.id,
         check.revision,
         &Progress {
-            state: final_state,
-            stage: "done",
-            verified_by,
-            expectations: exps,
-            rounds,
-            reason,
             result: Some(&result),
-            propagation_seconds: seconds,
+            ..p
         },
     )
     .await
