@@ -552,7 +552,8 @@ pub async fn create_check(
 
 /// One check: state, stage, each mailbox's last observation and streak, propagation time.
 ///
-/// `?wait=N` holds the request up to N seconds (at most 60) until the state changes.
+/// `?wait=N` holds the request up to N seconds (at most 60) until the state changes; a check
+/// that has ended answers at once.
 #[utoipa::path(get, path = "/v1/tenants/{tenant_id}/propagation-checks/{id}", tag = "propagation checks",
     params(("tenant_id" = Uuid, Path, description = "The Microsoft Entra tenant id"),
            ("id" = Uuid, Path, description = "The check's id"), WaitQuery),
@@ -582,7 +583,9 @@ pub async fn get_check(
     };
     let mut current = first.clone();
     // Poll the row (one indexed read every 250 ms, no connection held in between).
-    while current.state == first.state && tokio::time::Instant::now() < until {
+    // A final state never changes again: answer at once.
+    while !current.is_final() && current.state == first.state && tokio::time::Instant::now() < until
+    {
         tokio::time::sleep(Duration::from_millis(250).min(until - tokio::time::Instant::now()))
             .await;
         let db = state.db().await?;

@@ -432,6 +432,8 @@ async fn an_adopted_app_is_verified_by_exchanges_test_without_a_probe_secret() {
         .await
         .unwrap();
     assert_eq!(res.status(), 200);
+    let waited: Value = res.json().await.unwrap();
+    assert_ne!(waited["state"], "queued", "{waited:#}");
     let done = wait_until(&env, &id, is_final).await;
     assert_eq!(done["state"], "succeeded", "{done:#}");
     assert_eq!(done["verified_by"], "exchange_test");
