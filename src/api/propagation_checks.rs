@@ -167,9 +167,13 @@ pub async fn view(c: &impl GenericClient, r: CheckRecord) -> Result<PropagationC
         Some(j) => queue::get(c, j).await?,
         None => None,
     };
+    Ok(view_with(r, job.as_ref()))
+}
+
+fn view_with(r: CheckRecord, job: Option<&queue::JobRecord>) -> PropagationCheck {
     let active = !r.is_final();
     let changed = r.changed_at;
-    Ok(PropagationCheck {
+    PropagationCheck {
         id: r.id,
         app_id: r.app_id,
         state: r.state,
@@ -193,9 +197,8 @@ pub async fn view(c: &impl GenericClient, r: CheckRecord) -> Result<PropagationC
             })
             .collect(),
         required_matches: r.required_matches,
-        attempts: job.as_ref().map_or(0, |j| j.attempt),
+        attempts: job.map_or(0, |j| j.attempt),
         next_run_at: job
-            .as_ref()
             .filter(|j| active && j.state == queue::JobState::Queued)
             .map(|j| j.run_at),
         deadline: r.deadline,
@@ -207,7 +210,7 @@ pub async fn view(c: &impl GenericClient, r: CheckRecord) -> Result<PropagationC
         changed_at: r.changed_at,
         updated_at: r.updated_at,
         finished_at: r.finished_at,
-    })
+    }
 }
 
 fn field(name: &str, message: impl Into<String>) -> FieldError {
@@ -640,10 +643,29 @@ pub async fn list_checks(
     )
     .await?;
     let more = rows.len() as i64 > limit;
-    let mut items = Vec::new();
-    for r in rows.into_iter().take(limit as usize) {
-        items.push(view(&db, r).await?);
-    }
+    let rows: Vec<CheckRecord> = rows.into_iter().take(limit as usize).collect();
+    // The page's jobs in one query.
+    let job_ids: Vec<Uuid> = rows.iter().filter_map(|r| r.job_id).collect();
+    let jobs: std::collections::HashMap<Uuid, queue::JobRecord> = db
+        .query(
+            &format!("SELECT {} FROM jobs WHERE id = ANY($1)", queue::COLUMNS),
+            &[&job_ids],
+        )
+        .await
+        .map_err(store::StoreError::from)?
+        .iter()
+        .map(|row| {
+            let j = queue::from_row(row);
+            (j.id, j)
+        })
+        .collect();
+    let items: Vec<PropagationCheck> = rows
+        .into_iter()
+        .map(|r| {
+            let job = r.job_id.and_then(|j| jobs.get(&j));
+            view_with(r, job)
+        })
+        .collect();
     let next_after = if more {
         items.last().map(|c| c.id)
     } else {

@@ -518,6 +518,28 @@ async fn manual_checks_are_validated_and_need_the_write_role() {
         .await
         .unwrap();
     assert_eq!(list["items"][0]["id"], id.as_str());
+    assert_eq!(list["items"][0]["attempts"], 1);
+
+    // Unknown checks and other tenants' checks are not found.
+    let res = env
+        .app
+        .http
+        .get(env.url(&format!("/propagation-checks/{}", uuid::Uuid::new_v4())))
+        .bearer_auth(env.app.admin())
+        .send()
+        .await
+        .unwrap();
+    assert_problem(res, 404, "not_found").await;
+    let other = uuid::Uuid::new_v4().to_string();
+    let res = env
+        .app
+        .http
+        .get(env.url(&format!("/propagation-checks/{id}")))
+        .bearer_auth(env.app.token(&["MailScope.Read"], &[other.as_str()]))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(res, 404, "not_found").await;
 }
 
 /// Graph calls recorded by the sandbox for the default tenant.
