@@ -415,8 +415,29 @@ async fn an_adopted_app_is_verified_by_exchanges_test_without_a_probe_secret() {
         .await
         .unwrap();
     assert_eq!(res.status(), 201, "{}", res.text().await.unwrap());
+    // The tenant's own canary mailboxes join the request's.
+    let mut tenant = sandbox_tenant_body(
+        &env.sandbox,
+        &env.sandbox.management_client_id(),
+        secrecy::ExposeSecret::expose_secret(&env.sandbox.management_client_secret()),
+    );
+    tenant["canary_mailboxes"] = json!([addr("dave")]);
+    let res = env
+        .app
+        .http
+        .put(env.url(""))
+        .bearer_auth(env.app.admin())
+        .json(&tenant)
+        .send()
+        .await
+        .unwrap();
+    assert!(res.status().is_success());
     create_group(&env, "crm-scope", &["alice"]).await;
     let (policy, _) = restrict(&env, CRM, "crm-scope", &["carol"]).await;
+    assert_eq!(
+        expectation(&policy["propagation_check"], "dave")["expected"],
+        "denied"
+    );
     let id = policy["propagation_check"]["id"]
         .as_str()
         .unwrap()
