@@ -253,17 +253,26 @@ pub async fn start_or_update(
             callback_url,
         )
         .await?;
-        if let Some(job) = updated.job_id {
+        let mut updated = updated;
+        let woken = match updated.job_id {
             // Look at the new expectations now rather than at the end of a long backoff. A new
             // change supersedes a pending cancel: it needs verifying all the same.
-            c.execute(
+            Some(job) => c.execute(
                 "UPDATE jobs SET run_at = CASE WHEN state = 'queued' THEN now() ELSE run_at END,
                      cancel_requested = false, updated_at = now()
                  WHERE id = $1 AND state IN ('queued', 'running')",
                 &[&job],
             )
             .await
-            .map_err(store::StoreError::from)?;
+            .map_err(store::StoreError::from)?,
+            None => 0,
+        };
+        if woken == 0 {
+            // Its job ended without ending the check (e.g. the reaper gave up on a crashing
+            // worker): give the check a job again rather than leave it stuck.
+            let job = enqueue_job(c, tenant_id, app_id, updated.id).await?;
+            store::propagation_checks::set_job(c, updated.id, job).await?;
+            updated.job_id = Some(job);
         }
         return Ok((updated, false));
     }
@@ -283,7 +292,20 @@ pub async fn start_or_update(
         },
     )
     .await?;
-    let payload = serde_json::json!({"check_id": id});
+    let job = enqueue_job(c, tenant_id, app_id, id).await?;
+    store::propagation_checks::set_job(c, id, job).await?;
+    rec.job_id = Some(job);
+    Ok((rec, true))
+}
+
+/// The app's check job (one active per tenant and app), running `check_id`.
+async fn enqueue_job(
+    c: &impl GenericClient,
+    tenant_id: Uuid,
+    app_id: Uuid,
+    check_id: Uuid,
+) -> Result<Uuid, ApiError> {
+    let payload = serde_json::json!({"check_id": check_id});
     let job = NewJob {
         unique_key: Some(app_id.to_string()),
         ..NewJob::new(crate::propagation::JOB_KIND, tenant_id, payload.clone())
@@ -293,9 +315,7 @@ pub async fn start_or_update(
         // A job of an ended check still active: it runs this check from now on.
         queue::update_payload(c, j, &payload).await?;
     }
-    store::propagation_checks::set_job(c, id, enqueued.id()).await?;
-    rec.job_id = Some(enqueued.id());
-    Ok((rec, true))
+    Ok(enqueued.id())
 }
 
 /// A scope touched by a policy change, for the default expectations.

@@ -169,6 +169,19 @@ async fn probe_secrets(env: &WithSandbox, app_id: &str) -> usize {
         .unwrap_or(0)
 }
 
+/// Wait for the first live round to add the probe secret; returns how many the app has.
+async fn wait_for_probe_secret(env: &WithSandbox, app_id: &str) -> usize {
+    let mut secrets = 0;
+    for _ in 0..300 {
+        secrets = probe_secrets(env, app_id).await;
+        if secrets > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    secrets
+}
+
 async fn exchange_verdict(env: &WithSandbox, app_id: &str, mailbox: &str) -> Value {
     let res = env
         .app
@@ -370,17 +383,7 @@ async fn cancel_ends_a_live_check_and_takes_its_probe_secret_back() {
         .as_str()
         .unwrap()
         .to_string();
-    wait_until(&env, &id, |c| c["stage"] == "live").await;
-    // The first live round adds the probe secret.
-    let mut secrets = 0;
-    for _ in 0..150 {
-        secrets = probe_secrets(&env, &app).await;
-        if secrets > 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    assert_eq!(secrets, 1);
+    assert_eq!(wait_for_probe_secret(&env, &app).await, 1);
 
     let cancel = |token: String| {
         env.app
@@ -635,15 +638,7 @@ async fn a_worker_killed_mid_check_loses_nothing_and_two_workers_finish_it_once(
 
     let first = WorkerProcess::spawn(&env);
     // Mid-check: live, probing as the app with the probe secret the first process added.
-    let mut secrets = 0;
-    for _ in 0..300 {
-        secrets = probe_secrets(&env, &app).await;
-        if secrets > 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    assert_eq!(secrets, 1);
+    assert_eq!(wait_for_probe_secret(&env, &app).await, 1);
     first.kill_9();
     // Let a request the killed process had in flight land in the sandbox's log first.
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -701,4 +696,44 @@ async fn a_worker_killed_mid_check_loses_nothing_and_two_workers_finish_it_once(
         .unwrap()
         .get(0);
     assert_eq!(checks, 1);
+}
+
+#[tokio::test]
+async fn a_check_whose_job_gave_up_is_revived_by_the_next_change() {
+    let env = start(sandbox(600, 1200), |_| {}).await;
+    let app = managed_app(&env, "crm", &["Mail.Read"]).await;
+    create_group(&env, "crm-scope", &["alice"]).await;
+    let (policy, _) = restrict(&env, &app, "crm-scope", &["carol"]).await;
+    let id = policy["propagation_check"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(wait_for_probe_secret(&env, &app).await, 1);
+    // The queue gave up on the job (say a worker crashed on it every time): the check is stuck.
+    let db = env.app.db.client().await;
+    db.execute(
+        "UPDATE jobs SET state = 'failed', finished_at = now(), lease_owner = NULL
+         WHERE kind = 'propagation_check'",
+        &[],
+    )
+    .await
+    .unwrap();
+
+    // A new request for the app updates the same check and gives it a job again; expecting
+    // carol granted is a misconfiguration, and the probe secret of the live stage is removed.
+    let res = env
+        .app
+        .http
+        .post(env.url("/propagation-checks"))
+        .bearer_auth(env.app.admin())
+        .json(&json!({"app_id": app, "expectations": [{"mailbox": addr("carol"), "expected": "granted"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let updated: Value = res.json().await.unwrap();
+    assert_eq!(updated["id"], id.as_str());
+    let done = wait_until(&env, &id, is_final).await;
+    assert_eq!(done["state"], "misconfigured", "{done:#}");
+    assert_eq!(probe_secrets(&env, &app).await, 0);
 }
