@@ -329,7 +329,9 @@ async fn step(state: &AppState, ctx: &JobContext, check_id: Uuid) -> Step<Outcom
             },
         )
         .await?;
-        mark_in_force(&db, &check).await?;
+        if matches!(outcome, Outcome::Succeeded(_)) {
+            mark_in_force(&db, &check).await?;
+        }
         return Ok(outcome);
     }
     let delay = state
