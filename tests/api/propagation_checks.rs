@@ -737,3 +737,75 @@ async fn a_check_whose_job_gave_up_is_revived_by_the_next_change() {
     assert_eq!(done["state"], "misconfigured", "{done:#}");
     assert_eq!(probe_secrets(&env, &app).await, 0);
 }
+
+#[tokio::test]
+async fn later_changes_to_the_apps_policies_update_its_one_active_check() {
+    let env = start(sandbox(600, 1200), |_| {}).await;
+    let app = managed_app(&env, "crm", &["Mail.Read"]).await;
+    create_group(&env, "crm-scope", &["alice"]).await;
+    create_group(&env, "other-scope", &["dave"]).await;
+    let (policy, _) = restrict(&env, &app, "crm-scope", &["carol"]).await;
+    let id = policy["propagation_check"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let pid = policy["id"].as_str().unwrap().to_string();
+
+    // Replace the scope: same check, new expectations (old scope's member now denied).
+    let res = env
+        .app
+        .http
+        .put(env.url(&format!("/access-policies/{pid}")))
+        .bearer_auth(env.app.admin())
+        .json(&json!({"app_id": app, "scope": "other-scope", "access_right": "RestrictAccess"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert!(
+        res.headers()
+            .get("link")
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .contains(&id)
+    );
+    let replaced: Value = res.json().await.unwrap();
+    let check = &replaced["propagation_check"];
+    assert_eq!(check["id"], id.as_str());
+    assert_eq!(expectation(check, "dave")["expected"], "granted");
+    assert_eq!(expectation(check, "alice")["expected"], "denied");
+
+    // Delete the app's last policy (accepting that): 204, linked to the same check, which now
+    // expects the former scope reachable again (rule 4).
+    let res = env
+        .app
+        .http
+        .delete(env.url(&format!("/access-policies/{pid}?allow_unrestricted=true")))
+        .bearer_auth(env.app.admin())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 204);
+    assert!(
+        res.headers()
+            .get("link")
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .contains(&id)
+    );
+    let c = get_check(&env, &id).await;
+    assert_eq!(expectation(&c, "dave")["expected"], "granted");
+
+    let db = env.app.db.client().await;
+    let n = |sql: &'static str| {
+        let db = &db;
+        async move { db.query_one(sql, &[]).await.unwrap().get::<_, i64>(0) }
+    };
+    assert_eq!(n("SELECT count(*) FROM propagation_checks").await, 1);
+    assert_eq!(
+        n("SELECT count(*) FROM jobs WHERE kind = 'propagation_check'").await,
+        1
+    );
+}
