@@ -43,6 +43,7 @@ async fn maintenance(state: AppState, mut stop: tokio::sync::watch::Receiver<boo
 
 fn build_worker(
     pool: Pool,
+    state: AppState,
     settings: &Settings,
     registry: &prometheus::Registry,
     database_url: &str,
@@ -56,9 +57,13 @@ fn build_worker(
         shutdown_grace: Duration::from_secs(settings.shutdown_grace_seconds),
         ..WorkerConfig::default()
     };
+    let mut worker = Worker::new(pool, cfg, registry, Some(database_url.to_string()))?
+        .with_tls_ca_file(settings.database.tls_ca_file.clone());
     // Job kinds register their handlers here as they are added.
-    Worker::new(pool, cfg, registry, Some(database_url.to_string()))
-        .map(|w| w.with_tls_ca_file(settings.database.tls_ca_file.clone()))
+    worker.register(crate::propagation::JOB_KIND, move |ctx| {
+        crate::propagation::run(state.clone(), ctx)
+    });
+    Ok(worker)
 }
 
 /// What `serve` runs.
@@ -186,6 +191,7 @@ impl Application {
             Role::ApiOnly => None,
             Role::All | Role::WorkerOnly => Some(build_worker(
                 pool.clone(),
+                state.get_ref().clone(),
                 &settings,
                 &metrics.registry,
                 database_url.expose(),

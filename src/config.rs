@@ -104,6 +104,47 @@ pub struct Settings {
     pub m365: crate::m365::M365Settings,
     /// Limits of what the provisioning API creates in a tenant.
     pub provisioning: ProvisioningSettings,
+    /// Propagation checks: how often, how long and how much they look.
+    pub propagation: PropagationSettings,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PropagationSettings {
+    /// Consecutive matching observations before an expectation counts as met (K).
+    pub required_matches: u32,
+    /// Delay before the first live observation, then growing by `backoff_factor`.
+    pub first_delay_ms: u64,
+    /// Longest delay between two live observations.
+    pub max_delay_ms: u64,
+    pub backoff_factor: f64,
+    /// A check that has not seen the change in force by then ends `timed_out`.
+    pub deadline_seconds: u64,
+    /// In-scope members sampled per policy scope for the default expectations.
+    pub sample_size: usize,
+}
+
+impl Default for PropagationSettings {
+    fn default() -> Self {
+        PropagationSettings {
+            required_matches: 3,
+            first_delay_ms: 15_000,
+            max_delay_ms: 300_000,
+            backoff_factor: 2.0,
+            deadline_seconds: 86_400,
+            sample_size: 3,
+        }
+    }
+}
+
+impl PropagationSettings {
+    pub fn backoff(&self) -> crate::domain::propagation::Backoff {
+        crate::domain::propagation::Backoff {
+            first: std::time::Duration::from_millis(self.first_delay_ms),
+            max: std::time::Duration::from_millis(self.max_delay_ms),
+            factor: self.backoff_factor,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -219,6 +260,7 @@ impl Default for Settings {
             retention: RetentionSettings::default(),
             m365: crate::m365::M365Settings::default(),
             provisioning: ProvisioningSettings::default(),
+            propagation: PropagationSettings::default(),
         }
     }
 }
@@ -394,6 +436,27 @@ impl Settings {
                     .into(),
             );
         }
+        let p = &self.propagation;
+        if !(1..=20).contains(&p.required_matches) {
+            errs.push("propagation.required_matches must be between 1 and 20".into());
+        }
+        if p.first_delay_ms == 0 || p.max_delay_ms < p.first_delay_ms {
+            errs.push(
+                "propagation.first_delay_ms must be at least 1 and at most propagation.max_delay_ms"
+                    .into(),
+            );
+        }
+        if !(1.0..=10.0).contains(&p.backoff_factor) {
+            errs.push("propagation.backoff_factor must be between 1 and 10".into());
+        }
+        if !(1..=30 * 86_400).contains(&p.deadline_seconds) {
+            errs.push(
+                "propagation.deadline_seconds must be between 1 and 2592000 (30 days)".into(),
+            );
+        }
+        if !(1..=50).contains(&p.sample_size) {
+            errs.push("propagation.sample_size must be between 1 and 50".into());
+        }
         let a = &self.auth;
         match (&a.jwks_url, &a.hs256_secret) {
             (Some(_), Some(_)) => errs.push(
@@ -567,6 +630,38 @@ mod tests {
             s.auth.hs256_secret.unwrap().expose(),
             "0123456789012345678901234567890123"
         );
+    }
+
+    #[test]
+    fn propagation_settings_are_read_and_checked() {
+        let s = Settings::load_from(
+            None,
+            env(&[
+                ("MAILSCOPE_PROPAGATION__FIRST_DELAY_MS", "200"),
+                ("MAILSCOPE_PROPAGATION__REQUIRED_MATCHES", "2"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.propagation.first_delay_ms, 200);
+        assert_eq!(s.propagation.required_matches, 2);
+        assert_eq!(s.propagation.deadline_seconds, 86_400);
+        let e = Settings::load_from(
+            None,
+            env(&[
+                ("MAILSCOPE_PROPAGATION__FIRST_DELAY_MS", "900000"),
+                ("MAILSCOPE_PROPAGATION__REQUIRED_MATCHES", "0"),
+                ("MAILSCOPE_PROPAGATION__SAMPLE_SIZE", "0"),
+            ]),
+        )
+        .unwrap_err()
+        .to_string();
+        for part in [
+            "propagation.first_delay_ms",
+            "propagation.required_matches",
+            "propagation.sample_size",
+        ] {
+            assert!(e.contains(part), "{e}");
+        }
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub mod config;
 pub mod crypto;
 pub mod domain;
 pub mod m365;
+pub mod propagation;
 pub mod queue;
 pub mod sandbox;
 pub mod store;

@@ -28,6 +28,9 @@ use uuid::Uuid;
 
 use super::audit::record as audit;
 use super::problem::{ApiError, FieldError, Problem, ProblemKind};
+use super::propagation_checks::{
+    PropagationCheck, TouchedScope, after_policy_change, link_header, view as check_view,
+};
 use super::scope_groups::{
     POLICY_LOCK, current_members_of, ids_of, lock_group, maybe_exists, primary_address,
     recipient_object_id, scope_refusal,
@@ -107,6 +110,9 @@ pub struct AccessPolicyInput {
     pub access_right: AccessRight,
     /// Omitted: a single space, the smallest value, so the tenant fits the most policies (§2.6).
     pub description: Option<String>,
+    /// Mailboxes the app must not reach, checked by the propagation check (besides the tenant's).
+    #[serde(default)]
+    pub canary_mailboxes: Vec<String>,
 }
 
 /// The only property Exchange lets change in place.
@@ -163,6 +169,9 @@ pub struct AccessPolicy {
     pub origin: String,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// The check started (or updated) by this change; also linked by the `Link` header.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub propagation_check: Option<PropagationCheck>,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -195,6 +204,37 @@ pub(crate) fn view(r: AccessPolicyRecord) -> AccessPolicy {
         origin: r.origin,
         created_at: r.created_at,
         updated_at: r.updated_at,
+        propagation_check: None,
+    }
+}
+
+fn check_canaries(canaries: &[String], errs: &mut Vec<FieldError>) -> Vec<String> {
+    for (i, c) in canaries.iter().enumerate() {
+        if !super::tenants::is_address(c.trim()) {
+            errs.push(field(
+                &format!("canary_mailboxes[{i}]"),
+                "must be an SMTP address",
+            ));
+        }
+    }
+    canaries
+        .iter()
+        .map(|c| c.trim().to_ascii_lowercase())
+        .collect()
+}
+
+/// Start or update the app's propagation check in the change's transaction.
+async fn check_after_change(
+    tx: &impl deadpool_postgres::GenericClient,
+    state: &AppState,
+    tenant_id: Uuid,
+    app_id: &str,
+    touched: &[TouchedScope],
+    canaries: &[String],
+) -> Result<Option<PropagationCheck>, ApiError> {
+    match after_policy_change(tx, state, tenant_id, app_id, touched, canaries).await? {
+        Some(c) => Ok(Some(check_view(tx, c).await?)),
+        None => Ok(None),
     }
 }
 
@@ -453,6 +493,7 @@ pub async fn create_policy(
     let mut errs = Vec::new();
     let app_id = check_app_id(&input.app_id, "app_id", &mut errs);
     let description = check_description(input.description.as_deref(), &mut errs);
+    let canaries = check_canaries(&input.canary_mailboxes, &mut errs);
     if input.scope.trim().is_empty() {
         errs.push(field(
             "scope",
@@ -578,18 +619,25 @@ pub async fn create_policy(
             "exchange_identity": stored.exchange_identity}),
     )
     .await?;
+    let check = check_after_change(&tx, &state, tenant_id, &app_id, &[], &canaries).await?;
     tx.commit().await.map_err(store::StoreError::from)?;
     let location = format!("{}/{}", req.path(), stored.id);
-    let v = view(stored);
-    Ok(if created {
-        HttpResponse::Created()
-            .insert_header((header::LOCATION, location))
-            .json(v)
+    let mut v = view(stored);
+    let link = check.as_ref().map(|c| link_header(tenant_id, c.id));
+    v.propagation_check = check;
+    let mut res = if created {
+        let mut b = HttpResponse::Created();
+        b.insert_header((header::LOCATION, location));
+        b
     } else {
-        HttpResponse::Ok()
-            .insert_header((header::CONTENT_LOCATION, location))
-            .json(v)
-    })
+        let mut b = HttpResponse::Ok();
+        b.insert_header((header::CONTENT_LOCATION, location));
+        b
+    };
+    if let Some(l) = link {
+        res.insert_header(l);
+    }
+    Ok(res.json(v))
 }
 
 /// The tenant's policies known to mailscope, optionally one app's.
@@ -781,6 +829,7 @@ pub async fn put_access_policy(
     let mut errs = Vec::new();
     let app_id = check_app_id(&input.app_id, "app_id", &mut errs);
     let description = check_description(input.description.as_deref(), &mut errs);
+    let canaries = check_canaries(&input.canary_mailboxes, &mut errs);
     if !errs.is_empty() {
         return Err(ApiError::validation(errs));
     }
@@ -894,6 +943,10 @@ pub async fn put_access_policy(
         (p, "create_then_remove", origin.to_string())
     };
     // Change point for the propagation check: the replacement is pending until seen in force.
+    let touched = [TouchedScope {
+        address: rec.scope_address.clone(),
+        alias: rec.scope_alias.clone(),
+    }];
     let stored = store::access_policies::update(
         &tx,
         &AccessPolicyRecord {
@@ -929,8 +982,19 @@ pub async fn put_access_policy(
             "order": order, "allow_unrestricted": q.allow_unrestricted}),
     )
     .await?;
+    let check = if order == "set_description" {
+        None
+    } else {
+        check_after_change(&tx, &state, tenant_id, &app_id, &touched, &canaries).await?
+    };
     tx.commit().await.map_err(store::StoreError::from)?;
-    Ok(HttpResponse::Ok().json(view(stored)))
+    let mut v = view(stored);
+    let mut res = HttpResponse::Ok();
+    if let Some(c) = &check {
+        res.insert_header(link_header(tenant_id, c.id));
+    }
+    v.propagation_check = check;
+    Ok(res.json(v))
 }
 
 /// Delete a policy from the tenant and from mailscope.
@@ -994,8 +1058,18 @@ pub async fn delete_access_policy(
             "left_unrestricted": left_unrestricted}),
     )
     .await?;
+    let touched = [TouchedScope {
+        address: rec.scope_address.clone(),
+        alias: rec.scope_alias.clone(),
+    }];
+    let check = check_after_change(&tx, &state, tenant_id, &rec.app_id, &touched, &[]).await?;
     tx.commit().await.map_err(store::StoreError::from)?;
-    Ok(HttpResponse::NoContent().finish())
+    // 204 has no body: the check is linked by the header only.
+    let mut res = HttpResponse::NoContent();
+    if let Some(c) = &check {
+        res.insert_header(link_header(tenant_id, c.id));
+    }
+    Ok(res.finish())
 }
 
 // ---------- access tests ----------

@@ -19,6 +19,7 @@ pub mod locks;
 pub mod middleware;
 pub mod openapi;
 pub mod problem;
+pub mod propagation_checks;
 pub mod scope_groups;
 pub mod tenants;
 
@@ -76,6 +77,7 @@ pub fn configure(cfg: &mut web::ServiceConfig, body_limit: usize, with_api: bool
             .configure(applications::routes)
             .configure(scope_groups::routes)
             .configure(access_policies::routes)
+            .configure(propagation_checks::routes)
             .configure(audit::routes),
     )
     .default_service(web::to(not_found));

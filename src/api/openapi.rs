@@ -7,7 +7,9 @@ use utoipa::{Modify, OpenApi, ToSchema};
 use utoipa_swagger_ui::SwaggerUi;
 
 use super::problem::{ApiError, CATALOGUE, FieldError, Problem};
-use super::{access_policies, applications, audit, health, scope_groups, tenants};
+use super::{
+    access_policies, applications, audit, health, propagation_checks, scope_groups, tenants,
+};
 use crate::domain::cloud::{Cloud, EndpointOverrides};
 
 #[derive(OpenApi)]
@@ -35,6 +37,8 @@ branch on `type` (or its short form `code`). Every response carries `X-Request-I
         access_policies::get_access_policy, access_policies::patch_access_policy,
         access_policies::put_access_policy, access_policies::delete_access_policy,
         access_policies::access_test, access_policies::sync,
+        propagation_checks::create_check, propagation_checks::list_checks,
+        propagation_checks::get_check, propagation_checks::cancel_check,
     ),
     components(schemas(
         Problem, FieldError, ProblemType, Cloud, EndpointOverrides,
@@ -55,6 +59,9 @@ branch on `type` (or its short form `code`). Every response carries `X-Request-I
         access_policies::AccessTestResult, access_policies::ExchangeVerdict,
         access_policies::LocalVerdict, access_policies::SyncReport, access_policies::DriftSet,
         access_policies::DriftItem, access_policies::FieldDrift,
+        propagation_checks::CheckInput, propagation_checks::ExpectationInput,
+        propagation_checks::PropagationCheck, propagation_checks::ExpectationView,
+        propagation_checks::PropagationCheckList, crate::domain::propagation::Access,
     )),
     modifiers(&BearerAuth),
     tags(
@@ -62,6 +69,7 @@ branch on `type` (or its short form `code`). Every response carries `X-Request-I
         (name = "applications", description = "The third party's app registration: permissions, admin consent, secrets"),
         (name = "scope groups", description = "Mail-enabled security groups that define which mailboxes an app may reach"),
         (name = "access policies", description = "Application access policies: create, replace safely, test and sync"),
+        (name = "propagation checks", description = "Proof that an app's restriction is in force: Exchange's verdict, then Graph as the app until every front end agrees"),
         (name = "operations", description = "Health, readiness, metrics and error catalogue"),
     )
 )]

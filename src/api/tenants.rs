@@ -521,18 +521,32 @@ pub async fn tenant_handle(
         .await?
         .ok_or_else(|| tenant_not_found(tenant_id))?;
     drop(db);
+    let handle = handle_for(state, &record)?;
+    Ok((record, handle))
+}
+
+/// The stored endpoints of a tenant, resolved.
+pub fn endpoints_of(record: &TenantRecord) -> Result<CloudEndpoints, ApiError> {
     let cloud = Cloud::parse(&record.cloud).unwrap_or(Cloud::Custom);
     let overrides: EndpointOverrides =
         serde_json::from_value(record.endpoints.clone()).unwrap_or_default();
-    let endpoints = CloudEndpoints::resolve(cloud, &overrides)
-        .map_err(|e| ApiError::internal(anyhow::anyhow!("stored endpoints invalid: {e}")))?;
-    let credential = open_credential(state, &record)?;
-    let handle = state.m365.tenant(crate::m365::TenantContext {
-        tenant_id: tenant_id.to_string(),
+    CloudEndpoints::resolve(cloud, &overrides)
+        .map_err(|e| ApiError::internal(anyhow::anyhow!("stored endpoints invalid: {e}")))
+}
+
+/// A connector handle acting with the tenant's management credential (no caller involved:
+/// background jobs use it too).
+pub fn handle_for(
+    state: &AppState,
+    record: &TenantRecord,
+) -> Result<crate::m365::TenantHandle, ApiError> {
+    let endpoints = endpoints_of(record)?;
+    let credential = open_credential(state, record)?;
+    Ok(state.m365.tenant(crate::m365::TenantContext {
+        tenant_id: record.tenant_id.to_string(),
         endpoints,
         credential,
-    });
-    Ok((record, handle))
+    }))
 }
 
 /// Check that mailscope can act in the tenant: both tokens, one harmless Graph call and one

@@ -4,4 +4,5 @@ pub mod access;
 pub mod cloud;
 pub mod credential;
 pub mod permissions;
+pub mod propagation;
 pub mod rbac;

@@ -24,6 +24,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "applications",
         include_str!("../../migrations/0005_applications.sql"),
     ),
+    (
+        6,
+        "propagation_checks",
+        include_str!("../../migrations/0006_propagation_checks.sql"),
+    ),
 ];
 
 /// Arbitrary but fixed: "mailscop" in ASCII.

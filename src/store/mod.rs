@@ -14,6 +14,7 @@ pub mod audit;
 pub mod embedded;
 pub mod local_secrets;
 pub mod migrate;
+pub mod propagation_checks;
 pub mod scope_groups;
 pub mod tenants;
 

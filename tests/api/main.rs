@@ -12,6 +12,7 @@ mod idempotency;
 mod operations;
 mod problems;
 mod provisioning_flow;
+mod propagation_checks;
 mod queue;
 mod scope_groups;
 mod tenants;

@@ -5,7 +5,7 @@
 //! is [`ErrorKind::MailboxAccessDenied`] whatever the message says). Lists follow
 //! `@odata.nextLink` on the configured host only.
 mod app_roles;
-mod batch;
+pub mod batch;
 pub mod types;
 
 pub(crate) use app_roles::AppRoleCache;
@@ -71,7 +71,7 @@ pub enum MailboxProbe {
 }
 
 impl MailboxProbe {
-    fn path(self, user: &str) -> String {
+    pub fn path(self, user: &str) -> String {
         let u = pct(user);
         match self {
             MailboxProbe::Messages => format!("/users/{u}/messages?$top=1&$select=id"),
@@ -82,7 +82,7 @@ impl MailboxProbe {
         }
     }
 
-    fn operation(self) -> &'static str {
+    pub fn operation(self) -> &'static str {
         match self {
             MailboxProbe::Messages => "probe.messages",
             MailboxProbe::Calendars => "probe.calendars",

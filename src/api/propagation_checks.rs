@@ -1,0 +1,780 @@
+//! `/v1/tenants/{tenant_id}/propagation-checks`: proof that an app's access restriction is in
+//! force. Checks start by hand here or from every change to an app's access policies (in that
+//! change's transaction); the `propagation_check` job (`crate::propagation`) runs them.
+//!
+//! At most one check is active per (tenant, app): a new change, or a new request, replaces the
+//! active check's expectations (its streaks restart) instead of starting a second one.
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use actix_web::http::header;
+use actix_web::{HttpRequest, HttpResponse, web};
+use chrono::{DateTime, Utc};
+use deadpool_postgres::GenericClient;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use uuid::Uuid;
+
+use super::audit::record as audit;
+use super::problem::{ApiError, FieldError, Problem, ProblemKind};
+use super::{AppState, page_limit};
+use crate::auth::{Caller, Role};
+use crate::domain::access::{self as rules, ALL_APPS, GroupMembers};
+use crate::domain::propagation::{self as domain, Access, Expectation};
+use crate::queue::{self, NewJob};
+use crate::store::{self, propagation_checks::CheckRecord};
+
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.service(
+        web::resource("/tenants/{tenant_id}/propagation-checks")
+            .route(web::post().to(create_check))
+            .route(web::get().to(list_checks)),
+    )
+    .route(
+        "/tenants/{tenant_id}/propagation-checks/{id}",
+        web::get().to(get_check),
+    )
+    .route(
+        "/tenants/{tenant_id}/propagation-checks/{id}/cancel",
+        web::post().to(cancel_check),
+    );
+}
+
+/// Longest `?wait=`.
+const MAX_WAIT_SECONDS: u64 = 60;
+const MAX_EXPECTATIONS: usize = 100;
+const CHECK_LOCK: &str = "propagation_check";
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ExpectationInput {
+    /// The mailbox's SMTP address.
+    #[schema(example = "alice@contoso.onmicrosoft.com")]
+    pub mailbox: String,
+    pub expected: Access,
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(example = json!({
+    "app_id": "b9701c1e-1364-464d-93e4-01ae925e8d6c",
+    "expectations": [
+        {"mailbox": "alice@contoso.onmicrosoft.com", "expected": "granted"},
+        {"mailbox": "ceo@contoso.onmicrosoft.com", "expected": "denied"}
+    ],
+    "callback_url": "https://hooks.example.com/mailscope"
+}))]
+pub struct CheckInput {
+    /// The app's client id.
+    pub app_id: String,
+    #[serde(default)]
+    pub expectations: Vec<ExpectationInput>,
+    /// Mailboxes that must stay out of the app's reach: each is expected `denied`.
+    #[serde(default)]
+    pub canary_mailboxes: Vec<String>,
+    /// Where to send a signed event when the check ends (stored; delivery comes with webhooks).
+    pub callback_url: Option<String>,
+    /// Consecutive matching observations per mailbox (default from settings, 1–20).
+    pub required_matches: Option<u32>,
+    /// Seconds until the check gives up as `timed_out` (default from settings).
+    pub deadline_seconds: Option<u64>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ExpectationView {
+    pub mailbox: String,
+    pub expected: Access,
+    /// The latest answer: Graph's in the live stage, else `Test-ApplicationAccessPolicy`'s.
+    pub last_observed: Option<Access>,
+    pub last_observed_at: Option<DateTime<Utc>>,
+    pub consecutive_matches: u32,
+    /// When the change first took effect for this mailbox (start of the final streak).
+    pub first_matched_at: Option<DateTime<Utc>>,
+    pub met_at: Option<DateTime<Utc>>,
+    /// Seconds from the change to `first_matched_at`.
+    pub propagation_seconds: Option<f64>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct PropagationCheck {
+    pub id: Uuid,
+    pub app_id: Uuid,
+    /// `queued`, `running`, `succeeded`, `misconfigured`, `timed_out`, `cancelled` or `failed`.
+    #[schema(example = "running")]
+    pub state: String,
+    /// `configuration` (Exchange's Test cmdlet), `live` (Graph as the app) or `done`.
+    #[schema(example = "live")]
+    pub stage: String,
+    /// `graph` (seen through Graph as the app) or `exchange_test` (adopted or send-only apps).
+    pub verified_by: Option<String>,
+    pub expectations: Vec<ExpectationView>,
+    pub required_matches: i32,
+    /// Runs of the check's job so far.
+    pub attempts: i32,
+    /// When the check looks next (while active).
+    pub next_run_at: Option<DateTime<Utc>>,
+    pub deadline: DateTime<Utc>,
+    pub callback_url: Option<String>,
+    /// Why it ended as it did (misconfiguration, last observations at the deadline, failure).
+    pub reason: Option<String>,
+    /// Seconds from the change until every mailbox answered as expected.
+    pub propagation_seconds: Option<f64>,
+    /// `manual` or `access_policy`.
+    pub origin: String,
+    pub created_at: DateTime<Utc>,
+    /// The change being verified (the last one, when several changes merged into this check).
+    pub changed_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct PropagationCheckList {
+    pub items: Vec<PropagationCheck>,
+    pub next_after: Option<Uuid>,
+}
+
+#[derive(Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct WaitQuery {
+    /// Wait up to this many seconds (at most 60) for the state to change.
+    pub wait: Option<u64>,
+}
+
+#[derive(Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct CheckListQuery {
+    pub state: Option<String>,
+    pub app_id: Option<Uuid>,
+    /// Page size, 1–500 (default 50).
+    pub limit: Option<i64>,
+    /// Cursor: the `next_after` of the previous page.
+    pub after: Option<Uuid>,
+}
+
+const STATES: &[&str] = &[
+    "queued",
+    "running",
+    "succeeded",
+    "misconfigured",
+    "timed_out",
+    "cancelled",
+    "failed",
+];
+
+pub async fn view(c: &impl GenericClient, r: CheckRecord) -> Result<PropagationCheck, ApiError> {
+    let job = match r.job_id {
+        Some(j) => queue::get(c, j).await?,
+        None => None,
+    };
+    Ok(view_with(r, job.as_ref()))
+}
+
+fn view_with(r: CheckRecord, job: Option<&queue::JobRecord>) -> PropagationCheck {
+    let active = !r.is_final();
+    let changed = r.changed_at;
+    PropagationCheck {
+        id: r.id,
+        app_id: r.app_id,
+        state: r.state,
+        stage: r.stage,
+        verified_by: r.verified_by,
+        expectations: r
+            .expectations
+            .into_iter()
+            .map(|e| ExpectationView {
+                propagation_seconds: e
+                    .first_matched_at
+                    .filter(|_| e.met_at.is_some())
+                    .map(|f| ((f - changed).num_milliseconds().max(0) as f64) / 1000.0),
+                mailbox: e.mailbox,
+                expected: e.expected,
+                last_observed: e.last_observed,
+                last_observed_at: e.last_observed_at,
+                consecutive_matches: e.consecutive_matches,
+                first_matched_at: e.first_matched_at,
+                met_at: e.met_at,
+            })
+            .collect(),
+        required_matches: r.required_matches,
+        attempts: job.map_or(0, |j| j.attempt),
+        next_run_at: job
+            .filter(|j| active && j.state == queue::JobState::Queued)
+            .map(|j| j.run_at),
+        deadline: r.deadline,
+        callback_url: r.callback_url,
+        reason: r.reason,
+        propagation_seconds: r.propagation_seconds,
+        origin: r.origin,
+        created_at: r.created_at,
+        changed_at: r.changed_at,
+        updated_at: r.updated_at,
+        finished_at: r.finished_at,
+    }
+}
+
+fn field(name: &str, message: impl Into<String>) -> FieldError {
+    FieldError {
+        field: name.into(),
+        message: message.into(),
+    }
+}
+
+fn is_mailbox(s: &str) -> bool {
+    super::tenants::is_address(s)
+}
+
+/// Start the app's check, or give the active one these expectations. In the caller's
+/// transaction; returns the check and whether it is new.
+#[allow(clippy::too_many_arguments)]
+pub async fn start_or_update(
+    c: &impl GenericClient,
+    state: &AppState,
+    tenant_id: Uuid,
+    app_id: Uuid,
+    expectations: &[Expectation],
+    callback_url: Option<&str>,
+    required_matches: Option<u32>,
+    deadline_seconds: Option<u64>,
+    origin: &str,
+) -> Result<(CheckRecord, bool), ApiError> {
+    let p = &state.settings.propagation;
+    store::lock_key(c, CHECK_LOCK, &format!("{tenant_id}:{app_id}")).await?;
+    let deadline = Utc::now()
+        + chrono::Duration::seconds(
+            i64::try_from(deadline_seconds.unwrap_or(p.deadline_seconds)).unwrap_or(i64::MAX / 2),
+        );
+    if let Some(active) = store::propagation_checks::active_for_app(c, tenant_id, app_id).await? {
+        let updated = store::propagation_checks::replace_expectations(
+            c,
+            active.id,
+            expectations,
+            deadline,
+            callback_url,
+        )
+        .await?;
+        let mut updated = updated;
+        let woken = match updated.job_id {
+            // Look at the new expectations now rather than at the end of a long backoff. A new
+            // change supersedes a pending cancel: it needs verifying all the same.
+            Some(job) => c.execute(
+                "UPDATE jobs SET run_at = CASE WHEN state = 'queued' THEN now() ELSE run_at END,
+                     cancel_requested = false, updated_at = now()
+                 WHERE id = $1 AND state IN ('queued', 'running')",
+                &[&job],
+            )
+            .await
+            .map_err(store::StoreError::from)?,
+            None => 0,
+        };
+        if woken == 0 {
+            // Its job ended without ending the check (e.g. the reaper gave up on a crashing
+            // worker): give the check a job again rather than leave it stuck.
+            let job = enqueue_job(c, tenant_id, app_id, updated.id).await?;
+            store::propagation_checks::set_job(c, updated.id, job).await?;
+            updated.job_id = Some(job);
+        }
+        return Ok((updated, false));
+    }
+    let id = Uuid::new_v4();
+    let required = i32::try_from(required_matches.unwrap_or(p.required_matches)).unwrap_or(3);
+    let mut rec = store::propagation_checks::insert(
+        c,
+        &store::propagation_checks::NewCheck {
+            id,
+            tenant_id,
+            app_id,
+            expectations,
+            required_matches: required,
+            deadline,
+            callback_url,
+            origin,
+        },
+    )
+    .await?;
+    let job = enqueue_job(c, tenant_id, app_id, id).await?;
+    store::propagation_checks::set_job(c, id, job).await?;
+    rec.job_id = Some(job);
+    Ok((rec, true))
+}
+
+/// The app's check job (one active per tenant and app), running `check_id`.
+async fn enqueue_job(
+    c: &impl GenericClient,
+    tenant_id: Uuid,
+    app_id: Uuid,
+    check_id: Uuid,
+) -> Result<Uuid, ApiError> {
+    let payload = serde_json::json!({"check_id": check_id});
+    let job = NewJob {
+        unique_key: Some(app_id.to_string()),
+        ..NewJob::new(crate::propagation::JOB_KIND, tenant_id, payload.clone())
+    };
+    let enqueued = queue::enqueue(c, &job).await?;
+    if let queue::Enqueued::Existing(j) = enqueued {
+        // A job of an ended check still active: it runs this check from now on.
+        queue::update_payload(c, j, &payload).await?;
+    }
+    Ok(enqueued.id())
+}
+
+/// A scope touched by a policy change, for the default expectations.
+pub struct TouchedScope {
+    pub address: String,
+    pub alias: Option<String>,
+}
+
+/// After a change to an app's policies (in the change's transaction): start or update the app's
+/// check with default expectations drawn from its policies, the scopes the change touched, the
+/// tenant's canary mailboxes and the request's. `None` when there is nothing to check.
+pub async fn after_policy_change(
+    c: &impl GenericClient,
+    state: &AppState,
+    tenant_id: Uuid,
+    app_id: &str,
+    touched: &[TouchedScope],
+    request_canaries: &[String],
+) -> Result<Option<CheckRecord>, ApiError> {
+    let Ok(app_uuid) = app_id.parse::<Uuid>() else {
+        return Ok(None); // `*` policies concern every app: no single app to check.
+    };
+    let records: Vec<_> = store::access_policies::all(c, tenant_id)
+        .await?
+        .into_iter()
+        .filter(|r| r.app_id == ALL_APPS || r.app_id.eq_ignore_ascii_case(app_id))
+        .collect();
+    let mut members = GroupMembers::new();
+    let mut scopes: Vec<String> = Vec::new();
+    let scope_iter = records
+        .iter()
+        .map(|r| {
+            (
+                r.scope_address.clone(),
+                r.scope_alias.clone(),
+                r.scope_type.clone(),
+            )
+        })
+        .chain(
+            touched
+                .iter()
+                .map(|t| (t.address.clone(), t.alias.clone(), String::new())),
+        );
+    let mut seen = BTreeSet::new();
+    for (address, alias, kind) in scope_iter {
+        let address = address.to_ascii_lowercase();
+        if !seen.insert(address.clone()) {
+            continue;
+        }
+        let group = match &alias {
+            Some(a) => store::scope_groups::get(c, tenant_id, a).await?,
+            None => None,
+        };
+        match group {
+            Some(g) => {
+                members.insert(address.clone(), g.members.clone());
+                scopes.push(address);
+            }
+            // A group mailscope does not manage: its members are unknown here.
+            None if kind.contains("Group") => {}
+            None if alias.is_some() => {}
+            None => scopes.push(address),
+        }
+    }
+    let policies: Vec<rules::AccessPolicy> = records
+        .iter()
+        .map(|r| rules::AccessPolicy {
+            app_id: r.app_id.clone(),
+            scope_id: r.scope_address.to_ascii_lowercase(),
+            access_right: if r.access_right == "DenyAccess" {
+                rules::AccessRight::DenyAccess
+            } else {
+                rules::AccessRight::RestrictAccess
+            },
+        })
+        .collect();
+    let mut canaries = store::tenants::get(c, tenant_id)
+        .await?
+        .map(|t| t.canary_mailboxes)
+        .unwrap_or_default();
+    canaries.extend(request_canaries.iter().cloned());
+    let expectations = domain::default_expectations(
+        app_id,
+        &policies,
+        &members,
+        &scopes,
+        &canaries,
+        state.settings.propagation.sample_size,
+    );
+    if expectations.is_empty() {
+        return Ok(None);
+    }
+    let (check, _) = start_or_update(
+        c,
+        state,
+        tenant_id,
+        app_uuid,
+        &expectations,
+        None,
+        None,
+        None,
+        "access_policy",
+    )
+    .await?;
+    Ok(Some(check))
+}
+
+/// The API path of a check.
+pub fn check_path(tenant_id: Uuid, id: Uuid) -> String {
+    format!("/v1/tenants/{tenant_id}/propagation-checks/{id}")
+}
+
+/// `Link: </v1/tenants/{t}/propagation-checks/{id}>; rel="propagation-check"`
+pub fn link_header(tenant_id: Uuid, id: Uuid) -> (header::HeaderName, String) {
+    (
+        header::LINK,
+        format!("<{}>; rel=\"propagation-check\"", check_path(tenant_id, id)),
+    )
+}
+
+fn not_found(id: Uuid) -> ApiError {
+    ApiError::not_found(format!("no propagation check {id} in this tenant"))
+}
+
+/// Start a propagation check by hand with explicit expectations.
+///
+/// If the app already has an active check, its expectations are replaced (200); otherwise a new
+/// check starts (201). Needs MailScope.Write.
+#[utoipa::path(post, path = "/v1/tenants/{tenant_id}/propagation-checks", tag = "propagation checks",
+    params(("tenant_id" = Uuid, Path, description = "The Microsoft Entra tenant id"),
+           ("Idempotency-Key" = Option<String>, Header, description = "Replays the stored response for a repeated request")),
+    request_body = CheckInput,
+    responses(
+        (status = 201, description = "check started", body = PropagationCheck),
+        (status = 200, description = "the app's active check, with these expectations now", body = PropagationCheck),
+        (status = 401, description = "missing or invalid token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "needs MailScope.Write", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "tenant not visible", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "invalid content", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = [])))]
+pub async fn create_check(
+    req: HttpRequest,
+    caller: Caller,
+    state: web::Data<AppState>,
+    path: web::Path<Uuid>,
+    body: web::Json<CheckInput>,
+) -> Result<HttpResponse, ApiError> {
+    caller.require(Role::Write)?;
+    let tenant_id = path.into_inner();
+    caller.require_tenant(tenant_id)?;
+    let input = body.into_inner();
+    let mut errs = Vec::new();
+    let app_id = input.app_id.trim().parse::<Uuid>().unwrap_or_else(|_| {
+        errs.push(field("app_id", "must be the app's client id (a GUID)"));
+        Uuid::nil()
+    });
+    let mut expectations = Vec::new();
+    for (i, e) in input.expectations.iter().enumerate() {
+        if !is_mailbox(e.mailbox.trim()) {
+            errs.push(field(
+                &format!("expectations[{i}].mailbox"),
+                "must be an SMTP address",
+            ));
+        }
+        expectations.push(Expectation::new(&e.mailbox, e.expected));
+    }
+    for (i, m) in input.canary_mailboxes.iter().enumerate() {
+        if !is_mailbox(m.trim()) {
+            errs.push(field(
+                &format!("canary_mailboxes[{i}]"),
+                "must be an SMTP address",
+            ));
+        }
+        expectations.push(Expectation::new(m, Access::Denied));
+    }
+    let expectations = domain::dedupe(expectations);
+    if expectations.is_empty() {
+        errs.push(field(
+            "expectations",
+            "give at least one expectation or canary mailbox",
+        ));
+    }
+    if expectations.len() > MAX_EXPECTATIONS {
+        errs.push(field(
+            "expectations",
+            format!("at most {MAX_EXPECTATIONS} mailboxes per check"),
+        ));
+    }
+    if let Some(u) = &input.callback_url
+        && !(u.starts_with("https://") || u.starts_with("http://"))
+    {
+        errs.push(field("callback_url", "must be an http(s) URL"));
+    }
+    if input
+        .required_matches
+        .is_some_and(|k| !(1..=20).contains(&k))
+    {
+        errs.push(field("required_matches", "must be between 1 and 20"));
+    }
+    if input
+        .deadline_seconds
+        .is_some_and(|d| !(1..=30 * 86_400).contains(&d))
+    {
+        errs.push(field(
+            "deadline_seconds",
+            "must be between 1 and 2592000 (30 days)",
+        ));
+    }
+    if !errs.is_empty() {
+        return Err(ApiError::validation(errs));
+    }
+    let mut db = state.db().await?;
+    let tx = db.transaction().await.map_err(store::StoreError::from)?;
+    if store::tenants::get(&tx, tenant_id).await?.is_none() {
+        return Err(crate::auth::tenant_not_found(tenant_id));
+    }
+    let (check, created) = start_or_update(
+        &tx,
+        &state,
+        tenant_id,
+        app_id,
+        &expectations,
+        input.callback_url.as_deref(),
+        input.required_matches,
+        input.deadline_seconds,
+        "manual",
+    )
+    .await?;
+    audit(
+        &tx,
+        &caller,
+        &req,
+        tenant_id,
+        if created {
+            "propagation_check.created"
+        } else {
+            "propagation_check.updated"
+        },
+        &format!("propagation_check/{}", check.id),
+        serde_json::json!({"app_id": app_id, "mailboxes": expectations.len()}),
+    )
+    .await?;
+    let v = view(&tx, check).await?;
+    tx.commit().await.map_err(store::StoreError::from)?;
+    let location = check_path(tenant_id, v.id);
+    Ok(if created {
+        HttpResponse::Created()
+            .insert_header((header::LOCATION, location))
+            .json(v)
+    } else {
+        HttpResponse::Ok()
+            .insert_header((header::CONTENT_LOCATION, location))
+            .json(v)
+    })
+}
+
+/// One check: state, stage, each mailbox's last observation and streak, propagation time.
+///
+/// `?wait=N` holds the request up to N seconds (at most 60) until the state changes; a check
+/// that has ended answers at once.
+#[utoipa::path(get, path = "/v1/tenants/{tenant_id}/propagation-checks/{id}", tag = "propagation checks",
+    params(("tenant_id" = Uuid, Path, description = "The Microsoft Entra tenant id"),
+           ("id" = Uuid, Path, description = "The check's id"), WaitQuery),
+    responses(
+        (status = 200, description = "the check", body = PropagationCheck),
+        (status = 401, description = "missing or invalid token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "needs MailScope.Read", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "unknown check, or tenant not visible", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = [])))]
+pub async fn get_check(
+    caller: Caller,
+    state: web::Data<AppState>,
+    path: web::Path<(Uuid, Uuid)>,
+    q: web::Query<WaitQuery>,
+) -> Result<HttpResponse, ApiError> {
+    caller.require(Role::Read)?;
+    let (tenant_id, id) = path.into_inner();
+    caller.require_tenant(tenant_id)?;
+    let wait = Duration::from_secs(q.wait.unwrap_or(0).min(MAX_WAIT_SECONDS));
+    let until = tokio::time::Instant::now() + wait;
+    let first = {
+        let db = state.db().await?;
+        store::propagation_checks::get(&db, tenant_id, id)
+            .await?
+            .ok_or_else(|| not_found(id))?
+    };
+    let mut current = first.clone();
+    // Poll the row (one indexed read every 250 ms, no connection held in between).
+    // A final state never changes again: answer at once.
+    while !current.is_final() && current.state == first.state && tokio::time::Instant::now() < until
+    {
+        tokio::time::sleep(Duration::from_millis(250).min(until - tokio::time::Instant::now()))
+            .await;
+        let db = state.db().await?;
+        current = store::propagation_checks::get(&db, tenant_id, id)
+            .await?
+            .ok_or_else(|| not_found(id))?;
+    }
+    let db = state.db().await?;
+    Ok(HttpResponse::Ok().json(view(&db, current).await?))
+}
+
+/// The tenant's checks, newest id order not guaranteed (ordered by id for stable paging).
+#[utoipa::path(get, path = "/v1/tenants/{tenant_id}/propagation-checks", tag = "propagation checks",
+    params(("tenant_id" = Uuid, Path, description = "The Microsoft Entra tenant id"), CheckListQuery),
+    responses(
+        (status = 200, description = "a page of checks", body = PropagationCheckList),
+        (status = 400, description = "invalid query", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "missing or invalid token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "needs MailScope.Read", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "tenant not visible", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = [])))]
+pub async fn list_checks(
+    caller: Caller,
+    state: web::Data<AppState>,
+    path: web::Path<Uuid>,
+    q: web::Query<CheckListQuery>,
+) -> Result<HttpResponse, ApiError> {
+    caller.require(Role::Read)?;
+    let tenant_id = path.into_inner();
+    caller.require_tenant(tenant_id)?;
+    let limit = page_limit(q.limit)?;
+    if let Some(s) = &q.state
+        && !STATES.contains(&s.as_str())
+    {
+        return Err(ApiError::new(
+            ProblemKind::InvalidQuery,
+            format!("state must be one of {}", STATES.join(", ")),
+        ));
+    }
+    let db = state.db().await?;
+    if store::tenants::get(&db, tenant_id).await?.is_none() {
+        return Err(crate::auth::tenant_not_found(tenant_id));
+    }
+    let rows = store::propagation_checks::list(
+        &db,
+        tenant_id,
+        q.state.as_deref(),
+        q.app_id,
+        q.after,
+        limit + 1,
+    )
+    .await?;
+    let more = rows.len() as i64 > limit;
+    let rows: Vec<CheckRecord> = rows.into_iter().take(limit as usize).collect();
+    // The page's jobs in one query.
+    let job_ids: Vec<Uuid> = rows.iter().filter_map(|r| r.job_id).collect();
+    let jobs: std::collections::HashMap<Uuid, queue::JobRecord> = db
+        .query(
+            &format!("SELECT {} FROM jobs WHERE id = ANY($1)", queue::COLUMNS),
+            &[&job_ids],
+        )
+        .await
+        .map_err(store::StoreError::from)?
+        .iter()
+        .map(|row| {
+            let j = queue::from_row(row);
+            (j.id, j)
+        })
+        .collect();
+    let items: Vec<PropagationCheck> = rows
+        .into_iter()
+        .map(|r| {
+            let job = r.job_id.and_then(|j| jobs.get(&j));
+            view_with(r, job)
+        })
+        .collect();
+    let next_after = if more {
+        items.last().map(|c| c.id)
+    } else {
+        None
+    };
+    Ok(HttpResponse::Ok().json(PropagationCheckList { items, next_after }))
+}
+
+/// Cancel a check.
+///
+/// A check that holds no probe secret and is not running ends at once (200). Otherwise it is
+/// flagged (202) and its job, woken at once, removes the probe secret and ends it `cancelled`.
+#[utoipa::path(post, path = "/v1/tenants/{tenant_id}/propagation-checks/{id}/cancel", tag = "propagation checks",
+    params(("tenant_id" = Uuid, Path, description = "The Microsoft Entra tenant id"),
+           ("id" = Uuid, Path, description = "The check's id")),
+    responses(
+        (status = 200, description = "cancelled", body = PropagationCheck),
+        (status = 202, description = "cancellation requested; the check ends once its probe secret is removed", body = PropagationCheck),
+        (status = 401, description = "missing or invalid token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "needs MailScope.Write", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "unknown check, or tenant not visible", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "the check has already ended", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = [])))]
+pub async fn cancel_check(
+    req: HttpRequest,
+    caller: Caller,
+    state: web::Data<AppState>,
+    path: web::Path<(Uuid, Uuid)>,
+) -> Result<HttpResponse, ApiError> {
+    caller.require(Role::Write)?;
+    let (tenant_id, id) = path.into_inner();
+    caller.require_tenant(tenant_id)?;
+    let mut db = state.db().await?;
+    let tx = db.transaction().await.map_err(store::StoreError::from)?;
+    let check = store::propagation_checks::get(&tx, tenant_id, id)
+        .await?
+        .ok_or_else(|| not_found(id))?;
+    store::lock_key(&tx, CHECK_LOCK, &format!("{tenant_id}:{}", check.app_id)).await?;
+    let check = store::propagation_checks::get(&tx, tenant_id, id)
+        .await?
+        .ok_or_else(|| not_found(id))?;
+    if check.is_final() {
+        return Err(ApiError::conflict(format!(
+            "propagation check {id} has already ended ({})",
+            check.state
+        )));
+    }
+    store::propagation_checks::request_cancel(&tx, id).await?;
+    let mut done = false;
+    if let Some(job) = check.job_id {
+        let job_state = queue::cancel(&tx, job).await?;
+        // Queued, so no worker holds it; with no probe secret there is nothing to clean up.
+        if job_state == Some(queue::JobState::Cancelled)
+            && check.probe_key_id.is_none()
+            && check.stage == "configuration"
+        {
+            store::propagation_checks::finish(&tx, id, "cancelled", Some("cancelled on request"))
+                .await?;
+            done = true;
+        } else if job_state == Some(queue::JobState::Cancelled) {
+            // Let the job run once more to take the probe secret back, then end the check.
+            tx.execute(
+                "UPDATE jobs SET state = 'queued', run_at = now(), finished_at = NULL,
+                     updated_at = now() WHERE id = $1 AND state = 'cancelled'",
+                &[&job],
+            )
+            .await
+            .map_err(store::StoreError::from)?;
+        }
+    }
+    audit(
+        &tx,
+        &caller,
+        &req,
+        tenant_id,
+        "propagation_check.cancelled",
+        &format!("propagation_check/{id}"),
+        serde_json::json!({"app_id": check.app_id}),
+    )
+    .await?;
+    let current = store::propagation_checks::get(&tx, tenant_id, id)
+        .await?
+        .ok_or_else(|| not_found(id))?;
+    let v = view(&tx, current).await?;
+    tx.commit().await.map_err(store::StoreError::from)?;
+    Ok(if done {
+        HttpResponse::Ok().json(v)
+    } else {
+        HttpResponse::Accepted().json(v)
+    })
+}

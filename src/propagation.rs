@@ -1,0 +1,618 @@
+//! The `propagation_check` job: proves that an app's access restriction is in force.
+//!
+//! Each run does one step and reschedules itself through the queue (`Outcome::Reschedule`), so
+//! a crash loses at most one observation and a check never holds a worker while it waits:
+//! - stage 1, `configuration`: `Test-ApplicationAccessPolicy` per expectation. Exchange sees
+//!   changes at once, so a disagreement here is a misconfiguration, not a delay: the check ends
+//!   `misconfigured` with the reason;
+//! - stage 2, `live`: for an app mailscope created that holds a harmless read permission, a
+//!   short-lived probe secret is added to the app, and each unmet expectation is read through
+//!   Graph *as the app* (one `$batch`) until every expectation has `required_matches` matching
+//!   answers in a row, or the deadline passes. Other apps end after stage 1 with
+//!   `verified_by: exchange_test`.
+//!
+//! The probe secret is removed when the check ends, whatever the outcome. Removal is idempotent
+//! and looks for the secret by its display name too, so a crash between Microsoft's `addPassword`
+//! and mailscope's write cannot leak it: the next run (or the final one) removes it.
+use chrono::{DateTime, Utc};
+use secrecy::{ExposeSecret, SecretString};
+use uuid::Uuid;
+
+use crate::api::AppState;
+use crate::api::tenants::handle_for;
+use crate::domain::credential::ManagementCredential;
+use crate::domain::propagation::{self as rules, Access, Expectation};
+use crate::m365::graph::MailboxProbe;
+use crate::m365::graph::batch::BatchRequest;
+use crate::m365::{ErrorKind, TenantContext, TenantHandle};
+use crate::queue::worker::{JobContext, Outcome};
+use crate::store::access_policies::AccessPolicyRecord;
+use crate::store::propagation_checks::{self as checks, CheckRecord, Progress};
+use crate::store::{self};
+
+pub const JOB_KIND: &str = "propagation_check";
+
+/// The display name of a check's probe secret (how leftovers of a crashed run are found).
+pub fn probe_secret_name(check_id: Uuid) -> String {
+    format!("mailscope propagation probe {check_id}")
+}
+
+/// The harmless read matching an app's permissions, if it has one (a send-only app has none).
+pub fn harmless_read(permissions: &[String]) -> Option<MailboxProbe> {
+    const READS: &[(&str, MailboxProbe)] = &[
+        ("Mail.Read", MailboxProbe::Messages),
+        ("MailboxSettings.Read", MailboxProbe::MailboxSettings),
+        ("Calendars.Read", MailboxProbe::Calendars),
+        ("Contacts.Read", MailboxProbe::Contacts),
+    ];
+    READS.iter().find_map(|(prefix, probe)| {
+        permissions
+            .iter()
+            .any(|p| p.starts_with(prefix))
+            .then_some(*probe)
+    })
+}
+
+type Step<T> = Result<T, String>;
+
+fn err(e: impl std::fmt::Display) -> String {
+    e.to_string()
+}
+
+/// Run one step of the check named in the job's payload.
+pub async fn run(state: AppState, ctx: JobContext) -> Outcome {
+    let Some(check_id) = ctx
+        .job
+        .payload
+        .get("check_id")
+        .and_then(|v| v.as_str())
+        .and_then(|s| s.parse::<Uuid>().ok())
+    else {
+        return Outcome::Fail("the job names no check".into());
+    };
+    match step(&state, &ctx, check_id).await {
+        Ok(o) => o,
+        Err(e) if ctx.job.failures + 1 >= ctx.job.max_failures => {
+            // The queue gives up after this: end the check and take the probe secret back.
+            if let Err(c) = end(&state, check_id, "failed", Some(&e)).await {
+                tracing::warn!(check = %check_id, error = %c, "could not end a failed check cleanly");
+            }
+            Outcome::Fail(e)
+        }
+        Err(e) => Outcome::Retry(e),
+    }
+}
+
+/// End a check out of band (failure): remove the probe secret, then record the state.
+async fn end(
+    state: &AppState,
+    check_id: Uuid,
+    final_state: &str,
+    reason: Option<&str>,
+) -> Step<()> {
+    let db = state.pool.get().await.map_err(err)?;
+    let Some(check) = checks::get_by_id(&db, check_id).await.map_err(err)? else {
+        return Ok(());
+    };
+    if let Some(tenant) = store::tenants::get(&db, check.tenant_id)
+        .await
+        .map_err(err)?
+    {
+        let handle = handle_for(state, &tenant).map_err(err)?;
+        remove_probe_secret(&db, &handle, &check).await?;
+    }
+    checks::finish(&db, check_id, final_state, reason)
+        .await
+        .map_err(err)
+}
+
+fn summary(check: &CheckRecord, state: &str) -> serde_json::Value {
+    serde_json::json!({"check_id": check.id, "state": state})
+}
+
+async fn step(state: &AppState, ctx: &JobContext, check_id: Uuid) -> Step<Outcome> {
+    let db = state.pool.get().await.map_err(err)?;
+    let Some(check) = checks::get_by_id(&db, check_id).await.map_err(err)? else {
+        return Ok(Outcome::Fail(format!("check {check_id} no longer exists")));
+    };
+    let Some(tenant) = store::tenants::get(&db, check.tenant_id)
+        .await
+        .map_err(err)?
+    else {
+        return Ok(Outcome::Fail("the tenant is no longer registered".into()));
+    };
+    let handle = handle_for(state, &tenant).map_err(err)?;
+    if check.is_final() {
+        // Ended elsewhere; make sure nothing is left behind.
+        remove_probe_secret(&db, &handle, &check).await?;
+        return Ok(Outcome::Succeeded(summary(&check, &check.state)));
+    }
+    if check.cancel_requested {
+        remove_probe_secret(&db, &handle, &check).await?;
+        checks::finish(&db, check.id, "cancelled", Some("cancelled on request"))
+            .await
+            .map_err(err)?;
+        return Ok(if ctx.job.cancel_requested {
+            Outcome::Cancelled
+        } else {
+            Outcome::Succeeded(summary(&check, "cancelled"))
+        });
+    }
+    let now = Utc::now();
+    let mut exps = check.expectations.clone();
+    if now >= check.deadline {
+        remove_probe_secret(&db, &handle, &check).await?;
+        let pending: Vec<String> = exps
+            .iter()
+            .filter(|e| !e.is_met())
+            .map(|e| {
+                format!(
+                    "{} expected {}, last seen {}",
+                    e.mailbox,
+                    e.expected.as_str(),
+                    e.last_observed.map_or("nothing", Access::as_str)
+                )
+            })
+            .collect();
+        let reason = format!(
+            "the deadline passed before the change was seen in force: {}",
+            pending.join("; ")
+        );
+        return finish_with(
+            &db,
+            &check,
+            Progress {
+                state: "timed_out",
+                stage: "done",
+                verified_by: None,
+                expectations: &exps,
+                rounds: check.rounds,
+                reason: Some(&reason),
+                result: None,
+                propagation_seconds: None,
+            },
+        )
+        .await;
+    }
+
+    let live = live_target(&db, &check).await?;
+    if check.stage == "configuration" {
+        let records = app_policies(&db, &check).await?;
+        let exo = handle.exchange();
+        let app = check.app_id.to_string();
+        let mut problems = Vec::new();
+        for e in exps.iter_mut() {
+            match exo.test_application_access_policy(&e.mailbox, &app).await {
+                Err(x) if x.is_not_found() => problems.push(format!(
+                    "mailbox {} does not exist in the tenant",
+                    e.mailbox
+                )),
+                Err(x) => return Err(err(x)),
+                Ok(c) => match c.granted() {
+                    None => problems.push(format!(
+                        "Exchange answered neither Granted nor Denied for mailbox {}",
+                        e.mailbox
+                    )),
+                    Some(g) => {
+                        let seen = Access::from_granted(g);
+                        e.last_observed = Some(seen);
+                        e.last_observed_at = Some(now);
+                        if seen != e.expected {
+                            problems.push(explain(&app, e, &records));
+                        }
+                    }
+                },
+            }
+        }
+        if !problems.is_empty() {
+            remove_probe_secret(&db, &handle, &check).await?;
+            let reason = problems.join("; ");
+            return finish_with(
+                &db,
+                &check,
+                Progress {
+                    state: "misconfigured",
+                    stage: "done",
+                    verified_by: None,
+                    expectations: &exps,
+                    rounds: check.rounds,
+                    reason: Some(&reason),
+                    result: None,
+                    propagation_seconds: None,
+                },
+            )
+            .await;
+        }
+        if live.is_none() {
+            remove_probe_secret(&db, &handle, &check).await?;
+            return finish_with(
+                &db,
+                &check,
+                Progress {
+                    state: "succeeded",
+                    stage: "done",
+                    verified_by: Some("exchange_test"),
+                    expectations: &exps,
+                    rounds: check.rounds,
+                    reason: None,
+                    result: None,
+                    propagation_seconds: None,
+                },
+            )
+            .await;
+        }
+        let delay = state.settings.propagation.backoff().delay(0);
+        let saved = checks::save_progress(
+            &db,
+            check.id,
+            check.revision,
+            &Progress {
+                state: "running",
+                stage: "live",
+                verified_by: None,
+                expectations: &exps,
+                rounds: 0,
+                reason: None,
+                result: None,
+                propagation_seconds: None,
+            },
+        )
+        .await
+        .map_err(err)?;
+        return Ok(reschedule(now, delay, &check, saved));
+    }
+
+    // Stage 2: live.
+    let Some((probe, object_id)) = live else {
+        // The app stopped being one mailscope manages with a harmless read.
+        remove_probe_secret(&db, &handle, &check).await?;
+        return finish_with(
+            &db,
+            &check,
+            Progress {
+                state: "succeeded",
+                stage: "done",
+                verified_by: Some("exchange_test"),
+                expectations: &exps,
+                rounds: check.rounds,
+                reason: None,
+                result: None,
+                propagation_seconds: None,
+            },
+        )
+        .await;
+    };
+    let secret = ensure_probe_secret(state, &db, &handle, &check, &object_id).await?;
+    let as_app = state.m365.tenant(TenantContext {
+        tenant_id: check.tenant_id.to_string(),
+        endpoints: handle.context().endpoints.clone(),
+        credential: ManagementCredential::ClientSecret {
+            client_id: check.app_id.to_string(),
+            client_secret: secret,
+        },
+    });
+    let pending: Vec<usize> = (0..exps.len()).filter(|i| !exps[*i].is_met()).collect();
+    let requests = pending
+        .iter()
+        .map(|i| BatchRequest::get(i.to_string(), probe.path(&exps[*i].mailbox)))
+        .collect();
+    let answers = as_app.graph().batch(requests).await.map_err(err)?;
+    let seen_at = Utc::now();
+    let required = u32::try_from(check.required_matches).unwrap_or(1);
+    for a in answers {
+        let Some(e) = a.id.parse::<usize>().ok().and_then(|i| exps.get_mut(i)) else {
+            continue;
+        };
+        let seen = match a.error(probe.operation()) {
+            None => Access::Granted,
+            Some(x) if *x.kind() == ErrorKind::MailboxAccessDenied => Access::Denied,
+            Some(x) => return Err(err(x)),
+        };
+        e.observe(seen, seen_at, required);
+    }
+    let rounds = check.rounds.saturating_add(1);
+    if rules::all_met(&exps) {
+        remove_probe_secret(&db, &handle, &check).await?;
+        let seconds = rules::propagation_seconds(check.changed_at, &exps);
+        let outcome = finish_with(
+            &db,
+            &check,
+            Progress {
+                state: "succeeded",
+                stage: "done",
+                verified_by: Some("graph"),
+                expectations: &exps,
+                rounds,
+                reason: None,
+                result: None,
+                propagation_seconds: seconds,
+            },
+        )
+        .await?;
+        if matches!(outcome, Outcome::Succeeded(_)) {
+            mark_in_force(&db, &check).await?;
+        }
+        return Ok(outcome);
+    }
+    let delay = state
+        .settings
+        .propagation
+        .backoff()
+        .delay(u32::try_from(rounds).unwrap_or(u32::MAX));
+    let saved = checks::save_progress(
+        &db,
+        check.id,
+        check.revision,
+        &Progress {
+            state: "running",
+            stage: "live",
+            verified_by: None,
+            expectations: &exps,
+            rounds,
+            reason: None,
+            result: None,
+            propagation_seconds: None,
+        },
+    )
+    .await
+    .map_err(err)?;
+    Ok(reschedule(now, delay, &check, saved))
+}
+
+/// Run again after `delay`, never past the deadline (so `timed_out` is reported on time); at
+/// once when the expectations changed during this run.
+fn reschedule(
+    now: DateTime<Utc>,
+    delay: std::time::Duration,
+    check: &CheckRecord,
+    saved: bool,
+) -> Outcome {
+    let at = if saved {
+        (now + chrono::Duration::from_std(delay).unwrap_or_default()).min(check.deadline)
+    } else {
+        Utc::now()
+    };
+    Outcome::Reschedule { at, payload: None }
+}
+
+/// Record a final state (the run's result is the check's summary).
+async fn finish_with(
+    db: &deadpool_postgres::Object,
+    check: &CheckRecord,
+    p: Progress<'_>,
+) -> Step<Outcome> {
+    let result = summary(check, p.state);
+    let saved = checks::save_progress(
+        db,
+        check.id,
+        check.revision,
+        &Progress {
+            result: Some(&result),
+            ..p
+        },
+    )
+    .await
+    .map_err(err)?;
+    if !saved {
+        // The expectations changed while this run looked: look again at once with the new ones.
+        return Ok(Outcome::Reschedule {
+            at: Utc::now(),
+            payload: None,
+        });
+    }
+    Ok(Outcome::Succeeded(result))
+}
+
+/// The app's policies known to mailscope (for explaining a misconfiguration).
+async fn app_policies(
+    db: &deadpool_postgres::Object,
+    check: &CheckRecord,
+) -> Step<Vec<AccessPolicyRecord>> {
+    let app = check.app_id.to_string();
+    Ok(store::access_policies::all(db, check.tenant_id)
+        .await
+        .map_err(err)?
+        .into_iter()
+        .filter(|r| r.app_id == crate::domain::access::ALL_APPS || r.app_id == app)
+        .collect())
+}
+
+/// Why Exchange's answer for one mailbox differs from the expectation, in the policies' words.
+fn explain(app: &str, e: &Expectation, records: &[AccessPolicyRecord]) -> String {
+    let scopes = |right: &str| -> Vec<String> {
+        records
+            .iter()
+            .filter(|r| r.access_right == right)
+            .map(|r| {
+                r.scope_alias
+                    .clone()
+                    .unwrap_or_else(|| r.scope_address.clone())
+            })
+            .collect()
+    };
+    let (restrict, deny) = (scopes("RestrictAccess"), scopes("DenyAccess"));
+    let m = &e.mailbox;
+    match e.expected {
+        Access::Granted if !restrict.is_empty() => format!(
+            "Exchange denies app {app} mailbox {m}, expected granted: mailbox {m} is not a member of {} (the app's RestrictAccess scope)",
+            restrict.join(" or ")
+        ),
+        Access::Granted if !deny.is_empty() => format!(
+            "Exchange denies app {app} mailbox {m}, expected granted: a DenyAccess policy covers it ({})",
+            deny.join(", ")
+        ),
+        Access::Granted => format!(
+            "Exchange denies app {app} mailbox {m}, expected granted: a policy mailscope does not know denies it (POST /sync to import the tenant's policies)"
+        ),
+        Access::Denied if restrict.is_empty() && deny.is_empty() => format!(
+            "Exchange grants app {app} mailbox {m}, expected denied: the app has no access policy, so it reaches every mailbox (rule 4)"
+        ),
+        Access::Denied if restrict.is_empty() => format!(
+            "Exchange grants app {app} mailbox {m}, expected denied: mailbox {m} is not in the DenyAccess scope ({})",
+            deny.join(", ")
+        ),
+        Access::Denied => format!(
+            "Exchange grants app {app} mailbox {m}, expected denied: mailbox {m} is a member of {} (the app's RestrictAccess scope)",
+            restrict.join(" or ")
+        ),
+    }
+}
+
+/// For an app mailscope created with a harmless read: the read and the registration's object id.
+async fn live_target(
+    db: &deadpool_postgres::Object,
+    check: &CheckRecord,
+) -> Step<Option<(MailboxProbe, String)>> {
+    let Some(key) = store::applications::key_of_app(db, check.tenant_id, check.app_id)
+        .await
+        .map_err(err)?
+    else {
+        return Ok(None);
+    };
+    let Some(app) = store::applications::get(db, check.tenant_id, &key)
+        .await
+        .map_err(err)?
+    else {
+        return Ok(None);
+    };
+    if app.origin != "created" || app.state != "ready" {
+        return Ok(None);
+    }
+    let Some(object_id) = app.application_object_id else {
+        return Ok(None);
+    };
+    Ok(harmless_read(&app.permissions).map(|p| (p, object_id.to_string())))
+}
+
+/// The check's probe secret: the stored one, else a new one added to the app (recorded sealed
+/// before it is used).
+async fn ensure_probe_secret(
+    state: &AppState,
+    db: &deadpool_postgres::Object,
+    handle: &TenantHandle,
+    check: &CheckRecord,
+    object_id: &str,
+) -> Step<SecretString> {
+    if let Some(sealed) = &check.probe_secret_sealed {
+        let plain = state
+            .cipher
+            .open(check.id.as_bytes(), sealed)
+            .map_err(err)?;
+        let text = String::from_utf8(plain).map_err(err)?;
+        return Ok(SecretString::from(text));
+    }
+    let graph = handle.graph();
+    // Left over by a run that crashed after addPassword and before recording it.
+    remove_named_secrets(handle, object_id, check.id).await?;
+    // Short-lived: it cannot outlive the check by more than an hour even if every removal fails.
+    let end = (check.deadline + chrono::Duration::hours(1)).to_rfc3339();
+    let p = graph
+        .add_password(object_id, &probe_secret_name(check.id), Some(&end))
+        .await
+        .map_err(err)?;
+    let key_id = p.key_id.parse::<Uuid>().map_err(err)?;
+    let sealed = state
+        .cipher
+        .seal(
+            check.id.as_bytes(),
+            p.secret_text.expose_secret().as_bytes(),
+        )
+        .map_err(err)?;
+    checks::set_probe(db, check.id, key_id, &sealed, state.cipher.key_id())
+        .await
+        .map_err(err)?;
+    Ok(p.secret_text)
+}
+
+async fn remove_named_secrets(handle: &TenantHandle, object_id: &str, check_id: Uuid) -> Step<()> {
+    let graph = handle.graph();
+    let Some(app) = graph.get_application(object_id).await.map_err(err)? else {
+        return Ok(());
+    };
+    let name = probe_secret_name(check_id);
+    for c in app.password_credentials {
+        if c.display_name.as_deref() == Some(name.as_str())
+            && let Some(k) = c.key_id
+        {
+            remove_key(handle, object_id, &k).await?;
+        }
+    }
+    Ok(())
+}
+
+async fn remove_key(handle: &TenantHandle, object_id: &str, key_id: &str) -> Step<()> {
+    match handle.graph().remove_password(object_id, key_id).await {
+        Ok(()) => Ok(()),
+        Err(e) if e.is_not_found() => Ok(()),
+        Err(e) => Err(err(e)),
+    }
+}
+
+/// Remove the check's probe secret from the app (idempotent), then forget it.
+pub async fn remove_probe_secret(
+    db: &deadpool_postgres::Object,
+    handle: &TenantHandle,
+    check: &CheckRecord,
+) -> Step<()> {
+    // Only a check that reached the live stage can have added one.
+    if check.probe_key_id.is_none() && check.stage == "configuration" {
+        return Ok(());
+    }
+    let object_id = match store::applications::key_of_app(db, check.tenant_id, check.app_id)
+        .await
+        .map_err(err)?
+    {
+        Some(key) => store::applications::get(db, check.tenant_id, &key)
+            .await
+            .map_err(err)?
+            .and_then(|a| a.application_object_id),
+        None => None,
+    };
+    if let Some(object_id) = object_id.map(|o| o.to_string()) {
+        if let Some(k) = check.probe_key_id {
+            remove_key(handle, &object_id, &k.to_string()).await?;
+        }
+        remove_named_secrets(handle, &object_id, check.id).await?;
+    }
+    checks::clear_probe(db, check.id).await.map_err(err)
+}
+
+/// A check that saw the change in Graph puts the app's pending policies in force.
+async fn mark_in_force(db: &deadpool_postgres::Object, check: &CheckRecord) -> Step<()> {
+    db.execute(
+        "UPDATE access_policies SET state = 'in_force', updated_at = now()
+         WHERE tenant_id = $1 AND app_id = $2 AND state = 'pending_propagation'
+           AND updated_at <= $3",
+        &[
+            &check.tenant_id,
+            &check.app_id.to_string(),
+            &check.changed_at,
+        ],
+    )
+    .await
+    .map_err(err)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_harmless_read_follows_the_permissions() {
+        let p = |v: &[&str]| harmless_read(&v.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        assert_eq!(p(&["Mail.ReadBasic.All"]), Some(MailboxProbe::Messages));
+        assert_eq!(
+            p(&["Mail.Send", "Calendars.ReadWrite"]),
+            Some(MailboxProbe::Calendars)
+        );
+        assert_eq!(p(&["Contacts.Read"]), Some(MailboxProbe::Contacts));
+        assert_eq!(
+            p(&["MailboxSettings.Read"]),
+            Some(MailboxProbe::MailboxSettings)
+        );
+        // Send-only: no read that would prove anything without side effects.
+        assert_eq!(p(&["Mail.Send"]), None);
+        assert_eq!(p(&[]), None);
+    }
+}

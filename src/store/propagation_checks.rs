@@ -1,0 +1,316 @@
+//! SQL for the `propagation_checks` table. The probe secret is stored only sealed (see
+//! `crypto.rs`, bound to the check's id) and never leaves this layer in a record's `Debug`.
+use chrono::{DateTime, Utc};
+use deadpool_postgres::GenericClient;
+use tokio_postgres::Row;
+use uuid::Uuid;
+
+use super::StoreError;
+use crate::domain::propagation::Expectation;
+
+#[derive(Clone)]
+pub struct CheckRecord {
+    pub id: Uuid,
+    pub tenant_id: Uuid,
+    pub app_id: Uuid,
+    pub state: String,
+    pub stage: String,
+    pub verified_by: Option<String>,
+    pub expectations: Vec<Expectation>,
+    pub required_matches: i32,
+    pub revision: i32,
+    pub rounds: i32,
+    pub deadline: DateTime<Utc>,
+    pub callback_url: Option<String>,
+    pub job_id: Option<Uuid>,
+    pub cancel_requested: bool,
+    pub probe_key_id: Option<Uuid>,
+    pub probe_secret_sealed: Option<Vec<u8>>,
+    pub reason: Option<String>,
+    pub result: Option<serde_json::Value>,
+    pub origin: String,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub propagation_seconds: Option<f64>,
+    pub changed_at: DateTime<Utc>,
+}
+
+impl std::fmt::Debug for CheckRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CheckRecord")
+            .field("id", &self.id)
+            .field("state", &self.state)
+            .field("stage", &self.stage)
+            .field("probe_key_id", &self.probe_key_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CheckRecord {
+    pub fn is_final(&self) -> bool {
+        !matches!(self.state.as_str(), "queued" | "running")
+    }
+}
+
+const COLUMNS: &str = "id, tenant_id, app_id, state, stage, verified_by, expectations, \
+    required_matches, revision, rounds, deadline, callback_url, job_id, cancel_requested, \
+    probe_key_id, probe_secret_sealed, reason, result, origin, created_at, updated_at, started_at, \
+    finished_at, propagation_seconds, changed_at";
+
+fn from_row(r: &Row) -> CheckRecord {
+    let exp: serde_json::Value = r.get(6);
+    CheckRecord {
+        id: r.get(0),
+        tenant_id: r.get(1),
+        app_id: r.get(2),
+        state: r.get(3),
+        stage: r.get(4),
+        verified_by: r.get(5),
+        expectations: serde_json::from_value(exp).unwrap_or_default(),
+        required_matches: r.get(7),
+        revision: r.get(8),
+        rounds: r.get(9),
+        deadline: r.get(10),
+        callback_url: r.get(11),
+        job_id: r.get(12),
+        cancel_requested: r.get(13),
+        probe_key_id: r.get(14),
+        probe_secret_sealed: r.get(15),
+        reason: r.get(16),
+        result: r.get(17),
+        origin: r.get(18),
+        created_at: r.get(19),
+        updated_at: r.get(20),
+        started_at: r.get(21),
+        finished_at: r.get(22),
+        propagation_seconds: r.get(23),
+        changed_at: r.get(24),
+    }
+}
+
+fn json(e: &[Expectation]) -> serde_json::Value {
+    serde_json::to_value(e).unwrap_or_else(|_| serde_json::json!([]))
+}
+
+pub struct NewCheck<'a> {
+    pub id: Uuid,
+    pub tenant_id: Uuid,
+    pub app_id: Uuid,
+    pub expectations: &'a [Expectation],
+    pub required_matches: i32,
+    pub deadline: DateTime<Utc>,
+    pub callback_url: Option<&'a str>,
+    pub origin: &'a str,
+}
+
+pub async fn get(
+    c: &impl GenericClient,
+    tenant_id: Uuid,
+    id: Uuid,
+) -> Result<Option<CheckRecord>, StoreError> {
+    let sql = format!("SELECT {COLUMNS} FROM propagation_checks WHERE tenant_id = $1 AND id = $2");
+    Ok(c.query_opt(&sql, &[&tenant_id, &id])
+        .await?
+        .as_ref()
+        .map(from_row))
+}
+
+pub async fn get_by_id(
+    c: &impl GenericClient,
+    id: Uuid,
+) -> Result<Option<CheckRecord>, StoreError> {
+    let sql = format!("SELECT {COLUMNS} FROM propagation_checks WHERE id = $1");
+    Ok(c.query_opt(&sql, &[&id]).await?.as_ref().map(from_row))
+}
+
+/// The app's active check, locked for the caller's transaction.
+pub async fn active_for_app(
+    c: &impl GenericClient,
+    tenant_id: Uuid,
+    app_id: Uuid,
+) -> Result<Option<CheckRecord>, StoreError> {
+    let sql = format!(
+        "SELECT {COLUMNS} FROM propagation_checks
+         WHERE tenant_id = $1 AND app_id = $2 AND state IN ('queued', 'running') FOR UPDATE"
+    );
+    Ok(c.query_opt(&sql, &[&tenant_id, &app_id])
+        .await?
+        .as_ref()
+        .map(from_row))
+}
+
+pub async fn insert(c: &impl GenericClient, n: &NewCheck<'_>) -> Result<CheckRecord, StoreError> {
+    let sql = format!(
+        "INSERT INTO propagation_checks (id, tenant_id, app_id, expectations, required_matches,
+             deadline, callback_url, origin)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING {COLUMNS}"
+    );
+    let row = c
+        .query_one(
+            &sql,
+            &[
+                &n.id,
+                &n.tenant_id,
+                &n.app_id,
+                &json(n.expectations),
+                &n.required_matches,
+                &n.deadline,
+                &n.callback_url,
+                &n.origin,
+            ],
+        )
+        .await?;
+    Ok(from_row(&row))
+}
+
+pub async fn set_job(c: &impl GenericClient, id: Uuid, job_id: Uuid) -> Result<(), StoreError> {
+    c.execute(
+        "UPDATE propagation_checks SET job_id = $2 WHERE id = $1",
+        &[&id, &job_id],
+    )
+    .await?;
+    Ok(())
+}
+
+/// New expectations for an active check: streaks restart, the configuration stage runs again,
+/// and a run in progress discards what it saw (the revision moves on).
+pub async fn replace_expectations(
+    c: &impl GenericClient,
+    id: Uuid,
+    expectations: &[Expectation],
+    deadline: DateTime<Utc>,
+    callback_url: Option<&str>,
+) -> Result<CheckRecord, StoreError> {
+    let sql = format!(
+        "UPDATE propagation_checks SET expectations = $2, revision = revision + 1,
+             stage = 'configuration', rounds = 0, deadline = greatest(deadline, $3),
+             cancel_requested = false,
+             callback_url = coalesce($4, callback_url), changed_at = now(), updated_at = now()
+         WHERE id = $1 RETURNING {COLUMNS}"
+    );
+    let row = c
+        .query_one(&sql, &[&id, &json(expectations), &deadline, &callback_url])
+        .await?;
+    Ok(from_row(&row))
+}
+
+/// What one run of the check learnt, written only if the expectations did not change meanwhile.
+pub struct Progress<'a> {
+    pub state: &'a str,
+    pub stage: &'a str,
+    pub verified_by: Option<&'a str>,
+    pub expectations: &'a [Expectation],
+    pub rounds: i32,
+    pub reason: Option<&'a str>,
+    pub result: Option<&'a serde_json::Value>,
+    pub propagation_seconds: Option<f64>,
+}
+
+pub async fn save_progress(
+    c: &impl GenericClient,
+    id: Uuid,
+    revision: i32,
+    p: &Progress<'_>,
+) -> Result<bool, StoreError> {
+    let n = c
+        .execute(
+            "UPDATE propagation_checks SET state = $3, stage = $4, verified_by = $5,
+                 expectations = $6, rounds = $7, reason = $8, result = $9,
+                 propagation_seconds = $10, updated_at = now(),
+                 started_at = coalesce(started_at, now()),
+                 finished_at = CASE WHEN $3 IN ('queued', 'running') THEN NULL ELSE now() END
+             WHERE id = $1 AND revision = $2 AND state IN ('queued', 'running')
+               AND (NOT cancel_requested OR $3 NOT IN ('queued', 'running'))",
+            &[
+                &id,
+                &revision,
+                &p.state,
+                &p.stage,
+                &p.verified_by,
+                &json(p.expectations),
+                &p.rounds,
+                &p.reason,
+                &p.result,
+                &p.propagation_seconds,
+            ],
+        )
+        .await?;
+    Ok(n == 1)
+}
+
+/// End a check whatever its revision (cancel, failure).
+pub async fn finish(
+    c: &impl GenericClient,
+    id: Uuid,
+    state: &str,
+    reason: Option<&str>,
+) -> Result<(), StoreError> {
+    c.execute(
+        "UPDATE propagation_checks SET state = $2, reason = coalesce($3, reason), stage = 'done',
+             updated_at = now(), finished_at = now()
+         WHERE id = $1 AND state IN ('queued', 'running')",
+        &[&id, &state, &reason],
+    )
+    .await?;
+    Ok(())
+}
+
+pub async fn request_cancel(c: &impl GenericClient, id: Uuid) -> Result<(), StoreError> {
+    c.execute(
+        "UPDATE propagation_checks SET cancel_requested = true, updated_at = now()
+         WHERE id = $1 AND state IN ('queued', 'running')",
+        &[&id],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Record the probe secret just added (sealed) before using it, so a later run can remove it.
+pub async fn set_probe(
+    c: &impl GenericClient,
+    id: Uuid,
+    key_id: Uuid,
+    sealed: &[u8],
+    cipher_key_id: &str,
+) -> Result<(), StoreError> {
+    c.execute(
+        "UPDATE propagation_checks SET probe_key_id = $2, probe_secret_sealed = $3,
+             probe_secret_key_id = $4, updated_at = now() WHERE id = $1",
+        &[&id, &key_id, &sealed, &cipher_key_id],
+    )
+    .await?;
+    Ok(())
+}
+
+/// The probe secret was removed from the app (or never existed): forget it.
+pub async fn clear_probe(c: &impl GenericClient, id: Uuid) -> Result<(), StoreError> {
+    c.execute(
+        "UPDATE propagation_checks SET probe_key_id = NULL, probe_secret_sealed = NULL,
+             probe_secret_key_id = NULL, updated_at = now() WHERE id = $1",
+        &[&id],
+    )
+    .await?;
+    Ok(())
+}
+
+pub async fn list(
+    c: &impl GenericClient,
+    tenant_id: Uuid,
+    state: Option<&str>,
+    app_id: Option<Uuid>,
+    after: Option<Uuid>,
+    limit: i64,
+) -> Result<Vec<CheckRecord>, StoreError> {
+    let sql = format!(
+        "SELECT {COLUMNS} FROM propagation_checks
+         WHERE tenant_id = $1 AND ($2::text IS NULL OR state = $2)
+           AND ($3::uuid IS NULL OR app_id = $3) AND ($4::uuid IS NULL OR id > $4)
+         ORDER BY id LIMIT $5"
+    );
+    let rows = c
+        .query(&sql, &[&tenant_id, &state, &app_id, &after, &limit])
+        .await?;
+    Ok(rows.iter().map(from_row).collect())
+}

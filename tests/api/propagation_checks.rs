@@ -1,0 +1,811 @@
+//! Propagation checks against the sandbox, run by the in-process worker: a RestrictAccess
+//! policy's check passes only once Graph's front ends agree (long simulated delays are stepped
+//! through with the sandbox clock, so nothing depends on the machine's speed), a misconfiguration
+//! fails fast, a check times out when propagation never comes, cancel works, the probe secret
+//! is gone in every outcome, and apps mailscope did not create are verified by Exchange's test.
+use std::time::Duration;
+
+use mailscope::config::Settings;
+use mailscope::sandbox::SandboxSettings;
+use mailscope::sandbox::settings::DelayRange;
+use serde_json::{Value, json};
+
+use crate::helpers::*;
+use crate::scope_groups::{addr, create_group};
+
+/// The fixture's "Contoso CRM connector" (not created by mailscope).
+const CRM: &str = "b9701c1e-1364-464d-93e4-01ae925e8d6c";
+const PROBE_NAME: &str = "mailscope propagation probe";
+
+/// Graph front ends adopt each change after `min..max` minutes of sandbox time.
+fn sandbox(min_minutes: u64, max_minutes: u64) -> SandboxSettings {
+    let mut s = SandboxSettings::fast();
+    s.seed = 11;
+    s.pacing.front_ends = 4;
+    s.pacing.propagation_delay = DelayRange::between(
+        Duration::from_secs(min_minutes * 60),
+        Duration::from_secs(max_minutes * 60),
+    );
+    s
+}
+
+/// Short observation spacing so a check runs in seconds.
+fn quick(s: &mut Settings) {
+    s.database.pool_size = 8;
+    s.worker.poll_interval_seconds = 1;
+    s.propagation.first_delay_ms = 200;
+    s.propagation.max_delay_ms = 800;
+    s.propagation.backoff_factor = 1.5;
+    s.propagation.required_matches = 2;
+}
+
+async fn start(sb: SandboxSettings, adjust: impl FnOnce(&mut Settings)) -> WithSandbox {
+    WithSandbox::start_adjusted(sb, |s| {
+        quick(s);
+        adjust(s);
+    })
+    .await
+}
+
+/// Create an app registration through mailscope (origin `created`); returns its client id.
+async fn managed_app(env: &WithSandbox, key: &str, permissions: &[&str]) -> String {
+    let res = env
+        .app
+        .http
+        .put(env.url(&format!("/applications/{key}")))
+        .bearer_auth(env.app.admin())
+        .json(&json!({"display_name": "Probe target", "permissions": permissions, "grant_admin_consent": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201, "{}", res.text().await.unwrap());
+    let v: Value = res.json().await.unwrap();
+    v["app_id"].as_str().unwrap().to_string()
+}
+
+/// POST a policy; returns (body, Link header).
+async fn restrict(
+    env: &WithSandbox,
+    app_id: &str,
+    scope: &str,
+    canaries: &[&str],
+) -> (Value, String) {
+    let canaries: Vec<String> = canaries.iter().map(|c| addr(c)).collect();
+    let res = env
+        .app
+        .http
+        .post(env.url("/access-policies"))
+        .bearer_auth(env.app.admin())
+        .json(
+            &json!({"app_id": app_id, "scope": scope, "access_right": "RestrictAccess",
+            "canary_mailboxes": canaries}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201);
+    let link = res
+        .headers()
+        .get("link")
+        .expect("Link header")
+        .to_str()
+        .unwrap()
+        .to_string();
+    (res.json().await.unwrap(), link)
+}
+
+async fn get_check(env: &WithSandbox, id: &str) -> Value {
+    let res = env
+        .app
+        .http
+        .get(env.url(&format!("/propagation-checks/{id}")))
+        .bearer_auth(env.app.token(&["MailScope.Read"], &["*"]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    res.json().await.unwrap()
+}
+
+/// Poll until `done(check)`; panics after a minute with the last state.
+async fn wait_until(env: &WithSandbox, id: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let mut last = Value::Null;
+    for _ in 0..300 {
+        last = get_check(env, id).await;
+        if done(&last) {
+            return last;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("condition never met; last: {last:#}");
+}
+
+fn expectation<'a>(check: &'a Value, name: &str) -> &'a Value {
+    check["expectations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["mailbox"] == addr(name))
+        .unwrap_or_else(|| panic!("{name} in {check:#}"))
+}
+
+fn is_final(c: &Value) -> bool {
+    !matches!(c["state"].as_str(), Some("queued" | "running"))
+}
+
+/// Probe secrets currently on the app registration in the sandbox tenant.
+async fn probe_secrets(env: &WithSandbox, app_id: &str) -> usize {
+    let t: Value = env
+        .app
+        .http
+        .get(format!(
+            "{}/_sandbox/tenants/{}",
+            env.sandbox.base_url, env.tenant
+        ))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let app = t["applications"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["appId"] == app_id)
+        .unwrap_or_else(|| panic!("app {app_id} in the sandbox"));
+    app["passwordCredentials"]
+        .as_array()
+        .map(|creds| {
+            creds
+                .iter()
+                .filter(|c| {
+                    c["displayName"]
+                        .as_str()
+                        .is_some_and(|n| n.starts_with(PROBE_NAME))
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+/// Wait for the first live round to add the probe secret; returns how many the app has.
+async fn wait_for_probe_secret(env: &WithSandbox, app_id: &str) -> usize {
+    let mut secrets = 0;
+    for _ in 0..300 {
+        secrets = probe_secrets(env, app_id).await;
+        if secrets > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    secrets
+}
+
+async fn exchange_verdict(env: &WithSandbox, app_id: &str, mailbox: &str) -> Value {
+    let res = env
+        .app
+        .http
+        .post(env.url("/access-tests"))
+        .bearer_auth(env.app.admin())
+        .json(&json!({"app_id": app_id, "mailbox": addr(mailbox)}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let v: Value = res.json().await.unwrap();
+    v["exchange"]["access_check_result"].clone()
+}
+
+#[tokio::test]
+async fn a_restrict_policy_check_passes_only_after_every_front_end_agrees() {
+    let env = start(sandbox(10, 20), |_| {}).await;
+    let app = managed_app(&env, "crm", &["Mail.Read"]).await;
+    create_group(&env, "crm-scope", &["alice", "bob"]).await;
+    let (policy, link) = restrict(&env, &app, "crm-scope", &["carol"]).await;
+    let check = &policy["propagation_check"];
+    let id = check["id"].as_str().unwrap().to_string();
+    assert_eq!(
+        link,
+        format!(
+            "</v1/tenants/{}/propagation-checks/{id}>; rel=\"propagation-check\"",
+            env.tenant
+        )
+    );
+    assert_eq!(check["app_id"], app.as_str());
+    let expected: Vec<(String, String)> = check["expectations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["mailbox"].as_str().unwrap().to_string(),
+                e["expected"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        expected,
+        vec![
+            (addr("alice"), "granted".into()),
+            (addr("bob"), "granted".into()),
+            (addr("carol"), "denied".into()),
+        ],
+        "in-scope members granted, the canary denied"
+    );
+
+    // Exchange already denies the canary, yet Graph still lets the app in: the check keeps
+    // going (live stage, probing as the app with its probe secret), it does not pass.
+    assert_eq!(exchange_verdict(&env, &app, "carol").await, "Denied");
+    let running = wait_until(&env, &id, |c| {
+        c["stage"] == "live" && expectation(c, "carol")["last_observed"] == "granted"
+    })
+    .await;
+    assert!(
+        matches!(running["state"].as_str(), Some("queued" | "running")),
+        "{running:#}"
+    );
+    assert_eq!(expectation(&running, "carol")["consecutive_matches"], 0);
+    assert!(running["next_run_at"].is_string() || running["state"] == "running");
+    assert_eq!(
+        probe_secrets(&env, &app).await,
+        1,
+        "a probe secret while live"
+    );
+
+    // Every front end adopts the change; the check then needs its streaks and passes.
+    env.sandbox.advance_clock(Duration::from_secs(25 * 60));
+    let done = wait_until(&env, &id, is_final).await;
+    assert_eq!(done["state"], "succeeded", "{done:#}");
+    assert_eq!(done["stage"], "done");
+    assert_eq!(done["verified_by"], "graph");
+    assert!(done["propagation_seconds"].as_f64().unwrap() > 0.0);
+    let carol = expectation(&done, "carol");
+    assert_eq!(carol["last_observed"], "denied");
+    assert!(carol["consecutive_matches"].as_u64().unwrap() >= 2);
+    assert!(carol["met_at"].is_string() && carol["first_matched_at"].is_string());
+    assert_eq!(probe_secrets(&env, &app).await, 0, "probe secret removed");
+
+    // The policy is now known to be in force.
+    let p: Value = env
+        .app
+        .http
+        .get(env.url(&format!(
+            "/access-policies/{}",
+            policy["id"].as_str().unwrap()
+        )))
+        .bearer_auth(env.app.admin())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(p["state"], "in_force");
+}
+
+#[tokio::test]
+async fn an_expectation_exchange_disagrees_with_fails_fast_as_misconfigured() {
+    let env = start(sandbox(600, 1200), |_| {}).await;
+    let app = managed_app(&env, "crm", &["Mail.Read"]).await;
+    create_group(&env, "crm-scope", &["alice"]).await;
+    let (policy, _) = restrict(&env, &app, "crm-scope", &[]).await;
+    let first = policy["propagation_check"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    // Carol is outside the group: expecting her granted is a configuration error, not a delay.
+    let res = env
+        .app
+        .http
+        .post(env.url("/propagation-checks"))
+        .bearer_auth(env.app.admin())
+        .json(&json!({"app_id": app, "expectations": [
+            {"mailbox": addr("alice"), "expected": "granted"},
+            {"mailbox": addr("carol"), "expected": "granted"}]}))
+        .send()
+        .await
+        .unwrap();
+    let status = res.status().as_u16();
+    let check: Value = res.json().await.unwrap();
+    let id = check["id"].as_str().unwrap().to_string();
+    if status == 200 {
+        assert_eq!(
+            id, first,
+            "the app's active check is updated, not duplicated"
+        );
+    } else {
+        assert_eq!(status, 201);
+    }
+    let done = wait_until(&env, &id, is_final).await;
+    assert_eq!(done["state"], "misconfigured", "{done:#}");
+    let reason = done["reason"].as_str().unwrap();
+    assert!(
+        reason.contains(&format!(
+            "mailbox {} is not a member of crm-scope",
+            addr("carol")
+        )),
+        "{reason}"
+    );
+    assert!(!reason.contains(&addr("alice")), "{reason}");
+    assert_eq!(expectation(&done, "carol")["last_observed"], "denied");
+    assert_eq!(probe_secrets(&env, &app).await, 0);
+
+    // One check per app: the list shows no second active one.
+    let list: Value = env
+        .app
+        .http
+        .get(env.url(&format!("/propagation-checks?app_id={app}")))
+        .bearer_auth(env.app.admin())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let items = list["items"].as_array().unwrap();
+    assert!(items.iter().all(is_final), "{list:#}");
+}
+
+#[tokio::test]
+async fn a_check_times_out_when_propagation_never_comes() {
+    let env = start(sandbox(600, 1200), |s| s.propagation.deadline_seconds = 4).await;
+    let app = managed_app(&env, "crm", &["Calendars.Read"]).await;
+    create_group(&env, "crm-scope", &["alice"]).await;
+    let (policy, _) = restrict(&env, &app, "crm-scope", &["carol"]).await;
+    let id = policy["propagation_check"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let done = wait_until(&env, &id, is_final).await;
+    assert_eq!(done["state"], "timed_out", "{done:#}");
+    assert!(done["verified_by"].is_null());
+    let reason = done["reason"].as_str().unwrap();
+    assert!(
+        reason.contains(&format!(
+            "{} expected denied, last seen granted",
+            addr("carol")
+        )),
+        "{reason}"
+    );
+    assert_eq!(expectation(&done, "alice")["last_observed"], "granted");
+    assert_eq!(probe_secrets(&env, &app).await, 0, "probe secret removed");
+}
+
+#[tokio::test]
+async fn cancel_ends_a_live_check_and_takes_its_probe_secret_back() {
+    let env = start(sandbox(600, 1200), |_| {}).await;
+    let app = managed_app(&env, "crm", &["Mail.Read"]).await;
+    create_group(&env, "crm-scope", &["alice"]).await;
+    let (policy, _) = restrict(&env, &app, "crm-scope", &["carol"]).await;
+    let id = policy["propagation_check"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(wait_for_probe_secret(&env, &app).await, 1);
+
+    let cancel = |token: String| {
+        env.app
+            .http
+            .post(env.url(&format!("/propagation-checks/{id}/cancel")))
+            .bearer_auth(token)
+            .send()
+    };
+    let res = cancel(env.app.token(&["MailScope.Read"], &["*"]))
+        .await
+        .unwrap();
+    assert_problem(res, 403, "forbidden").await;
+    let res = cancel(env.app.admin()).await.unwrap();
+    assert!(matches!(res.status().as_u16(), 200 | 202));
+    let done = wait_until(&env, &id, is_final).await;
+    assert_eq!(done["state"], "cancelled", "{done:#}");
+    assert_eq!(probe_secrets(&env, &app).await, 0, "probe secret removed");
+    let res = cancel(env.app.admin()).await.unwrap();
+    assert_problem(res, 409, "conflict").await;
+}
+
+#[tokio::test]
+async fn an_adopted_app_is_verified_by_exchanges_test_without_a_probe_secret() {
+    let env = start(sandbox(600, 1200), |_| {}).await;
+    let res = env
+        .app
+        .http
+        .put(env.url("/applications/crm"))
+        .bearer_auth(env.app.admin())
+        .json(&json!({"app_id": CRM, "allow_unscoped_permissions": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201, "{}", res.text().await.unwrap());
+    // The tenant's own canary mailboxes join the request's.
+    let mut tenant = sandbox_tenant_body(
+        &env.sandbox,
+        &env.sandbox.management_client_id(),
+        secrecy::ExposeSecret::expose_secret(&env.sandbox.management_client_secret()),
+    );
+    tenant["canary_mailboxes"] = json!([addr("dave")]);
+    let res = env
+        .app
+        .http
+        .put(env.url(""))
+        .bearer_auth(env.app.admin())
+        .json(&tenant)
+        .send()
+        .await
+        .unwrap();
+    assert!(res.status().is_success());
+    create_group(&env, "crm-scope", &["alice"]).await;
+    let (policy, _) = restrict(&env, CRM, "crm-scope", &["carol"]).await;
+    assert_eq!(
+        expectation(&policy["propagation_check"], "dave")["expected"],
+        "denied"
+    );
+    let id = policy["propagation_check"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    // `?wait` returns as soon as the state changes (or after the wait).
+    let res = env
+        .app
+        .http
+        .get(env.url(&format!("/propagation-checks/{id}?wait=20")))
+        .bearer_auth(env.app.admin())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let waited: Value = res.json().await.unwrap();
+    assert_ne!(waited["state"], "queued", "{waited:#}");
+    let done = wait_until(&env, &id, is_final).await;
+    assert_eq!(done["state"], "succeeded", "{done:#}");
+    assert_eq!(done["verified_by"], "exchange_test");
+    assert_eq!(expectation(&done, "carol")["last_observed"], "denied");
+    assert_eq!(expectation(&done, "alice")["last_observed"], "granted");
+    assert_eq!(probe_secrets(&env, CRM).await, 0);
+    assert!(done["attempts"].as_i64().unwrap() >= 1);
+}
+
+#[tokio::test]
+async fn manual_checks_are_validated_and_need_the_write_role() {
+    let env = start(SandboxSettings::fast(), |_| {}).await;
+    let post = |token: String, body: Value| {
+        env.app
+            .http
+            .post(env.url("/propagation-checks"))
+            .bearer_auth(token)
+            .json(&body)
+            .send()
+    };
+    let ok = json!({"app_id": CRM, "canary_mailboxes": [addr("carol")]});
+    let res = post(env.app.token(&["MailScope.Read"], &["*"]), ok.clone())
+        .await
+        .unwrap();
+    assert_problem(res, 403, "forbidden").await;
+    let res = post(
+        env.app.admin(),
+        json!({"app_id": "nope", "expectations": [{"mailbox": "x", "expected": "granted"}],
+            "callback_url": "ftp://x"}),
+    )
+    .await
+    .unwrap();
+    let p = assert_problem(res, 422, "validation_failed").await;
+    let fields: Vec<&str> = p["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["field"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        fields,
+        vec!["app_id", "expectations[0].mailbox", "callback_url"]
+    );
+
+    let res = post(
+        env.app.admin(),
+        json!({"app_id": CRM, "canary_mailboxes": [addr("carol")], "callback_url": "https://hooks.example.com/x"}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(res.status(), 201);
+    let created: Value = res.json().await.unwrap();
+    assert_eq!(created["callback_url"], "https://hooks.example.com/x");
+    assert_eq!(created["origin"], "manual");
+    let id = created["id"].as_str().unwrap().to_string();
+    // Carol is reachable (the CRM app has no policy): Exchange grants her, so misconfigured.
+    let done = wait_until(&env, &id, is_final).await;
+    assert_eq!(done["state"], "misconfigured");
+    assert!(
+        done["reason"].as_str().unwrap().contains("rule 4"),
+        "{done:#}"
+    );
+
+    let res = env
+        .app
+        .http
+        .get(env.url("/propagation-checks?state=bogus"))
+        .bearer_auth(env.app.admin())
+        .send()
+        .await
+        .unwrap();
+    assert_problem(res, 400, "invalid_query").await;
+    let list: Value = env
+        .app
+        .http
+        .get(env.url("/propagation-checks?state=misconfigured&limit=1"))
+        .bearer_auth(env.app.admin())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list["items"][0]["id"], id.as_str());
+    assert_eq!(list["items"][0]["attempts"], 1);
+
+    // Unknown checks and other tenants' checks are not found.
+    let res = env
+        .app
+        .http
+        .get(env.url(&format!("/propagation-checks/{}", uuid::Uuid::new_v4())))
+        .bearer_auth(env.app.admin())
+        .send()
+        .await
+        .unwrap();
+    assert_problem(res, 404, "not_found").await;
+    let other = uuid::Uuid::new_v4().to_string();
+    let res = env
+        .app
+        .http
+        .get(env.url(&format!("/propagation-checks/{id}")))
+        .bearer_auth(env.app.token(&["MailScope.Read"], &[other.as_str()]))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(res, 404, "not_found").await;
+}
+
+/// Graph calls recorded by the sandbox for the default tenant.
+async fn graph_calls(env: &WithSandbox) -> Vec<Value> {
+    let v: Value = env
+        .app
+        .http
+        .get(format!(
+            "{}/_sandbox/calls?api=graph&tenant={}",
+            env.sandbox.base_url, env.tenant
+        ))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    v["value"].as_array().cloned().unwrap_or_default()
+}
+
+/// A `mailscope serve --worker-only` process on the test database; killed when dropped.
+struct WorkerProcess(std::process::Child);
+
+impl WorkerProcess {
+    fn spawn(env: &WithSandbox) -> WorkerProcess {
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_mailscope"))
+            .args(["serve", "--worker-only"])
+            .env_remove("MAILSCOPE_CONFIG")
+            .env("DATABASE_URL", &env.app.db.url)
+            .env("MAILSCOPE_LISTEN", "127.0.0.1:0")
+            .env("MAILSCOPE_ENCRYPTION_KEY", ENCRYPTION_KEY)
+            .env("MAILSCOPE_AUTH__HS256_SECRET", HS_SECRET)
+            .env("MAILSCOPE_SHUTDOWN_GRACE_SECONDS", "1")
+            .env("MAILSCOPE_WORKER__LEASE_SECONDS", "3")
+            .env("MAILSCOPE_WORKER__POLL_INTERVAL_SECONDS", "1")
+            .env("MAILSCOPE_PROPAGATION__FIRST_DELAY_MS", "200")
+            .env("MAILSCOPE_PROPAGATION__MAX_DELAY_MS", "800")
+            .env("MAILSCOPE_PROPAGATION__REQUIRED_MATCHES", "2")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("the mailscope binary starts");
+        WorkerProcess(child)
+    }
+
+    /// SIGKILL: no graceful release, the lease just stops being renewed.
+    fn kill_9(mut self) {
+        self.0.kill().unwrap();
+        self.0.wait().unwrap();
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn a_worker_killed_mid_check_loses_nothing_and_two_workers_finish_it_once() {
+    // The in-process worker may claim nothing (a per-tenant cap of 0): only the spawned
+    // processes run checks.
+    let env = start(sandbox(10, 20), |s| s.worker.per_tenant_concurrency = 0).await;
+    let app = managed_app(&env, "crm", &["Mail.Read"]).await;
+    create_group(&env, "crm-scope", &["alice"]).await;
+    let (policy, _) = restrict(&env, &app, "crm-scope", &["carol"]).await;
+    let id = policy["propagation_check"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    let first = WorkerProcess::spawn(&env);
+    // Mid-check: live, probing as the app with the probe secret the first process added.
+    assert_eq!(wait_for_probe_secret(&env, &app).await, 1);
+    first.kill_9();
+    // Let a request the killed process had in flight land in the sandbox's log first.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let db = env.app.db.client().await;
+    let rounds = || async {
+        db.query_one("SELECT rounds FROM propagation_checks", &[])
+            .await
+            .unwrap()
+            .get::<_, i32>(0)
+    };
+    let rounds_at_kill = rounds().await;
+    let seq_at_kill = graph_calls(&env)
+        .await
+        .iter()
+        .filter_map(|c| c["seq"].as_u64())
+        .max()
+        .unwrap_or(0);
+
+    // Two new workers race for the check; the change reaches every front end.
+    let _second = WorkerProcess::spawn(&env);
+    let _third = WorkerProcess::spawn(&env);
+    env.sandbox.advance_clock(Duration::from_secs(25 * 60));
+    let done = wait_until(&env, &id, is_final).await;
+    assert_eq!(done["state"], "succeeded", "{done:#}");
+    assert_eq!(done["verified_by"], "graph");
+    // The probe secret of the killed process was reused (sealed in the database) and removed.
+    assert_eq!(probe_secrets(&env, &app).await, 0);
+
+    // Each live round is one `$batch` as the app; had two workers run the same round at once,
+    // there would be more batches than recorded rounds.
+    let batches = graph_calls(&env)
+        .await
+        .iter()
+        .filter(|c| {
+            c["seq"].as_u64().unwrap_or(0) > seq_at_kill
+                && c["endpoint"] == "graph:POST /$batch"
+                && c["appId"] == app.as_str()
+        })
+        .count();
+    let rounds_done = rounds().await - rounds_at_kill;
+    assert!(rounds_done >= 2, "{rounds_done}");
+    assert_eq!(batches, usize::try_from(rounds_done).unwrap());
+    let jobs = db
+        .query(
+            "SELECT state FROM jobs WHERE kind = 'propagation_check'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(jobs.len(), 1, "one job, never duplicated");
+    assert_eq!(jobs[0].get::<_, String>(0), "succeeded");
+    let checks: i64 = db
+        .query_one("SELECT count(*) FROM propagation_checks", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(checks, 1);
+}
+
+#[tokio::test]
+async fn a_check_whose_job_gave_up_is_revived_by_the_next_change() {
+    let env = start(sandbox(600, 1200), |_| {}).await;
+    let app = managed_app(&env, "crm", &["Mail.Read"]).await;
+    create_group(&env, "crm-scope", &["alice"]).await;
+    let (policy, _) = restrict(&env, &app, "crm-scope", &["carol"]).await;
+    let id = policy["propagation_check"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(wait_for_probe_secret(&env, &app).await, 1);
+    // The queue gave up on the job (say a worker crashed on it every time): the check is stuck.
+    let db = env.app.db.client().await;
+    db.execute(
+        "UPDATE jobs SET state = 'failed', finished_at = now(), lease_owner = NULL
+         WHERE kind = 'propagation_check'",
+        &[],
+    )
+    .await
+    .unwrap();
+
+    // A new request for the app updates the same check and gives it a job again; expecting
+    // carol granted is a misconfiguration, and the probe secret of the live stage is removed.
+    let res = env
+        .app
+        .http
+        .post(env.url("/propagation-checks"))
+        .bearer_auth(env.app.admin())
+        .json(&json!({"app_id": app, "expectations": [{"mailbox": addr("carol"), "expected": "granted"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let updated: Value = res.json().await.unwrap();
+    assert_eq!(updated["id"], id.as_str());
+    let done = wait_until(&env, &id, is_final).await;
+    assert_eq!(done["state"], "misconfigured", "{done:#}");
+    assert_eq!(probe_secrets(&env, &app).await, 0);
+}
+
+#[tokio::test]
+async fn later_changes_to_the_apps_policies_update_its_one_active_check() {
+    let env = start(sandbox(600, 1200), |_| {}).await;
+    let app = managed_app(&env, "crm", &["Mail.Read"]).await;
+    create_group(&env, "crm-scope", &["alice"]).await;
+    create_group(&env, "other-scope", &["dave"]).await;
+    let (policy, _) = restrict(&env, &app, "crm-scope", &["carol"]).await;
+    let id = policy["propagation_check"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let pid = policy["id"].as_str().unwrap().to_string();
+
+    // Replace the scope: same check, new expectations (old scope's member now denied).
+    let res = env
+        .app
+        .http
+        .put(env.url(&format!("/access-policies/{pid}")))
+        .bearer_auth(env.app.admin())
+        .json(&json!({"app_id": app, "scope": "other-scope", "access_right": "RestrictAccess"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert!(
+        res.headers()
+            .get("link")
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .contains(&id)
+    );
+    let replaced: Value = res.json().await.unwrap();
+    let check = &replaced["propagation_check"];
+    assert_eq!(check["id"], id.as_str());
+    assert_eq!(expectation(check, "dave")["expected"], "granted");
+    assert_eq!(expectation(check, "alice")["expected"], "denied");
+
+    // Delete the app's last policy (accepting that): 204, linked to the same check, which now
+    // expects the former scope reachable again (rule 4).
+    let res = env
+        .app
+        .http
+        .delete(env.url(&format!("/access-policies/{pid}?allow_unrestricted=true")))
+        .bearer_auth(env.app.admin())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 204);
+    assert!(
+        res.headers()
+            .get("link")
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .contains(&id)
+    );
+    let c = get_check(&env, &id).await;
+    assert_eq!(expectation(&c, "dave")["expected"], "granted");
+
+    let db = env.app.db.client().await;
+    let n = |sql: &'static str| {
+        let db = &db;
+        async move { db.query_one(sql, &[]).await.unwrap().get::<_, i64>(0) }
+    };
+    assert_eq!(n("SELECT count(*) FROM propagation_checks").await, 1);
+    assert_eq!(
+        n("SELECT count(*) FROM jobs WHERE kind = 'propagation_check'").await,
+        1
+    );
+}
