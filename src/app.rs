@@ -57,8 +57,10 @@ fn build_worker(
         ..WorkerConfig::default()
     };
     // Job kinds register their handlers here as they are added.
-    Worker::new(pool, cfg, registry, Some(database_url.to_string()))
-        .map(|w| w.with_tls_ca_file(settings.database.tls_ca_file.clone()))
+    let mut worker = Worker::new(pool, cfg, registry, Some(database_url.to_string()))?
+        .with_tls_ca_file(settings.database.tls_ca_file.clone());
+    crate::webhooks::register(&mut worker, settings.webhooks.clone());
+    Ok(worker)
 }
 
 /// What `serve` runs.
@@ -101,6 +103,16 @@ pub async fn resolve(mut settings: Settings) -> anyhow::Result<Resolved> {
             local_secrets::HS256_SECRET_FILE,
             48,
         )?);
+    }
+    // Embedded mode works without configuration, callbacks included; with an external database
+    // the operator sets the secret (it must be shared with receivers, so it is theirs to choose).
+    if embedded.is_some() && settings.webhooks.signing_secret.is_none() {
+        let raw = local_secrets::read_or_create(
+            &data_dir,
+            crate::webhooks::SIGNING_SECRET_FILE,
+            32,
+        )?;
+        settings.webhooks.signing_secret = Some(crate::webhooks::local_signing_secret(&raw));
     }
     Ok(Resolved {
         settings,

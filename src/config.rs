@@ -104,6 +104,39 @@ pub struct Settings {
     pub m365: crate::m365::M365Settings,
     /// Limits of what the provisioning API creates in a tenant.
     pub provisioning: ProvisioningSettings,
+    /// Signed callbacks (Standard Webhooks) sent when a propagation check ends.
+    pub webhooks: WebhookSettings,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebhookSettings {
+    /// `whsec_` + base64 of 24 to 64 random bytes (the Standard Webhooks format). Generated into
+    /// the data directory with the embedded database; with an external database callbacks are
+    /// refused until it is set.
+    pub signing_secret: Option<Secret>,
+    /// Hosts callbacks may go to: `hooks.example.com` or `*.example.com`; empty allows any public
+    /// host. Private, loopback and link-local addresses are refused unless listed exactly here.
+    pub allowed_hosts: Vec<String>,
+    /// Allow `http://` callback URLs (development only: the event is signed, not encrypted).
+    pub allow_http: bool,
+    /// How long one delivery attempt may take.
+    pub timeout_seconds: u64,
+    /// Attempts before a delivery is given up and marked failed.
+    pub max_attempts: i32,
+}
+
+impl Default for WebhookSettings {
+    fn default() -> Self {
+        WebhookSettings {
+            signing_secret: None,
+            allowed_hosts: Vec::new(),
+            allow_http: false,
+            // Standard Webhooks recommends 15 to 30 s so receivers have time to acknowledge.
+            timeout_seconds: 15,
+            max_attempts: 10,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -219,6 +252,7 @@ impl Default for Settings {
             retention: RetentionSettings::default(),
             m365: crate::m365::M365Settings::default(),
             provisioning: ProvisioningSettings::default(),
+            webhooks: WebhookSettings::default(),
         }
     }
 }
@@ -469,6 +503,25 @@ impl Settings {
         }
         if !(1..=365).contains(&p.secret_expiring_soon_days) {
             errs.push("provisioning.secret_expiring_soon_days must be between 1 and 365".into());
+        }
+        let w = &self.webhooks;
+        if let Some(secret) = &w.signing_secret
+            && let Err(e) = crate::webhooks::decode_signing_secret(secret.expose())
+        {
+            errs.push(format!(
+                "webhooks.signing_secret (MAILSCOPE_WEBHOOKS__SIGNING_SECRET): {e}"
+            ));
+        }
+        for host in &w.allowed_hosts {
+            if let Err(e) = crate::webhooks::validate_host_pattern(host) {
+                errs.push(format!("webhooks.allowed_hosts: `{host}` {e}"));
+            }
+        }
+        if !(1..=120).contains(&w.timeout_seconds) {
+            errs.push("webhooks.timeout_seconds must be between 1 and 120".into());
+        }
+        if !(1..=100).contains(&w.max_attempts) {
+            errs.push("webhooks.max_attempts must be between 1 and 100".into());
         }
         if errs.is_empty() {
             Ok(())

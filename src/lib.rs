@@ -14,3 +14,4 @@ pub mod queue;
 pub mod sandbox;
 pub mod store;
 pub mod telemetry;
+pub mod webhooks;

@@ -24,6 +24,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "applications",
         include_str!("../../migrations/0005_applications.sql"),
     ),
+    (
+        7,
+        "webhook_deliveries",
+        include_str!("../../migrations/0007_webhook_deliveries.sql"),
+    ),
 ];
 
 /// Arbitrary but fixed: "mailscop" in ASCII.
