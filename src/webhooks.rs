@@ -783,6 +783,22 @@ mod tests {
         assert_eq!(after, None);
     }
 
+    #[tokio::test]
+    async fn a_name_resolving_to_an_internal_address_is_refused_at_delivery() {
+        // What DNS rebinding looks like: a name that passed validation resolves inside.
+        let url = Url::parse("http://localhost:9/hook").unwrap();
+        let Err(Refusal::Permanent(e)) = resolve_checked(&url, &settings(&[], true)).await else {
+            panic!("localhost was not refused")
+        };
+        assert!(e.contains("loopback"), "{e}");
+        // Listed exactly, the operator vouches for it.
+        assert!(
+            resolve_checked(&url, &settings(&["localhost"], true))
+                .await
+                .is_ok()
+        );
+    }
+
     #[test]
     fn retry_after_is_seconds_or_an_http_date() {
         let now = std::time::UNIX_EPOCH + Duration::from_secs(1_700_000_000);

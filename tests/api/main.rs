@@ -14,6 +14,7 @@ mod problems;
 mod queue;
 mod scope_groups;
 mod tenants;
+mod webhooks;
 
 mod sandbox_control;
 mod sandbox_exchange;
