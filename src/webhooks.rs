@@ -102,14 +102,15 @@ pub fn validate_host_pattern(p: &str) -> Result<(), String> {
     let ok = name.split('.').all(|label| {
         !label.is_empty()
             && label.len() <= 63
-            && label
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-')
+            && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
     });
     if ok {
         Ok(())
     } else {
-        Err("must be a host name, `*.example.com` or an IP address (no scheme, port or path)".into())
+        Err(
+            "must be a host name, `*.example.com` or an IP address (no scheme, port or path)"
+                .into(),
+        )
     }
 }
 
@@ -239,7 +240,10 @@ pub fn validate_callback_url(raw: &str, settings: &WebhookSettings) -> Result<Ur
 
 /// Resolve the host and refuse if any address is forbidden (unless the host or that address is
 /// listed exactly). Returns the addresses to pin the connection to.
-async fn resolve_checked(url: &Url, settings: &WebhookSettings) -> Result<Vec<SocketAddr>, Refusal> {
+async fn resolve_checked(
+    url: &Url,
+    settings: &WebhookSettings,
+) -> Result<Vec<SocketAddr>, Refusal> {
     let host = url
         .host_str()
         .ok_or_else(|| Refusal::Permanent("the URL names no host".into()))?;
@@ -257,11 +261,8 @@ async fn resolve_checked(url: &Url, settings: &WebhookSettings) -> Result<Vec<So
     }
     let exact_host = matches!(match_host(host, settings), HostMatch::Exact);
     for a in &addrs {
-        let listed = exact_host
-            || matches!(
-                match_host(&a.ip().to_string(), settings),
-                HostMatch::Exact
-            );
+        let listed =
+            exact_host || matches!(match_host(&a.ip().to_string(), settings), HostMatch::Exact);
         if is_forbidden_ip(a.ip()) && !listed {
             return Err(Refusal::Permanent(format!(
                 "{host} resolves to {}, a private, loopback, link-local or reserved address",
@@ -344,7 +345,11 @@ pub async fn enqueue_delivery(
         "data": payload,
     })
     .to_string();
-    let mut job = NewJob::new(JOB_KIND, tenant_id, serde_json::json!({ "delivery_id": id }));
+    let mut job = NewJob::new(
+        JOB_KIND,
+        tenant_id,
+        serde_json::json!({ "delivery_id": id }),
+    );
     // Backstop only (e.g. a worker crashing mid-attempt): the handler counts attempts itself.
     job.max_failures = max_attempts.max(1);
     let job_id = queue::enqueue(tx, &job).await?.id();
@@ -405,7 +410,10 @@ pub fn register(worker: &mut Worker, settings: WebhookSettings) {
 /// What one attempt came to.
 enum Verdict {
     Delivered,
-    Retry { error: String, after: Option<Duration> },
+    Retry {
+        error: String,
+        after: Option<Duration>,
+    },
     GiveUp(String),
 }
 
@@ -489,8 +497,7 @@ async fn deliver(ctx: JobContext, settings: std::sync::Arc<WebhookSettings>) -> 
             Outcome::Fail(format!("gave up after {attempts} attempts: {error}"))
         }
         Verdict::Retry {
-            after: Some(after),
-            ..
+            after: Some(after), ..
         } => Outcome::Reschedule {
             at: Utc::now() + chrono::Duration::from_std(after).unwrap_or_default(),
             payload: None,
@@ -500,11 +507,7 @@ async fn deliver(ctx: JobContext, settings: std::sync::Arc<WebhookSettings>) -> 
 }
 
 /// Append the attempt to the row; returns how many attempts were made so far.
-async fn record_attempt(
-    ctx: &JobContext,
-    id: Uuid,
-    a: &DeliveryAttempt,
-) -> Result<i32, String> {
+async fn record_attempt(ctx: &JobContext, id: Uuid, a: &DeliveryAttempt) -> Result<i32, String> {
     let c = ctx.pool.get().await.map_err(|e| e.to_string())?;
     let json = serde_json::to_value(a).map_err(|e| e.to_string())?;
     let status = a.status_code.map(i32::from);
@@ -543,7 +546,15 @@ async fn attempt(
     };
     let addrs = match resolve_checked(&url, settings).await {
         Ok(a) => a,
-        Err(Refusal::Transient(e)) => return (None, Verdict::Retry { error: e, after: None }),
+        Err(Refusal::Transient(e)) => {
+            return (
+                None,
+                Verdict::Retry {
+                    error: e,
+                    after: None,
+                },
+            );
+        }
         Err(Refusal::Permanent(e)) => return (None, Verdict::GiveUp(e)),
     };
     let host = url.host_str().unwrap_or_default().to_string();
@@ -554,7 +565,11 @@ async fn attempt(
         .redirect(reqwest::redirect::Policy::none())
         .no_proxy()
         .resolve_to_addrs(&host, &addrs)
-        .user_agent(concat!("mailscope/", env!("CARGO_PKG_VERSION"), " (webhooks)"))
+        .user_agent(concat!(
+            "mailscope/",
+            env!("CARGO_PKG_VERSION"),
+            " (webhooks)"
+        ))
         .build()
     {
         Ok(c) => c,
@@ -607,7 +622,10 @@ async fn attempt(
         .get(reqwest::header::RETRY_AFTER)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| parse_retry_after(v, std::time::SystemTime::now()));
-    (Some(status.as_u16()), classify(status.as_u16(), retry_after))
+    (
+        Some(status.as_u16()),
+        classify(status.as_u16(), retry_after),
+    )
 }
 
 /// What an answer means, after Standard Webhooks' guidance: 2xx delivered; 408, 429 and 5xx are

@@ -329,7 +329,13 @@ async fn a_url_no_longer_allowed_is_refused_at_delivery_and_nothing_leaks() {
 
     let status = settled(&pool, tenant, check).await;
     assert_eq!(status.state, DeliveryState::Failed);
-    assert!(status.attempts[0].error.as_deref().unwrap().contains("127.0.0.1"));
+    assert!(
+        status.attempts[0]
+            .error
+            .as_deref()
+            .unwrap()
+            .contains("127.0.0.1")
+    );
     assert!(receiver.received_requests().await.unwrap().is_empty());
     // What the API shows carries neither the signing secret nor the URL (and its token).
     let shown = serde_json::to_string(&status).unwrap();
