@@ -727,6 +727,46 @@ mod tests {
     }
 
     #[test]
+    fn webhook_settings_load_from_env_and_are_validated_without_echoing_the_secret() {
+        let s = Settings::load_from(
+            None,
+            env(&[
+                (
+                    "MAILSCOPE_WEBHOOKS__SIGNING_SECRET",
+                    "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+                ),
+                (
+                    "MAILSCOPE_WEBHOOKS__ALLOWED_HOSTS",
+                    r#"["hooks.example.com","*.partner.test"]"#,
+                ),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.webhooks.allowed_hosts.len(), 2);
+        assert!(!s.webhooks.allow_http);
+        let err = Settings::load_from(
+            None,
+            env(&[
+                ("MAILSCOPE_WEBHOOKS__SIGNING_SECRET", "hunter2-not-a-whsec"),
+                ("MAILSCOPE_WEBHOOKS__ALLOWED_HOSTS", r#"["https://x.test/"]"#),
+                ("MAILSCOPE_WEBHOOKS__MAX_ATTEMPTS", "0"),
+                ("MAILSCOPE_WEBHOOKS__TIMEOUT_SECONDS", "0"),
+            ]),
+        )
+        .unwrap_err()
+        .to_string();
+        for name in [
+            "webhooks.signing_secret",
+            "webhooks.allowed_hosts",
+            "webhooks.max_attempts",
+            "webhooks.timeout_seconds",
+        ] {
+            assert!(err.contains(name), "{name} missing from {err}");
+        }
+        assert!(!err.contains("hunter2"), "{err}");
+    }
+
+    #[test]
     fn encryption_key_length_checked() {
         assert!(decode_encryption_key("AAAA").is_err());
         assert!(decode_encryption_key(KEY).is_ok());
