@@ -115,6 +115,9 @@ pub struct WebhookSettings {
     /// the data directory with the embedded database; with an external database callbacks are
     /// refused until it is set.
     pub signing_secret: Option<Secret>,
+    /// Secrets being rotated out: every event is also signed with each of them (space-separated
+    /// in `webhook-signature`), so receivers can switch to the new secret without a gap.
+    pub previous_signing_secrets: Vec<Secret>,
     /// Hosts callbacks may go to: `hooks.example.com` or `*.example.com`; empty allows any public
     /// host. Private, loopback and link-local addresses are refused unless listed exactly here.
     pub allowed_hosts: Vec<String>,
@@ -130,6 +133,7 @@ impl Default for WebhookSettings {
     fn default() -> Self {
         WebhookSettings {
             signing_secret: None,
+            previous_signing_secrets: Vec::new(),
             allowed_hosts: Vec::new(),
             allow_http: false,
             // Standard Webhooks recommends 15 to 30 s so receivers have time to acknowledge.
@@ -512,6 +516,11 @@ impl Settings {
                 "webhooks.signing_secret (MAILSCOPE_WEBHOOKS__SIGNING_SECRET): {e}"
             ));
         }
+        for (i, secret) in w.previous_signing_secrets.iter().enumerate() {
+            if let Err(e) = crate::webhooks::decode_signing_secret(secret.expose()) {
+                errs.push(format!("webhooks.previous_signing_secrets[{i}]: {e}"));
+            }
+        }
         for host in &w.allowed_hosts {
             if let Err(e) = crate::webhooks::validate_host_pattern(host) {
                 errs.push(format!("webhooks.allowed_hosts: `{host}` {e}"));
@@ -748,7 +757,10 @@ mod tests {
             None,
             env(&[
                 ("MAILSCOPE_WEBHOOKS__SIGNING_SECRET", "hunter2-not-a-whsec"),
-                ("MAILSCOPE_WEBHOOKS__ALLOWED_HOSTS", r#"["https://x.test/"]"#),
+                (
+                    "MAILSCOPE_WEBHOOKS__ALLOWED_HOSTS",
+                    r#"["https://x.test/"]"#,
+                ),
                 ("MAILSCOPE_WEBHOOKS__MAX_ATTEMPTS", "0"),
                 ("MAILSCOPE_WEBHOOKS__TIMEOUT_SECONDS", "0"),
             ]),

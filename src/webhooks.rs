@@ -86,6 +86,20 @@ pub fn sign(key: &[u8], id: &str, timestamp: i64, body: &[u8]) -> String {
     format!("v1,{}", B64.encode(mac.finalize().into_bytes()))
 }
 
+/// The current key first, then those being rotated out.
+fn signing_keys(settings: &WebhookSettings) -> Result<Vec<Vec<u8>>, String> {
+    let current = settings
+        .signing_secret
+        .as_ref()
+        .ok_or("no signing secret is configured")?;
+    std::iter::once(current)
+        .chain(&settings.previous_signing_secrets)
+        .map(|s| {
+            decode_signing_secret(s.expose()).map_err(|_| "a signing secret is invalid".into())
+        })
+        .collect()
+}
+
 /// Check an allow-list entry: a host name, `*.suffix`, or an IP address; no scheme, port or path.
 pub fn validate_host_pattern(p: &str) -> Result<(), String> {
     let name = p.strip_prefix("*.").unwrap_or(p);
@@ -378,8 +392,14 @@ pub async fn deliveries_for(
 ) -> Result<Vec<DeliveryStatus>, StoreError> {
     let rows = c
         .query(
-            "SELECT d.id, d.event_type, d.state, d.attempt_count, d.attempts, d.created_at,
-                    d.finished_at, CASE WHEN d.state = 'pending' THEN j.run_at END
+            // A job that ended without the handler recording it (its worker died on the last
+            // allowed attempt, or it was cancelled) leaves the row pending: report it as failed.
+            "SELECT d.id, d.event_type,
+                    CASE WHEN d.state = 'pending' AND j.state IN ('failed', 'cancelled')
+                         THEN 'failed' ELSE d.state END,
+                    d.attempt_count, d.attempts, d.created_at,
+                    coalesce(d.finished_at, CASE WHEN d.state = 'pending' THEN j.finished_at END),
+                    CASE WHEN d.state = 'pending' AND j.state = 'queued' THEN j.run_at END
              FROM webhook_deliveries d LEFT JOIN jobs j ON j.id = d.job_id
              WHERE d.tenant_id = $1 AND d.subject_id = $2
              ORDER BY d.created_at, d.id",
@@ -535,14 +555,10 @@ async fn attempt(
         Ok(u) => u,
         Err(e) => return (None, Verdict::GiveUp(format!("callback URL refused: {e}"))),
     };
-    let key = match settings
-        .signing_secret
-        .as_ref()
-        .map(|s| decode_signing_secret(s.expose()))
-    {
-        Some(Ok(k)) => k,
+    let keys = match signing_keys(settings) {
+        Ok(k) => k,
         // Validated at start; unreachable unless settings were built by hand.
-        _ => return (None, Verdict::GiveUp("no usable signing secret".into())),
+        Err(e) => return (None, Verdict::GiveUp(e)),
     };
     let addrs = match resolve_checked(&url, settings).await {
         Ok(a) => a,
@@ -585,7 +601,11 @@ async fn attempt(
     };
     let webhook_id = id.to_string();
     let timestamp = Utc::now().timestamp();
-    let signature = sign(&key, &webhook_id, timestamp, body.as_bytes());
+    let signature = keys
+        .iter()
+        .map(|k| sign(k, &webhook_id, timestamp, body.as_bytes()))
+        .collect::<Vec<_>>()
+        .join(" ");
     let res = client
         .post(url)
         .header("content-type", "application/json")
@@ -682,6 +702,18 @@ mod tests {
             ),
             "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
         );
+    }
+
+    #[test]
+    fn rotation_signs_with_the_new_key_then_the_old() {
+        let s = WebhookSettings {
+            previous_signing_secrets: vec![Secret::new(format!("whsec_{}", B64.encode([9u8; 32])))],
+            ..settings(&[], false)
+        };
+        let keys = signing_keys(&s).unwrap();
+        assert_eq!(keys.len(), 2);
+        assert_eq!(keys[1], vec![9u8; 32]);
+        assert!(signing_keys(&WebhookSettings::default()).is_err());
     }
 
     #[test]

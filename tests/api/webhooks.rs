@@ -23,6 +23,7 @@ const SECRET: &str = "whsec_KioqKioqKioqKioqKioqKioqKioqKioqKioqKio=";
 fn hook_settings(max_attempts: i32) -> WebhookSettings {
     WebhookSettings {
         signing_secret: Some(Secret::new(SECRET)),
+        previous_signing_secrets: vec![],
         allowed_hosts: vec!["127.0.0.1".into()],
         allow_http: true,
         timeout_seconds: 5,
@@ -350,4 +351,53 @@ async fn a_url_no_longer_allowed_is_refused_at_delivery_and_nothing_leaks() {
     assert!(!printed.contains("KioqKioq"), "{printed}");
     stop.send(true).unwrap();
     worker.await.unwrap();
+}
+
+#[tokio::test]
+async fn during_a_rotation_events_verify_with_the_old_and_the_new_secret() {
+    let (_db, pool) = db().await;
+    let receiver = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200))
+        .mount(&receiver)
+        .await;
+    let settings = WebhookSettings {
+        // 32 bytes of 0x07: the new secret; the receiver still holds SECRET.
+        signing_secret: Some(Secret::new(
+            "whsec_BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc=",
+        )),
+        previous_signing_secrets: vec![Secret::new(SECRET)],
+        ..hook_settings(5)
+    };
+    let (stop, worker) = start_worker(&pool, settings.clone());
+    let (tenant, check) = (Uuid::new_v4(), Uuid::new_v4());
+    enqueue(&pool, &settings, tenant, check, &receiver.uri()).await;
+
+    assert_eq!(
+        settled(&pool, tenant, check).await.state,
+        DeliveryState::Delivered
+    );
+    let reqs = receiver.received_requests().await.unwrap();
+    let sig = reqs[0].headers["webhook-signature"].to_str().unwrap();
+    assert_eq!(sig.split(' ').count(), 2, "{sig}");
+    assert!(receiver_accepts(&reqs[0]));
+    stop.send(true).unwrap();
+    worker.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_cancelled_delivery_shows_as_failed() {
+    let (_db, pool) = db().await;
+    let settings = hook_settings(5);
+    let (tenant, check) = (Uuid::new_v4(), Uuid::new_v4());
+    // No worker runs: the delivery is still queued when it is cancelled.
+    let id = enqueue(&pool, &settings, tenant, check, "http://127.0.0.1:9/hook").await;
+    let c = pool.get().await.unwrap();
+    let pending = webhooks::deliveries_for(&c, tenant, check).await.unwrap();
+    assert_eq!(pending[0].state, DeliveryState::Pending);
+    assert!(pending[0].next_attempt_at.is_some());
+    queue::cancel(&c, job_of(&pool, id).await.id).await.unwrap();
+    let after = webhooks::deliveries_for(&c, tenant, check).await.unwrap();
+    assert_eq!(after[0].state, DeliveryState::Failed);
+    assert!(after[0].next_attempt_at.is_none() && after[0].finished_at.is_some());
 }
