@@ -529,6 +529,7 @@ impl Settings {
         if !(1..=120).contains(&w.timeout_seconds) {
             errs.push("webhooks.timeout_seconds must be between 1 and 120".into());
         }
+        // 100 is also the delivery job's own failure limit (`webhooks::JOB_MAX_FAILURES`).
         if !(1..=100).contains(&w.max_attempts) {
             errs.push("webhooks.max_attempts must be between 1 and 100".into());
         }

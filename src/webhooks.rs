@@ -42,6 +42,7 @@ pub const SIGNING_SECRET_FILE: &str = "webhook-signing.secret";
 const SECRET_PREFIX: &str = "whsec_";
 /// A receiver's `Retry-After` is honoured up to this long; beyond it the queue's backoff applies.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+const JOB_MAX_FAILURES: i32 = 100;
 
 /// Decode a `whsec_…` secret into the HMAC key (24 to 64 bytes, as the specification asks).
 pub fn decode_signing_secret(secret: &str) -> Result<Vec<u8>, String> {
@@ -350,7 +351,6 @@ pub async fn enqueue_delivery(
     event_type: &str,
     url: &Url,
     payload: serde_json::Value,
-    max_attempts: i32,
 ) -> Result<Uuid, StoreError> {
     let id = Uuid::new_v4();
     let body = serde_json::json!({
@@ -364,8 +364,9 @@ pub async fn enqueue_delivery(
         tenant_id,
         serde_json::json!({ "delivery_id": id }),
     );
-    // Backstop only (e.g. a worker crashing mid-attempt): the handler counts attempts itself.
-    job.max_failures = max_attempts.max(1);
+    // The handler counts attempts on the row against `webhooks.max_attempts`; this is only the
+    // backstop for workers that die mid-attempt (at the setting's upper bound).
+    job.max_failures = JOB_MAX_FAILURES;
     let job_id = queue::enqueue(tx, &job).await?.id();
     tx.execute(
         "INSERT INTO webhook_deliveries (id, tenant_id, subject_id, event_type, url, body, job_id)
@@ -395,8 +396,10 @@ pub async fn deliveries_for(
             // A job that ended without the handler recording it (its worker died on the last
             // allowed attempt, or it was cancelled) leaves the row pending: report it as failed.
             "SELECT d.id, d.event_type,
-                    CASE WHEN d.state = 'pending' AND j.state IN ('failed', 'cancelled')
-                         THEN 'failed' ELSE d.state END,
+                    CASE WHEN d.state <> 'pending' THEN d.state
+                         WHEN j.state = 'succeeded' THEN 'delivered'
+                         WHEN j.state IN ('failed', 'cancelled') THEN 'failed'
+                         ELSE d.state END,
                     d.attempt_count, d.attempts, d.created_at,
                     coalesce(d.finished_at, CASE WHEN d.state = 'pending' THEN j.finished_at END),
                     CASE WHEN d.state = 'pending' AND j.state = 'queued' THEN j.run_at END

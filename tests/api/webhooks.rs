@@ -90,7 +90,6 @@ async fn enqueue(
         "propagation_check.completed",
         &url,
         serde_json::json!({"check_id": subject, "state": "succeeded"}),
-        settings.max_attempts,
     )
     .await
     .unwrap();
@@ -400,4 +399,32 @@ async fn a_cancelled_delivery_shows_as_failed() {
     let after = webhooks::deliveries_for(&c, tenant, check).await.unwrap();
     assert_eq!(after[0].state, DeliveryState::Failed);
     assert!(after[0].next_attempt_at.is_none() && after[0].finished_at.is_some());
+}
+
+#[tokio::test]
+async fn a_receivers_retry_after_is_honoured() {
+    let (_db, pool) = db().await;
+    let receiver = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(429).insert_header("retry-after", "2"))
+        .up_to_n_times(1)
+        .mount(&receiver)
+        .await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200))
+        .mount(&receiver)
+        .await;
+    let settings = hook_settings(5);
+    let (stop, worker) = start_worker(&pool, settings.clone());
+    let (tenant, check) = (Uuid::new_v4(), Uuid::new_v4());
+    enqueue(&pool, &settings, tenant, check, &receiver.uri()).await;
+
+    let status = settled(&pool, tenant, check).await;
+    assert_eq!(status.state, DeliveryState::Delivered);
+    assert_eq!(status.attempt_count, 2);
+    // The queue's own backoff here is under 200 ms: a gap of 2 s is the receiver's.
+    let gap = status.attempts[1].at - status.attempts[0].at;
+    assert!(gap >= chrono::Duration::milliseconds(1900), "{gap}");
+    stop.send(true).unwrap();
+    worker.await.unwrap();
 }
