@@ -230,7 +230,7 @@ pub fn validate_callback_url(raw: &str, settings: &WebhookSettings) -> Result<Ur
         other => return Err(format!("scheme `{other}` is not allowed; use https")),
     }
     if !url.username().is_empty() || url.password().is_some() {
-        return Err("must not carry credentials (user:password@); sign-checking the event's signature authenticates mailscope instead".into());
+        return Err("must not carry credentials (user:password@): receivers authenticate mailscope by the event's signature".into());
     }
     let host = url.host_str().ok_or("must name a host")?;
     let listed = match_host(host, settings);
