@@ -117,6 +117,23 @@ async fn settled(pool: &deadpool_postgres::Pool, tenant: Uuid, subject: Uuid) ->
     }
 }
 
+/// The delivery's job once it has ended (the handler settles the delivery row just before the
+/// worker records the job's outcome).
+async fn job_ended(pool: &deadpool_postgres::Pool, delivery: Uuid) -> queue::JobRecord {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let job = job_of(pool, delivery).await;
+        if job.state.is_final() {
+            return job;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "job not ended: {job:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 async fn job_of(pool: &deadpool_postgres::Pool, delivery: Uuid) -> queue::JobRecord {
     let c = pool.get().await.unwrap();
     let row = c
@@ -219,7 +236,7 @@ async fn unavailable_receivers_are_retried_under_the_same_webhook_id() {
         assert!(receiver_accepts(r));
         assert_eq!(r.body, reqs[0].body, "every attempt sends the same event");
     }
-    assert_eq!(job_of(&pool, id).await.state, JobState::Succeeded);
+    assert_eq!(job_ended(&pool, id).await.state, JobState::Succeeded);
     stop.send(true).unwrap();
     worker.await.unwrap();
 }
@@ -241,7 +258,7 @@ async fn a_client_error_fails_the_delivery_without_retrying() {
     assert_eq!(status.state, DeliveryState::Failed);
     assert_eq!(status.attempt_count, 1);
     assert_eq!(status.attempts[0].status_code, Some(400));
-    let job = job_of(&pool, id).await;
+    let job = job_ended(&pool, id).await;
     assert_eq!(job.state, JobState::Failed);
     assert_eq!(receiver.received_requests().await.unwrap().len(), 1);
     stop.send(true).unwrap();
@@ -264,7 +281,7 @@ async fn deliveries_give_up_after_max_attempts() {
     let status = settled(&pool, tenant, check).await;
     assert_eq!(status.state, DeliveryState::Failed);
     assert_eq!(status.attempt_count, 2);
-    let job = job_of(&pool, id).await;
+    let job = job_ended(&pool, id).await;
     assert_eq!(job.state, JobState::Failed);
     assert!(job.last_error.unwrap().contains("gave up after 2 attempts"));
     assert_eq!(receiver.received_requests().await.unwrap().len(), 2);
