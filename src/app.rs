@@ -63,6 +63,7 @@ fn build_worker(
     worker.register(crate::propagation::JOB_KIND, move |ctx| {
         crate::propagation::run(state.clone(), ctx)
     });
+    crate::webhooks::register(&mut worker, settings.webhooks.clone());
     Ok(worker)
 }
 
@@ -106,6 +107,13 @@ pub async fn resolve(mut settings: Settings) -> anyhow::Result<Resolved> {
             local_secrets::HS256_SECRET_FILE,
             48,
         )?);
+    }
+    // Embedded mode works without configuration, callbacks included; with an external database
+    // the operator sets the secret (it must be shared with receivers, so it is theirs to choose).
+    if embedded.is_some() && settings.webhooks.signing_secret.is_none() {
+        let raw =
+            local_secrets::read_or_create(&data_dir, crate::webhooks::SIGNING_SECRET_FILE, 32)?;
+        settings.webhooks.signing_secret = Some(crate::webhooks::local_signing_secret(&raw));
     }
     Ok(Resolved {
         settings,

@@ -106,6 +106,8 @@ pub struct Settings {
     pub provisioning: ProvisioningSettings,
     /// Propagation checks: how often, how long and how much they look.
     pub propagation: PropagationSettings,
+    /// Signed callbacks (Standard Webhooks) sent when a propagation check ends.
+    pub webhooks: WebhookSettings,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -143,6 +145,41 @@ impl PropagationSettings {
             first: std::time::Duration::from_millis(self.first_delay_ms),
             max: std::time::Duration::from_millis(self.max_delay_ms),
             factor: self.backoff_factor,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebhookSettings {
+    /// `whsec_` + base64 of 24 to 64 random bytes (the Standard Webhooks format). Generated into
+    /// the data directory with the embedded database; with an external database callbacks are
+    /// refused until it is set.
+    pub signing_secret: Option<Secret>,
+    /// Secrets being rotated out: every event is also signed with each of them (space-separated
+    /// in `webhook-signature`), so receivers can switch to the new secret without a gap.
+    pub previous_signing_secrets: Vec<Secret>,
+    /// Hosts callbacks may go to: `hooks.example.com` or `*.example.com`; empty allows any public
+    /// host. Private, loopback and link-local addresses are refused unless listed exactly here.
+    pub allowed_hosts: Vec<String>,
+    /// Allow `http://` callback URLs (development only: the event is signed, not encrypted).
+    pub allow_http: bool,
+    /// How long one delivery attempt may take.
+    pub timeout_seconds: u64,
+    /// Attempts before a delivery is given up and marked failed.
+    pub max_attempts: i32,
+}
+
+impl Default for WebhookSettings {
+    fn default() -> Self {
+        WebhookSettings {
+            signing_secret: None,
+            previous_signing_secrets: Vec::new(),
+            allowed_hosts: Vec::new(),
+            allow_http: false,
+            // Standard Webhooks recommends 15 to 30 s so receivers have time to acknowledge.
+            timeout_seconds: 15,
+            max_attempts: 10,
         }
     }
 }
@@ -261,6 +298,7 @@ impl Default for Settings {
             m365: crate::m365::M365Settings::default(),
             provisioning: ProvisioningSettings::default(),
             propagation: PropagationSettings::default(),
+            webhooks: WebhookSettings::default(),
         }
     }
 }
@@ -533,6 +571,31 @@ impl Settings {
         if !(1..=365).contains(&p.secret_expiring_soon_days) {
             errs.push("provisioning.secret_expiring_soon_days must be between 1 and 365".into());
         }
+        let w = &self.webhooks;
+        if let Some(secret) = &w.signing_secret
+            && let Err(e) = crate::webhooks::decode_signing_secret(secret.expose())
+        {
+            errs.push(format!(
+                "webhooks.signing_secret (MAILSCOPE_WEBHOOKS__SIGNING_SECRET): {e}"
+            ));
+        }
+        for (i, secret) in w.previous_signing_secrets.iter().enumerate() {
+            if let Err(e) = crate::webhooks::decode_signing_secret(secret.expose()) {
+                errs.push(format!("webhooks.previous_signing_secrets[{i}]: {e}"));
+            }
+        }
+        for host in &w.allowed_hosts {
+            if let Err(e) = crate::webhooks::validate_host_pattern(host) {
+                errs.push(format!("webhooks.allowed_hosts: `{host}` {e}"));
+            }
+        }
+        if !(1..=120).contains(&w.timeout_seconds) {
+            errs.push("webhooks.timeout_seconds must be between 1 and 120".into());
+        }
+        // 100 is also the delivery job's own failure limit (`webhooks::JOB_MAX_FAILURES`).
+        if !(1..=100).contains(&w.max_attempts) {
+            errs.push("webhooks.max_attempts must be between 1 and 100".into());
+        }
         if errs.is_empty() {
             Ok(())
         } else {
@@ -766,6 +829,49 @@ mod tests {
         .to_string();
         assert!(err.contains("max_secret_lifetime_days"), "{err}");
         assert!(err.contains("secret_expiring_soon_days"), "{err}");
+    }
+
+    #[test]
+    fn webhook_settings_load_from_env_and_are_validated_without_echoing_the_secret() {
+        let s = Settings::load_from(
+            None,
+            env(&[
+                (
+                    "MAILSCOPE_WEBHOOKS__SIGNING_SECRET",
+                    "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+                ),
+                (
+                    "MAILSCOPE_WEBHOOKS__ALLOWED_HOSTS",
+                    r#"["hooks.example.com","*.partner.test"]"#,
+                ),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.webhooks.allowed_hosts.len(), 2);
+        assert!(!s.webhooks.allow_http);
+        let err = Settings::load_from(
+            None,
+            env(&[
+                ("MAILSCOPE_WEBHOOKS__SIGNING_SECRET", "hunter2-not-a-whsec"),
+                (
+                    "MAILSCOPE_WEBHOOKS__ALLOWED_HOSTS",
+                    r#"["https://x.test/"]"#,
+                ),
+                ("MAILSCOPE_WEBHOOKS__MAX_ATTEMPTS", "0"),
+                ("MAILSCOPE_WEBHOOKS__TIMEOUT_SECONDS", "0"),
+            ]),
+        )
+        .unwrap_err()
+        .to_string();
+        for name in [
+            "webhooks.signing_secret",
+            "webhooks.allowed_hosts",
+            "webhooks.max_attempts",
+            "webhooks.timeout_seconds",
+        ] {
+            assert!(err.contains(name), "{name} missing from {err}");
+        }
+        assert!(!err.contains("hunter2"), "{err}");
     }
 
     #[test]

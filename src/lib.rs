@@ -15,3 +15,4 @@ pub mod queue;
 pub mod sandbox;
 pub mod store;
 pub mod telemetry;
+pub mod webhooks;

@@ -53,11 +53,13 @@ DUMMY_SECRETS = {
     "DATABASE_URL": f"postgres://mailscope:{DUMMY_DB_PASSWORD}@db.example.invalid:5432/mailscope",
     "MAILSCOPE_ENCRYPTION_KEY": base64.b64encode(bytes(range(1, 33))).decode(),
     "MAILSCOPE_AUTH__HS256_SECRET": "dummy-hs256-secret-for-chart-tests-0123456789abcdef",
+    "MAILSCOPE_WEBHOOKS__SIGNING_SECRET": "whsec_" + base64.b64encode(bytes(range(40, 72))).decode(),
 }
 SECRET_MARKERS = [
     DUMMY_DB_PASSWORD,
     DUMMY_SECRETS["MAILSCOPE_ENCRYPTION_KEY"],
     DUMMY_SECRETS["MAILSCOPE_AUTH__HS256_SECRET"],
+    DUMMY_SECRETS["MAILSCOPE_WEBHOOKS__SIGNING_SECRET"].removeprefix("whsec_"),
 ]
 
 BASE = {"secrets": {"existingSecret": "mailscope-secrets"}}

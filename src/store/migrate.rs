@@ -29,6 +29,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "propagation_checks",
         include_str!("../../migrations/0006_propagation_checks.sql"),
     ),
+    (
+        7,
+        "webhook_deliveries",
+        include_str!("../../migrations/0007_webhook_deliveries.sql"),
+    ),
 ];
 
 /// Arbitrary but fixed: "mailscop" in ASCII.

@@ -11,11 +11,12 @@ mod connection_test;
 mod idempotency;
 mod operations;
 mod problems;
-mod provisioning_flow;
 mod propagation_checks;
+mod provisioning_flow;
 mod queue;
 mod scope_groups;
 mod tenants;
+mod webhooks;
 
 mod sandbox_control;
 mod sandbox_exchange;

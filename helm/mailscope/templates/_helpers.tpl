@@ -153,6 +153,13 @@ MAILSCOPE_AUTH__JWKS_URL: {{ . | quote }}
       name: {{ .secretName }}
       key: {{ $keys.hs256Secret }}
       optional: true
+{{- /* Optional: without it, callback URLs are refused (signed callbacks need a shared secret). */}}
+- name: MAILSCOPE_WEBHOOKS__SIGNING_SECRET
+  valueFrom:
+    secretKeyRef:
+      name: {{ .secretName }}
+      key: {{ $keys.webhookSigningSecret }}
+      optional: true
 {{- end }}
 
 {{/* The container security context every mailscope container runs with. */}}
@@ -206,6 +213,9 @@ ConfigMap, which every render produces.
 {{ $k.encryptionKey }}: {{ $d.encryptionKey | quote }}
 {{- with $d.hs256Secret }}
 {{ $k.hs256Secret }}: {{ . | quote }}
+{{- end }}
+{{- with $d.webhookSigningSecret }}
+{{ $k.webhookSigningSecret }}: {{ . | quote }}
 {{- end }}
 {{- end }}
 
