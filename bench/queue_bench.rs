@@ -60,7 +60,10 @@ impl BenchDb {
     async fn drop_db(self) -> anyhow::Result<()> {
         admin(&self.admin_url)
             .await?
-            .batch_execute(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name))
+            .batch_execute(&format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            ))
             .await?;
         Ok(())
     }
@@ -198,7 +201,9 @@ async fn drain_bench(
             &prometheus::Registry::new(),
             Some(db.url.clone()),
         )?;
-        w.register(KIND, |_| async { Outcome::Succeeded(serde_json::Value::Null) });
+        w.register(KIND, |_| async {
+            Outcome::Succeeded(serde_json::Value::Null)
+        });
         handles.push(tokio::spawn(w.run(stopped.clone())));
     }
     loop {
@@ -273,8 +278,8 @@ const CLAIM_SQL: &str = "WITH RECURSIVE tenants AS (
 
 const SCALE_JOBS: usize = 100_000;
 const SCALE_TENANTS: usize = 1_000;
-/// One job in 200 is scheduled a day ahead: queued but not runnable, as real checks waiting for
-/// their next observation are. The rest ran due within the last hour.
+/// One job in 200 (one in each of 500 tenants) is scheduled a day ahead: queued but not runnable,
+/// as real checks waiting for their next observation are. The rest fell due within the last hour.
 const FUTURE_EVERY: usize = 200;
 const CLAIM_BATCH: i64 = 16;
 /// Claims sampled at each depth (each claim's jobs are recorded before the next claim).
@@ -288,7 +293,10 @@ async fn scale_bench(admin_url: &str) -> anyhow::Result<()> {
         SCALE_JOBS,
         SCALE_TENANTS,
         &format!(
-            "CASE WHEN i % {FUTURE_EVERY} = 0 THEN now() + interval '1 day'
+            // Job k of tenant t is i = k·1000 + t; the offset by t spreads the future jobs
+            // over half the tenants (one each) instead of piling them on a few.
+            "CASE WHEN (i / {SCALE_TENANTS} + i % {SCALE_TENANTS}) % {FUTURE_EVERY} = 0
+                  THEN now() + interval '1 day'
                   ELSE now() - random() * interval '1 hour' END"
         ),
     )
@@ -343,8 +351,12 @@ async fn scale_bench(admin_url: &str) -> anyhow::Result<()> {
             let records = jobs.iter().map(|j| {
                 let w = w.clone();
                 async move {
-                    w.record(j.id, j.attempt, &Outcome::Succeeded(serde_json::Value::Null))
-                        .await
+                    w.record(
+                        j.id,
+                        j.attempt,
+                        &Outcome::Succeeded(serde_json::Value::Null),
+                    )
+                    .await
                 }
             });
             for r in join_all(records).await {
