@@ -159,6 +159,7 @@ async fn step(state: &AppState, ctx: &JobContext, check_id: Uuid) -> Step<Outcom
             pending.join("; ")
         );
         return finish_with(
+            state,
             &db,
             &check,
             Progress {
@@ -208,6 +209,7 @@ async fn step(state: &AppState, ctx: &JobContext, check_id: Uuid) -> Step<Outcom
             remove_probe_secret(&db, &handle, &check).await?;
             let reason = problems.join("; ");
             return finish_with(
+                state,
                 &db,
                 &check,
                 Progress {
@@ -226,6 +228,7 @@ async fn step(state: &AppState, ctx: &JobContext, check_id: Uuid) -> Step<Outcom
         if live.is_none() {
             remove_probe_secret(&db, &handle, &check).await?;
             return finish_with(
+                state,
                 &db,
                 &check,
                 Progress {
@@ -267,6 +270,7 @@ async fn step(state: &AppState, ctx: &JobContext, check_id: Uuid) -> Step<Outcom
         // The app stopped being one mailscope manages with a harmless read.
         remove_probe_secret(&db, &handle, &check).await?;
         return finish_with(
+            state,
             &db,
             &check,
             Progress {
@@ -315,6 +319,7 @@ async fn step(state: &AppState, ctx: &JobContext, check_id: Uuid) -> Step<Outcom
         remove_probe_secret(&db, &handle, &check).await?;
         let seconds = rules::propagation_seconds(check.changed_at, &exps);
         let outcome = finish_with(
+            state,
             &db,
             &check,
             Progress {
@@ -377,6 +382,7 @@ fn reschedule(
 
 /// Record a final state (the run's result is the check's summary).
 async fn finish_with(
+    state: &AppState,
     db: &deadpool_postgres::Object,
     check: &CheckRecord,
     p: Progress<'_>,
@@ -400,7 +406,46 @@ async fn finish_with(
             payload: None,
         });
     }
+    notify(state, db, check, &result).await;
     Ok(Outcome::Succeeded(result))
+}
+
+/// Queue the signed `propagation_check.completed` callback, if the check asked for one. The URL
+/// is validated again (settings may have changed since the request); a refused URL is logged.
+async fn notify(
+    state: &AppState,
+    db: &deadpool_postgres::Object,
+    check: &CheckRecord,
+    result: &serde_json::Value,
+) {
+    let Some(raw) = &check.callback_url else {
+        return;
+    };
+    let url = match crate::webhooks::validate_callback_url(raw, &state.settings.webhooks) {
+        Ok(u) => u,
+        Err(why) => {
+            tracing::warn!(check = %check.id, %why, "callback URL refused; no callback sent");
+            return;
+        }
+    };
+    let payload = serde_json::json!({
+        "check_id": check.id,
+        "tenant_id": check.tenant_id,
+        "app_id": check.app_id,
+        "result": result,
+    });
+    if let Err(e) = crate::webhooks::enqueue_delivery(
+        db,
+        check.tenant_id,
+        check.id,
+        "propagation_check.completed",
+        &url,
+        payload,
+    )
+    .await
+    {
+        tracing::warn!(check = %check.id, error = %e, "could not queue the callback");
+    }
 }
 
 /// The app's policies known to mailscope (for explaining a misconfiguration).

@@ -115,6 +115,9 @@ pub struct PropagationCheck {
     pub next_run_at: Option<DateTime<Utc>>,
     pub deadline: DateTime<Utc>,
     pub callback_url: Option<String>,
+    /// Signed `propagation_check.completed` events sent to `callback_url` when the check ended,
+    /// with every attempt (the `id` is the `webhook-id` header receivers dedupe on).
+    pub callback_deliveries: Vec<crate::webhooks::DeliveryStatus>,
     /// Why it ended as it did (misconfiguration, last observations at the deadline, failure).
     pub reason: Option<String>,
     /// Seconds from the change until every mailbox answered as expected.
@@ -167,7 +170,10 @@ pub async fn view(c: &impl GenericClient, r: CheckRecord) -> Result<PropagationC
         Some(j) => queue::get(c, j).await?,
         None => None,
     };
-    Ok(view_with(r, job.as_ref()))
+    let callbacks = crate::webhooks::deliveries_for(c, r.tenant_id, r.id).await?;
+    let mut v = view_with(r, job.as_ref());
+    v.callback_deliveries = callbacks;
+    Ok(v)
 }
 
 fn view_with(r: CheckRecord, job: Option<&queue::JobRecord>) -> PropagationCheck {
@@ -203,6 +209,7 @@ fn view_with(r: CheckRecord, job: Option<&queue::JobRecord>) -> PropagationCheck
             .map(|j| j.run_at),
         deadline: r.deadline,
         callback_url: r.callback_url,
+        callback_deliveries: Vec::new(),
         reason: r.reason,
         propagation_seconds: r.propagation_seconds,
         origin: r.origin,
@@ -505,10 +512,11 @@ pub async fn create_check(
             format!("at most {MAX_EXPECTATIONS} mailboxes per check"),
         ));
     }
+    // Scheme, credentials, allow-list and internal addresses (SSRF); checked again at delivery.
     if let Some(u) = &input.callback_url
-        && !(u.starts_with("https://") || u.starts_with("http://"))
+        && let Err(why) = crate::webhooks::validate_callback_url(u, &state.settings.webhooks)
     {
-        errs.push(field("callback_url", "must be an http(s) URL"));
+        errs.push(field("callback_url", why));
     }
     if input
         .required_matches

@@ -307,7 +307,7 @@ impl Worker {
                      WHERE j.state = 'queued' AND j.tenant_id = t.tenant_id
                        AND j.run_at <= now() AND j.kind = ANY($1)
                      ORDER BY j.run_at
-                     LIMIT greatest($2 - coalesce(b.n, 0), 0)
+                     LIMIT greatest(least($2 - coalesce(b.n, 0), $3), 0)
                  ) c
                  WHERE t.tenant_id IS NOT NULL
              ),

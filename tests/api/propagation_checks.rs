@@ -809,3 +809,67 @@ async fn later_changes_to_the_apps_policies_update_its_one_active_check() {
         1
     );
 }
+
+#[tokio::test]
+async fn a_finished_check_calls_back_with_a_signed_event() {
+    use wiremock::matchers::{method, path};
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+    let receiver = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/hooks/mailscope"))
+        .respond_with(ResponseTemplate::new(204))
+        .mount(&receiver)
+        .await;
+    let env = start(sandbox(600, 1200), |s| {
+        s.webhooks = crate::webhooks::hook_settings(5);
+    })
+    .await;
+    // A manual check of an app with no policy: Exchange grants alice (rule 4), no live stage.
+    let res = env
+        .app
+        .http
+        .post(env.url("/propagation-checks"))
+        .bearer_auth(env.app.admin())
+        .json(&json!({"app_id": CRM, "expectations": [{"mailbox": addr("alice"), "expected": "granted"}],
+                      "callback_url": format!("{}/hooks/mailscope", receiver.uri())}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201, "{}", res.text().await.unwrap());
+    let id = res.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let done = wait_until(&env, &id, |c| {
+        is_final(c) && c["callback_deliveries"][0]["state"] == "delivered"
+    })
+    .await;
+    assert_eq!(done["state"], "succeeded", "{done:#}");
+    let got = receiver.received_requests().await.unwrap();
+    assert_eq!(got.len(), 1);
+    assert!(
+        crate::webhooks::receiver_accepts(&got[0]),
+        "signature verifies"
+    );
+    let event: Value = serde_json::from_slice(&got[0].body).unwrap();
+    assert_eq!(event["type"], "propagation_check.completed");
+    assert_eq!(event["data"]["check_id"], id.as_str());
+    assert_eq!(
+        got[0].headers.get("webhook-id").unwrap().to_str().unwrap(),
+        done["callback_deliveries"][0]["id"].as_str().unwrap()
+    );
+
+    // A callback URL pointing inside the network is refused up front.
+    let res = env
+        .app
+        .http
+        .post(env.url("/propagation-checks"))
+        .bearer_auth(env.app.admin())
+        .json(&json!({"app_id": CRM, "expectations": [{"mailbox": addr("alice"), "expected": "granted"}],
+                      "callback_url": "http://169.254.169.254/latest/meta-data"}))
+        .send()
+        .await
+        .unwrap();
+    let p = assert_problem(res, 422, "validation_failed").await;
+    assert_eq!(p["errors"][0]["field"], "callback_url");
+}

@@ -20,7 +20,7 @@ use crate::helpers::*;
 /// 32 bytes of 0x2a, base64: the receiver's copy of the secret.
 const SECRET: &str = "whsec_KioqKioqKioqKioqKioqKioqKioqKioqKioqKio=";
 
-fn hook_settings(max_attempts: i32) -> WebhookSettings {
+pub fn hook_settings(max_attempts: i32) -> WebhookSettings {
     WebhookSettings {
         signing_secret: Some(Secret::new(SECRET)),
         previous_signing_secrets: vec![],
@@ -33,7 +33,7 @@ fn hook_settings(max_attempts: i32) -> WebhookSettings {
 
 /// What a receiver does, computed here without mailscope's code: HMAC-SHA256 keyed by the
 /// base64 after `whsec_`, over `id.timestamp.body`.
-fn receiver_accepts(req: &wiremock::Request) -> bool {
+pub fn receiver_accepts(req: &wiremock::Request) -> bool {
     let h = |n: &str| req.headers.get(n).unwrap().to_str().unwrap().to_string();
     let key = base64::engine::general_purpose::STANDARD
         .decode(SECRET.strip_prefix("whsec_").unwrap())
