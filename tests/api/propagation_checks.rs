@@ -469,7 +469,11 @@ async fn an_adopted_app_is_verified_by_exchanges_test_without_a_probe_secret() {
 
 #[tokio::test]
 async fn manual_checks_are_validated_and_need_the_write_role() {
-    let env = start(SandboxSettings::fast(), |_| {}).await;
+    // Callbacks are enabled (a signing secret) and may go to any public host.
+    let env = start(SandboxSettings::fast(), |s| {
+        s.webhooks.signing_secret = crate::webhooks::hook_settings(1).signing_secret;
+    })
+    .await;
     let post = |token: String, body: Value| {
         env.app
             .http
