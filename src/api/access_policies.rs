@@ -290,12 +290,18 @@ async fn resolve_scope(
     scope: &str,
 ) -> Result<Scope, ApiError> {
     let text = scope.trim().to_ascii_lowercase();
+    // A scope group mailscope recorded exists even if Exchange has not replicated it yet (seconds
+    // to minutes after New-DistributionGroup): wait for it. An unknown address fails fast.
+    let mut replication = Replication::Ignore;
     let identity = if text.contains('@') {
         text.clone()
     } else {
         let db = state.db().await?;
         match store::scope_groups::get(&db, tenant_id, &text).await? {
-            Some(g) => g.object_id,
+            Some(g) => {
+                replication = Replication::AwaitNew;
+                g.object_id
+            }
             None => {
                 return Err(ApiError::validation(vec![field(
                     "scope",
@@ -307,7 +313,7 @@ async fn resolve_scope(
         }
     };
     let r = exo
-        .get_recipient(&identity, Replication::Ignore)
+        .get_recipient(&identity, replication)
         .await?
         .ok_or_else(|| {
             ApiError::validation(vec![field(

@@ -658,3 +658,27 @@ async fn callers_of_other_tenants_see_nothing() {
         .unwrap();
     assert_problem(res, 403, "forbidden").await;
 }
+
+/// Exchange takes a while to show a group it just created (replication). A policy on a scope group
+/// created a moment ago waits for it instead of calling it unknown.
+#[tokio::test]
+async fn a_policy_on_a_just_created_scope_group_waits_for_replication() {
+    let mut sb = mailscope::sandbox::SandboxSettings::fast();
+    sb.pacing.replication_delay =
+        mailscope::sandbox::settings::DelayRange::fixed(std::time::Duration::from_millis(1500));
+    let env = WithSandbox::start_with(sb).await;
+    create_group(&env, "fresh-scope", &["alice"]).await;
+    let res = post_policy(
+        &env,
+        json!({"app_id": APP, "scope": "fresh-scope", "access_right": "RestrictAccess"}),
+    )
+    .await;
+    assert_eq!(res.status(), 201, "{}", res.text().await.unwrap());
+    // An address nobody created still fails fast.
+    let res = post_policy(
+        &env,
+        json!({"app_id": APP, "scope": addr("nobody"), "access_right": "RestrictAccess"}),
+    )
+    .await;
+    assert_eq!(res.status(), 422);
+}
