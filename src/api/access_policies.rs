@@ -682,13 +682,11 @@ pub async fn list_access_policies(
         None => None,
     };
     let db = state.db().await?;
-    if store::tenants::get(&db, tenant_id).await?.is_none() {
-        return Err(crate::auth::tenant_not_found(tenant_id));
-    }
+    super::require_registered(&db, tenant_id).await?;
     let rows =
         store::access_policies::list(&db, tenant_id, app_id.as_deref(), q.after, limit + 1).await?;
-    let more = rows.len() as i64 > limit;
-    let items: Vec<AccessPolicy> = rows.into_iter().take(limit as usize).map(view).collect();
+    let (rows, more) = super::split_page(rows, limit);
+    let items: Vec<AccessPolicy> = rows.into_iter().map(view).collect();
     let next_after = if more {
         items.last().map(|p| p.id)
     } else {

@@ -1204,14 +1204,11 @@ pub async fn list_applications(
     caller.require_tenant(tenant_id)?;
     let limit = page_limit(q.limit)?;
     let db = state.db().await?;
-    if store::tenants::get(&db, tenant_id).await?.is_none() {
-        return Err(crate::auth::tenant_not_found(tenant_id));
-    }
+    super::require_registered(&db, tenant_id).await?;
     let rows = store::applications::list(&db, tenant_id, q.after.as_deref(), limit + 1).await?;
-    let more = rows.len() as i64 > limit;
+    let (rows, more) = super::split_page(rows, limit);
     let items: Vec<ApplicationSummary> = rows
         .into_iter()
-        .take(limit as usize)
         .map(|r| ApplicationSummary {
             key: r.key,
             state: r.state,

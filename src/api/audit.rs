@@ -106,10 +106,9 @@ pub async fn list_audit_events(
     let limit = page_limit(q.limit)?;
     let db = state.db().await?;
     let rows = store::audit::list(&db, tenant_id, q.before, limit + 1).await?;
-    let more = rows.len() as i64 > limit;
+    let (rows, more) = super::split_page(rows, limit);
     let items: Vec<AuditEvent> = rows
         .into_iter()
-        .take(limit as usize)
         .map(|r| AuditEvent {
             id: r.id,
             occurred_at: r.occurred_at,

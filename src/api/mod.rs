@@ -136,6 +136,24 @@ fn query_error(e: QueryPayloadError) -> ApiError {
     )
 }
 
+/// Split a `limit + 1` query result into the page and whether another page follows.
+pub fn split_page<T>(mut rows: Vec<T>, limit: i64) -> (Vec<T>, bool) {
+    let more = rows.len() as i64 > limit;
+    rows.truncate(limit.max(0) as usize);
+    (rows, more)
+}
+
+/// 404 unless the tenant is registered (visibility is checked by `Caller::require_tenant`).
+pub async fn require_registered(
+    db: &impl deadpool_postgres::GenericClient,
+    tenant_id: uuid::Uuid,
+) -> Result<(), ApiError> {
+    match crate::store::tenants::get(db, tenant_id).await? {
+        Some(_) => Ok(()),
+        None => Err(crate::auth::tenant_not_found(tenant_id)),
+    }
+}
+
 /// `?limit=` handling shared by list endpoints.
 pub fn page_limit(limit: Option<i64>) -> Result<i64, ApiError> {
     match limit {

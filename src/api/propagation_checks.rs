@@ -658,9 +658,7 @@ pub async fn list_checks(
         ));
     }
     let db = state.db().await?;
-    if store::tenants::get(&db, tenant_id).await?.is_none() {
-        return Err(crate::auth::tenant_not_found(tenant_id));
-    }
+    super::require_registered(&db, tenant_id).await?;
     let rows = store::propagation_checks::list(
         &db,
         tenant_id,
@@ -670,8 +668,7 @@ pub async fn list_checks(
         limit + 1,
     )
     .await?;
-    let more = rows.len() as i64 > limit;
-    let rows: Vec<CheckRecord> = rows.into_iter().take(limit as usize).collect();
+    let (rows, more) = super::split_page(rows, limit);
     // The page's jobs in one query.
     let job_ids: Vec<Uuid> = rows.iter().filter_map(|r| r.job_id).collect();
     let jobs: std::collections::HashMap<Uuid, queue::JobRecord> = db

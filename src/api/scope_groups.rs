@@ -711,16 +711,10 @@ pub async fn list_scope_groups(
     caller.require_tenant(tenant_id)?;
     let limit = page_limit(q.limit)?;
     let db = state.db().await?;
-    if store::tenants::get(&db, tenant_id).await?.is_none() {
-        return Err(crate::auth::tenant_not_found(tenant_id));
-    }
+    super::require_registered(&db, tenant_id).await?;
     let rows = store::scope_groups::list(&db, tenant_id, q.after.as_deref(), limit + 1).await?;
-    let more = rows.len() as i64 > limit;
-    let items: Vec<ScopeGroup> = rows
-        .into_iter()
-        .take(limit as usize)
-        .map(|r| view(r, None))
-        .collect();
+    let (rows, more) = super::split_page(rows, limit);
+    let items: Vec<ScopeGroup> = rows.into_iter().map(|r| view(r, None)).collect();
     let next_after = if more {
         items.last().map(|g| g.alias.clone())
     } else {

@@ -461,8 +461,8 @@ pub async fn list_tenants(
     let visible = caller.visible_tenants();
     let db = state.db().await?;
     let rows = store::tenants::list(&db, visible.as_deref(), q.after, limit + 1).await?;
-    let more = rows.len() as i64 > limit;
-    let items: Vec<Tenant> = rows.into_iter().take(limit as usize).map(view).collect();
+    let (rows, more) = super::split_page(rows, limit);
+    let items: Vec<Tenant> = rows.into_iter().map(view).collect();
     let next_after = if more {
         items.last().map(|t| t.tenant_id)
     } else {
