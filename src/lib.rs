@@ -11,6 +11,7 @@ pub mod crypto;
 pub mod domain;
 pub mod m365;
 pub mod propagation;
+pub mod provisioning;
 pub mod queue;
 pub mod sandbox;
 pub mod store;

@@ -19,12 +19,12 @@ use secrecy::{ExposeSecret, SecretString};
 use uuid::Uuid;
 
 use crate::api::AppState;
-use crate::api::tenants::handle_for;
 use crate::domain::credential::ManagementCredential;
 use crate::domain::propagation::{self as rules, Access, Expectation};
 use crate::m365::graph::MailboxProbe;
 use crate::m365::graph::batch::BatchRequest;
 use crate::m365::{ErrorKind, TenantContext, TenantHandle};
+use crate::provisioning::tenants::handle_for;
 use crate::queue::worker::{JobContext, Outcome};
 use crate::store::access_policies::AccessPolicyRecord;
 use crate::store::propagation_checks::{self as checks, CheckRecord, Progress};

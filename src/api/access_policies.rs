@@ -28,13 +28,7 @@ use uuid::Uuid;
 
 use super::audit::record as audit;
 use super::problem::{ApiError, FieldError, Problem, ProblemKind};
-use super::propagation_checks::{
-    PropagationCheck, TouchedScope, after_policy_change, link_header, view as check_view,
-};
-use super::scope_groups::{
-    POLICY_LOCK, current_members_of, ids_of, lock_group, maybe_exists, primary_address,
-    recipient_object_id, scope_refusal,
-};
+use super::propagation_checks::{PropagationCheck, link_header, view as check_view};
 use super::tenants::tenant_handle;
 use super::{AppState, page_limit};
 use crate::auth::{Caller, Role};
@@ -42,6 +36,11 @@ use crate::domain::access::{self as rules, ALL_APPS, AccessRule, GroupMembers, N
 use crate::m365::exchange::{
     AccessRight as ExoRight, ApplicationAccessPolicy, ExchangeClient, NewApplicationAccessPolicy,
     Recipient, Replication,
+};
+use crate::provisioning::checks::{TouchedScope, after_policy_change};
+use crate::provisioning::scope_groups::{
+    POLICY_LOCK, current_members_of, ids_of, lock_group, maybe_exists, primary_address,
+    recipient_object_id, scope_refusal,
 };
 use crate::store::{self, access_policies::AccessPolicyRecord};
 
@@ -210,7 +209,7 @@ pub(crate) fn view(r: AccessPolicyRecord) -> AccessPolicy {
 
 fn check_canaries(canaries: &[String], errs: &mut Vec<FieldError>) -> Vec<String> {
     for (i, c) in canaries.iter().enumerate() {
-        if !super::tenants::is_address(c.trim()) {
+        if !crate::domain::address::is_address(c.trim()) {
             errs.push(field(
                 &format!("canary_mailboxes[{i}]"),
                 "must be an SMTP address",

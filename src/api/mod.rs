@@ -1,13 +1,7 @@
 //! The HTTP API: shared state, route table, extractor error handlers and the OpenAPI document.
 //! One file per resource, each with its own `routes()`.
-use std::sync::Arc;
-
 use actix_web::error::{JsonPayloadError, PathError, QueryPayloadError};
 use actix_web::{HttpRequest, HttpResponse, web};
-use deadpool_postgres::Pool;
-
-use crate::config::Settings;
-use crate::crypto::CredentialCipher;
 use problem::{ApiError, FieldError, ProblemKind};
 
 pub mod access_policies;
@@ -15,7 +9,6 @@ pub mod applications;
 pub mod audit;
 pub mod health;
 pub mod idempotency;
-pub mod locks;
 pub mod middleware;
 pub mod openapi;
 pub mod problem;
@@ -23,23 +16,15 @@ pub mod propagation_checks;
 pub mod scope_groups;
 pub mod tenants;
 
-/// Everything a handler may need, cheap to clone.
-#[derive(Clone)]
-pub struct AppState {
-    pub pool: Pool,
-    pub cipher: CredentialCipher,
-    pub settings: Arc<Settings>,
-    pub m365: crate::m365::M365Client,
-    /// In-process queues per natural key, in front of the database's advisory locks.
-    pub key_locks: Arc<locks::KeyLocks>,
-}
+/// What every handler holds: the provisioning layer's services handle.
+pub type AppState = crate::provisioning::Services;
 
-impl AppState {
-    pub async fn db(&self) -> Result<deadpool_postgres::Object, ApiError> {
-        self.pool
-            .get()
-            .await
-            .map_err(|e| ApiError::from(crate::store::StoreError::from(e)))
+/// The audit-trail actor for an API caller.
+pub fn actor(caller: &crate::auth::Caller, req: &HttpRequest) -> crate::provisioning::Actor {
+    crate::provisioning::Actor::Caller {
+        subject: caller.subject.clone(),
+        app: caller.app.clone(),
+        request_id: request_id(req),
     }
 }
 

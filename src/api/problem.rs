@@ -234,15 +234,7 @@ impl ProblemKind {
     }
 }
 
-/// One invalid field of a request body.
-#[derive(Debug, Clone, Serialize, ToSchema, PartialEq)]
-pub struct FieldError {
-    /// JSON pointer-like path of the field, e.g. `credentials.client_id`.
-    #[schema(example = "credentials.client_id")]
-    pub field: String,
-    #[schema(example = "must be a GUID")]
-    pub message: String,
-}
+pub use crate::domain::field_error::FieldError;
 
 /// An RFC 9457 problem document.
 #[derive(Debug, Clone, Serialize, ToSchema)]
@@ -422,6 +414,38 @@ impl From<crate::m365::M365Error> for ApiError {
         a.status_override = StatusCode::from_u16(e.suggested_http_status()).ok();
         a.retry_after = e.retry_after().map(|d| d.as_secs().max(1));
         a
+    }
+}
+
+/// The provisioning layer's errors, mapped to problems in this one place.
+impl From<crate::provisioning::Error> for ApiError {
+    fn from(e: crate::provisioning::Error) -> Self {
+        use crate::provisioning::{Error, Rejection};
+        match e {
+            Error::Invalid(errors) => ApiError::validation(errors),
+            Error::NotFound(detail) => ApiError::not_found(detail),
+            Error::Rejected {
+                kind,
+                detail,
+                errors,
+            } => {
+                let kind = match kind {
+                    Rejection::Conflict => ProblemKind::Conflict,
+                    Rejection::PolicyConflict => ProblemKind::PolicyConflict,
+                    Rejection::LastRestrictPolicy => ProblemKind::LastRestrictPolicy,
+                    Rejection::ScopeGroupInUse => ProblemKind::ScopeGroupInUse,
+                    Rejection::ApplicationHasPolicies => ProblemKind::ApplicationHasPolicies,
+                    Rejection::InvalidPolicyScope => ProblemKind::InvalidPolicyScope,
+                };
+                ApiError {
+                    errors,
+                    ..ApiError::new(kind, detail)
+                }
+            }
+            Error::Microsoft(m) => m.into(),
+            Error::Store(s) => s.into(),
+            Error::Internal(cause) => ApiError::internal(cause),
+        }
     }
 }
 

@@ -22,14 +22,19 @@ use uuid::Uuid;
 
 use super::audit::record as audit;
 use super::problem::{ApiError, FieldError, Problem, ProblemKind};
-use super::tenants::{is_address, tenant_handle};
+use super::tenants::tenant_handle;
 use super::{AppState, page_limit};
 use crate::auth::{Caller, Role};
+use crate::domain::address::is_address;
+use crate::m365::M365Error;
 use crate::m365::exchange::{
     DistributionGroup, ExchangeClient, NewSecurityGroup, Recipient, Replication,
     SetDistributionGroup,
 };
-use crate::m365::{ErrorKind, M365Error};
+use crate::provisioning::scope_groups::{
+    POLICY_LOCK, current_members, group_object_id, ids_of, lock_group, maybe_exists,
+    primary_address,
+};
 use crate::store::{self, scope_groups::ScopeGroupRecord};
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
@@ -57,20 +62,6 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
 const MAX_MEMBERS: usize = 10_000;
 /// Parallel `Get-Recipient` look-ups per request; the connector's per-tenant limiter still applies.
 const LOOKUP_CONCURRENCY: usize = 4;
-
-/// Advisory-lock namespace shared by every writer of one tenant's access policies; scope-group
-/// deletion and `/sync` take it too, always before any scope-group lock (one lock order).
-pub(crate) const POLICY_LOCK: &str = "access_policies";
-
-/// Serialise writers of one scope group (natural key: tenant and alias).
-pub(crate) async fn lock_group(
-    c: &impl deadpool_postgres::GenericClient,
-    tenant_id: Uuid,
-    alias: &str,
-) -> Result<(), ApiError> {
-    store::lock_key(c, "scope_group", &format!("{tenant_id}:{alias}")).await?;
-    Ok(())
-}
 
 /// How `members` in a `PUT` relate to the group's current members.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, ToSchema, Default)]
@@ -187,70 +178,6 @@ pub(crate) fn view(r: ScopeGroupRecord, members: Option<Vec<String>>) -> ScopeGr
     }
 }
 
-// ---------- shared with access policies and sync ----------
-
-/// The id mailscope keys scopes by: the Entra object id, else Exchange's Guid; lower case.
-pub(crate) fn recipient_object_id(r: &Recipient) -> Option<String> {
-    r.external_directory_object_id
-        .as_deref()
-        .or(r.guid.as_deref())
-        .filter(|s| !s.is_empty())
-        .map(str::to_ascii_lowercase)
-}
-
-pub(crate) fn group_object_id(g: &DistributionGroup) -> Option<String> {
-    g.external_directory_object_id
-        .as_deref()
-        .or(g.guid.as_deref())
-        .filter(|s| !s.is_empty())
-        .map(str::to_ascii_lowercase)
-}
-
-/// Every id a policy's `ScopeIdentityRaw` may name for this object (which one Exchange uses is
-/// unverified, reference §2.2).
-pub(crate) fn ids_of(ext: Option<&str>, guid: Option<&str>) -> Vec<String> {
-    [ext, guid]
-        .into_iter()
-        .flatten()
-        .filter(|s| !s.is_empty())
-        .map(str::to_ascii_lowercase)
-        .collect()
-}
-
-pub(crate) fn primary_address(r: &Recipient) -> Option<String> {
-    r.primary_smtp_address
-        .as_deref()
-        .filter(|s| !s.is_empty())
-        .map(str::to_ascii_lowercase)
-}
-
-/// Why a recipient cannot be an application access policy scope (reference §2.4), if it cannot.
-pub(crate) fn scope_refusal(r: &Recipient) -> Option<String> {
-    let t = r.recipient_type_details.as_deref().unwrap_or("unknown");
-    let reason = match t {
-        "UserMailbox" | "MailUser" | "MailUniversalSecurityGroup" => {
-            if r.is_valid_security_principal == Some(false) {
-                format!(
-                    "this {t} is not a valid security principal (IsValidSecurityPrincipal is false), so Exchange cannot use it as a policy scope"
-                )
-            } else {
-                return None;
-            }
-        }
-        "SharedMailbox" | "RoomMailbox" | "EquipmentMailbox" => format!(
-            "a {t} cannot be a policy scope on its own; put it in a scope group (PUT /scope-groups/{{alias}}) and use the group as the scope"
-        ),
-        "GroupMailbox" => "a Microsoft 365 group cannot be a policy scope; use a mail-enabled security group (a scope group)".into(),
-        "MailUniversalDistributionGroup" | "DynamicDistributionGroup" => format!(
-            "a distribution group ({t}) cannot be a policy scope; only mail-enabled security groups can (create one with PUT /scope-groups/{{alias}})"
-        ),
-        other => format!(
-            "a recipient of type {other} cannot be a policy scope; only a user mailbox, a mail user or a mail-enabled security group can"
-        ),
-    };
-    Some(reason)
-}
-
 /// Why a recipient should not be a scope-group member, if it should not.
 fn member_refusal(r: &Recipient) -> Option<String> {
     match r.recipient_type_details.as_deref().unwrap_or("unknown") {
@@ -356,26 +283,6 @@ fn check_alias(alias: &str) -> Result<String, ApiError> {
     }
 }
 
-async fn current_members(
-    exo: &ExchangeClient,
-    object_id: &str,
-) -> Result<BTreeSet<String>, ApiError> {
-    Ok(exo
-        .get_distribution_group_members(object_id, Replication::Ignore)
-        .await?
-        .iter()
-        .filter_map(primary_address)
-        .collect())
-}
-
-/// Current members (primary SMTP addresses, lower case, sorted) as a list.
-pub(crate) async fn current_members_of(
-    exo: &ExchangeClient,
-    object_id: &str,
-) -> Result<Vec<String>, ApiError> {
-    Ok(current_members(exo, object_id).await?.into_iter().collect())
-}
-
 fn group_fields(g: &DistributionGroup, alias: &str) -> Result<(String, String), ApiError> {
     let oid = group_object_id(g).ok_or_else(|| {
         ApiError::internal(anyhow::anyhow!(
@@ -411,15 +318,6 @@ fn require_security_group(g: &DistributionGroup, alias: &str) -> Result<(), ApiE
             )
         }),
     }
-}
-
-/// Is this Microsoft failure possibly "the object already exists" (a create racing a crashed
-/// earlier attempt)? Exchange reports a taken name as a generic task error.
-pub(crate) fn maybe_exists(e: &M365Error) -> bool {
-    matches!(
-        e.kind(),
-        ErrorKind::AlreadyExists | ErrorKind::InvalidParameter
-    )
 }
 
 // ---------- handlers ----------
@@ -1126,6 +1024,7 @@ pub async fn remove_member(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::provisioning::scope_groups::scope_refusal;
 
     #[test]
     fn csv_with_quotes_bom_and_crlf() {

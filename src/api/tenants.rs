@@ -13,8 +13,9 @@ use super::problem::{ApiError, FieldError, Problem};
 use super::{AppState, page_limit};
 use crate::auth::{Caller, Role, tenant_not_found};
 use crate::config::Secret;
+use crate::domain::address::is_address;
 use crate::domain::cloud::{Cloud, CloudEndpoints, EndpointOverrides};
-use crate::domain::credential::ManagementCredential;
+use crate::provisioning::{self, tenants::SealedCredential};
 use crate::store::{self, tenants::TenantRecord};
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
@@ -111,19 +112,6 @@ pub struct ListQuery {
     pub after: Option<Uuid>,
 }
 
-/// The sealed form of a credential: serialised as JSON, then encrypted.
-#[derive(Serialize, Deserialize, PartialEq)]
-#[serde(tag = "kind", rename_all = "snake_case")]
-enum SealedCredential {
-    ClientSecret {
-        client_secret: String,
-    },
-    Certificate {
-        certificate_pem: String,
-        private_key_pem: String,
-    },
-}
-
 fn view(r: TenantRecord) -> Tenant {
     Tenant {
         tenant_id: r.tenant_id,
@@ -139,19 +127,6 @@ fn view(r: TenantRecord) -> Tenant {
         created_at: r.created_at,
         updated_at: r.updated_at,
     }
-}
-
-/// A mailbox address, checked loosely (Exchange is the authority on existence).
-pub fn is_address(s: &str) -> bool {
-    let Some((local, domain)) = s.split_once('@') else {
-        return false;
-    };
-    !local.is_empty()
-        && domain.contains('.')
-        && !domain.starts_with('.')
-        && !domain.ends_with('.')
-        && s.len() <= 320
-        && !s.chars().any(|c| c.is_whitespace() || c.is_control())
 }
 
 fn is_domain(s: &str) -> bool {
@@ -509,44 +484,14 @@ pub async fn delete_tenant(
     Ok(HttpResponse::NoContent().finish())
 }
 
-/// A visible tenant's registration and a connector handle for it.
+/// The tenant's record and a connector handle, after checking that the caller may see it.
 pub async fn tenant_handle(
     state: &AppState,
     caller: &Caller,
     tenant_id: Uuid,
 ) -> Result<(TenantRecord, crate::m365::TenantHandle), ApiError> {
     caller.require_tenant(tenant_id)?;
-    let db = state.db().await?;
-    let record = store::tenants::get(&db, tenant_id)
-        .await?
-        .ok_or_else(|| tenant_not_found(tenant_id))?;
-    drop(db);
-    let handle = handle_for(state, &record)?;
-    Ok((record, handle))
-}
-
-/// The stored endpoints of a tenant, resolved.
-pub fn endpoints_of(record: &TenantRecord) -> Result<CloudEndpoints, ApiError> {
-    let cloud = Cloud::parse(&record.cloud).unwrap_or(Cloud::Custom);
-    let overrides: EndpointOverrides =
-        serde_json::from_value(record.endpoints.clone()).unwrap_or_default();
-    CloudEndpoints::resolve(cloud, &overrides)
-        .map_err(|e| ApiError::internal(anyhow::anyhow!("stored endpoints invalid: {e}")))
-}
-
-/// A connector handle acting with the tenant's management credential (no caller involved:
-/// background jobs use it too).
-pub fn handle_for(
-    state: &AppState,
-    record: &TenantRecord,
-) -> Result<crate::m365::TenantHandle, ApiError> {
-    let endpoints = endpoints_of(record)?;
-    let credential = open_credential(state, record)?;
-    Ok(state.m365.tenant(crate::m365::TenantContext {
-        tenant_id: record.tenant_id.to_string(),
-        endpoints,
-        credential,
-    }))
+    Ok(provisioning::tenants::load(state, tenant_id).await?)
 }
 
 /// Check that mailscope can act in the tenant: both tokens, one harmless Graph call and one
@@ -569,33 +514,6 @@ pub async fn connection_test(
     caller.require(Role::Read)?;
     let (_, handle) = tenant_handle(&state, &caller, path.into_inner()).await?;
     Ok(HttpResponse::Ok().json(handle.connection_test().await))
-}
-
-/// Load a tenant's stored credential, decrypted (for the connector; never for responses).
-pub fn open_credential(
-    state: &AppState,
-    r: &TenantRecord,
-) -> Result<ManagementCredential, ApiError> {
-    let plain = state
-        .cipher
-        .open(r.tenant_id.as_bytes(), &r.credential_ciphertext)
-        .map_err(ApiError::internal)?;
-    let sealed: SealedCredential = serde_json::from_slice(&plain).map_err(ApiError::internal)?;
-    let client_id = r.client_id.to_string();
-    Ok(match sealed {
-        SealedCredential::ClientSecret { client_secret } => ManagementCredential::ClientSecret {
-            client_id,
-            client_secret: client_secret.into(),
-        },
-        SealedCredential::Certificate {
-            certificate_pem,
-            private_key_pem,
-        } => ManagementCredential::Certificate {
-            client_id,
-            certificate_pem,
-            private_key_pem: private_key_pem.into(),
-        },
-    })
 }
 
 #[cfg(test)]

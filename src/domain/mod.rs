@@ -1,8 +1,10 @@
 //! Pure domain types and rules: no I/O, no clocks, no randomness passed in implicitly.
 //! Everything here is unit-tested in place and shared by the API, the connector and the sandbox.
 pub mod access;
+pub mod address;
 pub mod cloud;
 pub mod credential;
+pub mod field_error;
 pub mod permissions;
 pub mod propagation;
 pub mod rbac;

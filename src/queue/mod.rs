@@ -205,6 +205,20 @@ pub async fn update_payload(
         == 1)
 }
 
+/// Run an active job as soon as possible (a queued one now; a running one keeps its turn) and
+/// withdraw a pending cancel: a newer change needs the job all the same. False if the job is no
+/// longer active.
+pub async fn wake(c: &impl GenericClient, id: Uuid) -> Result<bool, StoreError> {
+    Ok(c.execute(
+        "UPDATE jobs SET run_at = CASE WHEN state = 'queued' THEN now() ELSE run_at END,
+             cancel_requested = false, updated_at = now()
+         WHERE id = $1 AND state IN ('queued', 'running')",
+        &[&id],
+    )
+    .await?
+        == 1)
+}
+
 /// Cancel: a queued job is cancelled at once; a running one is flagged and its worker stops it
 /// at the next heartbeat. Returns the job's state after the request, or `None` if unknown.
 pub async fn cancel(c: &impl GenericClient, id: Uuid) -> Result<Option<JobState>, StoreError> {

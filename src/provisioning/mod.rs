@@ -1,0 +1,46 @@
+//! The provisioning use cases: ensure scope groups and their members, applications, consent and
+//! secrets, access policies, access tests and sync.
+//!
+//! Each use case is a plain async function over a cloneable [`Services`] handle and an
+//! [`Actor`] (an API caller or a job) that the audit trail records. No HTTP type crosses into
+//! this layer, so the same step runs from a handler or from a queue job. Every use case returns
+//! [`Error`], which maps to an HTTP problem in one place (`api::problem`) and to a job outcome in
+//! one place ([`Error::job_outcome`]).
+use std::sync::Arc;
+
+use deadpool_postgres::Pool;
+
+use crate::config::Settings;
+use crate::crypto::CredentialCipher;
+
+pub mod actor;
+pub mod audit;
+pub mod checks;
+pub mod error;
+pub mod locks;
+pub mod scope_groups;
+pub mod tenants;
+
+pub use actor::Actor;
+pub use error::{Error, Rejection};
+
+/// Everything a use case may need, cheap to clone: HTTP handlers and jobs hold the same one.
+#[derive(Clone)]
+pub struct Services {
+    pub pool: Pool,
+    pub cipher: CredentialCipher,
+    pub settings: Arc<Settings>,
+    pub m365: crate::m365::M365Client,
+    /// In-process queues per natural key, in front of the database's advisory locks.
+    pub key_locks: Arc<locks::KeyLocks>,
+}
+
+impl Services {
+    /// A pooled connection; pool exhaustion and outages become [`Error::Store`] (unavailable).
+    pub async fn db(&self) -> Result<deadpool_postgres::Object, Error> {
+        self.pool
+            .get()
+            .await
+            .map_err(|e| Error::Store(crate::store::StoreError::from(e)))
+    }
+}
