@@ -32,10 +32,10 @@ use super::propagation_checks::{PropagationCheck, link_header, view as check_vie
 use super::tenants::tenant_handle;
 use super::{AppState, page_limit};
 use crate::auth::{Caller, Role};
+use crate::domain::access::AccessRight;
 use crate::domain::access::{self as rules, ALL_APPS, AccessRule, GroupMembers, NestedGroups};
 use crate::m365::exchange::{
-    AccessRight as ExoRight, ApplicationAccessPolicy, ExchangeClient, NewApplicationAccessPolicy,
-    Recipient, Replication,
+    ApplicationAccessPolicy, ExchangeClient, NewApplicationAccessPolicy, Recipient, Replication,
 };
 use crate::provisioning::checks::{TouchedScope, after_policy_change};
 use crate::provisioning::scope_groups::{
@@ -68,29 +68,6 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
 const MAX_DESCRIPTION: usize = 1000;
 /// Most groups expanded when evaluating nested membership locally.
 const MAX_GROUPS_EXPANDED: usize = 50;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-pub enum AccessRight {
-    /// The app reaches only the scope's mailboxes (several grant the union).
-    RestrictAccess,
-    /// The app reaches every mailbox except the scope's.
-    DenyAccess,
-}
-
-impl AccessRight {
-    fn as_str(self) -> &'static str {
-        match self {
-            AccessRight::RestrictAccess => "RestrictAccess",
-            AccessRight::DenyAccess => "DenyAccess",
-        }
-    }
-    fn exo(self) -> ExoRight {
-        match self {
-            AccessRight::RestrictAccess => ExoRight::RestrictAccess,
-            AccessRight::DenyAccess => ExoRight::DenyAccess,
-        }
-    }
-}
 
 /// A policy to create (`POST`) or the replacement of one (`PUT`, where `app_id` must stay).
 #[derive(Deserialize, ToSchema)]
@@ -427,7 +404,7 @@ async fn new_policy(
     let n = NewApplicationAccessPolicy {
         app_ids: vec![app_id.to_string()],
         policy_scope_group_id: scope.object_id.clone(),
-        access_right: right.exo(),
+        access_right: right,
         description: Some(description.to_string()),
     };
     match exo.new_application_access_policy(&n).await {

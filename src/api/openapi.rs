@@ -53,7 +53,7 @@ branch on `type` (or its short form `code`). Every response carries `X-Request-I
         applications::SecretList,
         scope_groups::ScopeGroupInput, scope_groups::Membership, scope_groups::MembersInput,
         scope_groups::ScopeGroup, scope_groups::ScopeGroupList, scope_groups::MembersAdded,
-        access_policies::AccessRight, access_policies::AccessPolicyInput,
+        crate::domain::access::AccessRight, access_policies::AccessPolicyInput,
         access_policies::AccessPolicyPatch, access_policies::AccessPolicy,
         access_policies::AccessPolicyList, access_policies::AccessTestInput,
         access_policies::AccessTestResult, access_policies::ExchangeVerdict,

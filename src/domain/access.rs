@@ -16,8 +16,9 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
-/// The `-AccessRight` of an application access policy.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+/// The `-AccessRight` of an application access policy: the one type for it, in the API, the
+/// connector and the rules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 pub enum AccessRight {
     /// The app reaches only the scope's mailboxes.
     RestrictAccess,

@@ -44,3 +44,23 @@ impl Services {
             .map_err(|e| Error::Store(crate::store::StoreError::from(e)))
     }
 }
+
+/// What an idempotent use case did. The HTTP status and the audit event follow from it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    /// Created in the tenant (and recorded).
+    Created,
+    /// Found in the tenant and taken under management, not created again.
+    Adopted,
+    /// Existed and was changed to match the request.
+    Updated,
+    /// Already as requested: nothing was written.
+    Unchanged,
+}
+
+/// A use case's result and what it took to get there.
+#[derive(Debug, Clone)]
+pub struct Ensured<T> {
+    pub value: T,
+    pub change: Change,
+}

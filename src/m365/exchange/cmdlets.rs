@@ -218,21 +218,7 @@ pub struct CasMailbox {
 
 // ---------- application access policies ----------
 
-/// `-AccessRight` of an Application Access Policy.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum AccessRight {
-    RestrictAccess,
-    DenyAccess,
-}
-
-impl AccessRight {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            AccessRight::RestrictAccess => "RestrictAccess",
-            AccessRight::DenyAccess => "DenyAccess",
-        }
-    }
-}
+pub use crate::domain::access::AccessRight;
 
 /// `Get-/New-ApplicationAccessPolicy` output.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
