@@ -3,7 +3,7 @@
 //! One base URL serves Microsoft's login endpoint (`/{tenant}/oauth2/v2.0/token`, OpenID
 //! configuration, JWKS), a Graph v1.0 subset (`/v1.0/…`, `/v1.0/$batch`), Exchange's admin
 //! `InvokeCommand` (`/adminapi/beta/{tenant}/InvokeCommand`) and a control API (`/_sandbox/…`).
-//! Wire details follow `microsoft-365-protocol.md`; every behaviour that document marks as
+//! Wire details follow `docs/microsoft-365.md`; every behaviour that document marks as
 //! unverified is a setting ([`settings::Behaviour`]) with the documented default.
 //!
 //! What makes it more than a mock: access rules are evaluated with [`crate::domain::access`] and
