@@ -151,13 +151,38 @@ pub struct Application {
 }
 
 impl Application {
-    /// Resolve, migrate (unless disabled) and bind. Nothing is served until `run_until_stopped`.
+    /// Bind, resolve, migrate (unless disabled). Nothing is served until `run_until_stopped`.
+    ///
+    /// The port is bound before anything else starts, and an embedded cluster started here is
+    /// stopped again if a later step fails: a failed start leaves nothing running.
     pub async fn build(settings: Settings, role: Role) -> anyhow::Result<Application> {
+        let listener = TcpListener::bind(&settings.listen)
+            .with_context(|| format!("cannot listen on {}", settings.listen))?;
         let Resolved {
             settings,
             database_url,
             embedded,
         } = resolve(settings).await?;
+        match Self::assemble(settings, database_url, role, listener).await {
+            Ok(mut app) => {
+                app.embedded = embedded;
+                Ok(app)
+            }
+            Err(e) => {
+                if let Some(pg) = embedded {
+                    pg.stop().await;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn assemble(
+        settings: Settings,
+        database_url: Secret,
+        role: Role,
+        listener: TcpListener,
+    ) -> anyhow::Result<Application> {
         if settings.database.migrate_on_start && role != Role::WorkerOnly {
             migrate_with(
                 database_url.expose(),
@@ -206,8 +231,6 @@ impl Application {
             )?),
         };
 
-        let listener = TcpListener::bind(&settings.listen)
-            .with_context(|| format!("cannot listen on {}", settings.listen))?;
         let port = listener.local_addr()?.port();
         let body_limit = settings.http.body_limit_bytes;
         let app_state = state.get_ref().clone();
@@ -220,6 +243,9 @@ impl Application {
                 .configure(|cfg| api::configure(cfg, body_limit, role != Role::WorkerOnly))
         })
         .shutdown_timeout(settings.shutdown_grace_seconds)
+        // actix would stop at once on SIGINT (dropping requests in flight); `serve` maps both
+        // SIGINT and SIGTERM to a graceful stop instead (`stop_gracefully_on_signals`).
+        .disable_signals()
         .listen(listener)?;
         if let Some(w) = settings.http.workers {
             server = server.workers(w);
@@ -232,7 +258,7 @@ impl Application {
             state: app_state,
             worker,
             shutdown_grace: Duration::from_secs(settings.shutdown_grace_seconds),
-            embedded,
+            embedded: None,
         })
     }
 
@@ -240,7 +266,26 @@ impl Application {
         self.port
     }
 
-    /// Serve until SIGINT/SIGTERM (actix drains in-flight requests), then stop the embedded cluster.
+    /// On SIGINT (Ctrl-C) or SIGTERM: stop accepting, drain the requests in flight (up to the
+    /// shutdown grace), then let `run_until_stopped` stop the worker and the embedded cluster.
+    pub fn stop_gracefully_on_signals(&self) -> anyhow::Result<()> {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        let handle = self.server.handle();
+        tokio::spawn(async move {
+            let name = tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = int.recv() => "SIGINT",
+            };
+            tracing::info!(signal = name, "stopping: draining requests in flight");
+            handle.stop(true).await;
+        });
+        Ok(())
+    }
+
+    /// Serve until stopped (by a signal, see `stop_gracefully_on_signals`, or the handle), then
+    /// stop the worker and the embedded cluster.
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let maintenance = self

@@ -117,6 +117,7 @@ async fn run(command: Command, mut settings: Settings) -> anyhow::Result<()> {
                 settings.database.migrate_on_start = false;
             }
             let app = Application::build(settings, role).await?;
+            app.stop_gracefully_on_signals()?;
             app.run_until_stopped().await
         }
         Command::Migrate => {
@@ -150,11 +151,28 @@ async fn run(command: Command, mut settings: Settings) -> anyhow::Result<()> {
             }
             let secret = match &settings.auth.hs256_secret {
                 Some(s) => s.clone(),
-                None => crate::store::local_secrets::read_or_create(
-                    &settings.database.data_dir,
-                    crate::store::local_secrets::HS256_SECRET_FILE,
-                    48,
-                )?,
+                None => {
+                    let dir = &settings.database.data_dir;
+                    // A token signed with a secret made up here would be refused by the server:
+                    // only share the secret of a data directory `serve` already uses.
+                    if !dir.is_dir() {
+                        anyhow::bail!(
+                            "no mailscope data directory at {}: the server keeps its token signing \
+                             secret there. Run `mailscope token` in the directory where `mailscope \
+                             serve` runs (after it has started), or point at the server's data with \
+                             MAILSCOPE_DATABASE__DATA_DIR, or set MAILSCOPE_AUTH__HS256_SECRET to the \
+                             server's secret",
+                            std::path::absolute(dir)
+                                .unwrap_or_else(|_| dir.clone())
+                                .display()
+                        );
+                    }
+                    crate::store::local_secrets::read_or_create(
+                        dir,
+                        crate::store::local_secrets::HS256_SECRET_FILE,
+                        48,
+                    )?
+                }
             };
             let roles = if args.roles.is_empty() {
                 vec![settings.auth.role_admin.clone()]
@@ -179,11 +197,53 @@ async fn run(command: Command, mut settings: Settings) -> anyhow::Result<()> {
         }
         Command::Sandbox(_) => unreachable!("handled before configuration is loaded"),
         Command::CheckConfig => {
-            println!("{}", toml_like(&serde_json::to_value(&settings)?));
+            let mut effective = serde_json::to_value(&settings)?;
+            describe_generated(&settings, &mut effective);
+            println!("{}", toml_like(&effective));
             eprintln!("configuration is valid");
             Ok(())
         }
     }
+}
+
+/// Say what an unset value means instead of `null`: the embedded database, a secret generated in
+/// the data directory, or a feature that is off.
+fn describe_generated(settings: &Settings, v: &mut serde_json::Value) {
+    use crate::store::local_secrets::{ENCRYPTION_KEY_FILE, HS256_SECRET_FILE};
+    let dir = std::path::absolute(&settings.database.data_dir)
+        .unwrap_or_else(|_| settings.database.data_dir.clone());
+    let generated = |file: &str| format!("generated in {}", dir.join(file).display());
+    let mut set = |pointer: &str, text: String| {
+        if let Some(slot) = v.pointer_mut(pointer)
+            && slot.is_null()
+        {
+            *slot = serde_json::Value::String(text);
+        }
+    };
+    set(
+        "/database/url",
+        format!(
+            "embedded (a private cluster in {})",
+            dir.join("pg").display()
+        ),
+    );
+    set("/encryption_key", generated(ENCRYPTION_KEY_FILE));
+    if settings.auth.jwks_url.is_none() {
+        set("/auth/hs256_secret", generated(HS256_SECRET_FILE));
+        set("/auth/jwks_url", "not used (HS256 tokens)".into());
+    } else {
+        set("/auth/hs256_secret", "not used (JWKS)".into());
+    }
+    set("/database/tls_ca_file", "the system's roots".into());
+    set("/http/workers", "one per core".into());
+    // Only the embedded setup generates it: receivers must be given it, so otherwise it is the
+    // operator's to choose.
+    let webhook_secret = if settings.database.url.is_none() {
+        generated(crate::webhooks::SIGNING_SECRET_FILE)
+    } else {
+        "not set: callbacks are refused until it is".into()
+    };
+    set("/webhooks/signing_secret", webhook_secret);
 }
 
 /// Render the effective configuration as readable `key = value` lines (secrets are redacted by

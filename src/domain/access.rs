@@ -16,8 +16,8 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
-/// The `-AccessRight` of an application access policy: the one type for it, in the API, the
-/// connector and the rules.
+// The `-AccessRight` of an application access policy: the one type for it, in the API, the
+// connector and the rules. (A plain comment: a doc comment would become the schema's description.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 pub enum AccessRight {
     /// The app reaches only the scope's mailboxes.

@@ -21,14 +21,14 @@ impl Metrics {
     pub(crate) fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
         let calls = IntCounterVec::new(
             Opts::new(
-                "mailscope_m365_calls_total",
+                "m365_calls_total",
                 "HTTP attempts to Microsoft 365 by outcome",
             ),
             &["tenant", "service", "operation", "outcome"],
         )?;
         let latency = HistogramVec::new(
             HistogramOpts::new(
-                "mailscope_m365_call_duration_seconds",
+                "m365_call_duration_seconds",
                 "Latency of one HTTP attempt to Microsoft 365",
             )
             .buckets(vec![
@@ -38,14 +38,14 @@ impl Metrics {
         )?;
         let retries = IntCounterVec::new(
             Opts::new(
-                "mailscope_m365_retries_total",
+                "m365_retries_total",
                 "Retries of Microsoft 365 calls by reason",
             ),
             &["tenant", "service", "operation", "reason"],
         )?;
         let throttles = IntCounterVec::new(
             Opts::new(
-                "mailscope_m365_throttled_total",
+                "m365_throttled_total",
                 "Throttling answers from Microsoft 365",
             ),
             &["tenant", "service", "operation"],

@@ -88,14 +88,11 @@ async fn throttling_storm_waits_for_retry_after_and_every_call_finishes() {
         ("service", "graph"),
         ("operation", "users.get"),
     ];
-    assert_eq!(
-        counter(&registry, "mailscope_m365_throttled_total", &labels),
-        12.0
-    );
+    assert_eq!(counter(&registry, "m365_throttled_total", &labels), 12.0);
     assert_eq!(
         counter(
             &registry,
-            "mailscope_m365_calls_total",
+            "m365_calls_total",
             &[labels[0], labels[1], labels[2], ("outcome", "ok")]
         ),
         6.0
@@ -103,7 +100,7 @@ async fn throttling_storm_waits_for_retry_after_and_every_call_finishes() {
     assert_eq!(
         counter(
             &registry,
-            "mailscope_m365_retries_total",
+            "m365_retries_total",
             &[labels[0], labels[1], ("reason", "throttled")]
         ),
         12.0

@@ -328,7 +328,7 @@ async fn slow_answers_time_out_and_safe_ones_are_retried_to_success() {
     assert!(users.iter().all(|u| matches!(u, Ok(Some(_)))), "{users:?}");
     let timeouts = crate::m365_support::counter(
         &env.registry,
-        "mailscope_m365_calls_total",
+        "m365_calls_total",
         &[("operation", "users.get"), ("outcome", "timeout")],
     );
     assert!(timeouts >= 1.0, "some attempts timed out: {timeouts}");
@@ -355,7 +355,7 @@ async fn slow_answers_time_out_and_safe_ones_are_retried_to_success() {
     let i = created.expect("one create timed out");
     let creates = crate::m365_support::counter(
         &env.registry,
-        "mailscope_m365_calls_total",
+        "m365_calls_total",
         &[("operation", "applications.create")],
     );
     assert_eq!(creates, f64::from(i + 1), "one attempt per create");

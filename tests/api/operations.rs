@@ -272,8 +272,31 @@ fn check_config_names_a_misspelled_variable() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("[redacted]"));
     assert!(
+        text.contains("webhooks.signing_secret = \"not set: callbacks are refused"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("= null"),
+        "unset values are described: {text}"
+    );
+    assert!(
         !text.contains("hunter2") && !text.contains(HS_SECRET) && !text.contains(ENCRYPTION_KEY)
     );
+
+    // With no configuration: the embedded database and secrets generated in the data directory.
+    let out = mailscope().arg("check-config").output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("database.url = \"embedded"), "{text}");
+    assert!(
+        text.contains("encryption_key = \"generated in ") && text.contains("encryption.key"),
+        "{text}"
+    );
+    assert!(
+        text.contains("auth.hs256_secret = \"generated in "),
+        "{text}"
+    );
+    assert!(!text.contains("= null"), "{text}");
 }
 
 /// The README's run command: no configuration, a machine with PostgreSQL binaries but no server
@@ -387,4 +410,180 @@ async fn sslmode_require_verifies_the_server_certificate() {
     }
     // Plain connections (sslmode unset or prefer) keep working against the same server.
     assert!(mailscope::store::connect_one(&base, None).await.is_ok());
+}
+
+/// Connector metrics carry the service's prefix once (`mailscope_m365_…`), not twice.
+#[tokio::test]
+async fn connector_metrics_have_one_prefix() {
+    let env = WithSandbox::start().await;
+    let res = env
+        .app
+        .http
+        .post(env.url("/connection-test"))
+        .bearer_auth(env.app.admin())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let m = env
+        .app
+        .http
+        .get(env.app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(m.contains("mailscope_m365_calls_total{"), "{m}");
+    assert!(m.contains("mailscope_m365_call_duration_seconds_bucket{"));
+    assert!(!m.contains("mailscope_mailscope_"), "{m}");
+}
+
+/// `mailscope token` where no server has run refuses with the reason instead of inventing a
+/// signing secret the server would not know (its tokens would all be refused).
+#[test]
+fn token_outside_the_server_directory_refuses() {
+    let dir = std::env::temp_dir().join(format!("mailscope-token-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = mailscope().arg("token").current_dir(&dir).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("mailscope serve"), "{err}");
+    assert!(err.contains("MAILSCOPE_AUTH__HS256_SECRET"), "{err}");
+    assert!(!dir.join(".mailscope").exists(), "no secret was made up");
+    // With the server's secret given explicitly it mints.
+    let ok = mailscope()
+        .arg("token")
+        .current_dir(&dir)
+        .env(
+            "MAILSCOPE_AUTH__HS256_SECRET",
+            "a-shared-secret-of-at-least-32-bytes!!",
+        )
+        .output()
+        .unwrap();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Start `mailscope serve` with no configuration in `dir` on `port`, and wait until it is ready.
+async fn serve_in(dir: &std::path::Path, port: u16) -> std::process::Child {
+    let mut child = mailscope()
+        .arg("serve")
+        .current_dir(dir)
+        .env("MAILSCOPE_LISTEN", format!("127.0.0.1:{port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let http = reqwest::Client::new();
+    for _ in 0..240 {
+        if let Ok(r) = http
+            .get(format!("http://127.0.0.1:{port}/readyz"))
+            .send()
+            .await
+            && r.status() == 200
+        {
+            return child;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("serve exited early with {status}");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let _ = child.kill();
+    panic!("serve did not become ready");
+}
+
+fn unused_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Ctrl-C drains like SIGTERM: a request whose body is still arriving when SIGINT comes is
+/// answered, and the process exits cleanly.
+#[tokio::test]
+async fn sigint_drains_requests_in_flight() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = std::env::temp_dir().join(format!("mailscope-sigint-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let port = unused_port();
+    let child = serve_in(&dir, port).await;
+    let token = mailscope().arg("token").current_dir(&dir).output().unwrap();
+    assert!(token.status.success());
+    let token = String::from_utf8(token.stdout).unwrap();
+    let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let head = format!(
+        "PUT /v1/tenants/0b1c6a36-6b53-4bcb-8e56-0d4f5c7f3a11 HTTP/1.1\r\nHost: localhost\r\n\
+         Authorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\
+         Connection: close\r\n\r\n{{",
+        token.trim()
+    );
+    conn.write_all(head.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _ = Command::new("kill")
+        .arg("-INT")
+        .arg(child.id().to_string())
+        .status();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The rest of the body arrives after the signal; the handler still answers.
+    conn.write_all(b"}").await.unwrap();
+    let mut answer = String::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), conn.read_to_string(&mut answer)).await;
+    assert!(
+        answer.starts_with("HTTP/1.1 422"),
+        "the request in flight was answered: {answer:?}"
+    );
+    let mut child = child;
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "clean exit after SIGINT: {status}");
+    assert!(
+        !dir.join(".mailscope/pg/postmaster.pid").exists(),
+        "the cluster was stopped"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A port already in use fails the start before anything else starts: no embedded cluster is
+/// left running behind the failed process.
+#[tokio::test]
+async fn failed_start_leaves_no_cluster_running() {
+    let dir = std::env::temp_dir().join(format!("mailscope-busy-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let out = tokio::task::spawn_blocking({
+        let dir = dir.clone();
+        move || {
+            mailscope()
+                .arg("serve")
+                .current_dir(&dir)
+                .env("MAILSCOPE_LISTEN", format!("127.0.0.1:{port}"))
+                .output()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot listen"), "{err}");
+    assert!(
+        !dir.join(".mailscope/pg/postmaster.pid").exists(),
+        "no cluster left running: {err}"
+    );
+    drop(taken);
+    let _ = std::fs::remove_dir_all(&dir);
 }
