@@ -613,6 +613,17 @@ fn parse_env_value(v: &str) -> figment::value::Value {
     if let Ok(n) = v.parse::<u64>() {
         return Value::from(n);
     }
+    // Plain decimals too (`MAILSCOPE_PROPAGATION__BACKOFF_FACTOR=2.5`). Only short digit strings
+    // with one point: a long digit string (a secret) or `inf`/`1e9` stays a string.
+    if v.len() <= 20
+        && v.bytes().filter(|b| *b == b'.').count() == 1
+        && v.trim_start_matches('-')
+            .bytes()
+            .all(|b| b.is_ascii_digit() || b == b'.')
+        && let Ok(x) = v.parse::<f64>()
+    {
+        return Value::from(x);
+    }
     if v.starts_with('[')
         && let Ok(list) = serde_json::from_str::<Vec<String>>(v)
     {
@@ -624,15 +635,33 @@ fn parse_env_value(v: &str) -> figment::value::Value {
 fn describe_figment_error(e: &figment::Error) -> String {
     let path = e.path.join(".");
     let kind = match &e.kind {
-        figment::error::Kind::UnknownField(f, _) => {
-            let full = if path.is_empty() {
-                f.clone()
-            } else {
-                format!("{path}.{f}")
+        figment::error::Kind::UnknownField(f, expected) => {
+            // figment puts the unknown key itself at the end of the path; don't name it twice.
+            let parent = e
+                .path
+                .split_last()
+                .filter(|(last, _)| *last == f)
+                .map_or(e.path.as_slice(), |(_, rest)| rest)
+                .join(".");
+            let full = |key: &str| {
+                if parent.is_empty() {
+                    key.to_string()
+                } else {
+                    format!("{parent}.{key}")
+                }
             };
+            let env =
+                |key: &str| format!("MAILSCOPE_{}", key.to_ascii_uppercase().replace('.', "__"));
+            let unknown = full(f);
+            let hint = nearest(f, expected)
+                .map(|k| {
+                    let k = full(k);
+                    format!("; did you mean `{k}` ({})?", env(&k))
+                })
+                .unwrap_or_default();
             return format!(
-                "unknown setting `{full}` (environment variable MAILSCOPE_{})",
-                full.to_ascii_uppercase().replace('.', "__")
+                "unknown setting `{unknown}` (environment variable {}){hint}",
+                env(&unknown)
             );
         }
         other => other.to_string(),
@@ -642,6 +671,39 @@ fn describe_figment_error(e: &figment::Error) -> String {
     } else {
         format!("{path}: {kind}")
     }
+}
+
+/// The expected key closest to a misspelled one, if any is close (edit distance at most a third
+/// of its length, at least 1).
+fn nearest<'a>(key: &str, expected: &[&'a str]) -> Option<&'a str> {
+    let key = key.to_ascii_lowercase();
+    let limit = (key.chars().count() / 3).max(1);
+    expected
+        .iter()
+        .map(|k| (edit_distance(&key, k), *k))
+        .filter(|(d, _)| *d <= limit)
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, k)| k)
+}
+
+/// Levenshtein distance over characters.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = if ca == *cb {
+                prev
+            } else {
+                1 + prev.min(cur).min(row[j])
+            };
+            prev = cur;
+        }
+    }
+    row[b.len()]
 }
 
 /// Decode a base64 AES-256 key.
@@ -665,6 +727,55 @@ mod tests {
     }
 
     const KEY: &str = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+
+    #[test]
+    fn a_misspelled_key_is_named_once_with_the_nearest_real_one() {
+        let e = Settings::load_from(None, env(&[("MAILSCOPE_LISTN", "x")]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("unknown setting `listn` (environment variable MAILSCOPE_LISTN)"),
+            "{e}"
+        );
+        assert!(
+            e.contains("did you mean `listen` (MAILSCOPE_LISTEN)?"),
+            "{e}"
+        );
+        let e = Settings::load_from(None, env(&[("MAILSCOPE_PROPAGATION__FIRST_DELY_MS", "5")]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("unknown setting `propagation.first_dely_ms`"),
+            "{e}"
+        );
+        assert!(
+            e.contains(
+                "did you mean `propagation.first_delay_ms` (MAILSCOPE_PROPAGATION__FIRST_DELAY_MS)?"
+            ),
+            "{e}"
+        );
+        let e = Settings::load_from(None, env(&[("MAILSCOPE_ZZZZZZZZZZ", "1")]))
+            .unwrap_err()
+            .to_string();
+        assert!(!e.contains("did you mean"), "nothing is close: {e}");
+    }
+
+    #[test]
+    fn decimals_from_the_environment() {
+        let s = Settings::load_from(
+            None,
+            env(&[("MAILSCOPE_PROPAGATION__BACKOFF_FACTOR", "2.5")]),
+        )
+        .unwrap();
+        assert_eq!(s.propagation.backoff_factor, 2.5);
+    }
+
+    #[test]
+    fn edit_distance_counts_edits() {
+        assert_eq!(edit_distance("listn", "listen"), 1);
+        assert_eq!(edit_distance("", "abc"), 3);
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
+    }
 
     #[test]
     fn defaults_are_valid_for_embedded_mode() {
