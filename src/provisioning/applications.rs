@@ -54,7 +54,7 @@ fn lock_name(tenant_id: Uuid, key: &str) -> String {
 }
 
 /// Queue behind other requests for this application in this process before taking a pooled
-/// connection (see `api::locks`); the advisory lock taken afterwards covers other replicas.
+/// connection (see `locks`); the advisory lock taken afterwards covers other replicas.
 async fn take_turn(
     services: &Services,
     tenant_id: Uuid,
