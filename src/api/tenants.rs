@@ -8,14 +8,13 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
-use super::audit::record as audit;
 use super::problem::{ApiError, FieldError, Problem};
 use super::{AppState, page_limit};
 use crate::auth::{Caller, Role, tenant_not_found};
 use crate::config::Secret;
 use crate::domain::address::is_address;
 use crate::domain::cloud::{Cloud, CloudEndpoints, EndpointOverrides};
-use crate::provisioning::{self, tenants::SealedCredential};
+use crate::provisioning::{self, Change, tenants::Registration, tenants::SealedCredential};
 use crate::store::{self, tenants::TenantRecord};
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
@@ -157,14 +156,8 @@ fn pem_body(pem: &str, label: &str) -> Option<Vec<u8>> {
         .filter(|d| !d.is_empty())
 }
 
-struct Validated {
-    endpoints: EndpointOverrides,
-    client_id: Uuid,
-    sealed: SealedCredential,
-    canaries: Vec<String>,
-}
-
-fn validate(input: &TenantInput) -> Result<Validated, ApiError> {
+/// Check the input's shape and turn it into the registration the use case stores.
+fn validate(input: TenantInput) -> Result<Registration, ApiError> {
     let mut errs = Vec::new();
     let mut err = |field: &str, message: &str| {
         errs.push(FieldError {
@@ -252,11 +245,14 @@ fn validate(input: &TenantInput) -> Result<Validated, ApiError> {
         }
     }
     match (errs.is_empty(), client_id, sealed) {
-        (true, Ok(client_id), Some(sealed)) => Ok(Validated {
+        (true, Ok(client_id), Some(credential)) => Ok(Registration {
+            display_name: input.display_name,
+            cloud: input.cloud,
+            default_domain: input.default_domain,
             endpoints,
             client_id,
-            sealed,
-            canaries,
+            credential,
+            canary_mailboxes: canaries,
         }),
         _ => Err(ApiError::validation(errs)),
     }
@@ -288,104 +284,11 @@ pub async fn put_tenant(
 ) -> Result<HttpResponse, ApiError> {
     caller.require(Role::Admin)?;
     let tenant_id = path.into_inner();
-    let input = body.into_inner();
-    let v = validate(&input)?;
-    let plaintext = serde_json::to_vec(&v.sealed).map_err(ApiError::internal)?;
-    let mut db = state.db().await?;
-    let tx = db.transaction().await.map_err(store::StoreError::from)?;
-    // Serialise concurrent PUTs of one tenant, including the very first (no row to lock yet), so
-    // each later one compares against the stored state instead of blindly overwriting it.
-    store::lock_key(&tx, "tenant", &tenant_id.to_string()).await?;
-    let existing = store::tenants::get(&tx, tenant_id).await?;
-
-    let record = TenantRecord {
-        tenant_id,
-        display_name: input.display_name.trim().to_string(),
-        cloud: input.cloud.as_str().to_string(),
-        default_domain: input.default_domain.to_ascii_lowercase(),
-        endpoints: serde_json::to_value(&v.endpoints).map_err(ApiError::internal)?,
-        client_id: v.client_id,
-        credential_kind: match v.sealed {
-            SealedCredential::ClientSecret { .. } => "client_secret".into(),
-            SealedCredential::Certificate { .. } => "certificate".into(),
-        },
-        credential_ciphertext: Vec::new(),
-        credential_key_id: state.cipher.key_id().to_string(),
-        canary_mailboxes: v.canaries,
-        created_at: Utc::now(),
-        updated_at: Utc::now(),
-    };
-    let mut changed: Vec<&str> = Vec::new();
-    if let Some(old) = &existing {
-        let same_secret = state
-            .cipher
-            .open(tenant_id.as_bytes(), &old.credential_ciphertext)
-            .ok()
-            .and_then(|p| serde_json::from_slice::<SealedCredential>(&p).ok())
-            .is_some_and(|s| s == v.sealed);
-        let checks = [
-            ("display_name", old.display_name == record.display_name),
-            ("cloud", old.cloud == record.cloud),
-            (
-                "default_domain",
-                old.default_domain == record.default_domain,
-            ),
-            ("endpoints", old.endpoints == record.endpoints),
-            (
-                "credentials",
-                old.client_id == record.client_id && same_secret,
-            ),
-            (
-                "canary_mailboxes",
-                old.canary_mailboxes == record.canary_mailboxes,
-            ),
-        ];
-        changed = checks
-            .iter()
-            .filter(|(_, same)| !same)
-            .map(|(f, _)| *f)
-            .collect();
-        if changed.is_empty() {
-            tx.commit().await.map_err(store::StoreError::from)?;
-            return Ok(HttpResponse::Ok().json(view(old.clone())));
-        }
-    }
-    let record = TenantRecord {
-        credential_ciphertext: state
-            .cipher
-            .seal(tenant_id.as_bytes(), &plaintext)
-            .map_err(ApiError::internal)?,
-        ..record
-    };
-    let (stored, created) = store::tenants::upsert(&tx, &record).await?;
-    let action = if created {
-        "tenant.registered"
-    } else {
-        "tenant.updated"
-    };
-    let details =
-        serde_json::json!({ "changed": changed, "credential_kind": stored.credential_kind });
-    audit(
-        &tx,
-        &caller,
-        &req,
-        tenant_id,
-        action,
-        &format!("tenant/{tenant_id}"),
-        details,
-    )
-    .await?;
-    tx.commit().await.map_err(store::StoreError::from)?;
-    if existing.is_some()
-        && changed
-            .iter()
-            .any(|f| ["cloud", "endpoints", "credentials"].contains(f))
-    {
-        // Cached tokens were issued to the old credential or authority.
-        state.m365.forget_tenant(&tenant_id.to_string());
-    }
-    let view = view(stored);
-    Ok(if created {
+    let registration = validate(body.into_inner())?;
+    let actor = super::actor(&caller, &req);
+    let ensured = provisioning::tenants::register(&state, &actor, tenant_id, registration).await?;
+    let view = view(ensured.value);
+    Ok(if ensured.change == Change::Created {
         HttpResponse::Created().json(view)
     } else {
         HttpResponse::Ok().json(view)
@@ -463,24 +366,8 @@ pub async fn delete_tenant(
     path: web::Path<Uuid>,
 ) -> Result<HttpResponse, ApiError> {
     caller.require(Role::Admin)?;
-    let tenant_id = path.into_inner();
-    let mut db = state.db().await?;
-    let tx = db.transaction().await.map_err(store::StoreError::from)?;
-    if !store::tenants::delete(&tx, tenant_id).await? {
-        return Err(tenant_not_found(tenant_id));
-    }
-    let target = format!("tenant/{tenant_id}");
-    audit(
-        &tx,
-        &caller,
-        &req,
-        tenant_id,
-        "tenant.deleted",
-        &target,
-        serde_json::json!({}),
-    )
-    .await?;
-    tx.commit().await.map_err(store::StoreError::from)?;
+    let actor = super::actor(&caller, &req);
+    provisioning::tenants::delete(&state, &actor, path.into_inner()).await?;
     Ok(HttpResponse::NoContent().finish())
 }
 

@@ -14,6 +14,7 @@ use crate::config::Settings;
 use crate::crypto::CredentialCipher;
 
 pub mod actor;
+pub mod applications;
 pub mod audit;
 pub mod checks;
 pub mod error;

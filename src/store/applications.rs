@@ -7,13 +7,70 @@ use uuid::Uuid;
 
 use super::StoreError;
 
+/// The `state` column (CHECK `creating`, `ready`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ApplicationState {
+    /// The intent is recorded; Microsoft may or may not have the registration yet.
+    Creating,
+    Ready,
+}
+
+impl ApplicationState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ApplicationState::Creating => "creating",
+            ApplicationState::Ready => "ready",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<Self, StoreError> {
+        match s {
+            "creating" => Ok(ApplicationState::Creating),
+            "ready" => Ok(ApplicationState::Ready),
+            other => Err(unknown("state", other)),
+        }
+    }
+}
+
+/// The `origin` column (CHECK `created`, `adopted`): whether DELETE removes the registration
+/// from the tenant or only forgets it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ApplicationOrigin {
+    Created,
+    Adopted,
+}
+
+impl ApplicationOrigin {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ApplicationOrigin::Created => "created",
+            ApplicationOrigin::Adopted => "adopted",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<Self, StoreError> {
+        match s {
+            "created" => Ok(ApplicationOrigin::Created),
+            "adopted" => Ok(ApplicationOrigin::Adopted),
+            other => Err(unknown("origin", other)),
+        }
+    }
+}
+
+/// A value the table's CHECK constraint does not allow (a newer schema than this binary).
+fn unknown(column: &str, value: &str) -> StoreError {
+    StoreError::Other(anyhow::anyhow!(
+        "applications.{column} holds the unknown value `{value}`"
+    ))
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct ApplicationRecord {
     pub tenant_id: Uuid,
     pub key: String,
-    /// `creating` or `ready`.
+    /// An [`ApplicationState`] value.
     pub state: String,
-    /// `created` or `adopted`.
+    /// An [`ApplicationOrigin`] value.
     pub origin: String,
     pub marker: String,
     pub app_id: Option<Uuid>,
@@ -25,6 +82,16 @@ pub struct ApplicationRecord {
     pub allow_unscoped_permissions: bool,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+}
+
+impl ApplicationRecord {
+    pub fn state(&self) -> Result<ApplicationState, StoreError> {
+        ApplicationState::parse(&self.state)
+    }
+
+    pub fn origin(&self) -> Result<ApplicationOrigin, StoreError> {
+        ApplicationOrigin::parse(&self.origin)
+    }
 }
 
 const COLUMNS: &str = "tenant_id, key, state, origin, marker, app_id, application_object_id, \

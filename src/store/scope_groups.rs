@@ -7,6 +7,67 @@ use uuid::Uuid;
 
 use super::StoreError;
 
+/// The `membership` column (CHECK `exact`, `additive`): how a PUT's members relate to the
+/// group's current members.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Membership {
+    #[default]
+    Exact,
+    Additive,
+}
+
+impl Membership {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Membership::Exact => "exact",
+            Membership::Additive => "additive",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<Self, StoreError> {
+        match s {
+            "exact" => Ok(Membership::Exact),
+            "additive" => Ok(Membership::Additive),
+            other => Err(unknown("membership", other)),
+        }
+    }
+}
+
+/// The `origin` column (CHECK `created`, `adopted`, `imported`): whether mailscope made the
+/// group (and deletes it from the tenant) or found it there (and only forgets it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupOrigin {
+    Created,
+    Adopted,
+    Imported,
+}
+
+impl GroupOrigin {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GroupOrigin::Created => "created",
+            GroupOrigin::Adopted => "adopted",
+            GroupOrigin::Imported => "imported",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<Self, StoreError> {
+        match s {
+            "created" => Ok(GroupOrigin::Created),
+            "adopted" => Ok(GroupOrigin::Adopted),
+            "imported" => Ok(GroupOrigin::Imported),
+            other => Err(unknown("origin", other)),
+        }
+    }
+}
+
+/// A value the table's CHECK constraint does not allow (a newer schema than this binary).
+fn unknown(column: &str, value: &str) -> StoreError {
+    StoreError::Other(anyhow::anyhow!(
+        "scope_groups.{column} holds the unknown value `{value}`"
+    ))
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct ScopeGroupRecord {
     pub tenant_id: Uuid,
@@ -14,8 +75,10 @@ pub struct ScopeGroupRecord {
     pub display_name: String,
     pub primary_smtp_address: String,
     pub object_id: String,
+    /// A [`Membership`] value.
     pub membership: String,
     pub members: Vec<String>,
+    /// A [`GroupOrigin`] value.
     pub origin: String,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
