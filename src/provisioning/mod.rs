@@ -13,12 +13,15 @@ use deadpool_postgres::Pool;
 use crate::config::Settings;
 use crate::crypto::CredentialCipher;
 
+pub mod access_policies;
+pub mod access_test;
 pub mod actor;
 pub mod audit;
 pub mod checks;
 pub mod error;
 pub mod locks;
 pub mod scope_groups;
+pub mod sync;
 pub mod tenants;
 
 pub use actor::Actor;
