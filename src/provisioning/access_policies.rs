@@ -177,7 +177,7 @@ fn check_canaries(canaries: &[String], errs: &mut Vec<FieldError>) -> Vec<String
         .collect()
 }
 
-fn same_app(p: &ApplicationAccessPolicy, app_id: &str) -> bool {
+pub(crate) fn same_app(p: &ApplicationAccessPolicy, app_id: &str) -> bool {
     p.app_id
         .as_deref()
         .is_some_and(|a| a.eq_ignore_ascii_case(app_id))

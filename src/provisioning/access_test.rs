@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 
 use uuid::Uuid;
 
-use super::access_policies::{check_app_id, scope_guid};
+use super::access_policies::{check_app_id, same_app, scope_guid};
 use super::scope_groups::recipient_object_id;
 use super::{Error, Services, tenants};
 use crate::domain::access::{self as rules, ALL_APPS, AccessDecision, GroupMembers, NestedGroups};
@@ -176,11 +176,7 @@ async fn explain(
         .list_application_access_policies()
         .await?
         .iter()
-        .filter(|p| {
-            p.app_id
-                .as_deref()
-                .is_some_and(|a| a.eq_ignore_ascii_case(app_id) || a == ALL_APPS)
-        })
+        .filter(|p| same_app(p, app_id) || p.app_id.as_deref() == Some(ALL_APPS))
         .filter_map(|p| Some((scope_guid(p)?, p.access_right.clone()?)))
         .collect();
     let known: BTreeSet<(String, String)> = records

@@ -16,7 +16,9 @@ use super::scope_groups::{
     POLICY_LOCK, current_members_of, lock_group, primary_address, recipient_object_id,
 };
 use super::{Actor, Error, Services, audit, tenants};
-use crate::m365::exchange::{Recipient, Replication};
+use deadpool_postgres::GenericClient;
+
+use crate::m365::exchange::{ApplicationAccessPolicy, ExchangeClient, Recipient, Replication};
 use crate::store::access_policies::{AccessPolicyRecord, PolicyOrigin, PolicyState};
 use crate::store::{self, scope_groups::ScopeGroupRecord};
 
@@ -89,19 +91,50 @@ pub async fn run(
             slot.insert(r);
         }
     }
+    let groups = sync_scope_groups(&tx, &exo, tenant_id, dry, &scope_cache).await?;
+    let policies = sync_policies(&tx, tenant_id, dry, &tenant_policies, &scope_cache).await?;
+    let report = SyncReport {
+        dry_run: dry,
+        access_policies: policies,
+        scope_groups: groups,
+    };
+    if !dry && report.access_policies.drifted() + report.scope_groups.drifted() > 0 {
+        audit::record(
+            &tx,
+            actor,
+            tenant_id,
+            "tenant.synced",
+            &format!("tenant/{tenant_id}"),
+            serde_json::to_value(&report).map_err(Error::internal)?,
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(report)
+}
+
+/// mailscope's scope groups against the tenant, then the security groups that scope tenant
+/// policies but are unknown to mailscope (imported).
+async fn sync_scope_groups(
+    tx: &impl GenericClient,
+    exo: &ExchangeClient,
+    tenant_id: Uuid,
+    dry: bool,
+    scope_cache: &BTreeMap<String, Option<Recipient>>,
+) -> Result<DriftSet, Error> {
     let mut groups = DriftSet::default();
-    let mut known_groups = store::scope_groups::list(&tx, tenant_id, None, i64::MAX).await?;
+    let mut known_groups = store::scope_groups::list(tx, tenant_id, None, i64::MAX).await?;
     known_groups.sort_by(|a, b| a.alias.cmp(&b.alias));
     let mut known_group_ids: BTreeSet<String> = BTreeSet::new();
     for g in known_groups {
-        lock_group(&tx, tenant_id, &g.alias).await?;
+        lock_group(tx, tenant_id, &g.alias).await?;
         known_group_ids.insert(g.object_id.clone());
         let Some(live) = exo
             .get_distribution_group(&g.object_id, Replication::Ignore)
             .await?
         else {
             if !dry {
-                store::scope_groups::delete(&tx, tenant_id, &g.alias).await?;
+                store::scope_groups::delete(tx, tenant_id, &g.alias).await?;
             }
             groups.removed.push(DriftItem {
                 key: g.alias.clone(),
@@ -110,7 +143,7 @@ pub async fn run(
             });
             continue;
         };
-        let members: Vec<String> = current_members_of(&exo, &g.object_id).await?;
+        let members: Vec<String> = current_members_of(exo, &g.object_id).await?;
         let display = live.display_name.clone().unwrap_or_default();
         let changes: Vec<FieldDrift> = [
             drift("display_name", &g.display_name, &display),
@@ -125,7 +158,7 @@ pub async fn run(
         }
         if !dry {
             store::scope_groups::upsert(
-                &tx,
+                tx,
                 &ScopeGroupRecord {
                     display_name: display,
                     members,
@@ -153,17 +186,17 @@ pub async fn run(
         known_group_ids.insert(oid.clone());
         let alias = r.alias.clone().unwrap_or_default().to_ascii_lowercase();
         if alias.is_empty()
-            || store::scope_groups::get(&tx, tenant_id, &alias)
+            || store::scope_groups::get(tx, tenant_id, &alias)
                 .await?
                 .is_some()
         {
             continue;
         }
-        let members = current_members_of(&exo, &oid).await?;
+        let members = current_members_of(exo, &oid).await?;
         if !dry {
-            lock_group(&tx, tenant_id, &alias).await?;
+            lock_group(tx, tenant_id, &alias).await?;
             store::scope_groups::upsert(
-                &tx,
+                tx,
                 &ScopeGroupRecord {
                     tenant_id,
                     alias: alias.clone(),
@@ -185,11 +218,21 @@ pub async fn run(
             changes: vec![],
         });
     }
+    Ok(groups)
+}
 
+/// The tenant's policies against mailscope's records: import, follow changes, forget the gone.
+async fn sync_policies(
+    tx: &impl GenericClient,
+    tenant_id: Uuid,
+    dry: bool,
+    tenant_policies: &[ApplicationAccessPolicy],
+    scope_cache: &BTreeMap<String, Option<Recipient>>,
+) -> Result<DriftSet, Error> {
     let mut policies = DriftSet::default();
-    let records = store::access_policies::all(&tx, tenant_id).await?;
+    let records = store::access_policies::all(tx, tenant_id).await?;
     let mut matched: BTreeSet<Uuid> = BTreeSet::new();
-    for p in &tenant_policies {
+    for p in tenant_policies {
         let (Some(app), Some(guid)) = (p.app_id.clone(), scope_guid(p)) else {
             continue;
         };
@@ -222,7 +265,7 @@ pub async fn run(
                 }
                 if !dry {
                     store::access_policies::update(
-                        &tx,
+                        tx,
                         &AccessPolicyRecord {
                             access_right: right,
                             description: desc,
@@ -242,11 +285,11 @@ pub async fn run(
             None => {
                 let id = Uuid::new_v4();
                 if !dry {
-                    let alias = store::scope_groups::get_by_object_id(&tx, tenant_id, &scope_oid)
+                    let alias = store::scope_groups::get_by_object_id(tx, tenant_id, &scope_oid)
                         .await?
                         .map(|g| g.alias);
                     store::access_policies::insert(
-                        &tx,
+                        tx,
                         &AccessPolicyRecord {
                             id,
                             tenant_id,
@@ -286,7 +329,7 @@ pub async fn run(
     }
     for r in records.iter().filter(|r| !matched.contains(&r.id)) {
         if !dry {
-            store::access_policies::delete(&tx, tenant_id, r.id).await?;
+            store::access_policies::delete(tx, tenant_id, r.id).await?;
         }
         policies.removed.push(DriftItem {
             key: format!("{}/{}", r.app_id, r.scope_object_id),
@@ -294,22 +337,5 @@ pub async fn run(
             changes: vec![],
         });
     }
-    let report = SyncReport {
-        dry_run: dry,
-        access_policies: policies,
-        scope_groups: groups,
-    };
-    if !dry && report.access_policies.drifted() + report.scope_groups.drifted() > 0 {
-        audit::record(
-            &tx,
-            actor,
-            tenant_id,
-            "tenant.synced",
-            &format!("tenant/{tenant_id}"),
-            serde_json::to_value(&report).map_err(Error::internal)?,
-        )
-        .await?;
-    }
-    tx.commit().await?;
-    Ok(report)
+    Ok(policies)
 }
