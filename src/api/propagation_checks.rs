@@ -174,7 +174,7 @@ pub async fn view(c: &impl GenericClient, r: CheckRecord) -> Result<PropagationC
     Ok(v)
 }
 
-fn view_with(r: CheckRecord, job: Option<&queue::JobRecord>) -> PropagationCheck {
+pub(crate) fn view_with(r: CheckRecord, job: Option<&queue::JobRecord>) -> PropagationCheck {
     let active = !r.is_final();
     let changed = r.changed_at;
     PropagationCheck {

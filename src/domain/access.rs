@@ -17,7 +17,8 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use serde::{Deserialize, Serialize};
 
 // The `-AccessRight` of an application access policy: the one type for it, in the API, the
-// connector and the rules. (A plain comment: a doc comment would become the schema's description.)
+// connector and the rules. (A plain comment: a doc comment would become the schema's
+// description, and the published spec has none for it.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 pub enum AccessRight {
     /// The app reaches only the scope's mailboxes.
@@ -147,6 +148,23 @@ pub fn policy_scope_allowed(recipient_type_details: &str) -> bool {
     POLICY_SCOPE_TYPES
         .iter()
         .any(|t| t.eq_ignore_ascii_case(recipient_type_details))
+}
+
+/// Rule 4's trap (§2.3): would this change leave the app without any RestrictAccess policy, so
+/// that it silently reaches every mailbox? `removed` is the access right of the policy going away
+/// (`None` when nothing in force goes), `added` that of the policy taking its place (`None` for a
+/// plain removal), `others` every other policy in force (`*` policies count).
+pub fn leaves_app_unrestricted(
+    app_id: &str,
+    removed: Option<AccessRight>,
+    added: Option<AccessRight>,
+    others: &[AccessPolicy],
+) -> bool {
+    removed == Some(AccessRight::RestrictAccess)
+        && added != Some(AccessRight::RestrictAccess)
+        && !others
+            .iter()
+            .any(|p| p.access_right == AccessRight::RestrictAccess && p.applies_to_app(app_id))
 }
 
 /// Which of the four documented rules (§2.3) decided.
@@ -574,6 +592,40 @@ mod tests {
         ] {
             assert!(!policy_scope_allowed(bad), "{bad}");
         }
+    }
+
+    #[test]
+    fn only_losing_the_last_restrict_policy_leaves_the_app_unrestricted() {
+        use AccessRight::{DenyAccess as Deny, RestrictAccess as Restrict};
+        let policy = |app: &str, right| AccessPolicy {
+            app_id: app.into(),
+            scope_id: "g".into(),
+            access_right: right,
+        };
+        let restrict = Some(Restrict);
+        // The last RestrictAccess goes, or turns into DenyAccess: unrestricted.
+        assert!(leaves_app_unrestricted(APP, restrict, None, &[]));
+        assert!(leaves_app_unrestricted(APP, restrict, Some(Deny), &[]));
+        // Another app's RestrictAccess or this app's DenyAccess does not keep it restricted.
+        let others = [policy(OTHER_APP, Restrict), policy(APP, Deny)];
+        assert!(leaves_app_unrestricted(APP, restrict, None, &others));
+        // Another RestrictAccess of this app (any case) or of every app keeps it restricted.
+        assert!(!leaves_app_unrestricted(
+            APP,
+            restrict,
+            None,
+            &[policy(&APP.to_uppercase(), Restrict)]
+        ));
+        assert!(!leaves_app_unrestricted(
+            APP,
+            restrict,
+            None,
+            &[policy(ALL_APPS, Restrict)]
+        ));
+        // Replaced by a RestrictAccess, or removing a DenyAccess (or nothing): still as restricted.
+        assert!(!leaves_app_unrestricted(APP, restrict, restrict, &[]));
+        assert!(!leaves_app_unrestricted(APP, Some(Deny), None, &[]));
+        assert!(!leaves_app_unrestricted(APP, None, None, &[]));
     }
 
     #[test]

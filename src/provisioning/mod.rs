@@ -13,6 +13,8 @@ use deadpool_postgres::Pool;
 use crate::config::Settings;
 use crate::crypto::CredentialCipher;
 
+pub mod access_policies;
+pub mod access_test;
 pub mod actor;
 pub mod applications;
 pub mod audit;
@@ -20,6 +22,7 @@ pub mod checks;
 pub mod error;
 pub mod locks;
 pub mod scope_groups;
+pub mod sync;
 pub mod tenants;
 
 pub use actor::Actor;

@@ -77,16 +77,13 @@ pub fn primary_address(r: &Recipient) -> Option<String> {
 /// Why a recipient cannot be an application access policy scope (reference §2.4), if it cannot.
 pub fn scope_refusal(r: &Recipient) -> Option<String> {
     let t = r.recipient_type_details.as_deref().unwrap_or("unknown");
+    // Eligibility is the domain's rule (the sandbox uses it too); only the wording is here.
+    if crate::domain::access::policy_scope_allowed(t) {
+        return (r.is_valid_security_principal == Some(false)).then(|| format!(
+            "this {t} is not a valid security principal (IsValidSecurityPrincipal is false), so Exchange cannot use it as a policy scope"
+        ));
+    }
     let reason = match t {
-        "UserMailbox" | "MailUser" | "MailUniversalSecurityGroup" => {
-            if r.is_valid_security_principal == Some(false) {
-                format!(
-                    "this {t} is not a valid security principal (IsValidSecurityPrincipal is false), so Exchange cannot use it as a policy scope"
-                )
-            } else {
-                return None;
-            }
-        }
         "SharedMailbox" | "RoomMailbox" | "EquipmentMailbox" => format!(
             "a {t} cannot be a policy scope on its own; put it in a scope group (PUT /scope-groups/{{alias}}) and use the group as the scope"
         ),
