@@ -467,7 +467,7 @@ pub async fn delete_tenant(
     let mut db = state.db().await?;
     let tx = db.transaction().await.map_err(store::StoreError::from)?;
     if !store::tenants::delete(&tx, tenant_id).await? {
-        return Err(tenant_not_found(tenant_id));
+        return Err(tenant_not_found(tenant_id).into());
     }
     let target = format!("tenant/{tenant_id}");
     audit(

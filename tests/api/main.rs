@@ -9,6 +9,7 @@ mod applications;
 mod auth;
 mod connection_test;
 mod idempotency;
+mod layers;
 mod operations;
 mod problems;
 mod propagation_checks;
