@@ -63,7 +63,8 @@ async fn a_policy_is_created_once_per_app_and_scope() {
     );
 
     // The same policy again (by the group's address this time): 200 with the existing one.
-    let again = post_policy(&env, json!({"app_id": APP.to_uppercase(), "scope": addr("crm-scope"), "access_right": "RestrictAccess"}), 200).await;
+    let body = json!({"app_id": APP.to_uppercase(), "scope": addr("crm-scope"), "access_right": "RestrictAccess"});
+    let again = post_policy(&env, body, 200).await;
     assert_eq!(again["id"], p["id"]);
 
     // Same key, other right: 409 saying what differs.
@@ -141,7 +142,8 @@ async fn scopes_exchange_refuses_are_named_with_the_reason_before_any_create() {
     )
     .await;
     // An app that is not in the tenant.
-    let p = post_policy(&env, json!({"app_id": uuid::Uuid::new_v4(), "scope": addr("dave"), "access_right": "RestrictAccess"}), (422, "validation_failed")).await;
+    let body = json!({"app_id": uuid::Uuid::new_v4(), "scope": addr("dave"), "access_right": "RestrictAccess"});
+    let p = post_policy(&env, body, (422, "validation_failed")).await;
     assert_eq!(p["errors"][0]["field"], "app_id");
     assert_eq!(count(&env, "New-ApplicationAccessPolicy").await, 0);
 
