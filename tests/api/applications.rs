@@ -345,7 +345,6 @@ async fn a_crash_between_microsofts_create_and_mailscopes_write_is_recovered_on_
     assert_eq!(pending["state"], "creating");
     assert_eq!(perm(&pending, "Mail.Read")["consent"], "unknown");
     // …and the registration and service principal Microsoft had already made, with the marker.
-    let graph = env.sandbox.base_url.clone();
     let mgmt: Value = token(
         &env,
         &env.sandbox.management_client_id(),
@@ -356,28 +355,11 @@ async fn a_crash_between_microsofts_create_and_mailscopes_write_is_recovered_on_
     .await
     .unwrap();
     let bearer = mgmt["access_token"].as_str().unwrap();
-    let made: Value = env
-        .app
-        .http
-        .post(format!("{graph}/v1.0/applications"))
-        .bearer_auth(bearer)
-        .json(&json!({"displayName": "Contoso CRM connector", "tags": ["mailscope:crm"]}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let res = env
-        .app
-        .http
-        .post(format!("{graph}/v1.0/servicePrincipals"))
-        .bearer_auth(bearer)
-        .json(&json!({"appId": made["appId"]}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 201);
+    let graph = env.sandbox_graph(bearer);
+    let body = json!({"displayName": "Contoso CRM connector", "tags": ["mailscope:crm"]});
+    let made = graph.post("/applications", &body, 201).await;
+    let body = json!({"appId": made["appId"]});
+    graph.post("/servicePrincipals", &body, 201).await;
 
     let view = put(&env, "crm", &create_body(&["Mail.Read"]), 201).await;
     assert_eq!(
@@ -667,18 +649,11 @@ async fn deleting_a_secret_removes_it_in_the_tenant() {
         "/applications/crm/secrets/{}",
         secret["key_id"].as_str().unwrap()
     );
-    let del = || {
-        env.app
-            .http
-            .delete(env.url(&path))
-            .bearer_auth(env.app.admin())
-            .send()
-    };
-    assert_eq!(del().await.unwrap().status(), 204);
+    env.api().delete(&path, 204).await;
     assert_eq!(token(&env, &app_id, &text).await.status(), 401);
     let list = env.api().get("/applications/crm/secrets", 200).await;
     assert_eq!(list["items"], json!([]));
-    assert_problem(del().await.unwrap(), 404, "not_found").await;
+    env.api().delete(&path, (404, "not_found")).await;
     assert!(
         audit_actions(&env)
             .await
@@ -692,40 +667,32 @@ async fn other_tenants_and_read_only_callers_are_kept_out() {
     let env = WithSandbox::start().await;
     put(&env, "crm", &create_body(&["Mail.Read"]), 201).await;
     let other = "44444444-4444-4444-8444-444444444444";
-    let outsider = env.app.token(&["MailScope.Write"], &[other]);
-    for (method, path) in [
-        ("GET", "/applications"),
-        ("GET", "/applications/crm"),
-        ("PUT", "/applications/crm"),
-        ("DELETE", "/applications/crm"),
-        ("GET", "/applications/crm/secrets"),
-        ("POST", "/applications/crm/secrets"),
+    let outsider = env
+        .api()
+        .with_token(env.app.token(&["MailScope.Write"], &[other]));
+    let (app, secret) = (
+        create_body(&["Mail.Read"]),
+        json!({"display_name": "s", "lifetime_days": 1}),
+    );
+    for (method, path, body) in [
+        (Method::GET, "/applications", None),
+        (Method::GET, "/applications/crm", None),
+        (Method::PUT, "/applications/crm", Some(&app)),
+        (Method::DELETE, "/applications/crm", None),
+        (Method::GET, "/applications/crm/secrets", None),
+        (Method::POST, "/applications/crm/secrets", Some(&secret)),
     ] {
-        let req = env
-            .app
-            .http
-            .request(method.parse().unwrap(), env.url(path))
-            .bearer_auth(&outsider);
-        let req = match method {
-            "PUT" => req.json(&create_body(&["Mail.Read"])),
-            "POST" => req.json(&json!({"display_name": "s", "lifetime_days": 1})),
-            _ => req,
-        };
-        assert_problem(req.send().await.unwrap(), 404, "not_found").await;
+        outsider
+            .expect(method, path, body, (404, "not_found"))
+            .await;
     }
-    let reader = env.app.token(&["MailScope.Read"], &[&env.tenant]);
-    env.api()
-        .with_token(&reader)
-        .put(
-            "/applications/crm",
-            &create_body(&["Mail.Read"]),
-            (403, "forbidden"),
-        )
+    let reader = env
+        .api()
+        .with_token(env.app.token(&["MailScope.Read"], &[&env.tenant]));
+    reader
+        .put("/applications/crm", &app, (403, "forbidden"))
         .await;
-    env.api()
-        .with_token(&reader)
-        .get("/applications/crm", 200)
-        .await;
+    reader.get("/applications/crm", 200).await;
     let p = put(
         &env,
         "Bad_Key",

@@ -492,6 +492,15 @@ impl WithSandbox {
         }
     }
 
+    /// The sandbox's Graph (`/v1.0`) with an access token the sandbox issued.
+    pub fn sandbox_graph(&self, token: &str) -> TestClient {
+        TestClient {
+            base: format!("{}/v1.0", self.sandbox.base_url),
+            http: self.app.http.clone(),
+            token: Some(token.to_string()),
+        }
+    }
+
     /// Calls per endpoint recorded by the sandbox for the tenant.
     pub async fn counters(&self) -> serde_json::Value {
         let q = format!("/counters?tenant={}", self.tenant);

@@ -113,17 +113,15 @@ async fn unknown_route_is_404_and_wrong_method_is_405() {
 #[tokio::test]
 async fn request_id_is_echoed_or_generated() {
     let app = spawn_app().await;
-    let res = app
-        .http
-        .get(app.url("/healthz"))
+    let anonymous = app.api().anonymous();
+    let res = anonymous
+        .request(Method::GET, "/healthz")
         .header("x-request-id", "ticket-4711")
         .send()
         .await
         .unwrap();
     assert_eq!(res.headers().get("x-request-id").unwrap(), "ticket-4711");
-    let res = app
-        .api()
-        .anonymous()
+    let res = anonymous
         .request(Method::GET, "/v1/tenants")
         .header("x-request-id", "ticket-4712")
         .send()
@@ -132,9 +130,8 @@ async fn request_id_is_echoed_or_generated() {
     let p = assert_problem(res, 401, "unauthenticated").await;
     assert_eq!(p["request_id"], "ticket-4712");
     // Unprintable or oversized ids are replaced by a generated one.
-    let res = app
-        .http
-        .get(app.url("/healthz"))
+    let res = anonymous
+        .request(Method::GET, "/healthz")
         .header("x-request-id", "x".repeat(500))
         .send()
         .await
