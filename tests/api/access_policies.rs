@@ -9,7 +9,7 @@ use crate::scope_groups::{addr, break_inserts, count, create_group, repair_inser
 /// The fixture's "Contoso CRM connector" app.
 const APP: &str = "b9701c1e-1364-464d-93e4-01ae925e8d6c";
 
-async fn post_policy<'c>(env: &WithSandbox, body: Value, expect: impl Into<Expect<'c>>) -> Value {
+async fn post_policy(env: &WithSandbox, body: Value, expect: impl Into<Expect<'_>>) -> Value {
     env.api().post("/access-policies", &body, expect).await
 }
 
@@ -18,11 +18,11 @@ async fn restrict(env: &WithSandbox, scope: &str) -> Value {
     post_policy(env, body, 201).await
 }
 
-async fn delete_policy<'c>(
+async fn delete_policy(
     env: &WithSandbox,
     id: &str,
     query: &str,
-    expect: impl Into<Expect<'c>>,
+    expect: impl Into<Expect<'_>>,
 ) -> Value {
     let path = format!("/access-policies/{id}{query}");
     env.api().delete(&path, expect).await

@@ -15,21 +15,16 @@ fn create_body(perms: &[&str]) -> Value {
     json!({"display_name": "Contoso CRM connector", "permissions": perms, "grant_admin_consent": true})
 }
 
-async fn put<'c>(
-    env: &WithSandbox,
-    key: &str,
-    body: &Value,
-    expect: impl Into<Expect<'c>>,
-) -> Value {
+async fn put(env: &WithSandbox, key: &str, body: &Value, expect: impl Into<Expect<'_>>) -> Value {
     let path = format!("/applications/{key}");
     env.api().put(&path, body, expect).await
 }
 
-async fn add_secret<'c>(
+async fn add_secret(
     env: &WithSandbox,
     key: &str,
     body: Value,
-    expect: impl Into<Expect<'c>>,
+    expect: impl Into<Expect<'_>>,
 ) -> Value {
     let path = format!("/applications/{key}/secrets");
     env.api().post(&path, &body, expect).await

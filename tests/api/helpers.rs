@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 pub use reqwest::Method;
+use serde_json::Value;
 
 use mailscope::app::{Application, Role};
 use mailscope::config::{Secret, Settings};
@@ -217,7 +218,7 @@ impl TestClient {
     }
 
     /// A request with the token, for what the helpers below do not cover (headers, raw bodies).
-    pub fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+    pub fn request(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
         let req = self.http.request(method, self.url(path));
         match &self.token {
             Some(t) => req.bearer_auth(t),
@@ -228,9 +229,9 @@ impl TestClient {
     /// Send with an optional JSON body; the response as it came.
     pub async fn send(
         &self,
-        method: reqwest::Method,
+        method: Method,
         path: &str,
-        body: Option<&serde_json::Value>,
+        body: Option<&Value>,
     ) -> reqwest::Response {
         let mut req = self.request(method, path);
         if let Some(b) = body {
@@ -242,7 +243,7 @@ impl TestClient {
     /// Send a body that is not JSON, with its content type; the response as it came.
     pub async fn send_body(
         &self,
-        method: reqwest::Method,
+        method: Method,
         path: &str,
         content_type: &str,
         body: impl Into<reqwest::Body>,
@@ -256,13 +257,13 @@ impl TestClient {
     }
 
     /// Send, assert the outcome, return the JSON body (`null` when empty).
-    pub async fn expect<'c>(
+    pub async fn expect(
         &self,
-        method: reqwest::Method,
+        method: Method,
         path: &str,
-        body: Option<&serde_json::Value>,
-        expect: impl Into<Expect<'c>>,
-    ) -> serde_json::Value {
+        body: Option<&Value>,
+        expect: impl Into<Expect<'_>>,
+    ) -> Value {
         let what = format!("{method} {path}");
         let res = self.send(method, path, body).await;
         match expect.into() {
@@ -270,55 +271,29 @@ impl TestClient {
             Expect::Problem(status, code) => assert_problem(res, status, code).await,
         }
     }
-
-    pub async fn get<'c>(&self, path: &str, expect: impl Into<Expect<'c>>) -> serde_json::Value {
-        self.expect(reqwest::Method::GET, path, None, expect).await
-    }
-
-    pub async fn post<'c>(
-        &self,
-        path: &str,
-        body: &serde_json::Value,
-        expect: impl Into<Expect<'c>>,
-    ) -> serde_json::Value {
-        self.expect(reqwest::Method::POST, path, Some(body), expect)
-            .await
-    }
-
-    /// POST without a body.
-    pub async fn post_empty<'c>(
-        &self,
-        path: &str,
-        expect: impl Into<Expect<'c>>,
-    ) -> serde_json::Value {
-        self.expect(reqwest::Method::POST, path, None, expect).await
-    }
-
-    pub async fn put<'c>(
-        &self,
-        path: &str,
-        body: &serde_json::Value,
-        expect: impl Into<Expect<'c>>,
-    ) -> serde_json::Value {
-        self.expect(reqwest::Method::PUT, path, Some(body), expect)
-            .await
-    }
-
-    pub async fn patch<'c>(
-        &self,
-        path: &str,
-        body: &serde_json::Value,
-        expect: impl Into<Expect<'c>>,
-    ) -> serde_json::Value {
-        self.expect(reqwest::Method::PATCH, path, Some(body), expect)
-            .await
-    }
-
-    pub async fn delete<'c>(&self, path: &str, expect: impl Into<Expect<'c>>) -> serde_json::Value {
-        self.expect(reqwest::Method::DELETE, path, None, expect)
-            .await
-    }
 }
+
+/// The verbs: `get`, `delete` and `post_empty` send no body, `post`, `put` and `patch` a JSON
+/// body; each asserts the outcome and returns the JSON body.
+macro_rules! verbs {
+    ($($name:ident: $method:ident),*; $($with_body:ident: $body_method:ident),*) => {
+        impl TestClient {
+            $(pub async fn $name(&self, path: &str, expect: impl Into<Expect<'_>>) -> Value {
+                self.expect(Method::$method, path, None, expect).await
+            })*
+            $(pub async fn $with_body(
+                &self,
+                path: &str,
+                body: &Value,
+                expect: impl Into<Expect<'_>>,
+            ) -> Value {
+                self.expect(Method::$body_method, path, Some(body), expect).await
+            })*
+        }
+    };
+}
+
+verbs!(get: GET, delete: DELETE, post_empty: POST; post: POST, put: PUT, patch: PATCH);
 
 /// What a [`TestClient`] call must answer: a status (`200`), or an RFC 9457 problem with its
 /// status and code (`(404, "not_found")`, checked by [`assert_problem`]).
@@ -342,12 +317,12 @@ impl<'c> From<(u16, &'c str)> for Expect<'c> {
 
 /// Assert the status of a response (showing its body when it differs) and return its JSON body
 /// (`null` when empty).
-pub async fn json_body(res: reqwest::Response, status: u16, what: &str) -> serde_json::Value {
+pub async fn json_body(res: reqwest::Response, status: u16, what: &str) -> Value {
     let got = res.status().as_u16();
     let text = res.text().await.unwrap();
     assert_eq!(got, status, "{what}: {text}");
     if text.trim().is_empty() {
-        return serde_json::Value::Null;
+        return Value::Null;
     }
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{what}: not JSON ({e}): {text}"))
 }
@@ -387,7 +362,7 @@ pub async fn spawn_app_with(adjust: impl FnOnce(&mut Settings)) -> TestApp {
 }
 
 /// A valid tenant registration body.
-pub fn tenant_body(secret: &str) -> serde_json::Value {
+pub fn tenant_body(secret: &str) -> Value {
     serde_json::json!({
         "display_name": "Contoso",
         "cloud": "custom",
@@ -399,7 +374,7 @@ pub fn tenant_body(secret: &str) -> serde_json::Value {
 }
 
 /// Assert an RFC 9457 response and return its body.
-pub async fn assert_problem(res: reqwest::Response, status: u16, code: &str) -> serde_json::Value {
+pub async fn assert_problem(res: reqwest::Response, status: u16, code: &str) -> Value {
     assert_eq!(res.status().as_u16(), status, "status");
     let ct = res
         .headers()
@@ -416,7 +391,7 @@ pub async fn assert_problem(res: reqwest::Response, status: u16, code: &str) -> 
         .to_str()
         .unwrap()
         .to_string();
-    let body: serde_json::Value = res.json().await.unwrap();
+    let body: Value = res.json().await.unwrap();
     assert_eq!(body["type"], format!("/problems/{code}"), "{body}");
     assert_eq!(body["code"], code);
     assert_eq!(body["status"], status);
@@ -502,19 +477,19 @@ impl WithSandbox {
     }
 
     /// Calls per endpoint recorded by the sandbox for the tenant.
-    pub async fn counters(&self) -> serde_json::Value {
+    pub async fn counters(&self) -> Value {
         let q = format!("/counters?tenant={}", self.tenant);
         self.control().get(&q, 200).await
     }
 
     /// The sandbox tenant as the control API shows it (directory, applications, policies).
-    pub async fn sandbox_tenant(&self) -> serde_json::Value {
+    pub async fn sandbox_tenant(&self) -> Value {
         let q = format!("/tenants/{}", self.tenant);
         self.control().get(&q, 200).await
     }
 
     /// The tenant's calls the sandbox recorded for `api` (login, graph or exchange), in order.
-    pub async fn sandbox_calls(&self, api: &str) -> Vec<serde_json::Value> {
+    pub async fn sandbox_calls(&self, api: &str) -> Vec<Value> {
         let q = format!("/calls?api={api}&tenant={}", self.tenant);
         let v = self.control().get(&q, 200).await;
         v["value"].as_array().unwrap().clone()
@@ -527,7 +502,7 @@ impl WithSandbox {
     }
 
     /// Register an app in the sandbox tenant (control API) and return (client id, secret).
-    pub async fn sandbox_app(&self, body: serde_json::Value) -> (String, String) {
+    pub async fn sandbox_app(&self, body: Value) -> (String, String) {
         let path = format!("/tenants/{}/credentials", self.tenant);
         let v = self.control().post(&path, &body, 201).await;
         (
@@ -541,7 +516,7 @@ pub fn sandbox_tenant_body(
     sandbox: &mailscope::sandbox::SandboxHandle,
     client_id: &str,
     secret: &str,
-) -> serde_json::Value {
+) -> Value {
     let base = &sandbox.base_url;
     serde_json::json!({
         "display_name": "Contoso (sandbox)",

@@ -5,11 +5,11 @@ use crate::helpers::*;
 
 const TID: &str = "0b1c6a36-6b53-4bcb-8e56-0d4f5c7f3a11";
 
-async fn put<'c>(
+async fn put(
     app: &TestApp,
     id: &str,
     body: &serde_json::Value,
-    expect: impl Into<Expect<'c>>,
+    expect: impl Into<Expect<'_>>,
 ) -> serde_json::Value {
     app.api()
         .put(&format!("/v1/tenants/{id}"), body, expect)
