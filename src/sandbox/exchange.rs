@@ -53,6 +53,7 @@ const CMDLETS: &[(&str, bool)] = &[
     ("Remove-ServicePrincipal", true),
     ("New-ManagementScope", true),
     ("Get-ManagementScope", false),
+    ("Set-ManagementScope", true),
     ("Remove-ManagementScope", true),
     ("New-ManagementRoleAssignment", true),
     ("Get-ManagementRoleAssignment", false),
@@ -1286,6 +1287,53 @@ fn run_cmdlet(cx: &mut Cx<'_>, cmdlet: &str, params: &Map<String, Value>) -> R {
                     .collect(),
             };
             Ok(Output::items(list))
+        }
+        "Set-ManagementScope" => {
+            let b = bind(
+                &[
+                    P("Identity", Kind::Str, true),
+                    P("RecipientRestrictionFilter", Kind::Str, false),
+                    P("Name", Kind::Str, false),
+                    P("Force", Kind::Switch, false),
+                ],
+                params,
+            )?;
+            let id = b.str("Identity").unwrap_or_default();
+            let now = cx.now;
+            let i = cx
+                .t
+                .management_scopes
+                .iter()
+                .position(|s| {
+                    s.visible_at <= now
+                        && (s.name.eq_ignore_ascii_case(&id) || s.guid.eq_ignore_ascii_case(&id))
+                })
+                .ok_or_else(|| ExoError::not_found(&id, cx.t))?;
+            if let Some(filter) = b.str("RecipientRestrictionFilter") {
+                RecipientFilter::parse(&filter).map_err(|e| {
+                    ExoError::invalid(format!(
+                        "The recipient filter \"{filter}\" isn't valid: {e}."
+                    ))
+                })?;
+                cx.t.management_scopes[i].filter = filter;
+            }
+            if let Some(name) = b.str("Name") {
+                if name.trim().is_empty() || name.chars().count() > 64 {
+                    return Err(ExoError::invalid(format!(
+                        "The length of the property Name is invalid: '{name}'. It must be between 1 and 64 characters."
+                    )));
+                }
+                let old = cx.t.management_scopes[i].name.clone();
+                for a in cx.t.role_assignments.iter_mut() {
+                    if let ScopeRef::Custom(n) = &mut a.scope
+                        && n.eq_ignore_ascii_case(&old)
+                    {
+                        *n = name.clone();
+                    }
+                }
+                cx.t.management_scopes[i].name = name;
+            }
+            Ok(Output::none())
         }
         "Remove-ManagementScope" => {
             let b = bind(&[P("Identity", Kind::Str, true)], params)?;
