@@ -269,7 +269,7 @@ async fn entra_app(graph: &GraphClient, app_id: &str) -> Result<(String, Option<
 }
 
 /// The app's Entra app-role grants with their permission names.
-async fn entra_grants(
+pub(crate) async fn entra_grants(
     graph: &GraphClient,
     sp_object_id: &str,
 ) -> Result<Vec<(String, AppRoleAssignment)>, Error> {

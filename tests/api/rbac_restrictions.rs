@@ -71,6 +71,31 @@ async fn graph_read(env: &WithSandbox, mailbox: &str) -> u16 {
         .as_u16()
 }
 
+async fn access_test(env: &WithSandbox, mailbox: &str) -> Value {
+    let res = post(
+        env,
+        "/access-tests",
+        json!({"app_id": APP, "mailbox": addr(mailbox)}),
+    )
+    .await;
+    assert_eq!(res.status(), 200, "{}", res.text().await.unwrap());
+    res.json().await.unwrap()
+}
+
+/// (granted, decided_by) of one permission in an access test's effective verdicts.
+fn verdict(t: &Value, permission: &str) -> (bool, String) {
+    let v = t["effective"]["permissions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["permission"] == permission)
+        .unwrap_or_else(|| panic!("no verdict for {permission}: {t}"));
+    (
+        v["granted"].as_bool().unwrap(),
+        v["decided_by"].as_str().unwrap().to_string(),
+    )
+}
+
 /// The sandbox tenant as the control API shows it.
 async fn tenant_state(env: &WithSandbox) -> Value {
     env.app
@@ -139,6 +164,14 @@ async fn rbac_restricts_through_graph_only_once_the_entra_grants_are_gone() {
             .contains(&json!("Mail.Read"))
     );
     assert_eq!(graph_read(&env, "bob").await, 200, "out of scope, yet read");
+    let t = access_test(&env, "bob").await;
+    assert_eq!(
+        verdict(&t, "Mail.Read"),
+        (true, "entra_unrestricted".into()),
+        "{t}"
+    );
+    assert_eq!(t["effective"]["rbac_pointer"], true);
+    assert_eq!(t["effective"]["rbac"][0]["in_scope"], false);
     let scan = get(&env, "/rbac-findings").await;
     let crm = scan["items"]
         .as_array()
@@ -209,6 +242,21 @@ async fn rbac_restricts_through_graph_only_once_the_entra_grants_are_gone() {
     // Through Graph, as the app: its scope, and nothing else.
     assert_eq!(graph_read(&env, "alice").await, 200);
     assert_eq!(graph_read(&env, "bob").await, 403);
+    let t = access_test(&env, "bob").await;
+    assert_eq!(
+        verdict(&t, "Mail.Read"),
+        (false, "rbac_out_of_scope".into()),
+        "{t}"
+    );
+    assert_eq!(t["effective"]["entra_mailbox_permissions"], json!([]));
+    assert_eq!(t["effective"]["rbac_disagreement"], Value::Null);
+    let t = access_test(&env, "alice").await;
+    assert_eq!(
+        verdict(&t, "Mail.Read"),
+        (true, "rbac_in_scope".into()),
+        "{t}"
+    );
+    assert!(t["agree"].is_boolean(), "the existing fields stay");
     let live = get(&env, &format!("/rbac-restrictions/{id}")).await;
     assert_eq!(live["restricted"], true);
     assert_eq!(live["findings"], json!([]));
