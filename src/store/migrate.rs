@@ -34,6 +34,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "webhook_deliveries",
         include_str!("../../migrations/0007_webhook_deliveries.sql"),
     ),
+    (
+        8,
+        "rbac_restrictions",
+        include_str!("../../migrations/0008_rbac_restrictions.sql"),
+    ),
 ];
 
 /// Arbitrary but fixed: "mailscop" in ASCII.

@@ -13,6 +13,7 @@ pub mod embedded;
 pub mod local_secrets;
 pub mod migrate;
 pub mod propagation_checks;
+pub mod rbac_restrictions;
 pub mod scope_groups;
 pub mod settings;
 pub mod tenants;

@@ -399,6 +399,9 @@ pub struct ManagementRoleAssignment {
     pub role_assignee_name: Option<String>,
     pub role_assignee_type: Option<String>,
     pub custom_resource_scope: Option<String>,
+    /// The group of `-RecipientGroupScope` (its name as Exchange prints it).
+    pub recipient_group_scope: Option<String>,
+    pub recipient_administrative_unit_scope: Option<String>,
     pub recipient_write_scope: Option<String>,
     pub assignment_method: Option<String>,
     #[serde(deserialize_with = "de_opt_bool")]
@@ -790,6 +793,18 @@ cmdlet_wrappers! {
         -> Result<Option<ManagementScope>, M365Error>
         = first("Get-ManagementScope", replication.read_opts(),
             Params::new().str("Identity", identity));
+
+    /// Every management scope (`Get-ManagementScope` without identity).
+    pub async fn list_management_scopes(&self) -> Result<Vec<ManagementScope>, M365Error>
+        = all("Get-ManagementScope", InvokeOptions::read(), Params::new());
+
+    /// `Set-ManagementScope -Identity -RecipientRestrictionFilter`: read the scope back afterwards
+    /// (§3.4: a malformed or empty filter can widen it to the organization).
+    pub async fn set_management_scope_filter(&self, identity: &str, recipient_filter: &str)
+        -> Result<(), M365Error>
+        = done("Set-ManagementScope", InvokeOptions::write(), Params::new()
+            .str("Identity", identity)
+            .str("RecipientRestrictionFilter", recipient_filter));
 
     pub async fn remove_management_scope(&self, identity: &str) -> Result<bool, M365Error>
         = removed("Remove-ManagementScope", InvokeOptions::read(),
