@@ -15,6 +15,7 @@ mod propagation_checks;
 mod provisioning_flow;
 mod queue;
 mod scope_groups;
+mod spec;
 mod tenants;
 mod webhooks;
 
