@@ -14,6 +14,7 @@ pub mod middleware;
 pub mod openapi;
 pub mod problem;
 pub mod propagation_checks;
+pub mod schema;
 pub mod scope_groups;
 pub mod tenants;
 

@@ -117,7 +117,7 @@ pub struct ScopeGroup {
     pub members: Vec<String>,
     /// `created` (mailscope made it; DELETE removes it from the tenant), `adopted` or `imported`
     /// (it existed before; DELETE only forgets it).
-    #[schema(example = "created")]
+    #[schema(value_type = super::schema::ScopeGroupOrigin, example = "created")]
     pub origin: String,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,

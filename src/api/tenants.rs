@@ -78,7 +78,7 @@ pub struct TenantInput {
 pub struct CredentialSummary {
     pub client_id: Uuid,
     /// `client_secret` or `certificate`.
-    #[schema(example = "client_secret")]
+    #[schema(value_type = crate::m365::connection_test::CredentialKind, example = "client_secret")]
     pub kind: String,
 }
 

@@ -197,3 +197,119 @@ async fn what_the_service_answers_to_malformed_requests_is_declared() {
         undeclared.join("\n")
     );
 }
+
+/// The schema a property resolves to (through `$ref` and a nullable `oneOf`).
+fn resolve<'a>(doc: &'a Value, schema: &'a Value) -> &'a Value {
+    if let Some(r) = schema["$ref"].as_str() {
+        let name = r.trim_start_matches("#/components/schemas/");
+        return resolve(doc, &doc["components"]["schemas"][name]);
+    }
+    if let Some(one_of) = schema["oneOf"].as_array()
+        && let Some(s) = one_of.iter().find(|s| s["type"] != "null")
+    {
+        return resolve(doc, s);
+    }
+    schema
+}
+
+#[test]
+fn fixed_value_fields_are_enums_and_client_ids_are_uuids() {
+    let doc = document();
+    let schemas = &doc["components"]["schemas"];
+    let enums: &[(&str, &str, &[&str])] = &[
+        (
+            "PropagationCheck",
+            "state",
+            &[
+                "queued",
+                "running",
+                "succeeded",
+                "misconfigured",
+                "timed_out",
+                "cancelled",
+                "failed",
+            ],
+        ),
+        (
+            "PropagationCheck",
+            "stage",
+            &["configuration", "live", "done"],
+        ),
+        (
+            "PropagationCheck",
+            "verified_by",
+            &["graph", "exchange_test"],
+        ),
+        ("PropagationCheck", "origin", &["manual", "access_policy"]),
+        (
+            "AccessPolicy",
+            "state",
+            &["pending_propagation", "in_force", "unverified"],
+        ),
+        (
+            "AccessPolicy",
+            "origin",
+            &["created", "adopted", "imported"],
+        ),
+        ("ApplicationView", "state", &["creating", "ready"]),
+        ("ApplicationView", "origin", &["created", "adopted"]),
+        ("ApplicationSummary", "state", &["creating", "ready"]),
+        ("ApplicationSummary", "origin", &["created", "adopted"]),
+        ("ScopeGroup", "origin", &["created", "adopted", "imported"]),
+        (
+            "ConnectionTestStep",
+            "step",
+            &[
+                "graph_token",
+                "graph_call",
+                "exchange_token",
+                "exchange_call",
+            ],
+        ),
+        (
+            "ConnectionTestReport",
+            "credential_kind",
+            &["client_secret", "certificate"],
+        ),
+        (
+            "CredentialSummary",
+            "kind",
+            &["client_secret", "certificate"],
+        ),
+        (
+            "LocalVerdict",
+            "rule",
+            &["deny_match", "restrict_match", "restrict_miss", "no_policy"],
+        ),
+    ];
+    let mut wrong = Vec::new();
+    for (schema, field, values) in enums {
+        let s = resolve(&doc, &schemas[schema]["properties"][field]);
+        if s["enum"] != json!(values) {
+            wrong.push(format!(
+                "{schema}.{field} is {s}, not an enum of {values:?}"
+            ));
+        }
+    }
+    // A client id is a UUID wherever it appears, inputs included.
+    for (name, schema) in schemas.as_object().unwrap() {
+        if let Some(p) = schema["properties"].get("app_id")
+            && resolve(&doc, p)["format"] != "uuid"
+        {
+            wrong.push(format!("{name}.app_id is {p}, not a uuid"));
+        }
+    }
+    let list = &doc["paths"]["/v1/tenants/{tenant_id}/access-policies"]["get"];
+    for p in params(list, "query") {
+        if p["name"] == "app_id" && p["schema"]["format"] != "uuid" {
+            wrong.push(format!("the list's app_id is {p}"));
+        }
+    }
+    let checks = &doc["paths"]["/v1/tenants/{tenant_id}/propagation-checks"]["get"];
+    for p in params(checks, "query") {
+        if p["name"] == "state" && resolve(&doc, &p["schema"])["enum"].as_array().is_none() {
+            wrong.push(format!("the checks list's state filter is {p}"));
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}
