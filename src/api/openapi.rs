@@ -22,8 +22,9 @@ use crate::domain::cloud::{Cloud, EndpointOverrides};
         description = "Give a third-party app access to some Exchange Online mailboxes and no others, \
 and prove that the restriction is in force.\n\nErrors are RFC 9457 `application/problem+json` documents; \
 branch on `type` (or its short form `code`). Every response carries `X-Request-Id`.",
-        license(name = "Apache-2.0")
+        license(name = "Apache-2.0", identifier = "Apache-2.0")
     ),
+    servers((url = "/", description = "This mailscope instance (the document is served at `/openapi.json`)")),
     paths(
         health::healthz, health::readyz, health::metrics,
         problem_types, problem_type,
@@ -103,8 +104,9 @@ impl Modify for BearerAuth {
 /// route can forget it: the extractors' 400s (`invalid_path_parameter` for a UUID path segment,
 /// `invalid_query`, `malformed_json`), the body's 413/415/422, the bearer token's 401/403, the
 /// `Idempotency-Key` header that the middleware honours on every POST and PATCH (with its
-/// 400/409/422), and the database's 503. A route's own description of a status is kept, and the
-/// shared causes of a 400, 409, 413, 415 or 422 are appended to it.
+/// 400/409/422), and the database's 503; outside `/v1`, that no token is needed (`security: []`).
+/// A route's own description of a status is kept, and the shared causes of a 400, 409, 413, 415
+/// or 422 are appended to it.
 struct CrossCutting;
 
 impl CrossCutting {
@@ -219,6 +221,13 @@ impl Modify for CrossCutting {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
         for (path, item) in openapi.paths.paths.iter_mut() {
             if !path.starts_with("/v1/") {
+                // Operational endpoints are public: say so rather than leave it unsaid.
+                for op in [item.get.as_mut(), item.post.as_mut()]
+                    .into_iter()
+                    .flatten()
+                {
+                    op.security.get_or_insert_with(Vec::new);
+                }
                 continue;
             }
             let ops = [
