@@ -299,6 +299,12 @@ fn fixed_value_fields_are_enums_and_client_ids_are_uuids() {
             wrong.push(format!("{name}.app_id is {p}, not a uuid"));
         }
     }
+    let client_id = &schemas["CredentialsInput"]["properties"]["client_id"];
+    if client_id["format"] != "uuid" {
+        wrong.push(format!(
+            "CredentialsInput.client_id is {client_id}, not a uuid"
+        ));
+    }
     let list = &doc["paths"]["/v1/tenants/{tenant_id}/access-policies"]["get"];
     for p in params(list, "query") {
         if p["name"] == "app_id" && p["schema"]["format"] != "uuid" {
