@@ -15,6 +15,7 @@ pub mod openapi;
 pub mod problem;
 pub mod propagation_checks;
 pub mod rbac_restrictions;
+pub mod schema;
 pub mod scope_groups;
 pub mod tenants;
 
