@@ -29,6 +29,8 @@ pub enum ProblemKind {
     IdempotencyKeyReused,
     IdempotencyKeyInUse,
     DatabaseUnavailable,
+    /// The identity provider's signing keys could not be fetched, so no token can be checked.
+    KeysUnavailable,
     NotReady,
     /// Microsoft (or the sandbox) refused or failed the request; the code says why.
     Microsoft365,
@@ -128,6 +130,11 @@ pub const CATALOGUE: &[(ProblemKind, &str, &str)] = &[
         "mailscope cannot reach its database right now; retry after the indicated delay.",
     ),
     (
+        ProblemKind::KeysUnavailable,
+        "Signing keys unavailable",
+        "mailscope cannot fetch the identity provider's signing keys (auth.jwks_url), so it cannot check any token right now; retry after the indicated delay. Nothing is wrong with the token itself.",
+    ),
+    (
         ProblemKind::NotReady,
         "Not ready",
         "The service is starting or its database schema is not at the expected version.",
@@ -217,6 +224,7 @@ impl ProblemKind {
             ProblemKind::IdempotencyKeyReused => "idempotency_key_reused",
             ProblemKind::IdempotencyKeyInUse => "idempotency_key_in_use",
             ProblemKind::DatabaseUnavailable => "database_unavailable",
+            ProblemKind::KeysUnavailable => "keys_unavailable",
             ProblemKind::NotReady => "not_ready",
             ProblemKind::Microsoft365 => "microsoft_365",
             ProblemKind::PolicyConflict => "policy_conflict",
@@ -250,9 +258,9 @@ impl ProblemKind {
             ProblemKind::NotFound => StatusCode::NOT_FOUND,
             ProblemKind::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ProblemKind::Conflict => StatusCode::CONFLICT,
-            ProblemKind::DatabaseUnavailable | ProblemKind::NotReady => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ProblemKind::DatabaseUnavailable
+            | ProblemKind::NotReady
+            | ProblemKind::KeysUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             ProblemKind::Microsoft365 => StatusCode::BAD_GATEWAY,
             ProblemKind::PolicyConflict
             | ProblemKind::LastRestrictPolicy
@@ -309,6 +317,18 @@ pub struct Problem {
     pub code: String,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub errors: Vec<FieldError>,
+}
+
+/// Details quote input (field names, values) in places; bounded so a caller cannot make a
+/// problem document, or the log line that carries it, as large as its request.
+const MAX_DETAIL_CHARS: usize = 600;
+const MAX_FIELD_CHARS: usize = 120;
+
+fn bounded(text: &str, max: usize) -> String {
+    match text.char_indices().nth(max) {
+        None => text.to_string(),
+        Some((cut, _)) => format!("{}…", &text[..cut]),
+    }
 }
 
 /// The API's error: a kind, a message for the client, and (optionally) an internal cause that is
@@ -410,11 +430,18 @@ impl ApiError {
             type_uri: format!("/problems/{}", self.code()),
             title: self.kind.title().to_string(),
             status: self.status().as_u16(),
-            detail: self.detail.clone(),
+            detail: bounded(&self.detail, MAX_DETAIL_CHARS),
             instance: instance.to_string(),
             request_id: request_id.to_string(),
             code: self.code().to_string(),
-            errors: self.errors.clone(),
+            errors: self
+                .errors
+                .iter()
+                .map(|e| FieldError {
+                    field: bounded(&e.field, MAX_FIELD_CHARS),
+                    message: bounded(&e.message, MAX_DETAIL_CHARS),
+                })
+                .collect(),
         }
     }
 
@@ -510,13 +537,15 @@ impl From<crate::auth::Denied> for ApiError {
     fn from(e: crate::auth::Denied) -> Self {
         use crate::auth::{AuthError, Denied};
         match e {
-            Denied::Unauthenticated(AuthError::KeysUnavailable(why)) => {
-                let mut a = ApiError::unauthenticated(format!(
-                    "the token cannot be checked right now: {why}"
-                ));
-                a.retry_after = Some(5);
-                a
-            }
+            // Not the caller's fault: a 503 to retry, not a 401 that says "get another token".
+            Denied::Unauthenticated(AuthError::KeysUnavailable(why)) => ApiError {
+                internal: Some(anyhow::anyhow!("JWKS unavailable: {why}")),
+                retry_after: Some(5),
+                ..ApiError::new(
+                    ProblemKind::KeysUnavailable,
+                    "the identity provider's signing keys cannot be fetched right now, so no token can be checked; retry shortly",
+                )
+            },
             Denied::Unauthenticated(why) => ApiError::unauthenticated(why.to_string()),
             Denied::Forbidden(detail) => ApiError::forbidden(detail),
             hidden @ Denied::TenantNotFound(_) => ApiError::not_found(hidden.to_string()),
@@ -545,7 +574,7 @@ mod tests {
         codes.sort();
         codes.dedup();
         assert_eq!(codes.len(), n);
-        assert_eq!(n, 29);
+        assert_eq!(n, 30);
     }
 
     #[test]

@@ -74,9 +74,11 @@ impl JwksCache {
                     .map(|e| e.to_string())
                     .unwrap_or_else(|| "no keys fetched yet".into()),
             )),
-            None => Err(AuthError::Invalid(format!(
-                "the token's signing key `{kid}` is not known"
-            ))),
+            // The kid is the caller's input: not echoed (it may be anything, of any length).
+            None => Err(AuthError::Invalid(
+                "the token's signing key (its `kid`) is not one the identity provider publishes"
+                    .into(),
+            )),
         }
     }
 

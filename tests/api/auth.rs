@@ -313,3 +313,43 @@ async fn unknown_kids_do_not_hammer_the_idp() {
         "unknown kids must not trigger refetches within the interval"
     );
 }
+
+/// An identity provider that cannot be reached at start is the service's problem, not the
+/// caller's: 503 with Retry-After, not a 401 telling the caller to get another token.
+#[tokio::test]
+async fn unreachable_jwks_at_start_answers_503() {
+    let idp = MockServer::start().await;
+    Mock::given(method("GET"))
+        .respond_with(ResponseTemplate::new(503))
+        .mount(&idp)
+        .await;
+    let app = jwks_app(&idp, 0).await;
+    let c = claims("https://idp.example/", "mailscope", 600);
+    let token = rs(&c, include_str!("../fixtures/rsa1.pem"), "key-1");
+    let res = get_tenants(&app, Some(&token)).await;
+    assert_eq!(res.headers()["retry-after"], "5");
+    let p = assert_problem(res, 503, "keys_unavailable").await;
+    assert!(!p["detail"].as_str().unwrap().contains(&idp.uri()), "{p}");
+}
+
+/// A caller-chosen `kid` is never echoed back.
+#[tokio::test]
+async fn an_unknown_kid_is_not_echoed() {
+    let idp = MockServer::start().await;
+    serve_keys(&idp, &["rsa1"]).await;
+    let app = jwks_app(&idp, 0).await;
+    let c = claims("https://idp.example/", "mailscope", 600);
+    let kid = format!("<script>{}", "k".repeat(5000));
+    let token = rs(&c, include_str!("../fixtures/rsa1.pem"), &kid);
+    let p = assert_problem(
+        get_tenants(&app, Some(&token)).await,
+        401,
+        "unauthenticated",
+    )
+    .await;
+    let detail = p["detail"].as_str().unwrap();
+    assert!(
+        !detail.contains("<script>") && detail.len() < 200,
+        "{detail}"
+    );
+}

@@ -149,3 +149,19 @@ async fn problem_types_resolve() {
     let all = anonymous.get("/problems", 200).await;
     assert!(all.as_array().unwrap().len() >= 10);
 }
+
+/// Input quoted in a problem (an unknown field's name here) is bounded: a caller cannot make the
+/// answer, or the log line carrying it, as large as the request.
+#[tokio::test]
+async fn quoted_input_is_bounded() {
+    let app = spawn_app().await;
+    let mut body = tenant_body("x");
+    body["z".repeat(20_000)] = serde_json::json!(1);
+    let p = app.api().put(T, &body, (422, "validation_failed")).await;
+    let detail = p["detail"].as_str().unwrap();
+    assert!(detail.chars().count() <= 601, "{} chars", detail.len());
+    assert!(detail.ends_with('…'));
+    for e in p["errors"].as_array().unwrap() {
+        assert!(e["message"].as_str().unwrap().chars().count() <= 601);
+    }
+}
