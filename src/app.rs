@@ -218,6 +218,7 @@ impl Application {
             settings: Arc::new(settings.clone()),
             m365,
             key_locks: Default::default(),
+            liveness: Default::default(),
         });
 
         let worker = match role {

@@ -34,6 +34,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "webhook_deliveries",
         include_str!("../../migrations/0007_webhook_deliveries.sql"),
     ),
+    (
+        8,
+        "idempotency_scope_and_holder",
+        include_str!("../../migrations/0008_idempotency_scope_and_holder.sql"),
+    ),
 ];
 
 /// Arbitrary but fixed: "mailscop" in ASCII.
