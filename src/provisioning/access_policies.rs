@@ -23,7 +23,8 @@ use uuid::Uuid;
 
 use super::checks::{TouchedScope, after_policy_change};
 use super::scope_groups::{
-    POLICY_LOCK, ids_of, maybe_exists, primary_address, recipient_object_id, scope_refusal,
+    POLICY_LOCK, ids_of, maybe_exists, policy_turn, primary_address, recipient_object_id,
+    scope_refusal,
 };
 use super::{Actor, Change, Ensured, Error, Rejection, Services, audit, tenants};
 use crate::domain::access::{self as rules, AccessRight};
@@ -458,6 +459,7 @@ pub async fn create(
     let scope = resolve_scope(services, &exo, tenant_id, &input.scope).await?;
     let right = input.access_right;
 
+    let _turn = policy_turn(services, tenant_id).await;
     let mut db = services.db().await?;
     let tx = db.transaction().await?;
     lock_policies(&tx, tenant_id).await?;
@@ -583,6 +585,7 @@ pub async fn describe(
         return Err(Error::Invalid(errs));
     }
     let exo = handle.exchange();
+    let _turn = policy_turn(services, tenant_id).await;
     let mut db = services.db().await?;
     let tx = db.transaction().await?;
     lock_policies(&tx, tenant_id).await?;
@@ -650,6 +653,7 @@ pub async fn replace(
     let scope = resolve_scope(services, &exo, tenant_id, &input.scope).await?;
     let right = input.access_right;
 
+    let _turn = policy_turn(services, tenant_id).await;
     let mut db = services.db().await?;
     let tx = db.transaction().await?;
     lock_policies(&tx, tenant_id).await?;
@@ -817,6 +821,7 @@ pub async fn delete(
 ) -> Result<Option<CheckSnapshot>, Error> {
     let (_, handle) = tenants::load(services, tenant_id).await?;
     let exo = handle.exchange();
+    let _turn = policy_turn(services, tenant_id).await;
     let mut db = services.db().await?;
     let tx = db.transaction().await?;
     lock_policies(&tx, tenant_id).await?;

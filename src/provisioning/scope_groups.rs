@@ -29,6 +29,20 @@ use crate::store::{
 /// deletion and `/sync` take it too, always before any scope-group lock (one lock order).
 pub const POLICY_LOCK: &str = "access_policies";
 
+/// Queue behind this process's other writers of the tenant's policies *before* taking a pooled
+/// connection (see `locks`): fifty concurrent policy writes on one tenant then hold one
+/// connection, not fifty, and other tenants keep being served. Hold the turn until the
+/// transaction that takes [`POLICY_LOCK`] has ended.
+pub async fn policy_turn(
+    services: &super::Services,
+    tenant_id: Uuid,
+) -> tokio::sync::OwnedMutexGuard<()> {
+    services
+        .key_locks
+        .lock(format!("{POLICY_LOCK}:{tenant_id}"))
+        .await
+}
+
 /// Serialise writers of one scope group (natural key: tenant and alias).
 pub async fn lock_group(
     c: &impl deadpool_postgres::GenericClient,
@@ -535,6 +549,7 @@ pub async fn delete(
 ) -> Result<(), Error> {
     let (_, handle) = tenants::load(services, tenant_id).await?;
     let exo = handle.exchange();
+    let _turn = policy_turn(services, tenant_id).await;
     let mut db = services.db().await?;
     let tx = db.transaction().await?;
     // Policy lock first (the one lock order): no policy can start using the group meanwhile.
