@@ -59,11 +59,7 @@ fn build_worker(
     };
     let mut worker = Worker::new(pool, cfg, registry, Some(database_url.to_string()))?
         .with_tls_ca_file(settings.database.tls_ca_file.clone());
-    // Job kinds register their handlers here as they are added.
-    worker.register(crate::propagation::JOB_KIND, move |ctx| {
-        crate::propagation::run(state.clone(), ctx)
-    });
-    crate::webhooks::register(&mut worker, settings.webhooks.clone());
+    crate::jobs::register_all(&mut worker, &state);
     Ok(worker)
 }
 

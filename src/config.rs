@@ -5,15 +5,17 @@
 //! Everything is validated once, at start, and every bad value is reported at the same time.
 //! Unknown keys are errors, so a misspelled variable cannot be silently ignored.
 //! Secrets are wrapped in [`Secret`], whose `Debug` and `Serialize` never show the value.
-use std::fmt;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use base64::Engine;
 use figment::Figment;
 use figment::providers::{Format, Toml};
-use secrecy::{ExposeSecret, SecretString};
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde::{Deserialize, Serialize};
+
+// Each subsystem owns its settings and their validation; this module assembles them.
+pub use crate::domain::secret::{Secret, decode_encryption_key};
+pub use crate::store::DatabaseSettings;
+pub use crate::webhooks::WebhookSettings;
 
 /// Environment variables read besides the `MAILSCOPE_` tree.
 pub const DATABASE_URL_ENV: &str = "DATABASE_URL";
@@ -21,60 +23,6 @@ pub const DATABASE_URL_ENV: &str = "DATABASE_URL";
 pub const SANDBOX_ENV_PREFIX: &str = "MAILSCOPE_SANDBOX_";
 /// The variable naming the optional TOML file (also `--config`); not itself a setting.
 pub const CONFIG_FILE_ENV: &str = "MAILSCOPE_CONFIG";
-
-/// A secret value from configuration: never printed, never serialized in clear.
-#[derive(Clone)]
-pub struct Secret(SecretString);
-
-impl Secret {
-    pub fn new(value: impl Into<String>) -> Self {
-        Secret(SecretString::from(value.into()))
-    }
-    pub fn expose(&self) -> &str {
-        self.0.expose_secret()
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("[redacted]")
-    }
-}
-
-impl Serialize for Secret {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str("[redacted]")
-    }
-}
-
-impl<'de> Deserialize<'de> for Secret {
-    // Environment values such as `12345` arrive typed as numbers; a secret is always text.
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl serde::de::Visitor<'_> for V {
-            type Value = Secret;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a string")
-            }
-            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Secret, E> {
-                Ok(Secret::new(v))
-            }
-            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Secret, E> {
-                Ok(Secret::new(v.to_string()))
-            }
-            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Secret, E> {
-                Ok(Secret::new(v.to_string()))
-            }
-            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Secret, E> {
-                Ok(Secret::new(v.to_string()))
-            }
-            fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<Secret, E> {
-                Ok(Secret::new(v.to_string()))
-            }
-        }
-        d.deserialize_any(V)
-    }
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -151,41 +99,6 @@ impl PropagationSettings {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
-pub struct WebhookSettings {
-    /// `whsec_` + base64 of 24 to 64 random bytes (the Standard Webhooks format). Generated into
-    /// the data directory with the embedded database; with an external database callbacks are
-    /// refused until it is set.
-    pub signing_secret: Option<Secret>,
-    /// Secrets being rotated out: every event is also signed with each of them (space-separated
-    /// in `webhook-signature`), so receivers can switch to the new secret without a gap.
-    pub previous_signing_secrets: Vec<Secret>,
-    /// Hosts callbacks may go to: `hooks.example.com` or `*.example.com`; empty allows any public
-    /// host. Private, loopback and link-local addresses are refused unless listed exactly here.
-    pub allowed_hosts: Vec<String>,
-    /// Allow `http://` callback URLs (development only: the event is signed, not encrypted).
-    pub allow_http: bool,
-    /// How long one delivery attempt may take.
-    pub timeout_seconds: u64,
-    /// Attempts before a delivery is given up and marked failed.
-    pub max_attempts: i32,
-}
-
-impl Default for WebhookSettings {
-    fn default() -> Self {
-        WebhookSettings {
-            signing_secret: None,
-            previous_signing_secrets: Vec::new(),
-            allowed_hosts: Vec::new(),
-            allow_http: false,
-            // Standard Webhooks recommends 15 to 30 s so receivers have time to acknowledge.
-            timeout_seconds: 15,
-            max_attempts: 10,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
 pub struct ProvisioningSettings {
     /// Longest lifetime a client secret created through the API may have (Microsoft allows two
     /// years; shorter limits the damage of a leaked secret).
@@ -219,23 +132,6 @@ impl Default for RetentionSettings {
             finished_jobs_days: 30,
         }
     }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct DatabaseSettings {
-    /// `postgres://…` URL. When absent, `serve` runs an embedded PostgreSQL in `data_dir`.
-    pub url: Option<Secret>,
-    pub pool_size: usize,
-    /// How long a request waits for a pooled connection before answering 503.
-    pub acquire_timeout_seconds: u64,
-    pub connect_timeout_seconds: u64,
-    /// Where the embedded cluster and generated local secrets live.
-    pub data_dir: PathBuf,
-    /// Apply migrations when `serve` starts.
-    pub migrate_on_start: bool,
-    /// Extra CA certificates (PEM) trusted for `sslmode=require`, e.g. a cloud provider's RDS CA.
-    pub tls_ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -299,20 +195,6 @@ impl Default for Settings {
             provisioning: ProvisioningSettings::default(),
             propagation: PropagationSettings::default(),
             webhooks: WebhookSettings::default(),
-        }
-    }
-}
-
-impl Default for DatabaseSettings {
-    fn default() -> Self {
-        DatabaseSettings {
-            url: None,
-            pool_size: 16,
-            acquire_timeout_seconds: 5,
-            connect_timeout_seconds: 5,
-            data_dir: PathBuf::from(".mailscope"),
-            migrate_on_start: true,
-            tls_ca_file: None,
         }
     }
 }
@@ -571,31 +453,7 @@ impl Settings {
         if !(1..=365).contains(&p.secret_expiring_soon_days) {
             errs.push("provisioning.secret_expiring_soon_days must be between 1 and 365".into());
         }
-        let w = &self.webhooks;
-        if let Some(secret) = &w.signing_secret
-            && let Err(e) = crate::webhooks::decode_signing_secret(secret.expose())
-        {
-            errs.push(format!(
-                "webhooks.signing_secret (MAILSCOPE_WEBHOOKS__SIGNING_SECRET): {e}"
-            ));
-        }
-        for (i, secret) in w.previous_signing_secrets.iter().enumerate() {
-            if let Err(e) = crate::webhooks::decode_signing_secret(secret.expose()) {
-                errs.push(format!("webhooks.previous_signing_secrets[{i}]: {e}"));
-            }
-        }
-        for host in &w.allowed_hosts {
-            if let Err(e) = crate::webhooks::validate_host_pattern(host) {
-                errs.push(format!("webhooks.allowed_hosts: `{host}` {e}"));
-            }
-        }
-        if !(1..=120).contains(&w.timeout_seconds) {
-            errs.push("webhooks.timeout_seconds must be between 1 and 120".into());
-        }
-        // 100 is also the delivery job's own failure limit (`webhooks::JOB_MAX_FAILURES`).
-        if !(1..=100).contains(&w.max_attempts) {
-            errs.push("webhooks.max_attempts must be between 1 and 100".into());
-        }
+        errs.extend(self.webhooks.validate());
         if errs.is_empty() {
             Ok(())
         } else {
@@ -704,15 +562,6 @@ fn edit_distance(a: &str, b: &str) -> usize {
         }
     }
     row[b.len()]
-}
-
-/// Decode a base64 AES-256 key.
-pub fn decode_encryption_key(b64: &str) -> Result<[u8; 32], String> {
-    let raw = base64::engine::general_purpose::STANDARD
-        .decode(b64.trim())
-        .map_err(|_| "must be base64".to_string())?;
-    raw.try_into()
-        .map_err(|v: Vec<u8>| format!("must decode to 32 bytes, got {}", v.len()))
 }
 
 #[cfg(test)]

@@ -12,11 +12,12 @@ use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 use super::problem::{ApiError, Problem, ProblemKind};
-use super::propagation_checks::{PropagationCheck, link_header, view_with};
+use super::propagation_checks::{PropagationCheck, link_header, view_of};
 use super::{AppState, actor, page_limit};
 use crate::auth::{Caller, Role};
 use crate::domain::access::{AccessRight, AccessRule};
-use crate::provisioning::access_policies::{self as policies, CheckSnapshot, PolicyInput};
+use crate::provisioning::access_policies::{self as policies, PolicyInput};
+use crate::provisioning::checks::CheckView;
 use crate::provisioning::{Change, access_test as tests, sync as syncing};
 use crate::store::{self, access_policies::AccessPolicyRecord};
 
@@ -216,10 +217,8 @@ impl From<AccessPolicyInput> for PolicyInput {
 }
 
 /// The check as the change's transaction saw it.
-fn check_view(s: CheckSnapshot) -> PropagationCheck {
-    let mut v = view_with(s.check, s.job.as_ref());
-    v.callback_deliveries = s.callbacks;
-    v
+fn check_view(s: CheckView) -> PropagationCheck {
+    view_of(s)
 }
 
 /// Render a changed policy with the check it started, also linked by the `Link` header.
@@ -227,7 +226,7 @@ fn with_check(
     res: &mut actix_web::HttpResponseBuilder,
     tenant_id: Uuid,
     policy: AccessPolicyRecord,
-    check: Option<CheckSnapshot>,
+    check: Option<CheckView>,
 ) -> HttpResponse {
     let mut v = view(policy);
     if let Some(c) = check {

@@ -7,6 +7,7 @@ use problem::{ApiError, FieldError, ProblemKind};
 pub mod access_policies;
 pub mod applications;
 pub mod audit;
+mod caller;
 pub mod health;
 pub mod idempotency;
 pub mod middleware;
@@ -135,7 +136,7 @@ pub async fn require_registered(
 ) -> Result<(), ApiError> {
     match crate::store::tenants::get(db, tenant_id).await? {
         Some(_) => Ok(()),
-        None => Err(crate::auth::tenant_not_found(tenant_id)),
+        None => Err(crate::auth::tenant_not_found(tenant_id).into()),
     }
 }
 

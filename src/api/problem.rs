@@ -449,6 +449,25 @@ impl From<crate::provisioning::Error> for ApiError {
     }
 }
 
+/// Authentication and authorization refusals, mapped to problems in this one place.
+impl From<crate::auth::Denied> for ApiError {
+    fn from(e: crate::auth::Denied) -> Self {
+        use crate::auth::{AuthError, Denied};
+        match e {
+            Denied::Unauthenticated(AuthError::KeysUnavailable(why)) => {
+                let mut a = ApiError::unauthenticated(format!(
+                    "the token cannot be checked right now: {why}"
+                ));
+                a.retry_after = Some(5);
+                a
+            }
+            Denied::Unauthenticated(why) => ApiError::unauthenticated(why.to_string()),
+            Denied::Forbidden(detail) => ApiError::forbidden(detail),
+            hidden @ Denied::TenantNotFound(_) => ApiError::not_found(hidden.to_string()),
+        }
+    }
+}
+
 impl From<crate::store::StoreError> for ApiError {
     fn from(e: crate::store::StoreError) -> Self {
         use crate::store::StoreError;

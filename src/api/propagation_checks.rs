@@ -1,6 +1,7 @@
 //! `/v1/tenants/{tenant_id}/propagation-checks`: proof that an app's access restriction is in
 //! force. Checks start by hand here or from every change to an app's access policies (in that
-//! change's transaction); the `propagation_check` job (`crate::propagation`) runs them.
+//! change's transaction); the `propagation_check` job (`crate::jobs::propagation_check`) runs
+//! them. The use cases are in `provisioning::checks`; here is their HTTP shape.
 //!
 //! At most one check is active per (tenant, app): a new change, or a new request, replaces the
 //! active check's expectations (its streaks restart) instead of starting a second one.
@@ -14,14 +15,13 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
-use super::audit::record as audit;
-use super::problem::{ApiError, FieldError, Problem, ProblemKind};
+use super::problem::{ApiError, Problem, ProblemKind};
 use super::{AppState, page_limit};
 use crate::auth::{Caller, Role};
-use crate::domain::propagation::{self as domain, Access, Expectation};
-use crate::provisioning::checks::{CHECK_LOCK, start_or_update};
+use crate::domain::propagation::Access;
+use crate::provisioning::checks::{self as checks, CheckRequest, CheckView};
 use crate::queue;
-use crate::store::{self, propagation_checks::CheckRecord};
+use crate::store::{self, propagation_checks::CheckState};
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.service(
@@ -41,7 +41,6 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
 
 /// Longest `?wait=`.
 const MAX_WAIT_SECONDS: u64 = 60;
-const MAX_EXPECTATIONS: usize = 100;
 
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -153,35 +152,24 @@ pub struct CheckListQuery {
     pub after: Option<Uuid>,
 }
 
-const STATES: &[&str] = &[
-    "queued",
-    "running",
-    "succeeded",
-    "misconfigured",
-    "timed_out",
-    "cancelled",
-    "failed",
-];
-
-pub async fn view(c: &impl GenericClient, r: CheckRecord) -> Result<PropagationCheck, ApiError> {
-    let job = match r.job_id {
-        Some(j) => queue::get(c, j).await?,
-        None => None,
-    };
-    let callbacks = crate::webhooks::deliveries_for(c, r.tenant_id, r.id).await?;
-    let mut v = view_with(r, job.as_ref());
-    v.callback_deliveries = callbacks;
-    Ok(v)
+/// The check as the API shows it (its job's runs and callbacks read with `c`).
+pub async fn view(
+    c: &impl GenericClient,
+    r: store::propagation_checks::CheckRecord,
+) -> Result<PropagationCheck, ApiError> {
+    Ok(view_of(checks::view(c, r).await?))
 }
 
-pub(crate) fn view_with(r: CheckRecord, job: Option<&queue::JobRecord>) -> PropagationCheck {
-    let active = !r.is_final();
+pub(crate) fn view_of(v: CheckView) -> PropagationCheck {
+    let attempts = v.job.as_ref().map_or(0, |j| j.attempt);
+    let next_run_at = v.next_run_at();
+    let r = v.check;
     let changed = r.changed_at;
     PropagationCheck {
         id: r.id,
         app_id: r.app_id,
-        state: r.state,
-        stage: r.stage,
+        state: r.state.as_str().to_string(),
+        stage: r.stage.as_str().to_string(),
         verified_by: r.verified_by,
         expectations: r
             .expectations
@@ -201,13 +189,11 @@ pub(crate) fn view_with(r: CheckRecord, job: Option<&queue::JobRecord>) -> Propa
             })
             .collect(),
         required_matches: r.required_matches,
-        attempts: job.map_or(0, |j| j.attempt),
-        next_run_at: job
-            .filter(|j| active && j.state == queue::JobState::Queued)
-            .map(|j| j.run_at),
+        attempts,
+        next_run_at,
         deadline: r.deadline,
         callback_url: r.callback_url,
-        callback_deliveries: Vec::new(),
+        callback_deliveries: v.deliveries,
         reason: r.reason,
         propagation_seconds: r.propagation_seconds,
         origin: r.origin,
@@ -216,17 +202,6 @@ pub(crate) fn view_with(r: CheckRecord, job: Option<&queue::JobRecord>) -> Propa
         updated_at: r.updated_at,
         finished_at: r.finished_at,
     }
-}
-
-fn field(name: &str, message: impl Into<String>) -> FieldError {
-    FieldError {
-        field: name.into(),
-        message: message.into(),
-    }
-}
-
-fn is_mailbox(s: &str) -> bool {
-    crate::domain::address::is_address(s)
 }
 
 /// The API path of a check.
@@ -274,100 +249,21 @@ pub async fn create_check(
     let tenant_id = path.into_inner();
     caller.require_tenant(tenant_id)?;
     let input = body.into_inner();
-    let mut errs = Vec::new();
-    let app_id = input.app_id.trim().parse::<Uuid>().unwrap_or_else(|_| {
-        errs.push(field("app_id", "must be the app's client id (a GUID)"));
-        Uuid::nil()
-    });
-    let mut expectations = Vec::new();
-    for (i, e) in input.expectations.iter().enumerate() {
-        if !is_mailbox(e.mailbox.trim()) {
-            errs.push(field(
-                &format!("expectations[{i}].mailbox"),
-                "must be an SMTP address",
-            ));
-        }
-        expectations.push(Expectation::new(&e.mailbox, e.expected));
-    }
-    for (i, m) in input.canary_mailboxes.iter().enumerate() {
-        if !is_mailbox(m.trim()) {
-            errs.push(field(
-                &format!("canary_mailboxes[{i}]"),
-                "must be an SMTP address",
-            ));
-        }
-        expectations.push(Expectation::new(m, Access::Denied));
-    }
-    let expectations = domain::dedupe(expectations);
-    if expectations.is_empty() {
-        errs.push(field(
-            "expectations",
-            "give at least one expectation or canary mailbox",
-        ));
-    }
-    if expectations.len() > MAX_EXPECTATIONS {
-        errs.push(field(
-            "expectations",
-            format!("at most {MAX_EXPECTATIONS} mailboxes per check"),
-        ));
-    }
-    // Scheme, credentials, allow-list and internal addresses (SSRF); checked again at delivery.
-    if let Some(u) = &input.callback_url
-        && let Err(why) = crate::webhooks::validate_callback_url(u, &state.settings.webhooks)
-    {
-        errs.push(field("callback_url", why));
-    }
-    if input
-        .required_matches
-        .is_some_and(|k| !(1..=20).contains(&k))
-    {
-        errs.push(field("required_matches", "must be between 1 and 20"));
-    }
-    if input
-        .deadline_seconds
-        .is_some_and(|d| !(1..=30 * 86_400).contains(&d))
-    {
-        errs.push(field(
-            "deadline_seconds",
-            "must be between 1 and 2592000 (30 days)",
-        ));
-    }
-    if !errs.is_empty() {
-        return Err(ApiError::validation(errs));
-    }
-    let mut db = state.db().await?;
-    let tx = db.transaction().await.map_err(store::StoreError::from)?;
-    if store::tenants::get(&tx, tenant_id).await?.is_none() {
-        return Err(crate::auth::tenant_not_found(tenant_id));
-    }
-    let (check, created) = start_or_update(
-        &tx,
-        &state,
-        tenant_id,
-        app_id,
-        &expectations,
-        input.callback_url.as_deref(),
-        input.required_matches,
-        input.deadline_seconds,
-        "manual",
-    )
-    .await?;
-    audit(
-        &tx,
-        &caller,
-        &req,
-        tenant_id,
-        if created {
-            "propagation_check.created"
-        } else {
-            "propagation_check.updated"
-        },
-        &format!("propagation_check/{}", check.id),
-        serde_json::json!({"app_id": app_id, "mailboxes": expectations.len()}),
-    )
-    .await?;
-    let v = view(&tx, check).await?;
-    tx.commit().await.map_err(store::StoreError::from)?;
+    let request = CheckRequest {
+        app_id: input.app_id,
+        expectations: input
+            .expectations
+            .into_iter()
+            .map(|e| (e.mailbox, e.expected))
+            .collect(),
+        canary_mailboxes: input.canary_mailboxes,
+        callback_url: input.callback_url,
+        required_matches: input.required_matches,
+        deadline_seconds: input.deadline_seconds,
+    };
+    let (v, created) =
+        checks::create(&state, &super::actor(&caller, &req), tenant_id, &request).await?;
+    let v = view_of(v);
     let location = check_path(tenant_id, v.id);
     Ok(if created {
         HttpResponse::Created()
@@ -448,46 +344,35 @@ pub async fn list_checks(
     let tenant_id = path.into_inner();
     caller.require_tenant(tenant_id)?;
     let limit = page_limit(q.limit)?;
-    if let Some(s) = &q.state
-        && !STATES.contains(&s.as_str())
-    {
-        return Err(ApiError::new(
-            ProblemKind::InvalidQuery,
-            format!("state must be one of {}", STATES.join(", ")),
-        ));
-    }
+    let filter = match &q.state {
+        None => None,
+        Some(s) => Some(CheckState::parse(s).ok_or_else(|| {
+            let all: Vec<&str> = CheckState::ALL.iter().map(|s| s.as_str()).collect();
+            ApiError::new(
+                ProblemKind::InvalidQuery,
+                format!("state must be one of {}", all.join(", ")),
+            )
+        })?),
+    };
     let db = state.db().await?;
     super::require_registered(&db, tenant_id).await?;
-    let rows = store::propagation_checks::list(
-        &db,
-        tenant_id,
-        q.state.as_deref(),
-        q.app_id,
-        q.after,
-        limit + 1,
-    )
-    .await?;
+    let rows =
+        store::propagation_checks::list(&db, tenant_id, filter, q.app_id, q.after, limit + 1)
+            .await?;
     let (rows, more) = super::split_page(rows, limit);
     // The page's jobs in one query.
     let job_ids: Vec<Uuid> = rows.iter().filter_map(|r| r.job_id).collect();
-    let jobs: std::collections::HashMap<Uuid, queue::JobRecord> = db
-        .query(
-            &format!("SELECT {} FROM jobs WHERE id = ANY($1)", queue::COLUMNS),
-            &[&job_ids],
-        )
-        .await
-        .map_err(store::StoreError::from)?
-        .iter()
-        .map(|row| {
-            let j = queue::from_row(row);
-            (j.id, j)
-        })
-        .collect();
+    let jobs = queue::get_many(&db, &job_ids).await?;
     let items: Vec<PropagationCheck> = rows
         .into_iter()
         .map(|r| {
-            let job = r.job_id.and_then(|j| jobs.get(&j));
-            view_with(r, job)
+            let job = r.job_id.and_then(|j| jobs.get(&j)).cloned();
+            // Lists leave callbacks out (one query per check); `GET` of one check has them.
+            view_of(CheckView {
+                check: r,
+                job,
+                deliveries: Vec::new(),
+            })
         })
         .collect();
     let next_after = if more {
@@ -523,59 +408,8 @@ pub async fn cancel_check(
     caller.require(Role::Write)?;
     let (tenant_id, id) = path.into_inner();
     caller.require_tenant(tenant_id)?;
-    let mut db = state.db().await?;
-    let tx = db.transaction().await.map_err(store::StoreError::from)?;
-    let check = store::propagation_checks::get(&tx, tenant_id, id)
-        .await?
-        .ok_or_else(|| not_found(id))?;
-    store::lock_key(&tx, CHECK_LOCK, &format!("{tenant_id}:{}", check.app_id)).await?;
-    let check = store::propagation_checks::get(&tx, tenant_id, id)
-        .await?
-        .ok_or_else(|| not_found(id))?;
-    if check.is_final() {
-        return Err(ApiError::conflict(format!(
-            "propagation check {id} has already ended ({})",
-            check.state
-        )));
-    }
-    store::propagation_checks::request_cancel(&tx, id).await?;
-    let mut done = false;
-    if let Some(job) = check.job_id {
-        let job_state = queue::cancel(&tx, job).await?;
-        // Queued, so no worker holds it; with no probe secret there is nothing to clean up.
-        if job_state == Some(queue::JobState::Cancelled)
-            && check.probe_key_id.is_none()
-            && check.stage == "configuration"
-        {
-            store::propagation_checks::finish(&tx, id, "cancelled", Some("cancelled on request"))
-                .await?;
-            done = true;
-        } else if job_state == Some(queue::JobState::Cancelled) {
-            // Let the job run once more to take the probe secret back, then end the check.
-            tx.execute(
-                "UPDATE jobs SET state = 'queued', run_at = now(), finished_at = NULL,
-                     updated_at = now() WHERE id = $1 AND state = 'cancelled'",
-                &[&job],
-            )
-            .await
-            .map_err(store::StoreError::from)?;
-        }
-    }
-    audit(
-        &tx,
-        &caller,
-        &req,
-        tenant_id,
-        "propagation_check.cancelled",
-        &format!("propagation_check/{id}"),
-        serde_json::json!({"app_id": check.app_id}),
-    )
-    .await?;
-    let current = store::propagation_checks::get(&tx, tenant_id, id)
-        .await?
-        .ok_or_else(|| not_found(id))?;
-    let v = view(&tx, current).await?;
-    tx.commit().await.map_err(store::StoreError::from)?;
+    let (v, done) = checks::cancel(&state, &super::actor(&caller, &req), tenant_id, id).await?;
+    let v = view_of(v);
     Ok(if done {
         HttpResponse::Ok().json(v)
     } else {

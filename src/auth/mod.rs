@@ -6,17 +6,17 @@
 //! (app tokens) or `scp` (delegated tokens); `Admin` implies `Write` implies `Read`. The tenants a
 //! caller may see come from a configurable claim; a tenant outside it answers 404, not 403, so
 //! its existence does not leak.
+//!
+//! Refusals are this module's own [`Denied`]; the API maps them to problems (`api::problem`) and
+//! provides the `Caller` extractor, so this module does not depend on the API.
 use std::collections::HashSet;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 
-use actix_web::{FromRequest, HttpRequest, dev::Payload, web};
+use actix_web::HttpRequest;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation, decode, decode_header};
 use serde::Deserialize;
 use uuid::Uuid;
 
-use crate::api::problem::ApiError;
 use crate::config::AuthSettings;
 
 pub mod jwks;
@@ -59,10 +59,10 @@ pub struct Caller {
 }
 
 impl Caller {
-    pub fn require(&self, needed: Role) -> Result<(), ApiError> {
+    pub fn require(&self, needed: Role) -> Result<(), Denied> {
         match self.role {
             Some(r) if r >= needed => Ok(()),
-            _ => Err(ApiError::forbidden(format!(
+            _ => Err(Denied::Forbidden(format!(
                 "this operation needs the `{}` role (or a higher one) in the token's roles or scp claim",
                 needed.name(&self.role_names)
             ))),
@@ -78,7 +78,7 @@ impl Caller {
     }
 
     /// 404 for a tenant the caller may not see, exactly as for one that does not exist.
-    pub fn require_tenant(&self, tenant: Uuid) -> Result<(), ApiError> {
+    pub fn require_tenant(&self, tenant: Uuid) -> Result<(), Denied> {
         if self.can_see(tenant) {
             Ok(())
         } else {
@@ -98,8 +98,23 @@ impl Caller {
     }
 }
 
-pub fn tenant_not_found(tenant: Uuid) -> ApiError {
-    ApiError::not_found(format!("tenant {tenant} is not registered with mailscope"))
+/// The answer for a tenant that is not registered or not visible (the same, so existence does
+/// not leak).
+pub fn tenant_not_found(tenant: Uuid) -> Denied {
+    Denied::TenantNotFound(tenant)
+}
+
+/// Why a request is refused: 401 (with `WWW-Authenticate`), 403, or 404 for a hidden tenant.
+#[derive(Debug, thiserror::Error)]
+pub enum Denied {
+    /// No usable token.
+    #[error(transparent)]
+    Unauthenticated(#[from] AuthError),
+    /// Authenticated, but without the role the operation needs.
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("tenant {0} is not registered with mailscope")]
+    TenantNotFound(Uuid),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -272,34 +287,8 @@ fn describe(e: &jsonwebtoken::errors::Error) -> String {
     }
 }
 
-impl FromRequest for Caller {
-    type Error = ApiError;
-    type Future = Pin<Box<dyn Future<Output = Result<Caller, ApiError>>>>;
-
-    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
-        let verifier = req.app_data::<web::Data<Verifier>>().cloned();
-        let token = bearer_token(req);
-        Box::pin(async move {
-            let verifier = verifier
-                .ok_or_else(|| ApiError::internal(anyhow::anyhow!("verifier not configured")))?;
-            let token =
-                token.ok_or_else(|| ApiError::unauthenticated(AuthError::Missing.to_string()))?;
-            match verifier.verify(&token).await {
-                Ok(c) => Ok(c),
-                Err(AuthError::KeysUnavailable(why)) => {
-                    let mut e = ApiError::unauthenticated(format!(
-                        "the token cannot be checked right now: {why}"
-                    ));
-                    e.retry_after = Some(5);
-                    Err(e)
-                }
-                Err(e) => Err(ApiError::unauthenticated(e.to_string())),
-            }
-        })
-    }
-}
-
-fn bearer_token(req: &HttpRequest) -> Option<String> {
+/// The request's bearer token, if it sends one.
+pub fn bearer_token(req: &HttpRequest) -> Option<String> {
     let h = req
         .headers()
         .get(actix_web::http::header::AUTHORIZATION)?

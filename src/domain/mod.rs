@@ -8,3 +8,4 @@ pub mod field_error;
 pub mod permissions;
 pub mod propagation;
 pub mod rbac;
+pub mod secret;

@@ -21,7 +21,7 @@ use chrono::Utc;
 use deadpool_postgres::GenericClient;
 use uuid::Uuid;
 
-use super::checks::{TouchedScope, after_policy_change};
+use super::checks::{CheckView, TouchedScope, after_policy_change};
 use super::scope_groups::{
     POLICY_LOCK, ids_of, maybe_exists, policy_turn, primary_address, recipient_object_id,
     scope_refusal,
@@ -33,10 +33,8 @@ use crate::m365::TenantHandle;
 use crate::m365::exchange::{
     ApplicationAccessPolicy, ExchangeClient, NewApplicationAccessPolicy, Replication,
 };
-use crate::queue::{self, JobRecord};
+use crate::store;
 use crate::store::access_policies::{AccessPolicyRecord, PolicyOrigin, PolicyState};
-use crate::store::{self, propagation_checks::CheckRecord};
-use crate::webhooks::DeliveryStatus;
 
 /// Longest description accepted (descriptions eat into the tenant's policy budget, §2.6).
 const MAX_DESCRIPTION: usize = 1000;
@@ -52,20 +50,11 @@ pub struct PolicyInput {
     pub canary_mailboxes: Vec<String>,
 }
 
-/// The propagation check a change started or updated, read in the change's own transaction (so
-/// it shows the check as the change left it, before the worker picks it up).
-#[derive(Debug, Clone)]
-pub struct CheckSnapshot {
-    pub check: CheckRecord,
-    pub job: Option<JobRecord>,
-    pub callbacks: Vec<DeliveryStatus>,
-}
-
 /// A policy as a change left it, and the check the change started (if any).
 #[derive(Debug, Clone)]
 pub struct PolicyChange {
     pub policy: AccessPolicyRecord,
-    pub check: Option<CheckSnapshot>,
+    pub check: Option<CheckView>,
 }
 
 /// How a replacement reached the tenant (recorded in the audit event as `order`).
@@ -247,20 +236,6 @@ async fn lock_policies(c: &impl GenericClient, tenant_id: Uuid) -> Result<(), Er
     Ok(())
 }
 
-/// Read the check as the change's transaction sees it.
-async fn snapshot(c: &impl GenericClient, check: CheckRecord) -> Result<CheckSnapshot, Error> {
-    let job = match check.job_id {
-        Some(j) => queue::get(c, j).await?,
-        None => None,
-    };
-    let callbacks = crate::webhooks::deliveries_for(c, check.tenant_id, check.id).await?;
-    Ok(CheckSnapshot {
-        check,
-        job,
-        callbacks,
-    })
-}
-
 /// Start or update the app's propagation check in the change's transaction.
 async fn check_after_change(
     tx: &impl GenericClient,
@@ -269,9 +244,9 @@ async fn check_after_change(
     app_id: &str,
     touched: &[TouchedScope],
     canaries: &[String],
-) -> Result<Option<CheckSnapshot>, Error> {
+) -> Result<Option<CheckView>, Error> {
     match after_policy_change(tx, services, tenant_id, app_id, touched, canaries).await? {
-        Some(c) => Ok(Some(snapshot(tx, c).await?)),
+        Some(c) => Ok(Some(super::checks::view(tx, c).await?)),
         None => Ok(None),
     }
 }
@@ -818,7 +793,7 @@ pub async fn delete(
     tenant_id: Uuid,
     id: Uuid,
     allow_unrestricted: bool,
-) -> Result<Option<CheckSnapshot>, Error> {
+) -> Result<Option<CheckView>, Error> {
     let (_, handle) = tenants::load(services, tenant_id).await?;
     let exo = handle.exchange();
     let _turn = policy_turn(services, tenant_id).await;

@@ -1,17 +1,23 @@
-//! Starting propagation checks: after a change to an app's restriction, or by hand. The check
-//! itself runs as a queue job (`propagation`); here it is created or given new expectations in
-//! the transaction of the change that calls for it.
+//! Propagation checks: started after a change to an app's restriction or by hand, cancelled on
+//! request. The check itself runs as the `propagation_check` queue job (`jobs::propagation_check`,
+//! payload [`CheckJob`]); here it is created, given new expectations or flagged, in the
+//! transaction of the change that calls for it.
 use std::collections::BTreeSet;
 
 use chrono::Utc;
 use deadpool_postgres::GenericClient;
+use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::{Error, Services};
+use super::{Actor, Error, Services};
 use crate::domain::access::{self as rules, ALL_APPS, GroupMembers};
-use crate::domain::propagation::{self as domain, Expectation};
-use crate::queue::{self, NewJob};
-use crate::store::{self, propagation_checks::CheckRecord};
+use crate::domain::field_error::FieldError;
+use crate::domain::propagation::{self as domain, Access, Expectation};
+use crate::queue::job::Payload;
+use crate::queue::{self, JobRecord, JobState};
+use crate::store::propagation_checks::{CheckRecord, CheckState, Stage};
+use crate::store::{self, StoreError};
+use crate::webhooks::DeliveryStatus;
 
 /// Advisory-lock namespace: one writer of an app's check at a time.
 pub const CHECK_LOCK: &str = "propagation_check";
@@ -83,6 +89,30 @@ pub async fn start_or_update(
     Ok((rec, true))
 }
 
+/// The `propagation_check` job's payload: one step of `check_id` per run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CheckJob {
+    pub check_id: Uuid,
+    /// Absent in jobs queued before payloads were typed; only used when queueing.
+    #[serde(default)]
+    pub tenant_id: Uuid,
+    #[serde(default)]
+    pub app_id: Uuid,
+}
+
+impl Payload for CheckJob {
+    const KIND: &'static str = "propagation_check";
+
+    fn tenant(&self) -> Uuid {
+        self.tenant_id
+    }
+
+    /// One active check job per tenant and app.
+    fn unique_key(&self) -> Option<String> {
+        Some(self.app_id.to_string())
+    }
+}
+
 /// The app's check job (one active per tenant and app), running `check_id`.
 async fn enqueue_job(
     c: &impl GenericClient,
@@ -90,15 +120,15 @@ async fn enqueue_job(
     app_id: Uuid,
     check_id: Uuid,
 ) -> Result<Uuid, Error> {
-    let payload = serde_json::json!({"check_id": check_id});
-    let job = NewJob {
-        unique_key: Some(app_id.to_string()),
-        ..NewJob::new(crate::propagation::JOB_KIND, tenant_id, payload.clone())
+    let job = CheckJob {
+        check_id,
+        tenant_id,
+        app_id,
     };
-    let enqueued = queue::enqueue(c, &job).await?;
+    let enqueued = queue::job::enqueue_job(c, &job).await?;
     if let queue::Enqueued::Existing(j) = enqueued {
         // A job of an ended check still active: it runs this check from now on.
-        queue::update_payload(c, j, &payload).await?;
+        queue::job::replace_payload(c, j, &job).await?;
     }
     Ok(enqueued.id())
 }
@@ -206,4 +236,230 @@ pub async fn after_policy_change(
     )
     .await?;
     Ok(Some(check))
+}
+
+/// At most this many mailboxes per check.
+pub const MAX_EXPECTATIONS: usize = 100;
+
+/// A check with what the API shows of it: its job's runs and its callbacks.
+#[derive(Debug, Clone)]
+pub struct CheckView {
+    pub check: CheckRecord,
+    pub job: Option<JobRecord>,
+    pub deliveries: Vec<DeliveryStatus>,
+}
+
+impl CheckView {
+    /// When the check looks next: while it is active and its job waits.
+    pub fn next_run_at(&self) -> Option<chrono::DateTime<Utc>> {
+        self.job
+            .as_ref()
+            .filter(|j| !self.check.is_final() && j.state == JobState::Queued)
+            .map(|j| j.run_at)
+    }
+}
+
+/// The check as the API shows it, read with `c` (inside the caller's transaction if any).
+pub async fn view(c: &impl GenericClient, check: CheckRecord) -> Result<CheckView, Error> {
+    let job = match check.job_id {
+        Some(j) => queue::get(c, j).await?,
+        None => None,
+    };
+    let deliveries = crate::webhooks::deliveries_for(c, check.tenant_id, check.id).await?;
+    Ok(CheckView {
+        check,
+        job,
+        deliveries,
+    })
+}
+
+fn no_check(id: Uuid) -> Error {
+    Error::not_found(format!("no propagation check {id} in this tenant"))
+}
+
+/// A check asked for by hand, as the caller sent it.
+pub struct CheckRequest {
+    pub app_id: String,
+    pub expectations: Vec<(String, Access)>,
+    /// Mailboxes that must stay out of the app's reach: each is expected `denied`.
+    pub canary_mailboxes: Vec<String>,
+    pub callback_url: Option<String>,
+    pub required_matches: Option<u32>,
+    pub deadline_seconds: Option<u64>,
+}
+
+/// The validated form of a request: the app and its deduplicated expectations.
+fn validate(services: &Services, r: &CheckRequest) -> Result<(Uuid, Vec<Expectation>), Error> {
+    let is_mailbox = |s: &str| crate::domain::address::is_address(s.trim());
+    let mut errs = Vec::new();
+    let app_id = r.app_id.trim().parse::<Uuid>().unwrap_or_else(|_| {
+        errs.push(FieldError::new(
+            "app_id",
+            "must be the app's client id (a GUID)",
+        ));
+        Uuid::nil()
+    });
+    let mut expectations = Vec::new();
+    for (i, (mailbox, expected)) in r.expectations.iter().enumerate() {
+        if !is_mailbox(mailbox) {
+            errs.push(FieldError::new(
+                format!("expectations[{i}].mailbox"),
+                "must be an SMTP address",
+            ));
+        }
+        expectations.push(Expectation::new(mailbox, *expected));
+    }
+    for (i, m) in r.canary_mailboxes.iter().enumerate() {
+        if !is_mailbox(m) {
+            errs.push(FieldError::new(
+                format!("canary_mailboxes[{i}]"),
+                "must be an SMTP address",
+            ));
+        }
+        expectations.push(Expectation::new(m, Access::Denied));
+    }
+    let expectations = domain::dedupe(expectations);
+    if expectations.is_empty() {
+        errs.push(FieldError::new(
+            "expectations",
+            "give at least one expectation or canary mailbox",
+        ));
+    }
+    if expectations.len() > MAX_EXPECTATIONS {
+        errs.push(FieldError::new(
+            "expectations",
+            format!("at most {MAX_EXPECTATIONS} mailboxes per check"),
+        ));
+    }
+    // Scheme, credentials, allow-list and internal addresses (SSRF); checked again at delivery.
+    if let Some(u) = &r.callback_url
+        && let Err(why) = crate::webhooks::validate_callback_url(u, &services.settings.webhooks)
+    {
+        errs.push(FieldError::new("callback_url", why));
+    }
+    if r.required_matches.is_some_and(|k| !(1..=20).contains(&k)) {
+        errs.push(FieldError::new(
+            "required_matches",
+            "must be between 1 and 20",
+        ));
+    }
+    if r.deadline_seconds
+        .is_some_and(|d| !(1..=30 * 86_400).contains(&d))
+    {
+        errs.push(FieldError::new(
+            "deadline_seconds",
+            "must be between 1 and 2592000 (30 days)",
+        ));
+    }
+    if errs.is_empty() {
+        Ok((app_id, expectations))
+    } else {
+        Err(Error::Invalid(errs))
+    }
+}
+
+/// Start a check by hand, or give the app's active check these expectations. Returns the check
+/// as it stands when the change commits and whether it is new.
+pub async fn create(
+    services: &Services,
+    actor: &Actor,
+    tenant_id: Uuid,
+    request: &CheckRequest,
+) -> Result<(CheckView, bool), Error> {
+    let (app_id, expectations) = validate(services, request)?;
+    let mut db = services.db().await?;
+    let tx = db.transaction().await.map_err(StoreError::from)?;
+    if store::tenants::get(&tx, tenant_id).await?.is_none() {
+        return Err(super::tenants::tenant_not_found(tenant_id));
+    }
+    let (check, created) = start_or_update(
+        &tx,
+        services,
+        tenant_id,
+        app_id,
+        &expectations,
+        request.callback_url.as_deref(),
+        request.required_matches,
+        request.deadline_seconds,
+        "manual",
+    )
+    .await?;
+    super::audit::record(
+        &tx,
+        actor,
+        tenant_id,
+        if created {
+            "propagation_check.created"
+        } else {
+            "propagation_check.updated"
+        },
+        &format!("propagation_check/{}", check.id),
+        serde_json::json!({"app_id": app_id, "mailboxes": expectations.len()}),
+    )
+    .await?;
+    let v = view(&tx, check).await?;
+    tx.commit().await.map_err(StoreError::from)?;
+    Ok((v, created))
+}
+
+/// Cancel a check. A queued check that holds no probe secret ends at once (`true`); otherwise it
+/// is flagged and its job, run once more at once, removes the probe secret and ends it.
+pub async fn cancel(
+    services: &Services,
+    actor: &Actor,
+    tenant_id: Uuid,
+    id: Uuid,
+) -> Result<(CheckView, bool), Error> {
+    let mut db = services.db().await?;
+    let tx = db.transaction().await.map_err(StoreError::from)?;
+    let check = store::propagation_checks::get(&tx, tenant_id, id)
+        .await?
+        .ok_or_else(|| no_check(id))?;
+    store::lock_key(&tx, CHECK_LOCK, &format!("{tenant_id}:{}", check.app_id)).await?;
+    let check = store::propagation_checks::get(&tx, tenant_id, id)
+        .await?
+        .ok_or_else(|| no_check(id))?;
+    if check.is_final() {
+        return Err(Error::conflict(format!(
+            "propagation check {id} has already ended ({})",
+            check.state.as_str()
+        )));
+    }
+    store::propagation_checks::request_cancel(&tx, id).await?;
+    let mut done = false;
+    if let Some(job) = check.job_id {
+        let job_state = queue::cancel(&tx, job).await?;
+        // Queued, so no worker holds it; with no probe secret there is nothing to clean up.
+        if job_state == Some(JobState::Cancelled)
+            && check.probe_key_id.is_none()
+            && check.stage == Stage::Configuration
+        {
+            store::propagation_checks::finish(
+                &tx,
+                id,
+                CheckState::Cancelled,
+                Some("cancelled on request"),
+            )
+            .await?;
+            done = true;
+        } else if job_state == Some(JobState::Cancelled) {
+            // Let the job run once more to take the probe secret back, then end the check.
+            queue::requeue_cancelled(&tx, job).await?;
+        }
+    }
+    super::audit::record(
+        &tx,
+        actor,
+        tenant_id,
+        "propagation_check.cancelled",
+        &format!("propagation_check/{id}"),
+        serde_json::json!({"app_id": check.app_id}),
+    )
+    .await?;
+    let current = store::propagation_checks::get(&tx, tenant_id, id)
+        .await?
+        .ok_or_else(|| no_check(id))?;
+    let v = view(&tx, current).await?;
+    tx.commit().await.map_err(StoreError::from)?;
+    Ok((v, done))
 }

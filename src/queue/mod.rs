@@ -20,8 +20,11 @@ use uuid::Uuid;
 
 use crate::store::StoreError;
 
+pub mod job;
 pub mod listener;
 pub mod worker;
+
+pub use job::enqueue_job;
 
 pub const NOTIFY_CHANNEL: &str = "mailscope_jobs";
 
@@ -235,6 +238,34 @@ pub async fn cancel(c: &impl GenericClient, id: Uuid) -> Result<Option<JobState>
         )
         .await?;
     Ok(row.map(|r| JobState::parse(r.get::<_, &str>(0))))
+}
+
+/// The jobs with these ids (a page's jobs in one query), by id.
+pub async fn get_many(
+    c: &impl GenericClient,
+    ids: &[Uuid],
+) -> Result<std::collections::HashMap<Uuid, JobRecord>, StoreError> {
+    let sql = format!("SELECT {COLUMNS} FROM jobs WHERE id = ANY($1)");
+    Ok(c.query(&sql, &[&ids])
+        .await?
+        .iter()
+        .map(|r| {
+            let j = from_row(r);
+            (j.id, j)
+        })
+        .collect())
+}
+
+/// Queue a job that a cancel just ended for one more run at once (it has to clean up after
+/// itself; its payload sees the cancel elsewhere). False if it was not `cancelled`.
+pub async fn requeue_cancelled(c: &impl GenericClient, id: Uuid) -> Result<bool, StoreError> {
+    Ok(c.execute(
+        "UPDATE jobs SET state = 'queued', run_at = now(), finished_at = NULL,
+             updated_at = now() WHERE id = $1 AND state = 'cancelled'",
+        &[&id],
+    )
+    .await?
+        == 1)
 }
 
 /// Queue depth by (kind, state), for metrics.

@@ -14,7 +14,7 @@ use std::process::{Command, Stdio};
 
 use anyhow::{Context, bail};
 
-use crate::config::Secret;
+use crate::domain::secret::Secret;
 use crate::store::local_secrets;
 
 pub const DATABASE_NAME: &str = "mailscope";

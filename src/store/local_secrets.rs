@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use base64::Engine;
 use rand::RngCore;
 
-use crate::config::Secret;
+use crate::domain::secret::Secret;
 
 pub const ENCRYPTION_KEY_FILE: &str = "encryption.key";
 pub const HS256_SECRET_FILE: &str = "jwt-hs256.secret";
@@ -62,7 +62,7 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600);
-        assert!(crate::config::decode_encryption_key(a.expose()).is_ok());
+        assert!(crate::domain::secret::decode_encryption_key(a.expose()).is_ok());
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -6,8 +6,6 @@ use std::time::Duration;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
 use tokio_postgres::NoTls;
 
-use crate::config::DatabaseSettings;
-
 pub mod access_policies;
 pub mod applications;
 pub mod audit;
@@ -17,7 +15,10 @@ pub mod local_secrets;
 pub mod migrate;
 pub mod propagation_checks;
 pub mod scope_groups;
+pub mod settings;
 pub mod tenants;
+
+pub use settings::DatabaseSettings;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

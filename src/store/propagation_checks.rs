@@ -8,13 +8,83 @@ use uuid::Uuid;
 use super::StoreError;
 use crate::domain::propagation::Expectation;
 
+/// A check's state, mapped to the stored values (the table's CHECK constraint) here only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckState {
+    Queued,
+    Running,
+    Succeeded,
+    /// Exchange disagrees with the expectations: a configuration problem, not a delay.
+    Misconfigured,
+    TimedOut,
+    Cancelled,
+    Failed,
+}
+
+impl CheckState {
+    pub const ALL: [CheckState; 7] = [
+        CheckState::Queued,
+        CheckState::Running,
+        CheckState::Succeeded,
+        CheckState::Misconfigured,
+        CheckState::TimedOut,
+        CheckState::Cancelled,
+        CheckState::Failed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CheckState::Queued => "queued",
+            CheckState::Running => "running",
+            CheckState::Succeeded => "succeeded",
+            CheckState::Misconfigured => "misconfigured",
+            CheckState::TimedOut => "timed_out",
+            CheckState::Cancelled => "cancelled",
+            CheckState::Failed => "failed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<CheckState> {
+        CheckState::ALL.into_iter().find(|c| c.as_str() == s)
+    }
+
+    /// Ended: the state never changes again.
+    pub fn is_final(self) -> bool {
+        !matches!(self, CheckState::Queued | CheckState::Running)
+    }
+}
+
+/// Where a check is: Exchange's verdict, Graph as the app, or ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    Configuration,
+    Live,
+    Done,
+}
+
+impl Stage {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::Configuration => "configuration",
+            Stage::Live => "live",
+            Stage::Done => "done",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Stage> {
+        [Stage::Configuration, Stage::Live, Stage::Done]
+            .into_iter()
+            .find(|x| x.as_str() == s)
+    }
+}
+
 #[derive(Clone)]
 pub struct CheckRecord {
     pub id: Uuid,
     pub tenant_id: Uuid,
     pub app_id: Uuid,
-    pub state: String,
-    pub stage: String,
+    pub state: CheckState,
+    pub stage: Stage,
     pub verified_by: Option<String>,
     pub expectations: Vec<Expectation>,
     pub required_matches: i32,
@@ -50,7 +120,7 @@ impl std::fmt::Debug for CheckRecord {
 
 impl CheckRecord {
     pub fn is_final(&self) -> bool {
-        !matches!(self.state.as_str(), "queued" | "running")
+        self.state.is_final()
     }
 }
 
@@ -61,12 +131,15 @@ const COLUMNS: &str = "id, tenant_id, app_id, state, stage, verified_by, expecta
 
 fn from_row(r: &Row) -> CheckRecord {
     let exp: serde_json::Value = r.get(6);
+    // The table's CHECK constraints admit only the values the enums know.
+    let state = CheckState::parse(r.get(3)).unwrap_or(CheckState::Failed);
+    let stage = Stage::parse(r.get(4)).unwrap_or(Stage::Done);
     CheckRecord {
         id: r.get(0),
         tenant_id: r.get(1),
         app_id: r.get(2),
-        state: r.get(3),
-        stage: r.get(4),
+        state,
+        stage,
         verified_by: r.get(5),
         expectations: serde_json::from_value(exp).unwrap_or_default(),
         required_matches: r.get(7),
@@ -198,8 +271,8 @@ pub async fn replace_expectations(
 
 /// What one run of the check learnt, written only if the expectations did not change meanwhile.
 pub struct Progress<'a> {
-    pub state: &'a str,
-    pub stage: &'a str,
+    pub state: CheckState,
+    pub stage: Stage,
     pub verified_by: Option<&'a str>,
     pub expectations: &'a [Expectation],
     pub rounds: i32,
@@ -226,8 +299,8 @@ pub async fn save_progress(
             &[
                 &id,
                 &revision,
-                &p.state,
-                &p.stage,
+                &p.state.as_str(),
+                &p.stage.as_str(),
                 &p.verified_by,
                 &json(p.expectations),
                 &p.rounds,
@@ -244,14 +317,14 @@ pub async fn save_progress(
 pub async fn finish(
     c: &impl GenericClient,
     id: Uuid,
-    state: &str,
+    state: CheckState,
     reason: Option<&str>,
 ) -> Result<(), StoreError> {
     c.execute(
         "UPDATE propagation_checks SET state = $2, reason = coalesce($3, reason), stage = 'done',
              updated_at = now(), finished_at = now()
          WHERE id = $1 AND state IN ('queued', 'running')",
-        &[&id, &state, &reason],
+        &[&id, &state.as_str(), &reason],
     )
     .await?;
     Ok(())
@@ -298,7 +371,7 @@ pub async fn clear_probe(c: &impl GenericClient, id: Uuid) -> Result<(), StoreEr
 pub async fn list(
     c: &impl GenericClient,
     tenant_id: Uuid,
-    state: Option<&str>,
+    state: Option<CheckState>,
     app_id: Option<Uuid>,
     after: Option<Uuid>,
     limit: i64,
@@ -309,8 +382,27 @@ pub async fn list(
            AND ($3::uuid IS NULL OR app_id = $3) AND ($4::uuid IS NULL OR id > $4)
          ORDER BY id LIMIT $5"
     );
+    let state = state.map(CheckState::as_str);
     let rows = c
         .query(&sql, &[&tenant_id, &state, &app_id, &after, &limit])
         .await?;
     Ok(rows.iter().map(from_row).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn states_and_stages_round_trip_through_their_stored_values() {
+        for s in CheckState::ALL {
+            assert_eq!(CheckState::parse(s.as_str()), Some(s));
+        }
+        assert_eq!(CheckState::TimedOut.as_str(), "timed_out");
+        assert!(CheckState::Misconfigured.is_final() && !CheckState::Running.is_final());
+        assert_eq!(CheckState::parse("done"), None);
+        for s in [Stage::Configuration, Stage::Live, Stage::Done] {
+            assert_eq!(Stage::parse(s.as_str()), Some(s));
+        }
+    }
 }

@@ -9,6 +9,8 @@ mod applications;
 mod auth;
 mod connection_test;
 mod idempotency;
+mod job_throttling;
+mod layers;
 mod operations;
 mod problems;
 mod propagation_checks;

@@ -18,19 +18,19 @@ use chrono::{DateTime, Utc};
 use secrecy::{ExposeSecret, SecretString};
 use uuid::Uuid;
 
-use crate::api::AppState;
 use crate::domain::credential::ManagementCredential;
 use crate::domain::propagation::{self as rules, Access, Expectation};
 use crate::m365::graph::MailboxProbe;
 use crate::m365::graph::batch::BatchRequest;
 use crate::m365::{ErrorKind, TenantContext, TenantHandle};
+use crate::provisioning::checks::CheckJob;
 use crate::provisioning::tenants::handle_for;
+use crate::provisioning::{Error, Services};
+use crate::queue::job::Job;
 use crate::queue::worker::{JobContext, Outcome};
 use crate::store::access_policies::AccessPolicyRecord;
-use crate::store::propagation_checks::{self as checks, CheckRecord, Progress};
+use crate::store::propagation_checks::{self as checks, CheckRecord, CheckState, Progress, Stage};
 use crate::store::{self};
-
-pub const JOB_KIND: &str = "propagation_check";
 
 /// The display name of a check's probe secret (how leftovers of a crashed run are found).
 pub fn probe_secret_name(check_id: Uuid) -> String {
@@ -53,89 +53,91 @@ pub fn harmless_read(permissions: &[String]) -> Option<MailboxProbe> {
     })
 }
 
-type Step<T> = Result<T, String>;
+type Step<T> = Result<T, Error>;
 
-fn err(e: impl std::fmt::Display) -> String {
-    e.to_string()
+/// A failure that is mailscope's own (a sealed secret that does not open, a malformed id).
+fn internal(e: impl std::fmt::Display) -> Error {
+    Error::internal(anyhow::anyhow!("{e}"))
 }
 
-/// Run one step of the check named in the job's payload.
-pub async fn run(state: AppState, ctx: JobContext) -> Outcome {
-    let Some(check_id) = ctx
-        .job
-        .payload
-        .get("check_id")
-        .and_then(|v| v.as_str())
-        .and_then(|s| s.parse::<Uuid>().ok())
-    else {
-        return Outcome::Fail("the job names no check".into());
-    };
-    match step(&state, &ctx, check_id).await {
-        Ok(o) => o,
-        Err(e) if ctx.job.failures + 1 >= ctx.job.max_failures => {
+impl Job for CheckJob {
+    type Context = Services;
+
+    /// Run one step of the check. A failure's outcome comes from [`Error::job_outcome`]:
+    /// throttling waits for `Retry-After` without counting a failure.
+    async fn run(self, services: &Services, ctx: &JobContext) -> Outcome {
+        let check_id = self.check_id;
+        let e = match step(services, ctx, check_id).await {
+            Ok(o) => return o,
+            Err(e) => e,
+        };
+        let outcome = e.job_outcome();
+        let gives_up = match &outcome {
+            Outcome::Retry(_) => ctx.job.failures + 1 >= ctx.job.max_failures,
+            Outcome::Fail(_) => true,
+            _ => false,
+        };
+        if gives_up {
             // The queue gives up after this: end the check and take the probe secret back.
-            if let Err(c) = end(&state, check_id, "failed", Some(&e)).await {
+            let why = e.to_string();
+            if let Err(c) = end(services, check_id, CheckState::Failed, Some(&why)).await {
                 tracing::warn!(check = %check_id, error = %c, "could not end a failed check cleanly");
             }
-            Outcome::Fail(e)
+            return Outcome::Fail(why);
         }
-        Err(e) => Outcome::Retry(e),
+        outcome
     }
 }
 
 /// End a check out of band (failure): remove the probe secret, then record the state.
 async fn end(
-    state: &AppState,
+    services: &Services,
     check_id: Uuid,
-    final_state: &str,
+    final_state: CheckState,
     reason: Option<&str>,
 ) -> Step<()> {
-    let db = state.pool.get().await.map_err(err)?;
-    let Some(check) = checks::get_by_id(&db, check_id).await.map_err(err)? else {
+    let db = services.db().await?;
+    let Some(check) = checks::get_by_id(&db, check_id).await? else {
         return Ok(());
     };
-    if let Some(tenant) = store::tenants::get(&db, check.tenant_id)
-        .await
-        .map_err(err)?
-    {
-        let handle = handle_for(state, &tenant).map_err(err)?;
+    if let Some(tenant) = store::tenants::get(&db, check.tenant_id).await? {
+        let handle = handle_for(services, &tenant)?;
         remove_probe_secret(&db, &handle, &check).await?;
     }
-    checks::finish(&db, check_id, final_state, reason)
-        .await
-        .map_err(err)
+    Ok(checks::finish(&db, check_id, final_state, reason).await?)
 }
 
-fn summary(check: &CheckRecord, state: &str) -> serde_json::Value {
-    serde_json::json!({"check_id": check.id, "state": state})
+fn summary(check: &CheckRecord, state: CheckState) -> serde_json::Value {
+    serde_json::json!({"check_id": check.id, "state": state.as_str()})
 }
 
-async fn step(state: &AppState, ctx: &JobContext, check_id: Uuid) -> Step<Outcome> {
-    let db = state.pool.get().await.map_err(err)?;
-    let Some(check) = checks::get_by_id(&db, check_id).await.map_err(err)? else {
+async fn step(services: &Services, ctx: &JobContext, check_id: Uuid) -> Step<Outcome> {
+    let db = services.db().await?;
+    let Some(check) = checks::get_by_id(&db, check_id).await? else {
         return Ok(Outcome::Fail(format!("check {check_id} no longer exists")));
     };
-    let Some(tenant) = store::tenants::get(&db, check.tenant_id)
-        .await
-        .map_err(err)?
-    else {
+    let Some(tenant) = store::tenants::get(&db, check.tenant_id).await? else {
         return Ok(Outcome::Fail("the tenant is no longer registered".into()));
     };
-    let handle = handle_for(state, &tenant).map_err(err)?;
+    let handle = handle_for(services, &tenant)?;
     if check.is_final() {
         // Ended elsewhere; make sure nothing is left behind.
         remove_probe_secret(&db, &handle, &check).await?;
-        return Ok(Outcome::Succeeded(summary(&check, &check.state)));
+        return Ok(Outcome::Succeeded(summary(&check, check.state)));
     }
     if check.cancel_requested {
         remove_probe_secret(&db, &handle, &check).await?;
-        checks::finish(&db, check.id, "cancelled", Some("cancelled on request"))
-            .await
-            .map_err(err)?;
+        checks::finish(
+            &db,
+            check.id,
+            CheckState::Cancelled,
+            Some("cancelled on request"),
+        )
+        .await?;
         return Ok(if ctx.job.cancel_requested {
             Outcome::Cancelled
         } else {
-            Outcome::Succeeded(summary(&check, "cancelled"))
+            Outcome::Succeeded(summary(&check, CheckState::Cancelled))
         });
     }
     let now = Utc::now();
@@ -159,12 +161,12 @@ async fn step(state: &AppState, ctx: &JobContext, check_id: Uuid) -> Step<Outcom
             pending.join("; ")
         );
         return finish_with(
-            state,
+            services,
             &db,
             &check,
             Progress {
-                state: "timed_out",
-                stage: "done",
+                state: CheckState::TimedOut,
+                stage: Stage::Done,
                 verified_by: None,
                 expectations: &exps,
                 rounds: check.rounds,
@@ -177,7 +179,7 @@ async fn step(state: &AppState, ctx: &JobContext, check_id: Uuid) -> Step<Outcom
     }
 
     let live = live_target(&db, &check).await?;
-    if check.stage == "configuration" {
+    if check.stage == Stage::Configuration {
         let records = app_policies(&db, &check).await?;
         let exo = handle.exchange();
         let app = check.app_id.to_string();
@@ -188,7 +190,7 @@ async fn step(state: &AppState, ctx: &JobContext, check_id: Uuid) -> Step<Outcom
                     "mailbox {} does not exist in the tenant",
                     e.mailbox
                 )),
-                Err(x) => return Err(err(x)),
+                Err(x) => return Err(x.into()),
                 Ok(c) => match c.granted() {
                     None => problems.push(format!(
                         "Exchange answered neither Granted nor Denied for mailbox {}",
@@ -209,12 +211,12 @@ async fn step(state: &AppState, ctx: &JobContext, check_id: Uuid) -> Step<Outcom
             remove_probe_secret(&db, &handle, &check).await?;
             let reason = problems.join("; ");
             return finish_with(
-                state,
+                services,
                 &db,
                 &check,
                 Progress {
-                    state: "misconfigured",
-                    stage: "done",
+                    state: CheckState::Misconfigured,
+                    stage: Stage::Done,
                     verified_by: None,
                     expectations: &exps,
                     rounds: check.rounds,
@@ -228,12 +230,12 @@ async fn step(state: &AppState, ctx: &JobContext, check_id: Uuid) -> Step<Outcom
         if live.is_none() {
             remove_probe_secret(&db, &handle, &check).await?;
             return finish_with(
-                state,
+                services,
                 &db,
                 &check,
                 Progress {
-                    state: "succeeded",
-                    stage: "done",
+                    state: CheckState::Succeeded,
+                    stage: Stage::Done,
                     verified_by: Some("exchange_test"),
                     expectations: &exps,
                     rounds: check.rounds,
@@ -244,14 +246,14 @@ async fn step(state: &AppState, ctx: &JobContext, check_id: Uuid) -> Step<Outcom
             )
             .await;
         }
-        let delay = state.settings.propagation.backoff().delay(0);
+        let delay = services.settings.propagation.backoff().delay(0);
         let saved = checks::save_progress(
             &db,
             check.id,
             check.revision,
             &Progress {
-                state: "running",
-                stage: "live",
+                state: CheckState::Running,
+                stage: Stage::Live,
                 verified_by: None,
                 expectations: &exps,
                 rounds: 0,
@@ -260,8 +262,7 @@ async fn step(state: &AppState, ctx: &JobContext, check_id: Uuid) -> Step<Outcom
                 propagation_seconds: None,
             },
         )
-        .await
-        .map_err(err)?;
+        .await?;
         return Ok(reschedule(now, delay, &check, saved));
     }
 
@@ -270,12 +271,12 @@ async fn step(state: &AppState, ctx: &JobContext, check_id: Uuid) -> Step<Outcom
         // The app stopped being one mailscope manages with a harmless read.
         remove_probe_secret(&db, &handle, &check).await?;
         return finish_with(
-            state,
+            services,
             &db,
             &check,
             Progress {
-                state: "succeeded",
-                stage: "done",
+                state: CheckState::Succeeded,
+                stage: Stage::Done,
                 verified_by: Some("exchange_test"),
                 expectations: &exps,
                 rounds: check.rounds,
@@ -286,8 +287,8 @@ async fn step(state: &AppState, ctx: &JobContext, check_id: Uuid) -> Step<Outcom
         )
         .await;
     };
-    let secret = ensure_probe_secret(state, &db, &handle, &check, &object_id).await?;
-    let as_app = state.m365.tenant(TenantContext {
+    let secret = ensure_probe_secret(services, &db, &handle, &check, &object_id).await?;
+    let as_app = services.m365.tenant(TenantContext {
         tenant_id: check.tenant_id.to_string(),
         endpoints: handle.context().endpoints.clone(),
         credential: ManagementCredential::ClientSecret {
@@ -300,7 +301,7 @@ async fn step(state: &AppState, ctx: &JobContext, check_id: Uuid) -> Step<Outcom
         .iter()
         .map(|i| BatchRequest::get(i.to_string(), probe.path(&exps[*i].mailbox)))
         .collect();
-    let answers = as_app.graph().batch(requests).await.map_err(err)?;
+    let answers = as_app.graph().batch(requests).await?;
     let seen_at = Utc::now();
     let required = u32::try_from(check.required_matches).unwrap_or(1);
     for a in answers {
@@ -310,7 +311,7 @@ async fn step(state: &AppState, ctx: &JobContext, check_id: Uuid) -> Step<Outcom
         let seen = match a.error(probe.operation()) {
             None => Access::Granted,
             Some(x) if *x.kind() == ErrorKind::MailboxAccessDenied => Access::Denied,
-            Some(x) => return Err(err(x)),
+            Some(x) => return Err(x.into()),
         };
         e.observe(seen, seen_at, required);
     }
@@ -319,12 +320,12 @@ async fn step(state: &AppState, ctx: &JobContext, check_id: Uuid) -> Step<Outcom
         remove_probe_secret(&db, &handle, &check).await?;
         let seconds = rules::propagation_seconds(check.changed_at, &exps);
         let outcome = finish_with(
-            state,
+            services,
             &db,
             &check,
             Progress {
-                state: "succeeded",
-                stage: "done",
+                state: CheckState::Succeeded,
+                stage: Stage::Done,
                 verified_by: Some("graph"),
                 expectations: &exps,
                 rounds,
@@ -339,7 +340,7 @@ async fn step(state: &AppState, ctx: &JobContext, check_id: Uuid) -> Step<Outcom
         }
         return Ok(outcome);
     }
-    let delay = state
+    let delay = services
         .settings
         .propagation
         .backoff()
@@ -349,8 +350,8 @@ async fn step(state: &AppState, ctx: &JobContext, check_id: Uuid) -> Step<Outcom
         check.id,
         check.revision,
         &Progress {
-            state: "running",
-            stage: "live",
+            state: CheckState::Running,
+            stage: Stage::Live,
             verified_by: None,
             expectations: &exps,
             rounds,
@@ -359,8 +360,7 @@ async fn step(state: &AppState, ctx: &JobContext, check_id: Uuid) -> Step<Outcom
             propagation_seconds: None,
         },
     )
-    .await
-    .map_err(err)?;
+    .await?;
     Ok(reschedule(now, delay, &check, saved))
 }
 
@@ -382,7 +382,7 @@ fn reschedule(
 
 /// Record a final state (the run's result is the check's summary).
 async fn finish_with(
-    state: &AppState,
+    services: &Services,
     db: &deadpool_postgres::Object,
     check: &CheckRecord,
     p: Progress<'_>,
@@ -397,8 +397,7 @@ async fn finish_with(
             ..p
         },
     )
-    .await
-    .map_err(err)?;
+    .await?;
     if !saved {
         // The expectations changed while this run looked: look again at once with the new ones.
         return Ok(Outcome::Reschedule {
@@ -406,14 +405,14 @@ async fn finish_with(
             payload: None,
         });
     }
-    notify(state, db, check, &result).await;
+    notify(services, db, check, &result).await;
     Ok(Outcome::Succeeded(result))
 }
 
 /// Queue the signed `propagation_check.completed` callback, if the check asked for one. The URL
 /// is validated again (settings may have changed since the request); a refused URL is logged.
 async fn notify(
-    state: &AppState,
+    services: &Services,
     db: &deadpool_postgres::Object,
     check: &CheckRecord,
     result: &serde_json::Value,
@@ -421,7 +420,7 @@ async fn notify(
     let Some(raw) = &check.callback_url else {
         return;
     };
-    let url = match crate::webhooks::validate_callback_url(raw, &state.settings.webhooks) {
+    let url = match crate::webhooks::validate_callback_url(raw, &services.settings.webhooks) {
         Ok(u) => u,
         Err(why) => {
             tracing::warn!(check = %check.id, %why, "callback URL refused; no callback sent");
@@ -455,8 +454,7 @@ async fn app_policies(
 ) -> Step<Vec<AccessPolicyRecord>> {
     let app = check.app_id.to_string();
     Ok(store::access_policies::all(db, check.tenant_id)
-        .await
-        .map_err(err)?
+        .await?
         .into_iter()
         .filter(|r| r.app_id == crate::domain::access::ALL_APPS || r.app_id == app)
         .collect())
@@ -508,16 +506,11 @@ async fn live_target(
     db: &deadpool_postgres::Object,
     check: &CheckRecord,
 ) -> Step<Option<(MailboxProbe, String)>> {
-    let Some(key) = store::applications::key_of_app(db, check.tenant_id, check.app_id)
-        .await
-        .map_err(err)?
+    let Some(key) = store::applications::key_of_app(db, check.tenant_id, check.app_id).await?
     else {
         return Ok(None);
     };
-    let Some(app) = store::applications::get(db, check.tenant_id, &key)
-        .await
-        .map_err(err)?
-    else {
+    let Some(app) = store::applications::get(db, check.tenant_id, &key).await? else {
         return Ok(None);
     };
     if app.origin != "created" || app.state != "ready" {
@@ -532,18 +525,18 @@ async fn live_target(
 /// The check's probe secret: the stored one, else a new one added to the app (recorded sealed
 /// before it is used).
 async fn ensure_probe_secret(
-    state: &AppState,
+    services: &Services,
     db: &deadpool_postgres::Object,
     handle: &TenantHandle,
     check: &CheckRecord,
     object_id: &str,
 ) -> Step<SecretString> {
     if let Some(sealed) = &check.probe_secret_sealed {
-        let plain = state
+        let plain = services
             .cipher
             .open(check.id.as_bytes(), sealed)
-            .map_err(err)?;
-        let text = String::from_utf8(plain).map_err(err)?;
+            .map_err(internal)?;
+        let text = String::from_utf8(plain).map_err(internal)?;
         return Ok(SecretString::from(text));
     }
     let graph = handle.graph();
@@ -553,25 +546,22 @@ async fn ensure_probe_secret(
     let end = (check.deadline + chrono::Duration::hours(1)).to_rfc3339();
     let p = graph
         .add_password(object_id, &probe_secret_name(check.id), Some(&end))
-        .await
-        .map_err(err)?;
-    let key_id = p.key_id.parse::<Uuid>().map_err(err)?;
-    let sealed = state
+        .await?;
+    let key_id = p.key_id.parse::<Uuid>().map_err(internal)?;
+    let sealed = services
         .cipher
         .seal(
             check.id.as_bytes(),
             p.secret_text.expose_secret().as_bytes(),
         )
-        .map_err(err)?;
-    checks::set_probe(db, check.id, key_id, &sealed, state.cipher.key_id())
-        .await
-        .map_err(err)?;
+        .map_err(internal)?;
+    checks::set_probe(db, check.id, key_id, &sealed, services.cipher.key_id()).await?;
     Ok(p.secret_text)
 }
 
 async fn remove_named_secrets(handle: &TenantHandle, object_id: &str, check_id: Uuid) -> Step<()> {
     let graph = handle.graph();
-    let Some(app) = graph.get_application(object_id).await.map_err(err)? else {
+    let Some(app) = graph.get_application(object_id).await? else {
         return Ok(());
     };
     let name = probe_secret_name(check_id);
@@ -589,7 +579,7 @@ async fn remove_key(handle: &TenantHandle, object_id: &str, key_id: &str) -> Ste
     match handle.graph().remove_password(object_id, key_id).await {
         Ok(()) => Ok(()),
         Err(e) if e.is_not_found() => Ok(()),
-        Err(e) => Err(err(e)),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -600,16 +590,13 @@ pub async fn remove_probe_secret(
     check: &CheckRecord,
 ) -> Step<()> {
     // Only a check that reached the live stage can have added one.
-    if check.probe_key_id.is_none() && check.stage == "configuration" {
+    if check.probe_key_id.is_none() && check.stage == Stage::Configuration {
         return Ok(());
     }
-    let object_id = match store::applications::key_of_app(db, check.tenant_id, check.app_id)
-        .await
-        .map_err(err)?
+    let object_id = match store::applications::key_of_app(db, check.tenant_id, check.app_id).await?
     {
         Some(key) => store::applications::get(db, check.tenant_id, &key)
-            .await
-            .map_err(err)?
+            .await?
             .and_then(|a| a.application_object_id),
         None => None,
     };
@@ -619,7 +606,7 @@ pub async fn remove_probe_secret(
         }
         remove_named_secrets(handle, &object_id, check.id).await?;
     }
-    checks::clear_probe(db, check.id).await.map_err(err)
+    Ok(checks::clear_probe(db, check.id).await?)
 }
 
 /// A check that saw the change in Graph puts the app's pending policies in force.
@@ -634,8 +621,7 @@ async fn mark_in_force(db: &deadpool_postgres::Object, check: &CheckRecord) -> S
             &check.changed_at,
         ],
     )
-    .await
-    .map_err(err)?;
+    .await?;
     Ok(())
 }
 
