@@ -261,25 +261,22 @@ pub async fn resolve_scope(
 ) -> Result<Scope, Error> {
     let text = scope.trim().to_ascii_lowercase();
     // A scope group mailscope recorded exists even if Exchange has not replicated it yet (seconds
-    // to minutes after New-DistributionGroup): wait for it. An unknown address fails fast.
-    let mut replication = Replication::Ignore;
-    let identity = if text.contains('@') {
-        text.clone()
-    } else {
-        let db = services.db().await?;
-        match store::scope_groups::get(&db, tenant_id, &text).await? {
-            Some(g) => {
-                replication = Replication::AwaitNew;
-                g.object_id
-            }
-            None => {
-                return Err(Error::invalid(
-                    "scope",
-                    format!(
-                        "mailscope has no scope group `{text}`; create it with PUT /scope-groups/{text}, or give an SMTP address"
-                    ),
-                ));
-            }
+    // to minutes after New-DistributionGroup): wait for it, whichever of its names the request
+    // uses (alias, address as `PUT /scope-groups` returned it, object id). An unknown address
+    // fails fast.
+    let db = services.db().await?;
+    let recorded = store::scope_groups::get_by_any_name(&db, tenant_id, &text).await?;
+    drop(db);
+    let (identity, replication) = match recorded {
+        Some(g) => (g.object_id, Replication::AwaitNew),
+        None if text.contains('@') => (text.clone(), Replication::Ignore),
+        None => {
+            return Err(Error::invalid(
+                "scope",
+                format!(
+                    "mailscope has no scope group `{text}`; create it with PUT /scope-groups/{text}, or give an SMTP address"
+                ),
+            ));
         }
     };
     let r = exo

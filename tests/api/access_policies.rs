@@ -752,3 +752,23 @@ async fn a_policy_on_a_just_created_scope_group_waits_for_replication() {
     .await;
     assert_eq!(res.status(), 422);
 }
+
+/// A scope group mailscope just created is recognised by any of its names: by the address
+/// `PUT /scope-groups` returned, a policy waits for replication as it does by alias.
+#[tokio::test]
+async fn a_policy_on_a_just_created_scope_group_named_by_address_waits_for_replication() {
+    let mut sb = mailscope::sandbox::SandboxSettings::fast();
+    sb.pacing.replication_delay =
+        mailscope::sandbox::settings::DelayRange::fixed(std::time::Duration::from_millis(1500));
+    let env = WithSandbox::start_with(sb).await;
+    let group = create_group(&env, "fresh-scope", &["alice"]).await;
+    let address = group["primary_smtp_address"].as_str().unwrap().to_string();
+    let res = post_policy(
+        &env,
+        json!({"app_id": APP, "scope": address, "access_right": "RestrictAccess"}),
+    )
+    .await;
+    assert_eq!(res.status(), 201, "{}", res.text().await.unwrap());
+    let p: Value = res.json().await.unwrap();
+    assert_eq!(p["scope_alias"], "fresh-scope", "{p}");
+}
