@@ -238,44 +238,6 @@ async fn drain_bench(
     db.drop_db().await
 }
 
-/// The claim statement of `Worker::claim`, copied for EXPLAIN (the method does not expose its
-/// SQL). If worker.rs changes its claim, update this copy.
-const CLAIM_SQL: &str = "WITH RECURSIVE tenants AS (
-     (SELECT tenant_id FROM jobs WHERE state = 'queued' ORDER BY tenant_id LIMIT 1)
-     UNION ALL
-     SELECT (SELECT j.tenant_id FROM jobs j
-             WHERE j.state = 'queued' AND j.tenant_id > t.tenant_id
-             ORDER BY j.tenant_id LIMIT 1)
-     FROM tenants t WHERE t.tenant_id IS NOT NULL
- ),
- busy AS (
-     SELECT tenant_id, count(*) AS n FROM jobs WHERE state = 'running' GROUP BY tenant_id
- ),
- candidates AS (
-     SELECT c.id, c.run_at FROM tenants t
-     LEFT JOIN busy b ON b.tenant_id = t.tenant_id
-     CROSS JOIN LATERAL (
-         SELECT j.id, j.run_at FROM jobs j
-         WHERE j.state = 'queued' AND j.tenant_id = t.tenant_id
-           AND j.run_at <= now() AND j.kind = ANY($1)
-         ORDER BY j.run_at
-         LIMIT greatest(least($2 - coalesce(b.n, 0), $3), 0)
-     ) c
-     WHERE t.tenant_id IS NOT NULL
- ),
- picked AS MATERIALIZED (
-     SELECT j.id FROM jobs j JOIN candidates c ON c.id = j.id
-     WHERE j.state = 'queued'
-     ORDER BY c.run_at, j.id
-     LIMIT $3
-     FOR UPDATE OF j SKIP LOCKED
- )
- UPDATE jobs SET state = 'running', attempt = jobs.attempt + 1, lease_owner = $4,
-     lease_expires_at = now() + make_interval(secs => $5), updated_at = now(),
-     started_at = coalesce(jobs.started_at, now())
- FROM picked WHERE jobs.id = picked.id
- RETURNING jobs.id";
-
 const SCALE_JOBS: usize = 100_000;
 const SCALE_TENANTS: usize = 1_000;
 /// One job in 200 (one in each of 500 tenants) is scheduled a day ahead: queued but not runnable,
@@ -307,7 +269,7 @@ async fn scale_bench(admin_url: &str) -> anyhow::Result<()> {
     c.batch_execute("BEGIN").await?;
     let plan = c
         .query(
-            &format!("EXPLAIN (ANALYZE, BUFFERS) {CLAIM_SQL}"),
+            &format!("EXPLAIN (ANALYZE, BUFFERS) {}", Worker::claim_sql()),
             &[&kinds, &4i64, &CLAIM_BATCH, &"explain", &60f64],
         )
         .await?;

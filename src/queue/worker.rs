@@ -283,11 +283,11 @@ impl Worker {
         background.abort_all();
     }
 
-    /// Claim up to `limit` runnable jobs of the given kinds, fairly across tenants.
-    pub async fn claim(&self, kinds: &[String], limit: i64) -> Result<Vec<JobRecord>, StoreError> {
-        let started = Instant::now();
-        let client = self.pool.get().await?;
-        let sql = format!(
+    /// The statement [`Worker::claim`] runs (public for the queue benchmark's EXPLAIN). Parameters:
+    /// `$1` kinds (`text[]`), `$2` per-tenant cap, `$3` batch limit (both `int8`), `$4` lease
+    /// owner (`text`), `$5` lease seconds (`float8`); returns the claimed jobs' columns.
+    pub fn claim_sql() -> String {
+        format!(
             "WITH RECURSIVE tenants AS (
                  (SELECT tenant_id FROM jobs WHERE state = 'queued' ORDER BY tenant_id LIMIT 1)
                  UNION ALL
@@ -324,7 +324,14 @@ impl Worker {
              FROM picked WHERE jobs.id = picked.id
              RETURNING {}",
             COLUMNS.split(", ").map(|c| format!("jobs.{c}")).collect::<Vec<_>>().join(", ")
-        );
+        )
+    }
+
+    /// Claim up to `limit` runnable jobs of the given kinds, fairly across tenants.
+    pub async fn claim(&self, kinds: &[String], limit: i64) -> Result<Vec<JobRecord>, StoreError> {
+        let started = Instant::now();
+        let client = self.pool.get().await?;
+        let sql = Self::claim_sql();
         let rows = client
             .query(
                 &sql,

@@ -29,42 +29,71 @@ use super::{CallNote, Incoming, Interrupt, base_url, guarded};
 /// The system mailbox app-only callers anchor on.
 const APP_ANCHOR_MAILBOX: &str = "SystemMailbox{bb558c35-97f1-4cb9-8ff7-d53741dc928c}";
 
-/// Every cmdlet the sandbox implements, with whether it changes anything.
-const CMDLETS: &[(&str, bool)] = &[
-    ("Get-OrganizationConfig", false),
-    ("New-DistributionGroup", true),
-    ("Get-DistributionGroup", false),
-    ("Set-DistributionGroup", true),
-    ("Remove-DistributionGroup", true),
-    ("Add-DistributionGroupMember", true),
-    ("Remove-DistributionGroupMember", true),
-    ("Get-DistributionGroupMember", false),
-    ("Update-DistributionGroupMember", true),
-    ("Get-Mailbox", false),
-    ("Get-Recipient", false),
-    ("Get-CASMailbox", false),
-    ("New-ApplicationAccessPolicy", true),
-    ("Get-ApplicationAccessPolicy", false),
-    ("Set-ApplicationAccessPolicy", true),
-    ("Remove-ApplicationAccessPolicy", true),
-    ("Test-ApplicationAccessPolicy", false),
-    ("New-ServicePrincipal", true),
-    ("Get-ServicePrincipal", false),
-    ("Remove-ServicePrincipal", true),
-    ("New-ManagementScope", true),
-    ("Get-ManagementScope", false),
-    ("Remove-ManagementScope", true),
-    ("New-ManagementRoleAssignment", true),
-    ("Get-ManagementRoleAssignment", false),
-    ("Remove-ManagementRoleAssignment", true),
-    ("Test-ServicePrincipalAuthorization", false),
+/// What a cmdlet does with its bound parameters.
+type Handler = fn(&mut Cx<'_>, &Bound) -> R;
+
+/// A cmdlet the sandbox implements: its name, whether it changes anything, the parameters it
+/// binds, and what it does with them.
+struct Cmdlet {
+    name: &'static str,
+    writes: bool,
+    params: &'static [P],
+    run: Handler,
+}
+
+/// A cmdlet that only reads.
+const fn reads(name: &'static str, params: &'static [P], run: Handler) -> Cmdlet {
+    Cmdlet {
+        name,
+        writes: false,
+        params,
+        run,
+    }
+}
+
+/// A cmdlet that changes the tenant (published to Graph's front ends after it runs).
+const fn writes(name: &'static str, params: &'static [P], run: Handler) -> Cmdlet {
+    let mut c = reads(name, params, run);
+    c.writes = true;
+    c
+}
+
+/// Every cmdlet the sandbox implements: name, parameters (bound before the handler runs), handler.
+#[rustfmt::skip]
+const CMDLETS: &[Cmdlet] = &[
+    reads("Get-OrganizationConfig", &[], get_organization_config),
+    writes("New-DistributionGroup", NEW_DISTRIBUTION_GROUP, new_distribution_group),
+    reads("Get-DistributionGroup", GET_DISTRIBUTION_GROUP, get_distribution_group),
+    writes("Set-DistributionGroup", SET_DISTRIBUTION_GROUP, set_distribution_group),
+    writes("Remove-DistributionGroup", REMOVE_DISTRIBUTION_GROUP, remove_distribution_group),
+    writes("Add-DistributionGroupMember", GROUP_MEMBER, add_distribution_group_member),
+    writes("Remove-DistributionGroupMember", GROUP_MEMBER, remove_distribution_group_member),
+    reads("Get-DistributionGroupMember", GET_DISTRIBUTION_GROUP_MEMBER, get_distribution_group_member),
+    writes("Update-DistributionGroupMember", UPDATE_DISTRIBUTION_GROUP_MEMBER, update_distribution_group_member),
+    reads("Get-Mailbox", GET_RECIPIENTS, |cx, b| get_recipients(cx, "Get-Mailbox", b)),
+    reads("Get-Recipient", GET_RECIPIENTS, |cx, b| get_recipients(cx, "Get-Recipient", b)),
+    reads("Get-CASMailbox", GET_RECIPIENTS, |cx, b| get_recipients(cx, "Get-CASMailbox", b)),
+    writes("New-ApplicationAccessPolicy", NEW_APPLICATION_ACCESS_POLICY, new_policy),
+    reads("Get-ApplicationAccessPolicy", GET_APPLICATION_ACCESS_POLICY, get_application_access_policy),
+    writes("Set-ApplicationAccessPolicy", SET_APPLICATION_ACCESS_POLICY, set_application_access_policy),
+    writes("Remove-ApplicationAccessPolicy", IDENTITY, remove_application_access_policy),
+    reads("Test-ApplicationAccessPolicy", TEST_APPLICATION_ACCESS_POLICY, test_application_access_policy),
+    writes("New-ServicePrincipal", NEW_SERVICE_PRINCIPAL, new_service_principal),
+    reads("Get-ServicePrincipal", GET_SERVICE_PRINCIPAL, get_service_principal),
+    writes("Remove-ServicePrincipal", IDENTITY, remove_service_principal),
+    writes("New-ManagementScope", NEW_MANAGEMENT_SCOPE, new_management_scope),
+    reads("Get-ManagementScope", GET_MANAGEMENT_SCOPE, get_management_scope),
+    writes("Remove-ManagementScope", IDENTITY, remove_management_scope),
+    writes("New-ManagementRoleAssignment", NEW_MANAGEMENT_ROLE_ASSIGNMENT, new_role_assignment),
+    reads("Get-ManagementRoleAssignment", GET_MANAGEMENT_ROLE_ASSIGNMENT, get_management_role_assignment),
+    writes("Remove-ManagementRoleAssignment", IDENTITY, remove_management_role_assignment),
+    reads("Test-ServicePrincipalAuthorization", TEST_SERVICE_PRINCIPAL_AUTHORIZATION, test_service_principal_authorization),
 ];
 
-fn canonical_cmdlet(name: &str) -> Option<(&'static str, bool)> {
+fn canonical_cmdlet(name: &str) -> Option<&'static Cmdlet> {
     CMDLETS
         .iter()
-        .find(|(n, _)| n.eq_ignore_ascii_case(name.trim()))
-        .copied()
+        .find(|c| c.name.eq_ignore_ascii_case(name.trim()))
 }
 
 /// Cmdlets a directory role lets an app run. Exchange/Global Administrator run everything;
@@ -395,7 +424,7 @@ pub async fn entry(
             cmdlet_name
                 .as_deref()
                 .and_then(canonical_cmdlet)
-                .map(|c| c.0)
+                .map(|c| c.name)
                 .unwrap_or("unknown")
         ),
         cmdlet: cmdlet_name.clone(),
@@ -585,10 +614,11 @@ fn invoke(w: &mut World, sh: &Shared, inv: Invocation<'_>) -> Reply {
     let behaviour = tenant.behaviour.clone();
     let roles = tenant.directory_roles_of(&claims.oid);
     // Unknown cmdlets and cmdlets outside the caller's roles look the same: a 403.
-    let Some((cmdlet, writes)) = canonical_cmdlet(&name) else {
+    let Some(cmdlet) = canonical_cmdlet(&name) else {
         return with_ids(forbidden(behaviour.exchange_forbidden_body));
     };
-    if !role_permits(&roles, cmdlet, writes) {
+    let writes = cmdlet.writes;
+    if !role_permits(&roles, cmdlet.name, writes) {
         return with_ids(forbidden(behaviour.exchange_forbidden_body));
     }
     let lag = w.replication_lag();
@@ -843,573 +873,520 @@ impl Output {
 
 type R = Result<Output, ExoError>;
 
-fn run_cmdlet(cx: &mut Cx<'_>, cmdlet: &str, params: &Map<String, Value>) -> R {
-    match cmdlet {
-        "Get-OrganizationConfig" => {
-            bind(&[], params)?;
-            let t = &cx.t;
-            Ok(Output::items(vec![annotate(json!({
-                "Name": t.initial_domain.split('.').next().unwrap_or_default(),
-                "DisplayName": t.display_name, "Identity": t.initial_domain,
-                "Guid": t.id, "ExternalDirectoryOrganizationId": t.id,
-                "EwsEnabled": null, "IsDehydrated": false
-            }))]))
+/// Bind the parameters by the cmdlet's specs, then run its handler.
+fn run_cmdlet(cx: &mut Cx<'_>, cmdlet: &Cmdlet, params: &Map<String, Value>) -> R {
+    let b = bind(cmdlet.params, params)?;
+    (cmdlet.run)(cx, &b)
+}
+
+/// The distribution group `-Identity` names.
+fn identity_group<'t>(cx: &'t Cx<'_>, b: &Bound) -> Result<&'t Recipient, ExoError> {
+    let id = b.str("Identity").unwrap_or_default();
+    resolve(cx.t, &id, cx.now, false, |r| r.kind.is_distribution_group())
+}
+
+/// Any (replicated) recipient by identity.
+fn any_recipient<'t>(cx: &'t Cx<'_>, identity: &str) -> Result<&'t Recipient, ExoError> {
+    resolve(cx.t, identity, cx.now, false, |r| r.kind.is_recipient())
+}
+
+fn get_organization_config(cx: &mut Cx<'_>, _: &Bound) -> R {
+    let t = &cx.t;
+    Ok(Output::items(vec![annotate(json!({
+        "Name": t.initial_domain.split('.').next().unwrap_or_default(),
+        "DisplayName": t.display_name, "Identity": t.initial_domain,
+        "Guid": t.id, "ExternalDirectoryOrganizationId": t.id,
+        "EwsEnabled": null, "IsDehydrated": false
+    }))]))
+}
+
+const GET_DISTRIBUTION_GROUP: &[P] = &[
+    P("Identity", Kind::Str, false),
+    P("ResultSize", Kind::ResultSize, false),
+];
+
+fn get_distribution_group(cx: &mut Cx<'_>, b: &Bound) -> R {
+    let list = match b.str("Identity") {
+        Some(_) => vec![identity_group(cx, b)?.clone()],
+        None => visible(cx.t, cx.now, |r| r.kind.is_distribution_group()),
+    };
+    Ok(limit(
+        list.iter().map(|r| group_object(cx.t, r)).collect(),
+        b.result_size(),
+    ))
+}
+
+const REMOVE_DISTRIBUTION_GROUP: &[P] = &[
+    P("Identity", Kind::Str, true),
+    P("BypassSecurityGroupManagerCheck", Kind::Switch, false),
+];
+
+fn remove_distribution_group(cx: &mut Cx<'_>, b: &Bound) -> R {
+    let g = identity_group(cx, b)?.id.clone();
+    manager_check(cx.t, b)?;
+    cx.t.recipients.retain(|r| r.id != g);
+    for r in cx.t.recipients.iter_mut() {
+        r.members.retain(|m| *m != g);
+    }
+    Ok(Output::none())
+}
+
+/// `Add-` and `Remove-DistributionGroupMember`.
+const GROUP_MEMBER: &[P] = &[
+    P("Identity", Kind::Str, true),
+    P("Member", Kind::Str, true),
+    P("BypassSecurityGroupManagerCheck", Kind::Switch, false),
+];
+
+/// The group (`-Identity`) and the recipient (`-Member`) of a membership change, after the
+/// manager check; `adding` also checks that the recipient can be a member.
+fn group_and_member(
+    cx: &Cx<'_>,
+    b: &Bound,
+    adding: bool,
+) -> Result<(Recipient, Recipient), ExoError> {
+    let gid = identity_group(cx, b)?.id.clone();
+    let member = any_recipient(cx, &b.str("Member").unwrap_or_default())?.clone();
+    if adding {
+        check_member_type(&member)?;
+    }
+    manager_check(cx.t, b)?;
+    let g =
+        cx.t.recipient(&gid)
+            .cloned()
+            .ok_or_else(|| ExoError::not_found(&gid, cx.t))?;
+    Ok((g, member))
+}
+
+fn add_distribution_group_member(cx: &mut Cx<'_>, b: &Bound) -> R {
+    let (g, member) = group_and_member(cx, b, true)?;
+    if g.members.contains(&member.id) {
+        return Err(ExoError {
+            status: 400,
+            code: "BadRequest",
+            error_id: "Ex5B2C9A",
+            exception: "Microsoft.Exchange.Management.Tasks.MemberAlreadyExistsException",
+            text: format!(
+                "The recipient \"{}\" is already a member of the group \"{}\".",
+                member.name, g.name
+            ),
+        });
+    }
+    if let Some(g) = cx.t.recipient_mut(&g.id) {
+        g.members.push(member.id.clone());
+    }
+    Ok(Output::none())
+}
+
+fn remove_distribution_group_member(cx: &mut Cx<'_>, b: &Bound) -> R {
+    let (g, member) = group_and_member(cx, b, false)?;
+    if !g.members.contains(&member.id) {
+        return Err(ExoError {
+            status: 400,
+            code: "BadRequest",
+            error_id: "Ex8D1E4F",
+            exception: "Microsoft.Exchange.Management.Tasks.MemberNotFoundException",
+            text: format!(
+                "The recipient \"{}\" isn't a member of the group \"{}\".",
+                member.name, g.name
+            ),
+        });
+    }
+    if let Some(g) = cx.t.recipient_mut(&g.id) {
+        g.members.retain(|m| *m != member.id);
+    }
+    Ok(Output::none())
+}
+
+const GET_DISTRIBUTION_GROUP_MEMBER: &[P] = &[
+    P("Identity", Kind::Str, true),
+    P("ResultSize", Kind::ResultSize, false),
+];
+
+fn get_distribution_group_member(cx: &mut Cx<'_>, b: &Bound) -> R {
+    let g = identity_group(cx, b)?;
+    let members: Vec<Value> = g
+        .members
+        .iter()
+        .filter_map(|m| cx.t.recipient(m))
+        .map(|r| recipient_object(cx.t, r))
+        .collect();
+    Ok(limit(members, b.result_size()))
+}
+
+const UPDATE_DISTRIBUTION_GROUP_MEMBER: &[P] = &[
+    P("Identity", Kind::Str, true),
+    P("Members", Kind::Strings, true),
+    P("BypassSecurityGroupManagerCheck", Kind::Switch, false),
+];
+
+fn update_distribution_group_member(cx: &mut Cx<'_>, b: &Bound) -> R {
+    let gid = identity_group(cx, b)?.id.clone();
+    let mut ids = vec![];
+    for m in b.strings("Members") {
+        let r = any_recipient(cx, &m)?;
+        check_member_type(r)?;
+        if !ids.contains(&r.id) {
+            ids.push(r.id.clone());
         }
-        "New-DistributionGroup" => new_distribution_group(cx, params),
-        "Get-DistributionGroup" => {
-            let b = bind(
-                &[
-                    P("Identity", Kind::Str, false),
-                    P("ResultSize", Kind::ResultSize, false),
-                ],
-                params,
-            )?;
-            let list = match b.str("Identity") {
-                Some(id) => vec![
-                    resolve(cx.t, &id, cx.now, false, |r| r.kind.is_distribution_group())?.clone(),
-                ],
-                None => visible(cx.t, cx.now, |r| r.kind.is_distribution_group()),
-            };
-            Ok(limit(
-                list.iter().map(|r| group_object(cx.t, r)).collect(),
-                b.result_size(),
-            ))
+    }
+    if ids.len() > 10_000 {
+        return Err(ExoError::invalid(
+            "The number of members exceeds the limit of 10000.".into(),
+        ));
+    }
+    manager_check(cx.t, b)?;
+    if let Some(g) = cx.t.recipient_mut(&gid) {
+        g.members = ids;
+    }
+    Ok(Output::none())
+}
+
+const GET_APPLICATION_ACCESS_POLICY: &[P] = &[P("Identity", Kind::Str, false)];
+
+fn get_application_access_policy(cx: &mut Cx<'_>, b: &Bound) -> R {
+    if cx.t.policies.is_empty()
+        && !cx.t.policies_ever_used
+        && cx.t.behaviour.policy_get_fails_when_never_used
+    {
+        return Err(ExoError::not_found(
+            &format!(
+                "OU={},OU=Microsoft Exchange Hosted Organizations,DC=NAMPR03A001,DC=PROD,DC=OUTLOOK,DC=COM\\*",
+                cx.t.initial_domain
+            ),
+            cx.t,
+        ));
+    }
+    let all: Vec<&Policy> =
+        cx.t.policies
+            .iter()
+            .filter(|p| p.visible_at <= cx.now)
+            .collect();
+    let wanted = b.str("Identity");
+    // An unknown Identity returns every policy (§2.1), so callers must check matches.
+    let matching: Vec<&Policy> = match &wanted {
+        Some(id) => {
+            let m: Vec<&Policy> = all
+                .iter()
+                .copied()
+                .filter(|p| policy_identity(cx.t, p).eq_ignore_ascii_case(id))
+                .collect();
+            if m.is_empty() { all } else { m }
         }
-        "Set-DistributionGroup" => set_distribution_group(cx, params),
-        "Remove-DistributionGroup" => {
-            let b = bind(
-                &[
-                    P("Identity", Kind::Str, true),
-                    P("BypassSecurityGroupManagerCheck", Kind::Switch, false),
-                ],
-                params,
-            )?;
-            let id = b.str("Identity").unwrap_or_default();
-            let g = resolve(cx.t, &id, cx.now, false, |r| r.kind.is_distribution_group())?
+        None => all,
+    };
+    Ok(Output::items(
+        matching.iter().map(|p| policy_object(cx.t, p)).collect(),
+    ))
+}
+
+const SET_APPLICATION_ACCESS_POLICY: &[P] = &[
+    P("Identity", Kind::Str, true),
+    P("Description", Kind::Str, true),
+];
+
+fn set_application_access_policy(cx: &mut Cx<'_>, b: &Bound) -> R {
+    let id = b.str("Identity").unwrap_or_default();
+    let idx = find_policy(cx.t, &id, cx.now)?;
+    let desc = b.str("Description").unwrap_or_default();
+    let mut trial: Vec<Policy> = cx.t.policies.clone();
+    trial[idx].description = desc.clone();
+    check_storage(cx.t, &trial)?;
+    cx.t.policies[idx].description = desc;
+    Ok(Output::none())
+}
+
+/// A mandatory `-Identity` and nothing else (the `Remove-*` cmdlets).
+const IDENTITY: &[P] = &[P("Identity", Kind::Str, true)];
+
+fn remove_application_access_policy(cx: &mut Cx<'_>, b: &Bound) -> R {
+    let id = b.str("Identity").unwrap_or_default();
+    let idx = find_policy(cx.t, &id, cx.now)?;
+    cx.t.policies.remove(idx);
+    Ok(Output::none())
+}
+
+const TEST_APPLICATION_ACCESS_POLICY: &[P] =
+    &[P("Identity", Kind::Str, true), P("AppId", Kind::Str, true)];
+
+fn test_application_access_policy(cx: &mut Cx<'_>, b: &Bound) -> R {
+    let app_id = b.str("AppId").unwrap_or_default();
+    // Test cmdlets read the live directory: replication lag and caches do not apply.
+    let mbx = resolve(
+        cx.t,
+        &b.str("Identity").unwrap_or_default(),
+        cx.now,
+        true,
+        |r| r.kind.has_mailbox() || r.kind == RecipientKind::MailUser,
+    )?
+    .clone();
+    let d = evaluate_application_access(
+        &app_id,
+        &mbx.id,
+        &cx.t.access_policies(),
+        &cx.t.group_members(),
+        cx.t.behaviour.aap_nested_groups,
+    );
+    Ok(Output::items(vec![annotate(json!({
+        "AppId": app_id, "Mailbox": mbx.name, "MailboxId": mbx.id, "MailboxSid": mbx.sid,
+        "AccessCheckResult": d.access_check_result()
+    }))]))
+}
+
+const NEW_SERVICE_PRINCIPAL: &[P] = &[
+    P("AppId", Kind::Str, true),
+    P("ObjectId", Kind::Str, false),
+    P("ServiceId", Kind::Str, false),
+    P("DisplayName", Kind::Str, false),
+    P("Organization", Kind::Str, false),
+];
+
+fn new_service_principal(cx: &mut Cx<'_>, b: &Bound) -> R {
+    let app_id = b.str("AppId").unwrap_or_default();
+    let object_id = b.str("ObjectId").or_else(|| b.str("ServiceId")).ok_or_else(|| {
+        ExoError::binding("Cannot process command because of one or more missing mandatory parameters: ObjectId.".into())
+    })?;
+    for (label, v) in [("AppId", &app_id), ("ObjectId", &object_id)] {
+        if uuid::Uuid::parse_str(v).is_err() {
+            return Err(ExoError::invalid(format!(
+                "The value '{v}' of parameter {label} is not a valid GUID."
+            )));
+        }
+    }
+    if cx.t.exo_service_principals.iter().any(|s| {
+        s.app_id.eq_ignore_ascii_case(&app_id) || s.object_id.eq_ignore_ascii_case(&object_id)
+    }) {
+        return Err(ExoError::exists(format!(
+            "A service principal with AppId '{app_id}' or ObjectId '{object_id}' already exists."
+        )));
+    }
+    // Exchange does not check the pointer against Entra: a wrong ObjectId (e.g. the app
+    // registration's) is accepted and simply never matches a token's `oid`.
+    let display = b.str("DisplayName").unwrap_or_else(|| app_id.clone());
+    let sp = ExoServicePrincipal {
+        app_id,
+        object_id: object_id.to_lowercase(),
+        display_name: display,
+        identity: object_id.to_lowercase(),
+        created: cx.wall,
+        visible_at: cx.visible_at,
+    };
+    let out = exo_sp_object(cx.t, &sp);
+    cx.t.exo_service_principals.push(sp);
+    Ok(Output::items(vec![out]))
+}
+
+const GET_SERVICE_PRINCIPAL: &[P] = &[
+    P("Identity", Kind::Str, false),
+    P("Organization", Kind::Str, false),
+];
+
+fn get_service_principal(cx: &mut Cx<'_>, b: &Bound) -> R {
+    let list: Vec<Value> = match b.str("Identity") {
+        Some(id) => vec![exo_sp_object(cx.t, find_exo_sp(cx.t, &id, cx.now, false)?)],
+        None => {
+            cx.t.exo_service_principals
+                .iter()
+                .filter(|s| s.visible_at <= cx.now)
+                .map(|s| exo_sp_object(cx.t, s))
+                .collect()
+        }
+    };
+    Ok(Output::items(list))
+}
+
+fn remove_service_principal(cx: &mut Cx<'_>, b: &Bound) -> R {
+    let oid = find_exo_sp(cx.t, &b.str("Identity").unwrap_or_default(), cx.now, false)?
+        .object_id
+        .clone();
+    cx.t.exo_service_principals.retain(|s| s.object_id != oid);
+    cx.t.role_assignments.retain(|a| a.app_object_id != oid);
+    Ok(Output::none())
+}
+
+const NEW_MANAGEMENT_SCOPE: &[P] = &[
+    P("Name", Kind::Str, true),
+    P("RecipientRestrictionFilter", Kind::Str, true),
+    P("RecipientRoot", Kind::Str, false),
+    P("Exclusive", Kind::Switch, false),
+    P("Force", Kind::Switch, false),
+];
+
+fn new_management_scope(cx: &mut Cx<'_>, b: &Bound) -> R {
+    let name = b.str("Name").unwrap_or_default();
+    if name.trim().is_empty() || name.chars().count() > 64 {
+        return Err(ExoError::invalid(format!(
+            "The length of the property Name is invalid: '{name}'. It must be between 1 and 64 characters."
+        )));
+    }
+    if cx
+        .t
+        .management_scopes
+        .iter()
+        .any(|s| s.name.eq_ignore_ascii_case(&name))
+    {
+        return Err(ExoError::exists(format!(
+            "The management scope \"{name}\" already exists. Specify a unique name."
+        )));
+    }
+    let filter = b.str("RecipientRestrictionFilter").unwrap_or_default();
+    RecipientFilter::parse(&filter).map_err(|e| {
+        ExoError::invalid(format!(
+            "The recipient filter \"{filter}\" isn't valid: {e}."
+        ))
+    })?;
+    let scope = ManagementScopeRecord {
+        name,
+        guid: guid(cx.rng),
+        filter,
+        exclusive: b.flag("Exclusive"),
+        created: cx.wall,
+        visible_at: cx.visible_at,
+    };
+    let out = scope_object(&scope);
+    cx.t.management_scopes.push(scope);
+    Ok(Output::items(vec![out]))
+}
+
+/// A replicated management scope by name or GUID.
+fn find_scope<'t>(
+    t: &'t Tenant,
+    identity: &str,
+    now: Duration,
+) -> Result<&'t ManagementScopeRecord, ExoError> {
+    t.management_scopes
+        .iter()
+        .find(|s| {
+            s.visible_at <= now
+                && (s.name.eq_ignore_ascii_case(identity) || s.guid.eq_ignore_ascii_case(identity))
+        })
+        .ok_or_else(|| ExoError::not_found(identity, t))
+}
+
+const GET_MANAGEMENT_SCOPE: &[P] = &[
+    P("Identity", Kind::Str, false),
+    P("Exclusive", Kind::Bool, false),
+];
+
+fn get_management_scope(cx: &mut Cx<'_>, b: &Bound) -> R {
+    let list: Vec<Value> = match b.str("Identity") {
+        Some(id) => vec![scope_object(find_scope(cx.t, &id, cx.now)?)],
+        None => {
+            cx.t.management_scopes
+                .iter()
+                .filter(|s| s.visible_at <= cx.now)
+                .filter(|s| b.boolean("Exclusive").is_none_or(|e| e == s.exclusive))
+                .map(scope_object)
+                .collect()
+        }
+    };
+    Ok(Output::items(list))
+}
+
+fn remove_management_scope(cx: &mut Cx<'_>, b: &Bound) -> R {
+    let id = b.str("Identity").unwrap_or_default();
+    let name = find_scope(cx.t, &id, cx.now)?.name.clone();
+    if cx
+        .t
+        .role_assignments
+        .iter()
+        .any(|a| matches!(&a.scope, ScopeRef::Custom(n) if n.eq_ignore_ascii_case(&name)))
+    {
+        return Err(ExoError::task(format!(
+            "Management scope \"{name}\" can't be removed because it's used by one or more role assignments."
+        )));
+    }
+    cx.t.management_scopes.retain(|s| s.name != name);
+    Ok(Output::none())
+}
+
+/// A replicated role assignment by name or GUID.
+fn find_assignment<'t>(
+    t: &'t Tenant,
+    identity: &str,
+    now: Duration,
+) -> Result<&'t RoleAssignmentRecord, ExoError> {
+    t.role_assignments
+        .iter()
+        .find(|a| {
+            a.visible_at <= now
+                && (a.name.eq_ignore_ascii_case(identity) || a.guid.eq_ignore_ascii_case(identity))
+        })
+        .ok_or_else(|| ExoError::not_found(identity, t))
+}
+
+const GET_MANAGEMENT_ROLE_ASSIGNMENT: &[P] = &[
+    P("Identity", Kind::Str, false),
+    P("Role", Kind::Str, false),
+    P("RoleAssignee", Kind::Str, false),
+    P("RoleAssigneeType", Kind::Str, false),
+    P("Enabled", Kind::Bool, false),
+];
+
+fn get_management_role_assignment(cx: &mut Cx<'_>, b: &Bound) -> R {
+    if let Some(id) = b.str("Identity") {
+        let a = find_assignment(cx.t, &id, cx.now)?;
+        return Ok(Output::items(vec![assignment_object(cx.t, a)]));
+    }
+    let assignee = match b.str("RoleAssignee") {
+        Some(x) => Some(find_exo_sp(cx.t, &x, cx.now, false)?.object_id.clone()),
+        None => None,
+    };
+    let list =
+        cx.t.role_assignments
+            .iter()
+            .filter(|a| a.visible_at <= cx.now)
+            .filter(|a| {
+                b.str("Role")
+                    .is_none_or(|r| r.eq_ignore_ascii_case(&a.role))
+            })
+            .filter(|a| assignee.as_deref().is_none_or(|o| o == a.app_object_id))
+            .filter(|_| {
+                b.str("RoleAssigneeType")
+                    .is_none_or(|t| t.eq_ignore_ascii_case("ServicePrincipal"))
+            })
+            .filter(|a| b.boolean("Enabled").is_none_or(|e| e == a.enabled))
+            .map(|a| assignment_object(cx.t, a))
+            .collect();
+    Ok(Output::items(list))
+}
+
+fn remove_management_role_assignment(cx: &mut Cx<'_>, b: &Bound) -> R {
+    let id = b.str("Identity").unwrap_or_default();
+    let name = find_assignment(cx.t, &id, cx.now)?.name.clone();
+    cx.t.role_assignments.retain(|a| a.name != name);
+    Ok(Output::none())
+}
+
+const TEST_SERVICE_PRINCIPAL_AUTHORIZATION: &[P] = &[
+    P("Identity", Kind::Str, true),
+    P("Resource", Kind::Str, false),
+];
+
+fn test_service_principal_authorization(cx: &mut Cx<'_>, b: &Bound) -> R {
+    // Bypasses the permission cache and ignores Entra grants (§3.1): live state only.
+    let sp = find_exo_sp(cx.t, &b.str("Identity").unwrap_or_default(), cx.now, true)?.clone();
+    let assignments = assignments_of(cx.t, &sp.object_id);
+    let snap = snapshot(cx.t);
+    let resource = match b.str("Resource") {
+        Some(r) => {
+            let m = resolve(cx.t, &r, cx.now, true, |x| x.kind.is_recipient())?
                 .id
                 .clone();
-            manager_check(cx.t, &b)?;
-            cx.t.recipients.retain(|r| r.id != g);
-            for r in cx.t.recipients.iter_mut() {
-                r.members.retain(|m| *m != g);
-            }
-            Ok(Output::none())
+            super::state::facts_with_groups(&snap, &m, &cx.t.behaviour)
         }
-        "Add-DistributionGroupMember" => {
-            let b = bind(
-                &[
-                    P("Identity", Kind::Str, true),
-                    P("Member", Kind::Str, true),
-                    P("BypassSecurityGroupManagerCheck", Kind::Switch, false),
-                ],
-                params,
-            )?;
-            let gid = resolve(
-                cx.t,
-                &b.str("Identity").unwrap_or_default(),
-                cx.now,
-                false,
-                |r| r.kind.is_distribution_group(),
-            )?
-            .id
-            .clone();
-            let member_text = b.str("Member").unwrap_or_default();
-            let member =
-                resolve(cx.t, &member_text, cx.now, false, |r| r.kind.is_recipient())?.clone();
-            check_member_type(&member)?;
-            manager_check(cx.t, &b)?;
-            let g =
-                cx.t.recipient(&gid)
-                    .cloned()
-                    .ok_or_else(|| ExoError::not_found(&gid, cx.t))?;
-            if g.members.contains(&member.id) {
-                return Err(ExoError {
-                    status: 400,
-                    code: "BadRequest",
-                    error_id: "Ex5B2C9A",
-                    exception: "Microsoft.Exchange.Management.Tasks.MemberAlreadyExistsException",
-                    text: format!(
-                        "The recipient \"{}\" is already a member of the group \"{}\".",
-                        member.name, g.name
-                    ),
-                });
-            }
-            if let Some(g) = cx.t.recipient_mut(&gid) {
-                g.members.push(member.id.clone());
-            }
-            Ok(Output::none())
-        }
-        "Remove-DistributionGroupMember" => {
-            let b = bind(
-                &[
-                    P("Identity", Kind::Str, true),
-                    P("Member", Kind::Str, true),
-                    P("BypassSecurityGroupManagerCheck", Kind::Switch, false),
-                ],
-                params,
-            )?;
-            let gid = resolve(
-                cx.t,
-                &b.str("Identity").unwrap_or_default(),
-                cx.now,
-                false,
-                |r| r.kind.is_distribution_group(),
-            )?
-            .id
-            .clone();
-            let member = resolve(
-                cx.t,
-                &b.str("Member").unwrap_or_default(),
-                cx.now,
-                false,
-                |r| r.kind.is_recipient(),
-            )?
-            .clone();
-            manager_check(cx.t, &b)?;
-            let g =
-                cx.t.recipient(&gid)
-                    .cloned()
-                    .ok_or_else(|| ExoError::not_found(&gid, cx.t))?;
-            if !g.members.contains(&member.id) {
-                return Err(ExoError {
-                    status: 400,
-                    code: "BadRequest",
-                    error_id: "Ex8D1E4F",
-                    exception: "Microsoft.Exchange.Management.Tasks.MemberNotFoundException",
-                    text: format!(
-                        "The recipient \"{}\" isn't a member of the group \"{}\".",
-                        member.name, g.name
-                    ),
-                });
-            }
-            if let Some(g) = cx.t.recipient_mut(&gid) {
-                g.members.retain(|m| *m != member.id);
-            }
-            Ok(Output::none())
-        }
-        "Get-DistributionGroupMember" => {
-            let b = bind(
-                &[
-                    P("Identity", Kind::Str, true),
-                    P("ResultSize", Kind::ResultSize, false),
-                ],
-                params,
-            )?;
-            let g = resolve(
-                cx.t,
-                &b.str("Identity").unwrap_or_default(),
-                cx.now,
-                false,
-                |r| r.kind.is_distribution_group(),
-            )?
-            .clone();
-            let members: Vec<Value> = g
-                .members
-                .iter()
-                .filter_map(|m| cx.t.recipient(m))
-                .map(|r| recipient_object(cx.t, r))
-                .collect();
-            Ok(limit(members, b.result_size()))
-        }
-        "Update-DistributionGroupMember" => {
-            let b = bind(
-                &[
-                    P("Identity", Kind::Str, true),
-                    P("Members", Kind::Strings, true),
-                    P("BypassSecurityGroupManagerCheck", Kind::Switch, false),
-                ],
-                params,
-            )?;
-            let gid = resolve(
-                cx.t,
-                &b.str("Identity").unwrap_or_default(),
-                cx.now,
-                false,
-                |r| r.kind.is_distribution_group(),
-            )?
-            .id
-            .clone();
-            let mut ids = vec![];
-            for m in b.strings("Members") {
-                let r = resolve(cx.t, &m, cx.now, false, |r| r.kind.is_recipient())?.clone();
-                check_member_type(&r)?;
-                if !ids.contains(&r.id) {
-                    ids.push(r.id.clone());
-                }
-            }
-            if ids.len() > 10_000 {
-                return Err(ExoError::invalid(
-                    "The number of members exceeds the limit of 10000.".into(),
-                ));
-            }
-            manager_check(cx.t, &b)?;
-            if let Some(g) = cx.t.recipient_mut(&gid) {
-                g.members = ids;
-            }
-            Ok(Output::none())
-        }
-        "Get-Mailbox" | "Get-Recipient" | "Get-CASMailbox" => get_recipients(cx, cmdlet, params),
-        "New-ApplicationAccessPolicy" => new_policy(cx, params),
-        "Get-ApplicationAccessPolicy" => {
-            let b = bind(&[P("Identity", Kind::Str, false)], params)?;
-            if cx.t.policies.is_empty()
-                && !cx.t.policies_ever_used
-                && cx.t.behaviour.policy_get_fails_when_never_used
-            {
-                return Err(ExoError::not_found(
-                    &format!(
-                        "OU={},OU=Microsoft Exchange Hosted Organizations,DC=NAMPR03A001,DC=PROD,DC=OUTLOOK,DC=COM\\*",
-                        cx.t.initial_domain
-                    ),
-                    cx.t,
-                ));
-            }
-            let all: Vec<&Policy> =
-                cx.t.policies
-                    .iter()
-                    .filter(|p| p.visible_at <= cx.now)
-                    .collect();
-            let wanted = b.str("Identity");
-            // An unknown Identity returns every policy (§2.1), so callers must check matches.
-            let matching: Vec<&Policy> = match &wanted {
-                Some(id) => {
-                    let m: Vec<&Policy> = all
-                        .iter()
-                        .copied()
-                        .filter(|p| policy_identity(cx.t, p).eq_ignore_ascii_case(id))
-                        .collect();
-                    if m.is_empty() { all } else { m }
-                }
-                None => all,
-            };
-            Ok(Output::items(
-                matching.iter().map(|p| policy_object(cx.t, p)).collect(),
-            ))
-        }
-        "Set-ApplicationAccessPolicy" => {
-            let b = bind(
-                &[
-                    P("Identity", Kind::Str, true),
-                    P("Description", Kind::Str, true),
-                ],
-                params,
-            )?;
-            let id = b.str("Identity").unwrap_or_default();
-            let idx = find_policy(cx.t, &id, cx.now)?;
-            let desc = b.str("Description").unwrap_or_default();
-            let mut trial: Vec<Policy> = cx.t.policies.clone();
-            trial[idx].description = desc.clone();
-            check_storage(cx.t, &trial)?;
-            cx.t.policies[idx].description = desc;
-            Ok(Output::none())
-        }
-        "Remove-ApplicationAccessPolicy" => {
-            let b = bind(&[P("Identity", Kind::Str, true)], params)?;
-            let id = b.str("Identity").unwrap_or_default();
-            let idx = find_policy(cx.t, &id, cx.now)?;
-            cx.t.policies.remove(idx);
-            Ok(Output::none())
-        }
-        "Test-ApplicationAccessPolicy" => {
-            let b = bind(
-                &[P("Identity", Kind::Str, true), P("AppId", Kind::Str, true)],
-                params,
-            )?;
-            let app_id = b.str("AppId").unwrap_or_default();
-            // Test cmdlets read the live directory: replication lag and caches do not apply.
-            let mbx = resolve(
-                cx.t,
-                &b.str("Identity").unwrap_or_default(),
-                cx.now,
-                true,
-                |r| r.kind.has_mailbox() || r.kind == RecipientKind::MailUser,
-            )?
-            .clone();
-            let d = evaluate_application_access(
-                &app_id,
-                &mbx.id,
-                &cx.t.access_policies(),
-                &cx.t.group_members(),
-                cx.t.behaviour.aap_nested_groups,
-            );
-            Ok(Output::items(vec![annotate(json!({
-                "AppId": app_id, "Mailbox": mbx.name, "MailboxId": mbx.id, "MailboxSid": mbx.sid,
-                "AccessCheckResult": d.access_check_result()
-            }))]))
-        }
-        "New-ServicePrincipal" => {
-            let b = bind(
-                &[
-                    P("AppId", Kind::Str, true),
-                    P("ObjectId", Kind::Str, false),
-                    P("ServiceId", Kind::Str, false),
-                    P("DisplayName", Kind::Str, false),
-                    P("Organization", Kind::Str, false),
-                ],
-                params,
-            )?;
-            let app_id = b.str("AppId").unwrap_or_default();
-            let object_id = b.str("ObjectId").or_else(|| b.str("ServiceId")).ok_or_else(|| {
-                ExoError::binding("Cannot process command because of one or more missing mandatory parameters: ObjectId.".into())
-            })?;
-            for (label, v) in [("AppId", &app_id), ("ObjectId", &object_id)] {
-                if uuid::Uuid::parse_str(v).is_err() {
-                    return Err(ExoError::invalid(format!(
-                        "The value '{v}' of parameter {label} is not a valid GUID."
-                    )));
-                }
-            }
-            if cx.t.exo_service_principals.iter().any(|s| {
-                s.app_id.eq_ignore_ascii_case(&app_id)
-                    || s.object_id.eq_ignore_ascii_case(&object_id)
-            }) {
-                return Err(ExoError::exists(format!(
-                    "A service principal with AppId '{app_id}' or ObjectId '{object_id}' already exists."
-                )));
-            }
-            // Exchange does not check the pointer against Entra: a wrong ObjectId (e.g. the app
-            // registration's) is accepted and simply never matches a token's `oid`.
-            let display = b.str("DisplayName").unwrap_or_else(|| app_id.clone());
-            let sp = ExoServicePrincipal {
-                app_id,
-                object_id: object_id.to_lowercase(),
-                display_name: display,
-                identity: object_id.to_lowercase(),
-                created: cx.wall,
-                visible_at: cx.visible_at,
-            };
-            let out = exo_sp_object(cx.t, &sp);
-            cx.t.exo_service_principals.push(sp);
-            Ok(Output::items(vec![out]))
-        }
-        "Get-ServicePrincipal" => {
-            let b = bind(
-                &[
-                    P("Identity", Kind::Str, false),
-                    P("Organization", Kind::Str, false),
-                ],
-                params,
-            )?;
-            let list: Vec<Value> = match b.str("Identity") {
-                Some(id) => vec![exo_sp_object(cx.t, find_exo_sp(cx.t, &id, cx.now, false)?)],
-                None => {
-                    cx.t.exo_service_principals
-                        .iter()
-                        .filter(|s| s.visible_at <= cx.now)
-                        .map(|s| exo_sp_object(cx.t, s))
-                        .collect()
-                }
-            };
-            Ok(Output::items(list))
-        }
-        "Remove-ServicePrincipal" => {
-            let b = bind(&[P("Identity", Kind::Str, true)], params)?;
-            let oid = find_exo_sp(cx.t, &b.str("Identity").unwrap_or_default(), cx.now, false)?
-                .object_id
-                .clone();
-            cx.t.exo_service_principals.retain(|s| s.object_id != oid);
-            cx.t.role_assignments.retain(|a| a.app_object_id != oid);
-            Ok(Output::none())
-        }
-        "New-ManagementScope" => {
-            let b = bind(
-                &[
-                    P("Name", Kind::Str, true),
-                    P("RecipientRestrictionFilter", Kind::Str, true),
-                    P("RecipientRoot", Kind::Str, false),
-                    P("Exclusive", Kind::Switch, false),
-                    P("Force", Kind::Switch, false),
-                ],
-                params,
-            )?;
-            let name = b.str("Name").unwrap_or_default();
-            if name.trim().is_empty() || name.chars().count() > 64 {
-                return Err(ExoError::invalid(format!(
-                    "The length of the property Name is invalid: '{name}'. It must be between 1 and 64 characters."
-                )));
-            }
-            if cx
-                .t
-                .management_scopes
-                .iter()
-                .any(|s| s.name.eq_ignore_ascii_case(&name))
-            {
-                return Err(ExoError::exists(format!(
-                    "The management scope \"{name}\" already exists. Specify a unique name."
-                )));
-            }
-            let filter = b.str("RecipientRestrictionFilter").unwrap_or_default();
-            RecipientFilter::parse(&filter).map_err(|e| {
-                ExoError::invalid(format!(
-                    "The recipient filter \"{filter}\" isn't valid: {e}."
-                ))
-            })?;
-            let scope = ManagementScopeRecord {
-                name,
-                guid: guid(cx.rng),
-                filter,
-                exclusive: b.flag("Exclusive"),
-                created: cx.wall,
-                visible_at: cx.visible_at,
-            };
-            let out = scope_object(&scope);
-            cx.t.management_scopes.push(scope);
-            Ok(Output::items(vec![out]))
-        }
-        "Get-ManagementScope" => {
-            let b = bind(
-                &[
-                    P("Identity", Kind::Str, false),
-                    P("Exclusive", Kind::Bool, false),
-                ],
-                params,
-            )?;
-            let visible: Vec<&ManagementScopeRecord> =
-                cx.t.management_scopes
-                    .iter()
-                    .filter(|s| s.visible_at <= cx.now)
-                    .collect();
-            let list: Vec<Value> = match b.str("Identity") {
-                Some(id) => {
-                    let s = visible
-                        .iter()
-                        .find(|s| {
-                            s.name.eq_ignore_ascii_case(&id) || s.guid.eq_ignore_ascii_case(&id)
-                        })
-                        .ok_or_else(|| ExoError::not_found(&id, cx.t))?;
-                    vec![scope_object(s)]
-                }
-                None => visible
-                    .iter()
-                    .filter(|s| b.boolean("Exclusive").is_none_or(|e| e == s.exclusive))
-                    .map(|s| scope_object(s))
-                    .collect(),
-            };
-            Ok(Output::items(list))
-        }
-        "Remove-ManagementScope" => {
-            let b = bind(&[P("Identity", Kind::Str, true)], params)?;
-            let id = b.str("Identity").unwrap_or_default();
-            let name = cx
-                .t
-                .management_scopes
-                .iter()
-                .find(|s| {
-                    s.visible_at <= cx.now
-                        && (s.name.eq_ignore_ascii_case(&id) || s.guid.eq_ignore_ascii_case(&id))
-                })
-                .map(|s| s.name.clone())
-                .ok_or_else(|| ExoError::not_found(&id, cx.t))?;
-            if cx
-                .t
-                .role_assignments
-                .iter()
-                .any(|a| matches!(&a.scope, ScopeRef::Custom(n) if n.eq_ignore_ascii_case(&name)))
-            {
-                return Err(ExoError::task(format!(
-                    "Management scope \"{name}\" can't be removed because it's used by one or more role assignments."
-                )));
-            }
-            cx.t.management_scopes.retain(|s| s.name != name);
-            Ok(Output::none())
-        }
-        "New-ManagementRoleAssignment" => new_role_assignment(cx, params),
-        "Get-ManagementRoleAssignment" => {
-            let b = bind(
-                &[
-                    P("Identity", Kind::Str, false),
-                    P("Role", Kind::Str, false),
-                    P("RoleAssignee", Kind::Str, false),
-                    P("RoleAssigneeType", Kind::Str, false),
-                    P("Enabled", Kind::Bool, false),
-                ],
-                params,
-            )?;
-            let visible: Vec<&RoleAssignmentRecord> =
-                cx.t.role_assignments
-                    .iter()
-                    .filter(|a| a.visible_at <= cx.now)
-                    .collect();
-            if let Some(id) = b.str("Identity") {
-                let a = visible
-                    .iter()
-                    .find(|a| a.name.eq_ignore_ascii_case(&id) || a.guid.eq_ignore_ascii_case(&id))
-                    .ok_or_else(|| ExoError::not_found(&id, cx.t))?;
-                return Ok(Output::items(vec![assignment_object(cx.t, a)]));
-            }
-            let assignee = match b.str("RoleAssignee") {
-                Some(x) => Some(find_exo_sp(cx.t, &x, cx.now, false)?.object_id.clone()),
-                None => None,
-            };
-            let list = visible
-                .iter()
-                .filter(|a| {
-                    b.str("Role")
-                        .is_none_or(|r| r.eq_ignore_ascii_case(&a.role))
-                })
-                .filter(|a| assignee.as_deref().is_none_or(|o| o == a.app_object_id))
-                .filter(|_| {
-                    b.str("RoleAssigneeType")
-                        .is_none_or(|t| t.eq_ignore_ascii_case("ServicePrincipal"))
-                })
-                .filter(|a| b.boolean("Enabled").is_none_or(|e| e == a.enabled))
-                .map(|a| assignment_object(cx.t, a))
-                .collect();
-            Ok(Output::items(list))
-        }
-        "Remove-ManagementRoleAssignment" => {
-            let b = bind(&[P("Identity", Kind::Str, true)], params)?;
-            let id = b.str("Identity").unwrap_or_default();
-            let name = cx
-                .t
-                .role_assignments
-                .iter()
-                .find(|a| {
-                    a.visible_at <= cx.now
-                        && (a.name.eq_ignore_ascii_case(&id) || a.guid.eq_ignore_ascii_case(&id))
-                })
-                .map(|a| a.name.clone())
-                .ok_or_else(|| ExoError::not_found(&id, cx.t))?;
-            cx.t.role_assignments.retain(|a| a.name != name);
-            Ok(Output::none())
-        }
-        "Test-ServicePrincipalAuthorization" => {
-            let b = bind(
-                &[
-                    P("Identity", Kind::Str, true),
-                    P("Resource", Kind::Str, false),
-                ],
-                params,
-            )?;
-            // Bypasses the permission cache and ignores Entra grants (§3.1): live state only.
-            let sp =
-                find_exo_sp(cx.t, &b.str("Identity").unwrap_or_default(), cx.now, true)?.clone();
-            let assignments = assignments_of(cx.t, &sp.object_id);
-            let snap = snapshot(cx.t);
-            let resource = match b.str("Resource") {
-                Some(r) => {
-                    let m = resolve(cx.t, &r, cx.now, true, |x| x.kind.is_recipient())?
-                        .id
-                        .clone();
-                    super::state::facts_with_groups(&snap, &m, &cx.t.behaviour)
-                }
-                None => None,
-            };
-            let rows = authorization_rows(&assignments, resource.as_ref());
-            Ok(Output::items(
-                rows.iter()
-                    .map(|r| {
-                        json!({"RoleName": r.role_name, "GrantedPermissions": r.granted_permissions.join(", "),
-                            "AllowedResourceScope": r.allowed_resource_scope, "ScopeType": r.scope_type.as_str(),
-                            "InScope": match r.in_scope { Some(b) => json!(b), None => json!("Not Run") }})
-                    })
-                    .collect(),
-            ))
-        }
-        other => Err(ExoError::task(format!(
-            "The cmdlet {other} is not implemented by the sandbox."
-        ))),
-    }
+        None => None,
+    };
+    let rows = authorization_rows(&assignments, resource.as_ref());
+    Ok(Output::items(
+        rows.iter()
+            .map(|r| {
+                json!({"RoleName": r.role_name, "GrantedPermissions": r.granted_permissions.join(", "),
+                    "AllowedResourceScope": r.allowed_resource_scope, "ScopeType": r.scope_type.as_str(),
+                    "InScope": match r.in_scope { Some(b) => json!(b), None => json!("Not Run") }})
+            })
+            .collect(),
+    ))
 }
 
 fn limit(items: Vec<Value>, size: Option<usize>) -> Output {
@@ -1496,35 +1473,33 @@ fn manager_check(t: &Tenant, b: &Bound) -> Result<(), ExoError> {
     Ok(())
 }
 
-fn new_distribution_group(cx: &mut Cx<'_>, params: &Map<String, Value>) -> R {
-    let b = bind(
-        &[
-            P("Name", Kind::Str, true),
-            P("Alias", Kind::Str, false),
-            P("DisplayName", Kind::Str, false),
-            P("ManagedBy", Kind::Strings, false),
-            P(
-                "MemberDepartRestriction",
-                Kind::Enum(&["Open", "Closed"]),
-                false,
-            ),
-            P(
-                "MemberJoinRestriction",
-                Kind::Enum(&["Open", "Closed", "ApprovalRequired"]),
-                false,
-            ),
-            P("Members", Kind::Strings, false),
-            P("PrimarySmtpAddress", Kind::Str, false),
-            P("Type", Kind::Enum(&["Distribution", "Security"]), false),
-            P("CopyOwnerToMember", Kind::Switch, false),
-            P("Notes", Kind::Str, false),
-            P("RequireSenderAuthenticationEnabled", Kind::Bool, false),
-            P("HiddenGroupMembershipEnabled", Kind::Switch, false),
-            P("IgnoreNamingPolicy", Kind::Switch, false),
-            P("Description", Kind::Strings, false),
-        ],
-        params,
-    )?;
+const NEW_DISTRIBUTION_GROUP: &[P] = &[
+    P("Name", Kind::Str, true),
+    P("Alias", Kind::Str, false),
+    P("DisplayName", Kind::Str, false),
+    P("ManagedBy", Kind::Strings, false),
+    P(
+        "MemberDepartRestriction",
+        Kind::Enum(&["Open", "Closed"]),
+        false,
+    ),
+    P(
+        "MemberJoinRestriction",
+        Kind::Enum(&["Open", "Closed", "ApprovalRequired"]),
+        false,
+    ),
+    P("Members", Kind::Strings, false),
+    P("PrimarySmtpAddress", Kind::Str, false),
+    P("Type", Kind::Enum(&["Distribution", "Security"]), false),
+    P("CopyOwnerToMember", Kind::Switch, false),
+    P("Notes", Kind::Str, false),
+    P("RequireSenderAuthenticationEnabled", Kind::Bool, false),
+    P("HiddenGroupMembershipEnabled", Kind::Switch, false),
+    P("IgnoreNamingPolicy", Kind::Switch, false),
+    P("Description", Kind::Strings, false),
+];
+
+fn new_distribution_group(cx: &mut Cx<'_>, b: &Bound) -> R {
     let name = b.str("Name").unwrap_or_default();
     let len_check = |prop: &str, v: &str, max: usize| -> Result<(), ExoError> {
         if v.trim().is_empty() || v.chars().count() > max {
@@ -1583,7 +1558,7 @@ fn new_distribution_group(cx: &mut Cx<'_>, params: &Map<String, Value>) -> R {
     }
     let mut member_ids = vec![];
     for m in &members {
-        let r = resolve(cx.t, m, cx.now, false, |r| r.kind.is_recipient())?;
+        let r = any_recipient(cx, m)?;
         check_member_type(r)?;
         if !member_ids.contains(&r.id) {
             member_ids.push(r.id.clone());
@@ -1644,41 +1619,31 @@ fn new_distribution_group(cx: &mut Cx<'_>, params: &Map<String, Value>) -> R {
     Ok(Output::items(vec![out]))
 }
 
-fn set_distribution_group(cx: &mut Cx<'_>, params: &Map<String, Value>) -> R {
-    let b = bind(
-        &[
-            P("Identity", Kind::Str, true),
-            P("DisplayName", Kind::Str, false),
-            P("ManagedBy", Kind::Strings, false),
-            P("Notes", Kind::Str, false),
-            P(
-                "MemberJoinRestriction",
-                Kind::Enum(&["Open", "Closed", "ApprovalRequired"]),
-                false,
-            ),
-            P(
-                "MemberDepartRestriction",
-                Kind::Enum(&["Open", "Closed"]),
-                false,
-            ),
-            P("RequireSenderAuthenticationEnabled", Kind::Bool, false),
-            P("BypassSecurityGroupManagerCheck", Kind::Switch, false),
-            P("CustomAttribute1", Kind::Str, false),
-            P("CustomAttribute2", Kind::Str, false),
-            P("CustomAttribute3", Kind::Str, false),
-        ],
-        params,
-    )?;
-    let gid = resolve(
-        cx.t,
-        &b.str("Identity").unwrap_or_default(),
-        cx.now,
+const SET_DISTRIBUTION_GROUP: &[P] = &[
+    P("Identity", Kind::Str, true),
+    P("DisplayName", Kind::Str, false),
+    P("ManagedBy", Kind::Strings, false),
+    P("Notes", Kind::Str, false),
+    P(
+        "MemberJoinRestriction",
+        Kind::Enum(&["Open", "Closed", "ApprovalRequired"]),
         false,
-        |r| r.kind.is_distribution_group(),
-    )?
-    .id
-    .clone();
-    manager_check(cx.t, &b)?;
+    ),
+    P(
+        "MemberDepartRestriction",
+        Kind::Enum(&["Open", "Closed"]),
+        false,
+    ),
+    P("RequireSenderAuthenticationEnabled", Kind::Bool, false),
+    P("BypassSecurityGroupManagerCheck", Kind::Switch, false),
+    P("CustomAttribute1", Kind::Str, false),
+    P("CustomAttribute2", Kind::Str, false),
+    P("CustomAttribute3", Kind::Str, false),
+];
+
+fn set_distribution_group(cx: &mut Cx<'_>, b: &Bound) -> R {
+    let gid = identity_group(cx, b)?.id.clone();
+    manager_check(cx.t, b)?;
     let security =
         cx.t.recipient(&gid)
             .is_some_and(|g| g.kind == RecipientKind::MailUniversalSecurityGroup);
@@ -1693,11 +1658,7 @@ fn set_distribution_group(cx: &mut Cx<'_>, params: &Map<String, Value>) -> R {
     if b.has("ManagedBy") {
         let mut ids = vec![];
         for m in b.strings("ManagedBy") {
-            ids.push(
-                resolve(cx.t, &m, cx.now, false, |r| r.kind.is_recipient())?
-                    .id
-                    .clone(),
-            );
+            ids.push(any_recipient(cx, &m)?.id.clone());
         }
         managers = Some(ids);
     }
@@ -1730,16 +1691,14 @@ fn set_distribution_group(cx: &mut Cx<'_>, params: &Map<String, Value>) -> R {
     Ok(Output::none())
 }
 
-fn get_recipients(cx: &mut Cx<'_>, cmdlet: &str, params: &Map<String, Value>) -> R {
-    let b = bind(
-        &[
-            P("Identity", Kind::Str, false),
-            P("ResultSize", Kind::ResultSize, false),
-            P("RecipientTypeDetails", Kind::Strings, false),
-            P("Filter", Kind::Str, false),
-        ],
-        params,
-    )?;
+const GET_RECIPIENTS: &[P] = &[
+    P("Identity", Kind::Str, false),
+    P("ResultSize", Kind::ResultSize, false),
+    P("RecipientTypeDetails", Kind::Strings, false),
+    P("Filter", Kind::Str, false),
+];
+
+fn get_recipients(cx: &mut Cx<'_>, cmdlet: &str, b: &Bound) -> R {
     let in_scope = |r: &Recipient| match cmdlet {
         "Get-Recipient" => r.kind.is_recipient(),
         _ => r.kind.has_mailbox(),
@@ -1789,22 +1748,20 @@ fn check_storage(t: &Tenant, policies: &[Policy]) -> Result<(), ExoError> {
     Ok(())
 }
 
-fn new_policy(cx: &mut Cx<'_>, params: &Map<String, Value>) -> R {
-    let b = bind(
-        &[
-            P(
-                "AccessRight",
-                Kind::Enum(&["RestrictAccess", "DenyAccess"]),
-                true,
-            ),
-            P("AppId", Kind::Strings, true),
-            P("PolicyScopeGroupId", Kind::Str, true),
-            P("Description", Kind::Str, false),
-            // -WhatIf is accepted and has no effect on New (§2.1).
-            P("WhatIf", Kind::Switch, false),
-        ],
-        params,
-    )?;
+const NEW_APPLICATION_ACCESS_POLICY: &[P] = &[
+    P(
+        "AccessRight",
+        Kind::Enum(&["RestrictAccess", "DenyAccess"]),
+        true,
+    ),
+    P("AppId", Kind::Strings, true),
+    P("PolicyScopeGroupId", Kind::Str, true),
+    P("Description", Kind::Str, false),
+    // -WhatIf is accepted and has no effect on New (§2.1).
+    P("WhatIf", Kind::Switch, false),
+];
+
+fn new_policy(cx: &mut Cx<'_>, b: &Bound) -> R {
     let right = b
         .str("AccessRight")
         .and_then(|s| AccessRight::parse(&s))
@@ -1818,7 +1775,7 @@ fn new_policy(cx: &mut Cx<'_>, params: &Map<String, Value>) -> R {
         }
     }
     let scope_text = b.str("PolicyScopeGroupId").unwrap_or_default();
-    let scope = resolve(cx.t, &scope_text, cx.now, false, |r| r.kind.is_recipient())?.clone();
+    let scope = any_recipient(cx, &scope_text)?.clone();
     if !policy_scope_allowed(scope.kind.recipient_type_details()) {
         return Err(ExoError::invalid(format!(
             "The PolicyScopeGroupId '{scope_text}' is of type {}. Only a mailbox (UserMailbox), a mail user or a mail-enabled security group can be the scope of an application access policy.",
@@ -1914,20 +1871,18 @@ fn exo_sp_dn(t: &Tenant, s: &ExoServicePrincipal) -> String {
     )
 }
 
-fn new_role_assignment(cx: &mut Cx<'_>, params: &Map<String, Value>) -> R {
-    let b = bind(
-        &[
-            P("Name", Kind::Str, false),
-            P("Role", Kind::Str, true),
-            P("App", Kind::Str, true),
-            P("CustomResourceScope", Kind::Str, false),
-            P("RecipientAdministrativeUnitScope", Kind::Str, false),
-            P("RecipientGroupScope", Kind::Str, false),
-            P("Delegating", Kind::Switch, false),
-            P("Force", Kind::Switch, false),
-        ],
-        params,
-    )?;
+const NEW_MANAGEMENT_ROLE_ASSIGNMENT: &[P] = &[
+    P("Name", Kind::Str, false),
+    P("Role", Kind::Str, true),
+    P("App", Kind::Str, true),
+    P("CustomResourceScope", Kind::Str, false),
+    P("RecipientAdministrativeUnitScope", Kind::Str, false),
+    P("RecipientGroupScope", Kind::Str, false),
+    P("Delegating", Kind::Switch, false),
+    P("Force", Kind::Switch, false),
+];
+
+fn new_role_assignment(cx: &mut Cx<'_>, b: &Bound) -> R {
     let role_text = b.str("Role").unwrap_or_default();
     let role = application_role(&role_text).ok_or_else(|| {
         ExoError::invalid(format!("The role \"{role_text}\" can't be assigned to an application. Only application roles (\"Application …\") can be assigned with the App parameter."))
@@ -1947,15 +1902,7 @@ fn new_role_assignment(cx: &mut Cx<'_>, params: &Map<String, Value>) -> R {
         ));
     }
     let scope = if let Some(s) = b.str("CustomResourceScope") {
-        let found =
-            cx.t.management_scopes
-                .iter()
-                .find(|m| {
-                    m.visible_at <= cx.now
-                        && (m.name.eq_ignore_ascii_case(&s) || m.guid.eq_ignore_ascii_case(&s))
-                })
-                .ok_or_else(|| ExoError::not_found(&s, cx.t))?;
-        ScopeRef::Custom(found.name.clone())
+        ScopeRef::Custom(find_scope(cx.t, &s, cx.now)?.name.clone())
     } else if let Some(g) = b.str("RecipientGroupScope") {
         let r = resolve(cx.t, &g, cx.now, false, |r| {
             r.kind.is_group() && r.kind.is_recipient()

@@ -4,69 +4,37 @@
 use serde_json::{Value, json};
 
 use crate::helpers::*;
-use crate::scope_groups::{
-    addr, break_inserts, count, create_group, exchange_calls, repair_inserts,
-};
+use crate::scope_groups::{addr, break_inserts, count, create_group, repair_inserts};
 
 /// The fixture's "Contoso CRM connector" app.
 const APP: &str = "b9701c1e-1364-464d-93e4-01ae925e8d6c";
 
-async fn post_policy(env: &WithSandbox, body: Value) -> reqwest::Response {
-    env.app
-        .http
-        .post(env.url("/access-policies"))
-        .bearer_auth(env.app.admin())
-        .json(&body)
-        .send()
-        .await
-        .unwrap()
+async fn post_policy(env: &WithSandbox, body: Value, expect: impl Into<Expect<'_>>) -> Value {
+    env.api().post("/access-policies", &body, expect).await
 }
 
 async fn restrict(env: &WithSandbox, scope: &str) -> Value {
-    let res = post_policy(
-        env,
-        json!({"app_id": APP, "scope": scope, "access_right": "RestrictAccess"}),
-    )
-    .await;
-    assert_eq!(res.status(), 201, "{}", res.text().await.unwrap());
-    res.json().await.unwrap()
+    let body = json!({"app_id": APP, "scope": scope, "access_right": "RestrictAccess"});
+    post_policy(env, body, 201).await
 }
 
-async fn delete_policy(env: &WithSandbox, id: &str, query: &str) -> reqwest::Response {
-    env.app
-        .http
-        .delete(env.url(&format!("/access-policies/{id}{query}")))
-        .bearer_auth(env.app.admin())
-        .send()
-        .await
-        .unwrap()
+async fn delete_policy(
+    env: &WithSandbox,
+    id: &str,
+    query: &str,
+    expect: impl Into<Expect<'_>>,
+) -> Value {
+    let path = format!("/access-policies/{id}{query}");
+    env.api().delete(&path, expect).await
 }
 
 async fn access_test(env: &WithSandbox, mailbox: &str) -> Value {
-    let res = env
-        .app
-        .http
-        .post(env.url("/access-tests"))
-        .bearer_auth(env.app.admin())
-        .json(&json!({"app_id": APP, "mailbox": addr(mailbox)}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 200, "{}", res.text().await.unwrap());
-    res.json().await.unwrap()
+    let body = json!({"app_id": APP, "mailbox": addr(mailbox)});
+    env.api().post("/access-tests", &body, 200).await
 }
 
 async fn sync(env: &WithSandbox, query: &str) -> Value {
-    let res = env
-        .app
-        .http
-        .post(env.url(&format!("/sync{query}")))
-        .bearer_auth(env.app.admin())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 200, "{}", res.text().await.unwrap());
-    res.json().await.unwrap()
+    env.api().post_empty(&format!("/sync{query}"), 200).await
 }
 
 #[tokio::test]
@@ -83,7 +51,8 @@ async fn a_policy_is_created_once_per_app_and_scope() {
     assert_eq!(p["state"], "pending_propagation");
     assert_eq!(p["origin"], "created");
     assert!(p["exchange_identity"].as_str().unwrap().contains(APP));
-    let new_call = exchange_calls(&env)
+    let new_call = env
+        .sandbox_calls("exchange")
         .await
         .into_iter()
         .find(|c| c["cmdlet"] == "New-ApplicationAccessPolicy")
@@ -94,22 +63,17 @@ async fn a_policy_is_created_once_per_app_and_scope() {
     );
 
     // The same policy again (by the group's address this time): 200 with the existing one.
-    let res = post_policy(
-        &env,
-        json!({"app_id": APP.to_uppercase(), "scope": addr("crm-scope"), "access_right": "RestrictAccess"}),
-    )
-    .await;
-    assert_eq!(res.status(), 200);
-    let again: Value = res.json().await.unwrap();
+    let body = json!({"app_id": APP.to_uppercase(), "scope": addr("crm-scope"), "access_right": "RestrictAccess"});
+    let again = post_policy(&env, body, 200).await;
     assert_eq!(again["id"], p["id"]);
 
     // Same key, other right: 409 saying what differs.
-    let res = post_policy(
+    let problem = post_policy(
         &env,
         json!({"app_id": APP, "scope": "crm-scope", "access_right": "DenyAccess"}),
+        (409, "policy_conflict"),
     )
     .await;
-    let problem = assert_problem(res, 409, "policy_conflict").await;
     assert_eq!(problem["errors"][0]["field"], "access_right");
     assert!(
         problem["errors"][0]["message"]
@@ -120,41 +84,20 @@ async fn a_policy_is_created_once_per_app_and_scope() {
     assert_eq!(count(&env, "New-ApplicationAccessPolicy").await, 1);
 
     let id = p["id"].as_str().unwrap();
-    let one: Value = env
-        .app
-        .http
-        .get(env.url(&format!("/access-policies/{id}")))
-        .bearer_auth(env.app.admin())
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let one: Value = env.api().get(&format!("/access-policies/{id}"), 200).await;
     assert_eq!(one["id"], p["id"]);
     let list: Value = env
-        .app
-        .http
-        .get(env.url(&format!("/access-policies?app_id={APP}")))
-        .bearer_auth(env.app.admin())
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .api()
+        .get(&format!("/access-policies?app_id={APP}"), 200)
+        .await;
     assert_eq!(list["items"].as_array().unwrap().len(), 1);
     let none: Value = env
-        .app
-        .http
-        .get(env.url(&format!("/access-policies?app_id={}", uuid::Uuid::new_v4())))
-        .bearer_auth(env.app.admin())
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .api()
+        .get(
+            &format!("/access-policies?app_id={}", uuid::Uuid::new_v4()),
+            200,
+        )
+        .await;
     assert!(none["items"].as_array().unwrap().is_empty());
 }
 
@@ -181,30 +124,26 @@ async fn scopes_exchange_refuses_are_named_with_the_reason_before_any_create() {
             "PUT /scope-groups",
         ),
     ] {
-        let res = post_policy(
+        let p = post_policy(
             &env,
             json!({"app_id": APP, "scope": scope, "access_right": "RestrictAccess"}),
+            (422, code),
         )
         .await;
-        let p = assert_problem(res, 422, code).await;
         assert!(
             p["detail"].as_str().unwrap().contains(needle),
             "{scope}: {p}"
         );
     }
-    let res = post_policy(
+    post_policy(
         &env,
         json!({"app_id": "not-a-guid", "scope": addr("dave"), "access_right": "RestrictAccess"}),
+        (422, "validation_failed"),
     )
     .await;
-    assert_problem(res, 422, "validation_failed").await;
     // An app that is not in the tenant.
-    let res = post_policy(
-        &env,
-        json!({"app_id": uuid::Uuid::new_v4(), "scope": addr("dave"), "access_right": "RestrictAccess"}),
-    )
-    .await;
-    let p = assert_problem(res, 422, "validation_failed").await;
+    let body = json!({"app_id": uuid::Uuid::new_v4(), "scope": addr("dave"), "access_right": "RestrictAccess"});
+    let p = post_policy(&env, body, (422, "validation_failed")).await;
     assert_eq!(p["errors"][0]["field"], "app_id");
     assert_eq!(count(&env, "New-ApplicationAccessPolicy").await, 0);
 
@@ -224,18 +163,11 @@ async fn fifty_concurrent_identical_posts_create_one_policy() {
     let body = json!({"app_id": APP, "scope": "crm-scope", "access_right": "RestrictAccess"});
     let tasks: Vec<_> = (0..50)
         .map(|_| {
-            let http = env.app.http.clone();
-            let url = env.url("/access-policies");
-            let token = env.app.admin();
-            let body = body.clone();
+            let (api, body) = (env.api(), body.clone());
             tokio::spawn(async move {
-                let res = http
-                    .post(url)
-                    .bearer_auth(token)
-                    .json(&body)
-                    .send()
-                    .await
-                    .unwrap();
+                let res = api
+                    .send(Method::POST, "/access-policies", Some(&body))
+                    .await;
                 let status = res.status().as_u16();
                 let v: Value = res.json().await.unwrap();
                 (status, v["id"].clone())
@@ -340,13 +272,11 @@ async fn a_policy_created_before_a_crash_is_adopted_on_retry() {
     create_group(&env, "crm-scope", &["alice"]).await;
     break_inserts(&env, "access_policies").await;
     let body = json!({"app_id": APP, "scope": "crm-scope", "access_right": "RestrictAccess"});
-    assert_problem(post_policy(&env, body.clone()).await, 500, "internal").await;
+    post_policy(&env, body.clone(), (500, "internal")).await;
     assert_eq!(count(&env, "New-ApplicationAccessPolicy").await, 1);
     repair_inserts(&env, "access_policies").await;
 
-    let res = post_policy(&env, body).await;
-    assert_eq!(res.status(), 200);
-    let p: Value = res.json().await.unwrap();
+    let p = post_policy(&env, body, 200).await;
     assert_eq!(p["origin"], "adopted");
     assert_eq!(p["state"], "unverified");
     assert_eq!(
@@ -363,24 +293,21 @@ async fn put_creates_the_new_policy_before_removing_the_old() {
     create_group(&env, "finance", &["bob"]).await;
     let p = restrict(&env, "sales").await;
     let id = p["id"].as_str().unwrap();
-    let res = env
-        .app
-        .http
-        .put(env.url(&format!("/access-policies/{id}")))
-        .bearer_auth(env.app.admin())
-        .json(&json!({"app_id": APP, "scope": "finance", "access_right": "RestrictAccess"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 200, "{}", res.text().await.unwrap());
-    let replaced: Value = res.json().await.unwrap();
+    let replaced = env
+        .api()
+        .put(
+            &format!("/access-policies/{id}"),
+            &json!({"app_id": APP, "scope": "finance", "access_right": "RestrictAccess"}),
+            200,
+        )
+        .await;
     assert_eq!(
         replaced["id"], p["id"],
         "mailscope's id survives a replacement"
     );
     assert_eq!(replaced["scope_alias"], "finance");
 
-    let calls = exchange_calls(&env).await;
+    let calls = env.sandbox_calls("exchange").await;
     let seq = |cmdlet: &str| -> Vec<u64> {
         calls
             .iter()
@@ -402,24 +329,11 @@ async fn put_creates_the_new_policy_before_removing_the_old() {
         false
     );
     // Moving the scope group out from under the policy is refused while it is in use.
-    let res = env
-        .app
-        .http
-        .delete(env.url("/scope-groups/finance"))
-        .bearer_auth(env.app.admin())
-        .send()
-        .await
-        .unwrap();
-    assert_problem(res, 409, "scope_group_in_use").await;
-    let res = env
-        .app
-        .http
-        .delete(env.url("/scope-groups/sales"))
-        .bearer_auth(env.app.admin())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 204, "the old scope is free again");
+    env.api()
+        .delete("/scope-groups/finance", (409, "scope_group_in_use"))
+        .await;
+    // The old scope is free again.
+    env.api().delete("/scope-groups/sales", 204).await;
 }
 
 #[tokio::test]
@@ -431,9 +345,8 @@ async fn the_last_restrict_policy_is_not_removed_without_consent() {
     let (a, b) = (a["id"].as_str().unwrap(), b["id"].as_str().unwrap());
 
     // Two restrict policies: removing one keeps the app restricted.
-    assert_eq!(delete_policy(&env, b, "").await.status(), 204);
-    let res = delete_policy(&env, a, "").await;
-    let p = assert_problem(res, 409, "last_restrict_policy").await;
+    delete_policy(&env, b, "", 204).await;
+    let p = delete_policy(&env, a, "", (409, "last_restrict_policy")).await;
     assert!(
         p["detail"]
             .as_str()
@@ -441,37 +354,23 @@ async fn the_last_restrict_policy_is_not_removed_without_consent() {
             .contains("allow_unrestricted=true")
     );
     // Turning it into DenyAccess would open the tenant just the same.
-    let res = env
-        .app
-        .http
-        .put(env.url(&format!("/access-policies/{a}")))
-        .bearer_auth(env.app.admin())
-        .json(&json!({"app_id": APP, "scope": "sales", "access_right": "DenyAccess"}))
-        .send()
-        .await
-        .unwrap();
-    assert_problem(res, 409, "last_restrict_policy").await;
+    env.api()
+        .put(
+            &format!("/access-policies/{a}"),
+            &json!({"app_id": APP, "scope": "sales", "access_right": "DenyAccess"}),
+            (409, "last_restrict_policy"),
+        )
+        .await;
     assert_eq!(count(&env, "Remove-ApplicationAccessPolicy").await, 1);
     assert_eq!(access_test(&env, "bob").await["exchange"]["granted"], false);
 
-    let res = delete_policy(&env, a, "?allow_unrestricted=true").await;
-    assert_eq!(res.status(), 204);
+    delete_policy(&env, a, "?allow_unrestricted=true", 204).await;
     assert_eq!(access_test(&env, "bob").await["exchange"]["granted"], true);
-    let events: Value = env
-        .app
-        .http
-        .get(env.url("/audit-events"))
-        .bearer_auth(env.app.admin())
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let events: Value = env.api().get("/audit-events", 200).await;
     let last = &events["items"][0];
     assert_eq!(last["action"], "access_policy.deleted");
     assert_eq!(last["details"]["left_unrestricted"], true);
-    assert_problem(delete_policy(&env, a, "").await, 404, "not_found").await;
+    delete_policy(&env, a, "", (404, "not_found")).await;
 }
 
 #[tokio::test]
@@ -479,30 +378,24 @@ async fn patch_changes_the_description_in_place() {
     let env = WithSandbox::start().await;
     let p = restrict(&env, &addr("dave")).await;
     let id = p["id"].as_str().unwrap();
-    let res = env
-        .app
-        .http
-        .patch(env.url(&format!("/access-policies/{id}")))
-        .bearer_auth(env.app.admin())
-        .json(&json!({"description": "CRM: Dave only"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 200);
-    let v: Value = res.json().await.unwrap();
+    let v = env
+        .api()
+        .patch(
+            &format!("/access-policies/{id}"),
+            &json!({"description": "CRM: Dave only"}),
+            200,
+        )
+        .await;
     assert_eq!(v["description"], "CRM: Dave only");
     assert_eq!(count(&env, "Set-ApplicationAccessPolicy").await, 1);
     assert_eq!(count(&env, "New-ApplicationAccessPolicy").await, 1);
-    let res = env
-        .app
-        .http
-        .patch(env.url(&format!("/access-policies/{id}")))
-        .bearer_auth(env.app.admin())
-        .json(&json!({"access_right": "DenyAccess"}))
-        .send()
-        .await
-        .unwrap();
-    assert_problem(res, 422, "validation_failed").await;
+    env.api()
+        .patch(
+            &format!("/access-policies/{id}"),
+            &json!({"access_right": "DenyAccess"}),
+            (422, "validation_failed"),
+        )
+        .await;
 }
 
 #[tokio::test]
@@ -522,18 +415,9 @@ async fn access_tests_compare_exchange_with_the_local_rules_and_explain_differen
     assert_eq!(bob["agree"], true);
 
     // Exchange counting only direct members of nested groups (§2.5) is named as the cause.
-    let res = env
-        .app
-        .http
-        .patch(format!(
-            "{}/_sandbox/tenants/{}/settings",
-            env.sandbox.base_url, env.tenant
-        ))
-        .json(&json!({"aapNestedGroups": "direct_only"}))
-        .send()
-        .await
-        .unwrap();
-    assert!(res.status().is_success());
+    let settings = format!("/tenants/{}/settings", env.tenant);
+    let nested = json!({"aapNestedGroups": "direct_only"});
+    env.control().patch(&settings, &nested, 200).await;
     restrict(&env, &addr("financeteam")).await;
     let carol = access_test(&env, "carol").await;
     assert_eq!(carol["local"]["granted"], true, "{carol}");
@@ -610,25 +494,17 @@ async fn sync_imports_the_tenant_and_reports_drift() {
     )
     .await
     .unwrap();
-    let res = env
-        .app
-        .http
-        .post(format!(
-            "{}/_sandbox/tenants/{}/groups/sales/members",
-            env.sandbox.base_url, env.tenant
-        ))
-        .json(&json!({"member": "bob"}))
-        .send()
-        .await
-        .unwrap();
-    assert!(res.status().is_success(), "{}", res.text().await.unwrap());
+    let members = format!("/tenants/{}/groups/sales/members", env.tenant);
+    env.control()
+        .post(&members, &json!({"member": "bob"}), 200)
+        .await;
     // A security group used by a policy made outside mailscope is imported with it.
-    let res = post_policy(
+    post_policy(
         &env,
         json!({"app_id": APP, "scope": addr("financeteam"), "access_right": "DenyAccess"}),
+        201,
     )
     .await;
-    assert_eq!(res.status(), 201);
     db.execute(
         "DELETE FROM access_policies WHERE scope_address = $1",
         &[&addr("financeteam")],
@@ -674,17 +550,7 @@ async fn sync_imports_the_tenant_and_reports_drift() {
             );
         }
     }
-    let list: Value = env
-        .app
-        .http
-        .get(env.url("/access-policies"))
-        .bearer_auth(env.app.admin())
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list: Value = env.api().get("/access-policies", 200).await;
     let items = list["items"].as_array().unwrap();
     assert_eq!(items.len(), 3);
     assert!(
@@ -698,35 +564,33 @@ async fn sync_imports_the_tenant_and_reports_drift() {
 async fn callers_of_other_tenants_see_nothing() {
     let env = WithSandbox::start().await;
     let p = restrict(&env, &addr("dave")).await;
-    let other = env.app.token(
+    let other = env.api().with_token(env.app.token(
         &["MailScope.Write"],
         &["1b2c3d4e-5f60-4718-8293-a4b5c6d7e8f9"],
-    );
+    ));
     let id = p["id"].as_str().unwrap();
-    let http = &env.app.http;
-    for req in [
-        http.get(env.url(&format!("/access-policies/{id}"))),
-        http.get(env.url("/access-policies")),
-        http.delete(env.url(&format!("/access-policies/{id}?allow_unrestricted=true"))),
-        http.post(env.url("/access-policies")).json(
-            &json!({"app_id": APP, "scope": addr("alice"), "access_right": "RestrictAccess"}),
+    let policy = json!({"app_id": APP, "scope": addr("alice"), "access_right": "RestrictAccess"});
+    let test = json!({"app_id": APP, "mailbox": addr("alice")});
+    for (method, path, body) in [
+        (Method::GET, format!("/access-policies/{id}"), None),
+        (Method::GET, "/access-policies".into(), None),
+        (
+            Method::DELETE,
+            format!("/access-policies/{id}?allow_unrestricted=true"),
+            None,
         ),
-        http.post(env.url("/access-tests"))
-            .json(&json!({"app_id": APP, "mailbox": addr("alice")})),
-        http.post(env.url("/sync")),
+        (Method::POST, "/access-policies".into(), Some(&policy)),
+        (Method::POST, "/access-tests".into(), Some(&test)),
+        (Method::POST, "/sync".into(), None),
     ] {
-        let res = req.bearer_auth(&other).send().await.unwrap();
-        assert_problem(res, 404, "not_found").await;
+        other.expect(method, &path, body, (404, "not_found")).await;
     }
     assert_eq!(count(&env, "Remove-ApplicationAccessPolicy").await, 0);
-    let reader = env.app.token(&["MailScope.Read"], &[&env.tenant]);
-    let res = http
-        .delete(env.url(&format!("/access-policies/{id}")))
-        .bearer_auth(&reader)
-        .send()
-        .await
-        .unwrap();
-    assert_problem(res, 403, "forbidden").await;
+    let reader = env
+        .api()
+        .with_token(env.app.token(&["MailScope.Read"], &[&env.tenant]));
+    let path = format!("/access-policies/{id}");
+    reader.delete(&path, (403, "forbidden")).await;
 }
 
 /// Exchange takes a while to show a group it just created (replication). A policy on a scope group
@@ -738,19 +602,19 @@ async fn a_policy_on_a_just_created_scope_group_waits_for_replication() {
         mailscope::sandbox::settings::DelayRange::fixed(std::time::Duration::from_millis(1500));
     let env = WithSandbox::start_with(sb).await;
     create_group(&env, "fresh-scope", &["alice"]).await;
-    let res = post_policy(
+    post_policy(
         &env,
         json!({"app_id": APP, "scope": "fresh-scope", "access_right": "RestrictAccess"}),
+        201,
     )
     .await;
-    assert_eq!(res.status(), 201, "{}", res.text().await.unwrap());
     // An address nobody created still fails fast.
-    let res = post_policy(
+    post_policy(
         &env,
         json!({"app_id": APP, "scope": addr("nobody"), "access_right": "RestrictAccess"}),
+        422,
     )
     .await;
-    assert_eq!(res.status(), 422);
 }
 
 /// A scope group mailscope just created is recognised by any of its names: by the address

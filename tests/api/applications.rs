@@ -15,62 +15,19 @@ fn create_body(perms: &[&str]) -> Value {
     json!({"display_name": "Contoso CRM connector", "permissions": perms, "grant_admin_consent": true})
 }
 
-async fn put(env: &WithSandbox, key: &str, body: &Value) -> reqwest::Response {
-    env.app
-        .http
-        .put(env.url(&format!("/applications/{key}")))
-        .bearer_auth(env.app.admin())
-        .json(body)
-        .send()
-        .await
-        .unwrap()
+async fn put(env: &WithSandbox, key: &str, body: &Value, expect: impl Into<Expect<'_>>) -> Value {
+    let path = format!("/applications/{key}");
+    env.api().put(&path, body, expect).await
 }
 
-async fn put_ok(env: &WithSandbox, key: &str, body: &Value, status: u16) -> Value {
-    let res = put(env, key, body).await;
-    let got = res.status().as_u16();
-    let text = res.text().await.unwrap();
-    assert_eq!(got, status, "{text}");
-    serde_json::from_str(&text).unwrap()
-}
-
-async fn get(env: &WithSandbox, path: &str) -> (u16, Value) {
-    let res = env
-        .app
-        .http
-        .get(env.url(path))
-        .bearer_auth(env.app.admin())
-        .send()
-        .await
-        .unwrap();
-    let status = res.status().as_u16();
-    (status, res.json().await.unwrap_or(Value::Null))
-}
-
-async fn add_secret(env: &WithSandbox, key: &str, body: Value) -> reqwest::Response {
-    env.app
-        .http
-        .post(env.url(&format!("/applications/{key}/secrets")))
-        .bearer_auth(env.app.admin())
-        .json(&body)
-        .send()
-        .await
-        .unwrap()
-}
-
-async fn counters(env: &WithSandbox) -> Value {
-    env.app
-        .http
-        .get(format!(
-            "{}/_sandbox/counters?tenant={}",
-            env.sandbox.base_url, env.tenant
-        ))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+async fn add_secret(
+    env: &WithSandbox,
+    key: &str,
+    body: Value,
+    expect: impl Into<Expect<'_>>,
+) -> Value {
+    let path = format!("/applications/{key}/secrets");
+    env.api().post(&path, &body, expect).await
 }
 
 fn count(c: &Value, endpoint: &str) -> u64 {
@@ -89,21 +46,6 @@ fn writes(c: &Value) -> u64 {
         })
         .map(|(_, v)| v.as_u64().unwrap_or(0))
         .sum()
-}
-
-async fn sandbox_tenant(env: &WithSandbox) -> Value {
-    env.app
-        .http
-        .get(format!(
-            "{}/_sandbox/tenants/{}",
-            env.sandbox.base_url, env.tenant
-        ))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
 }
 
 /// The sandbox's token endpoint, as the third party's app would call it.
@@ -146,8 +88,7 @@ async fn roles_of(env: &WithSandbox, client_id: &str, secret: &str) -> Vec<Strin
 }
 
 async fn audit_actions(env: &WithSandbox) -> Vec<Value> {
-    let (status, v) = get(env, "/audit-events").await;
-    assert_eq!(status, 200);
+    let v = env.api().get("/audit-events", 200).await;
     v["items"].as_array().unwrap().clone()
 }
 
@@ -163,7 +104,7 @@ fn perm<'a>(view: &'a Value, name: &str) -> &'a Value {
 #[tokio::test]
 async fn created_app_gets_consent_and_signs_in_with_exactly_those_roles() {
     let env = WithSandbox::start().await;
-    let view = put_ok(
+    let view = put(
         &env,
         "contoso-crm",
         &create_body(&["Mail.Read", "Mail.Send"]),
@@ -195,7 +136,7 @@ async fn created_app_gets_consent_and_signs_in_with_exactly_those_roles() {
 
     // The registration carries the crash-recovery marker.
     let app_id = view["app_id"].as_str().unwrap().to_string();
-    let t = sandbox_tenant(&env).await;
+    let t = env.sandbox_tenant().await;
     let app = t["applications"]
         .as_array()
         .unwrap()
@@ -205,14 +146,13 @@ async fn created_app_gets_consent_and_signs_in_with_exactly_those_roles() {
     assert_eq!(app["extra"]["tags"], json!(["mailscope:contoso-crm"]));
 
     // The third party signs in with a secret from mailscope and holds exactly the granted roles.
-    let res = add_secret(
+    let secret = add_secret(
         &env,
         "contoso-crm",
         json!({"display_name": "s1", "lifetime_days": 90}),
+        201,
     )
     .await;
-    assert_eq!(res.status(), 201);
-    let secret: Value = res.json().await.unwrap();
     let text = secret["secret_text"].as_str().unwrap();
     assert_eq!(
         roles_of(&env, &app_id, text).await,
@@ -236,19 +176,19 @@ async fn created_app_gets_consent_and_signs_in_with_exactly_those_roles() {
 #[tokio::test]
 async fn repeating_a_put_changes_nothing_and_a_new_permission_set_is_reconciled() {
     let env = WithSandbox::start().await;
-    let first = put_ok(&env, "crm", &create_body(&["Mail.Read", "Mail.Send"]), 201).await;
-    let before = counters(&env).await;
-    let again = put_ok(&env, "crm", &create_body(&["Mail.Read", "Mail.Send"]), 200).await;
+    let first = put(&env, "crm", &create_body(&["Mail.Read", "Mail.Send"]), 201).await;
+    let before = env.counters().await;
+    let again = put(&env, "crm", &create_body(&["Mail.Read", "Mail.Send"]), 200).await;
     assert_eq!(again["app_id"], first["app_id"]);
     assert_eq!(
-        writes(&counters(&env).await),
+        writes(&env.counters().await),
         writes(&before),
         "no write the second time"
     );
     let n_audit = audit_actions(&env).await.len();
 
     // Mail.Send out, Calendars.Read in: requested set replaced, consent granted and revoked.
-    let view = put_ok(
+    let view = put(
         &env,
         "crm",
         &create_body(&["Mail.Read", "Calendars.Read"]),
@@ -270,7 +210,7 @@ async fn repeating_a_put_changes_nothing_and_a_new_permission_set_is_reconciled(
             .iter()
             .all(|p| p["consent"] == "granted")
     );
-    let c = counters(&env).await;
+    let c = env.counters().await;
     assert_eq!(count(&c, "graph:POST /applications"), 1);
     assert_eq!(
         count(&c, "graph:POST /servicePrincipals/{id}/appRoleAssignedTo"),
@@ -290,7 +230,7 @@ async fn repeating_a_put_changes_nothing_and_a_new_permission_set_is_reconciled(
     assert_eq!(actions[0]["details"]["revoked"], json!(["Mail.Send"]));
 
     // Without consent, the request is recorded but assignments are left alone.
-    let view = put_ok(
+    let view = put(
         &env,
         "crm",
         &json!({"display_name": "Renamed", "permissions": ["Mail.Read"], "grant_admin_consent": false}),
@@ -305,8 +245,13 @@ async fn repeating_a_put_changes_nothing_and_a_new_permission_set_is_reconciled(
 #[tokio::test]
 async fn unscoped_permissions_are_refused_unless_accepted() {
     let env = WithSandbox::start().await;
-    let res = put(&env, "dir", &create_body(&["Mail.Read", "User.Read.All"])).await;
-    let p = assert_problem(res, 422, "validation_failed").await;
+    let p = put(
+        &env,
+        "dir",
+        &create_body(&["Mail.Read", "User.Read.All"]),
+        (422, "validation_failed"),
+    )
+    .await;
     assert_eq!(p["errors"][0]["field"], "permissions[1]");
     assert!(
         p["detail"]
@@ -315,14 +260,14 @@ async fn unscoped_permissions_are_refused_unless_accepted() {
             .contains("allow_unscoped_permissions"),
         "{p}"
     );
-    assert_eq!(count(&counters(&env).await, "graph:POST /applications"), 0);
-    let (status, _) = get(&env, "/applications/dir").await;
-    assert_eq!(status, 404, "a refused PUT records nothing");
+    assert_eq!(count(&env.counters().await, "graph:POST /applications"), 0);
+    // "a refused PUT records nothing"
+    env.api().get("/applications/dir", 404).await;
 
     // A permission that does not exist is named as such.
     let mut body = create_body(&["Mail.Read", "Nope.Read.All"]);
     body["allow_unscoped_permissions"] = json!(true);
-    let p = assert_problem(put(&env, "dir", &body).await, 422, "validation_failed").await;
+    let p = put(&env, "dir", &body, (422, "validation_failed")).await;
     assert_eq!(p["errors"][0]["field"], "permissions[1]");
     assert!(
         p["detail"]
@@ -334,7 +279,7 @@ async fn unscoped_permissions_are_refused_unless_accepted() {
 
     let mut body = create_body(&["Mail.Read", "User.Read.All"]);
     body["allow_unscoped_permissions"] = json!(true);
-    let view = put_ok(&env, "dir", &body, 201).await;
+    let view = put(&env, "dir", &body, 201).await;
     assert_eq!(view["unscoped_permissions"], json!(["User.Read.All"]));
     assert_eq!(
         perm(&view, "User.Read.All")["covered_by_access_policies"],
@@ -347,7 +292,11 @@ async fn unscoped_permissions_are_refused_unless_accepted() {
 async fn fifty_concurrent_identical_puts_create_one_registration() {
     let env = WithSandbox::start().await;
     let body = create_body(&["Mail.Read", "Mail.Send"]);
-    let all = futures_util::future::join_all((0..50).map(|_| put(&env, "burst", &body))).await;
+    let api = env.api();
+    let all = futures_util::future::join_all(
+        (0..50).map(|_| api.send(Method::PUT, "/applications/burst", Some(&body))),
+    )
+    .await;
     let mut statuses: Vec<u16> = all.iter().map(|r| r.status().as_u16()).collect();
     statuses.sort();
     assert_eq!(
@@ -359,7 +308,7 @@ async fn fifty_concurrent_identical_puts_create_one_registration() {
         statuses.iter().all(|s| *s == 200 || *s == 201),
         "{statuses:?}"
     );
-    let c = counters(&env).await;
+    let c = env.counters().await;
     assert_eq!(count(&c, "graph:POST /applications"), 1, "{c:#}");
     assert_eq!(count(&c, "graph:POST /servicePrincipals"), 1, "{c:#}");
     assert_eq!(
@@ -387,12 +336,10 @@ async fn a_crash_between_microsofts_create_and_mailscopes_write_is_recovered_on_
     )
     .await
     .unwrap();
-    let (status, pending) = get(&env, "/applications/crm").await;
-    assert_eq!(status, 200);
+    let pending = env.api().get("/applications/crm", 200).await;
     assert_eq!(pending["state"], "creating");
     assert_eq!(perm(&pending, "Mail.Read")["consent"], "unknown");
     // …and the registration and service principal Microsoft had already made, with the marker.
-    let graph = env.sandbox.base_url.clone();
     let mgmt: Value = token(
         &env,
         &env.sandbox.management_client_id(),
@@ -403,37 +350,20 @@ async fn a_crash_between_microsofts_create_and_mailscopes_write_is_recovered_on_
     .await
     .unwrap();
     let bearer = mgmt["access_token"].as_str().unwrap();
-    let made: Value = env
-        .app
-        .http
-        .post(format!("{graph}/v1.0/applications"))
-        .bearer_auth(bearer)
-        .json(&json!({"displayName": "Contoso CRM connector", "tags": ["mailscope:crm"]}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let res = env
-        .app
-        .http
-        .post(format!("{graph}/v1.0/servicePrincipals"))
-        .bearer_auth(bearer)
-        .json(&json!({"appId": made["appId"]}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 201);
+    let graph = env.sandbox_graph(bearer);
+    let body = json!({"displayName": "Contoso CRM connector", "tags": ["mailscope:crm"]});
+    let made = graph.post("/applications", &body, 201).await;
+    let body = json!({"appId": made["appId"]});
+    graph.post("/servicePrincipals", &body, 201).await;
 
-    let view = put_ok(&env, "crm", &create_body(&["Mail.Read"]), 201).await;
+    let view = put(&env, "crm", &create_body(&["Mail.Read"]), 201).await;
     assert_eq!(
         view["app_id"], made["appId"],
         "the registration was adopted, not duplicated"
     );
     assert_eq!(view["origin"], "created");
     assert_eq!(perm(&view, "Mail.Read")["consent"], "granted");
-    let c = counters(&env).await;
+    let c = env.counters().await;
     assert_eq!(
         count(&c, "graph:POST /applications"),
         1,
@@ -452,15 +382,20 @@ async fn a_crash_between_microsofts_create_and_mailscopes_write_is_recovered_on_
 #[tokio::test]
 async fn adopting_records_an_existing_app_without_changing_the_tenant() {
     let env = WithSandbox::start().await;
-    let before = writes(&counters(&env).await);
+    let before = writes(&env.counters().await);
     // The CRM connector holds User.Read.All: adopting it needs the explicit acceptance.
-    let res = put(&env, "crm", &json!({"app_id": CRM_APP_ID})).await;
-    let p = assert_problem(res, 422, "validation_failed").await;
+    let p = put(
+        &env,
+        "crm",
+        &json!({"app_id": CRM_APP_ID}),
+        (422, "validation_failed"),
+    )
+    .await;
     assert!(
         p["detail"].as_str().unwrap().contains("User.Read.All"),
         "{p}"
     );
-    let view = put_ok(
+    let view = put(
         &env,
         "crm",
         &json!({"app_id": CRM_APP_ID, "allow_unscoped_permissions": true}),
@@ -474,46 +409,45 @@ async fn adopting_records_an_existing_app_without_changing_the_tenant() {
         assert_eq!(perm(&view, name)["consent"], "granted");
     }
     assert_eq!(
-        writes(&counters(&env).await),
+        writes(&env.counters().await),
         before,
         "adopting writes nothing to the tenant"
     );
     // Same again: 200; another key for the same app, or a create body on the adopted key: 409.
-    put_ok(
+    put(
         &env,
         "crm",
         &json!({"app_id": CRM_APP_ID, "allow_unscoped_permissions": true}),
         200,
     )
     .await;
-    let res = put(
+    put(
         &env,
         "crm-2",
         &json!({"app_id": CRM_APP_ID, "allow_unscoped_permissions": true}),
+        (409, "conflict"),
     )
     .await;
-    assert_problem(res, 409, "conflict").await;
-    let res = put(&env, "crm", &create_body(&["Mail.Read"])).await;
-    assert_problem(res, 409, "conflict").await;
+    put(&env, "crm", &create_body(&["Mail.Read"]), (409, "conflict")).await;
     // An app that is not in the tenant.
-    let res = put(
+    let p = put(
         &env,
         "ghost",
         &json!({"app_id": "0e0e0e0e-1111-4222-8333-444444444444"}),
+        (422, "validation_failed"),
     )
     .await;
-    let p = assert_problem(res, 422, "validation_failed").await;
     assert_eq!(p["errors"][0]["field"], "app_id");
     // Both forms at once.
-    let res = put(
+    put(
         &env,
         "x",
         &json!({"app_id": CRM_APP_ID, "display_name": "x"}),
+        (422, "validation_failed"),
     )
     .await;
-    assert_problem(res, 422, "validation_failed").await;
 
-    let (_, list) = get(&env, "/applications").await;
+    let list = env.api().get("/applications", 200).await;
     assert_eq!(list["items"].as_array().unwrap().len(), 1);
     assert_eq!(list["items"][0]["key"], "crm");
     assert_eq!(list["items"][0]["origin"], "adopted");
@@ -522,38 +456,30 @@ async fn adopting_records_an_existing_app_without_changing_the_tenant() {
 #[tokio::test]
 async fn delete_removes_what_mailscope_created_and_forgets_what_it_adopted() {
     let env = WithSandbox::start().await;
-    let created = put_ok(&env, "made", &create_body(&["Mail.Read"]), 201).await;
+    let created = put(&env, "made", &create_body(&["Mail.Read"]), 201).await;
     let made_id = created["app_id"].as_str().unwrap().to_string();
-    put_ok(
+    put(
         &env,
         "crm",
         &json!({"app_id": CRM_APP_ID, "allow_unscoped_permissions": true}),
         201,
     )
     .await;
-    let res = add_secret(
+    let added = add_secret(
         &env,
         "crm",
         json!({"display_name": "from mailscope", "lifetime_days": 30}),
+        201,
     )
     .await;
-    assert_eq!(res.status(), 201);
-    let added: Value = res.json().await.unwrap();
     let added_text = added["secret_text"].as_str().unwrap().to_string();
 
     for key in ["made", "crm"] {
-        let res = env
-            .app
-            .http
-            .delete(env.url(&format!("/applications/{key}")))
-            .bearer_auth(env.app.admin())
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(res.status(), 204, "{key}");
-        assert_eq!(get(&env, &format!("/applications/{key}")).await.0, 404);
+        let path = format!("/applications/{key}");
+        env.api().delete(&path, 204).await;
+        env.api().get(&path, 404).await;
     }
-    let t = sandbox_tenant(&env).await;
+    let t = env.sandbox_tenant().await;
     let apps = t["applications"].as_array().unwrap();
     assert!(
         !apps.iter().any(|a| a["appId"] == made_id.as_str()),
@@ -587,26 +513,18 @@ async fn delete_removes_what_mailscope_created_and_forgets_what_it_adopted() {
         .filter(|e| e["action"] == "application.deleted")
         .collect();
     assert_eq!(deleted.len(), 2);
-    let res = env
-        .app
-        .http
-        .delete(env.url("/applications/made"))
-        .bearer_auth(env.app.admin())
-        .send()
-        .await
-        .unwrap();
-    assert_problem(res, 404, "not_found").await;
+    env.api()
+        .delete("/applications/made", (404, "not_found"))
+        .await;
 }
 
 #[tokio::test]
 async fn a_secret_is_shown_once_never_stored_and_listed_with_its_status() {
     let env = WithSandbox::start().await;
-    put_ok(&env, "crm", &create_body(&["Mail.Read"]), 201).await;
+    put(&env, "crm", &create_body(&["Mail.Read"]), 201).await;
+    let api = env.api();
     let send = |key: &'static str, body: Value| {
-        env.app
-            .http
-            .post(env.url("/applications/crm/secrets"))
-            .bearer_auth(env.app.admin())
+        api.request(Method::POST, "/applications/crm/secrets")
             .header("Idempotency-Key", key)
             .json(&body)
             .send()
@@ -614,8 +532,7 @@ async fn a_secret_is_shown_once_never_stored_and_listed_with_its_status() {
     let res = send("k1", json!({"display_name": "long", "lifetime_days": 90}))
         .await
         .unwrap();
-    assert_eq!(res.status(), 201);
-    let first: Value = res.json().await.unwrap();
+    let first = json_body(res, 201, "POST secrets").await;
     let text = first["secret_text"].as_str().unwrap().to_string();
     assert!(text.len() >= 16);
     assert_eq!(first["status"], "current");
@@ -629,39 +546,42 @@ async fn a_secret_is_shown_once_never_stored_and_listed_with_its_status() {
     let replay: Value = res.json().await.unwrap();
     assert!(replay.get("secret_text").is_none());
     assert_eq!(replay["key_id"], first["key_id"]);
-    let c = counters(&env).await;
+    let c = env.counters().await;
     assert_eq!(count(&c, "graph:POST /applications/{id}/addPassword"), 1);
 
-    let res = add_secret(
+    let short = add_secret(
         &env,
         "crm",
         json!({"display_name": "short", "lifetime_days": 10}),
+        201,
     )
     .await;
-    assert_eq!(res.status(), 201);
-    let short: Value = res.json().await.unwrap();
     assert_eq!(short["status"], "expiring_soon");
-    let res = add_secret(
+    let p = add_secret(
         &env,
         "crm",
         json!({"display_name": "too long", "lifetime_days": 181}),
+        (422, "validation_failed"),
     )
     .await;
-    let p = assert_problem(res, 422, "validation_failed").await;
     assert_eq!(p["errors"][0]["field"], "lifetime_days");
-    let res = add_secret(&env, "crm", json!({"display_name": "", "lifetime_days": 0})).await;
-    let p = assert_problem(res, 422, "validation_failed").await;
+    let p = add_secret(
+        &env,
+        "crm",
+        json!({"display_name": "", "lifetime_days": 0}),
+        (422, "validation_failed"),
+    )
+    .await;
     assert_eq!(p["errors"].as_array().unwrap().len(), 2);
 
-    let (status, list) = get(&env, "/applications/crm/secrets").await;
-    assert_eq!(status, 200);
+    let list = env.api().get("/applications/crm/secrets", 200).await;
     let items = list["items"].as_array().unwrap();
     assert_eq!(items.len(), 2);
     assert_eq!(items[0]["key_id"], short["key_id"], "soonest-ending first");
     assert_eq!(items[0]["status"], "expiring_soon");
     assert_eq!(items[1]["status"], "current");
     assert!(items.iter().all(|s| s["created_by_mailscope"] == true));
-    let (_, view) = get(&env, "/applications/crm").await;
+    let view = env.api().get("/applications/crm", 200).await;
     assert_eq!(view["secrets"].as_array().unwrap().len(), 2);
     assert!(!list.to_string().contains(&text) && !view.to_string().contains(&text));
 
@@ -703,9 +623,8 @@ async fn an_expired_secret_of_an_adopted_app_is_reported_expired() {
     let (client_id, _) = env
         .sandbox_app(json!({"displayName": "old vendor app", "graphPermissions": ["Mail.Read"], "secretExpired": true}))
         .await;
-    put_ok(&env, "old", &json!({"app_id": client_id}), 201).await;
-    let (status, list) = get(&env, "/applications/old/secrets").await;
-    assert_eq!(status, 200);
+    put(&env, "old", &json!({"app_id": client_id}), 201).await;
+    let list = env.api().get("/applications/old/secrets", 200).await;
     let items = list["items"].as_array().unwrap();
     assert_eq!(items.len(), 1);
     assert_eq!(items[0]["status"], "expired");
@@ -715,33 +634,21 @@ async fn an_expired_secret_of_an_adopted_app_is_reported_expired() {
 #[tokio::test]
 async fn deleting_a_secret_removes_it_in_the_tenant() {
     let env = WithSandbox::start().await;
-    let view = put_ok(&env, "crm", &create_body(&["Mail.Read"]), 201).await;
+    let view = put(&env, "crm", &create_body(&["Mail.Read"]), 201).await;
     let app_id = view["app_id"].as_str().unwrap().to_string();
-    let res = add_secret(
-        &env,
-        "crm",
-        json!({"display_name": "s", "lifetime_days": 30}),
-    )
-    .await;
-    let secret: Value = res.json().await.unwrap();
+    let body = json!({"display_name": "s", "lifetime_days": 30});
+    let secret = add_secret(&env, "crm", body, 201).await;
     let text = secret["secret_text"].as_str().unwrap().to_string();
     assert_eq!(token(&env, &app_id, &text).await.status(), 200);
     let path = format!(
         "/applications/crm/secrets/{}",
         secret["key_id"].as_str().unwrap()
     );
-    let del = || {
-        env.app
-            .http
-            .delete(env.url(&path))
-            .bearer_auth(env.app.admin())
-            .send()
-    };
-    assert_eq!(del().await.unwrap().status(), 204);
+    env.api().delete(&path, 204).await;
     assert_eq!(token(&env, &app_id, &text).await.status(), 401);
-    let (_, list) = get(&env, "/applications/crm/secrets").await;
+    let list = env.api().get("/applications/crm/secrets", 200).await;
     assert_eq!(list["items"], json!([]));
-    assert_problem(del().await.unwrap(), 404, "not_found").await;
+    env.api().delete(&path, (404, "not_found")).await;
     assert!(
         audit_actions(&env)
             .await
@@ -753,51 +660,41 @@ async fn deleting_a_secret_removes_it_in_the_tenant() {
 #[tokio::test]
 async fn other_tenants_and_read_only_callers_are_kept_out() {
     let env = WithSandbox::start().await;
-    put_ok(&env, "crm", &create_body(&["Mail.Read"]), 201).await;
+    put(&env, "crm", &create_body(&["Mail.Read"]), 201).await;
     let other = "44444444-4444-4444-8444-444444444444";
-    let outsider = env.app.token(&["MailScope.Write"], &[other]);
-    for (method, path) in [
-        ("GET", "/applications"),
-        ("GET", "/applications/crm"),
-        ("PUT", "/applications/crm"),
-        ("DELETE", "/applications/crm"),
-        ("GET", "/applications/crm/secrets"),
-        ("POST", "/applications/crm/secrets"),
+    let outsider = env
+        .api()
+        .with_token(env.app.token(&["MailScope.Write"], &[other]));
+    let (app, secret) = (
+        create_body(&["Mail.Read"]),
+        json!({"display_name": "s", "lifetime_days": 1}),
+    );
+    for (method, path, body) in [
+        (Method::GET, "/applications", None),
+        (Method::GET, "/applications/crm", None),
+        (Method::PUT, "/applications/crm", Some(&app)),
+        (Method::DELETE, "/applications/crm", None),
+        (Method::GET, "/applications/crm/secrets", None),
+        (Method::POST, "/applications/crm/secrets", Some(&secret)),
     ] {
-        let req = env
-            .app
-            .http
-            .request(method.parse().unwrap(), env.url(path))
-            .bearer_auth(&outsider);
-        let req = match method {
-            "PUT" => req.json(&create_body(&["Mail.Read"])),
-            "POST" => req.json(&json!({"display_name": "s", "lifetime_days": 1})),
-            _ => req,
-        };
-        assert_problem(req.send().await.unwrap(), 404, "not_found").await;
+        outsider
+            .expect(method, path, body, (404, "not_found"))
+            .await;
     }
-    let reader = env.app.token(&["MailScope.Read"], &[&env.tenant]);
-    let res = env
-        .app
-        .http
-        .put(env.url("/applications/crm"))
-        .bearer_auth(&reader)
-        .json(&create_body(&["Mail.Read"]))
-        .send()
-        .await
-        .unwrap();
-    assert_problem(res, 403, "forbidden").await;
-    let res = env
-        .app
-        .http
-        .get(env.url("/applications/crm"))
-        .bearer_auth(&reader)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 200);
-    let res = put(&env, "Bad_Key", &create_body(&["Mail.Read"])).await;
-    let p = assert_problem(res, 422, "validation_failed").await;
+    let reader = env
+        .api()
+        .with_token(env.app.token(&["MailScope.Read"], &[&env.tenant]));
+    reader
+        .put("/applications/crm", &app, (403, "forbidden"))
+        .await;
+    reader.get("/applications/crm", 200).await;
+    let p = put(
+        &env,
+        "Bad_Key",
+        &create_body(&["Mail.Read"]),
+        (422, "validation_failed"),
+    )
+    .await;
     assert_eq!(p["errors"][0]["field"], "key");
 }
 
@@ -805,7 +702,7 @@ async fn other_tenants_and_read_only_callers_are_kept_out() {
 async fn the_list_pages_by_key() {
     let env = WithSandbox::start().await;
     for key in ["b-app", "a-app"] {
-        put_ok(
+        put(
             &env,
             key,
             &json!({"display_name": key, "permissions": []}),
@@ -813,10 +710,13 @@ async fn the_list_pages_by_key() {
         )
         .await;
     }
-    let (_, page) = get(&env, "/applications?limit=1").await;
+    let page = env.api().get("/applications?limit=1", 200).await;
     assert_eq!(page["items"][0]["key"], "a-app");
     assert_eq!(page["next_after"], "a-app");
-    let (_, page) = get(&env, "/applications?limit=1&after=a-app").await;
+    let page = env
+        .api()
+        .get("/applications?limit=1&after=a-app", 200)
+        .await;
     assert_eq!(page["items"][0]["key"], "b-app");
     assert_eq!(page["items"][0]["state"], "ready");
     assert!(page["next_after"].is_null());

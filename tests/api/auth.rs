@@ -35,11 +35,11 @@ fn rs(claims: &serde_json::Value, pem: &str, kid: &str) -> String {
 }
 
 async fn get_tenants(app: &TestApp, token: Option<&str>) -> reqwest::Response {
-    let mut req = app.http.get(app.url("/v1/tenants"));
-    if let Some(t) = token {
-        req = req.bearer_auth(t);
-    }
-    req.send().await.unwrap()
+    let api = match token {
+        Some(t) => app.api().with_token(t),
+        None => app.api().anonymous(),
+    };
+    api.send(Method::GET, "/v1/tenants", None).await
 }
 
 #[tokio::test]
@@ -150,15 +150,14 @@ async fn missing_role_is_403_and_read_cannot_write() {
     assert!(body["detail"].as_str().unwrap().contains("MailScope.Read"));
 
     let reader = app.token(&["MailScope.Read"], &["*"]);
-    let res = app
-        .http
-        .put(app.url("/v1/tenants/0b1c6a36-6b53-4bcb-8e56-0d4f5c7f3a11"))
-        .bearer_auth(reader)
-        .json(&tenant_body("x"))
-        .send()
-        .await
-        .unwrap();
-    assert_problem(res, 403, "forbidden").await;
+    app.api()
+        .with_token(reader)
+        .put(
+            "/v1/tenants/0b1c6a36-6b53-4bcb-8e56-0d4f5c7f3a11",
+            &tenant_body("x"),
+            (403, "forbidden"),
+        )
+        .await;
 }
 
 #[tokio::test]
@@ -167,57 +166,28 @@ async fn foreign_tenant_looks_exactly_like_an_unknown_one() {
     let mine = "11111111-1111-4111-8111-111111111111";
     let theirs = "22222222-2222-4222-8222-222222222222";
     for t in [mine, theirs] {
-        let res = app
-            .http
-            .put(app.url(&format!("/v1/tenants/{t}")))
-            .bearer_auth(app.admin())
-            .json(&tenant_body("x"))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(res.status(), 201);
+        app.api()
+            .put(&format!("/v1/tenants/{t}"), &tenant_body("x"), 201)
+            .await;
     }
-    let reader = app.token(&["MailScope.Read"], &[mine]);
-    let ok = app
-        .http
-        .get(app.url(&format!("/v1/tenants/{mine}")))
-        .bearer_auth(&reader)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(ok.status(), 200);
-    let foreign = app
-        .http
-        .get(app.url(&format!("/v1/tenants/{theirs}")))
-        .bearer_auth(&reader)
-        .send()
-        .await
-        .unwrap();
-    let foreign = assert_problem(foreign, 404, "not_found").await;
+    let reader = app
+        .api()
+        .with_token(app.token(&["MailScope.Read"], &[mine]));
+    reader.get(&format!("/v1/tenants/{mine}"), 200).await;
+    let not_found = (404, "not_found");
+    let foreign = reader
+        .get(&format!("/v1/tenants/{theirs}"), not_found)
+        .await;
     let unknown_id = "33333333-3333-4333-8333-333333333333";
-    let unknown = app
-        .http
-        .get(app.url(&format!("/v1/tenants/{unknown_id}")))
-        .bearer_auth(&reader)
-        .send()
-        .await
-        .unwrap();
-    let unknown = assert_problem(unknown, 404, "not_found").await;
+    let unknown = reader
+        .get(&format!("/v1/tenants/{unknown_id}"), not_found)
+        .await;
     assert_eq!(
         foreign["detail"].as_str().unwrap().replace(theirs, "X"),
         unknown["detail"].as_str().unwrap().replace(unknown_id, "X")
     );
     // The list shows only the visible tenant, and audit events of the other stay hidden.
-    let list: serde_json::Value = app
-        .http
-        .get(app.url("/v1/tenants"))
-        .bearer_auth(&reader)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list = reader.get("/v1/tenants", 200).await;
     let ids: Vec<&str> = list["items"]
         .as_array()
         .unwrap()
@@ -225,14 +195,8 @@ async fn foreign_tenant_looks_exactly_like_an_unknown_one() {
         .map(|t| t["tenant_id"].as_str().unwrap())
         .collect();
     assert_eq!(ids, vec![mine]);
-    let audit = app
-        .http
-        .get(app.url(&format!("/v1/tenants/{theirs}/audit-events")))
-        .bearer_auth(&reader)
-        .send()
-        .await
-        .unwrap();
-    assert_problem(audit, 404, "not_found").await;
+    let audit = format!("/v1/tenants/{theirs}/audit-events");
+    reader.get(&audit, not_found).await;
 }
 
 fn jwk(name: &str) -> serde_json::Value {

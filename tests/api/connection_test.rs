@@ -5,16 +5,7 @@ use serde_json::{Value, json};
 use crate::helpers::*;
 
 async fn run(env: &WithSandbox) -> Value {
-    let res = env
-        .app
-        .http
-        .post(env.url("/connection-test"))
-        .bearer_auth(env.app.admin())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 200);
-    res.json().await.unwrap()
+    env.api().post_empty("/connection-test", 200).await
 }
 
 fn step<'a>(report: &'a Value, name: &str) -> &'a Value {
@@ -102,16 +93,6 @@ async fn missing_exchange_grants_are_told_apart() {
 #[tokio::test]
 async fn connection_test_of_an_unknown_tenant_is_404() {
     let env = WithSandbox::start().await;
-    let res = env
-        .app
-        .http
-        .post(
-            env.app
-                .url("/v1/tenants/44444444-4444-4444-8444-444444444444/connection-test"),
-        )
-        .bearer_auth(env.app.admin())
-        .send()
-        .await
-        .unwrap();
-    assert_problem(res, 404, "not_found").await;
+    let path = "/v1/tenants/44444444-4444-4444-8444-444444444444/connection-test";
+    env.app.api().post_empty(path, (404, "not_found")).await;
 }

@@ -4,6 +4,9 @@
 //! test creates `mailscope_test_<uuid>` and drops it (WITH FORCE) when the `TestApp` is dropped.
 use std::time::Duration;
 
+pub use reqwest::Method;
+use serde_json::Value;
+
 use mailscope::app::{Application, Role};
 use mailscope::config::{Secret, Settings};
 
@@ -171,6 +174,157 @@ impl TestApp {
     pub fn admin(&self) -> String {
         self.token(&["MailScope.Admin"], &["*"])
     }
+
+    /// The service's API as an admin of every tenant.
+    pub fn api(&self) -> TestClient {
+        TestClient {
+            base: self.base.clone(),
+            http: self.http.clone(),
+            token: Some(self.admin()),
+        }
+    }
+}
+
+/// A typed client for one HTTP API in tests (in the style of svix's test utilities): every
+/// request carries the client's bearer token (if any), paths are relative to its base, and the
+/// verb helpers assert the expected status (showing the body when it differs) and return the JSON
+/// body (`null` when there is none).
+#[derive(Clone)]
+pub struct TestClient {
+    pub base: String,
+    pub http: reqwest::Client,
+    pub token: Option<String>,
+}
+
+impl TestClient {
+    /// The same API with another bearer token.
+    pub fn with_token(&self, token: impl Into<String>) -> TestClient {
+        TestClient {
+            token: Some(token.into()),
+            ..self.clone()
+        }
+    }
+
+    /// The same API without a token.
+    pub fn anonymous(&self) -> TestClient {
+        TestClient {
+            token: None,
+            ..self.clone()
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// A request with the token, for what the helpers below do not cover (headers, raw bodies).
+    pub fn request(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
+        let req = self.http.request(method, self.url(path));
+        match &self.token {
+            Some(t) => req.bearer_auth(t),
+            None => req,
+        }
+    }
+
+    /// Send with an optional JSON body; the response as it came.
+    pub async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> reqwest::Response {
+        let mut req = self.request(method, path);
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        req.send().await.unwrap()
+    }
+
+    /// Send a body that is not JSON, with its content type; the response as it came.
+    pub async fn send_body(
+        &self,
+        method: Method,
+        path: &str,
+        content_type: &str,
+        body: impl Into<reqwest::Body>,
+    ) -> reqwest::Response {
+        self.request(method, path)
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// Send, assert the outcome, return the JSON body (`null` when empty).
+    pub async fn expect(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+        expect: impl Into<Expect<'_>>,
+    ) -> Value {
+        let what = format!("{method} {path}");
+        let res = self.send(method, path, body).await;
+        match expect.into() {
+            Expect::Status(status) => json_body(res, status, &what).await,
+            Expect::Problem(status, code) => assert_problem(res, status, code).await,
+        }
+    }
+}
+
+/// The verbs: `get`, `delete` and `post_empty` send no body, `post`, `put` and `patch` a JSON
+/// body; each asserts the outcome and returns the JSON body.
+macro_rules! verbs {
+    ($($name:ident: $method:ident),*; $($with_body:ident: $body_method:ident),*) => {
+        impl TestClient {
+            $(pub async fn $name(&self, path: &str, expect: impl Into<Expect<'_>>) -> Value {
+                self.expect(Method::$method, path, None, expect).await
+            })*
+            $(pub async fn $with_body(
+                &self,
+                path: &str,
+                body: &Value,
+                expect: impl Into<Expect<'_>>,
+            ) -> Value {
+                self.expect(Method::$body_method, path, Some(body), expect).await
+            })*
+        }
+    };
+}
+
+verbs!(get: GET, delete: DELETE, post_empty: POST; post: POST, put: PUT, patch: PATCH);
+
+/// What a [`TestClient`] call must answer: a status (`200`), or an RFC 9457 problem with its
+/// status and code (`(404, "not_found")`, checked by [`assert_problem`]).
+#[derive(Debug, Clone, Copy)]
+pub enum Expect<'c> {
+    Status(u16),
+    Problem(u16, &'c str),
+}
+
+impl From<u16> for Expect<'_> {
+    fn from(status: u16) -> Self {
+        Expect::Status(status)
+    }
+}
+
+impl<'c> From<(u16, &'c str)> for Expect<'c> {
+    fn from((status, code): (u16, &'c str)) -> Self {
+        Expect::Problem(status, code)
+    }
+}
+
+/// Assert the status of a response (showing its body when it differs) and return its JSON body
+/// (`null` when empty).
+pub async fn json_body(res: reqwest::Response, status: u16, what: &str) -> Value {
+    let got = res.status().as_u16();
+    let text = res.text().await.unwrap();
+    assert_eq!(got, status, "{what}: {text}");
+    if text.trim().is_empty() {
+        return Value::Null;
+    }
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{what}: not JSON ({e}): {text}"))
 }
 
 impl Drop for TestApp {
@@ -208,7 +362,7 @@ pub async fn spawn_app_with(adjust: impl FnOnce(&mut Settings)) -> TestApp {
 }
 
 /// A valid tenant registration body.
-pub fn tenant_body(secret: &str) -> serde_json::Value {
+pub fn tenant_body(secret: &str) -> Value {
     serde_json::json!({
         "display_name": "Contoso",
         "cloud": "custom",
@@ -220,7 +374,7 @@ pub fn tenant_body(secret: &str) -> serde_json::Value {
 }
 
 /// Assert an RFC 9457 response and return its body.
-pub async fn assert_problem(res: reqwest::Response, status: u16, code: &str) -> serde_json::Value {
+pub async fn assert_problem(res: reqwest::Response, status: u16, code: &str) -> Value {
     assert_eq!(res.status().as_u16(), status, "status");
     let ct = res
         .headers()
@@ -237,7 +391,7 @@ pub async fn assert_problem(res: reqwest::Response, status: u16, code: &str) -> 
         .to_str()
         .unwrap()
         .to_string();
-    let body: serde_json::Value = res.json().await.unwrap();
+    let body: Value = res.json().await.unwrap();
     assert_eq!(body["type"], format!("/problems/{code}"), "{body}");
     assert_eq!(body["code"], code);
     assert_eq!(body["status"], status);
@@ -281,15 +435,9 @@ impl WithSandbox {
             &sandbox.management_client_id(),
             sandbox.management_client_secret().expose_secret(),
         );
-        let res = app
-            .http
-            .put(app.url(&format!("/v1/tenants/{tenant}")))
-            .bearer_auth(app.admin())
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(res.status(), 201, "{}", res.text().await.unwrap());
+        app.api()
+            .put(&format!("/v1/tenants/{tenant}"), &body, 201)
+            .await;
         WithSandbox {
             app,
             sandbox,
@@ -302,36 +450,61 @@ impl WithSandbox {
         self.app.url(&format!("/v1/tenants/{}{rest}", self.tenant))
     }
 
+    /// The sandbox tenant's part of the API (`/v1/tenants/{tenant}`), as an admin.
+    pub fn api(&self) -> TestClient {
+        TestClient {
+            base: self.url(""),
+            ..self.app.api()
+        }
+    }
+
+    /// The sandbox's control API (`/_sandbox`), which takes no token.
+    pub fn control(&self) -> TestClient {
+        TestClient {
+            base: format!("{}/_sandbox", self.sandbox.base_url),
+            http: self.app.http.clone(),
+            token: None,
+        }
+    }
+
+    /// The sandbox's Graph (`/v1.0`) with an access token the sandbox issued.
+    pub fn sandbox_graph(&self, token: &str) -> TestClient {
+        TestClient {
+            base: format!("{}/v1.0", self.sandbox.base_url),
+            http: self.app.http.clone(),
+            token: Some(token.to_string()),
+        }
+    }
+
+    /// Calls per endpoint recorded by the sandbox for the tenant.
+    pub async fn counters(&self) -> Value {
+        let q = format!("/counters?tenant={}", self.tenant);
+        self.control().get(&q, 200).await
+    }
+
+    /// The sandbox tenant as the control API shows it (directory, applications, policies).
+    pub async fn sandbox_tenant(&self) -> Value {
+        let q = format!("/tenants/{}", self.tenant);
+        self.control().get(&q, 200).await
+    }
+
+    /// The tenant's calls the sandbox recorded for `api` (login, graph or exchange), in order.
+    pub async fn sandbox_calls(&self, api: &str) -> Vec<Value> {
+        let q = format!("/calls?api={api}&tenant={}", self.tenant);
+        let v = self.control().get(&q, 200).await;
+        v["value"].as_array().unwrap().clone()
+    }
+
     /// Re-register the tenant with another management credential.
     pub async fn use_credential(&self, client_id: &str, secret: &str) {
         let body = sandbox_tenant_body(&self.sandbox, client_id, secret);
-        let res = self
-            .app
-            .http
-            .put(self.url(""))
-            .bearer_auth(self.app.admin())
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        assert!(res.status().is_success());
+        self.api().put("", &body, 200).await;
     }
 
     /// Register an app in the sandbox tenant (control API) and return (client id, secret).
-    pub async fn sandbox_app(&self, body: serde_json::Value) -> (String, String) {
-        let res = self
-            .app
-            .http
-            .post(format!(
-                "{}/_sandbox/tenants/{}/credentials",
-                self.sandbox.base_url, self.tenant
-            ))
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(res.status(), 201);
-        let v: serde_json::Value = res.json().await.unwrap();
+    pub async fn sandbox_app(&self, body: Value) -> (String, String) {
+        let path = format!("/tenants/{}/credentials", self.tenant);
+        let v = self.control().post(&path, &body, 201).await;
         (
             v["clientId"].as_str().unwrap().to_string(),
             v["clientSecret"].as_str().unwrap_or_default().to_string(),
@@ -343,7 +516,7 @@ pub fn sandbox_tenant_body(
     sandbox: &mailscope::sandbox::SandboxHandle,
     client_id: &str,
     secret: &str,
-) -> serde_json::Value {
+) -> Value {
     let base = &sandbox.base_url;
     serde_json::json!({
         "display_name": "Contoso (sandbox)",

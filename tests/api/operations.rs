@@ -7,38 +7,19 @@ use crate::helpers::*;
 #[tokio::test]
 async fn health_readiness_and_metrics() {
     let app = spawn_app().await;
-    let h = app.http.get(app.url("/healthz")).send().await.unwrap();
-    assert_eq!(h.status(), 200);
-    let r: serde_json::Value = app
-        .http
-        .get(app.url("/readyz"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let anonymous = app.api().anonymous();
+    anonymous.get("/healthz", 200).await;
+    let r = anonymous.get("/readyz", 200).await;
     assert_eq!(r["status"], "ready");
     assert_eq!(
         r["schema_version"],
         mailscope::store::migrate::latest_version()
     );
     // Generate a 401 on a templated route, then read the metrics.
-    let _ = app
-        .http
-        .get(app.url("/v1/tenants/0b1c6a36-6b53-4bcb-8e56-0d4f5c7f3a11"))
-        .send()
-        .await
-        .unwrap();
-    let m = app
-        .http
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let tenant = "/v1/tenants/0b1c6a36-6b53-4bcb-8e56-0d4f5c7f3a11";
+    anonymous.send(Method::GET, tenant, None).await;
+    let m = anonymous.send(Method::GET, "/metrics", None).await;
+    let m = m.text().await.unwrap();
     assert!(
         m.contains(r#"mailscope_http_requests_total{method="GET",route="/v1/tenants/{tenant_id}",status="401"} 1"#),
         "{m}"
@@ -50,19 +31,11 @@ async fn health_readiness_and_metrics() {
 #[tokio::test]
 async fn not_ready_until_migrated() {
     let app = spawn_app_with(|s| s.database.migrate_on_start = false).await;
-    let res = app.http.get(app.url("/readyz")).send().await.unwrap();
-    let p = assert_problem(res, 503, "not_ready").await;
+    let anonymous = app.api().anonymous();
+    let p = anonymous.get("/readyz", (503, "not_ready")).await;
     assert!(p["detail"].as_str().unwrap().contains("mailscope migrate"));
     mailscope::app::migrate(&app.db.url).await.unwrap();
-    assert_eq!(
-        app.http
-            .get(app.url("/readyz"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    anonymous.get("/readyz", 200).await;
 }
 
 #[tokio::test]
@@ -84,17 +57,11 @@ async fn database_outage_is_503_and_recovers_by_itself() {
         )
         .await
         .unwrap();
-    let res = app
-        .http
-        .get(app.url("/v1/tenants"))
-        .bearer_auth(app.admin())
-        .send()
-        .await
-        .unwrap();
+    let api = app.api();
+    let res = api.send(Method::GET, "/v1/tenants", None).await;
     assert_eq!(res.headers().get("retry-after").unwrap(), "5");
     assert_problem(res, 503, "database_unavailable").await;
-    let res = app.http.get(app.url("/readyz")).send().await.unwrap();
-    assert_eq!(res.status(), 503);
+    api.anonymous().get("/readyz", 503).await;
 
     admin
         .batch_execute(&format!(
@@ -105,15 +72,8 @@ async fn database_outage_is_503_and_recovers_by_itself() {
         .unwrap();
     let mut status = 0;
     for _ in 0..20 {
-        status = app
-            .http
-            .get(app.url("/v1/tenants"))
-            .bearer_auth(app.admin())
-            .send()
-            .await
-            .unwrap()
-            .status()
-            .as_u16();
+        let res = api.send(Method::GET, "/v1/tenants", None).await;
+        status = res.status().as_u16();
         if status == 200 {
             break;
         }
@@ -215,19 +175,12 @@ fn committed_openapi_matches_the_code() {
 #[tokio::test]
 async fn spec_and_offline_swagger_ui_are_served() {
     let app = spawn_app().await;
-    let spec: serde_json::Value = app
-        .http
-        .get(app.url("/openapi.json"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let anonymous = app.api().anonymous();
+    let spec = anonymous.get("/openapi.json", 200).await;
     assert!(spec["openapi"].as_str().unwrap().starts_with("3.1"));
     assert!(spec["paths"]["/v1/tenants/{tenant_id}"]["put"].is_object());
     assert!(spec["components"]["securitySchemes"]["bearer"].is_object());
-    let page = app.http.get(app.url("/docs/")).send().await.unwrap();
+    let page = anonymous.send(Method::GET, "/docs/", None).await;
     assert_eq!(page.status(), 200);
     let html = page.text().await.unwrap();
     assert!(html.contains("swagger"), "{html}");
@@ -237,12 +190,9 @@ async fn spec_and_offline_swagger_ui_are_served() {
             "Swagger UI must not load assets from {cdn}"
         );
     }
-    let js = app
-        .http
-        .get(app.url("/docs/swagger-ui-bundle.js"))
-        .send()
-        .await
-        .unwrap();
+    let js = anonymous
+        .send(Method::GET, "/docs/swagger-ui-bundle.js", None)
+        .await;
     assert_eq!(js.status(), 200, "assets are vendored into the binary");
 }
 

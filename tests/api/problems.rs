@@ -7,14 +7,9 @@ const T: &str = "/v1/tenants/0b1c6a36-6b53-4bcb-8e56-0d4f5c7f3a11";
 async fn malformed_json_is_400() {
     let app = spawn_app().await;
     let res = app
-        .http
-        .put(app.url(T))
-        .bearer_auth(app.admin())
-        .header("content-type", "application/json")
-        .body("{\"display_name\": ")
-        .send()
-        .await
-        .unwrap();
+        .api()
+        .send_body(Method::PUT, T, "application/json", "{\"display_name\": ")
+        .await;
     let body = assert_problem(res, 400, "malformed_json").await;
     assert_eq!(body["instance"], T);
 }
@@ -22,15 +17,11 @@ async fn malformed_json_is_400() {
 #[tokio::test]
 async fn wrong_content_type_is_415() {
     let app = spawn_app().await;
+    let body = tenant_body("x").to_string();
     let res = app
-        .http
-        .put(app.url(T))
-        .bearer_auth(app.admin())
-        .header("content-type", "text/plain")
-        .body(tenant_body("x").to_string())
-        .send()
-        .await
-        .unwrap();
+        .api()
+        .send_body(Method::PUT, T, "text/plain", body)
+        .await;
     assert_problem(res, 415, "unsupported_media_type").await;
 }
 
@@ -39,28 +30,12 @@ async fn unknown_field_and_wrong_type_are_422() {
     let app = spawn_app().await;
     let mut body = tenant_body("x");
     body["colour"] = serde_json::json!("blue");
-    let res = app
-        .http
-        .put(app.url(T))
-        .bearer_auth(app.admin())
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    let p = assert_problem(res, 422, "validation_failed").await;
+    let p = app.api().put(T, &body, (422, "validation_failed")).await;
     assert!(p["detail"].as_str().unwrap().contains("colour"), "{p}");
 
     let mut body = tenant_body("x");
     body["cloud"] = serde_json::json!("mars");
-    let res = app
-        .http
-        .put(app.url(T))
-        .bearer_auth(app.admin())
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert_problem(res, 422, "validation_failed").await;
+    app.api().put(T, &body, (422, "validation_failed")).await;
 }
 
 #[tokio::test]
@@ -74,15 +49,7 @@ async fn field_validation_names_every_bad_field() {
         "credentials": {"client_id": "nope", "certificate_pem": "garbage"},
         "canary_mailboxes": ["not-an-address"]
     });
-    let res = app
-        .http
-        .put(app.url(T))
-        .bearer_auth(app.admin())
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    let p = assert_problem(res, 422, "validation_failed").await;
+    let p = app.api().put(T, &body, (422, "validation_failed")).await;
     let fields: Vec<&str> = p["errors"]
         .as_array()
         .unwrap()
@@ -104,14 +71,10 @@ async fn field_validation_names_every_bad_field() {
 #[tokio::test]
 async fn invalid_uuid_in_path_is_400() {
     let app = spawn_app().await;
-    let res = app
-        .http
-        .get(app.url("/v1/tenants/not-a-uuid"))
-        .bearer_auth(app.admin())
-        .send()
-        .await
-        .unwrap();
-    let p = assert_problem(res, 400, "invalid_path_parameter").await;
+    let p = app
+        .api()
+        .get("/v1/tenants/not-a-uuid", (400, "invalid_path_parameter"))
+        .await;
     assert!(p["detail"].as_str().unwrap().contains("UUID"), "{p}");
 }
 
@@ -125,14 +88,9 @@ async fn invalid_query_is_400() {
         "?after=xyz",
         "?bogus=1",
     ] {
-        let res = app
-            .http
-            .get(app.url(&format!("/v1/tenants{q}")))
-            .bearer_auth(app.admin())
-            .send()
-            .await
-            .unwrap();
-        assert_problem(res, 400, "invalid_query").await;
+        app.api()
+            .get(&format!("/v1/tenants{q}"), (400, "invalid_query"))
+            .await;
     }
 }
 
@@ -141,46 +99,30 @@ async fn oversized_body_is_413() {
     let app = spawn_app_with(|s| s.http.body_limit_bytes = 2048).await;
     let mut body = tenant_body("x");
     body["display_name"] = serde_json::json!("x".repeat(4096));
-    let res = app
-        .http
-        .put(app.url(T))
-        .bearer_auth(app.admin())
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert_problem(res, 413, "payload_too_large").await;
+    app.api().put(T, &body, (413, "payload_too_large")).await;
 }
 
 #[tokio::test]
 async fn unknown_route_is_404_and_wrong_method_is_405() {
     let app = spawn_app().await;
-    let res = app.http.get(app.url("/v2/nothing")).send().await.unwrap();
-    assert_problem(res, 404, "not_found").await;
-    let res = app
-        .http
-        .post(app.url(T))
-        .bearer_auth(app.admin())
-        .send()
-        .await
-        .unwrap();
-    assert_problem(res, 405, "method_not_allowed").await;
+    let anonymous = app.api().anonymous();
+    anonymous.get("/v2/nothing", (404, "not_found")).await;
+    app.api().post_empty(T, (405, "method_not_allowed")).await;
 }
 
 #[tokio::test]
 async fn request_id_is_echoed_or_generated() {
     let app = spawn_app().await;
-    let res = app
-        .http
-        .get(app.url("/healthz"))
+    let anonymous = app.api().anonymous();
+    let res = anonymous
+        .request(Method::GET, "/healthz")
         .header("x-request-id", "ticket-4711")
         .send()
         .await
         .unwrap();
     assert_eq!(res.headers().get("x-request-id").unwrap(), "ticket-4711");
-    let res = app
-        .http
-        .get(app.url("/v1/tenants"))
+    let res = anonymous
+        .request(Method::GET, "/v1/tenants")
         .header("x-request-id", "ticket-4712")
         .send()
         .await
@@ -188,9 +130,8 @@ async fn request_id_is_echoed_or_generated() {
     let p = assert_problem(res, 401, "unauthenticated").await;
     assert_eq!(p["request_id"], "ticket-4712");
     // Unprintable or oversized ids are replaced by a generated one.
-    let res = app
-        .http
-        .get(app.url("/healthz"))
+    let res = anonymous
+        .request(Method::GET, "/healthz")
         .header("x-request-id", "x".repeat(500))
         .send()
         .await
@@ -202,25 +143,11 @@ async fn request_id_is_echoed_or_generated() {
 #[tokio::test]
 async fn problem_types_resolve() {
     let app = spawn_app().await;
-    let res = app
-        .http
-        .get(app.url("/problems/validation_failed"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 200);
-    let t: serde_json::Value = res.json().await.unwrap();
+    let anonymous = app.api().anonymous();
+    let t = anonymous.get("/problems/validation_failed", 200).await;
     assert_eq!(t["status"], 422);
-    let all: Vec<serde_json::Value> = app
-        .http
-        .get(app.url("/problems"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert!(all.len() >= 10);
+    let all = anonymous.get("/problems", 200).await;
+    assert!(all.as_array().unwrap().len() >= 10);
 }
 
 /// Text with a NUL character (U+0000) cannot be stored; every field that reaches the database

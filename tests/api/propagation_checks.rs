@@ -49,17 +49,11 @@ async fn start(sb: SandboxSettings, adjust: impl FnOnce(&mut Settings)) -> WithS
 
 /// Create an app registration through mailscope (origin `created`); returns its client id.
 async fn managed_app(env: &WithSandbox, key: &str, permissions: &[&str]) -> String {
-    let res = env
-        .app
-        .http
-        .put(env.url(&format!("/applications/{key}")))
-        .bearer_auth(env.app.admin())
-        .json(&json!({"display_name": "Probe target", "permissions": permissions, "grant_admin_consent": true}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 201, "{}", res.text().await.unwrap());
-    let v: Value = res.json().await.unwrap();
+    let body = json!({"display_name": "Probe target", "permissions": permissions, "grant_admin_consent": true});
+    let v = env
+        .api()
+        .put(&format!("/applications/{key}"), &body, 201)
+        .await;
     v["app_id"].as_str().unwrap().to_string()
 }
 
@@ -71,18 +65,12 @@ async fn restrict(
     canaries: &[&str],
 ) -> (Value, String) {
     let canaries: Vec<String> = canaries.iter().map(|c| addr(c)).collect();
+    let body = json!({"app_id": app_id, "scope": scope, "access_right": "RestrictAccess",
+        "canary_mailboxes": canaries});
     let res = env
-        .app
-        .http
-        .post(env.url("/access-policies"))
-        .bearer_auth(env.app.admin())
-        .json(
-            &json!({"app_id": app_id, "scope": scope, "access_right": "RestrictAccess",
-            "canary_mailboxes": canaries}),
-        )
-        .send()
-        .await
-        .unwrap();
+        .api()
+        .send(Method::POST, "/access-policies", Some(&body))
+        .await;
     assert_eq!(res.status(), 201);
     let link = res
         .headers()
@@ -95,16 +83,10 @@ async fn restrict(
 }
 
 async fn get_check(env: &WithSandbox, id: &str) -> Value {
-    let res = env
-        .app
-        .http
-        .get(env.url(&format!("/propagation-checks/{id}")))
-        .bearer_auth(env.app.token(&["MailScope.Read"], &["*"]))
-        .send()
+    env.api()
+        .with_token(env.app.token(&["MailScope.Read"], &["*"]))
+        .get(&format!("/propagation-checks/{id}"), 200)
         .await
-        .unwrap();
-    assert_eq!(res.status(), 200);
-    res.json().await.unwrap()
 }
 
 /// Poll until `done(check)`; panics after a minute with the last state.
@@ -135,19 +117,7 @@ fn is_final(c: &Value) -> bool {
 
 /// Probe secrets currently on the app registration in the sandbox tenant.
 async fn probe_secrets(env: &WithSandbox, app_id: &str) -> usize {
-    let t: Value = env
-        .app
-        .http
-        .get(format!(
-            "{}/_sandbox/tenants/{}",
-            env.sandbox.base_url, env.tenant
-        ))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let t = env.sandbox_tenant().await;
     let app = t["applications"]
         .as_array()
         .unwrap()
@@ -183,17 +153,14 @@ async fn wait_for_probe_secret(env: &WithSandbox, app_id: &str) -> usize {
 }
 
 async fn exchange_verdict(env: &WithSandbox, app_id: &str, mailbox: &str) -> Value {
-    let res = env
-        .app
-        .http
-        .post(env.url("/access-tests"))
-        .bearer_auth(env.app.admin())
-        .json(&json!({"app_id": app_id, "mailbox": addr(mailbox)}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 200);
-    let v: Value = res.json().await.unwrap();
+    let v = env
+        .api()
+        .post(
+            "/access-tests",
+            &json!({"app_id": app_id, "mailbox": addr(mailbox)}),
+            200,
+        )
+        .await;
     v["exchange"]["access_check_result"].clone()
 }
 
@@ -268,19 +235,12 @@ async fn a_restrict_policy_check_passes_only_after_every_front_end_agrees() {
 
     // The policy is now known to be in force.
     let p: Value = env
-        .app
-        .http
-        .get(env.url(&format!(
-            "/access-policies/{}",
-            policy["id"].as_str().unwrap()
-        )))
-        .bearer_auth(env.app.admin())
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .api()
+        .get(
+            &format!("/access-policies/{}", policy["id"].as_str().unwrap()),
+            200,
+        )
+        .await;
     assert_eq!(p["state"], "in_force");
 }
 
@@ -296,17 +256,13 @@ async fn an_expectation_exchange_disagrees_with_fails_fast_as_misconfigured() {
         .to_string();
 
     // Carol is outside the group: expecting her granted is a configuration error, not a delay.
+    let body = json!({"app_id": app, "expectations": [
+        {"mailbox": addr("alice"), "expected": "granted"},
+        {"mailbox": addr("carol"), "expected": "granted"}]});
     let res = env
-        .app
-        .http
-        .post(env.url("/propagation-checks"))
-        .bearer_auth(env.app.admin())
-        .json(&json!({"app_id": app, "expectations": [
-            {"mailbox": addr("alice"), "expected": "granted"},
-            {"mailbox": addr("carol"), "expected": "granted"}]}))
-        .send()
-        .await
-        .unwrap();
+        .api()
+        .send(Method::POST, "/propagation-checks", Some(&body))
+        .await;
     let status = res.status().as_u16();
     let check: Value = res.json().await.unwrap();
     let id = check["id"].as_str().unwrap().to_string();
@@ -334,16 +290,9 @@ async fn an_expectation_exchange_disagrees_with_fails_fast_as_misconfigured() {
 
     // One check per app: the list shows no second active one.
     let list: Value = env
-        .app
-        .http
-        .get(env.url(&format!("/propagation-checks?app_id={app}")))
-        .bearer_auth(env.app.admin())
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .api()
+        .get(&format!("/propagation-checks?app_id={app}"), 200)
+        .await;
     let items = list["items"].as_array().unwrap();
     assert!(items.iter().all(is_final), "{list:#}");
 }
@@ -385,39 +334,29 @@ async fn cancel_ends_a_live_check_and_takes_its_probe_secret_back() {
         .to_string();
     assert_eq!(wait_for_probe_secret(&env, &app).await, 1);
 
-    let cancel = |token: String| {
-        env.app
-            .http
-            .post(env.url(&format!("/propagation-checks/{id}/cancel")))
-            .bearer_auth(token)
-            .send()
-    };
-    let res = cancel(env.app.token(&["MailScope.Read"], &["*"]))
-        .await
-        .unwrap();
-    assert_problem(res, 403, "forbidden").await;
-    let res = cancel(env.app.admin()).await.unwrap();
+    let cancel = format!("/propagation-checks/{id}/cancel");
+    let reader = env
+        .api()
+        .with_token(env.app.token(&["MailScope.Read"], &["*"]));
+    reader.post_empty(&cancel, (403, "forbidden")).await;
+    let res = env.api().send(Method::POST, &cancel, None).await;
     assert!(matches!(res.status().as_u16(), 200 | 202));
     let done = wait_until(&env, &id, is_final).await;
     assert_eq!(done["state"], "cancelled", "{done:#}");
     assert_eq!(probe_secrets(&env, &app).await, 0, "probe secret removed");
-    let res = cancel(env.app.admin()).await.unwrap();
-    assert_problem(res, 409, "conflict").await;
+    env.api().post_empty(&cancel, (409, "conflict")).await;
 }
 
 #[tokio::test]
 async fn an_adopted_app_is_verified_by_exchanges_test_without_a_probe_secret() {
     let env = start(sandbox(600, 1200), |_| {}).await;
-    let res = env
-        .app
-        .http
-        .put(env.url("/applications/crm"))
-        .bearer_auth(env.app.admin())
-        .json(&json!({"app_id": CRM, "allow_unscoped_permissions": true}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 201, "{}", res.text().await.unwrap());
+    env.api()
+        .put(
+            "/applications/crm",
+            &json!({"app_id": CRM, "allow_unscoped_permissions": true}),
+            201,
+        )
+        .await;
     // The tenant's own canary mailboxes join the request's.
     let mut tenant = sandbox_tenant_body(
         &env.sandbox,
@@ -425,16 +364,7 @@ async fn an_adopted_app_is_verified_by_exchanges_test_without_a_probe_secret() {
         secrecy::ExposeSecret::expose_secret(&env.sandbox.management_client_secret()),
     );
     tenant["canary_mailboxes"] = json!([addr("dave")]);
-    let res = env
-        .app
-        .http
-        .put(env.url(""))
-        .bearer_auth(env.app.admin())
-        .json(&tenant)
-        .send()
-        .await
-        .unwrap();
-    assert!(res.status().is_success());
+    env.api().put("", &tenant, 200).await;
     create_group(&env, "crm-scope", &["alice"]).await;
     let (policy, _) = restrict(&env, CRM, "crm-scope", &["carol"]).await;
     assert_eq!(
@@ -447,16 +377,10 @@ async fn an_adopted_app_is_verified_by_exchanges_test_without_a_probe_secret() {
         .to_string();
 
     // `?wait` returns as soon as the state changes (or after the wait).
-    let res = env
-        .app
-        .http
-        .get(env.url(&format!("/propagation-checks/{id}?wait=20")))
-        .bearer_auth(env.app.admin())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 200);
-    let waited: Value = res.json().await.unwrap();
+    let waited = env
+        .api()
+        .get(&format!("/propagation-checks/{id}?wait=20"), 200)
+        .await;
     assert_ne!(waited["state"], "queued", "{waited:#}");
     let done = wait_until(&env, &id, is_final).await;
     assert_eq!(done["state"], "succeeded", "{done:#}");
@@ -474,27 +398,13 @@ async fn manual_checks_are_validated_and_need_the_write_role() {
         s.webhooks.signing_secret = crate::webhooks::hook_settings(1).signing_secret;
     })
     .await;
-    let post = |token: String, body: Value| {
-        env.app
-            .http
-            .post(env.url("/propagation-checks"))
-            .bearer_auth(token)
-            .json(&body)
-            .send()
-    };
+    let (api, checks) = (env.api(), "/propagation-checks");
     let ok = json!({"app_id": CRM, "canary_mailboxes": [addr("carol")]});
-    let res = post(env.app.token(&["MailScope.Read"], &["*"]), ok.clone())
-        .await
-        .unwrap();
-    assert_problem(res, 403, "forbidden").await;
-    let res = post(
-        env.app.admin(),
-        json!({"app_id": "nope", "expectations": [{"mailbox": "x", "expected": "granted"}],
-            "callback_url": "ftp://x"}),
-    )
-    .await
-    .unwrap();
-    let p = assert_problem(res, 422, "validation_failed").await;
+    let reader = api.with_token(env.app.token(&["MailScope.Read"], &["*"]));
+    reader.post(checks, &ok, (403, "forbidden")).await;
+    let bad = json!({"app_id": "nope", "expectations": [{"mailbox": "x", "expected": "granted"}],
+        "callback_url": "ftp://x"});
+    let p = api.post(checks, &bad, (422, "validation_failed")).await;
     let fields: Vec<&str> = p["errors"]
         .as_array()
         .unwrap()
@@ -506,14 +416,9 @@ async fn manual_checks_are_validated_and_need_the_write_role() {
         vec!["app_id", "expectations[0].mailbox", "callback_url"]
     );
 
-    let res = post(
-        env.app.admin(),
-        json!({"app_id": CRM, "canary_mailboxes": [addr("carol")], "callback_url": "https://hooks.example.com/x"}),
-    )
-    .await
-    .unwrap();
-    assert_eq!(res.status(), 201);
-    let created: Value = res.json().await.unwrap();
+    let body = json!({"app_id": CRM, "canary_mailboxes": [addr("carol")],
+        "callback_url": "https://hooks.example.com/x"});
+    let created = api.post(checks, &body, 201).await;
     assert_eq!(created["callback_url"], "https://hooks.example.com/x");
     assert_eq!(created["origin"], "manual");
     let id = created["id"].as_str().unwrap().to_string();
@@ -525,67 +430,28 @@ async fn manual_checks_are_validated_and_need_the_write_role() {
         "{done:#}"
     );
 
-    let res = env
-        .app
-        .http
-        .get(env.url("/propagation-checks?state=bogus"))
-        .bearer_auth(env.app.admin())
-        .send()
-        .await
-        .unwrap();
-    assert_problem(res, 400, "invalid_query").await;
+    env.api()
+        .get("/propagation-checks?state=bogus", (400, "invalid_query"))
+        .await;
     let list: Value = env
-        .app
-        .http
-        .get(env.url("/propagation-checks?state=misconfigured&limit=1"))
-        .bearer_auth(env.app.admin())
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .api()
+        .get("/propagation-checks?state=misconfigured&limit=1", 200)
+        .await;
     assert_eq!(list["items"][0]["id"], id.as_str());
     assert_eq!(list["items"][0]["attempts"], 1);
 
     // Unknown checks and other tenants' checks are not found.
-    let res = env
-        .app
-        .http
-        .get(env.url(&format!("/propagation-checks/{}", uuid::Uuid::new_v4())))
-        .bearer_auth(env.app.admin())
-        .send()
-        .await
-        .unwrap();
-    assert_problem(res, 404, "not_found").await;
+    env.api()
+        .get(
+            &format!("/propagation-checks/{}", uuid::Uuid::new_v4()),
+            (404, "not_found"),
+        )
+        .await;
     let other = uuid::Uuid::new_v4().to_string();
-    let res = env
-        .app
-        .http
-        .get(env.url(&format!("/propagation-checks/{id}")))
-        .bearer_auth(env.app.token(&["MailScope.Read"], &[other.as_str()]))
-        .send()
-        .await
-        .unwrap();
-    assert_problem(res, 404, "not_found").await;
-}
-
-/// Graph calls recorded by the sandbox for the default tenant.
-async fn graph_calls(env: &WithSandbox) -> Vec<Value> {
-    let v: Value = env
-        .app
-        .http
-        .get(format!(
-            "{}/_sandbox/calls?api=graph&tenant={}",
-            env.sandbox.base_url, env.tenant
-        ))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    v["value"].as_array().cloned().unwrap_or_default()
+    env.api()
+        .with_token(env.app.token(&["MailScope.Read"], &[other.as_str()]))
+        .get(&format!("/propagation-checks/{id}"), (404, "not_found"))
+        .await;
 }
 
 /// A `mailscope serve --worker-only` process on the test database; killed when dropped.
@@ -654,7 +520,8 @@ async fn a_worker_killed_mid_check_loses_nothing_and_two_workers_finish_it_once(
             .get::<_, i32>(0)
     };
     let rounds_at_kill = rounds().await;
-    let seq_at_kill = graph_calls(&env)
+    let seq_at_kill = env
+        .sandbox_calls("graph")
         .await
         .iter()
         .filter_map(|c| c["seq"].as_u64())
@@ -673,7 +540,8 @@ async fn a_worker_killed_mid_check_loses_nothing_and_two_workers_finish_it_once(
 
     // Each live round is one `$batch` as the app; had two workers run the same round at once,
     // there would be more batches than recorded rounds.
-    let batches = graph_calls(&env)
+    let batches = env
+        .sandbox_calls("graph")
         .await
         .iter()
         .filter(|c| {
@@ -725,17 +593,9 @@ async fn a_check_whose_job_gave_up_is_revived_by_the_next_change() {
 
     // A new request for the app updates the same check and gives it a job again; expecting
     // carol granted is a misconfiguration, and the probe secret of the live stage is removed.
-    let res = env
-        .app
-        .http
-        .post(env.url("/propagation-checks"))
-        .bearer_auth(env.app.admin())
-        .json(&json!({"app_id": app, "expectations": [{"mailbox": addr("carol"), "expected": "granted"}]}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 200);
-    let updated: Value = res.json().await.unwrap();
+    let body =
+        json!({"app_id": app, "expectations": [{"mailbox": addr("carol"), "expected": "granted"}]});
+    let updated = env.api().post("/propagation-checks", &body, 200).await;
     assert_eq!(updated["id"], id.as_str());
     let done = wait_until(&env, &id, is_final).await;
     assert_eq!(done["state"], "misconfigured", "{done:#}");
@@ -757,14 +617,13 @@ async fn later_changes_to_the_apps_policies_update_its_one_active_check() {
 
     // Replace the scope: same check, new expectations (old scope's member now denied).
     let res = env
-        .app
-        .http
-        .put(env.url(&format!("/access-policies/{pid}")))
-        .bearer_auth(env.app.admin())
-        .json(&json!({"app_id": app, "scope": "other-scope", "access_right": "RestrictAccess"}))
-        .send()
-        .await
-        .unwrap();
+        .api()
+        .send(
+            Method::PUT,
+            &format!("/access-policies/{pid}"),
+            Some(&json!({"app_id": app, "scope": "other-scope", "access_right": "RestrictAccess"})),
+        )
+        .await;
     assert_eq!(res.status(), 200);
     assert!(
         res.headers()
@@ -783,13 +642,13 @@ async fn later_changes_to_the_apps_policies_update_its_one_active_check() {
     // Delete the app's last policy (accepting that): 204, linked to the same check, which now
     // expects the former scope reachable again (rule 4).
     let res = env
-        .app
-        .http
-        .delete(env.url(&format!("/access-policies/{pid}?allow_unrestricted=true")))
-        .bearer_auth(env.app.admin())
-        .send()
-        .await
-        .unwrap();
+        .api()
+        .send(
+            Method::DELETE,
+            &format!("/access-policies/{pid}?allow_unrestricted=true"),
+            None,
+        )
+        .await;
     assert_eq!(res.status(), 204);
     assert!(
         res.headers()
@@ -829,18 +688,9 @@ async fn a_finished_check_calls_back_with_a_signed_event() {
     })
     .await;
     // A manual check of an app with no policy: Exchange grants alice (rule 4), no live stage.
-    let res = env
-        .app
-        .http
-        .post(env.url("/propagation-checks"))
-        .bearer_auth(env.app.admin())
-        .json(&json!({"app_id": CRM, "expectations": [{"mailbox": addr("alice"), "expected": "granted"}],
-                      "callback_url": format!("{}/hooks/mailscope", receiver.uri())}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 201, "{}", res.text().await.unwrap());
-    let id = res.json::<Value>().await.unwrap()["id"]
+    let body = json!({"app_id": CRM, "expectations": [{"mailbox": addr("alice"), "expected": "granted"}],
+        "callback_url": format!("{}/hooks/mailscope", receiver.uri())});
+    let id = env.api().post("/propagation-checks", &body, 201).await["id"]
         .as_str()
         .unwrap()
         .to_string();
@@ -864,16 +714,11 @@ async fn a_finished_check_calls_back_with_a_signed_event() {
     );
 
     // A callback URL pointing inside the network is refused up front.
-    let res = env
-        .app
-        .http
-        .post(env.url("/propagation-checks"))
-        .bearer_auth(env.app.admin())
-        .json(&json!({"app_id": CRM, "expectations": [{"mailbox": addr("alice"), "expected": "granted"}],
-                      "callback_url": "http://169.254.169.254/latest/meta-data"}))
-        .send()
-        .await
-        .unwrap();
-    let p = assert_problem(res, 422, "validation_failed").await;
+    let body = json!({"app_id": CRM, "expectations": [{"mailbox": addr("alice"), "expected": "granted"}],
+        "callback_url": "http://169.254.169.254/latest/meta-data"});
+    let p = env
+        .api()
+        .post("/propagation-checks", &body, (422, "validation_failed"))
+        .await;
     assert_eq!(p["errors"][0]["field"], "callback_url");
 }

@@ -11,72 +11,19 @@ pub fn addr(name: &str) -> String {
     format!("{name}@{DOMAIN}")
 }
 
-/// Calls per endpoint recorded by the sandbox for the default tenant.
-pub async fn counters(env: &WithSandbox) -> Value {
-    env.app
-        .http
-        .get(format!(
-            "{}/_sandbox/counters?tenant={}",
-            env.sandbox.base_url, env.tenant
-        ))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
-}
-
+/// Calls of `cmdlet` the sandbox recorded for the tenant.
 pub async fn count(env: &WithSandbox, cmdlet: &str) -> u64 {
-    counters(env).await[format!("exchange:{cmdlet}")]
+    env.counters().await[format!("exchange:{cmdlet}")]
         .as_u64()
         .unwrap_or(0)
 }
 
-/// The recorded Exchange calls, in order.
-pub async fn exchange_calls(env: &WithSandbox) -> Vec<Value> {
-    let v: Value = env
-        .app
-        .http
-        .get(format!(
-            "{}/_sandbox/calls?api=exchange&tenant={}",
-            env.sandbox.base_url, env.tenant
-        ))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    v["value"].as_array().unwrap().clone()
-}
-
-pub async fn put_group(env: &WithSandbox, alias: &str, body: Value) -> reqwest::Response {
-    env.app
-        .http
-        .put(env.url(&format!("/scope-groups/{alias}")))
-        .bearer_auth(env.app.admin())
-        .json(&body)
-        .send()
-        .await
-        .unwrap()
-}
-
 pub async fn create_group(env: &WithSandbox, alias: &str, members: &[&str]) -> Value {
     let members: Vec<String> = members.iter().map(|m| addr(m)).collect();
-    let res = put_group(env, alias, json!({"members": members})).await;
-    assert_eq!(res.status(), 201, "{}", res.text().await.unwrap());
-    res.json().await.unwrap()
-}
-
-async fn get_group(env: &WithSandbox, alias: &str) -> reqwest::Response {
-    env.app
-        .http
-        .get(env.url(&format!("/scope-groups/{alias}")))
-        .bearer_auth(env.app.admin())
-        .send()
+    let path = format!("/scope-groups/{alias}");
+    env.api()
+        .put(&path, &json!({"members": members}), 201)
         .await
-        .unwrap()
 }
 
 /// Make the next inserts into `table` fail, as a crash between Exchange and the database would.
@@ -111,9 +58,8 @@ pub async fn repair_inserts(env: &WithSandbox, table: &str) {
 async fn put_creates_a_security_group_with_all_members_in_one_call_and_is_idempotent() {
     let env = WithSandbox::start().await;
     let body = json!({"display_name": "CRM scope", "members": [addr("alice"), addr("support").to_uppercase()]});
-    let res = put_group(&env, "crm-scope", body.clone()).await;
-    assert_eq!(res.status(), 201);
-    let g: Value = res.json().await.unwrap();
+    let api = env.api();
+    let g = api.put("/scope-groups/crm-scope", &body, 201).await;
     assert_eq!(g["alias"], "crm-scope");
     assert_eq!(g["display_name"], "CRM scope");
     assert_eq!(g["primary_smtp_address"], addr("crm-scope"));
@@ -122,7 +68,8 @@ async fn put_creates_a_security_group_with_all_members_in_one_call_and_is_idempo
     assert_eq!(g["members"], json!([addr("alice"), addr("support")]));
     assert!(g["object_id"].as_str().unwrap().len() >= 32);
 
-    let new_calls: Vec<Value> = exchange_calls(&env)
+    let new_calls: Vec<Value> = env
+        .sandbox_calls("exchange")
         .await
         .into_iter()
         .filter(|c| c["cmdlet"] == "New-DistributionGroup")
@@ -137,24 +84,13 @@ async fn put_creates_a_security_group_with_all_members_in_one_call_and_is_idempo
     assert_eq!(count(&env, "Update-DistributionGroupMember").await, 0);
 
     // Again: nothing changes in the tenant.
-    let res = put_group(&env, "crm-scope", body).await;
-    assert_eq!(res.status(), 200);
+    api.put("/scope-groups/crm-scope", &body, 200).await;
     assert_eq!(count(&env, "New-DistributionGroup").await, 1);
     assert_eq!(count(&env, "Update-DistributionGroupMember").await, 0);
 
-    let live: Value = get_group(&env, "crm-scope").await.json().await.unwrap();
+    let live = api.get("/scope-groups/crm-scope", 200).await;
     assert_eq!(live["members"], json!([addr("alice"), addr("support")]));
-    let list: Value = env
-        .app
-        .http
-        .get(env.url("/scope-groups"))
-        .bearer_auth(env.app.admin())
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list = api.get("/scope-groups", 200).await;
     assert_eq!(list["items"].as_array().unwrap().len(), 1);
     assert_eq!(list["items"][0]["alias"], "crm-scope");
 }
@@ -163,56 +99,42 @@ async fn put_creates_a_security_group_with_all_members_in_one_call_and_is_idempo
 async fn exact_replaces_and_additive_adds_with_one_update_call() {
     let env = WithSandbox::start().await;
     create_group(&env, "team", &["alice", "bob"]).await;
-    let res = put_group(
-        &env,
-        "team",
-        json!({"members": [addr("bob"), addr("carol")]}),
-    )
-    .await;
-    assert_eq!(res.status(), 200);
-    let g: Value = res.json().await.unwrap();
+    let api = env.api();
+    let body = json!({"members": [addr("bob"), addr("carol")]});
+    let g = api.put("/scope-groups/team", &body, 200).await;
     assert_eq!(g["members"], json!([addr("bob"), addr("carol")]));
     assert_eq!(count(&env, "Update-DistributionGroupMember").await, 1);
 
-    let res = put_group(
-        &env,
-        "team",
-        json!({"members": [addr("dave")], "membership": "additive"}),
-    )
-    .await;
-    let g: Value = res.json().await.unwrap();
+    let body = json!({"members": [addr("dave")], "membership": "additive"});
+    let g = api.put("/scope-groups/team", &body, 200).await;
     assert_eq!(
         g["members"],
         json!([addr("bob"), addr("carol"), addr("dave")])
     );
     assert_eq!(g["membership"], "additive");
     assert_eq!(count(&env, "Update-DistributionGroupMember").await, 2);
-    let live: Value = get_group(&env, "team").await.json().await.unwrap();
+    let live = api.get("/scope-groups/team", 200).await;
     assert_eq!(live["members"], g["members"]);
 }
 
 #[tokio::test]
 async fn unknown_or_unsuitable_members_are_named_before_exchange_is_changed() {
     let env = WithSandbox::start().await;
-    let res = put_group(
-        &env,
-        "bad",
-        json!({"members": [addr("alice"), addr("nobody"), addr("vendor"), "not-an-address"]}),
-    )
-    .await;
-    let p = assert_problem(res, 422, "validation_failed").await;
+    let api = env.api();
+    let body =
+        json!({"members": [addr("alice"), addr("nobody"), addr("vendor"), "not-an-address"]});
+    let p = api
+        .put("/scope-groups/bad", &body, (422, "validation_failed"))
+        .await;
     let errors = p["errors"].as_array().unwrap();
     assert!(
         errors.iter().any(|e| e["field"] == "members[3]"
             && e["message"].as_str().unwrap().contains("not an email"))
     );
-    let res = put_group(
-        &env,
-        "bad",
-        json!({"members": [addr("alice"), addr("nobody"), addr("vendor")]}),
-    )
-    .await;
-    let p = assert_problem(res, 422, "validation_failed").await;
+    let body = json!({"members": [addr("alice"), addr("nobody"), addr("vendor")]});
+    let p = api
+        .put("/scope-groups/bad", &body, (422, "validation_failed"))
+        .await;
     let text = p["errors"].to_string();
     assert!(
         text.contains("members[1]") && text.contains(&addr("nobody")),
@@ -233,8 +155,15 @@ async fn unknown_or_unsuitable_members_are_named_before_exchange_is_changed() {
 async fn an_alias_held_by_a_group_that_cannot_be_a_scope_is_refused_with_the_reason() {
     let env = WithSandbox::start().await;
     // "All Staff" is a distribution group whose alias is AllStaff.
-    let res = put_group(&env, "allstaff", json!({"members": [addr("alice")]})).await;
-    let p = assert_problem(res, 422, "invalid_policy_scope").await;
+    let body = json!({"members": [addr("alice")]});
+    let p = env
+        .api()
+        .put(
+            "/scope-groups/allstaff",
+            &body,
+            (422, "invalid_policy_scope"),
+        )
+        .await;
     assert!(
         p["detail"]
             .as_str()
@@ -250,18 +179,8 @@ async fn an_alias_held_by_a_group_that_cannot_be_a_scope_is_refused_with_the_rea
 async fn members_are_added_from_json_or_a_csv_export() {
     let env = WithSandbox::start().await;
     create_group(&env, "crm", &["alice"]).await;
-    let url = env.url("/scope-groups/crm/members");
-    let res = env
-        .app
-        .http
-        .post(&url)
-        .bearer_auth(env.app.admin())
-        .json(&json!({"members": [addr("bob")]}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 200);
-    let v: Value = res.json().await.unwrap();
+    let (api, url) = (env.api(), "/scope-groups/crm/members");
+    let v = api.post(url, &json!({"members": [addr("bob")]}), 200).await;
     assert_eq!(v["added"], json!([addr("bob")]));
 
     let csv = format!(
@@ -269,18 +188,10 @@ async fn members_are_added_from_json_or_a_csv_export() {
         addr("carol"),
         addr("alice")
     );
-    let res = env
-        .app
-        .http
-        .post(&url)
-        .bearer_auth(env.app.admin())
-        .header("content-type", "text/csv; charset=utf-8")
-        .body(csv)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 200);
-    let v: Value = res.json().await.unwrap();
+    let res = api
+        .send_body(Method::POST, url, "text/csv; charset=utf-8", csv)
+        .await;
+    let v = json_body(res, 200, "POST csv").await;
     assert_eq!(v["added"], json!([addr("carol")]));
     assert_eq!(v["already_members"], json!([addr("alice")]));
     assert_eq!(
@@ -291,40 +202,15 @@ async fn members_are_added_from_json_or_a_csv_export() {
     assert_eq!(count(&env, "Update-DistributionGroupMember").await, 2);
     assert_eq!(count(&env, "Add-DistributionGroupMember").await, 0);
 
-    let res = env
-        .app
-        .http
-        .post(&url)
-        .bearer_auth(env.app.admin())
-        .header("content-type", "text/csv")
-        .body(format!("Mail\n{}\n", addr("dave")))
-        .send()
-        .await
-        .unwrap();
+    let csv = format!("Mail\n{}\n", addr("dave"));
+    let res = api.send_body(Method::POST, url, "text/csv", csv).await;
     let p = assert_problem(res, 422, "validation_failed").await;
     assert!(p["detail"].as_str().unwrap().contains("UserPrincipalName"));
-    let res = env
-        .app
-        .http
-        .post(&url)
-        .bearer_auth(env.app.admin())
-        .header("content-type", "text/csv")
-        .body(format!("UserPrincipalName\n{}\n", addr("ghost")))
-        .send()
-        .await
-        .unwrap();
+    let csv = format!("UserPrincipalName\n{}\n", addr("ghost"));
+    let res = api.send_body(Method::POST, url, "text/csv", csv).await;
     let p = assert_problem(res, 422, "validation_failed").await;
     assert_eq!(p["errors"][0]["field"], "csv line 2");
-    let res = env
-        .app
-        .http
-        .post(&url)
-        .bearer_auth(env.app.admin())
-        .header("content-type", "text/plain")
-        .body("x")
-        .send()
-        .await
-        .unwrap();
+    let res = api.send_body(Method::POST, url, "text/plain", "x").await;
     assert_problem(res, 415, "unsupported_media_type").await;
 }
 
@@ -333,39 +219,19 @@ async fn a_member_and_then_the_group_are_deleted() {
     let env = WithSandbox::start().await;
     create_group(&env, "crm", &["alice", "bob"]).await;
     for _ in 0..2 {
-        let res = env
-            .app
-            .http
-            .delete(env.url(&format!("/scope-groups/crm/members/{}", addr("bob"))))
-            .bearer_auth(env.app.admin())
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(res.status(), 204);
+        env.api()
+            .delete(&format!("/scope-groups/crm/members/{}", addr("bob")), 204)
+            .await;
     }
-    let live: Value = get_group(&env, "crm").await.json().await.unwrap();
+    let live = env.api().get("/scope-groups/crm", 200).await;
     assert_eq!(live["members"], json!([addr("alice")]));
 
-    let res = env
-        .app
-        .http
-        .delete(env.url("/scope-groups/crm"))
-        .bearer_auth(env.app.admin())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 204);
+    env.api().delete("/scope-groups/crm", 204).await;
     assert_eq!(count(&env, "Remove-DistributionGroup").await, 1);
-    assert_problem(get_group(&env, "crm").await, 404, "not_found").await;
-    let res = env
-        .app
-        .http
-        .delete(env.url("/scope-groups/crm"))
-        .bearer_auth(env.app.admin())
-        .send()
-        .await
-        .unwrap();
-    assert_problem(res, 404, "not_found").await;
+    env.api().get("/scope-groups/crm", (404, "not_found")).await;
+    env.api()
+        .delete("/scope-groups/crm", (404, "not_found"))
+        .await;
 }
 
 #[tokio::test]
@@ -377,19 +243,10 @@ async fn fifty_concurrent_identical_puts_create_one_group() {
     let body = json!({"members": [addr("alice"), addr("bob")]});
     let tasks: Vec<_> = (0..50)
         .map(|_| {
-            let http = env.app.http.clone();
-            let url = env.url("/scope-groups/crm");
-            let token = env.app.admin();
-            let body = body.clone();
+            let (api, body) = (env.api(), body.clone());
             tokio::spawn(async move {
-                http.put(url)
-                    .bearer_auth(token)
-                    .json(&body)
-                    .send()
-                    .await
-                    .unwrap()
-                    .status()
-                    .as_u16()
+                let res = api.send(Method::PUT, "/scope-groups/crm", Some(&body));
+                res.await.status().as_u16()
             })
         })
         .collect();
@@ -416,14 +273,12 @@ async fn a_group_created_before_a_crash_is_adopted_on_retry() {
     let env = WithSandbox::start().await;
     break_inserts(&env, "scope_groups").await;
     let body = json!({"members": [addr("alice")]});
-    let res = put_group(&env, "crm", body.clone()).await;
-    assert_problem(res, 500, "internal").await;
+    let api = env.api();
+    api.put("/scope-groups/crm", &body, (500, "internal")).await;
     assert_eq!(count(&env, "New-DistributionGroup").await, 1);
     repair_inserts(&env, "scope_groups").await;
 
-    let res = put_group(&env, "crm", body).await;
-    assert_eq!(res.status(), 201);
-    let g: Value = res.json().await.unwrap();
+    let g = api.put("/scope-groups/crm", &body, 201).await;
     assert_eq!(g["origin"], "adopted");
     assert_eq!(g["members"], json!([addr("alice")]));
     assert_eq!(
@@ -437,59 +292,26 @@ async fn a_group_created_before_a_crash_is_adopted_on_retry() {
 async fn callers_of_other_tenants_and_readers_cannot_change_groups() {
     let env = WithSandbox::start().await;
     create_group(&env, "crm", &["alice"]).await;
-    let other = env.app.token(
+    let other = env.api().with_token(env.app.token(
         &["MailScope.Write"],
         &["1b2c3d4e-5f60-4718-8293-a4b5c6d7e8f9"],
-    );
-    let res = env
-        .app
-        .http
-        .get(env.url("/scope-groups/crm"))
-        .bearer_auth(&other)
-        .send()
-        .await
-        .unwrap();
-    assert_problem(res, 404, "not_found").await;
-    let res = env
-        .app
-        .http
-        .put(env.url("/scope-groups/crm"))
-        .bearer_auth(&other)
-        .json(&json!({"members": []}))
-        .send()
-        .await
-        .unwrap();
-    assert_problem(res, 404, "not_found").await;
-    let res = env
-        .app
-        .http
-        .get(env.url("/scope-groups"))
-        .bearer_auth(&other)
-        .send()
-        .await
-        .unwrap();
-    assert_problem(res, 404, "not_found").await;
+    ));
+    let members = json!({"members": []});
+    for (method, path, body) in [
+        (Method::GET, "/scope-groups/crm", None),
+        (Method::PUT, "/scope-groups/crm", Some(&members)),
+        (Method::GET, "/scope-groups", None),
+    ] {
+        other.expect(method, path, body, (404, "not_found")).await;
+    }
 
-    let reader = env.app.token(&["MailScope.Read"], &[&env.tenant]);
-    let res = env
-        .app
-        .http
-        .put(env.url("/scope-groups/crm"))
-        .bearer_auth(&reader)
-        .json(&json!({"members": []}))
-        .send()
-        .await
-        .unwrap();
-    assert_problem(res, 403, "forbidden").await;
-    let res = env
-        .app
-        .http
-        .get(env.url("/scope-groups/crm"))
-        .bearer_auth(&reader)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 200);
+    let reader = env
+        .api()
+        .with_token(env.app.token(&["MailScope.Read"], &[&env.tenant]));
+    reader
+        .put("/scope-groups/crm", &members, (403, "forbidden"))
+        .await;
+    reader.get("/scope-groups/crm", 200).await;
 }
 
 /// A sandbox whose Exchange shows new objects only after `ms` (replication).

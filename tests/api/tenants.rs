@@ -5,44 +5,35 @@ use crate::helpers::*;
 
 const TID: &str = "0b1c6a36-6b53-4bcb-8e56-0d4f5c7f3a11";
 
-async fn put(app: &TestApp, id: &str, body: &serde_json::Value) -> reqwest::Response {
-    app.http
-        .put(app.url(&format!("/v1/tenants/{id}")))
-        .bearer_auth(app.admin())
-        .json(body)
-        .send()
+async fn put(
+    app: &TestApp,
+    id: &str,
+    body: &serde_json::Value,
+    expect: impl Into<Expect<'_>>,
+) -> serde_json::Value {
+    app.api()
+        .put(&format!("/v1/tenants/{id}"), body, expect)
         .await
-        .unwrap()
 }
 
 async fn audit(app: &TestApp, id: &str, q: &str) -> serde_json::Value {
-    app.http
-        .get(app.url(&format!("/v1/tenants/{id}/audit-events{q}")))
-        .bearer_auth(app.admin())
-        .send()
+    app.api()
+        .get(&format!("/v1/tenants/{id}/audit-events{q}"), 200)
         .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
 }
 
 #[tokio::test]
 async fn put_is_idempotent_and_audited_only_on_change() {
     let app = spawn_app().await;
     let body = tenant_body("first-secret-value");
-    let res = put(&app, TID, &body).await;
-    assert_eq!(res.status(), 201);
-    let created: serde_json::Value = res.json().await.unwrap();
+    let created = put(&app, TID, &body, 201).await;
     assert_eq!(created["credentials"]["kind"], "client_secret");
     assert_eq!(
         created["canary_mailboxes"],
         json!(["ceo@contoso.onmicrosoft.com"])
     );
 
-    let again = put(&app, TID, &body).await;
-    assert_eq!(again.status(), 200);
-    let again: serde_json::Value = again.json().await.unwrap();
+    let again = put(&app, TID, &body, 200).await;
     assert_eq!(
         again["updated_at"], created["updated_at"],
         "unchanged PUT writes nothing"
@@ -56,8 +47,7 @@ async fn put_is_idempotent_and_audited_only_on_change() {
     );
 
     // A new secret is a change, reported by field name only.
-    let res = put(&app, TID, &tenant_body("second-secret-value")).await;
-    assert_eq!(res.status(), 200);
+    put(&app, TID, &tenant_body("second-secret-value"), 200).await;
     let events = audit(&app, TID, "").await;
     let items = events["items"].as_array().unwrap();
     assert_eq!(items.len(), 2);
@@ -72,27 +62,15 @@ async fn put_is_idempotent_and_audited_only_on_change() {
 async fn secrets_are_encrypted_at_rest_and_never_returned() {
     let app = spawn_app().await;
     let secret = "Zq8~unmistakable-client-secret-4711";
-    assert_eq!(put(&app, TID, &tenant_body(secret)).await.status(), 201);
+    put(&app, TID, &tenant_body(secret), 201).await;
 
-    let get = app
-        .http
-        .get(app.url(&format!("/v1/tenants/{TID}")))
-        .bearer_auth(app.admin())
-        .send()
+    let api = app.api();
+    let text = api
+        .get(&format!("/v1/tenants/{TID}"), 200)
         .await
-        .unwrap();
-    let text = get.text().await.unwrap();
+        .to_string();
     assert!(!text.contains(secret));
-    let list = app
-        .http
-        .get(app.url("/v1/tenants"))
-        .bearer_auth(app.admin())
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let list = api.get("/v1/tenants", 200).await.to_string();
     assert!(!list.contains(secret));
 
     let db = app.db.client().await;
@@ -122,15 +100,13 @@ async fn certificate_credentials_are_accepted_and_checked() {
         "certificate_pem": include_str!("../fixtures/rsa1.crt.pem"),
         "private_key_pem": include_str!("../fixtures/rsa1.pem"),
     });
-    let res = put(&app, TID, &body).await;
-    assert_eq!(res.status(), 201);
-    let t: serde_json::Value = res.json().await.unwrap();
+    let t = put(&app, TID, &body, 201).await;
     assert_eq!(t["credentials"]["kind"], "certificate");
     assert!(!t.to_string().contains("PRIVATE KEY"));
 
     body["credentials"]["private_key_pem"] =
         json!("-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----");
-    let p = assert_problem(put(&app, TID, &body).await, 422, "validation_failed").await;
+    let p = put(&app, TID, &body, (422, "validation_failed")).await;
     assert_eq!(p["errors"][0]["field"], "credentials.private_key_pem");
 }
 
@@ -143,57 +119,22 @@ async fn list_paginates_and_delete_keeps_the_audit_trail() {
         "10000000-0000-4000-8000-000000000003",
     ];
     for id in ids {
-        assert_eq!(put(&app, id, &tenant_body("s")).await.status(), 201);
+        put(&app, id, &tenant_body("s"), 201).await;
     }
-    let page1: serde_json::Value = app
-        .http
-        .get(app.url("/v1/tenants?limit=2"))
-        .bearer_auth(app.admin())
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let page1: serde_json::Value = app.api().get("/v1/tenants?limit=2", 200).await;
     assert_eq!(page1["items"].as_array().unwrap().len(), 2);
     let cursor = page1["next_after"].as_str().unwrap();
     let page2: serde_json::Value = app
-        .http
-        .get(app.url(&format!("/v1/tenants?limit=2&after={cursor}")))
-        .bearer_auth(app.admin())
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .api()
+        .get(&format!("/v1/tenants?limit=2&after={cursor}"), 200)
+        .await;
     assert_eq!(page2["items"][0]["tenant_id"], ids[2]);
     assert!(page2["next_after"].is_null());
 
-    let del = app
-        .http
-        .delete(app.url(&format!("/v1/tenants/{}", ids[0])))
-        .bearer_auth(app.admin())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(del.status(), 204);
-    let gone = app
-        .http
-        .get(app.url(&format!("/v1/tenants/{}", ids[0])))
-        .bearer_auth(app.admin())
-        .send()
-        .await
-        .unwrap();
-    assert_problem(gone, 404, "not_found").await;
-    let again = app
-        .http
-        .delete(app.url(&format!("/v1/tenants/{}", ids[0])))
-        .bearer_auth(app.admin())
-        .send()
-        .await
-        .unwrap();
-    assert_problem(again, 404, "not_found").await;
+    let (api, first) = (app.api(), format!("/v1/tenants/{}", ids[0]));
+    api.delete(&first, 204).await;
+    api.get(&first, (404, "not_found")).await;
+    api.delete(&first, (404, "not_found")).await;
 
     let events = audit(&app, ids[0], "?limit=1").await;
     assert_eq!(events["items"][0]["action"], "tenant.deleted");
@@ -207,7 +148,7 @@ async fn list_paginates_and_delete_keeps_the_audit_trail() {
 #[tokio::test]
 async fn audit_trail_is_append_only() {
     let app = spawn_app().await;
-    assert_eq!(put(&app, TID, &tenant_body("s")).await.status(), 201);
+    put(&app, TID, &tenant_body("s"), 201).await;
     let db = app.db.client().await;
     assert!(
         db.execute("UPDATE audit_events SET action = 'x'", &[])
@@ -229,7 +170,10 @@ async fn audit_trail_is_append_only() {
 async fn concurrent_first_puts_register_once() {
     let app = spawn_app().await;
     let body = tenant_body("s");
-    let results = futures_util::future::join_all((0..8).map(|_| put(&app, TID, &body))).await;
+    let (api, path) = (app.api(), format!("/v1/tenants/{TID}"));
+    let results =
+        futures_util::future::join_all((0..8).map(|_| api.send(Method::PUT, &path, Some(&body))))
+            .await;
     let created = results.iter().filter(|r| r.status() == 201).count();
     assert!(
         results

@@ -9,7 +9,7 @@
 //! looking the object up first.
 use super::{ExchangeClient, InvokeOptions};
 use crate::m365::error::{ErrorKind, M365Error};
-use serde::de::Deserializer;
+use serde::de::{DeserializeOwned, Deserializer};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -59,17 +59,23 @@ impl Params {
         }
     }
     /// A multi-valued parameter; omitted when empty.
-    pub fn list(mut self, name: &str, values: &[String]) -> Self {
-        if !values.is_empty() {
-            self.0.insert(
-                name.into(),
-                Value::Array(values.iter().cloned().map(Value::String).collect()),
-            );
+    pub fn list(self, name: &str, values: &[String]) -> Self {
+        if values.is_empty() {
+            self
+        } else {
+            self.array(name, values)
         }
-        self
     }
     pub fn switch(mut self, name: &str) -> Self {
         self.0.insert(name.into(), Value::Bool(true));
+        self
+    }
+    /// A multi-valued parameter sent even when empty (e.g. to empty a member list).
+    fn array(mut self, name: &str, values: &[String]) -> Self {
+        self.0.insert(
+            name.into(),
+            Value::Array(values.iter().cloned().map(Value::String).collect()),
+        );
         self
     }
     pub fn bool(mut self, name: &str, value: bool) -> Self {
@@ -465,6 +471,7 @@ fn one<T>(cmdlet: &str, v: Vec<T>) -> Result<T, M365Error> {
     })
 }
 
+/// The shapes of answer the typed wrappers return; `cmdlet_wrappers!` picks one per wrapper.
 impl ExchangeClient {
     fn removal(&self, p: Params) -> Params {
         if self.confirm_false_on_remove() {
@@ -474,15 +481,113 @@ impl ExchangeClient {
         }
     }
 
-    // ----- distribution groups -----
+    /// The first output object; `None` when Exchange answers NotFound.
+    async fn first<T: DeserializeOwned>(
+        &self,
+        cmdlet: &str,
+        p: Params,
+        opts: &InvokeOptions,
+    ) -> Result<Option<T>, M365Error> {
+        not_found_is_none(self.invoke_typed(cmdlet, p.into_map(), opts).await)
+    }
 
+    /// The first output object; no object at all is a `Protocol` error.
+    async fn single<T: DeserializeOwned>(
+        &self,
+        cmdlet: &str,
+        p: Params,
+        opts: &InvokeOptions,
+    ) -> Result<T, M365Error> {
+        let v = self.invoke_typed(cmdlet, p.into_map(), opts).await?;
+        one(cmdlet, v)
+    }
+
+    /// Every output object (all pages).
+    async fn all<T: DeserializeOwned>(
+        &self,
+        cmdlet: &str,
+        p: Params,
+        opts: &InvokeOptions,
+    ) -> Result<Vec<T>, M365Error> {
+        self.invoke_typed(cmdlet, p.into_map(), opts).await
+    }
+
+    /// Every output object; NotFound (e.g. nothing was ever created) is an empty list.
+    async fn all_or_empty<T: DeserializeOwned>(
+        &self,
+        cmdlet: &str,
+        p: Params,
+        opts: &InvokeOptions,
+    ) -> Result<Vec<T>, M365Error> {
+        match self.invoke_typed(cmdlet, p.into_map(), opts).await {
+            Err(e) if e.is_not_found() => Ok(Vec::new()),
+            r => r,
+        }
+    }
+
+    /// Success without output.
+    async fn done(&self, cmdlet: &str, p: Params, opts: &InvokeOptions) -> Result<(), M365Error> {
+        self.invoke(cmdlet, p.into_map(), opts).await.map(|_| ())
+    }
+
+    /// A `Remove-*` (with [`Self::removal`]'s `-Confirm:$false`): `Ok(false)` when it was already
+    /// gone (NotFound).
+    async fn removed(
+        &self,
+        cmdlet: &str,
+        p: Params,
+        opts: &InvokeOptions,
+    ) -> Result<bool, M365Error> {
+        let p = self.removal(p);
+        done_unless(
+            self.invoke(cmdlet, p.into_map(), opts).await,
+            ErrorKind::NotFound,
+        )
+    }
+
+    /// An `Add-*`: `Ok(false)` when it was already there (AlreadyExists).
+    async fn added(
+        &self,
+        cmdlet: &str,
+        p: Params,
+        opts: &InvokeOptions,
+    ) -> Result<bool, M365Error> {
+        done_unless(
+            self.invoke(cmdlet, p.into_map(), opts).await,
+            ErrorKind::AlreadyExists,
+        )
+    }
+}
+
+/// Declares typed wrappers, one a line (or a few): the wrapper's signature, then
+/// `= shape("Cmdlet-Name", options, parameters)`, where `shape` is one of the answer shapes above
+/// (`first`, `single`, `all`, `all_or_empty`, `done`, `removed`, `added`) and `parameters` a
+/// [`Params`] expression over the wrapper's arguments (and `self`).
+macro_rules! cmdlet_wrappers {
+    ($(
+        $(#[$attr:meta])*
+        $vis:vis async fn $name:ident(&$self:ident $(, $arg:ident: $ty:ty)*) -> $ret:ty
+            = $shape:ident($cmdlet:literal, $opts:expr, $params:expr $(,)?);
+    )*) => {
+        impl ExchangeClient {
+            $(
+                $(#[$attr])*
+                $vis async fn $name(&$self $(, $arg: $ty)*) -> $ret {
+                    $self.$shape($cmdlet, $params, &$opts).await
+                }
+            )*
+        }
+    };
+}
+
+// ----- distribution groups -----
+
+cmdlet_wrappers! {
     /// `New-DistributionGroup -Type Security`. Not retried on ambiguous failures: look the group
     /// up first (and after a failure) to make creation idempotent.
-    pub async fn new_security_group(
-        &self,
-        g: &NewSecurityGroup,
-    ) -> Result<DistributionGroup, M365Error> {
-        let p = Params::new()
+    pub async fn new_security_group(&self, g: &NewSecurityGroup)
+        -> Result<DistributionGroup, M365Error>
+        = single("New-DistributionGroup", InvokeOptions::write(), Params::new()
             .str("Name", &g.name)
             .str("Type", "Security")
             .opt_str("DisplayName", g.display_name.clone())
@@ -490,260 +595,140 @@ impl ExchangeClient {
             .opt_str("PrimarySmtpAddress", g.primary_smtp_address.clone())
             .list("ManagedBy", &g.managed_by)
             .list("Members", &g.members)
-            .opt_str("Notes", g.notes.clone());
-        let v = self
-            .invoke_typed(
-                "New-DistributionGroup",
-                p.into_map(),
-                &InvokeOptions::write(),
-            )
-            .await?;
-        one("New-DistributionGroup", v)
-    }
+            .opt_str("Notes", g.notes.clone()));
 
     /// `Get-DistributionGroup -Identity`; `None` when it does not exist.
-    pub async fn get_distribution_group(
-        &self,
-        identity: &str,
-        replication: Replication,
-    ) -> Result<Option<DistributionGroup>, M365Error> {
-        let p = Params::new().str("Identity", identity);
-        not_found_is_none(
-            self.invoke_typed(
-                "Get-DistributionGroup",
-                p.into_map(),
-                &replication.read_opts(),
-            )
-            .await,
-        )
-    }
+    pub async fn get_distribution_group(&self, identity: &str, replication: Replication)
+        -> Result<Option<DistributionGroup>, M365Error>
+        = first("Get-DistributionGroup", replication.read_opts(),
+            Params::new().str("Identity", identity));
 
     /// `Set-DistributionGroup` (repeat-safe).
-    pub async fn set_distribution_group(
-        &self,
-        identity: &str,
-        s: &SetDistributionGroup,
-    ) -> Result<(), M365Error> {
-        let p = Params::new()
+    pub async fn set_distribution_group(&self, identity: &str, s: &SetDistributionGroup)
+        -> Result<(), M365Error>
+        = done("Set-DistributionGroup", InvokeOptions::read(), Params::new()
             .str("Identity", identity)
             .opt_str("DisplayName", s.display_name.clone())
             .list("ManagedBy", &s.managed_by)
             .opt_str("Notes", s.notes.clone())
-            .switch("BypassSecurityGroupManagerCheck");
-        self.invoke(
-            "Set-DistributionGroup",
-            p.into_map(),
-            &InvokeOptions::read(),
-        )
-        .await
-        .map(|_| ())
-    }
+            .switch("BypassSecurityGroupManagerCheck"));
 
     /// `Remove-DistributionGroup`; `Ok(false)` when it was already gone.
-    pub async fn remove_distribution_group(&self, identity: &str) -> Result<bool, M365Error> {
-        let p = self.removal(
-            Params::new()
-                .str("Identity", identity)
-                .switch("BypassSecurityGroupManagerCheck"),
-        );
-        done_unless(
-            self.invoke(
-                "Remove-DistributionGroup",
-                p.into_map(),
-                &InvokeOptions::read(),
-            )
-            .await,
-            ErrorKind::NotFound,
-        )
-    }
+    pub async fn remove_distribution_group(&self, identity: &str) -> Result<bool, M365Error>
+        = removed("Remove-DistributionGroup", InvokeOptions::read(), Params::new()
+            .str("Identity", identity)
+            .switch("BypassSecurityGroupManagerCheck"));
 
     /// `Add-DistributionGroupMember`; `Ok(false)` when it already was a member.
     pub async fn add_distribution_group_member(
-        &self,
-        group: &str,
-        member: &str,
-        replication: Replication,
-    ) -> Result<bool, M365Error> {
-        let p = Params::new()
+        &self, group: &str, member: &str, replication: Replication
+    ) -> Result<bool, M365Error>
+        = added("Add-DistributionGroupMember", replication.write_opts(), Params::new()
             .str("Identity", group)
             .str("Member", member)
-            .switch("BypassSecurityGroupManagerCheck");
-        done_unless(
-            self.invoke(
-                "Add-DistributionGroupMember",
-                p.into_map(),
-                &replication.write_opts(),
-            )
-            .await,
-            ErrorKind::AlreadyExists,
-        )
-    }
+            .switch("BypassSecurityGroupManagerCheck"));
 
     /// `Remove-DistributionGroupMember`; `Ok(false)` when it was not a member.
-    pub async fn remove_distribution_group_member(
-        &self,
-        group: &str,
-        member: &str,
-    ) -> Result<bool, M365Error> {
-        let p = self.removal(
-            Params::new()
-                .str("Identity", group)
-                .str("Member", member)
-                .switch("BypassSecurityGroupManagerCheck"),
-        );
-        done_unless(
-            self.invoke(
-                "Remove-DistributionGroupMember",
-                p.into_map(),
-                &InvokeOptions::read(),
-            )
-            .await,
-            ErrorKind::NotFound,
-        )
-    }
+    pub async fn remove_distribution_group_member(&self, group: &str, member: &str)
+        -> Result<bool, M365Error>
+        = removed("Remove-DistributionGroupMember", InvokeOptions::read(), Params::new()
+            .str("Identity", group)
+            .str("Member", member)
+            .switch("BypassSecurityGroupManagerCheck"));
 
     /// `Get-DistributionGroupMember -ResultSize Unlimited` (all pages).
-    pub async fn get_distribution_group_members(
-        &self,
-        group: &str,
-        replication: Replication,
-    ) -> Result<Vec<Recipient>, M365Error> {
-        let p = Params::new()
+    pub async fn get_distribution_group_members(&self, group: &str, replication: Replication)
+        -> Result<Vec<Recipient>, M365Error>
+        = all("Get-DistributionGroupMember", replication.read_opts(), Params::new()
             .str("Identity", group)
-            .str("ResultSize", "Unlimited");
-        self.invoke_typed(
-            "Get-DistributionGroupMember",
-            p.into_map(),
-            &replication.read_opts(),
-        )
-        .await
-    }
+            .str("ResultSize", "Unlimited"));
 
     /// `Update-DistributionGroupMember`: **replaces** the whole member list.
-    pub async fn update_distribution_group_members(
-        &self,
-        group: &str,
-        members: &[String],
-    ) -> Result<(), M365Error> {
-        let mut p = Params::new()
+    pub async fn update_distribution_group_members(&self, group: &str, members: &[String])
+        -> Result<(), M365Error>
+        = done("Update-DistributionGroupMember", InvokeOptions::read(), self.removal(Params::new()
             .str("Identity", group)
-            .switch("BypassSecurityGroupManagerCheck");
-        // An empty list must be sent explicitly to empty the group.
-        p.0.insert(
-            "Members".into(),
-            Value::Array(members.iter().cloned().map(Value::String).collect()),
-        );
-        let p = self.removal(p);
-        self.invoke(
-            "Update-DistributionGroupMember",
-            p.into_map(),
-            &InvokeOptions::read(),
-        )
-        .await
-        .map(|_| ())
-    }
+            .switch("BypassSecurityGroupManagerCheck")
+            // An empty list must be sent explicitly to empty the group.
+            .array("Members", members)));
+}
 
-    // ----- recipients -----
+// ----- recipients -----
 
-    pub async fn get_mailbox(&self, identity: &str) -> Result<Option<Mailbox>, M365Error> {
-        let p = Params::new().str("Identity", identity);
-        not_found_is_none(
-            self.invoke_typed("Get-Mailbox", p.into_map(), &InvokeOptions::read())
-                .await,
-        )
-    }
+cmdlet_wrappers! {
+    pub async fn get_mailbox(&self, identity: &str) -> Result<Option<Mailbox>, M365Error>
+        = first("Get-Mailbox", InvokeOptions::read(), Params::new().str("Identity", identity));
 
     /// `Get-Mailbox -ResultSize n` (`None` = Unlimited).
-    pub async fn list_mailboxes(
-        &self,
-        result_size: Option<u32>,
-    ) -> Result<Vec<Mailbox>, M365Error> {
-        let size = result_size.map_or_else(|| "Unlimited".to_string(), |n| n.to_string());
-        let p = Params::new().str("ResultSize", size);
-        self.invoke_typed("Get-Mailbox", p.into_map(), &InvokeOptions::read())
-            .await
-    }
+    pub async fn list_mailboxes(&self, result_size: Option<u32>)
+        -> Result<Vec<Mailbox>, M365Error>
+        = all("Get-Mailbox", InvokeOptions::read(), Params::new().str(
+            "ResultSize",
+            result_size.map_or_else(|| "Unlimited".to_string(), |n| n.to_string()),
+        ));
 
-    pub async fn get_recipient(
-        &self,
-        identity: &str,
-        replication: Replication,
-    ) -> Result<Option<Recipient>, M365Error> {
-        let p = Params::new().str("Identity", identity);
-        not_found_is_none(
-            self.invoke_typed("Get-Recipient", p.into_map(), &replication.read_opts())
-                .await,
-        )
-    }
+    pub async fn get_recipient(&self, identity: &str, replication: Replication)
+        -> Result<Option<Recipient>, M365Error>
+        = first("Get-Recipient", replication.read_opts(), Params::new().str("Identity", identity));
 
-    pub async fn get_cas_mailbox(&self, identity: &str) -> Result<Option<CasMailbox>, M365Error> {
-        let p = Params::new().str("Identity", identity);
-        not_found_is_none(
-            self.invoke_typed("Get-CASMailbox", p.into_map(), &InvokeOptions::read())
-                .await,
-        )
-    }
+    pub async fn get_cas_mailbox(&self, identity: &str) -> Result<Option<CasMailbox>, M365Error>
+        = first("Get-CASMailbox", InvokeOptions::read(), Params::new().str("Identity", identity));
+}
 
-    // ----- application access policies -----
+// ----- application access policies -----
 
+cmdlet_wrappers! {
     /// `New-ApplicationAccessPolicy`. Maps the size limit to `PolicyLimitReached`. Not retried on
     /// ambiguous failures: list policies by key first.
-    pub async fn new_application_access_policy(
-        &self,
-        n: &NewApplicationAccessPolicy,
-    ) -> Result<Vec<ApplicationAccessPolicy>, M365Error> {
-        let p = Params::new()
+    pub async fn new_application_access_policy(&self, n: &NewApplicationAccessPolicy)
+        -> Result<Vec<ApplicationAccessPolicy>, M365Error>
+        = all("New-ApplicationAccessPolicy", InvokeOptions::write(), Params::new()
             .list("AppId", &n.app_ids)
             .str("PolicyScopeGroupId", &n.policy_scope_group_id)
             .str("AccessRight", n.access_right.as_str())
-            .str(
-                "Description",
-                n.description.clone().unwrap_or_else(|| " ".into()),
-            );
-        self.invoke_typed(
-            "New-ApplicationAccessPolicy",
-            p.into_map(),
-            &InvokeOptions::write(),
-        )
-        .await
-    }
+            .str("Description", n.description.clone().unwrap_or_else(|| " ".into())));
 
-    /// Every policy of the tenant. A tenant that never had one may answer ManagementObjectNotFound;
-    /// that is an empty list.
-    pub async fn list_application_access_policies(
-        &self,
-    ) -> Result<Vec<ApplicationAccessPolicy>, M365Error> {
-        match self
-            .invoke_typed(
-                "Get-ApplicationAccessPolicy",
-                Map::new(),
-                &InvokeOptions::read(),
-            )
-            .await
-        {
-            Err(e) if e.is_not_found() => Ok(Vec::new()),
-            r => r,
-        }
-    }
+    /// Every policy of the tenant. A tenant that never had one may answer
+    /// ManagementObjectNotFound; that is an empty list.
+    pub async fn list_application_access_policies(&self)
+        -> Result<Vec<ApplicationAccessPolicy>, M365Error>
+        = all_or_empty("Get-ApplicationAccessPolicy", InvokeOptions::read(), Params::new());
 
+    /// `Set-ApplicationAccessPolicy -Description` (the only editable property).
+    pub async fn set_application_access_policy_description(
+        &self, identity: &str, description: &str
+    ) -> Result<(), M365Error>
+        = done("Set-ApplicationAccessPolicy", InvokeOptions::read(), Params::new()
+            .str("Identity", identity)
+            .str("Description", description));
+
+    /// `Remove-ApplicationAccessPolicy`; `Ok(false)` when it was already gone.
+    pub async fn remove_application_access_policy(&self, identity: &str)
+        -> Result<bool, M365Error>
+        = removed("Remove-ApplicationAccessPolicy", InvokeOptions::read(),
+            Params::new().str("Identity", identity));
+
+    /// `Test-ApplicationAccessPolicy -Identity <mailbox> -AppId <client id>` (one AppId).
+    pub async fn test_application_access_policy(&self, mailbox: &str, app_id: &str)
+        -> Result<AccessCheck, M365Error>
+        = single("Test-ApplicationAccessPolicy", InvokeOptions::read(),
+            Params::new().str("Identity", mailbox).str("AppId", app_id));
+}
+
+impl ExchangeClient {
     /// The policy with this Identity. Get with an unknown Identity returns **every** policy, so
     /// results are filtered by Identity before anything counts as found.
     pub async fn get_application_access_policy(
         &self,
         identity: &str,
     ) -> Result<Option<ApplicationAccessPolicy>, M365Error> {
-        let p = Params::new().str("Identity", identity);
-        let all = match self
-            .invoke_typed::<ApplicationAccessPolicy>(
+        let all: Vec<ApplicationAccessPolicy> = self
+            .all_or_empty(
                 "Get-ApplicationAccessPolicy",
-                p.into_map(),
+                Params::new().str("Identity", identity),
                 &InvokeOptions::read(),
             )
-            .await
-        {
-            Err(e) if e.is_not_found() => return Ok(None),
-            r => r?,
-        };
+            .await?;
         Ok(all.into_iter().find(|pol| {
             pol.identity
                 .as_deref()
@@ -767,167 +752,53 @@ impl ExchangeClient {
             })
             .collect())
     }
+}
 
-    /// `Set-ApplicationAccessPolicy -Description` (the only editable property).
-    pub async fn set_application_access_policy_description(
-        &self,
-        identity: &str,
-        description: &str,
-    ) -> Result<(), M365Error> {
-        let p = Params::new()
-            .str("Identity", identity)
-            .str("Description", description);
-        self.invoke(
-            "Set-ApplicationAccessPolicy",
-            p.into_map(),
-            &InvokeOptions::read(),
-        )
-        .await
-        .map(|_| ())
-    }
+// ----- RBAC for Applications -----
 
-    /// `Remove-ApplicationAccessPolicy`; `Ok(false)` when it was already gone.
-    pub async fn remove_application_access_policy(
-        &self,
-        identity: &str,
-    ) -> Result<bool, M365Error> {
-        let p = self.removal(Params::new().str("Identity", identity));
-        done_unless(
-            self.invoke(
-                "Remove-ApplicationAccessPolicy",
-                p.into_map(),
-                &InvokeOptions::read(),
-            )
-            .await,
-            ErrorKind::NotFound,
-        )
-    }
-
-    /// `Test-ApplicationAccessPolicy -Identity <mailbox> -AppId <client id>` (one AppId).
-    pub async fn test_application_access_policy(
-        &self,
-        mailbox: &str,
-        app_id: &str,
-    ) -> Result<AccessCheck, M365Error> {
-        let p = Params::new().str("Identity", mailbox).str("AppId", app_id);
-        let v = self
-            .invoke_typed(
-                "Test-ApplicationAccessPolicy",
-                p.into_map(),
-                &InvokeOptions::read(),
-            )
-            .await?;
-        one("Test-ApplicationAccessPolicy", v)
-    }
-
-    // ----- RBAC for Applications -----
-
+cmdlet_wrappers! {
     /// `New-ServicePrincipal -AppId -ObjectId [-DisplayName]`. `object_id` is the Enterprise app
     /// (service principal) object id, not the app registration's.
     pub async fn new_service_principal(
-        &self,
-        app_id: &str,
-        object_id: &str,
-        display_name: Option<&str>,
-    ) -> Result<ExoServicePrincipal, M365Error> {
-        let p = Params::new()
+        &self, app_id: &str, object_id: &str, display_name: Option<&str>
+    ) -> Result<ExoServicePrincipal, M365Error>
+        = single("New-ServicePrincipal", InvokeOptions::write(), Params::new()
             .str("AppId", app_id)
             .str("ObjectId", object_id)
-            .opt_str("DisplayName", display_name);
-        let v = self
-            .invoke_typed(
-                "New-ServicePrincipal",
-                p.into_map(),
-                &InvokeOptions::write(),
-            )
-            .await?;
-        one("New-ServicePrincipal", v)
-    }
+            .opt_str("DisplayName", display_name));
 
-    pub async fn get_service_principal(
-        &self,
-        identity: &str,
-        replication: Replication,
-    ) -> Result<Option<ExoServicePrincipal>, M365Error> {
-        let p = Params::new().str("Identity", identity);
-        not_found_is_none(
-            self.invoke_typed(
-                "Get-ServicePrincipal",
-                p.into_map(),
-                &replication.read_opts(),
-            )
-            .await,
-        )
-    }
+    pub async fn get_service_principal(&self, identity: &str, replication: Replication)
+        -> Result<Option<ExoServicePrincipal>, M365Error>
+        = first("Get-ServicePrincipal", replication.read_opts(),
+            Params::new().str("Identity", identity));
 
-    pub async fn list_service_principals(&self) -> Result<Vec<ExoServicePrincipal>, M365Error> {
-        self.invoke_typed("Get-ServicePrincipal", Map::new(), &InvokeOptions::read())
-            .await
-    }
+    pub async fn list_service_principals(&self) -> Result<Vec<ExoServicePrincipal>, M365Error>
+        = all("Get-ServicePrincipal", InvokeOptions::read(), Params::new());
 
-    pub async fn remove_service_principal(&self, identity: &str) -> Result<bool, M365Error> {
-        let p = self.removal(Params::new().str("Identity", identity));
-        done_unless(
-            self.invoke(
-                "Remove-ServicePrincipal",
-                p.into_map(),
-                &InvokeOptions::read(),
-            )
-            .await,
-            ErrorKind::NotFound,
-        )
-    }
+    pub async fn remove_service_principal(&self, identity: &str) -> Result<bool, M365Error>
+        = removed("Remove-ServicePrincipal", InvokeOptions::read(),
+            Params::new().str("Identity", identity));
 
     /// `New-ManagementScope -Name -RecipientRestrictionFilter`.
-    pub async fn new_management_scope(
-        &self,
-        name: &str,
-        recipient_filter: &str,
-    ) -> Result<ManagementScope, M365Error> {
-        let p = Params::new()
+    pub async fn new_management_scope(&self, name: &str, recipient_filter: &str)
+        -> Result<ManagementScope, M365Error>
+        = single("New-ManagementScope", InvokeOptions::write(), Params::new()
             .str("Name", name)
-            .str("RecipientRestrictionFilter", recipient_filter);
-        let v = self
-            .invoke_typed("New-ManagementScope", p.into_map(), &InvokeOptions::write())
-            .await?;
-        one("New-ManagementScope", v)
-    }
+            .str("RecipientRestrictionFilter", recipient_filter));
 
-    pub async fn get_management_scope(
-        &self,
-        identity: &str,
-        replication: Replication,
-    ) -> Result<Option<ManagementScope>, M365Error> {
-        let p = Params::new().str("Identity", identity);
-        not_found_is_none(
-            self.invoke_typed(
-                "Get-ManagementScope",
-                p.into_map(),
-                &replication.read_opts(),
-            )
-            .await,
-        )
-    }
+    pub async fn get_management_scope(&self, identity: &str, replication: Replication)
+        -> Result<Option<ManagementScope>, M365Error>
+        = first("Get-ManagementScope", replication.read_opts(),
+            Params::new().str("Identity", identity));
 
-    pub async fn remove_management_scope(&self, identity: &str) -> Result<bool, M365Error> {
-        let p = self.removal(Params::new().str("Identity", identity));
-        done_unless(
-            self.invoke(
-                "Remove-ManagementScope",
-                p.into_map(),
-                &InvokeOptions::read(),
-            )
-            .await,
-            ErrorKind::NotFound,
-        )
-    }
+    pub async fn remove_management_scope(&self, identity: &str) -> Result<bool, M365Error>
+        = removed("Remove-ManagementScope", InvokeOptions::read(),
+            Params::new().str("Identity", identity));
 
     /// `New-ManagementRoleAssignment -App -Role [-CustomResourceScope|…]`.
-    pub async fn new_app_role_assignment(
-        &self,
-        a: &NewAppRoleAssignment,
-    ) -> Result<ManagementRoleAssignment, M365Error> {
-        let p = Params::new()
+    pub async fn new_app_role_assignment(&self, a: &NewAppRoleAssignment)
+        -> Result<ManagementRoleAssignment, M365Error>
+        = single("New-ManagementRoleAssignment", InvokeOptions::write(), Params::new()
             .opt_str("Name", a.name.clone())
             .str("Role", &a.role)
             .str("App", &a.app)
@@ -936,72 +807,31 @@ impl ExchangeClient {
             .opt_str(
                 "RecipientAdministrativeUnitScope",
                 a.recipient_administrative_unit_scope.clone(),
-            );
-        let v = self
-            .invoke_typed(
-                "New-ManagementRoleAssignment",
-                p.into_map(),
-                &InvokeOptions::write(),
-            )
-            .await?;
-        one("New-ManagementRoleAssignment", v)
-    }
+            ));
 
-    pub async fn get_management_role_assignments(
-        &self,
-        q: &RoleAssignmentQuery,
-    ) -> Result<Vec<ManagementRoleAssignment>, M365Error> {
-        let p = Params::new()
+    pub async fn get_management_role_assignments(&self, q: &RoleAssignmentQuery)
+        -> Result<Vec<ManagementRoleAssignment>, M365Error>
+        = all_or_empty("Get-ManagementRoleAssignment", InvokeOptions::read(), Params::new()
             .opt_str("Identity", q.identity.clone())
             .opt_str("Role", q.role.clone())
-            .opt_str("RoleAssignee", q.role_assignee.clone());
-        match self
-            .invoke_typed(
-                "Get-ManagementRoleAssignment",
-                p.into_map(),
-                &InvokeOptions::read(),
-            )
-            .await
-        {
-            Err(e) if e.is_not_found() => Ok(Vec::new()),
-            r => r,
-        }
-    }
+            .opt_str("RoleAssignee", q.role_assignee.clone()));
 
-    pub async fn remove_management_role_assignment(
-        &self,
-        identity: &str,
-    ) -> Result<bool, M365Error> {
-        let p = self.removal(Params::new().str("Identity", identity));
-        done_unless(
-            self.invoke(
-                "Remove-ManagementRoleAssignment",
-                p.into_map(),
-                &InvokeOptions::read(),
-            )
-            .await,
-            ErrorKind::NotFound,
-        )
-    }
+    pub async fn remove_management_role_assignment(&self, identity: &str)
+        -> Result<bool, M365Error>
+        = removed("Remove-ManagementRoleAssignment", InvokeOptions::read(),
+            Params::new().str("Identity", identity));
 
     /// `Test-ServicePrincipalAuthorization -Identity [-Resource]`: bypasses the permission cache
     /// and ignores Entra grants.
     pub async fn test_service_principal_authorization(
-        &self,
-        identity: &str,
-        resource: Option<&str>,
-    ) -> Result<Vec<AuthorizationRow>, M365Error> {
-        let p = Params::new()
+        &self, identity: &str, resource: Option<&str>
+    ) -> Result<Vec<AuthorizationRow>, M365Error>
+        = all("Test-ServicePrincipalAuthorization", InvokeOptions::read(), Params::new()
             .str("Identity", identity)
-            .opt_str("Resource", resource);
-        self.invoke_typed(
-            "Test-ServicePrincipalAuthorization",
-            p.into_map(),
-            &InvokeOptions::read(),
-        )
-        .await
-    }
+            .opt_str("Resource", resource));
+}
 
+impl ExchangeClient {
     /// `Get-OrganizationConfig` (parameterless), raw.
     pub async fn get_organization_config(&self) -> Result<Option<Map<String, Value>>, M365Error> {
         Ok(self
@@ -1104,12 +934,13 @@ mod tests {
             .str("Name", "g")
             .list("Members", &["a".into(), "b".into()])
             .list("Empty", &[])
+            .array("Cleared", &[])
             .switch("BypassSecurityGroupManagerCheck")
             .opt_str("Notes", None::<String>)
             .into_map();
         assert_eq!(
             Value::Object(m),
-            serde_json::json!({"Name":"g","Members":["a","b"],"BypassSecurityGroupManagerCheck":true})
+            serde_json::json!({"Name":"g","Members":["a","b"],"Cleared":[],"BypassSecurityGroupManagerCheck":true})
         );
     }
 }
