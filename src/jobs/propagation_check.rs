@@ -23,7 +23,9 @@ use crate::domain::propagation::{self as rules, Access, Expectation};
 use crate::m365::graph::MailboxProbe;
 use crate::m365::graph::batch::BatchRequest;
 use crate::m365::{ErrorKind, TenantContext, TenantHandle};
-use crate::provisioning::checks::CheckJob;
+use crate::provisioning::checks::{
+    CheckJob, probe_secret_name, remove_named_secrets, remove_probe_secret,
+};
 use crate::provisioning::tenants::handle_for;
 use crate::provisioning::{Error, Services};
 use crate::queue::job::Job;
@@ -31,11 +33,6 @@ use crate::queue::worker::{JobContext, Outcome};
 use crate::store::access_policies::AccessPolicyRecord;
 use crate::store::propagation_checks::{self as checks, CheckRecord, CheckState, Progress, Stage};
 use crate::store::{self};
-
-/// The display name of a check's probe secret (how leftovers of a crashed run are found).
-pub fn probe_secret_name(check_id: Uuid) -> String {
-    format!("mailscope propagation probe {check_id}")
-}
 
 /// The harmless read matching an app's permissions, if it has one (a send-only app has none).
 pub fn harmless_read(permissions: &[String]) -> Option<MailboxProbe> {
@@ -557,56 +554,6 @@ async fn ensure_probe_secret(
         .map_err(internal)?;
     checks::set_probe(db, check.id, key_id, &sealed, services.cipher.key_id()).await?;
     Ok(p.secret_text)
-}
-
-async fn remove_named_secrets(handle: &TenantHandle, object_id: &str, check_id: Uuid) -> Step<()> {
-    let graph = handle.graph();
-    let Some(app) = graph.get_application(object_id).await? else {
-        return Ok(());
-    };
-    let name = probe_secret_name(check_id);
-    for c in app.password_credentials {
-        if c.display_name.as_deref() == Some(name.as_str())
-            && let Some(k) = c.key_id
-        {
-            remove_key(handle, object_id, &k).await?;
-        }
-    }
-    Ok(())
-}
-
-async fn remove_key(handle: &TenantHandle, object_id: &str, key_id: &str) -> Step<()> {
-    match handle.graph().remove_password(object_id, key_id).await {
-        Ok(()) => Ok(()),
-        Err(e) if e.is_not_found() => Ok(()),
-        Err(e) => Err(e.into()),
-    }
-}
-
-/// Remove the check's probe secret from the app (idempotent), then forget it.
-pub async fn remove_probe_secret(
-    db: &deadpool_postgres::Object,
-    handle: &TenantHandle,
-    check: &CheckRecord,
-) -> Step<()> {
-    // Only a check that reached the live stage can have added one.
-    if check.probe_key_id.is_none() && check.stage == Stage::Configuration {
-        return Ok(());
-    }
-    let object_id = match store::applications::key_of_app(db, check.tenant_id, check.app_id).await?
-    {
-        Some(key) => store::applications::get(db, check.tenant_id, &key)
-            .await?
-            .and_then(|a| a.application_object_id),
-        None => None,
-    };
-    if let Some(object_id) = object_id.map(|o| o.to_string()) {
-        if let Some(k) = check.probe_key_id {
-            remove_key(handle, &object_id, &k.to_string()).await?;
-        }
-        remove_named_secrets(handle, &object_id, check.id).await?;
-    }
-    Ok(checks::clear_probe(db, check.id).await?)
 }
 
 /// A check that saw the change in Graph puts the app's pending policies in force.

@@ -627,13 +627,8 @@ async fn a_policy_on_a_just_created_scope_group_named_by_address_waits_for_repli
     let env = WithSandbox::start_with(sb).await;
     let group = create_group(&env, "fresh-scope", &["alice"]).await;
     let address = group["primary_smtp_address"].as_str().unwrap().to_string();
-    let res = post_policy(
-        &env,
-        json!({"app_id": APP, "scope": address, "access_right": "RestrictAccess"}),
-    )
-    .await;
-    assert_eq!(res.status(), 201, "{}", res.text().await.unwrap());
-    let p: Value = res.json().await.unwrap();
+    let body = json!({"app_id": APP, "scope": address, "access_right": "RestrictAccess"});
+    let p = post_policy(&env, body, 201).await;
     assert_eq!(p["scope_alias"], "fresh-scope", "{p}");
 }
 
@@ -643,43 +638,30 @@ async fn a_policy_on_a_just_created_scope_group_named_by_address_waits_for_repli
 #[tokio::test]
 async fn the_last_restrict_policy_goes_once_the_app_holds_no_mail_permission() {
     let env = WithSandbox::start().await;
-    let put_app = |perms: Value| {
-        env.app
-            .http
-            .put(env.url("/applications/reporting"))
-            .bearer_auth(env.app.admin())
-            .json(&json!({"display_name": "Reporting", "permissions": perms,
-                "grant_admin_consent": true}))
-            .send()
-    };
-    let res = put_app(json!(["Mail.Read"])).await.unwrap();
-    assert_eq!(res.status(), 201, "{}", res.text().await.unwrap());
-    let app: Value = res.json().await.unwrap();
+    let app_body = |perms: Value| json!({"display_name": "Reporting", "permissions": perms, "grant_admin_consent": true});
+    let app = env
+        .api()
+        .put(
+            "/applications/reporting",
+            &app_body(json!(["Mail.Read"])),
+            201,
+        )
+        .await;
     let app_id = app["app_id"].as_str().unwrap().to_string();
-    let res = post_policy(
-        &env,
-        json!({"app_id": app_id, "scope": addr("alice"), "access_right": "RestrictAccess"}),
-    )
-    .await;
-    assert_eq!(res.status(), 201, "{}", res.text().await.unwrap());
-    let id = res.json::<Value>().await.unwrap()["id"]
+    let body = json!({"app_id": app_id, "scope": addr("alice"), "access_right": "RestrictAccess"});
+    let id = post_policy(&env, body, 201).await["id"]
         .as_str()
         .unwrap()
         .to_string();
 
     // Holding Mail.Read, the app would reach every mailbox: refused, naming the permission.
-    let p = assert_problem(
-        delete_policy(&env, &id, "").await,
-        409,
-        "last_restrict_policy",
-    )
-    .await;
+    let p = delete_policy(&env, &id, "", (409, "last_restrict_policy")).await;
     assert!(p["detail"].as_str().unwrap().contains("Mail.Read"), "{p}");
 
     // Follow the advice: revoke the permissions, then the policy can go without the override.
-    let res = put_app(json!([])).await.unwrap();
-    assert_eq!(res.status(), 200, "{}", res.text().await.unwrap());
-    let res = delete_policy(&env, &id, "").await;
-    assert_eq!(res.status(), 204, "{}", res.text().await.unwrap());
+    env.api()
+        .put("/applications/reporting", &app_body(json!([])), 200)
+        .await;
+    delete_policy(&env, &id, "", 204).await;
     assert_eq!(count(&env, "Remove-ApplicationAccessPolicy").await, 1);
 }

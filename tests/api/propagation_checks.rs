@@ -322,6 +322,32 @@ async fn a_check_times_out_when_propagation_never_comes() {
     assert_eq!(probe_secrets(&env, &app).await, 0, "probe secret removed");
 }
 
+/// Deleting a tenant takes back the probe secret a running check added to its app: afterwards
+/// mailscope would have no credential to remove it with.
+#[tokio::test]
+async fn deleting_a_tenant_takes_back_the_probe_secret_of_a_running_check() {
+    let env = start(sandbox(600, 1200), |_| {}).await;
+    let app = managed_app(&env, "crm", &["Mail.Read"]).await;
+    create_group(&env, "crm-scope", &["alice"]).await;
+    restrict(&env, &app, "crm-scope", &["carol"]).await;
+    assert_eq!(wait_for_probe_secret(&env, &app).await, 1);
+
+    let res = env
+        .app
+        .http
+        .delete(env.url(""))
+        .bearer_auth(env.app.admin())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 204, "{}", res.text().await.unwrap());
+    assert_eq!(
+        probe_secrets(&env, &app).await,
+        0,
+        "no probe secret left on the app"
+    );
+}
+
 #[tokio::test]
 async fn cancel_ends_a_live_check_and_takes_its_probe_secret_back() {
     let env = start(sandbox(600, 1200), |_| {}).await;

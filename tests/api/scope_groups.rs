@@ -328,12 +328,8 @@ fn replicating(ms: u64) -> mailscope::sandbox::SandboxSettings {
 async fn a_repeated_put_during_replication_finds_the_group_it_created() {
     let env = WithSandbox::start_with(replicating(1500)).await;
     let body = json!({"members": [addr("alice")]});
-    let first = put_group(&env, "fresh", body.clone()).await;
-    assert_eq!(first.status(), 201);
-    let first: Value = first.json().await.unwrap();
-    let again = put_group(&env, "fresh", body).await;
-    assert_eq!(again.status(), 200, "{}", again.text().await.unwrap());
-    let again: Value = again.json().await.unwrap();
+    let first = env.api().put("/scope-groups/fresh", &body, 201).await;
+    let again = env.api().put("/scope-groups/fresh", &body, 200).await;
     assert_eq!(again["object_id"], first["object_id"]);
     assert_eq!(again["origin"], "created");
     assert_eq!(count(&env, "New-DistributionGroup").await, 1);
@@ -346,17 +342,12 @@ async fn a_retry_after_a_crash_during_replication_adopts_the_group() {
     let env = WithSandbox::start_with(replicating(1500)).await;
     break_inserts(&env, "scope_groups").await;
     let body = json!({"members": [addr("alice")]});
-    assert_problem(
-        put_group(&env, "fresh", body.clone()).await,
-        500,
-        "internal",
-    )
-    .await;
+    env.api()
+        .put("/scope-groups/fresh", &body, (500, "internal"))
+        .await;
     repair_inserts(&env, "scope_groups").await;
-    let retry = put_group(&env, "fresh", body).await;
-    assert_eq!(retry.status(), 201, "{}", retry.text().await.unwrap());
-    let retry: Value = retry.json().await.unwrap();
+    let retry = env.api().put("/scope-groups/fresh", &body, 201).await;
     assert_eq!(retry["origin"], "adopted");
     // One group: the retry's own create was refused as a duplicate, and it adopted the first.
-    assert_eq!(get_group(&env, "fresh").await.status(), 200);
+    env.api().get("/scope-groups/fresh", 200).await;
 }
