@@ -348,6 +348,48 @@ async fn deleting_a_tenant_takes_back_the_probe_secret_of_a_running_check() {
     );
 }
 
+/// The housekeeping sweep removes a probe secret whose check no longer exists (here its row is
+/// deleted mid-check, as a crash-time leftover would look), and leaves running checks' alone.
+#[tokio::test]
+async fn the_sweep_removes_probe_secrets_whose_check_is_gone() {
+    let env = start(sandbox(600, 1200), |_| {}).await;
+    let app = managed_app(&env, "crm", &["Mail.Read"]).await;
+    create_group(&env, "crm-scope", &["alice"]).await;
+    restrict(&env, &app, "crm-scope", &["carol"]).await;
+    assert_eq!(wait_for_probe_secret(&env, &app).await, 1);
+
+    // The same services the worker's housekeeping uses, on the app's database.
+    let settings = env.app.settings.clone();
+    let url = env.app.db.url.clone();
+    let key = mailscope::config::decode_encryption_key(ENCRYPTION_KEY).unwrap();
+    let services = mailscope::provisioning::Services {
+        pool: mailscope::store::create_pool(&url, &settings.database).unwrap(),
+        cipher: mailscope::crypto::CredentialCipher::new(&key),
+        settings: std::sync::Arc::new(settings.clone()),
+        m365: mailscope::m365::M365Client::new(settings.m365.clone(), &prometheus::Registry::new())
+            .unwrap(),
+        key_locks: Default::default(),
+        liveness: Default::default(),
+    };
+    let sweep = mailscope::provisioning::checks::sweep_probe_secrets;
+    assert_eq!(
+        sweep(&services).await.unwrap(),
+        0,
+        "a running check keeps it"
+    );
+    assert_eq!(probe_secrets(&env, &app).await, 1);
+
+    env.app
+        .db
+        .client()
+        .await
+        .execute("DELETE FROM propagation_checks", &[])
+        .await
+        .unwrap();
+    assert_eq!(sweep(&services).await.unwrap(), 1);
+    assert_eq!(probe_secrets(&env, &app).await, 0);
+}
+
 #[tokio::test]
 async fn cancel_ends_a_live_check_and_takes_its_probe_secret_back() {
     let env = start(sandbox(600, 1200), |_| {}).await;
