@@ -4,7 +4,9 @@
 //! a crash loses at most one observation and a check never holds a worker while it waits:
 //! - stage 1, `configuration`: `Test-ApplicationAccessPolicy` per expectation. Exchange sees
 //!   changes at once, so a disagreement here is a misconfiguration, not a delay: the check ends
-//!   `misconfigured` with the reason;
+//!   `misconfigured` with the reason. A RestrictAccess check with no mailbox that must be denied
+//!   gets one picked here (a user mailbox outside the app's scopes, per Exchange), since only a
+//!   denial proves a restriction; if none is found it ends `exchange_test` with that reason;
 //! - stage 2, `live`: for an app mailscope created that holds a harmless read permission, a
 //!   short-lived probe secret is added to the app, and each unmet expectation is read through
 //!   Graph *as the app* (one `$batch`) until every expectation has `required_matches` matching
@@ -181,6 +183,17 @@ async fn step(services: &Services, ctx: &JobContext, check_id: Uuid) -> Step<Out
         let exo = handle.exchange();
         let app = check.app_id.to_string();
         let mut problems = Vec::new();
+        // A restriction is only proven by a denial: without a mailbox that must be denied (no
+        // canary, no out-of-scope mailbox), every answer would be "granted" whether or not the
+        // policy is in force. Pick one outside the app's scopes, as Exchange judges it.
+        let restricted = records.iter().any(|r| r.access_right == "RestrictAccess");
+        let mut unproven = false;
+        if restricted && !exps.iter().any(|e| e.expected == Access::Denied) {
+            match denied_witness(&exo, &app, &exps).await? {
+                Some(mailbox) => exps.push(Expectation::new(&mailbox, Access::Denied)),
+                None => unproven = true,
+            }
+        }
         for e in exps.iter_mut() {
             match exo.test_application_access_policy(&e.mailbox, &app).await {
                 Err(x) if x.is_not_found() => problems.push(format!(
@@ -218,6 +231,29 @@ async fn step(services: &Services, ctx: &JobContext, check_id: Uuid) -> Step<Out
                     expectations: &exps,
                     rounds: check.rounds,
                     reason: Some(&reason),
+                    result: None,
+                    propagation_seconds: None,
+                },
+            )
+            .await;
+        }
+        if unproven {
+            // Nothing can show the restriction at work (every mailbox is in the app's scopes):
+            // say so rather than claim Graph proved it.
+            remove_probe_secret(&db, &handle, &check).await?;
+            return finish_with(
+                services,
+                &db,
+                &check,
+                Progress {
+                    state: CheckState::Succeeded,
+                    stage: Stage::Done,
+                    verified_by: Some("exchange_test"),
+                    expectations: &exps,
+                    rounds: check.rounds,
+                    reason: Some(
+                        "the restriction was not verified in Graph: no mailbox outside the app's scopes was found to observe a denial (add a canary mailbox to the tenant or the policy)",
+                    ),
                     result: None,
                     propagation_seconds: None,
                 },
@@ -445,6 +481,36 @@ async fn notify(
 }
 
 /// The app's policies known to mailscope (for explaining a misconfiguration).
+/// Mailboxes sampled when looking for one the app must be denied, and how many are tested.
+const WITNESS_SAMPLE: u32 = 50;
+const WITNESS_TESTS: usize = 5;
+
+/// A user mailbox outside the check's expectations that Exchange says the app is denied (so a
+/// restriction in force must show as a denial in Graph too), if one is found among a sample.
+async fn denied_witness(
+    exo: &crate::m365::exchange::ExchangeClient,
+    app: &str,
+    exps: &[Expectation],
+) -> Step<Option<String>> {
+    let mailboxes = exo.list_mailboxes(Some(WITNESS_SAMPLE)).await?;
+    let candidates = mailboxes
+        .iter()
+        .filter(|m| m.recipient_type_details.as_deref() == Some("UserMailbox"))
+        .filter_map(|m| m.primary_smtp_address.as_deref())
+        .map(str::to_ascii_lowercase)
+        .filter(|a| !exps.iter().any(|e| e.mailbox.eq_ignore_ascii_case(a)))
+        .take(WITNESS_TESTS);
+    for mailbox in candidates {
+        match exo.test_application_access_policy(&mailbox, app).await {
+            Ok(c) if c.granted() == Some(false) => return Ok(Some(mailbox)),
+            Ok(_) => {}
+            Err(e) if e.is_not_found() => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(None)
+}
+
 async fn app_policies(
     db: &deadpool_postgres::Object,
     check: &CheckRecord,

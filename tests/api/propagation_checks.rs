@@ -390,6 +390,53 @@ async fn the_sweep_removes_probe_secrets_whose_check_is_gone() {
     assert_eq!(probe_secrets(&env, &app).await, 0);
 }
 
+/// The README's case: a policy on a group, no canary anywhere. Every expectation would be
+/// "granted" and pass before anything is enforced; the check picks a mailbox outside the scope
+/// that must be denied, and succeeds only once Graph denies it.
+#[tokio::test]
+async fn a_check_without_a_canary_proves_the_restriction_with_a_denial() {
+    let env = start(sandbox(10, 20), |_| {}).await;
+    let app = managed_app(&env, "crm", &["Mail.Read"]).await;
+    create_group(&env, "crm-scope", &["alice"]).await;
+    let (policy, _) = restrict(&env, &app, "crm-scope", &[]).await;
+    let id = policy["propagation_check"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let denied = |c: &Value| -> Vec<Value> {
+        c["expectations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["expected"] == "denied")
+            .cloned()
+            .collect()
+    };
+
+    // Graph has adopted nothing yet: the check must not pass.
+    let live = wait_until(&env, &id, |c| c["stage"] == "live" || is_final(c)).await;
+    assert_eq!(live["stage"], "live", "{live:#}");
+    let witness = denied(&live);
+    assert_eq!(
+        witness.len(),
+        1,
+        "one mailbox picked to be denied: {live:#}"
+    );
+    assert_ne!(witness[0]["mailbox"], addr("alice"));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let still = get_check(&env, &id).await;
+    assert!(
+        !is_final(&still),
+        "no success before enforcement: {still:#}"
+    );
+
+    env.sandbox.advance_clock(Duration::from_secs(25 * 60));
+    let done = wait_until(&env, &id, is_final).await;
+    assert_eq!(done["state"], "succeeded", "{done:#}");
+    assert_eq!(done["verified_by"], "graph");
+    assert_eq!(denied(&done)[0]["last_observed"], "denied", "{done:#}");
+}
+
 #[tokio::test]
 async fn cancel_ends_a_live_check_and_takes_its_probe_secret_back() {
     let env = start(sandbox(600, 1200), |_| {}).await;
