@@ -68,6 +68,9 @@ pub struct PropagationSettings {
     /// Longest delay between two live observations.
     pub max_delay_ms: u64,
     pub backoff_factor: f64,
+    /// Once a mailbox answers as expected, its remaining confirmations come at this interval
+    /// instead of the growing backoff (never later than the backoff would have been).
+    pub confirm_interval_ms: u64,
     /// A check that has not seen the change in force by then ends `timed_out`.
     pub deadline_seconds: u64,
     /// In-scope members sampled per policy scope for the default expectations.
@@ -81,6 +84,7 @@ impl Default for PropagationSettings {
             first_delay_ms: 15_000,
             max_delay_ms: 300_000,
             backoff_factor: 2.0,
+            confirm_interval_ms: 10_000,
             deadline_seconds: 86_400,
             sample_size: 3,
         }
@@ -359,6 +363,9 @@ impl Settings {
         let p = &self.propagation;
         if !(1..=20).contains(&p.required_matches) {
             errs.push("propagation.required_matches must be between 1 and 20".into());
+        }
+        if p.confirm_interval_ms == 0 {
+            errs.push("propagation.confirm_interval_ms must be at least 1".into());
         }
         if p.first_delay_ms == 0 || p.max_delay_ms < p.first_delay_ms {
             errs.push(

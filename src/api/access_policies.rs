@@ -466,6 +466,45 @@ pub struct AccessTestResult {
     pub agree: bool,
     /// Why the two differ, when they do.
     pub disagreement: Option<String>,
+    /// Both mechanisms together: Entra grants, access policies and RBAC assignments.
+    pub effective: EffectiveAccess,
+}
+
+/// One row of `Test-ServicePrincipalAuthorization -Resource` (live, no cache, no Entra grants).
+#[derive(Serialize, ToSchema)]
+pub struct RbacAuthorizationRow {
+    #[schema(example = "Application Mail.Read")]
+    pub role_name: Option<String>,
+    pub granted_permissions: Vec<String>,
+    pub allowed_resource_scope: Option<String>,
+    #[schema(example = "CustomRecipientScope")]
+    pub scope_type: Option<String>,
+    pub in_scope: Option<bool>,
+}
+
+/// The verdict for one permission and which mechanism decided it.
+#[derive(Serialize, ToSchema)]
+pub struct PermissionVerdict {
+    #[schema(example = "Mail.Read")]
+    pub permission: String,
+    pub granted: bool,
+    /// `entra_unrestricted` (an Entra grant nothing restricts here), `access_policy_allows`,
+    /// `access_policy_denies`, `rbac_in_scope` or `rbac_out_of_scope`.
+    #[schema(example = "rbac_in_scope")]
+    pub decided_by: String,
+}
+
+/// Effective access with both mechanisms together (reference §3.3: RBAC adds to Entra grants;
+/// access policies narrow only Entra grants).
+#[derive(Serialize, ToSchema)]
+pub struct EffectiveAccess {
+    pub entra_mailbox_permissions: Vec<String>,
+    /// Exchange has a service principal pointer with the app's object id.
+    pub rbac_pointer: bool,
+    pub rbac: Vec<RbacAuthorizationRow>,
+    pub permissions: Vec<PermissionVerdict>,
+    /// Where mailscope's expectation from its RBAC restrictions differs from Exchange's.
+    pub rbac_disagreement: Option<String>,
 }
 
 fn rule_name(r: AccessRule) -> &'static str {
@@ -478,7 +517,9 @@ fn rule_name(r: AccessRule) -> &'static str {
 }
 
 /// Check whether an app may reach a mailbox: `Test-ApplicationAccessPolicy` and mailscope's own
-/// evaluation of the four rules, side by side, with the reason when they differ.
+/// evaluation of the four rules, side by side, with the reason when they differ; and under
+/// `effective`, both mechanisms together (Entra grants, access policies, RBAC assignments via
+/// `Test-ServicePrincipalAuthorization -Resource`) with the verdict per permission.
 #[utoipa::path(post, path = "/v1/tenants/{tenant_id}/access-tests", tag = "access policies",
     params(("tenant_id" = Uuid, Path, description = "The Microsoft Entra tenant id")),
     request_body = AccessTestInput,
@@ -517,6 +558,33 @@ pub async fn access_test(
         },
         agree: t.agree,
         disagreement: t.disagreement,
+        effective: EffectiveAccess {
+            entra_mailbox_permissions: t.effective.entra_mailbox_permissions,
+            rbac_pointer: t.effective.rbac_pointer,
+            rbac: t
+                .effective
+                .rbac_rows
+                .into_iter()
+                .map(|r| RbacAuthorizationRow {
+                    in_scope: r.in_scope(),
+                    role_name: r.role_name,
+                    granted_permissions: r.granted_permissions,
+                    allowed_resource_scope: r.allowed_resource_scope,
+                    scope_type: r.scope_type,
+                })
+                .collect(),
+            permissions: t
+                .effective
+                .permissions
+                .into_iter()
+                .map(|p| PermissionVerdict {
+                    permission: p.permission,
+                    granted: p.granted,
+                    decided_by: p.decided_by.into(),
+                })
+                .collect(),
+            rbac_disagreement: t.effective.rbac_disagreement,
+        },
     }))
 }
 

@@ -15,6 +15,7 @@ pub mod middleware;
 pub mod openapi;
 pub mod problem;
 pub mod propagation_checks;
+pub mod rbac_restrictions;
 pub mod scope_groups;
 pub mod tenants;
 
@@ -65,6 +66,7 @@ pub fn configure(cfg: &mut web::ServiceConfig, body_limit: usize, with_api: bool
             .configure(tenants::routes)
             .configure(applications::routes)
             .configure(scope_groups::routes)
+            .configure(rbac_restrictions::routes)
             .configure(access_policies::routes)
             .configure(propagation_checks::routes)
             .configure(audit::routes),

@@ -8,7 +8,8 @@ use utoipa_swagger_ui::SwaggerUi;
 
 use super::problem::{ApiError, CATALOGUE, FieldError, Problem};
 use super::{
-    access_policies, applications, audit, health, propagation_checks, scope_groups, tenants,
+    access_policies, applications, audit, health, propagation_checks, rbac_restrictions,
+    scope_groups, tenants,
 };
 use crate::domain::cloud::{Cloud, EndpointOverrides};
 
@@ -39,6 +40,10 @@ branch on `type` (or its short form `code`). Every response carries `X-Request-I
         access_policies::access_test, access_policies::sync,
         propagation_checks::create_check, propagation_checks::list_checks,
         propagation_checks::get_check, propagation_checks::cancel_check,
+        rbac_restrictions::create_restriction, rbac_restrictions::list_restrictions,
+        rbac_restrictions::get_restriction, rbac_restrictions::put_restriction,
+        rbac_restrictions::delete_restriction, rbac_restrictions::enforce_restriction,
+        rbac_restrictions::findings,
     ),
     components(schemas(
         Problem, FieldError, ProblemType, Cloud, EndpointOverrides,
@@ -57,17 +62,26 @@ branch on `type` (or its short form `code`). Every response carries `X-Request-I
         access_policies::AccessPolicyPatch, access_policies::AccessPolicy,
         access_policies::AccessPolicyList, access_policies::AccessTestInput,
         access_policies::AccessTestResult, access_policies::ExchangeVerdict,
-        access_policies::LocalVerdict, access_policies::SyncReport, access_policies::DriftSet,
+        access_policies::LocalVerdict, access_policies::EffectiveAccess,
+        access_policies::PermissionVerdict, access_policies::RbacAuthorizationRow, access_policies::SyncReport, access_policies::DriftSet,
         access_policies::DriftItem, access_policies::FieldDrift,
         propagation_checks::CheckInput, propagation_checks::ExpectationInput,
         propagation_checks::PropagationCheck, propagation_checks::ExpectationView,
         propagation_checks::PropagationCheckList, crate::domain::propagation::Access,
+        rbac_restrictions::ScopeGroupVia, rbac_restrictions::RbacScopeInput,
+        rbac_restrictions::RbacRestrictionInput, rbac_restrictions::EnforceInput,
+        rbac_restrictions::RbacAssignment, rbac_restrictions::RbacFinding,
+        rbac_restrictions::RbacScope, rbac_restrictions::EnforcementReport,
+        rbac_restrictions::RbacRestriction, rbac_restrictions::RbacRestrictionSummary,
+        rbac_restrictions::RbacRestrictionList, rbac_restrictions::RbacScanFinding,
+        rbac_restrictions::RbacFindings,
     )),
     modifiers(&BearerAuth),
     tags(
         (name = "tenants", description = "Microsoft 365 tenants mailscope manages"),
         (name = "applications", description = "The third party's app registration: permissions, admin consent, secrets"),
         (name = "scope groups", description = "Mail-enabled security groups that define which mailboxes an app may reach"),
+        (name = "rbac restrictions", description = "RBAC for Applications, Microsoft's recommended mechanism: pointer, scope and role assignments, the union trap with Entra grants closed"),
         (name = "access policies", description = "Application access policies: create, replace safely, test and sync"),
         (name = "propagation checks", description = "Proof that an app's restriction is in force: Exchange's verdict, then Graph as the app until every front end agrees"),
         (name = "operations", description = "Health, readiness, metrics and error catalogue"),

@@ -41,6 +41,12 @@ pub enum ProblemKind {
     ApplicationHasPolicies,
     /// The recipient cannot be the scope of an application access policy.
     InvalidPolicyScope,
+    RbacRestrictionConflict,
+    AppRegistrationObjectId,
+    ScopeFilterMismatch,
+    RbacIncomplete,
+    VerificationMailboxesRequired,
+    RbacVerificationFailed,
     Internal,
 }
 
@@ -157,6 +163,36 @@ pub const CATALOGUE: &[(ProblemKind, &str, &str)] = &[
         "Only a user mailbox, a mail user or a mail-enabled security group can scope an application access policy; shared, room and equipment mailboxes must be put into a scope group.",
     ),
     (
+        ProblemKind::RbacRestrictionConflict,
+        "RBAC restriction conflict",
+        "An RBAC restriction for this app and scope already exists with different settings; `errors` lists what differs. Change it with PUT /rbac-restrictions/{id}.",
+    ),
+    (
+        ProblemKind::AppRegistrationObjectId,
+        "App registration object id",
+        "The object id given is the app registration's, not its service principal's (Enterprise application). Exchange accepts it and the RBAC restriction never applies; omit it and mailscope uses the service principal's.",
+    ),
+    (
+        ProblemKind::ScopeFilterMismatch,
+        "Scope filter mismatch",
+        "The management scope's recipient filter did not read back as written; an empty or altered filter can mean the whole organisation, so nothing was assigned to it.",
+    ),
+    (
+        ProblemKind::RbacIncomplete,
+        "RBAC restriction incomplete",
+        "The restriction's pointer, role assignments or filter are not as recorded in the tenant; PUT the restriction again before removing Entra grants.",
+    ),
+    (
+        ProblemKind::VerificationMailboxesRequired,
+        "Verification mailboxes required",
+        "Removing the app's Entra grants needs at least one mailbox inside the scope and one outside it (a canary) to verify with Test-ServicePrincipalAuthorization first.",
+    ),
+    (
+        ProblemKind::RbacVerificationFailed,
+        "RBAC verification failed",
+        "Test-ServicePrincipalAuthorization does not show a sample mailbox in scope or shows a canary in scope; the app's Entra grants were left in place. `errors` lists each mailbox.",
+    ),
+    (
         ProblemKind::Internal,
         "Internal error",
         "An unexpected error; the request id identifies it in the service's logs.",
@@ -188,6 +224,12 @@ impl ProblemKind {
             ProblemKind::ScopeGroupInUse => "scope_group_in_use",
             ProblemKind::ApplicationHasPolicies => "application_has_policies",
             ProblemKind::InvalidPolicyScope => "invalid_policy_scope",
+            ProblemKind::RbacRestrictionConflict => "rbac_restriction_conflict",
+            ProblemKind::AppRegistrationObjectId => "app_registration_object_id",
+            ProblemKind::ScopeFilterMismatch => "scope_filter_mismatch",
+            ProblemKind::RbacIncomplete => "rbac_incomplete",
+            ProblemKind::VerificationMailboxesRequired => "verification_mailboxes_required",
+            ProblemKind::RbacVerificationFailed => "rbac_verification_failed",
             ProblemKind::Internal => "internal",
         }
     }
@@ -216,7 +258,13 @@ impl ProblemKind {
             | ProblemKind::LastRestrictPolicy
             | ProblemKind::ScopeGroupInUse
             | ProblemKind::ApplicationHasPolicies => StatusCode::CONFLICT,
-            ProblemKind::InvalidPolicyScope => StatusCode::UNPROCESSABLE_ENTITY,
+            ProblemKind::InvalidPolicyScope
+            | ProblemKind::AppRegistrationObjectId
+            | ProblemKind::VerificationMailboxesRequired => StatusCode::UNPROCESSABLE_ENTITY,
+            ProblemKind::RbacRestrictionConflict
+            | ProblemKind::RbacIncomplete
+            | ProblemKind::RbacVerificationFailed => StatusCode::CONFLICT,
+            ProblemKind::ScopeFilterMismatch => StatusCode::BAD_GATEWAY,
             ProblemKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -436,6 +484,14 @@ impl From<crate::provisioning::Error> for ApiError {
                     Rejection::ScopeGroupInUse => ProblemKind::ScopeGroupInUse,
                     Rejection::ApplicationHasPolicies => ProblemKind::ApplicationHasPolicies,
                     Rejection::InvalidPolicyScope => ProblemKind::InvalidPolicyScope,
+                    Rejection::RbacConflict => ProblemKind::RbacRestrictionConflict,
+                    Rejection::RegistrationObjectId => ProblemKind::AppRegistrationObjectId,
+                    Rejection::ScopeFilterMismatch => ProblemKind::ScopeFilterMismatch,
+                    Rejection::RbacIncomplete => ProblemKind::RbacIncomplete,
+                    Rejection::VerificationMailboxesRequired => {
+                        ProblemKind::VerificationMailboxesRequired
+                    }
+                    Rejection::RbacVerificationFailed => ProblemKind::RbacVerificationFailed,
                 };
                 ApiError {
                     errors,

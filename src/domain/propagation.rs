@@ -144,6 +144,27 @@ impl Backoff {
     }
 }
 
+/// Delay before the next live observation after `round` rounds. While some mailbox already
+/// answers as expected but has not yet reached its streak, the confirmations come every
+/// `confirm` (never later than the backoff): waiting longer only delays the verdict, since the
+/// change is already visible there.
+pub fn next_delay(
+    backoff: &Backoff,
+    round: u32,
+    confirm: Duration,
+    expectations: &[Expectation],
+) -> Duration {
+    let grown = backoff.delay(round);
+    let confirming = expectations
+        .iter()
+        .any(|e| !e.is_met() && e.consecutive_matches > 0);
+    if confirming {
+        grown.min(confirm)
+    } else {
+        grown
+    }
+}
+
 /// Default expectations after a change to an app's policies, by the four rules.
 ///
 /// Ids here are lower-case SMTP addresses: `policies` scope by the scope's address, and
@@ -189,6 +210,40 @@ pub fn default_expectations(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn confirmations_come_at_the_short_interval_once_a_mailbox_matches() {
+        let b = Backoff {
+            first: Duration::from_secs(15),
+            max: Duration::from_secs(300),
+            factor: 2.0,
+        };
+        let confirm = Duration::from_secs(10);
+        let t0 = Utc::now();
+        let mut e = Expectation::new("a@x", Access::Denied);
+        let mut other = Expectation::new("b@x", Access::Denied);
+        e.observe(Access::Granted, t0, 3);
+        let exps = [e.clone(), other.clone()];
+        assert_eq!(next_delay(&b, 3, confirm, &exps), Duration::from_secs(120));
+        e.observe(Access::Denied, t0, 3);
+        let exps = [e.clone(), other.clone()];
+        assert_eq!(next_delay(&b, 3, confirm, &exps), confirm);
+        // Never later than the backoff.
+        assert_eq!(
+            next_delay(&b, 0, Duration::from_secs(60), &exps),
+            Duration::from_secs(15)
+        );
+        // Met expectations need no confirmation; a streak broken by a mismatch neither.
+        e.observe(Access::Denied, t0, 3);
+        e.observe(Access::Denied, t0, 3);
+        other.observe(Access::Denied, t0, 3);
+        other.observe(Access::Granted, t0, 3);
+        assert!(e.is_met());
+        assert_eq!(
+            next_delay(&b, 3, confirm, &[e, other]),
+            Duration::from_secs(120)
+        );
+    }
     use crate::domain::access::AccessRight;
 
     fn t(s: i64) -> DateTime<Utc> {

@@ -90,7 +90,49 @@ pub const APPLICATION_ROLES: &[ApplicationRole] = &[
         protocol: "EWS",
         permissions: &["EWS.AccessAsApp"],
     },
+    // Only RBAC has it (§8.2): SMTP AUTH client submission as the app.
+    ApplicationRole {
+        name: "Application SMTP.SendAsApp",
+        protocol: "SMTP",
+        permissions: &["SMTP.SendAsApp"],
+    },
 ];
+
+/// Permissions only RBAC for Applications grants (no Entra app role holds them, §8.2): an app
+/// needs them as role assignments whatever its Entra consent.
+pub const RBAC_ONLY_PERMISSIONS: &[&str] = &["EWS.AccessAsApp", "SMTP.SendAsApp"];
+
+/// The single-permission application role that grants exactly `permission` ("Application
+/// Mail.Read" for Mail.Read, §3.2); `None` for permissions no role grants (Mail.ReadBasic.All).
+pub fn role_for_permission(permission: &str) -> Option<&'static ApplicationRole> {
+    APPLICATION_ROLES.iter().find(|r| {
+        r.permissions.len() == 1 && r.permissions[0].eq_ignore_ascii_case(permission.trim())
+    })
+}
+
+/// Is this an Entra application permission on mailbox data, whose tenant-wide grant defeats any
+/// RBAC scope (the union, §3.3, §6.9)? Mail.*, Calendars.*, Contacts.*, MailboxSettings.*, and
+/// EWS `full_access_as_app` (which only an access policy narrows, §8.2).
+pub fn is_mailbox_permission(permission: &str) -> bool {
+    let p = permission.trim();
+    ["Mail.", "Calendars.", "Contacts.", "MailboxSettings."]
+        .iter()
+        .any(|prefix| p.len() > prefix.len() && p[..prefix.len()].eq_ignore_ascii_case(prefix))
+        || p.eq_ignore_ascii_case("full_access_as_app")
+}
+
+/// The union trap (§3.3): which of the app's Entra grants reach every mailbox whatever its RBAC
+/// scope. While any remains the app is not restricted by RBAC for that permission.
+pub fn unscoped_mailbox_grants(entra_permissions: &[String]) -> Vec<String> {
+    let mut v: Vec<String> = entra_permissions
+        .iter()
+        .filter(|p| is_mailbox_permission(p))
+        .cloned()
+        .collect();
+    v.sort();
+    v.dedup();
+    v
+}
 
 /// Look a role up by name, case-insensitively as Exchange does.
 pub fn application_role(name: &str) -> Option<&'static ApplicationRole> {
@@ -649,6 +691,37 @@ mod tests {
             filter: RecipientFilter::parse(f).unwrap(),
             exclusive: false,
         })
+    }
+
+    #[test]
+    fn permissions_map_to_their_single_role_and_the_trap_is_the_mailbox_grants() {
+        assert_eq!(
+            role_for_permission("Mail.Read").map(|r| r.name),
+            Some("Application Mail.Read")
+        );
+        assert_eq!(
+            role_for_permission("SMTP.SendAsApp").map(|r| r.name),
+            Some("Application SMTP.SendAsApp")
+        );
+        // No role grants Mail.ReadBasic.All (§3.2); bundles are never chosen for one permission.
+        assert_eq!(role_for_permission("Mail.ReadBasic.All"), None);
+        assert_eq!(
+            role_for_permission("Mail.ReadWrite").map(|r| r.name),
+            Some("Application Mail.ReadWrite")
+        );
+        let entra = vec![
+            "User.Read.All".to_string(),
+            "Mail.Read".to_string(),
+            "Calendars.Read".to_string(),
+            "full_access_as_app".to_string(),
+            "Mail.Read".to_string(),
+        ];
+        assert_eq!(
+            unscoped_mailbox_grants(&entra),
+            vec!["Calendars.Read", "Mail.Read", "full_access_as_app"]
+        );
+        assert!(!is_mailbox_permission("Mail."));
+        assert!(!is_mailbox_permission("Files.Read.All"));
     }
 
     #[test]

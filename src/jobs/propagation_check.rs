@@ -373,11 +373,13 @@ async fn step(services: &Services, ctx: &JobContext, check_id: Uuid) -> Step<Out
         }
         return Ok(outcome);
     }
-    let delay = services
-        .settings
-        .propagation
-        .backoff()
-        .delay(u32::try_from(rounds).unwrap_or(u32::MAX));
+    let settings = &services.settings.propagation;
+    let delay = rules::next_delay(
+        &settings.backoff(),
+        u32::try_from(rounds).unwrap_or(u32::MAX),
+        std::time::Duration::from_millis(settings.confirm_interval_ms),
+        &exps,
+    );
     let saved = checks::save_progress(
         &db,
         check.id,

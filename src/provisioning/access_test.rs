@@ -1,6 +1,8 @@
 //! Access tests: may an app reach a mailbox? Exchange's `Test-ApplicationAccessPolicy` and
 //! mailscope's own evaluation of the four rules (reference §2.3), side by side, with the most
-//! likely reason when they differ.
+//! likely reason when they differ; and, for both mechanisms together, the effective verdict per
+//! mailbox permission: the app's Entra grants, the access policies' decision and its RBAC
+//! assignments as `Test-ServicePrincipalAuthorization -Resource` reports them (§3.1, §3.3).
 use std::collections::BTreeSet;
 
 use uuid::Uuid;
@@ -9,7 +11,8 @@ use super::access_policies::{check_app_id, same_app, scope_guid};
 use super::scope_groups::recipient_object_id;
 use super::{Error, Services, tenants};
 use crate::domain::access::{self as rules, ALL_APPS, AccessDecision, GroupMembers, NestedGroups};
-use crate::m365::exchange::{ExchangeClient, Recipient, Replication};
+use crate::domain::rbac as rbac_rules;
+use crate::m365::exchange::{AuthorizationRow, ExchangeClient, Recipient, Replication};
 use crate::store::{self, access_policies::AccessPolicyRecord};
 
 /// Most groups expanded when evaluating nested membership locally.
@@ -31,6 +34,32 @@ pub struct AccessTest {
     pub agree: bool,
     /// Why the two differ, when they do.
     pub disagreement: Option<String>,
+    /// Both mechanisms together.
+    pub effective: Effective,
+}
+
+/// The effective access of one app to one mailbox, both mechanisms together.
+#[derive(Debug, Clone, Default)]
+pub struct Effective {
+    /// Entra application permissions on mailbox data the app holds (tenant-wide).
+    pub entra_mailbox_permissions: Vec<String>,
+    /// Exchange has a service principal pointer for the app (without one, no RBAC applies).
+    pub rbac_pointer: bool,
+    /// `Test-ServicePrincipalAuthorization -Resource <mailbox>` rows.
+    pub rbac_rows: Vec<AuthorizationRow>,
+    pub permissions: Vec<PermissionVerdict>,
+    /// Where mailscope's expectation from its RBAC restrictions differs from Exchange's.
+    pub rbac_disagreement: Option<String>,
+}
+
+/// The verdict for one permission and what decided it.
+#[derive(Debug, Clone)]
+pub struct PermissionVerdict {
+    pub permission: String,
+    pub granted: bool,
+    /// `entra_unrestricted` (an Entra grant no access policy restricts here: the union trap),
+    /// `access_policy_allows`, `access_policy_denies`, `rbac_in_scope`, or `rbac_out_of_scope`.
+    pub decided_by: &'static str,
 }
 
 /// Run the test for `app_id` (a client id) and `mailbox` (an address).
@@ -113,6 +142,16 @@ pub async fn run(
             .await?,
         )
     };
+    let effective = effective(
+        services,
+        &handle,
+        tenant_id,
+        &app_id,
+        &mailbox,
+        &mailbox_id,
+        &local,
+    )
+    .await?;
     let matched_policies = local.matched.iter().map(|i| records[*i].id).collect();
     Ok(AccessTest {
         app_id,
@@ -124,6 +163,138 @@ pub async fn run(
         matched_policies,
         agree,
         disagreement,
+        effective,
+    })
+}
+
+/// Both mechanisms together for every mailbox permission the app holds either way.
+async fn effective(
+    services: &Services,
+    handle: &crate::m365::TenantHandle,
+    tenant_id: Uuid,
+    app_id: &str,
+    mailbox: &str,
+    mailbox_id: &str,
+    policy: &AccessDecision,
+) -> Result<Effective, Error> {
+    let (graph, exo) = (handle.graph(), handle.exchange());
+    let Some(sp) = graph.service_principal_by_app_id(app_id).await? else {
+        return Ok(Effective::default());
+    };
+    let entra: Vec<String> = super::rbac::entra_grants(&graph, &sp.id)
+        .await?
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    let entra_mailbox = rbac_rules::unscoped_mailbox_grants(&entra);
+    let pointer = exo
+        .get_service_principal(app_id, Replication::Ignore)
+        .await?
+        .and_then(|p| p.object_id)
+        .filter(|o| o.eq_ignore_ascii_case(&sp.id));
+    let rows = match &pointer {
+        Some(oid) => {
+            exo.test_service_principal_authorization(oid, Some(mailbox))
+                .await?
+        }
+        None => Vec::new(),
+    };
+    let rbac_in_scope: BTreeSet<String> = rows
+        .iter()
+        .filter(|r| r.in_scope() == Some(true))
+        .flat_map(|r| r.granted_permissions.iter().map(|p| p.trim().to_string()))
+        .collect();
+    let rbac_any: BTreeSet<String> = rows
+        .iter()
+        .flat_map(|r| r.granted_permissions.iter().map(|p| p.trim().to_string()))
+        .collect();
+    let mut names: BTreeSet<String> = entra_mailbox.iter().cloned().collect();
+    names.extend(rbac_any.iter().cloned());
+    let permissions = names
+        .into_iter()
+        .map(|p| {
+            let access =
+                rules::authorize_mailbox_call(&[p.as_str()], &entra, policy, &rbac_in_scope);
+            let (granted, decided_by) = match access {
+                rules::MailboxAccess::Granted {
+                    via: rules::GrantPath::Rbac,
+                    ..
+                } => (true, "rbac_in_scope"),
+                rules::MailboxAccess::Granted { .. }
+                    if rules::policy_restricts(&p)
+                        && policy.rule != rules::AccessRule::NoPolicy =>
+                {
+                    (true, "access_policy_allows")
+                }
+                rules::MailboxAccess::Granted { .. } => (true, "entra_unrestricted"),
+                rules::MailboxAccess::DeniedByPolicy { .. } => (false, "access_policy_denies"),
+                rules::MailboxAccess::NoPermission => (false, "rbac_out_of_scope"),
+            };
+            PermissionVerdict {
+                permission: p,
+                granted,
+                decided_by,
+            }
+        })
+        .collect();
+    let rbac_disagreement =
+        rbac_disagreement(services, &exo, tenant_id, app_id, mailbox_id, &rows).await?;
+    Ok(Effective {
+        entra_mailbox_permissions: entra_mailbox,
+        rbac_pointer: pointer.is_some(),
+        rbac_rows: rows,
+        permissions,
+        rbac_disagreement,
+    })
+}
+
+/// mailscope's expectation from its scope-group restrictions (direct members are in scope,
+/// §3.4) against `Test-ServicePrincipalAuthorization`'s `InScope`.
+async fn rbac_disagreement(
+    services: &Services,
+    exo: &ExchangeClient,
+    tenant_id: Uuid,
+    app_id: &str,
+    mailbox_id: &str,
+    rows: &[AuthorizationRow],
+) -> Result<Option<String>, Error> {
+    let db = services.db().await?;
+    let restrictions: Vec<_> = store::rbac_restrictions::all(&db, tenant_id)
+        .await?
+        .into_iter()
+        .filter(|r| r.app_id.eq_ignore_ascii_case(app_id))
+        .collect();
+    drop(db);
+    let mut notes = Vec::new();
+    for r in restrictions {
+        let Some(group) = &r.scope_object_id else {
+            continue;
+        };
+        let expected = exo
+            .get_distribution_group_members(group, Replication::Ignore)
+            .await?
+            .iter()
+            .filter_map(recipient_object_id)
+            .any(|m| m.eq_ignore_ascii_case(mailbox_id));
+        for p in &r.permissions {
+            let seen = rows.iter().any(|row| {
+                row.in_scope() == Some(true)
+                    && row.granted_permissions.iter().any(|g| g.trim() == p)
+            });
+            if seen != expected {
+                notes.push(format!(
+                    "{p}: mailscope expects the mailbox {} scope group `{}` (direct members), Exchange says {}",
+                    if expected { "in" } else { "outside" },
+                    r.scope_group_alias.clone().unwrap_or_default(),
+                    if seen { "in scope" } else { "not in scope (a missing assignment or pointer, or a change not yet replicated)" }
+                ));
+            }
+        }
+    }
+    Ok(if notes.is_empty() {
+        None
+    } else {
+        Some(notes.join("; "))
     })
 }
 

@@ -28,6 +28,18 @@ pub enum Rejection {
     ApplicationHasPolicies,
     /// The recipient cannot be the scope of an application access policy.
     InvalidPolicyScope,
+    /// An RBAC restriction with the same app and scope exists with other settings.
+    RbacConflict,
+    /// The object id given for the app is its registration's, not its service principal's.
+    RegistrationObjectId,
+    /// A management scope's filter did not read back as written.
+    ScopeFilterMismatch,
+    /// The restriction is not complete in the tenant (pointer, assignments or filter).
+    RbacIncomplete,
+    /// Verifying needs mailboxes inside and outside the scope.
+    VerificationMailboxesRequired,
+    /// `Test-ServicePrincipalAuthorization` does not show the scope as intended.
+    RbacVerificationFailed,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -21,6 +21,7 @@ pub mod audit;
 pub mod checks;
 pub mod error;
 pub mod locks;
+pub mod rbac;
 pub mod scope_groups;
 pub mod sync;
 pub mod tenants;

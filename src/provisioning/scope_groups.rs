@@ -3,10 +3,17 @@
 //! recipient rules shared by scope groups, access policies and sync.
 //!
 //! Writes look the group up in Exchange before creating it (so a retry after a crash between
-//! Exchange's create and mailscope's write adopts the group instead of failing or duplicating),
-//! under a transaction-scoped advisory lock per alias taken before the look-up. Members are
-//! checked with `Get-Recipient` before Exchange is changed.
-use std::collections::BTreeSet;
+//! Exchange's create and mailscope's write adopts the group instead of failing or duplicating).
+//! Members are checked before Exchange is changed, many at once: one filtered `Get-Recipient` per
+//! 500 addresses (docs/microsoft-365.md §4.4), then the whole list is set in one call.
+//!
+//! No pooled connection is held while Microsoft is called. Writers of one group first queue in
+//! this process (`Services::key_locks`, so concurrent requests cost neither connections nor
+//! Microsoft calls), read the record in one short statement, talk to Microsoft, then write in a
+//! short transaction under the group's advisory lock, which serialises them with other replicas
+//! and with `/sync`; a record deleted or replaced meanwhile makes the write a conflict to retry.
+
+use std::collections::{BTreeSet, HashMap};
 
 use chrono::Utc;
 use futures_util::StreamExt;
@@ -43,7 +50,20 @@ pub async fn policy_turn(
         .await
 }
 
-/// Serialise writers of one scope group (natural key: tenant and alias).
+/// Queue behind other writers of this group in this process, before taking a pooled connection
+/// or calling Microsoft (see `locks`).
+pub async fn take_turn(
+    services: &Services,
+    tenant_id: Uuid,
+    alias: &str,
+) -> tokio::sync::OwnedMutexGuard<()> {
+    services
+        .key_locks
+        .lock(format!("scope_group:{tenant_id}:{alias}"))
+        .await
+}
+
+/// Serialise writers of one scope group (natural key: tenant and alias) across replicas.
 pub async fn lock_group(
     c: &impl deadpool_postgres::GenericClient,
     tenant_id: Uuid,
@@ -143,7 +163,8 @@ pub fn maybe_exists(e: &M365Error) -> bool {
 
 /// Most members one request may name (Exchange's `-Members` limit).
 const MAX_MEMBERS: usize = 10_000;
-/// Parallel `Get-Recipient` look-ups per request; the connector's per-tenant limiter still applies.
+/// Parallel `Get-Recipient -Identity` look-ups for addresses no filter found (possibly user
+/// principal names); the connector's per-tenant limiter still applies.
 const LOOKUP_CONCURRENCY: usize = 4;
 
 /// The desired state of a scope group.
@@ -193,25 +214,57 @@ pub fn member_refusal(r: &Recipient) -> Option<String> {
     }
 }
 
-/// Look up each (label, address) with `Get-Recipient`; invalid naming every unknown or
-/// unsuitable one. Returns the recipients in input order.
+/// Look up every (label, address) at once: filtered `Get-Recipient` calls by SMTP address
+/// (docs/microsoft-365.md §4.4), then `Get-Recipient -Identity` only for the addresses no
+/// recipient holds as an SMTP address (a user principal name may differ from all of them).
+/// Invalid naming every unknown or unsuitable one. Returns the recipients in input order.
 async fn resolve_members(
     exo: &ExchangeClient,
     wanted: Vec<(String, String)>,
 ) -> Result<Vec<Recipient>, Error> {
-    let looked_up: Vec<(String, String, Result<Option<Recipient>, M365Error>)> =
-        futures_util::stream::iter(wanted)
-            .map(|(label, address)| async move {
-                let r = exo.get_recipient(&address, Replication::Ignore).await;
-                (label, address, r)
+    if wanted.is_empty() {
+        return Ok(Vec::new());
+    }
+    let addresses: Vec<String> = wanted.iter().map(|(_, a)| a.clone()).collect();
+    let found = exo
+        .get_recipients_by_address(&addresses, Replication::Ignore)
+        .await?;
+    // Every SMTP address of every recipient found, lower case (Exchange keeps them unique).
+    let mut by_address: HashMap<String, usize> = HashMap::new();
+    for (i, r) in found.iter().enumerate() {
+        let proxies = r.email_addresses.iter().filter_map(|a| {
+            a.split_once(':')
+                .filter(|(prefix, _)| prefix.eq_ignore_ascii_case("smtp"))
+                .map(|(_, rest)| rest)
+        });
+        for a in proxies.chain(r.primary_smtp_address.as_deref()) {
+            by_address.entry(a.to_ascii_lowercase()).or_insert(i);
+        }
+    }
+    let mut looked_up: Vec<(String, String, Option<Recipient>)> = Vec::new();
+    let mut unmatched: Vec<(usize, String)> = Vec::new();
+    for (label, address) in wanted {
+        let hit = by_address.get(&address).map(|&i| found[i].clone());
+        if hit.is_none() {
+            unmatched.push((looked_up.len(), address.clone()));
+        }
+        looked_up.push((label, address, hit));
+    }
+    let second: Vec<(usize, Result<Option<Recipient>, M365Error>)> =
+        futures_util::stream::iter(unmatched)
+            .map(|(i, address)| async move {
+                (i, exo.get_recipient(&address, Replication::Ignore).await)
             })
             .buffered(LOOKUP_CONCURRENCY)
             .collect()
             .await;
+    for (i, r) in second {
+        looked_up[i].2 = r?;
+    }
     let mut errs = Vec::new();
-    let mut found = Vec::new();
+    let mut out = Vec::new();
     for (label, address, r) in looked_up {
-        match r? {
+        match r {
             None => errs.push(FieldError::new(
                 label,
                 format!("no recipient with the address {address} exists in the tenant"),
@@ -222,12 +275,12 @@ async fn resolve_members(
                     label,
                     format!("{address} has no primary SMTP address"),
                 )),
-                None => found.push(rec),
+                None => out.push(rec),
             },
         }
     }
     if errs.is_empty() {
-        Ok(found)
+        Ok(out)
     } else {
         Err(Error::Invalid(errs))
     }
@@ -342,10 +395,8 @@ pub async fn put(
     }
     let exo = handle.exchange();
 
-    let mut db = services.db().await?;
-    let tx = db.transaction().await?;
-    lock_group(&tx, tenant_id, alias).await?;
-    let existing = store::scope_groups::get(&tx, tenant_id, alias).await?;
+    let _turn = take_turn(services, tenant_id, alias).await;
+    let existing = read_record(services, tenant_id, alias).await?;
 
     // Look up before creating: the record's object id when mailscope knows the group, else the
     // alias (a group left by a crashed attempt, or made outside mailscope, is adopted).
@@ -457,12 +508,24 @@ pub async fn put(
         } == *e
     });
     if unchanged_record && exchange_changes.is_empty() {
-        tx.commit().await?;
         return Ok(Ensured {
             value: existing.unwrap_or(record),
             change: Change::Unchanged,
         });
     }
+    let mut db = services.db().await?;
+    let tx = db.transaction().await?;
+    lock_group(&tx, tenant_id, alias).await?;
+    let now = store::scope_groups::get(&tx, tenant_id, alias).await?;
+    still_current(existing.as_ref(), now.as_ref(), &record.object_id, alias)?;
+    // Another replica recorded the same group meanwhile: keep its origin (it may have created it).
+    let record = match now {
+        Some(n) if existing.is_none() => ScopeGroupRecord {
+            origin: n.origin,
+            ..record
+        },
+        _ => record,
+    };
     let stored = store::scope_groups::upsert(&tx, &record).await?;
     let change = match (&existing, origin) {
         (None, GroupOrigin::Created) => Change::Created,
@@ -492,6 +555,35 @@ pub async fn put(
         value: stored,
         change,
     })
+}
+
+/// The record as it stands, read with a connection held only for the one statement.
+async fn read_record(
+    services: &Services,
+    tenant_id: Uuid,
+    alias: &str,
+) -> Result<Option<ScopeGroupRecord>, Error> {
+    let db = services.db().await?;
+    Ok(store::scope_groups::get(&db, tenant_id, alias).await?)
+}
+
+/// The record this request read before calling Microsoft against the record now, under the
+/// advisory lock: a group deleted, replaced, or recorded for another object meanwhile (another
+/// replica, `/sync`) makes this write a conflict the caller may retry.
+fn still_current(
+    read: Option<&ScopeGroupRecord>,
+    now: Option<&ScopeGroupRecord>,
+    object_id: &str,
+    alias: &str,
+) -> Result<(), Error> {
+    match (read, now) {
+        (None, None) => Ok(()),
+        (Some(r), Some(n)) if r.object_id == n.object_id => Ok(()),
+        (None, Some(n)) if n.object_id == object_id => Ok(()),
+        _ => Err(Error::conflict(format!(
+            "scope group `{alias}` was changed by another request while this one ran; retry it"
+        ))),
+    }
 }
 
 /// Create the group with its whole member list; when the name turns out to be taken a moment
@@ -567,7 +659,11 @@ pub async fn delete(
 ) -> Result<(), Error> {
     let (_, handle) = tenants::load(services, tenant_id).await?;
     let exo = handle.exchange();
-    let _turn = policy_turn(services, tenant_id).await;
+    // Deletion keeps its locks across the Microsoft calls (no policy may start using the group
+    // meanwhile); queuing in this process first keeps waiting writers off the pool. Policy turn
+    // first, then the group's: the same order as the database locks.
+    let _policy_turn = policy_turn(services, tenant_id).await;
+    let _turn = take_turn(services, tenant_id, alias).await;
     let mut db = services.db().await?;
     let tx = db.transaction().await?;
     // Policy lock first (the one lock order): no policy can start using the group meanwhile.
@@ -654,10 +750,8 @@ pub async fn add_members(
         return Err(Error::Invalid(errs));
     }
     let exo = handle.exchange();
-    let mut db = services.db().await?;
-    let tx = db.transaction().await?;
-    lock_group(&tx, tenant_id, alias).await?;
-    let rec = store::scope_groups::get(&tx, tenant_id, alias)
+    let _turn = take_turn(services, tenant_id, alias).await;
+    let rec = read_record(services, tenant_id, alias)
         .await?
         .ok_or_else(|| group_not_found(alias))?;
     let current = current_members(&exo, &rec.object_id).await?;
@@ -683,6 +777,11 @@ pub async fn add_members(
             exo.update_distribution_group_members(&rec.object_id, &all_list)
                 .await?;
         }
+        let mut db = services.db().await?;
+        let tx = db.transaction().await?;
+        lock_group(&tx, tenant_id, alias).await?;
+        let now = store::scope_groups::get(&tx, tenant_id, alias).await?;
+        still_current(Some(&rec), now.as_ref(), &rec.object_id, alias)?;
         let stored = store::scope_groups::upsert(
             &tx,
             &ScopeGroupRecord {
@@ -700,9 +799,9 @@ pub async fn add_members(
             serde_json::json!({"added": added, "source": source}),
         )
         .await?;
+        tx.commit().await?;
         stored
     };
-    tx.commit().await?;
     Ok(MembersAdded {
         added,
         already_members: already,
@@ -721,24 +820,26 @@ pub async fn remove_member(
 ) -> Result<(), Error> {
     let (_, handle) = tenants::load(services, tenant_id).await?;
     let exo = handle.exchange();
-    let mut db = services.db().await?;
-    let tx = db.transaction().await?;
-    lock_group(&tx, tenant_id, alias).await?;
-    let rec = store::scope_groups::get(&tx, tenant_id, alias)
+    let _turn = take_turn(services, tenant_id, alias).await;
+    let rec = read_record(services, tenant_id, alias)
         .await?
         .ok_or_else(|| group_not_found(alias))?;
     // Resolve to the primary address so a secondary address or UPN removes the right member.
     let primary = match exo.get_recipient(address, Replication::Ignore).await? {
         Some(r) => primary_address(&r).unwrap_or(address.to_string()),
-        None => {
-            tx.commit().await?;
-            return Ok(());
-        }
+        None => return Ok(()),
     };
     let removed = exo
         .remove_distribution_group_member(&rec.object_id, &primary)
         .await?;
     if removed || rec.members.contains(&primary) {
+        let mut db = services.db().await?;
+        let tx = db.transaction().await?;
+        lock_group(&tx, tenant_id, alias).await?;
+        let now = store::scope_groups::get(&tx, tenant_id, alias).await?;
+        still_current(Some(&rec), now.as_ref(), &rec.object_id, alias)?;
+        // The members as recorded now (another replica may have changed them meanwhile).
+        let rec = now.unwrap_or(rec);
         let members: Vec<String> = rec
             .members
             .iter()
@@ -755,8 +856,8 @@ pub async fn remove_member(
             serde_json::json!({"member": primary, "was_member_in_tenant": removed}),
         )
         .await?;
+        tx.commit().await?;
     }
-    tx.commit().await?;
     Ok(())
 }
 

@@ -154,6 +154,9 @@ pub struct Worker {
     metrics: QueueMetrics,
     listen_url: Option<String>,
     tls_ca_file: Option<std::path::PathBuf>,
+    /// The earliest time a job this worker rescheduled is due: the loop wakes then instead of
+    /// at the next poll (other workers' reschedules are still found by polling).
+    next_due: Mutex<Option<tokio::time::Instant>>,
 }
 
 /// Jobs this worker holds: id → attempt.
@@ -173,6 +176,7 @@ impl Worker {
             metrics: QueueMetrics::new(registry)?,
             listen_url,
             tls_ca_file: None,
+            next_due: Mutex::new(None),
         })
     }
 
@@ -251,7 +255,7 @@ impl Worker {
             }
             tokio::select! {
                 _ = wake.notified() => {}
-                _ = tokio::time::sleep(this.cfg.poll_interval) => {}
+                _ = tokio::time::sleep_until(this.wake_at()) => {}
                 Some(_) = running.join_next(), if !running.is_empty() => {}
                 _ = shutdown.changed() => {}
             }
@@ -350,6 +354,35 @@ impl Worker {
         Ok(rows.iter().map(from_row).collect())
     }
 
+    /// When the idle loop should look again: the next poll, or earlier when a job this worker
+    /// rescheduled is due before it. Called after each claim, so a due time already past was
+    /// served by that claim and is forgotten.
+    fn wake_at(&self) -> tokio::time::Instant {
+        let now = tokio::time::Instant::now();
+        let poll = now + self.cfg.poll_interval;
+        let Ok(mut due) = self.next_due.lock() else {
+            return poll;
+        };
+        match *due {
+            Some(d) if d <= now => {
+                *due = None;
+                poll
+            }
+            Some(d) => d.min(poll),
+            None => poll,
+        }
+    }
+
+    /// Remember that a job is due at `at` (see `wake_at`).
+    fn due_at(&self, at: DateTime<Utc>) {
+        // A little late rather than early: the claim compares `run_at` with the database's clock.
+        let wait = (at - Utc::now()).to_std().unwrap_or_default() + Duration::from_millis(20);
+        let when = tokio::time::Instant::now() + wait;
+        if let Ok(mut due) = self.next_due.lock() {
+            *due = Some(due.map_or(when, |d| d.min(when)));
+        }
+    }
+
     async fn execute(&self, job: JobRecord) {
         let Some(handler) = self.handlers.get(&job.kind).cloned() else {
             return;
@@ -408,7 +441,11 @@ impl Worker {
             self.metrics.retries.with_label_values(&[&kind]).inc();
         }
         match self.record(id, attempt, &outcome).await {
-            Ok(true) => {}
+            Ok(true) => {
+                if let Outcome::Reschedule { at, .. } = &outcome {
+                    self.due_at(*at);
+                }
+            }
             Ok(false) => span.in_scope(|| {
                 tracing::warn!("lease lost before the outcome was recorded; discarded")
             }),

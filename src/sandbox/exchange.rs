@@ -83,6 +83,7 @@ const CMDLETS: &[Cmdlet] = &[
     writes("Remove-ServicePrincipal", IDENTITY, remove_service_principal),
     writes("New-ManagementScope", NEW_MANAGEMENT_SCOPE, new_management_scope),
     reads("Get-ManagementScope", GET_MANAGEMENT_SCOPE, get_management_scope),
+    writes("Set-ManagementScope", SET_MANAGEMENT_SCOPE, set_management_scope),
     writes("Remove-ManagementScope", IDENTITY, remove_management_scope),
     writes("New-ManagementRoleAssignment", NEW_MANAGEMENT_ROLE_ASSIGNMENT, new_role_assignment),
     reads("Get-ManagementRoleAssignment", GET_MANAGEMENT_ROLE_ASSIGNMENT, get_management_role_assignment),
@@ -1281,6 +1282,53 @@ fn get_management_scope(cx: &mut Cx<'_>, b: &Bound) -> R {
         }
     };
     Ok(Output::items(list))
+}
+
+const SET_MANAGEMENT_SCOPE: &[P] = &[
+    P("Identity", Kind::Str, true),
+    P("RecipientRestrictionFilter", Kind::Str, false),
+    P("Name", Kind::Str, false),
+    P("Force", Kind::Switch, false),
+];
+
+/// `Set-ManagementScope`: a new filter (validated like `New-ManagementScope`'s) or a new name,
+/// which role assignments scoped by the old name follow.
+fn set_management_scope(cx: &mut Cx<'_>, b: &Bound) -> R {
+    let id = b.str("Identity").unwrap_or_default();
+    let now = cx.now;
+    let i =
+        cx.t.management_scopes
+            .iter()
+            .position(|s| {
+                s.visible_at <= now
+                    && (s.name.eq_ignore_ascii_case(&id) || s.guid.eq_ignore_ascii_case(&id))
+            })
+            .ok_or_else(|| ExoError::not_found(&id, cx.t))?;
+    if let Some(filter) = b.str("RecipientRestrictionFilter") {
+        RecipientFilter::parse(&filter).map_err(|e| {
+            ExoError::invalid(format!(
+                "The recipient filter \"{filter}\" isn't valid: {e}."
+            ))
+        })?;
+        cx.t.management_scopes[i].filter = filter;
+    }
+    if let Some(name) = b.str("Name") {
+        if name.trim().is_empty() || name.chars().count() > 64 {
+            return Err(ExoError::invalid(format!(
+                "The length of the property Name is invalid: '{name}'. It must be between 1 and 64 characters."
+            )));
+        }
+        let old = cx.t.management_scopes[i].name.clone();
+        for a in cx.t.role_assignments.iter_mut() {
+            if let ScopeRef::Custom(n) = &mut a.scope
+                && n.eq_ignore_ascii_case(&old)
+            {
+                *n = name.clone();
+            }
+        }
+        cx.t.management_scopes[i].name = name;
+    }
+    Ok(Output::none())
 }
 
 fn remove_management_scope(cx: &mut Cx<'_>, b: &Bound) -> R {

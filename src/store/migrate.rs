@@ -36,8 +36,13 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     ),
     (
         8,
+        "rbac_restrictions",
+        include_str!("../../migrations/0008_rbac_restrictions.sql"),
+    ),
+    (
+        9,
         "idempotency_scope_and_holder",
-        include_str!("../../migrations/0008_idempotency_scope_and_holder.sql"),
+        include_str!("../../migrations/0009_idempotency_scope_and_holder.sql"),
     ),
 ];
 

@@ -16,6 +16,7 @@ mod problems;
 mod propagation_checks;
 mod provisioning_flow;
 mod queue;
+mod rbac_restrictions;
 mod scope_groups;
 mod tenants;
 mod webhooks;

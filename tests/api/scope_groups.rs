@@ -314,6 +314,186 @@ async fn callers_of_other_tenants_and_readers_cannot_change_groups() {
     reader.get("/scope-groups/crm", 200).await;
 }
 
+/// Add mailboxes to the sandbox tenant; their primary SMTP addresses.
+pub async fn new_mailboxes(env: &WithSandbox, prefix: &str, n: usize) -> Vec<String> {
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        let res = env
+            .app
+            .http
+            .post(format!(
+                "{}/_sandbox/tenants/{}/mailboxes",
+                env.sandbox.base_url, env.tenant
+            ))
+            .json(&json!({"name": format!("{prefix}{i:04}")}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 201, "{}", res.text().await.unwrap());
+        let v: Value = res.json().await.unwrap();
+        out.push(v["primarySmtpAddress"].as_str().unwrap().to_string());
+    }
+    out
+}
+
+pub async fn clear_counters(env: &WithSandbox) {
+    let res = env
+        .app
+        .http
+        .delete(format!("{}/_sandbox/counters", env.sandbox.base_url))
+        .send()
+        .await
+        .unwrap();
+    assert!(res.status().is_success());
+}
+
+/// `PUT /scope-groups/{alias}`, the raw answer.
+async fn put_group(env: &WithSandbox, alias: &str, body: Value) -> reqwest::Response {
+    env.app
+        .http
+        .put(env.url(&format!("/scope-groups/{alias}")))
+        .bearer_auth(env.app.admin())
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// Exchange calls recorded for the default tenant since the counters were last cleared.
+pub async fn exchange_call_count(env: &WithSandbox) -> u64 {
+    env.counters()
+        .await
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| k.starts_with("exchange:"))
+        .map(|(_, v)| v.as_u64().unwrap_or(0))
+        .sum()
+}
+
+#[tokio::test]
+async fn many_members_cost_one_lookup_and_one_create_and_an_unchanged_put_only_reads() {
+    let env = WithSandbox::start().await;
+    let mut members = new_mailboxes(&env, "bulk", 60).await;
+    // Named by a secondary form too: upper case, and one address given twice.
+    members.push(members[0].to_uppercase());
+    clear_counters(&env).await;
+    let res = put_group(&env, "bulk", json!({"members": members})).await;
+    assert_eq!(res.status(), 201, "{}", res.text().await.unwrap());
+    let g: Value = res.json().await.unwrap();
+    assert_eq!(g["members"].as_array().unwrap().len(), 60);
+    assert_eq!(
+        count(&env, "Get-Recipient").await,
+        1,
+        "{}",
+        env.counters().await
+    );
+    assert_eq!(count(&env, "New-DistributionGroup").await, 1);
+    assert_eq!(
+        exchange_call_count(&env).await,
+        3,
+        "{}",
+        env.counters().await
+    );
+
+    // Nothing to change: the group and its members are read, nothing else is asked.
+    clear_counters(&env).await;
+    let res = put_group(&env, "bulk", json!({"members": members})).await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(count(&env, "Get-DistributionGroup").await, 1);
+    assert_eq!(count(&env, "Get-DistributionGroupMember").await, 1);
+    assert_eq!(
+        exchange_call_count(&env).await,
+        2,
+        "{}",
+        env.counters().await
+    );
+
+    // Ten more: one lookup for the ten, one update for the whole list.
+    let more = new_mailboxes(&env, "more", 10).await;
+    clear_counters(&env).await;
+    let res = put_group(
+        &env,
+        "bulk",
+        json!({"members": more, "membership": "additive"}),
+    )
+    .await;
+    assert_eq!(res.status(), 200, "{}", res.text().await.unwrap());
+    let g: Value = res.json().await.unwrap();
+    assert_eq!(g["members"].as_array().unwrap().len(), 70);
+    assert_eq!(count(&env, "Get-Recipient").await, 1);
+    assert_eq!(count(&env, "Update-DistributionGroupMember").await, 1);
+}
+
+#[tokio::test]
+async fn a_burst_of_puts_on_one_tenant_does_not_make_another_tenants_reads_fail() {
+    let mut sb = mailscope::sandbox::SandboxSettings::fast();
+    // Slow Microsoft, as in production: each PUT spends most of its time waiting on Exchange.
+    sb.pacing.latency =
+        mailscope::sandbox::settings::DelayRange::fixed(std::time::Duration::from_millis(150));
+    let env = WithSandbox::start_adjusted(sb, |s| {
+        s.m365.exchange_rate_per_sec = 50.0;
+        s.m365.exchange_burst = 50;
+    })
+    .await;
+    let other = "22222222-2222-4222-8222-222222222222";
+    let res = env
+        .app
+        .http
+        .put(env.app.url(&format!("/v1/tenants/{other}")))
+        .bearer_auth(env.app.admin())
+        .json(&tenant_body("x"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201);
+
+    let burst: Vec<_> = (0..32)
+        .map(|i| {
+            let http = env.app.http.clone();
+            let url = env.url(&format!("/scope-groups/burst{i}"));
+            let token = env.app.admin();
+            let body = json!({"members": [addr("alice"), addr("bob")]});
+            tokio::spawn(async move {
+                let res = http
+                    .put(url)
+                    .bearer_auth(token)
+                    .json(&body)
+                    .send()
+                    .await
+                    .unwrap();
+                (res.status().as_u16(), res.text().await.unwrap())
+            })
+        })
+        .collect();
+    // Tenant B reads while tenant A's burst runs: each answer must be a success.
+    let reader = env.app.token(&["MailScope.Read"], &[other]);
+    let mut reads = 0;
+    while !burst.iter().all(|t| t.is_finished()) && reads < 400 {
+        for path in [
+            format!("/v1/tenants/{other}"),
+            format!("/v1/tenants/{other}/scope-groups"),
+        ] {
+            let res = env
+                .app
+                .http
+                .get(env.app.url(&path))
+                .bearer_auth(&reader)
+                .send()
+                .await
+                .unwrap();
+            let status = res.status().as_u16();
+            assert_eq!(status, 200, "{path}: {}", res.text().await.unwrap());
+            reads += 1;
+        }
+    }
+    assert!(reads > 0);
+    for t in burst {
+        let (status, body) = t.await.unwrap();
+        assert_eq!(status, 201, "{body}");
+    }
+}
+
 /// A sandbox whose Exchange shows new objects only after `ms` (replication).
 fn replicating(ms: u64) -> mailscope::sandbox::SandboxSettings {
     let mut sb = mailscope::sandbox::SandboxSettings::fast();

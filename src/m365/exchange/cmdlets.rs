@@ -186,6 +186,24 @@ pub struct Recipient {
     /// Must be true for an Application Access Policy scope.
     #[serde(deserialize_with = "de_opt_bool")]
     pub is_valid_security_principal: Option<bool>,
+    /// Proxy addresses (`SMTP:` primary, `smtp:` secondary, other prefixes for other types).
+    #[serde(deserialize_with = "de_strings")]
+    pub email_addresses: Vec<String>,
+}
+
+/// Most addresses one `Get-Recipient -Filter` names (see
+/// [`ExchangeClient::get_recipients_by_address`]): the filter grows by ~50 characters per
+/// address, and Exchange documents no limit for it, so one call stays near 25 KB.
+pub const ADDRESSES_PER_FILTER: usize = 500;
+
+/// `EmailAddresses -eq 'smtp:a' -or EmailAddresses -eq 'smtp:b' …` (quotes doubled, as OPATH
+/// escapes them).
+pub fn email_addresses_filter(addresses: &[String]) -> String {
+    addresses
+        .iter()
+        .map(|a| format!("EmailAddresses -eq 'smtp:{}'", a.replace('\'', "''")))
+        .collect::<Vec<_>>()
+        .join(" -or ")
 }
 
 /// `Get-Mailbox` output.
@@ -399,6 +417,9 @@ pub struct ManagementRoleAssignment {
     pub role_assignee_name: Option<String>,
     pub role_assignee_type: Option<String>,
     pub custom_resource_scope: Option<String>,
+    /// The group of `-RecipientGroupScope` (its name as Exchange prints it).
+    pub recipient_group_scope: Option<String>,
+    pub recipient_administrative_unit_scope: Option<String>,
     pub recipient_write_scope: Option<String>,
     pub assignment_method: Option<String>,
     #[serde(deserialize_with = "de_opt_bool")]
@@ -675,6 +696,30 @@ cmdlet_wrappers! {
         = first("Get-CASMailbox", InvokeOptions::read(), Params::new().str("Identity", identity));
 }
 
+impl ExchangeClient {
+    /// The recipients holding any of these SMTP addresses (primary or secondary): one
+    /// `Get-Recipient -Filter "EmailAddresses -eq 'smtp:…' -or …" -ResultSize Unlimited` per
+    /// [`ADDRESSES_PER_FILTER`] addresses instead of one call per address
+    /// (docs/microsoft-365.md §4.4). Addresses matching nothing are simply absent.
+    pub async fn get_recipients_by_address(
+        &self,
+        addresses: &[String],
+        replication: Replication,
+    ) -> Result<Vec<Recipient>, M365Error> {
+        let mut out: Vec<Recipient> = Vec::new();
+        for chunk in addresses.chunks(ADDRESSES_PER_FILTER) {
+            let p = Params::new()
+                .str("Filter", email_addresses_filter(chunk))
+                .str("ResultSize", "Unlimited");
+            let found: Vec<Recipient> = self
+                .invoke_typed("Get-Recipient", p.into_map(), &replication.read_opts())
+                .await?;
+            out.extend(found);
+        }
+        Ok(out)
+    }
+}
+
 // ----- application access policies -----
 
 cmdlet_wrappers! {
@@ -790,6 +835,18 @@ cmdlet_wrappers! {
         -> Result<Option<ManagementScope>, M365Error>
         = first("Get-ManagementScope", replication.read_opts(),
             Params::new().str("Identity", identity));
+
+    /// Every management scope (`Get-ManagementScope` without identity).
+    pub async fn list_management_scopes(&self) -> Result<Vec<ManagementScope>, M365Error>
+        = all("Get-ManagementScope", InvokeOptions::read(), Params::new());
+
+    /// `Set-ManagementScope -Identity -RecipientRestrictionFilter`: read the scope back afterwards
+    /// (§3.4: a malformed or empty filter can widen it to the organization).
+    pub async fn set_management_scope_filter(&self, identity: &str, recipient_filter: &str)
+        -> Result<(), M365Error>
+        = done("Set-ManagementScope", InvokeOptions::write(), Params::new()
+            .str("Identity", identity)
+            .str("RecipientRestrictionFilter", recipient_filter));
 
     pub async fn remove_management_scope(&self, identity: &str) -> Result<bool, M365Error>
         = removed("Remove-ManagementScope", InvokeOptions::read(),
