@@ -52,6 +52,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
 }))]
 pub struct AccessPolicyInput {
     /// The app's client id (not an object id, §6.5).
+    #[schema(value_type = String, format = Uuid)]
     pub app_id: String,
     /// A scope group's alias, or the SMTP address of a scope group, user mailbox or mail user.
     pub scope: String,
@@ -83,6 +84,7 @@ pub struct GuardQuery {
 #[serde(deny_unknown_fields)]
 pub struct PolicyListQuery {
     /// Only this app's policies (client id).
+    #[param(value_type = Option<String>, format = Uuid)]
     pub app_id: Option<String>,
     /// Page size, 1–500 (default 50).
     pub limit: Option<i64>,
@@ -94,7 +96,7 @@ pub struct PolicyListQuery {
 pub struct AccessPolicy {
     /// mailscope's id for the policy.
     pub id: Uuid,
-    #[schema(example = "b9701c1e-1364-464d-93e4-01ae925e8d6c")]
+    #[schema(value_type = String, format = Uuid, example = "b9701c1e-1364-464d-93e4-01ae925e8d6c")]
     pub app_id: String,
     /// Entra object id of the scope: with `app_id`, the policy's key.
     pub scope_object_id: String,
@@ -110,10 +112,10 @@ pub struct AccessPolicy {
     pub exchange_identity: Option<String>,
     /// `pending_propagation` (written; Microsoft takes 30 minutes to hours to apply it),
     /// `in_force`, or `unverified` (found in the tenant, never checked by mailscope).
-    #[schema(example = "pending_propagation")]
+    #[schema(value_type = super::schema::PolicyState, example = "pending_propagation")]
     pub state: String,
     /// `created` by mailscope, `adopted` (found in the tenant on create) or `imported` (by sync).
-    #[schema(example = "created")]
+    #[schema(value_type = super::schema::PolicyOrigin, example = "created")]
     pub origin: String,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
@@ -427,6 +429,7 @@ pub async fn delete_access_policy(
 #[schema(example = json!({"app_id": "b9701c1e-1364-464d-93e4-01ae925e8d6c", "mailbox": "bob@contoso-sandbox.onmicrosoft.com"}))]
 pub struct AccessTestInput {
     /// The app's client id.
+    #[schema(value_type = String, format = Uuid)]
     pub app_id: String,
     /// The mailbox's address.
     pub mailbox: String,
@@ -445,17 +448,18 @@ pub struct LocalVerdict {
     pub granted: bool,
     /// Which of the four rules decided: `deny_match`, `restrict_match`, `restrict_miss` or
     /// `no_policy` (reference §2.3).
-    #[schema(example = "restrict_miss")]
+    #[schema(value_type = super::schema::AccessRuleName, example = "restrict_miss")]
     pub rule: String,
     /// mailscope's ids of the policies that matched the app and the mailbox.
     pub matched_policies: Vec<Uuid>,
     /// How nested groups were counted (`transitive`, as the current documentation says).
-    #[schema(example = "transitive")]
+    #[schema(value_type = super::schema::NestedGroupsCount, example = "transitive")]
     pub nested_groups: String,
 }
 
 #[derive(Serialize, ToSchema)]
 pub struct AccessTestResult {
+    #[schema(value_type = String, format = Uuid)]
     pub app_id: String,
     pub mailbox: String,
     pub mailbox_object_id: String,
@@ -507,7 +511,7 @@ pub struct EffectiveAccess {
     pub rbac_disagreement: Option<String>,
 }
 
-fn rule_name(r: AccessRule) -> &'static str {
+pub(super) fn rule_name(r: AccessRule) -> &'static str {
     match r {
         AccessRule::DenyMatch => "deny_match",
         AccessRule::RestrictMatch => "restrict_match",

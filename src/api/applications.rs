@@ -64,7 +64,7 @@ pub struct ApplicationInput {
     pub allow_unscoped_permissions: Option<bool>,
     /// Adopt: the client id of an app already in the tenant (its registration, or the service
     /// principal of a multi-tenant app registered elsewhere).
-    #[schema(example = "b9701c1e-1364-464d-93e4-01ae925e8d6c")]
+    #[schema(value_type = Option<String>, format = Uuid, example = "b9701c1e-1364-464d-93e4-01ae925e8d6c")]
     pub app_id: Option<String>,
 }
 
@@ -150,10 +150,10 @@ pub struct SecretInput {
 pub struct ApplicationView {
     #[schema(example = "contoso-crm")]
     pub key: String,
-    #[schema(example = "ready")]
+    #[schema(value_type = super::schema::ApplicationState, example = "ready")]
     pub state: String,
     /// `created` (DELETE removes it from the tenant) or `adopted` (DELETE only forgets it).
-    #[schema(example = "created")]
+    #[schema(value_type = super::schema::ApplicationOrigin, example = "created")]
     pub origin: String,
     /// Client id.
     pub app_id: Option<Uuid>,
@@ -176,7 +176,9 @@ pub struct ApplicationView {
 #[derive(Serialize, ToSchema)]
 pub struct ApplicationSummary {
     pub key: String,
+    #[schema(value_type = super::schema::ApplicationState)]
     pub state: String,
+    #[schema(value_type = super::schema::ApplicationOrigin)]
     pub origin: String,
     pub app_id: Option<Uuid>,
     pub display_name: String,

@@ -16,6 +16,7 @@ pub mod openapi;
 pub mod problem;
 pub mod propagation_checks;
 pub mod rbac_restrictions;
+pub mod schema;
 pub mod scope_groups;
 pub mod tenants;
 

@@ -2,7 +2,10 @@
 //! problem-type catalogue that the problems' `type` URIs point at.
 use actix_web::{HttpResponse, web};
 use serde::Serialize;
+use utoipa::openapi::path::{Operation, Parameter, ParameterBuilder, ParameterIn};
+use utoipa::openapi::schema::{KnownFormat, ObjectBuilder, Schema, SchemaFormat, Type};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::openapi::{ContentBuilder, Ref, RefOr, Required, ResponseBuilder};
 use utoipa::{Modify, OpenApi, ToSchema};
 use utoipa_swagger_ui::SwaggerUi;
 
@@ -20,8 +23,9 @@ use crate::domain::cloud::{Cloud, EndpointOverrides};
         description = "Give a third-party app access to some Exchange Online mailboxes and no others, \
 and prove that the restriction is in force.\n\nErrors are RFC 9457 `application/problem+json` documents; \
 branch on `type` (or its short form `code`). Every response carries `X-Request-Id`.",
-        license(name = "Apache-2.0")
+        license(name = "Apache-2.0", identifier = "Apache-2.0")
     ),
+    servers((url = "/", description = "This mailscope instance (the document is served at `/openapi.json`)")),
     paths(
         health::healthz, health::readyz, health::metrics,
         problem_types, problem_type,
@@ -76,7 +80,7 @@ branch on `type` (or its short form `code`). Every response carries `X-Request-I
         rbac_restrictions::RbacRestrictionList, rbac_restrictions::RbacScanFinding,
         rbac_restrictions::RbacFindings,
     )),
-    modifiers(&BearerAuth),
+    modifiers(&BearerAuth, &CrossCutting),
     tags(
         (name = "tenants", description = "Microsoft 365 tenants mailscope manages"),
         (name = "applications", description = "The third party's app registration: permissions, admin consent, secrets"),
@@ -107,6 +111,188 @@ impl Modify for BearerAuth {
                     .build(),
             ),
         );
+    }
+}
+
+/// What every `/v1` operation can answer by its shape alone, declared in one place so that no
+/// route can forget it: the extractors' 400s (`invalid_path_parameter` for a UUID path segment,
+/// `invalid_query`, `malformed_json`), the body's 413/415/422, the bearer token's 401/403, the
+/// `Idempotency-Key` header that the middleware honours on every POST and PATCH (with its
+/// 400/409/422), and the database's 503; outside `/v1`, that no token is needed (`security: []`).
+/// A route's own description of a status is kept, and the shared causes of a 400, 409, 413, 415
+/// or 422 are appended to it.
+struct CrossCutting;
+
+impl CrossCutting {
+    /// (status, problem code, cause) for one operation.
+    fn causes(method: &str, op: &Operation) -> Vec<(&'static str, &'static str, &'static str)> {
+        let params = op.parameters.as_deref().unwrap_or_default();
+        let uuid_in_path = params.iter().any(|p| {
+            p.parameter_in == ParameterIn::Path
+                && matches!(&p.schema, Some(RefOr::T(Schema::Object(o)))
+                    if o.format == Some(SchemaFormat::KnownFormat(KnownFormat::Uuid)))
+        });
+        let query = params.iter().any(|p| p.parameter_in == ParameterIn::Query);
+        let body = op.request_body.as_ref();
+        let json_body = body.is_some_and(|b| b.content.contains_key("application/json"));
+        let keyed = matches!(method, "post" | "patch");
+        let secured = op.security.as_ref().is_some_and(|s| !s.is_empty());
+
+        let mut causes = Vec::new();
+        if uuid_in_path {
+            causes.push((
+                "400",
+                "invalid_path_parameter",
+                "a path segment is not a UUID",
+            ));
+        }
+        if query {
+            causes.push((
+                "400",
+                "invalid_query",
+                "a query parameter is unknown or malformed",
+            ));
+        }
+        if json_body {
+            causes.push(("400", "malformed_json", "the body is not valid JSON"));
+        }
+        if keyed {
+            causes.push((
+                "400",
+                "invalid_idempotency_key",
+                "the Idempotency-Key header is malformed",
+            ));
+        }
+        if secured {
+            causes.push(("401", "unauthenticated", "missing or invalid bearer token"));
+            causes.push((
+                "403",
+                "forbidden",
+                "the token lacks the role or tenant this needs",
+            ));
+        }
+        if keyed {
+            causes.push((
+                "409",
+                "idempotency_key_in_use",
+                "the first request with this Idempotency-Key is still running (see Retry-After)",
+            ));
+        }
+        if body.is_some() {
+            causes.push((
+                "413",
+                "payload_too_large",
+                "the body exceeds `http.body_limit_bytes`",
+            ));
+            causes.push((
+                "415",
+                "unsupported_media_type",
+                "no body, or a Content-Type this operation does not take",
+            ));
+        }
+        if json_body {
+            causes.push((
+                "422",
+                "validation_failed",
+                "the JSON does not match the schema (unknown field, wrong type, missing field)",
+            ));
+        }
+        if keyed {
+            causes.push((
+                "422",
+                "idempotency_key_reused",
+                "this Idempotency-Key was used with a different request",
+            ));
+        }
+        causes.push((
+            "503",
+            "database_unavailable",
+            "the database is unreachable (see Retry-After)",
+        ));
+        causes
+    }
+
+    fn idempotency_key() -> Parameter {
+        ParameterBuilder::new()
+            .name("Idempotency-Key")
+            .parameter_in(ParameterIn::Header)
+            .required(Required::False)
+            .description(Some(
+                "Makes a retry safe: a repeated request with the same key replays the first answer \
+                 (marked `Idempotent-Replayed: true`) instead of running again. Best a quoted UUID.",
+            ))
+            .schema(Some(
+                ObjectBuilder::new()
+                    .schema_type(Type::String)
+                    .min_length(Some(1))
+                    .max_length(Some(255)),
+            ))
+            .build()
+    }
+}
+
+impl Modify for CrossCutting {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        for (path, item) in openapi.paths.paths.iter_mut() {
+            if !path.starts_with("/v1/") {
+                // Operational endpoints are public: say so rather than leave it unsaid.
+                for op in [item.get.as_mut(), item.post.as_mut()]
+                    .into_iter()
+                    .flatten()
+                {
+                    op.security.get_or_insert_with(Vec::new);
+                }
+                continue;
+            }
+            let ops = [
+                ("get", item.get.as_mut()),
+                ("put", item.put.as_mut()),
+                ("post", item.post.as_mut()),
+                ("delete", item.delete.as_mut()),
+                ("patch", item.patch.as_mut()),
+            ];
+            for (method, op) in ops {
+                let Some(op) = op else { continue };
+                let causes = Self::causes(method, op);
+                if matches!(method, "post" | "patch") {
+                    let params = op.parameters.get_or_insert_with(Vec::new);
+                    if !params.iter().any(|p| p.name == "Idempotency-Key") {
+                        params.push(Self::idempotency_key());
+                    }
+                }
+                for (status, code, cause) in causes {
+                    let entry = op
+                        .responses
+                        .responses
+                        .entry(status.to_string())
+                        .or_insert_with(|| {
+                            RefOr::T(
+                                ResponseBuilder::new()
+                                    .content(
+                                        super::problem::PROBLEM_CONTENT_TYPE,
+                                        ContentBuilder::new()
+                                            .schema(Some(Ref::from_schema_name("Problem")))
+                                            .build(),
+                                    )
+                                    .build(),
+                            )
+                        });
+                    let RefOr::T(response) = entry else { continue };
+                    // A route's own 401/403/503 already says it all; other statuses gain causes.
+                    let said =
+                        matches!(status, "401" | "403" | "503") && !response.description.is_empty();
+                    if said || response.description.contains(&format!("`{code}`")) {
+                        continue;
+                    }
+                    let cause = format!("{cause} (`{code}`)");
+                    response.description = if response.description.is_empty() {
+                        cause
+                    } else {
+                        format!("{}; {cause}", response.description)
+                    };
+                }
+            }
+        }
     }
 }
 

@@ -63,6 +63,7 @@ pub struct ExpectationInput {
 }))]
 pub struct CheckInput {
     /// The app's client id.
+    #[schema(value_type = String, format = Uuid)]
     pub app_id: String,
     #[serde(default)]
     pub expectations: Vec<ExpectationInput>,
@@ -97,12 +98,13 @@ pub struct PropagationCheck {
     pub id: Uuid,
     pub app_id: Uuid,
     /// `queued`, `running`, `succeeded`, `misconfigured`, `timed_out`, `cancelled` or `failed`.
-    #[schema(example = "running")]
+    #[schema(value_type = super::schema::CheckState, example = "running")]
     pub state: String,
     /// `configuration` (Exchange's Test cmdlet), `live` (Graph as the app) or `done`.
-    #[schema(example = "live")]
+    #[schema(value_type = super::schema::CheckStage, example = "live")]
     pub stage: String,
     /// `graph` (seen through Graph as the app) or `exchange_test` (adopted or send-only apps).
+    #[schema(value_type = Option<super::schema::VerifiedBy>)]
     pub verified_by: Option<String>,
     pub expectations: Vec<ExpectationView>,
     pub required_matches: i32,
@@ -120,6 +122,7 @@ pub struct PropagationCheck {
     /// Seconds from the change until every mailbox answered as expected.
     pub propagation_seconds: Option<f64>,
     /// `manual` or `access_policy`.
+    #[schema(value_type = super::schema::CheckOrigin)]
     pub origin: String,
     pub created_at: DateTime<Utc>,
     /// The change being verified (the last one, when several changes merged into this check).
@@ -144,6 +147,8 @@ pub struct WaitQuery {
 #[derive(Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
 pub struct CheckListQuery {
+    /// Only checks in this state.
+    #[param(value_type = Option<super::schema::CheckState>)]
     pub state: Option<String>,
     pub app_id: Option<Uuid>,
     /// Page size, 1–500 (default 50).

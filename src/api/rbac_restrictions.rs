@@ -76,6 +76,7 @@ pub struct RbacScopeInput {
 }))]
 pub struct RbacRestrictionInput {
     /// The app's client id.
+    #[schema(value_type = String, format = Uuid)]
     pub app_id: String,
     /// Optional: the Enterprise application's (service principal's) object id. The app
     /// registration's object id is refused (`app_registration_object_id`).
@@ -166,7 +167,7 @@ pub struct EnforcementReport {
 pub struct RbacRestriction {
     /// mailscope's id for the restriction.
     pub id: Uuid,
-    #[schema(example = "b9701c1e-1364-464d-93e4-01ae925e8d6c")]
+    #[schema(value_type = String, format = Uuid, example = "b9701c1e-1364-464d-93e4-01ae925e8d6c")]
     pub app_id: String,
     /// The Enterprise application's object id, as the Exchange pointer must carry it.
     pub service_principal_object_id: String,
@@ -200,6 +201,7 @@ pub struct RbacRestriction {
 #[derive(Serialize, ToSchema)]
 pub struct RbacRestrictionSummary {
     pub id: Uuid,
+    #[schema(value_type = String, format = Uuid)]
     pub app_id: String,
     pub scope_kind: String,
     pub scope_group: Option<String>,
@@ -218,6 +220,7 @@ pub struct RbacRestrictionList {
 
 #[derive(Serialize, ToSchema)]
 pub struct RbacScanFinding {
+    #[schema(value_type = String, format = Uuid)]
     pub app_id: String,
     pub display_name: Option<String>,
     pub service_principal_object_id: String,
@@ -239,6 +242,7 @@ pub struct RbacFindings {
 #[serde(deny_unknown_fields)]
 pub struct RestrictionListQuery {
     /// Only this app's restrictions (client id).
+    #[param(value_type = Option<String>, format = Uuid)]
     pub app_id: Option<String>,
     /// Page size, 1–500 (default 50).
     pub limit: Option<i64>,

@@ -117,7 +117,7 @@ pub struct ScopeGroup {
     pub members: Vec<String>,
     /// `created` (mailscope made it; DELETE removes it from the tenant), `adopted` or `imported`
     /// (it existed before; DELETE only forgets it).
-    #[schema(example = "created")]
+    #[schema(value_type = super::schema::ScopeGroupOrigin, example = "created")]
     pub origin: String,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
@@ -261,6 +261,7 @@ fn members_of(req: &HttpRequest, body: &[u8]) -> Result<(Vec<(String, String)>, 
         (status = 401, description = "missing or invalid token", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "needs MailScope.Write", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "tenant not visible", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Exchange already has another recipient with this alias or address (`already_exists`)", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "invalid content, unknown member address, or the alias belongs to a group that cannot be a policy scope", body = Problem, content_type = "application/problem+json"),
         (status = 502, description = "Microsoft 365 refused or failed (the code names the cause)", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "database unavailable or Microsoft throttling (see Retry-After)", body = Problem, content_type = "application/problem+json"),

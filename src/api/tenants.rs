@@ -36,7 +36,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
 #[serde(deny_unknown_fields)]
 pub struct CredentialsInput {
     /// Application (client) id of mailscope's management app in this tenant.
-    #[schema(example = "6f1d7c55-2b1e-4d2a-9c65-8f3a1c2b4d5e")]
+    #[schema(value_type = String, format = Uuid, example = "6f1d7c55-2b1e-4d2a-9c65-8f3a1c2b4d5e")]
     pub client_id: String,
     /// A client secret value. Exclusive with the certificate fields.
     #[schema(value_type = Option<String>, format = Password, example = "s3cr3t~value")]
@@ -78,7 +78,7 @@ pub struct TenantInput {
 pub struct CredentialSummary {
     pub client_id: Uuid,
     /// `client_secret` or `certificate`.
-    #[schema(example = "client_secret")]
+    #[schema(value_type = crate::m365::connection_test::CredentialKind, example = "client_secret")]
     pub kind: String,
 }
 

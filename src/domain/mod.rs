@@ -9,3 +9,4 @@ pub mod permissions;
 pub mod propagation;
 pub mod rbac;
 pub mod secret;
+pub mod spelling;

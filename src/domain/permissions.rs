@@ -56,6 +56,24 @@ pub fn classify(name: &str) -> PermissionInfo {
     }
 }
 
+/// The application permissions this module knows by name (covered Graph ones, then Exchange
+/// Online): what a misspelled name is compared with when the tenant's own list is not at hand.
+pub fn known_names() -> impl Iterator<Item = &'static str> {
+    COVERED_GRAPH
+        .iter()
+        .copied()
+        .chain(EXCHANGE.iter().map(|(n, _)| *n))
+}
+
+/// The resource's name as the Entra admin center shows it.
+pub fn resource_name(resource_app_id: &str) -> &'static str {
+    if resource_app_id.eq_ignore_ascii_case(EXCHANGE_RESOURCE) {
+        "Office 365 Exchange Online"
+    } else {
+        "Microsoft Graph"
+    }
+}
+
 /// A permission name as app role values are written: letters, digits, `.`, `_`, `-`.
 pub fn is_permission_name(name: &str) -> bool {
     !name.is_empty()
@@ -98,6 +116,18 @@ mod tests {
         let manage = classify("Exchange.ManageAsApp");
         assert!(!manage.covered_by_access_policies);
         assert_eq!(manage.resource_app_id, EXCHANGE_RESOURCE);
+    }
+
+    #[test]
+    fn known_names_cover_both_resources() {
+        let known: Vec<_> = known_names().collect();
+        assert!(known.contains(&"Mail.Read"));
+        assert!(known.contains(&"full_access_as_app"));
+        assert_eq!(
+            resource_name(EXCHANGE_RESOURCE),
+            "Office 365 Exchange Online"
+        );
+        assert_eq!(resource_name(GRAPH_RESOURCE), "Microsoft Graph");
     }
 
     #[test]

@@ -22,11 +22,29 @@ pub enum StepStatus {
     Skipped,
 }
 
+/// The steps of the connection test, in order (the values of a step's `step`).
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum StepName {
+    GraphToken,
+    GraphCall,
+    ExchangeToken,
+    ExchangeCall,
+}
+
+/// The ways mailscope's management app can prove its identity (`credential_kind`).
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum CredentialKind {
+    ClientSecret,
+    Certificate,
+}
+
 /// One step of the connection test.
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct ConnectionTestStep {
     /// `graph_token`, `exchange_token`, `graph_call` or `exchange_call`.
-    #[schema(example = "exchange_call")]
+    #[schema(value_type = StepName, example = "exchange_call")]
     pub step: String,
     pub status: StepStatus,
     /// What the step did, or found.
@@ -65,6 +83,7 @@ pub struct ConnectionTestReport {
     pub ok: bool,
     pub tenant_id: String,
     /// `client_secret` or `certificate`.
+    #[schema(value_type = CredentialKind)]
     pub credential_kind: String,
     pub steps: Vec<ConnectionTestStep>,
 }

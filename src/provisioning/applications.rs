@@ -19,6 +19,7 @@ use uuid::Uuid;
 use super::{Actor, Change, Ensured, Error, Rejection, Services, audit, tenants};
 use crate::domain::field_error::FieldError;
 use crate::domain::permissions::{self, PermissionInfo};
+use crate::domain::spelling;
 use crate::m365::graph::{
     AppRoleAssignment, Application, NewApplication, RequiredResourceAccess, ResourceAccess,
     ServicePrincipal,
@@ -195,23 +196,6 @@ fn validate(input: Request) -> Result<Mode, Error> {
             permissions.push(p.to_string());
         }
     }
-    if !allow_unscoped {
-        for (i, p) in requested.iter().enumerate() {
-            let p = p.trim();
-            if permissions::is_permission_name(p)
-                && !permissions::classify(p).covered_by_access_policies
-            {
-                err(
-                    &format!("permissions[{i}]"),
-                    format!(
-                        "{p} is not restricted by application access policies: the app would reach it \
-                         across the whole tenant, whatever mailboxes its policy allows. Remove it, or \
-                         pass `allow_unscoped_permissions: true` to accept that"
-                    ),
-                );
-            }
-        }
-    }
     if !errs.is_empty() {
         return Err(Error::Invalid(errs));
     }
@@ -221,6 +205,57 @@ fn validate(input: Request) -> Result<Mode, Error> {
         grant_admin_consent: input.grant_admin_consent.unwrap_or(false),
         allow_unscoped,
     }))
+}
+
+/// Refuse permissions no application access policy restricts unless the caller accepted them.
+/// Asked after the names are resolved, so a misspelled name is called what it is, not unscoped.
+fn refuse_unscoped(spec: &CreateSpec) -> Result<(), Error> {
+    if spec.allow_unscoped {
+        return Ok(());
+    }
+    let errs: Vec<FieldError> = spec
+        .permissions
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| !permissions::classify(p).covered_by_access_policies)
+        .map(|(i, p)| FieldError {
+            field: format!("permissions[{i}]"),
+            message: format!(
+                "{p} is not restricted by application access policies: the app would reach it \
+                 across the whole tenant, whatever mailboxes its policy allows. Remove it, or \
+                 pass `allow_unscoped_permissions: true` to accept that"
+            ),
+        })
+        .collect();
+    if errs.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::Invalid(errs))
+    }
+}
+
+/// The application permission names the tenant's Graph and Exchange Online service principals
+/// offer (what a misspelled name is compared with), or the ones mailscope knows when the tenant
+/// does not list them.
+async fn application_role_names(graph: &GraphClient) -> Vec<String> {
+    let mut names = Vec::new();
+    for resource in [permissions::GRAPH_RESOURCE, permissions::EXCHANGE_RESOURCE] {
+        if let Ok(sp) = graph.resource_service_principal(resource).await {
+            names.extend(
+                sp.app_roles
+                    .into_iter()
+                    .filter(|r| {
+                        r.allowed_member_types.iter().any(|t| t == "Application")
+                            && r.is_enabled != Some(false)
+                    })
+                    .filter_map(|r| r.value),
+            );
+        }
+    }
+    if names.is_empty() {
+        names.extend(permissions::known_names().map(str::to_string));
+    }
+    names
 }
 
 /// A permission resolved against the tenant: its resource and app role id.
@@ -240,6 +275,7 @@ async fn resolve_permissions(
 ) -> Result<Vec<Resolved>, Error> {
     let mut out = Vec::new();
     let mut errs = Vec::new();
+    let mut known: Option<Vec<String>> = None;
     for (i, name) in names.iter().enumerate() {
         let info = permissions::classify(name);
         let resource_sp_id = if need_resource_sp {
@@ -258,15 +294,27 @@ async fn resolve_permissions(
                 resource_sp_id,
             }),
             Err(e) if *e.kind() == ErrorKind::InvalidParameter || e.is_not_found() => {
+                if known.is_none() {
+                    known = Some(application_role_names(graph).await);
+                }
+                let hint = spelling::nearest(name, known.iter().flatten().map(String::as_str))
+                    .map(|s| {
+                        let other = permissions::classify(s).resource_app_id;
+                        if other == info.resource_app_id {
+                            format!("; did you mean `{s}`?")
+                        } else {
+                            format!(
+                                "; did you mean `{s}` ({})?",
+                                permissions::resource_name(other)
+                            )
+                        }
+                    })
+                    .unwrap_or_default();
                 errs.push(FieldError {
                     field: format!("permissions[{i}]"),
                     message: format!(
-                        "{name} is not an application permission of {} in this tenant (names are case-sensitive)",
-                        if info.resource_app_id == permissions::EXCHANGE_RESOURCE {
-                            "Office 365 Exchange Online"
-                        } else {
-                            "Microsoft Graph"
-                        }
+                        "`{name}` is not a {} application permission in this tenant (names are case-sensitive){hint}",
+                        permissions::resource_name(info.resource_app_id)
                     ),
                 })
             }
@@ -625,6 +673,7 @@ async fn ensure_created(
 ) -> Result<(ApplicationRecord, bool), Error> {
     // Resolve names before anything is recorded: an unknown permission is the caller's error.
     let roles = resolve_permissions(graph, &spec.permissions, spec.grant_admin_consent).await?;
+    refuse_unscoped(&spec)?;
     let mark = marker(key);
     let _turn = take_turn(services, tenant_id, key).await;
     let mut db = services.db().await?;
@@ -1365,27 +1414,26 @@ mod tests {
             }),
             Ok(Mode::Adopt { .. })
         ));
-        let e = validate(Request {
-            display_name: Some("x".into()),
-            permissions: perms(&["Mail.Read", "Files.Read.All"]),
-            ..Default::default()
-        })
-        .err()
-        .unwrap();
-        let Error::Invalid(errors) = e else {
-            panic!("expected invalid input, got {e:?}")
+        let spec = |p: &[&str], allow: bool| {
+            let Ok(Mode::Create(spec)) = validate(Request {
+                display_name: Some("x".into()),
+                permissions: perms(p),
+                allow_unscoped_permissions: Some(allow),
+                ..Default::default()
+            }) else {
+                panic!("expected a create spec for {p:?}")
+            };
+            spec
+        };
+        let Err(Error::Invalid(errors)) =
+            refuse_unscoped(&spec(&["Mail.Read", "Files.Read.All"], false))
+        else {
+            panic!("an unscoped permission needs consent")
         };
         assert_eq!(errors.len(), 1);
         assert_eq!(errors[0].field, "permissions[1]");
-        assert!(matches!(
-            validate(Request {
-                display_name: Some("x".into()),
-                permissions: perms(&["Files.Read.All"]),
-                allow_unscoped_permissions: Some(true),
-                ..Default::default()
-            }),
-            Ok(Mode::Create(_))
-        ));
+        assert!(refuse_unscoped(&spec(&["Files.Read.All"], true)).is_ok());
+        assert!(refuse_unscoped(&spec(&["Mail.Read"], false)).is_ok());
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Callback URLs come from API callers, so they are an SSRF vector: refuse non-https URLs,
 //! credentials in the URL, hosts outside the allow-list, and addresses in private, loopback,
-//! link-local, CGNAT, multicast or reserved ranges; at delivery, resolve again and check every
+//! link-local, CGNAT, multicast or reserved ranges (also when an IPv6 address embeds one, and
+//! `localhost` in every spelling); at delivery, resolve again and check every
 //! address ([`resolve_checked`]).
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
@@ -80,10 +81,8 @@ pub fn is_forbidden_ip(ip: IpAddr) -> bool {
                 return forbidden_v4(v4);
             }
             let s = v6.segments();
-            // NAT64 (64:ff9b::/96) reaches the embedded IPv4 address.
-            if s[0] == 0x64 && s[1] == 0xff9b && s[2..6] == [0, 0, 0, 0] {
-                let o = v6.octets();
-                return forbidden_v4(Ipv4Addr::new(o[12], o[13], o[14], o[15]));
+            if embedded_v4(v6).into_iter().any(forbidden_v4) {
+                return true;
             }
             v6.is_unspecified()
                 || v6.is_loopback()
@@ -95,6 +94,31 @@ pub fn is_forbidden_ip(ip: IpAddr) -> bool {
                 || (s[0] == 0 && s[1..6] == [0, 0, 0, 0, 0]) // IPv4-compatible ::/96
         }
     }
+}
+
+/// The IPv4 addresses an IPv6 address reaches through a translation or tunnel: NAT64
+/// (64:ff9b::/96 and the local-use 64:ff9b:1::/48), SIIT's IPv4-translated ::ffff:0:0/96, 6to4
+/// (2002::/16, the gateway's address in bits 16–48) and Teredo (2001::/32: the server's address,
+/// and the client's, stored inverted in the last 32 bits).
+fn embedded_v4(v6: std::net::Ipv6Addr) -> Vec<Ipv4Addr> {
+    let s = v6.segments();
+    let o = v6.octets();
+    let last = Ipv4Addr::new(o[12], o[13], o[14], o[15]);
+    let mut out = Vec::new();
+    if s[0] == 0x64 && s[1] == 0xff9b && (s[2..6] == [0, 0, 0, 0] || s[2] == 1) {
+        out.push(last);
+    }
+    if s[0..4] == [0, 0, 0, 0] && s[4] == 0xffff && s[5] == 0 {
+        out.push(last);
+    }
+    if s[0] == 0x2002 {
+        out.push(Ipv4Addr::new(o[2], o[3], o[4], o[5]));
+    }
+    if s[0] == 0x2001 && s[1] == 0 {
+        out.push(Ipv4Addr::new(o[4], o[5], o[6], o[7]));
+        out.push(Ipv4Addr::new(!o[12], !o[13], !o[14], !o[15]));
+    }
+    out
 }
 
 fn forbidden_v4(ip: Ipv4Addr) -> bool {
@@ -117,8 +141,16 @@ fn host_ip(url: &Url) -> Option<IpAddr> {
     let host = url.host_str()?;
     host.trim_start_matches('[')
         .trim_end_matches(']')
+        .trim_end_matches('.')
         .parse()
         .ok()
+}
+
+/// `localhost` and the names under it (RFC 6761: they resolve to loopback), in any spelling:
+/// any case, with or without the root's trailing dot.
+fn is_localhost(host: &str) -> bool {
+    let name = host.trim_end_matches('.').to_ascii_lowercase();
+    name == "localhost" || name.ends_with(".localhost")
 }
 
 /// Validate a callback URL before accepting it (the API calls this on input, 422 on `Err`; the
@@ -154,7 +186,7 @@ pub fn validate_callback_url(raw: &str, settings: &WebhookSettings) -> Result<Ur
             "address {ip} is private, loopback, link-local or reserved"
         ));
     }
-    if host.eq_ignore_ascii_case("localhost") && !matches!(listed, HostMatch::Exact) {
+    if is_localhost(host) && !matches!(listed, HostMatch::Exact) {
         return Err("host `localhost` is not allowed".into());
     }
     Ok(url)
@@ -251,6 +283,21 @@ mod tests {
             "https://[::ffff:127.0.0.1]/",
             "https://[64:ff9b::a9fe:a9fe]/",
             "https://localhost/",
+            // The root's trailing dot names the same host.
+            "https://localhost./",
+            "https://LOCALHOST../",
+            "https://api.localhost/",
+            "https://127.0.0.1./",
+            // IPv6 forms that reach a private IPv4 address: SIIT IPv4-translated, 6to4
+            // (2002:a9fe:a9fe:: is 169.254.169.254's gateway), Teredo (server 10.0.0.1; client
+            // 127.0.0.1 stored inverted), NAT64 local use.
+            "https://[::ffff:0:a00:1]/",
+            "https://[::ffff:0:127.0.0.1]/",
+            "https://[2002:a9fe:a9fe::1]/",
+            "https://[2002:c0a8:101::]/",
+            "https://[2001:0:a00:1::1]/",
+            "https://[2001:0:808:808:0:0:80ff:fffe]/",
+            "https://[64:ff9b:1::a00:1]/",
             // The URL parser normalises these spellings of 127.0.0.1.
             "https://2130706433/",
             "https://0x7f.1/",
@@ -259,6 +306,10 @@ mod tests {
         }
         assert!(validate_callback_url("https://8.8.8.8/", &s).is_ok());
         assert!(validate_callback_url("https://[2606:4700::1111]/", &s).is_ok());
+        // The same forms around a public address are fine (8.8.8.8 inside 6to4 and Teredo).
+        assert!(validate_callback_url("https://[2002:808:808::1]/", &s).is_ok());
+        assert!(validate_callback_url("https://[2001:0:808:808:0:0:f7f7:f7f7]/", &s).is_ok());
+        assert!(validate_callback_url("https://notlocalhost.example/", &s).is_ok());
         let s = settings(&["127.0.0.1", "[::1]"], true);
         assert!(validate_callback_url("http://127.0.0.1:9000/hook", &s).is_ok());
         assert!(validate_callback_url("http://[::1]:9000/hook", &s).is_ok());

@@ -273,7 +273,7 @@ async fn unscoped_permissions_are_refused_unless_accepted() {
         p["detail"]
             .as_str()
             .unwrap()
-            .contains("not an application permission"),
+            .contains("`Nope.Read.All` is not a Microsoft Graph application permission"),
         "{p}"
     );
 
@@ -286,6 +286,45 @@ async fn unscoped_permissions_are_refused_unless_accepted() {
         false
     );
     assert_eq!(perm(&view, "User.Read.All")["consent"], "granted");
+}
+
+#[tokio::test]
+async fn a_misspelled_permission_is_named_as_such_with_the_nearest_real_one() {
+    let env = WithSandbox::start().await;
+    // Not "pass allow_unscoped_permissions": the name does not exist, so say that first.
+    let p = put(
+        &env,
+        "typo",
+        &create_body(&["Mail.Send", "Mail.Reed"]),
+        (422, "validation_failed"),
+    )
+    .await;
+    assert_eq!(p["errors"].as_array().unwrap().len(), 1, "{p}");
+    assert_eq!(p["errors"][0]["field"], "permissions[1]");
+    let message = p["errors"][0]["message"].as_str().unwrap();
+    assert!(
+        message.contains("`Mail.Reed` is not a Microsoft Graph application permission")
+            && message.contains("did you mean `Mail.Read`?")
+            && !message.contains("allow_unscoped_permissions"),
+        "{p}"
+    );
+
+    // The nearest name comes from the tenant's own list, across both resources.
+    let p = put(
+        &env,
+        "typo",
+        &create_body(&["full_acess_as_app"]),
+        (422, "validation_failed"),
+    )
+    .await;
+    assert!(
+        p["errors"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("did you mean `full_access_as_app` (Office 365 Exchange Online)?"),
+        "{p}"
+    );
+    assert_eq!(count(&env.counters().await, "graph:POST /applications"), 0);
 }
 
 #[tokio::test]

@@ -18,6 +18,7 @@ mod provisioning_flow;
 mod queue;
 mod rbac_restrictions;
 mod scope_groups;
+mod spec;
 mod tenants;
 mod webhooks;
 

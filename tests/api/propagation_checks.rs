@@ -530,6 +530,17 @@ async fn manual_checks_are_validated_and_need_the_write_role() {
         fields,
         vec!["app_id", "expectations[0].mailbox", "callback_url"]
     );
+    // Loopback and private addresses are refused in every spelling, not only at delivery.
+    for url in [
+        "https://localhost./hook",
+        "https://[::ffff:0:a9fe:a9fe]/latest/meta-data",
+        "https://[2002:a00:1::1]/hook",
+        "https://[2001:0:a00:1::1]/hook",
+    ] {
+        let body = json!({"app_id": CRM, "canary_mailboxes": [addr("carol")], "callback_url": url});
+        let p = api.post(checks, &body, (422, "validation_failed")).await;
+        assert_eq!(p["errors"][0]["field"], "callback_url", "{url}: {p}");
+    }
 
     let body = json!({"app_id": CRM, "canary_mailboxes": [addr("carol")],
         "callback_url": "https://hooks.example.com/x"});
