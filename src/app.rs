@@ -18,7 +18,7 @@ use crate::store::{self, embedded::EmbeddedPostgres, local_secrets};
 use crate::telemetry::Metrics;
 
 /// Periodic housekeeping run by worker processes: forget expired idempotency keys and old
-/// finished jobs.
+/// finished jobs, and remove probe secrets whose check no longer runs.
 async fn maintenance(state: AppState, mut stop: tokio::sync::watch::Receiver<bool>) {
     let r = state.settings.retention.clone();
     loop {
@@ -33,6 +33,11 @@ async fn maintenance(state: AppState, mut stop: tokio::sync::watch::Receiver<boo
             Ok(n) if n > 0 => tracing::info!(jobs = n, "purged old finished jobs"),
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "purging finished jobs failed"),
+        }
+        match crate::provisioning::checks::sweep_probe_secrets(&state).await {
+            Ok(n) if n > 0 => tracing::info!(secrets = n, "removed orphaned probe secrets"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "sweeping probe secrets failed"),
         }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(900)) => {}
@@ -214,6 +219,7 @@ impl Application {
             settings: Arc::new(settings.clone()),
             m365,
             key_locks: Default::default(),
+            liveness: Default::default(),
         });
 
         let worker = match role {

@@ -386,8 +386,10 @@ pub async fn put_access_policy(
 
 /// Delete a policy from the tenant and from mailscope.
 ///
-/// Refused (409 `last_restrict_policy`) when it is the app's last RestrictAccess policy, because
-/// that silently gives the app every mailbox, unless `?allow_unrestricted=true`.
+/// Refused (409 `last_restrict_policy`) when it is the app's last RestrictAccess policy and the
+/// app still holds a permission policies restrict (e.g. `Mail.Read`), because that silently gives
+/// the app every mailbox, unless `?allow_unrestricted=true`. Revoke the permissions first to
+/// wind an app down.
 #[utoipa::path(delete, path = "/v1/tenants/{tenant_id}/access-policies/{id}", tag = "access policies",
     params(("tenant_id" = Uuid, Path, description = "The Microsoft Entra tenant id"),
            ("id" = Uuid, Path, description = "mailscope's policy id"), GuardQuery),

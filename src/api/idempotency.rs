@@ -3,13 +3,18 @@
 //!
 //! - the same key with the same request (method, path, body) replays the stored response, marked
 //!   `Idempotent-Replayed: true`, success or client error alike;
-//! - the same key with a different request answers 422 `idempotency_key_reused`;
+//! - the same key with a different body answers 422 `idempotency_key_reused`;
 //! - while the first request is still running, 409 `idempotency_key_in_use` (retry unchanged);
-//! - keys are scoped to the authenticated caller and kept for `idempotency.retention_hours`.
+//! - keys are scoped to the caller's identity *and authorization* (role, visible tenants), to the
+//!   method and to the path, and kept for `idempotency.retention_hours`. A replay is thus only
+//!   served to a caller the handler would authorize exactly as it did the first request; callers
+//!   whose token names no identity cannot use keys (400).
 //!
 //! Transient failures (5xx, 429) are not stored: the key is released so that a retry runs again,
 //! which is safe because every provisioning operation is idempotent by its natural key. A request
-//! that crashed mid-way holds the key only until its lock lapses; then a retry takes it over.
+//! that crashed mid-way is taken over at once: its record names the holding process, whose lease
+//! (`store::liveness`) ends with its connection, and within a process a claim ends with its task.
+//! A record without a holder waits for its lock to lapse.
 use std::time::Duration;
 
 use actix_web::body::{BoxBody, MessageBody};
@@ -21,7 +26,8 @@ use sha2::{Digest, Sha256};
 
 use super::AppState;
 use super::problem::{ApiError, ProblemKind};
-use crate::auth::Verifier;
+use crate::auth::{Caller, Verifier};
+use crate::store::liveness::{self, Held};
 
 pub const HEADER: &str = "idempotency-key";
 pub const REPLAYED_HEADER: &str = "idempotent-replayed";
@@ -71,10 +77,52 @@ enum Decision {
     PassThrough,
     Replay(HttpResponse),
     /// We hold the key: run the request, then store its response.
-    Run {
-        caller: String,
-        key: String,
-    },
+    Run(Claim),
+}
+
+/// A key this request holds. `held` ends the claim inside this process when the request ends in
+/// any way (also when its future is dropped), so a retry need not wait for the lease to lapse.
+struct Claim {
+    scope: Scope,
+    _held: Held,
+}
+
+/// Where a key lives: whom it belongs to, and the endpoint it was used on.
+#[derive(Clone)]
+struct Scope {
+    caller: String,
+    method: String,
+    path: String,
+    key: String,
+}
+
+/// Whom a key belongs to: the caller's identity (`oid`/`sub`, `azp`/`appid`) together with what
+/// its token authorizes (role and visible tenants). A replay therefore only ever reaches a caller
+/// whose request the handler would authorize exactly as it authorized the first one; any other
+/// caller — another role or tenant set under the same `sub` — reaches the handler, which checks.
+/// A caller without an identity has no scope of its own, so it may not use keys at all.
+fn caller_scope(who: &Caller) -> Result<String, ApiError> {
+    fn named(v: &Option<String>) -> Option<&str> {
+        v.as_deref().filter(|s| !s.trim().is_empty())
+    }
+    let (subject, app) = (named(&who.subject), named(&who.app));
+    if subject.is_none() && app.is_none() {
+        return Err(ApiError::new(
+            ProblemKind::InvalidIdempotencyKey,
+            "an Idempotency-Key needs a caller to belong to, and this token names none (no `oid`, \
+             `sub`, `azp` or `appid` claim): send the request without the key, or with a token \
+             that identifies its caller",
+        ));
+    }
+    let tenants = who.visible_tenants().map(|mut t| {
+        t.sort();
+        t
+    });
+    let canonical = serde_json::json!([subject, app, format!("{:?}", who.role), tenants]);
+    Ok(Sha256::digest(canonical.to_string().as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
 }
 
 pub async fn middleware(
@@ -86,7 +134,7 @@ pub async fn middleware(
         // Attach the error to the request so the request-context middleware renders it.
         Err(e) => return Ok(req.error_response(e)),
     };
-    let (caller, key) = match decision {
+    let claim = match decision {
         Decision::PassThrough => {
             return next
                 .call(req)
@@ -97,7 +145,7 @@ pub async fn middleware(
             let (http_req, _) = req.into_parts();
             return Ok(ServiceResponse::new(http_req, res));
         }
-        Decision::Run { caller, key } => (caller, key),
+        Decision::Run(claim) => claim,
     };
     let state = req.app_data::<web::Data<AppState>>().cloned();
     let res = next.call(req).await?;
@@ -108,12 +156,14 @@ pub async fn middleware(
     let replay = head.extensions().get::<ReplayBody>().map(|r| r.0.clone());
     let stored: &[u8] = replay.as_deref().unwrap_or(&bytes);
     if let Some(state) = state
-        && let Err(e) = store_outcome(&state, &caller, &key, status, head.headers(), stored).await
+        && let Err(e) = store_outcome(&state, &claim.scope, status, head.headers(), stored).await
     {
         // The operation happened; only its replay record is missing. A retry re-runs it,
         // which the natural-key idempotency of every operation makes harmless.
         tracing::warn!(error = %e, "could not store the idempotent response");
     }
+    // Only now does the claim end in this process (a retry meanwhile is told to wait).
+    drop(claim);
     let res = head.set_body(BoxBody::new(bytes));
     Ok(ServiceResponse::new(http_req, res))
 }
@@ -143,11 +193,12 @@ async fn decide(req: &mut ServiceRequest) -> Result<Decision, ApiError> {
     let Ok(who) = verifier.verify(&token).await else {
         return Ok(Decision::PassThrough);
     };
-    let caller = format!(
-        "{}|{}",
-        who.subject.unwrap_or_default(),
-        who.app.unwrap_or_default()
-    );
+    let scope = Scope {
+        caller: caller_scope(&who)?,
+        method: req.method().to_string(),
+        path: req.path().to_string(),
+        key,
+    };
 
     let body = req.extract::<web::Bytes>().await.map_err(|e| {
         ApiError::new(
@@ -156,28 +207,37 @@ async fn decide(req: &mut ServiceRequest) -> Result<Decision, ApiError> {
         )
     })?;
     let fp = fingerprint(req.method(), req.path(), req.query_string(), &body);
-    let (method, path) = (req.method().to_string(), req.path().to_string());
     // Put the body back for the handler.
     let replay_body = body.clone();
     req.set_payload(Payload::Stream {
         payload: Box::pin(futures_util::stream::once(async move { Ok(replay_body) })),
     });
 
+    let liveness = state.liveness.clone();
     let db = state.db().await?;
     let sql_err = |e| ApiError::from(crate::store::StoreError::from(e));
-    let read = async {
-        db.query_opt(
-            "SELECT fingerprint, response_status, response_headers, response_body,
-                    locked_until > now()
-             FROM idempotency_keys WHERE caller = $1 AND key = $2",
-            &[&caller, &key],
+    let ids: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
+        [&scope.caller, &scope.method, &scope.path, &scope.key];
+    let in_process = format!(
+        "{} {} {} {}",
+        scope.caller, scope.method, scope.path, scope.key
+    );
+    // Read first, without locks: replays (the common case for a repeated key) are one indexed
+    // read. Only an unknown key, or one whose holder is gone, is claimed with a write.
+    let row = db
+        .query_opt(
+            &format!(
+                "SELECT fingerprint, response_status, response_headers, response_body,
+                        locked_until > now(), holder, {}
+                 FROM idempotency_keys
+                 WHERE caller = $1 AND method = $2 AND path = $3 AND key = $4",
+                liveness::alive_sql("holder")
+            ),
+            &ids,
         )
         .await
-        .map_err(sql_err)
-    };
-    // Read first, without locks: replays (the common case for a repeated key) are one indexed
-    // read. Only an unknown key, or one whose holder crashed, is claimed with a write.
-    if let Some(row) = read.await? {
+        .map_err(sql_err)?;
+    if let Some(row) = row {
         if row.get::<_, Vec<u8>>(0) != fp {
             return Err(reused());
         }
@@ -185,32 +245,63 @@ async fn decide(req: &mut ServiceRequest) -> Result<Decision, ApiError> {
             return Ok(Decision::Replay(replay(&row, status)));
         }
         if row.get::<_, Option<bool>>(4).unwrap_or(false) {
-            return Err(in_use());
+            match row.get::<_, Option<i32>>(5) {
+                // Held in this process: `hold` below tells whether a task here still runs it.
+                Some(h) if h == liveness.id() => {}
+                // Held by a process whose lease is gone: it died, the key is free.
+                Some(_) if !row.get::<_, bool>(6) => {}
+                // A live holder elsewhere, or a record without one: wait for it or its lease.
+                _ => return Err(in_use()),
+            }
         }
     }
+    // Claim it in this process first: a live holder here is in the set, so getting the slot
+    // means that nobody in this process runs the key any more.
+    let Some(held) = liveness.hold(in_process) else {
+        return Err(in_use());
+    };
+    liveness.ensure(&state.pool).await?;
     let claimed = db
         .query_opt(
-            "INSERT INTO idempotency_keys (caller, key, fingerprint, method, path, locked_until)
-             VALUES ($1, $2, $3, $4, $5, now() + make_interval(secs => $6))
-             ON CONFLICT (caller, key) DO UPDATE SET locked_until = EXCLUDED.locked_until
-                 WHERE idempotency_keys.response_status IS NULL
-                   AND idempotency_keys.locked_until < now()
-                   AND idempotency_keys.fingerprint = EXCLUDED.fingerprint
-             RETURNING 1",
-            &[&caller, &key, &fp, &method, &path, &LOCK.as_secs_f64()],
+            &format!(
+                "INSERT INTO idempotency_keys
+                     (caller, method, path, key, fingerprint, locked_until, holder)
+                 VALUES ($1, $2, $3, $4, $5, now() + make_interval(secs => $6), $7)
+                 ON CONFLICT (caller, method, path, key) DO UPDATE
+                     SET locked_until = EXCLUDED.locked_until, holder = EXCLUDED.holder
+                     WHERE idempotency_keys.response_status IS NULL
+                       AND idempotency_keys.fingerprint = EXCLUDED.fingerprint
+                       AND (idempotency_keys.locked_until < now()
+                            OR idempotency_keys.holder = EXCLUDED.holder
+                            OR (idempotency_keys.holder IS NOT NULL
+                                AND NOT {}))
+                 RETURNING 1",
+                liveness::alive_sql("idempotency_keys.holder")
+            ),
+            &[
+                ids[0],
+                ids[1],
+                ids[2],
+                ids[3],
+                &fp,
+                &LOCK.as_secs_f64(),
+                &liveness.id(),
+            ],
         )
         .await
         .map_err(sql_err)?
         .is_some();
     if claimed {
-        return Ok(Decision::Run { caller, key });
+        return Ok(Decision::Run(Claim { scope, _held: held }));
     }
+    drop(held);
     // Someone else claimed or finished it between our read and our claim.
     let row = db
         .query_opt(
             "SELECT fingerprint, response_status, response_headers, response_body
-             FROM idempotency_keys WHERE caller = $1 AND key = $2",
-            &[&caller, &key],
+             FROM idempotency_keys
+             WHERE caller = $1 AND method = $2 AND path = $3 AND key = $4",
+            &ids,
         )
         .await
         .map_err(sql_err)?;
@@ -250,18 +341,20 @@ fn replay(row: &tokio_postgres::Row, status: i32) -> HttpResponse {
 /// Store a final response for replay, or release the key after a transient failure.
 async fn store_outcome(
     state: &AppState,
-    caller: &str,
-    key: &str,
+    scope: &Scope,
     status: StatusCode,
     headers: &header::HeaderMap,
     body: &[u8],
 ) -> Result<(), ApiError> {
     let db = state.db().await?;
     let sql_err = |e| ApiError::from(crate::store::StoreError::from(e));
+    let ids: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
+        [&scope.caller, &scope.method, &scope.path, &scope.key];
     if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
         db.execute(
-            "DELETE FROM idempotency_keys WHERE caller = $1 AND key = $2",
-            &[&caller, &key],
+            "DELETE FROM idempotency_keys
+             WHERE caller = $1 AND method = $2 AND path = $3 AND key = $4",
+            &ids,
         )
         .await
         .map_err(sql_err)?;
@@ -275,12 +368,14 @@ async fn store_outcome(
         })
         .collect();
     db.execute(
-        "UPDATE idempotency_keys SET response_status = $3, response_headers = $4,
-             response_body = $5, locked_until = NULL
-         WHERE caller = $1 AND key = $2",
+        "UPDATE idempotency_keys SET response_status = $5, response_headers = $6,
+             response_body = $7, locked_until = NULL
+         WHERE caller = $1 AND method = $2 AND path = $3 AND key = $4",
         &[
-            &caller,
-            &key,
+            ids[0],
+            ids[1],
+            ids[2],
+            ids[3],
             &(status.as_u16() as i32),
             &serde_json::Value::Object(kept),
             &body,

@@ -10,6 +10,7 @@ pub mod audit;
 mod caller;
 pub mod health;
 pub mod idempotency;
+pub mod input;
 pub mod middleware;
 pub mod openapi;
 pub mod problem;
@@ -61,6 +62,8 @@ pub fn configure(cfg: &mut web::ServiceConfig, body_limit: usize, with_api: bool
     .service(
         web::scope("/v1")
             .wrap(actix_web::middleware::from_fn(idempotency::middleware))
+            // Outermost: input no handler can store is refused before a key is claimed for it.
+            .wrap(actix_web::middleware::from_fn(input::refuse_nul))
             .configure(tenants::routes)
             .configure(applications::routes)
             .configure(scope_groups::routes)

@@ -167,6 +167,21 @@ pub fn leaves_app_unrestricted(
             .any(|p| p.access_right == AccessRight::RestrictAccess && p.applies_to_app(app_id))
 }
 
+/// Would removing (or replacing) a policy widen what the app can reach? Only when it leaves the
+/// app without a RestrictAccess policy ([`leaves_app_unrestricted`]) *and* the app holds an
+/// application permission that policies restrict (`covered_permissions_held`, from its actual
+/// grants): an app with no such permission reaches no mailbox with or without a policy, so its
+/// last policy can go — which is how an app is wound down (revoke, then remove the policy).
+pub fn removal_widens_access(
+    app_id: &str,
+    removed: Option<AccessRight>,
+    added: Option<AccessRight>,
+    others: &[AccessPolicy],
+    covered_permissions_held: bool,
+) -> bool {
+    covered_permissions_held && leaves_app_unrestricted(app_id, removed, added, others)
+}
+
 /// Which of the four documented rules (§2.3) decided.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum AccessRule {
@@ -626,6 +641,10 @@ mod tests {
         assert!(!leaves_app_unrestricted(APP, restrict, restrict, &[]));
         assert!(!leaves_app_unrestricted(APP, Some(Deny), None, &[]));
         assert!(!leaves_app_unrestricted(APP, None, None, &[]));
+        // Without a mail permission the app reaches nothing either way: nothing widens.
+        assert!(removal_widens_access(APP, restrict, None, &[], true));
+        assert!(!removal_widens_access(APP, restrict, None, &[], false));
+        assert!(!removal_widens_access(APP, restrict, restrict, &[], true));
     }
 
     #[test]

@@ -4,7 +4,9 @@
 //! a crash loses at most one observation and a check never holds a worker while it waits:
 //! - stage 1, `configuration`: `Test-ApplicationAccessPolicy` per expectation. Exchange sees
 //!   changes at once, so a disagreement here is a misconfiguration, not a delay: the check ends
-//!   `misconfigured` with the reason;
+//!   `misconfigured` with the reason. A RestrictAccess check with no mailbox that must be denied
+//!   gets one picked here (a user mailbox outside the app's scopes, per Exchange), since only a
+//!   denial proves a restriction; if none is found it ends `exchange_test` with that reason;
 //! - stage 2, `live`: for an app mailscope created that holds a harmless read permission, a
 //!   short-lived probe secret is added to the app, and each unmet expectation is read through
 //!   Graph *as the app* (one `$batch`) until every expectation has `required_matches` matching
@@ -23,7 +25,9 @@ use crate::domain::propagation::{self as rules, Access, Expectation};
 use crate::m365::graph::MailboxProbe;
 use crate::m365::graph::batch::BatchRequest;
 use crate::m365::{ErrorKind, TenantContext, TenantHandle};
-use crate::provisioning::checks::CheckJob;
+use crate::provisioning::checks::{
+    CheckJob, probe_secret_name, remove_named_secrets, remove_probe_secret,
+};
 use crate::provisioning::tenants::handle_for;
 use crate::provisioning::{Error, Services};
 use crate::queue::job::Job;
@@ -31,11 +35,6 @@ use crate::queue::worker::{JobContext, Outcome};
 use crate::store::access_policies::AccessPolicyRecord;
 use crate::store::propagation_checks::{self as checks, CheckRecord, CheckState, Progress, Stage};
 use crate::store::{self};
-
-/// The display name of a check's probe secret (how leftovers of a crashed run are found).
-pub fn probe_secret_name(check_id: Uuid) -> String {
-    format!("mailscope propagation probe {check_id}")
-}
 
 /// The harmless read matching an app's permissions, if it has one (a send-only app has none).
 pub fn harmless_read(permissions: &[String]) -> Option<MailboxProbe> {
@@ -184,6 +183,17 @@ async fn step(services: &Services, ctx: &JobContext, check_id: Uuid) -> Step<Out
         let exo = handle.exchange();
         let app = check.app_id.to_string();
         let mut problems = Vec::new();
+        // A restriction is only proven by a denial: without a mailbox that must be denied (no
+        // canary, no out-of-scope mailbox), every answer would be "granted" whether or not the
+        // policy is in force. Pick one outside the app's scopes, as Exchange judges it.
+        let restricted = records.iter().any(|r| r.access_right == "RestrictAccess");
+        let mut unproven = false;
+        if restricted && !exps.iter().any(|e| e.expected == Access::Denied) {
+            match denied_witness(&exo, &app, &exps).await? {
+                Some(mailbox) => exps.push(Expectation::new(&mailbox, Access::Denied)),
+                None => unproven = true,
+            }
+        }
         for e in exps.iter_mut() {
             match exo.test_application_access_policy(&e.mailbox, &app).await {
                 Err(x) if x.is_not_found() => problems.push(format!(
@@ -221,6 +231,29 @@ async fn step(services: &Services, ctx: &JobContext, check_id: Uuid) -> Step<Out
                     expectations: &exps,
                     rounds: check.rounds,
                     reason: Some(&reason),
+                    result: None,
+                    propagation_seconds: None,
+                },
+            )
+            .await;
+        }
+        if unproven {
+            // Nothing can show the restriction at work (every mailbox is in the app's scopes):
+            // say so rather than claim Graph proved it.
+            remove_probe_secret(&db, &handle, &check).await?;
+            return finish_with(
+                services,
+                &db,
+                &check,
+                Progress {
+                    state: CheckState::Succeeded,
+                    stage: Stage::Done,
+                    verified_by: Some("exchange_test"),
+                    expectations: &exps,
+                    rounds: check.rounds,
+                    reason: Some(
+                        "the restriction was not verified in Graph: no mailbox outside the app's scopes was found to observe a denial (add a canary mailbox to the tenant or the policy)",
+                    ),
                     result: None,
                     propagation_seconds: None,
                 },
@@ -450,6 +483,36 @@ async fn notify(
 }
 
 /// The app's policies known to mailscope (for explaining a misconfiguration).
+/// Mailboxes sampled when looking for one the app must be denied, and how many are tested.
+const WITNESS_SAMPLE: u32 = 50;
+const WITNESS_TESTS: usize = 5;
+
+/// A user mailbox outside the check's expectations that Exchange says the app is denied (so a
+/// restriction in force must show as a denial in Graph too), if one is found among a sample.
+async fn denied_witness(
+    exo: &crate::m365::exchange::ExchangeClient,
+    app: &str,
+    exps: &[Expectation],
+) -> Step<Option<String>> {
+    let mailboxes = exo.list_mailboxes(Some(WITNESS_SAMPLE)).await?;
+    let candidates = mailboxes
+        .iter()
+        .filter(|m| m.recipient_type_details.as_deref() == Some("UserMailbox"))
+        .filter_map(|m| m.primary_smtp_address.as_deref())
+        .map(str::to_ascii_lowercase)
+        .filter(|a| !exps.iter().any(|e| e.mailbox.eq_ignore_ascii_case(a)))
+        .take(WITNESS_TESTS);
+    for mailbox in candidates {
+        match exo.test_application_access_policy(&mailbox, app).await {
+            Ok(c) if c.granted() == Some(false) => return Ok(Some(mailbox)),
+            Ok(_) => {}
+            Err(e) if e.is_not_found() => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(None)
+}
+
 async fn app_policies(
     db: &deadpool_postgres::Object,
     check: &CheckRecord,
@@ -559,56 +622,6 @@ async fn ensure_probe_secret(
         .map_err(internal)?;
     checks::set_probe(db, check.id, key_id, &sealed, services.cipher.key_id()).await?;
     Ok(p.secret_text)
-}
-
-async fn remove_named_secrets(handle: &TenantHandle, object_id: &str, check_id: Uuid) -> Step<()> {
-    let graph = handle.graph();
-    let Some(app) = graph.get_application(object_id).await? else {
-        return Ok(());
-    };
-    let name = probe_secret_name(check_id);
-    for c in app.password_credentials {
-        if c.display_name.as_deref() == Some(name.as_str())
-            && let Some(k) = c.key_id
-        {
-            remove_key(handle, object_id, &k).await?;
-        }
-    }
-    Ok(())
-}
-
-async fn remove_key(handle: &TenantHandle, object_id: &str, key_id: &str) -> Step<()> {
-    match handle.graph().remove_password(object_id, key_id).await {
-        Ok(()) => Ok(()),
-        Err(e) if e.is_not_found() => Ok(()),
-        Err(e) => Err(e.into()),
-    }
-}
-
-/// Remove the check's probe secret from the app (idempotent), then forget it.
-pub async fn remove_probe_secret(
-    db: &deadpool_postgres::Object,
-    handle: &TenantHandle,
-    check: &CheckRecord,
-) -> Step<()> {
-    // Only a check that reached the live stage can have added one.
-    if check.probe_key_id.is_none() && check.stage == Stage::Configuration {
-        return Ok(());
-    }
-    let object_id = match store::applications::key_of_app(db, check.tenant_id, check.app_id).await?
-    {
-        Some(key) => store::applications::get(db, check.tenant_id, &key)
-            .await?
-            .and_then(|a| a.application_object_id),
-        None => None,
-    };
-    if let Some(object_id) = object_id.map(|o| o.to_string()) {
-        if let Some(k) = check.probe_key_id {
-            remove_key(handle, &object_id, &k.to_string()).await?;
-        }
-        remove_named_secrets(handle, &object_id, check.id).await?;
-    }
-    Ok(checks::clear_probe(db, check.id).await?)
 }
 
 /// A check that saw the change in Graph puts the app's pending policies in force.

@@ -21,9 +21,11 @@ use chrono::Utc;
 use deadpool_postgres::GenericClient;
 use uuid::Uuid;
 
+use super::applications::covered_permissions_held;
 use super::checks::{CheckView, TouchedScope, after_policy_change};
 use super::scope_groups::{
-    POLICY_LOCK, ids_of, maybe_exists, primary_address, recipient_object_id, scope_refusal,
+    POLICY_LOCK, ids_of, maybe_exists, policy_turn, primary_address, recipient_object_id,
+    scope_refusal,
 };
 use super::{Actor, Change, Ensured, Error, Rejection, Services, audit, tenants};
 use crate::domain::access::{self as rules, AccessRight};
@@ -32,6 +34,7 @@ use crate::m365::TenantHandle;
 use crate::m365::exchange::{
     ApplicationAccessPolicy, ExchangeClient, NewApplicationAccessPolicy, Replication,
 };
+use crate::m365::graph::GraphClient;
 use crate::store;
 use crate::store::access_policies::{AccessPolicyRecord, PolicyOrigin, PolicyState};
 
@@ -100,11 +103,12 @@ fn gone_from_tenant(id: Uuid) -> Error {
     ))
 }
 
-fn last_restrict_error(app_id: &str, what: &str) -> Error {
+fn last_restrict_error(app_id: &str, what: &str, held: &[String]) -> Error {
     Error::rejected(
         Rejection::LastRestrictPolicy,
         format!(
-            "{what} would leave app {app_id} without any RestrictAccess policy, which gives it every mailbox in the tenant (rule 4, reference §2.3). Revoke the app's mail permissions first, or repeat with ?allow_unrestricted=true to accept that."
+            "{what} would leave app {app_id} without any RestrictAccess policy while it holds {}, which would then reach every mailbox in the tenant (rule 4, reference §2.3). Revoke those permissions first (PUT /applications/{{key}} without them, or remove them in Entra ID) and repeat, or repeat with ?allow_unrestricted=true to accept that.",
+            held.join(", ")
         ),
     )
 }
@@ -216,8 +220,14 @@ fn leaves_unrestricted(
     added: Option<AccessRight>,
     except: Option<&ApplicationAccessPolicy>,
 ) -> bool {
-    let others: Vec<rules::AccessPolicy> = all
-        .iter()
+    rules::leaves_app_unrestricted(app_id, removed, added, &others(all, except))
+}
+
+fn others(
+    all: &[ApplicationAccessPolicy],
+    except: Option<&ApplicationAccessPolicy>,
+) -> Vec<rules::AccessPolicy> {
+    all.iter()
         .filter(|p| Some(*p) != except)
         .filter_map(|p| {
             Some(rules::AccessPolicy {
@@ -226,8 +236,39 @@ fn leaves_unrestricted(
                 access_right: tenant_right(p)?,
             })
         })
-        .collect();
-    rules::leaves_app_unrestricted(app_id, removed, added, &others)
+        .collect()
+}
+
+/// The guard on the last RestrictAccess policy: refused (unless `allow_unrestricted`) only when
+/// the change would widen what the app reaches, i.e. the app still holds a permission policies
+/// restrict. Its actual grants are read from Graph only when the policies alone say it would.
+/// Returns the covered permissions the app holds when it is left without RestrictAccess.
+#[allow(clippy::too_many_arguments)]
+async fn guard_last_restrict(
+    graph: &GraphClient,
+    all: &[ApplicationAccessPolicy],
+    app_id: &str,
+    removed: Option<AccessRight>,
+    added: Option<AccessRight>,
+    except: Option<&ApplicationAccessPolicy>,
+    allow_unrestricted: bool,
+    what: &str,
+) -> Result<Option<Vec<String>>, Error> {
+    if !leaves_unrestricted(all, app_id, removed, added, except) {
+        return Ok(None);
+    }
+    let held = covered_permissions_held(graph, app_id).await?;
+    let widens = rules::removal_widens_access(
+        app_id,
+        removed,
+        added,
+        &others(all, except),
+        !held.is_empty(),
+    );
+    if widens && !allow_unrestricted {
+        return Err(last_restrict_error(app_id, what, &held));
+    }
+    Ok(Some(held))
 }
 
 async fn lock_policies(c: &impl GenericClient, tenant_id: Uuid) -> Result<(), Error> {
@@ -260,25 +301,22 @@ pub async fn resolve_scope(
 ) -> Result<Scope, Error> {
     let text = scope.trim().to_ascii_lowercase();
     // A scope group mailscope recorded exists even if Exchange has not replicated it yet (seconds
-    // to minutes after New-DistributionGroup): wait for it. An unknown address fails fast.
-    let mut replication = Replication::Ignore;
-    let identity = if text.contains('@') {
-        text.clone()
-    } else {
-        let db = services.db().await?;
-        match store::scope_groups::get(&db, tenant_id, &text).await? {
-            Some(g) => {
-                replication = Replication::AwaitNew;
-                g.object_id
-            }
-            None => {
-                return Err(Error::invalid(
-                    "scope",
-                    format!(
-                        "mailscope has no scope group `{text}`; create it with PUT /scope-groups/{text}, or give an SMTP address"
-                    ),
-                ));
-            }
+    // to minutes after New-DistributionGroup): wait for it, whichever of its names the request
+    // uses (alias, address as `PUT /scope-groups` returned it, object id). An unknown address
+    // fails fast.
+    let db = services.db().await?;
+    let recorded = store::scope_groups::get_by_any_name(&db, tenant_id, &text).await?;
+    drop(db);
+    let (identity, replication) = match recorded {
+        Some(g) => (g.object_id, Replication::AwaitNew),
+        None if text.contains('@') => (text.clone(), Replication::Ignore),
+        None => {
+            return Err(Error::invalid(
+                "scope",
+                format!(
+                    "mailscope has no scope group `{text}`; create it with PUT /scope-groups/{text}, or give an SMTP address"
+                ),
+            ));
         }
     };
     let r = exo
@@ -433,6 +471,7 @@ pub async fn create(
     let scope = resolve_scope(services, &exo, tenant_id, &input.scope).await?;
     let right = input.access_right;
 
+    let _turn = policy_turn(services, tenant_id).await;
     let mut db = services.db().await?;
     let tx = db.transaction().await?;
     lock_policies(&tx, tenant_id).await?;
@@ -558,6 +597,7 @@ pub async fn describe(
         return Err(Error::Invalid(errs));
     }
     let exo = handle.exchange();
+    let _turn = policy_turn(services, tenant_id).await;
     let mut db = services.db().await?;
     let tx = db.transaction().await?;
     lock_policies(&tx, tenant_id).await?;
@@ -625,6 +665,7 @@ pub async fn replace(
     let scope = resolve_scope(services, &exo, tenant_id, &input.scope).await?;
     let right = input.access_right;
 
+    let _turn = policy_turn(services, tenant_id).await;
     let mut db = services.db().await?;
     let tx = db.transaction().await?;
     lock_policies(&tx, tenant_id).await?;
@@ -655,17 +696,17 @@ pub async fn replace(
     let all = exo.list_application_access_policies().await?;
     let old_in_tenant = record_in_tenant(&all, &rec).cloned();
     // The app stays restricted if the new policy restricts or another RestrictAccess remains.
-    if !allow_unrestricted
-        && leaves_unrestricted(
-            &all,
-            &app_id,
-            Some(old_right),
-            Some(right),
-            old_in_tenant.as_ref(),
-        )
-    {
-        return Err(last_restrict_error(&app_id, "This replacement"));
-    }
+    guard_last_restrict(
+        &handle.graph(),
+        &all,
+        &app_id,
+        Some(old_right),
+        Some(right),
+        old_in_tenant.as_ref(),
+        allow_unrestricted,
+        "This replacement",
+    )
+    .await?;
     let before = serde_json::json!({"scope_object_id": rec.scope_object_id,
         "scope_address": rec.scope_address, "access_right": rec.access_right});
     let (new_policy_obj, order, origin) = if same_scope && old_right == right {
@@ -792,6 +833,7 @@ pub async fn delete(
 ) -> Result<Option<CheckView>, Error> {
     let (_, handle) = tenants::load(services, tenant_id).await?;
     let exo = handle.exchange();
+    let _turn = policy_turn(services, tenant_id).await;
     let mut db = services.db().await?;
     let tx = db.transaction().await?;
     lock_policies(&tx, tenant_id).await?;
@@ -801,11 +843,18 @@ pub async fn delete(
     let all = exo.list_application_access_policies().await?;
     let live = record_in_tenant(&all, &rec).cloned();
     let removed_right = live.as_ref().and_then(tenant_right);
-    let left_unrestricted =
-        leaves_unrestricted(&all, &rec.app_id, removed_right, None, live.as_ref());
-    if left_unrestricted && !allow_unrestricted {
-        return Err(last_restrict_error(&rec.app_id, "Deleting this policy"));
-    }
+    let held = guard_last_restrict(
+        &handle.graph(),
+        &all,
+        &rec.app_id,
+        removed_right,
+        None,
+        live.as_ref(),
+        allow_unrestricted,
+        "Deleting this policy",
+    )
+    .await?;
+    let left_unrestricted = held.is_some();
     let removed = match live.as_ref().and_then(|p| p.identity.clone()) {
         Some(identity) => exo.remove_application_access_policy(&identity).await?,
         None => false,
@@ -820,7 +869,8 @@ pub async fn delete(
         &format!("access_policy/{id}"),
         serde_json::json!({"app_id": rec.app_id, "scope_object_id": rec.scope_object_id,
             "access_right": rec.access_right, "removed_from_tenant": removed,
-            "left_unrestricted": left_unrestricted}),
+            "left_unrestricted": left_unrestricted,
+            "covered_permissions_held": held.unwrap_or_default()}),
     )
     .await?;
     let touched = [TouchedScope {

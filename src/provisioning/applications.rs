@@ -328,6 +328,37 @@ async fn resolve_permissions(
     }
 }
 
+/// The application permissions that access policies restrict (Graph mail, calendar, contacts;
+/// EWS `full_access_as_app`) which the app identified by `app_id` holds in the tenant now, read
+/// from its service principal's app role assignments. Empty when it has no service principal.
+pub async fn covered_permissions_held(
+    graph: &GraphClient,
+    app_id: &str,
+) -> Result<Vec<String>, Error> {
+    let Some(sp) = graph.service_principal_by_app_id(app_id).await? else {
+        return Ok(Vec::new());
+    };
+    let assignments = match graph.app_role_assignments(&sp.id).await {
+        Ok(a) => a,
+        Err(e) if e.is_not_found() => return Ok(Vec::new()),
+        Err(e) => return Err(e.into()),
+    };
+    let mut names = RoleNames::new(graph);
+    let mut held = Vec::new();
+    for a in &assignments {
+        let (resource_app_id, name) = names.name(&a.resource_id, &a.app_role_id).await?;
+        let info = permissions::classify(&name);
+        if info.covered_by_access_policies
+            && resource_app_id.as_deref() == Some(info.resource_app_id)
+        {
+            held.push(name);
+        }
+    }
+    held.sort();
+    held.dedup();
+    Ok(held)
+}
+
 /// Names app roles by (resource service principal object id, app role id), reading each resource
 /// service principal at most once per request (Graph and Exchange come from the connector's cache).
 struct RoleNames<'g> {

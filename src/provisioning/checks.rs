@@ -13,6 +13,7 @@ use super::{Actor, Error, Services};
 use crate::domain::access::{self as rules, ALL_APPS, GroupMembers};
 use crate::domain::field_error::FieldError;
 use crate::domain::propagation::{self as domain, Access, Expectation};
+use crate::m365::TenantHandle;
 use crate::queue::job::Payload;
 use crate::queue::{self, JobRecord, JobState};
 use crate::store::propagation_checks::{CheckRecord, CheckState, Stage};
@@ -462,4 +463,154 @@ pub async fn cancel(
     let v = view(&tx, current).await?;
     tx.commit().await.map_err(StoreError::from)?;
     Ok((v, done))
+}
+
+// Probe secrets: the short-lived client secrets the check's live stage adds to an app to read
+// through Graph as the app. They are removed when the check ends, when its tenant is deleted, and
+// by the sweep for any whose check no longer runs.
+
+/// The display name of a check's probe secret (how leftovers of a crashed run are found).
+pub fn probe_secret_name(check_id: Uuid) -> String {
+    format!("mailscope propagation probe {check_id}")
+}
+
+pub async fn remove_named_secrets(
+    handle: &TenantHandle,
+    object_id: &str,
+    check_id: Uuid,
+) -> Result<(), Error> {
+    let graph = handle.graph();
+    let Some(app) = graph.get_application(object_id).await? else {
+        return Ok(());
+    };
+    let name = probe_secret_name(check_id);
+    for c in app.password_credentials {
+        if c.display_name.as_deref() == Some(name.as_str())
+            && let Some(k) = c.key_id
+        {
+            remove_key(handle, object_id, &k).await?;
+        }
+    }
+    Ok(())
+}
+
+async fn remove_key(handle: &TenantHandle, object_id: &str, key_id: &str) -> Result<(), Error> {
+    match handle.graph().remove_password(object_id, key_id).await {
+        Ok(()) => Ok(()),
+        Err(e) if e.is_not_found() => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Remove the check's probe secret from the app (idempotent), then forget it.
+pub async fn remove_probe_secret(
+    db: &deadpool_postgres::Object,
+    handle: &TenantHandle,
+    check: &CheckRecord,
+) -> Result<(), Error> {
+    // Only a check that reached the live stage can have added one.
+    if check.probe_key_id.is_none() && check.stage == Stage::Configuration {
+        return Ok(());
+    }
+    let object_id = match store::applications::key_of_app(db, check.tenant_id, check.app_id).await?
+    {
+        Some(key) => store::applications::get(db, check.tenant_id, &key)
+            .await?
+            .and_then(|a| a.application_object_id),
+        None => None,
+    };
+    if let Some(object_id) = object_id.map(|o| o.to_string()) {
+        if let Some(k) = check.probe_key_id {
+            remove_key(handle, &object_id, &k.to_string()).await?;
+        }
+        remove_named_secrets(handle, &object_id, check.id).await?;
+    }
+    Ok(store::propagation_checks::clear_probe(db, check.id).await?)
+}
+
+/// Before a tenant is forgotten: remove every probe secret its checks may have added (afterwards
+/// mailscope would hold no credential to reach the apps).
+pub async fn remove_tenant_probe_secrets(
+    db: &deadpool_postgres::Object,
+    handle: &TenantHandle,
+    tenant_id: Uuid,
+) -> Result<usize, Error> {
+    let holding = store::propagation_checks::holding_probes(db, tenant_id).await?;
+    for check in &holding {
+        remove_probe_secret(db, handle, check).await?;
+    }
+    Ok(holding.len())
+}
+
+/// Remove probe secrets left on apps mailscope manages whose check no longer runs (deleted, or
+/// ended without its clean-up). Tenant by tenant; a tenant that cannot be reached is skipped and
+/// tried again at the next sweep. Returns how many secrets were removed.
+pub async fn sweep_probe_secrets(services: &Services) -> Result<usize, Error> {
+    let db = services.db().await?;
+    let tenants = db
+        .query(
+            "SELECT DISTINCT tenant_id FROM applications WHERE application_object_id IS NOT NULL",
+            &[],
+        )
+        .await
+        .map_err(StoreError::from)?;
+    let mut removed = 0;
+    for row in tenants {
+        let tenant_id: Uuid = row.get(0);
+        match sweep_tenant(services, &db, tenant_id).await {
+            Ok(n) => removed += n,
+            Err(e) => tracing::warn!(%tenant_id, error = %e, "probe-secret sweep skipped a tenant"),
+        }
+    }
+    Ok(removed)
+}
+
+async fn sweep_tenant(
+    services: &Services,
+    db: &deadpool_postgres::Object,
+    tenant_id: Uuid,
+) -> Result<usize, Error> {
+    let Some(record) = store::tenants::get(db, tenant_id).await? else {
+        return Ok(0);
+    };
+    let handle = super::tenants::handle_for(services, &record)?;
+    let graph = handle.graph();
+    let apps = db
+        .query(
+            "SELECT application_object_id FROM applications
+             WHERE tenant_id = $1 AND application_object_id IS NOT NULL",
+            &[&tenant_id],
+        )
+        .await
+        .map_err(StoreError::from)?;
+    let prefix = probe_secret_name(Uuid::nil());
+    let prefix = prefix.trim_end_matches(&Uuid::nil().to_string());
+    let mut removed = 0;
+    for row in apps {
+        let object_id: Uuid = row.get(0);
+        let object_id = object_id.to_string();
+        let Some(app) = graph.get_application(&object_id).await? else {
+            continue;
+        };
+        for c in app.password_credentials {
+            let (Some(name), Some(key_id)) = (c.display_name.as_deref(), c.key_id.as_deref())
+            else {
+                continue;
+            };
+            let Some(check_id) = name
+                .strip_prefix(prefix)
+                .and_then(|id| id.parse::<Uuid>().ok())
+            else {
+                continue;
+            };
+            let running = store::propagation_checks::get(db, tenant_id, check_id)
+                .await?
+                .is_some_and(|c| !c.state.is_final());
+            if !running {
+                remove_key(&handle, &object_id, key_id).await?;
+                removed += 1;
+            }
+        }
+    }
+    Ok(removed)
 }

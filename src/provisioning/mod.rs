@@ -38,6 +38,8 @@ pub struct Services {
     pub m365: crate::m365::M365Client,
     /// In-process queues per natural key, in front of the database's advisory locks.
     pub key_locks: Arc<locks::KeyLocks>,
+    /// This process's lease, which tells other processes whether work it claimed is still alive.
+    pub liveness: Arc<crate::store::liveness::Liveness>,
 }
 
 impl Services {

@@ -36,6 +36,20 @@ use crate::store::{
 /// deletion and `/sync` take it too, always before any scope-group lock (one lock order).
 pub const POLICY_LOCK: &str = "access_policies";
 
+/// Queue behind this process's other writers of the tenant's policies *before* taking a pooled
+/// connection (see `locks`): fifty concurrent policy writes on one tenant then hold one
+/// connection, not fifty, and other tenants keep being served. Hold the turn until the
+/// transaction that takes [`POLICY_LOCK`] has ended.
+pub async fn policy_turn(
+    services: &super::Services,
+    tenant_id: Uuid,
+) -> tokio::sync::OwnedMutexGuard<()> {
+    services
+        .key_locks
+        .lock(format!("{POLICY_LOCK}:{tenant_id}"))
+        .await
+}
+
 /// Queue behind other writers of this group in this process, before taking a pooled connection
 /// or calling Microsoft (see `locks`).
 pub async fn take_turn(
@@ -387,9 +401,17 @@ pub async fn put(
     // Look up before creating: the record's object id when mailscope knows the group, else the
     // alias (a group left by a crashed attempt, or made outside mailscope, is adopted).
     let lookup = existing.as_ref().map_or(alias, |e| e.object_id.as_str());
-    let found = exo
-        .get_distribution_group(lookup, Replication::Ignore)
-        .await?;
+    // A group recorded within the replication window may not be visible yet (a repeated PUT, or
+    // a retry, seconds after the create): wait for it rather than create a second one. An older
+    // record that Exchange does not know was removed outside mailscope and is created again.
+    let window = chrono::Duration::seconds(
+        i64::try_from(services.settings.m365.replication_window_secs).unwrap_or(i64::MAX / 1000),
+    );
+    let replication = match &existing {
+        Some(e) if Utc::now() - e.created_at < window => Replication::AwaitNew,
+        _ => Replication::Ignore,
+    };
+    let found = exo.get_distribution_group(lookup, replication).await?;
     if let Some(g) = &found {
         require_security_group(g, alias)?;
     }
@@ -426,11 +448,18 @@ pub async fn put(
             (g, origin)
         }
         None => {
-            let g = create_or_adopt(&exo, alias, &display_name, &desired_list).await?;
-            if g.1 == GroupOrigin::Created {
+            let (g, origin) = create_or_adopt(&exo, alias, &display_name, &desired_list).await?;
+            if origin == GroupOrigin::Created {
                 exchange_changes.push("created");
             }
-            g
+            // The group mailscope recorded, found again by alias: it keeps its origin.
+            let origin = match &existing {
+                Some(e) if group_object_id(&g).as_deref() == Some(e.object_id.as_str()) => {
+                    GroupOrigin::parse(&e.origin)?
+                }
+                _ => origin,
+            };
+            (g, origin)
         }
     };
     let (object_id, smtp) = group_fields(&group, alias)?;
@@ -574,9 +603,12 @@ async fn create_or_adopt(
     };
     match exo.new_security_group(&new).await {
         Ok(g) => Ok((g, GroupOrigin::Created)),
+        // Exchange says the name is taken, so the group exists: if the look-up before the
+        // create missed it, it was being replicated (created moments ago, e.g. by an attempt
+        // that crashed before recording it). Wait for it and adopt it.
         Err(e) if maybe_exists(&e) => {
             match exo
-                .get_distribution_group(alias, Replication::Ignore)
+                .get_distribution_group(alias, Replication::AwaitNew)
                 .await?
             {
                 Some(g) => {
@@ -628,7 +660,9 @@ pub async fn delete(
     let (_, handle) = tenants::load(services, tenant_id).await?;
     let exo = handle.exchange();
     // Deletion keeps its locks across the Microsoft calls (no policy may start using the group
-    // meanwhile); queuing in this process first keeps waiting writers off the pool.
+    // meanwhile); queuing in this process first keeps waiting writers off the pool. Policy turn
+    // first, then the group's: the same order as the database locks.
+    let _policy_turn = policy_turn(services, tenant_id).await;
     let _turn = take_turn(services, tenant_id, alias).await;
     let mut db = services.db().await?;
     let tx = db.transaction().await?;

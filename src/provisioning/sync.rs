@@ -13,7 +13,7 @@ use uuid::Uuid;
 
 use super::access_policies::scope_guid;
 use super::scope_groups::{
-    POLICY_LOCK, current_members_of, lock_group, primary_address, recipient_object_id,
+    POLICY_LOCK, current_members_of, lock_group, policy_turn, primary_address, recipient_object_id,
 };
 use super::{Actor, Error, Services, audit, tenants};
 use deadpool_postgres::GenericClient;
@@ -78,6 +78,7 @@ pub async fn run(
 ) -> Result<SyncReport, Error> {
     let (_, handle) = tenants::load(services, tenant_id).await?;
     let exo = handle.exchange();
+    let _turn = policy_turn(services, tenant_id).await;
     let mut db = services.db().await?;
     let tx = db.transaction().await?;
     store::lock_key(&tx, POLICY_LOCK, &tenant_id.to_string()).await?;

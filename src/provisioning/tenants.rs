@@ -160,7 +160,12 @@ fn changed_fields(old: &TenantRecord, new: &TenantRecord, same_secret: bool) -> 
 
 /// Forget a tenant and its stored credential; its audit trail is kept.
 pub async fn delete(services: &Services, actor: &Actor, tenant_id: Uuid) -> Result<(), Error> {
+    // Take back the probe secrets running checks added to the tenant's apps first: once the
+    // tenant is forgotten, mailscope has no credential left to remove them with. If Microsoft
+    // cannot be reached, the deletion is refused with that cause and can be retried.
+    let (_, handle) = load(services, tenant_id).await?;
     let mut db = services.db().await?;
+    let probes = super::checks::remove_tenant_probe_secrets(&db, &handle, tenant_id).await?;
     let tx = db.transaction().await?;
     if !store::tenants::delete(&tx, tenant_id).await? {
         return Err(tenant_not_found(tenant_id));
@@ -171,7 +176,7 @@ pub async fn delete(services: &Services, actor: &Actor, tenant_id: Uuid) -> Resu
         tenant_id,
         "tenant.deleted",
         &format!("tenant/{tenant_id}"),
-        serde_json::json!({}),
+        serde_json::json!({"probe_secrets_checked": probes}),
     )
     .await?;
     tx.commit().await?;

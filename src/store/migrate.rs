@@ -39,6 +39,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "rbac_restrictions",
         include_str!("../../migrations/0008_rbac_restrictions.sql"),
     ),
+    (
+        9,
+        "idempotency_scope_and_holder",
+        include_str!("../../migrations/0009_idempotency_scope_and_holder.sql"),
+    ),
 ];
 
 /// Arbitrary but fixed: "mailscop" in ASCII.

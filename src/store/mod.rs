@@ -10,6 +10,7 @@ pub mod access_policies;
 pub mod applications;
 pub mod audit;
 pub mod embedded;
+pub mod liveness;
 pub mod local_secrets;
 pub mod migrate;
 pub mod propagation_checks;

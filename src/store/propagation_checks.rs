@@ -357,6 +357,25 @@ pub async fn set_probe(
     Ok(())
 }
 
+/// The tenant's checks that may have a probe secret on an app: one recorded, or a live stage
+/// still running (which may have added one it has not recorded yet).
+pub async fn holding_probes(
+    c: &impl GenericClient,
+    tenant_id: Uuid,
+) -> Result<Vec<CheckRecord>, StoreError> {
+    let sql = format!(
+        "SELECT {COLUMNS} FROM propagation_checks
+         WHERE tenant_id = $1
+           AND (probe_key_id IS NOT NULL
+                OR (stage <> 'configuration' AND state IN ('queued', 'running')))"
+    );
+    Ok(c.query(&sql, &[&tenant_id])
+        .await?
+        .iter()
+        .map(from_row)
+        .collect())
+}
+
 /// The probe secret was removed from the app (or never existed): forget it.
 pub async fn clear_probe(c: &impl GenericClient, id: Uuid) -> Result<(), StoreError> {
     c.execute(

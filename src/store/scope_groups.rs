@@ -126,6 +126,25 @@ pub async fn get_by_object_id(
         .map(from_row))
 }
 
+/// The group mailscope manages under any of its names: alias, primary SMTP address or object id
+/// (`name` in lower case). An alias wins over another group's address.
+pub async fn get_by_any_name(
+    c: &impl GenericClient,
+    tenant_id: Uuid,
+    name: &str,
+) -> Result<Option<ScopeGroupRecord>, StoreError> {
+    let sql = format!(
+        "SELECT {COLUMNS} FROM scope_groups
+         WHERE tenant_id = $1
+           AND (alias = $2 OR lower(primary_smtp_address) = $2 OR lower(object_id) = $2)
+         ORDER BY alias = $2 DESC LIMIT 1"
+    );
+    Ok(c.query_opt(&sql, &[&tenant_id, &name])
+        .await?
+        .as_ref()
+        .map(from_row))
+}
+
 /// Ordered by alias, after `after`.
 pub async fn list(
     c: &impl GenericClient,

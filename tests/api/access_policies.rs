@@ -196,6 +196,76 @@ async fn fifty_concurrent_identical_posts_create_one_policy() {
     assert_eq!(count(&env, "New-ApplicationAccessPolicy").await, 1);
 }
 
+/// Writers of one tenant's policies queue in the process, not in the pool: with the test's pool
+/// of 4 and its 2 s wait for a connection, 50 concurrent POSTs on tenant A all succeed while
+/// another tenant's reads keep answering.
+#[tokio::test]
+async fn concurrent_policy_writes_on_one_tenant_leave_the_pool_to_others() {
+    let env = WithSandbox::start().await;
+    assert_eq!(env.app.settings.database.pool_size, 4);
+    create_group(&env, "crm-scope", &["alice"]).await;
+    let other = "0c0c0c0c-1111-4222-8333-444455556666";
+    let res = env
+        .app
+        .http
+        .put(env.app.url(&format!("/v1/tenants/{other}")))
+        .bearer_auth(env.app.admin())
+        .json(&tenant_body("other-tenant-secret"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201);
+
+    let body = json!({"app_id": APP, "scope": "crm-scope", "access_right": "RestrictAccess"});
+    let writers: Vec<_> = (0..50)
+        .map(|_| {
+            let (http, url, token) = (
+                env.app.http.clone(),
+                env.url("/access-policies"),
+                env.app.admin(),
+            );
+            let body = body.clone();
+            tokio::spawn(async move {
+                let res = http
+                    .post(url)
+                    .bearer_auth(token)
+                    .json(&body)
+                    .send()
+                    .await
+                    .unwrap();
+                let status = res.status().as_u16();
+                (status, res.text().await.unwrap())
+            })
+        })
+        .collect();
+    let reads_url = env.app.url(&format!("/v1/tenants/{other}/access-policies"));
+    let mut reads = Vec::new();
+    while !writers.iter().all(|w| w.is_finished()) {
+        let res = env
+            .app
+            .http
+            .get(&reads_url)
+            .bearer_auth(env.app.admin())
+            .send()
+            .await
+            .unwrap();
+        reads.push(res.status().as_u16());
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let mut statuses = Vec::new();
+    for w in writers {
+        let (status, text) = w.await.unwrap();
+        assert!(status == 200 || status == 201, "{status}: {text}");
+        statuses.push(status);
+    }
+    assert_eq!(statuses.iter().filter(|s| **s == 201).count(), 1);
+    assert!(reads.len() > 1, "reads ran during the writes");
+    assert!(
+        reads.iter().all(|s| *s == 200),
+        "tenant B answered {reads:?} while tenant A was busy"
+    );
+}
+
 #[tokio::test]
 async fn a_policy_created_before_a_crash_is_adopted_on_retry() {
     let env = WithSandbox::start().await;
@@ -545,4 +615,53 @@ async fn a_policy_on_a_just_created_scope_group_waits_for_replication() {
         422,
     )
     .await;
+}
+
+/// A scope group mailscope just created is recognised by any of its names: by the address
+/// `PUT /scope-groups` returned, a policy waits for replication as it does by alias.
+#[tokio::test]
+async fn a_policy_on_a_just_created_scope_group_named_by_address_waits_for_replication() {
+    let mut sb = mailscope::sandbox::SandboxSettings::fast();
+    sb.pacing.replication_delay =
+        mailscope::sandbox::settings::DelayRange::fixed(std::time::Duration::from_millis(1500));
+    let env = WithSandbox::start_with(sb).await;
+    let group = create_group(&env, "fresh-scope", &["alice"]).await;
+    let address = group["primary_smtp_address"].as_str().unwrap().to_string();
+    let body = json!({"app_id": APP, "scope": address, "access_right": "RestrictAccess"});
+    let p = post_policy(&env, body, 201).await;
+    assert_eq!(p["scope_alias"], "fresh-scope", "{p}");
+}
+
+/// The guard's advice works: once the app no longer holds any permission that policies restrict
+/// (here revoked with `PUT /applications/{key}`), its last RestrictAccess policy can go, since
+/// nothing widens.
+#[tokio::test]
+async fn the_last_restrict_policy_goes_once_the_app_holds_no_mail_permission() {
+    let env = WithSandbox::start().await;
+    let app_body = |perms: Value| json!({"display_name": "Reporting", "permissions": perms, "grant_admin_consent": true});
+    let app = env
+        .api()
+        .put(
+            "/applications/reporting",
+            &app_body(json!(["Mail.Read"])),
+            201,
+        )
+        .await;
+    let app_id = app["app_id"].as_str().unwrap().to_string();
+    let body = json!({"app_id": app_id, "scope": addr("alice"), "access_right": "RestrictAccess"});
+    let id = post_policy(&env, body, 201).await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    // Holding Mail.Read, the app would reach every mailbox: refused, naming the permission.
+    let p = delete_policy(&env, &id, "", (409, "last_restrict_policy")).await;
+    assert!(p["detail"].as_str().unwrap().contains("Mail.Read"), "{p}");
+
+    // Follow the advice: revoke the permissions, then the policy can go without the override.
+    env.api()
+        .put("/applications/reporting", &app_body(json!([])), 200)
+        .await;
+    delete_policy(&env, &id, "", 204).await;
+    assert_eq!(count(&env, "Remove-ApplicationAccessPolicy").await, 1);
 }

@@ -47,6 +47,7 @@ async fn echo_server() -> Echo {
         m365: mailscope::m365::M365Client::new(settings.m365.clone(), &prometheus::Registry::new())
             .unwrap(),
         key_locks: Default::default(),
+        liveness: Default::default(),
     });
     let verifier = web::Data::new(Verifier::hs256(settings.auth.clone(), HS_SECRET));
     let calls = Arc::new(AtomicUsize::new(0));
@@ -61,7 +62,7 @@ async fn echo_server() -> Echo {
                 web::scope("/v1")
                     .wrap(from_fn(idempotency::middleware))
                     .route(
-                        "/echo",
+                        "/echo{rest:(/other)?}",
                         web::post().to(move |body: web::Json<serde_json::Value>| {
                             let c = c.clone();
                             async move {
@@ -212,22 +213,100 @@ async fn keys_are_scoped_to_the_caller() {
     assert_eq!(e.calls.load(Ordering::SeqCst), 2);
 }
 
+/// Turn the stored answer of `k` back into a request still in progress, held for an hour.
+async fn make_in_progress(e: &Echo, holder: Option<i32>) {
+    let db = e.db.client().await;
+    db.execute(
+        "UPDATE idempotency_keys SET response_status = NULL,
+             locked_until = now() + interval '1 hour', holder = coalesce($1, holder)",
+        &[&holder],
+    )
+    .await
+    .unwrap();
+}
+
 #[tokio::test]
-async fn a_crashed_first_request_is_taken_over_after_its_lock_lapses() {
+async fn a_request_whose_task_died_is_taken_over_at_once() {
     let e = echo_server().await;
     let t = e.token("alice");
     let body = json!({"y": 1});
-    // Run it once to learn the stored fingerprint, then turn the record into a crashed, locked one.
+    // Run it once, then make its record look like this process's request that never finished
+    // (its task was dropped mid-way): nothing in the process runs it any more.
     assert_eq!(post(&e, &t, Some("k-6"), body.clone()).await.status(), 201);
     let db = e.db.client().await;
     db.execute(
-        "UPDATE idempotency_keys SET response_status = NULL, locked_until = now() + interval '1 hour'",
+        "UPDATE idempotency_keys SET response_status = NULL,
+             locked_until = now() + interval '1 hour'",
+        &[],
+    )
+    .await
+    .unwrap();
+    let res = post(&e, &t, Some("k-6"), body).await;
+    assert_eq!(res.status(), 201, "not 409 for the next five minutes");
+    assert!(
+        res.headers().get("idempotent-replayed").is_none(),
+        "taken over and run again"
+    );
+    assert_eq!(e.calls.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn a_request_whose_process_died_is_taken_over_at_once() {
+    let e = echo_server().await;
+    let t = e.token("alice");
+    let body = json!({"z": 1});
+    assert_eq!(post(&e, &t, Some("k-7"), body.clone()).await.status(), 201);
+    // Another replica: a session holding its lease, and the key in progress under it.
+    let other = e.db.client().await;
+    other
+        .execute(
+            "SELECT pg_advisory_lock($1, 4242)",
+            &[&mailscope::store::liveness::LOCK_CLASS],
+        )
+        .await
+        .unwrap();
+    make_in_progress(&e, Some(4242)).await;
+    let res = post(&e, &t, Some("k-7"), body.clone()).await;
+    assert_eq!(res.headers()["retry-after"], "1");
+    assert_problem(res, 409, "idempotency_key_in_use").await;
+    assert_eq!(
+        e.calls.load(Ordering::SeqCst),
+        1,
+        "a live holder keeps its key"
+    );
+
+    // The replica dies: its connection closes and the retry runs at once.
+    drop(other);
+    let mut res = post(&e, &t, Some("k-7"), body.clone()).await;
+    for _ in 0..20 {
+        // The server notices the closed socket within milliseconds; allow for a slow machine.
+        if res.status() != 409 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        res = post(&e, &t, Some("k-7"), body.clone()).await;
+    }
+    assert_eq!(res.status(), 201);
+    assert!(res.headers().get("idempotent-replayed").is_none());
+    assert_eq!(e.calls.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn a_record_without_a_holder_waits_for_its_lease() {
+    let e = echo_server().await;
+    let t = e.token("alice");
+    let body = json!({"w": 1});
+    assert_eq!(post(&e, &t, Some("k-8"), body.clone()).await.status(), 201);
+    let db = e.db.client().await;
+    db.execute(
+        "UPDATE idempotency_keys SET response_status = NULL, holder = NULL,
+             locked_until = now() + interval '1 hour'",
         &[],
     )
     .await
     .unwrap();
     assert_problem(
-        post(&e, &t, Some("k-6"), body.clone()).await,
+        post(&e, &t, Some("k-8"), body.clone()).await,
         409,
         "idempotency_key_in_use",
     )
@@ -238,13 +317,84 @@ async fn a_crashed_first_request_is_taken_over_after_its_lock_lapses() {
     )
     .await
     .unwrap();
-    let res = post(&e, &t, Some("k-6"), body).await;
-    assert_eq!(res.status(), 201);
-    assert!(
-        res.headers().get("idempotent-replayed").is_none(),
-        "taken over and run again"
-    );
+    assert_eq!(post(&e, &t, Some("k-8"), body).await.status(), 201);
     assert_eq!(e.calls.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn callers_without_an_identity_cannot_use_keys() {
+    let e = echo_server().await;
+    let s = &e.settings.auth;
+    let now = chrono::Utc::now().timestamp();
+    // Valid, with a role, but naming no caller: no sub, oid, azp or appid.
+    let claims = json!({"iss": s.issuer, "aud": s.audience, "exp": now + 600,
+        "roles": ["MailScope.Write"], s.tenants_claim.as_str(): ["*"]});
+    let anonymous = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(HS_SECRET.as_bytes()),
+    )
+    .unwrap();
+    let body = json!({"v": 1});
+    let res = post(&e, &anonymous, Some("k-9"), body.clone()).await;
+    let problem = assert_problem(res, 400, "invalid_idempotency_key").await;
+    assert!(
+        problem["detail"].as_str().unwrap().contains("sub"),
+        "{problem}"
+    );
+    assert_eq!(e.calls.load(Ordering::SeqCst), 0);
+    // Without the key the same caller is served.
+    assert_eq!(post(&e, &anonymous, None, body).await.status(), 201);
+}
+
+#[tokio::test]
+async fn the_same_key_on_another_path_is_another_key() {
+    let e = echo_server().await;
+    let t = e.token("alice");
+    let body = json!({"u": 1});
+    assert_eq!(post(&e, &t, Some("k-10"), body.clone()).await.status(), 201);
+    let other = reqwest::Client::new()
+        .post(format!("{}/v1/echo/other", e.base))
+        .bearer_auth(&t)
+        .header("Idempotency-Key", "k-10")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(other.status(), 201, "not idempotency_key_reused");
+    assert!(other.headers().get("idempotent-replayed").is_none());
+    assert_eq!(e.calls.load(Ordering::SeqCst), 2);
+}
+
+/// The replay must not skip the handler's authorization: a Read token on tenant A with the same
+/// `sub` as an Admin gets no replay of the Admin's sync of tenant B.
+#[tokio::test]
+async fn a_replay_is_authorized_like_the_request() {
+    let env = WithSandbox::start().await;
+    let sync = |token: String| {
+        env.app
+            .http
+            .post(env.url("/sync"))
+            .bearer_auth(token)
+            .header("Idempotency-Key", "\"sync-1\"")
+            .send()
+    };
+    let first = sync(env.app.admin()).await.unwrap();
+    assert_eq!(first.status(), 200);
+    let again = sync(env.app.admin()).await.unwrap();
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+
+    let tenant_a = uuid::Uuid::new_v4().to_string();
+    // Same `sub` ("tester"), only Read, only on tenant A.
+    let reader = env.app.token(&["MailScope.Read"], &[&tenant_a]);
+    let res = sync(reader).await.unwrap();
+    assert!(res.headers().get("idempotent-replayed").is_none());
+    assert_problem(res, 403, "forbidden").await;
+    // Same `sub`, Write, but tenant B is not among its tenants: as if B did not exist.
+    let writer_on_a = env.app.token(&["MailScope.Write"], &[&tenant_a]);
+    let res = sync(writer_on_a).await.unwrap();
+    assert!(res.headers().get("idempotent-replayed").is_none());
+    assert_problem(res, 404, "not_found").await;
 }
 
 #[tokio::test]

@@ -165,3 +165,66 @@ async fn quoted_input_is_bounded() {
         assert!(e["message"].as_str().unwrap().chars().count() <= 601);
     }
 }
+
+/// Text with a NUL character (U+0000) cannot be stored; every field that reaches the database
+/// refuses it with a field error, never a 500.
+#[tokio::test]
+async fn nul_characters_are_refused_in_every_field() {
+    let env = WithSandbox::start().await;
+    let nul = "x\u{0}y";
+    let mut tenant = tenant_body("a-secret-value");
+    tenant["display_name"] = serde_json::json!(nul);
+    let app_id = "b9701c1e-1364-464d-93e4-01ae925e8d6c";
+    let cases = [
+        (env.app.http.put(env.app.url(T)), tenant, "display_name"),
+        (
+            env.app.http.put(env.url("/scope-groups/crm")),
+            serde_json::json!({"display_name": nul, "members": []}),
+            "display_name",
+        ),
+        (
+            env.app.http.put(env.url("/applications/crm")),
+            serde_json::json!({"display_name": nul, "permissions": ["Mail.Read"]}),
+            "display_name",
+        ),
+        (
+            env.app.http.post(env.url("/access-policies")),
+            serde_json::json!({"app_id": app_id, "scope": format!("crm{nul}"), "access_right": "RestrictAccess"}),
+            "scope",
+        ),
+        (
+            env.app.http.post(env.url("/access-policies")),
+            serde_json::json!({"app_id": app_id, "scope": "crm", "access_right": "RestrictAccess",
+                "canary_mailboxes": ["ok@contoso.com", nul]}),
+            "canary_mailboxes[1]",
+        ),
+    ];
+    for (req, body, field) in cases {
+        let res = req
+            .bearer_auth(env.app.admin())
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let problem = assert_problem(res, 422, "validation_failed").await;
+        assert_eq!(problem["errors"][0]["field"], field, "{problem}");
+        assert!(
+            problem["errors"][0]["message"]
+                .as_str()
+                .unwrap()
+                .contains("NUL"),
+            "{problem}"
+        );
+    }
+    // In the path too: 400, not 500.
+    let res = env
+        .app
+        .http
+        .put(env.url("/applications/crm%00x"))
+        .bearer_auth(env.app.admin())
+        .json(&serde_json::json!({"display_name": "ok", "permissions": ["Mail.Read"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(res, 400, "invalid_path_parameter").await;
+}

@@ -322,6 +322,121 @@ async fn a_check_times_out_when_propagation_never_comes() {
     assert_eq!(probe_secrets(&env, &app).await, 0, "probe secret removed");
 }
 
+/// Deleting a tenant takes back the probe secret a running check added to its app: afterwards
+/// mailscope would have no credential to remove it with.
+#[tokio::test]
+async fn deleting_a_tenant_takes_back_the_probe_secret_of_a_running_check() {
+    let env = start(sandbox(600, 1200), |_| {}).await;
+    let app = managed_app(&env, "crm", &["Mail.Read"]).await;
+    create_group(&env, "crm-scope", &["alice"]).await;
+    restrict(&env, &app, "crm-scope", &["carol"]).await;
+    assert_eq!(wait_for_probe_secret(&env, &app).await, 1);
+
+    let res = env
+        .app
+        .http
+        .delete(env.url(""))
+        .bearer_auth(env.app.admin())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 204, "{}", res.text().await.unwrap());
+    assert_eq!(
+        probe_secrets(&env, &app).await,
+        0,
+        "no probe secret left on the app"
+    );
+}
+
+/// The housekeeping sweep removes a probe secret whose check no longer exists (here its row is
+/// deleted mid-check, as a crash-time leftover would look), and leaves running checks' alone.
+#[tokio::test]
+async fn the_sweep_removes_probe_secrets_whose_check_is_gone() {
+    let env = start(sandbox(600, 1200), |_| {}).await;
+    let app = managed_app(&env, "crm", &["Mail.Read"]).await;
+    create_group(&env, "crm-scope", &["alice"]).await;
+    restrict(&env, &app, "crm-scope", &["carol"]).await;
+    assert_eq!(wait_for_probe_secret(&env, &app).await, 1);
+
+    // The same services the worker's housekeeping uses, on the app's database.
+    let settings = env.app.settings.clone();
+    let url = env.app.db.url.clone();
+    let key = mailscope::config::decode_encryption_key(ENCRYPTION_KEY).unwrap();
+    let services = mailscope::provisioning::Services {
+        pool: mailscope::store::create_pool(&url, &settings.database).unwrap(),
+        cipher: mailscope::crypto::CredentialCipher::new(&key),
+        settings: std::sync::Arc::new(settings.clone()),
+        m365: mailscope::m365::M365Client::new(settings.m365.clone(), &prometheus::Registry::new())
+            .unwrap(),
+        key_locks: Default::default(),
+        liveness: Default::default(),
+    };
+    let sweep = mailscope::provisioning::checks::sweep_probe_secrets;
+    assert_eq!(
+        sweep(&services).await.unwrap(),
+        0,
+        "a running check keeps it"
+    );
+    assert_eq!(probe_secrets(&env, &app).await, 1);
+
+    env.app
+        .db
+        .client()
+        .await
+        .execute("DELETE FROM propagation_checks", &[])
+        .await
+        .unwrap();
+    assert_eq!(sweep(&services).await.unwrap(), 1);
+    assert_eq!(probe_secrets(&env, &app).await, 0);
+}
+
+/// The README's case: a policy on a group, no canary anywhere. Every expectation would be
+/// "granted" and pass before anything is enforced; the check picks a mailbox outside the scope
+/// that must be denied, and succeeds only once Graph denies it.
+#[tokio::test]
+async fn a_check_without_a_canary_proves_the_restriction_with_a_denial() {
+    let env = start(sandbox(10, 20), |_| {}).await;
+    let app = managed_app(&env, "crm", &["Mail.Read"]).await;
+    create_group(&env, "crm-scope", &["alice"]).await;
+    let (policy, _) = restrict(&env, &app, "crm-scope", &[]).await;
+    let id = policy["propagation_check"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let denied = |c: &Value| -> Vec<Value> {
+        c["expectations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["expected"] == "denied")
+            .cloned()
+            .collect()
+    };
+
+    // Graph has adopted nothing yet: the check must not pass.
+    let live = wait_until(&env, &id, |c| c["stage"] == "live" || is_final(c)).await;
+    assert_eq!(live["stage"], "live", "{live:#}");
+    let witness = denied(&live);
+    assert_eq!(
+        witness.len(),
+        1,
+        "one mailbox picked to be denied: {live:#}"
+    );
+    assert_ne!(witness[0]["mailbox"], addr("alice"));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let still = get_check(&env, &id).await;
+    assert!(
+        !is_final(&still),
+        "no success before enforcement: {still:#}"
+    );
+
+    env.sandbox.advance_clock(Duration::from_secs(25 * 60));
+    let done = wait_until(&env, &id, is_final).await;
+    assert_eq!(done["state"], "succeeded", "{done:#}");
+    assert_eq!(done["verified_by"], "graph");
+    assert_eq!(denied(&done)[0]["last_observed"], "denied", "{done:#}");
+}
+
 #[tokio::test]
 async fn cancel_ends_a_live_check_and_takes_its_probe_secret_back() {
     let env = start(sandbox(600, 1200), |_| {}).await;

@@ -493,3 +493,41 @@ async fn a_burst_of_puts_on_one_tenant_does_not_make_another_tenants_reads_fail(
         assert_eq!(status, 201, "{body}");
     }
 }
+
+/// A sandbox whose Exchange shows new objects only after `ms` (replication).
+fn replicating(ms: u64) -> mailscope::sandbox::SandboxSettings {
+    let mut sb = mailscope::sandbox::SandboxSettings::fast();
+    sb.pacing.replication_delay =
+        mailscope::sandbox::settings::DelayRange::fixed(std::time::Duration::from_millis(ms));
+    sb
+}
+
+/// Repeating a successful PUT while Exchange still replicates the new group answers as a repeat
+/// (the recorded group, found once visible), never `already_exists` and never a second group.
+#[tokio::test]
+async fn a_repeated_put_during_replication_finds_the_group_it_created() {
+    let env = WithSandbox::start_with(replicating(1500)).await;
+    let body = json!({"members": [addr("alice")]});
+    let first = env.api().put("/scope-groups/fresh", &body, 201).await;
+    let again = env.api().put("/scope-groups/fresh", &body, 200).await;
+    assert_eq!(again["object_id"], first["object_id"]);
+    assert_eq!(again["origin"], "created");
+    assert_eq!(count(&env, "New-DistributionGroup").await, 1);
+}
+
+/// A PUT that created the group and crashed before recording it is retried at once: the retry
+/// adopts the group being replicated instead of failing with `already_exists`.
+#[tokio::test]
+async fn a_retry_after_a_crash_during_replication_adopts_the_group() {
+    let env = WithSandbox::start_with(replicating(1500)).await;
+    break_inserts(&env, "scope_groups").await;
+    let body = json!({"members": [addr("alice")]});
+    env.api()
+        .put("/scope-groups/fresh", &body, (500, "internal"))
+        .await;
+    repair_inserts(&env, "scope_groups").await;
+    let retry = env.api().put("/scope-groups/fresh", &body, 201).await;
+    assert_eq!(retry["origin"], "adopted");
+    // One group: the retry's own create was refused as a duplicate, and it adopted the first.
+    env.api().get("/scope-groups/fresh", 200).await;
+}
