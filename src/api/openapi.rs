@@ -8,7 +8,8 @@ use utoipa_swagger_ui::SwaggerUi;
 
 use super::problem::{ApiError, CATALOGUE, FieldError, Problem};
 use super::{
-    access_policies, applications, audit, health, propagation_checks, scope_groups, tenants,
+    access_grants, access_policies, applications, audit, health, propagation_checks, scope_groups,
+    tenants,
 };
 use crate::domain::cloud::{Cloud, EndpointOverrides};
 
@@ -39,6 +40,8 @@ branch on `type` (or its short form `code`). Every response carries `X-Request-I
         access_policies::access_test, access_policies::sync,
         propagation_checks::create_check, propagation_checks::list_checks,
         propagation_checks::get_check, propagation_checks::cancel_check,
+        access_grants::put_access_grant, access_grants::get_access_grant,
+        access_grants::delete_access_grant, access_grants::list_access_grants,
     ),
     components(schemas(
         Problem, FieldError, ProblemType, Cloud, EndpointOverrides,
@@ -62,6 +65,8 @@ branch on `type` (or its short form `code`). Every response carries `X-Request-I
         propagation_checks::CheckInput, propagation_checks::ExpectationInput,
         propagation_checks::PropagationCheck, propagation_checks::ExpectationView,
         propagation_checks::PropagationCheckList, crate::domain::propagation::Access,
+        access_grants::AccessGrantInput, access_grants::AccessGrant, access_grants::AccessGrantList,
+        access_grants::GrantStep, access_grants::StepErrorView, crate::domain::grant::Mechanism,
     )),
     modifiers(&BearerAuth),
     tags(
@@ -70,6 +75,7 @@ branch on `type` (or its short form `code`). Every response carries `X-Request-I
         (name = "scope groups", description = "Mail-enabled security groups that define which mailboxes an app may reach"),
         (name = "access policies", description = "Application access policies: create, replace safely, test and sync"),
         (name = "propagation checks", description = "Proof that an app's restriction is in force: Exchange's verdict, then Graph as the app until every front end agrees"),
+        (name = "access grants", description = "Vendor onboarding and offboarding as one declarative, resumable resource: the app, its permissions and its mailboxes, proven in force"),
         (name = "operations", description = "Health, readiness, metrics and error catalogue"),
     )
 )]

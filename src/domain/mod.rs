@@ -5,6 +5,7 @@ pub mod address;
 pub mod cloud;
 pub mod credential;
 pub mod field_error;
+pub mod grant;
 pub mod permissions;
 pub mod propagation;
 pub mod rbac;

@@ -34,6 +34,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "webhook_deliveries",
         include_str!("../../migrations/0007_webhook_deliveries.sql"),
     ),
+    (
+        11,
+        "access_grants",
+        include_str!("../../migrations/0011_access_grants.sql"),
+    ),
 ];
 
 /// Arbitrary but fixed: "mailscop" in ASCII.
