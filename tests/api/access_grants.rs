@@ -528,3 +528,42 @@ async fn a_worker_killed_mid_onboarding_change_and_removal_resumes_to_the_same_e
         ]
     );
 }
+
+#[tokio::test]
+async fn ready_and_removed_are_announced_by_signed_events() {
+    use wiremock::matchers::{method, path};
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+    let receiver = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/hooks/grants"))
+        .respond_with(ResponseTemplate::new(204))
+        .mount(&receiver)
+        .await;
+    let env = start(|s| s.webhooks = crate::webhooks::hook_settings(5)).await;
+    let mut body = acme(&["alice"]);
+    body["callback_url"] = json!(format!("{}/hooks/grants", receiver.uri()));
+    let (status, g) = put_grant(&env, "acme", body).await;
+    assert_eq!(status, 202, "{g}");
+    wait_for(&env, "acme", "ready").await;
+    let (status, _) = send(&env, reqwest::Method::DELETE, "/access-grants/acme", None).await;
+    assert_eq!(status, 202);
+    wait_for(&env, "acme", "removed").await;
+    let mut got = Vec::new();
+    for _ in 0..100 {
+        got = receiver.received_requests().await.unwrap();
+        if got.len() >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut types: Vec<String> = Vec::new();
+    for r in &got {
+        assert!(crate::webhooks::receiver_accepts(r), "signature verifies");
+        let event: Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(event["data"]["key"], "acme");
+        assert_eq!(event["data"]["labels"]["vendor"], "acme");
+        types.push(event["type"].as_str().unwrap().to_string());
+    }
+    types.sort();
+    assert_eq!(types, ["access_grant.ready", "access_grant.removed"]);
+}
