@@ -314,6 +314,9 @@ pub async fn put_access_grant(
 /// One grant: each step with its state, attempts and last error (cause and fix), and the
 /// overall condition.
 ///
+/// A token limited by the `mailscope_grants` claim (grant keys, or `label:name=value`) reads
+/// only its grants here; every other resource of the tenant answers 404 to it.
+///
 /// `?wait=N` holds the request up to N seconds (at most 60) until the condition changes; a
 /// `ready`, `failed` or `removed` grant answers at once.
 #[utoipa::path(get, path = "/v1/tenants/{tenant_id}/access-grants/{key}", tag = "access grants",
@@ -334,10 +337,14 @@ pub async fn get_access_grant(
 ) -> Result<HttpResponse, ApiError> {
     caller.require(Role::Read)?;
     let (tenant_id, key) = path.into_inner();
-    caller.require_tenant(tenant_id)?;
+    // A token limited to some grants (a vendor portal) sees those, and any other as absent.
+    caller.require_grant_tenant(tenant_id)?;
+    let first = grants::get(&state, tenant_id, &key).await?;
+    if !caller.may_see_grant(&first.key, &first.labels) {
+        return Err(grants::grant_not_found(&key).into());
+    }
     let wait = Duration::from_secs(q.wait.unwrap_or(0).min(MAX_WAIT_SECONDS));
     let until = tokio::time::Instant::now() + wait;
-    let first = grants::get(&state, tenant_id, &key).await?;
     let mut current = first.clone();
     // Poll the row (one indexed read every 250 ms, no connection held in between).
     while !current.condition.is_settled()
@@ -378,7 +385,8 @@ pub async fn delete_access_grant(
 }
 
 /// The tenant's grants with their condition, ordered by key; filterable by label, condition
-/// and external reference (a portal's list view).
+/// and external reference (a portal's list view). A token limited by the `mailscope_grants`
+/// claim sees only its grants.
 #[utoipa::path(get, path = "/v1/tenants/{tenant_id}/access-grants", tag = "access grants",
     params(("tenant_id" = Uuid, Path, description = "The Microsoft Entra tenant id"), GrantListQuery),
     responses(
@@ -397,7 +405,7 @@ pub async fn list_access_grants(
 ) -> Result<HttpResponse, ApiError> {
     caller.require(Role::Read)?;
     let tenant_id = path.into_inner();
-    caller.require_tenant(tenant_id)?;
+    caller.require_grant_tenant(tenant_id)?;
     let q = q.into_inner();
     let limit = page_limit(q.limit)?;
     let labels = match &q.label {
@@ -427,17 +435,19 @@ pub async fn list_access_grants(
         external_ref: q.external_ref,
         keys: None,
     };
-    let items = grants::list(&state, tenant_id, &filter, q.after.as_deref(), limit + 1).await?;
+    let mut items = grants::list(&state, tenant_id, &filter, q.after.as_deref(), limit + 1).await?;
     let more = items.len() as i64 > limit;
-    let items: Vec<AccessGrant> = items
-        .into_iter()
-        .take(usize::try_from(limit).unwrap_or(50))
-        .map(view)
-        .collect::<Result<_, _>>()?;
+    items.truncate(usize::try_from(limit).unwrap_or(50));
+    // The cursor is the last key read, so a page thinned by the caller's limit still pages on.
     let next_after = if more {
         items.last().map(|g| g.key.clone())
     } else {
         None
     };
+    let items: Vec<AccessGrant> = items
+        .into_iter()
+        .filter(|g| caller.may_see_grant(&g.key, &g.labels))
+        .map(view)
+        .collect::<Result<_, _>>()?;
     Ok(HttpResponse::Ok().json(AccessGrantList { items, next_after }))
 }

@@ -567,3 +567,104 @@ async fn ready_and_removed_are_announced_by_signed_events() {
     types.sort();
     assert_eq!(types, ["access_grant.ready", "access_grant.removed"]);
 }
+
+/// A token limited to some grants by the `mailscope_grants` claim.
+fn grant_token(env: &WithSandbox, grants: Value) -> String {
+    let now = chrono::Utc::now().timestamp();
+    let s = &env.app.settings.auth;
+    let mut claims = json!({"iss": s.issuer, "aud": s.audience, "sub": "vendor-portal",
+        "iat": now, "exp": now + 600, "roles": ["MailScope.Read"], "mailscope_grants": grants});
+    claims[s.tenants_claim.as_str()] = json!([env.tenant]);
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(HS_SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_token_limited_to_one_grant_sees_that_grant_and_nothing_else() {
+    let env = start(|s| s.worker.per_tenant_concurrency = 0).await;
+    let mut globex = acme(&["bob"]);
+    globex["display_name"] = json!("Globex");
+    globex["labels"] = json!({"vendor": "globex"});
+    assert_eq!(put_grant(&env, "acme", acme(&["alice"])).await.0, 202);
+    assert_eq!(put_grant(&env, "globex", globex).await.0, 202);
+    let get = |token: String, path: String| {
+        let env = &env;
+        async move {
+            env.app
+                .http
+                .get(env.url(&path))
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    for claim in [json!(["acme"]), json!(["label:vendor=acme"])] {
+        let token = grant_token(&env, claim);
+        let res = get(token.clone(), "/access-grants/acme".into()).await;
+        assert_eq!(res.status(), 200);
+        assert_problem(
+            get(token.clone(), "/access-grants/globex".into()).await,
+            404,
+            "not_found",
+        )
+        .await;
+        let list: Value = get(token.clone(), "/access-grants".into())
+            .await
+            .json()
+            .await
+            .unwrap();
+        let keys: Vec<&str> = list["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|g| g["key"].as_str().unwrap())
+            .collect();
+        assert_eq!(keys, ["acme"]);
+        // Everything else in the tenant is absent to it, even what the grant made.
+        for other in [
+            "/scope-groups",
+            "/applications",
+            "/access-policies",
+            "/propagation-checks",
+            "",
+        ] {
+            assert_problem(
+                get(token.clone(), other.to_string()).await,
+                404,
+                "not_found",
+            )
+            .await;
+        }
+        let tenants: Value = env
+            .app
+            .http
+            .get(env.app.url("/v1/tenants"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(
+            tenants["items"].as_array().map(Vec::len),
+            Some(0),
+            "{tenants}"
+        );
+    }
+    // An unrestricted reader sees both.
+    let list: Value = get(
+        env.app.token(&["MailScope.Read"], &["*"]),
+        "/access-grants".into(),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(list["items"].as_array().unwrap().len(), 2);
+}
