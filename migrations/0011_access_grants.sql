@@ -28,3 +28,23 @@ CREATE TABLE access_grants (
 );
 CREATE INDEX access_grants_labels ON access_grants USING gin (labels);
 CREATE INDEX access_grants_condition ON access_grants (tenant_id, condition);
+
+-- Public certificates a vendor uploaded for the app of its grant (an app mailscope created).
+-- Kept whole because Graph replaces an app's keyCredentials as a list: adding one resends the
+-- others. Nothing here is secret.
+CREATE TABLE access_grant_certificates (
+    tenant_id        uuid NOT NULL,
+    grant_key        text NOT NULL,
+    -- The keyCredential's keyId in Graph (chosen by mailscope).
+    key_id           uuid NOT NULL,
+    -- SHA-1 of the DER, upper-case hex (Graph's customKeyIdentifier).
+    thumbprint       text NOT NULL,
+    certificate_der  bytea NOT NULL,
+    display_name     text NOT NULL,
+    not_before       timestamptz NOT NULL,
+    not_after        timestamptz NOT NULL,
+    created_at       timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (tenant_id, grant_key, key_id),
+    UNIQUE (tenant_id, grant_key, thumbprint),
+    FOREIGN KEY (tenant_id, grant_key) REFERENCES access_grants (tenant_id, key) ON DELETE CASCADE
+);

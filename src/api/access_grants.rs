@@ -34,6 +34,26 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             .route(web::put().to(put_access_grant))
             .route(web::get().to(get_access_grant))
             .route(web::delete().to(delete_access_grant)),
+    )
+    .route(
+        "/tenants/{tenant_id}/access-grants/{key}/credentials",
+        web::get().to(get_credentials),
+    )
+    .route(
+        "/tenants/{tenant_id}/access-grants/{key}/secrets",
+        web::post().to(add_secret),
+    )
+    .route(
+        "/tenants/{tenant_id}/access-grants/{key}/secrets/{key_id}",
+        web::delete().to(delete_secret),
+    )
+    .route(
+        "/tenants/{tenant_id}/access-grants/{key}/certificates",
+        web::post().to(add_certificate),
+    )
+    .route(
+        "/tenants/{tenant_id}/access-grants/{key}/certificates/{key_id}",
+        web::delete().to(delete_certificate),
     );
 }
 
@@ -156,6 +176,10 @@ pub struct AccessGrant {
     pub external_ref: Option<String>,
     pub callback_url: Option<String>,
     pub steps: Vec<GrantStep>,
+    /// For an app mailscope created, in `GET` of one grant: a credential of the app ends soon
+    /// and none lasts longer (details: `…/credentials`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expiring_soon: Option<bool>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     /// When the condition last changed.
@@ -243,6 +267,7 @@ pub(crate) fn view(g: GrantRecord) -> Result<AccessGrant, ApiError> {
         external_ref: g.external_ref,
         callback_url: g.callback_url,
         steps,
+        expiring_soon: None,
         created_at: g.created_at,
         updated_at: g.updated_at,
         condition_since: g.condition_at,
@@ -355,7 +380,18 @@ pub async fn get_access_grant(
             .await;
         current = grants::get(&state, tenant_id, &key).await?;
     }
-    Ok(HttpResponse::Ok().json(view(current)?))
+    let created = matches!(
+        serde_json::from_value::<Spec>(current.spec.clone()).map(|s| s.app),
+        Ok(AppSpec::Create { .. })
+    );
+    let soon = if created && !current.removing {
+        Some(grants::expiring_soon(&state, &current).await?)
+    } else {
+        None
+    };
+    let mut v = view(current)?;
+    v.expiring_soon = soon;
+    Ok(HttpResponse::Ok().json(v))
 }
 
 /// Offboard: revoke the consent, then remove the restriction, then the app and the scope group
@@ -450,4 +486,252 @@ pub async fn list_access_grants(
         .map(view)
         .collect::<Result<_, _>>()?;
     Ok(HttpResponse::Ok().json(AccessGrantList { items, next_after }))
+}
+
+/// A certificate credential: the vendor's public certificate, registered on the grant's app.
+#[derive(Serialize, ToSchema)]
+pub struct CertificateView {
+    /// The credential's `keyId` in Microsoft Graph.
+    pub key_id: Uuid,
+    /// SHA-1 of the certificate, upper-case hex (Graph's `customKeyIdentifier`).
+    pub thumbprint: String,
+    pub display_name: String,
+    pub start_date_time: DateTime<Utc>,
+    pub end_date_time: DateTime<Utc>,
+    pub status: super::applications::SecretStatus,
+}
+
+/// The vendor's credentials for the grant's app.
+#[derive(Serialize, ToSchema)]
+pub struct GrantCredentials {
+    /// Client secrets (metadata only; the text is shown once, when it is added).
+    pub secrets: Vec<super::applications::SecretView>,
+    pub certificates: Vec<CertificateView>,
+    /// A credential ends within `provisioning.secret_expiring_soon_days` and none lasts longer:
+    /// time to rotate.
+    pub expiring_soon: bool,
+}
+
+/// The vendor's public certificate (PEM); never a private key.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(example = json!({"certificate_pem": "-----BEGIN CERTIFICATE-----\nMIID…\n-----END CERTIFICATE-----", "display_name": "acme 2026"}))]
+pub struct CertificateInput {
+    pub certificate_pem: String,
+    pub display_name: Option<String>,
+}
+
+fn certificate_view(
+    c: crate::store::access_grants::CertificateRecord,
+    soon_days: u32,
+) -> CertificateView {
+    let status =
+        crate::provisioning::applications::secret_status(Some(c.not_after), Utc::now(), soon_days);
+    CertificateView {
+        key_id: c.key_id,
+        thumbprint: c.thumbprint,
+        display_name: c.display_name,
+        start_date_time: c.not_before,
+        end_date_time: c.not_after,
+        status: status.into(),
+    }
+}
+
+/// The grant the caller may act on: its tenant visible (a grant-limited token included) and the
+/// grant within the token's `mailscope_grants`, else 404.
+async fn visible_grant(
+    caller: &Caller,
+    state: &AppState,
+    tenant_id: Uuid,
+    key: &str,
+) -> Result<GrantRecord, ApiError> {
+    caller.require_grant_tenant(tenant_id)?;
+    let g = grants::get(state, tenant_id, key).await?;
+    if !caller.may_see_grant(&g.key, &g.labels) {
+        return Err(grants::grant_not_found(key).into());
+    }
+    Ok(g)
+}
+
+/// The credentials of the grant's app (apps mailscope created only): client secrets and
+/// certificates with their status, and whether it is time to rotate.
+#[utoipa::path(get, path = "/v1/tenants/{tenant_id}/access-grants/{key}/credentials", tag = "access grants",
+    params(("tenant_id" = Uuid, Path, description = "The Microsoft Entra tenant id"),
+           ("key" = String, Path, description = "The grant's key")),
+    responses(
+        (status = 200, description = "the credentials", body = GrantCredentials),
+        (status = 401, description = "missing or invalid token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "needs MailScope.Read", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "unknown grant, or not visible", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "the grant adopted an existing app (its publisher manages its credentials), or its app is not created yet", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = [])))]
+pub async fn get_credentials(
+    caller: Caller,
+    state: web::Data<AppState>,
+    path: web::Path<(Uuid, String)>,
+) -> Result<HttpResponse, ApiError> {
+    caller.require(Role::Read)?;
+    let (tenant_id, key) = path.into_inner();
+    let g = visible_grant(&caller, &state, tenant_id, &key).await?;
+    let creds = grants::credentials(&state, tenant_id, &key).await?;
+    let soon = state.settings.provisioning.secret_expiring_soon_days;
+    Ok(HttpResponse::Ok().json(GrantCredentials {
+        secrets: creds
+            .secrets
+            .into_iter()
+            .map(super::applications::secret_view)
+            .collect(),
+        certificates: creds
+            .certificates
+            .into_iter()
+            .map(|c| certificate_view(c, soon))
+            .collect(),
+        expiring_soon: grants::expiring_soon(&state, &g).await?,
+    }))
+}
+
+/// Add a client secret to the grant's app. The text is in this answer only (a replay with the
+/// same `Idempotency-Key` answers without it). Rotate by adding the new one, then deleting the
+/// old one: both work in between.
+#[utoipa::path(post, path = "/v1/tenants/{tenant_id}/access-grants/{key}/secrets", tag = "access grants",
+    params(("tenant_id" = Uuid, Path, description = "The Microsoft Entra tenant id"),
+           ("key" = String, Path, description = "The grant's key"),
+           ("Idempotency-Key" = Option<String>, Header, description = "Replays the stored response (without the secret text)")),
+    request_body = super::applications::SecretInput,
+    responses(
+        (status = 201, description = "added; `secret_text` shown once", body = super::applications::NewSecret),
+        (status = 401, description = "missing or invalid token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "needs MailScope.Write", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "unknown grant, or not visible", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "the grant adopted an existing app, or its app is not created yet", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "invalid lifetime or name", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = [])))]
+pub async fn add_secret(
+    req: HttpRequest,
+    caller: Caller,
+    state: web::Data<AppState>,
+    path: web::Path<(Uuid, String)>,
+    body: web::Json<super::applications::SecretInput>,
+) -> Result<HttpResponse, ApiError> {
+    caller.require(Role::Write)?;
+    let (tenant_id, key) = path.into_inner();
+    visible_grant(&caller, &state, tenant_id, &key).await?;
+    let input = body.into_inner();
+    let request = crate::provisioning::applications::SecretRequest {
+        display_name: input.display_name,
+        lifetime_days: input.lifetime_days,
+    };
+    let added = grants::add_secret(&state, &actor(&caller, &req), tenant_id, &key, request).await?;
+    let mut answer = super::applications::NewSecret {
+        secret: super::applications::secret_view(added.secret),
+        secret_text: None,
+    };
+    let replay = serde_json::to_vec(&answer).map_err(ApiError::internal)?;
+    {
+        use secrecy::ExposeSecret;
+        answer.secret_text = Some(added.text.expose_secret().to_string());
+    }
+    let mut res = HttpResponse::Created().json(&answer);
+    res.extensions_mut()
+        .insert(super::idempotency::ReplayBody(replay));
+    Ok(res)
+}
+
+/// Remove a client secret from the grant's app.
+#[utoipa::path(delete, path = "/v1/tenants/{tenant_id}/access-grants/{key}/secrets/{key_id}", tag = "access grants",
+    params(("tenant_id" = Uuid, Path, description = "The Microsoft Entra tenant id"),
+           ("key" = String, Path, description = "The grant's key"),
+           ("key_id" = Uuid, Path, description = "The secret's keyId")),
+    responses(
+        (status = 204, description = "removed"),
+        (status = 401, description = "missing or invalid token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "needs MailScope.Write", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "unknown grant or secret, or not visible", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "the grant adopted an existing app", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = [])))]
+pub async fn delete_secret(
+    req: HttpRequest,
+    caller: Caller,
+    state: web::Data<AppState>,
+    path: web::Path<(Uuid, String, Uuid)>,
+) -> Result<HttpResponse, ApiError> {
+    caller.require(Role::Write)?;
+    let (tenant_id, key, key_id) = path.into_inner();
+    visible_grant(&caller, &state, tenant_id, &key).await?;
+    grants::delete_secret(&state, &actor(&caller, &req), tenant_id, &key, key_id).await?;
+    Ok(HttpResponse::NoContent().finish())
+}
+
+/// Register the vendor's public certificate as a credential of the grant's app (Graph
+/// `keyCredentials`); the vendor keeps its private key. Certificates already registered stay
+/// (rotation with overlap). The same certificate again answers 200 with the existing credential.
+#[utoipa::path(post, path = "/v1/tenants/{tenant_id}/access-grants/{key}/certificates", tag = "access grants",
+    params(("tenant_id" = Uuid, Path, description = "The Microsoft Entra tenant id"),
+           ("key" = String, Path, description = "The grant's key")),
+    request_body = CertificateInput,
+    responses(
+        (status = 201, description = "registered", body = CertificateView),
+        (status = 200, description = "already registered", body = CertificateView),
+        (status = 401, description = "missing or invalid token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "needs MailScope.Write", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "unknown grant, or not visible", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "the grant adopted an existing app, or its app is not created yet", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "not a PEM certificate (or a private key), or expired", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = [])))]
+pub async fn add_certificate(
+    req: HttpRequest,
+    caller: Caller,
+    state: web::Data<AppState>,
+    path: web::Path<(Uuid, String)>,
+    body: web::Json<CertificateInput>,
+) -> Result<HttpResponse, ApiError> {
+    caller.require(Role::Write)?;
+    let (tenant_id, key) = path.into_inner();
+    visible_grant(&caller, &state, tenant_id, &key).await?;
+    let input = body.into_inner();
+    let (cert, created) = grants::add_certificate(
+        &state,
+        &actor(&caller, &req),
+        tenant_id,
+        &key,
+        &input.certificate_pem,
+        input.display_name,
+    )
+    .await?;
+    let v = certificate_view(cert, state.settings.provisioning.secret_expiring_soon_days);
+    Ok(if created {
+        HttpResponse::Created().json(v)
+    } else {
+        HttpResponse::Ok().json(v)
+    })
+}
+
+/// Remove a certificate credential from the grant's app.
+#[utoipa::path(delete, path = "/v1/tenants/{tenant_id}/access-grants/{key}/certificates/{key_id}", tag = "access grants",
+    params(("tenant_id" = Uuid, Path, description = "The Microsoft Entra tenant id"),
+           ("key" = String, Path, description = "The grant's key"),
+           ("key_id" = Uuid, Path, description = "The credential's keyId")),
+    responses(
+        (status = 204, description = "removed"),
+        (status = 401, description = "missing or invalid token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "needs MailScope.Write", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "unknown grant or certificate, or not visible", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "the grant adopted an existing app", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = [])))]
+pub async fn delete_certificate(
+    req: HttpRequest,
+    caller: Caller,
+    state: web::Data<AppState>,
+    path: web::Path<(Uuid, String, Uuid)>,
+) -> Result<HttpResponse, ApiError> {
+    caller.require(Role::Write)?;
+    let (tenant_id, key, key_id) = path.into_inner();
+    visible_grant(&caller, &state, tenant_id, &key).await?;
+    grants::delete_certificate(&state, &actor(&caller, &req), tenant_id, &key, key_id).await?;
+    Ok(HttpResponse::NoContent().finish())
 }

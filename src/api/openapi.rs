@@ -42,6 +42,8 @@ branch on `type` (or its short form `code`). Every response carries `X-Request-I
         propagation_checks::get_check, propagation_checks::cancel_check,
         access_grants::put_access_grant, access_grants::get_access_grant,
         access_grants::delete_access_grant, access_grants::list_access_grants,
+        access_grants::get_credentials, access_grants::add_secret, access_grants::delete_secret,
+        access_grants::add_certificate, access_grants::delete_certificate,
     ),
     components(schemas(
         Problem, FieldError, ProblemType, Cloud, EndpointOverrides,
@@ -67,6 +69,8 @@ branch on `type` (or its short form `code`). Every response carries `X-Request-I
         propagation_checks::PropagationCheckList, crate::domain::propagation::Access,
         access_grants::AccessGrantInput, access_grants::AccessGrant, access_grants::AccessGrantList,
         access_grants::GrantStep, access_grants::StepErrorView, crate::domain::grant::Mechanism,
+        access_grants::CertificateView, access_grants::GrantCredentials,
+        access_grants::CertificateInput,
     )),
     modifiers(&BearerAuth),
     tags(

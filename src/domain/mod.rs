@@ -2,6 +2,7 @@
 //! Everything here is unit-tested in place and shared by the API, the connector and the sandbox.
 pub mod access;
 pub mod address;
+pub mod certificate;
 pub mod cloud;
 pub mod credential;
 pub mod field_error;

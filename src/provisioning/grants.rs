@@ -1055,3 +1055,243 @@ async fn propagation(
         }
     }
 }
+
+/// The app of a grant whose app mailscope created, with its registration's object id: only such
+/// an app gets credentials from mailscope (an adopted vendor app's credentials are the vendor's).
+async fn created_app(
+    services: &Services,
+    tenant_id: Uuid,
+    key: &str,
+) -> Result<(GrantRecord, Uuid), Error> {
+    let g = get(services, tenant_id, key).await?;
+    let spec = spec_of(&g)?;
+    if let AppSpec::Adopt { app_id } = spec.app {
+        return Err(Error::conflict(format!(
+            "access grant `{key}` adopted the existing app {app_id}: its credentials belong to its publisher, who manages them in its own tenant; mailscope issues credentials only for apps it created"
+        )));
+    }
+    if g.removing {
+        return Err(Error::conflict(format!(
+            "access grant `{key}` is being removed (or removed): its app gets no new credentials"
+        )));
+    }
+    let app = app_record(services, &g).await?;
+    match app.and_then(|a| a.application_object_id) {
+        Some(obj) => Ok((g, obj)),
+        None => Err(Error::conflict(format!(
+            "the app of access grant `{key}` is not created yet; wait for the grant's `app` step (GET …/access-grants/{key}?wait=30)"
+        ))),
+    }
+}
+
+/// A client secret for the grant's app, shown once (see `applications::add_secret`). Rotation:
+/// add the new one, switch the vendor over, then delete the old one; both work meanwhile.
+pub async fn add_secret(
+    services: &Services,
+    actor: &Actor,
+    tenant_id: Uuid,
+    key: &str,
+    request: applications::SecretRequest,
+) -> Result<applications::NewSecret, Error> {
+    created_app(services, tenant_id, key).await?;
+    applications::add_secret(services, actor, tenant_id, &app_key(key), request).await
+}
+
+pub async fn delete_secret(
+    services: &Services,
+    actor: &Actor,
+    tenant_id: Uuid,
+    key: &str,
+    key_id: Uuid,
+) -> Result<(), Error> {
+    created_app(services, tenant_id, key).await?;
+    applications::delete_secret(services, actor, tenant_id, &app_key(key), key_id).await
+}
+
+/// The credentials of the grant's app: client secrets (metadata, read from the tenant) and the
+/// certificates the vendor uploaded.
+pub struct Credentials {
+    pub secrets: Vec<applications::Secret>,
+    pub certificates: Vec<store::access_grants::CertificateRecord>,
+}
+
+pub async fn credentials(
+    services: &Services,
+    tenant_id: Uuid,
+    key: &str,
+) -> Result<Credentials, Error> {
+    created_app(services, tenant_id, key).await?;
+    let secrets = applications::secrets(services, tenant_id, &app_key(key))
+        .await?
+        .into_iter()
+        // The propagation check's short-lived probe secret is mailscope's own, not the vendor's.
+        .filter(|s| {
+            !s.display_name
+                .as_deref()
+                .is_some_and(|n| n.starts_with("mailscope propagation probe"))
+        })
+        .collect();
+    let db = services.db().await?;
+    let certificates = store::access_grants::certificates(&db, tenant_id, key).await?;
+    Ok(Credentials {
+        secrets,
+        certificates,
+    })
+}
+
+/// Whether a credential of the grant's app ends within `provisioning.secret_expiring_soon_days`
+/// while none lasts beyond it (the vendor has to rotate). From mailscope's records only.
+pub async fn expiring_soon(services: &Services, g: &GrantRecord) -> Result<bool, Error> {
+    let db = services.db().await?;
+    let mut ends: Vec<chrono::DateTime<Utc>> =
+        store::applications::secrets(&db, g.tenant_id, &app_key(&g.key))
+            .await?
+            .into_iter()
+            .filter(|s| !s.display_name.starts_with("mailscope propagation probe"))
+            .map(|s| s.end_date_time)
+            .collect();
+    ends.extend(
+        store::access_grants::certificates(&db, g.tenant_id, &g.key)
+            .await?
+            .into_iter()
+            .map(|c| c.not_after),
+    );
+    let now = Utc::now();
+    let soon = services.settings.provisioning.secret_expiring_soon_days;
+    let status = |e| applications::secret_status(Some(e), now, soon);
+    Ok(ends
+        .iter()
+        .any(|e| status(*e) == applications::SecretStatus::ExpiringSoon)
+        && !ends
+            .iter()
+            .any(|e| status(*e) == applications::SecretStatus::Current))
+}
+
+const CREDENTIAL_LOCK: &str = "access_grant_credentials";
+
+fn key_credentials(certs: &[store::access_grants::CertificateRecord]) -> serde_json::Value {
+    use base64::Engine;
+    json!(
+        certs
+            .iter()
+            .map(|c| json!({
+                "type": "AsymmetricX509Cert",
+                "usage": "Verify",
+                "keyId": c.key_id,
+                "displayName": c.display_name,
+                "key": base64::engine::general_purpose::STANDARD.encode(&c.der),
+                "startDateTime": c.not_before.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                "endDateTime": c.not_after.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            }))
+            .collect::<Vec<_>>()
+    )
+}
+
+/// Add the vendor's public certificate as a credential of the grant's app; the certificates
+/// already there stay (rotation with overlap: delete the old one once the vendor switched).
+/// Idempotent by thumbprint: the same certificate again is returned, not added twice. Graph
+/// replaces `keyCredentials` as a whole, so the whole recorded list is sent each time, which
+/// also makes a retry after a crash converge to one credential per certificate.
+pub async fn add_certificate(
+    services: &Services,
+    actor: &Actor,
+    tenant_id: Uuid,
+    key: &str,
+    pem: &str,
+    display_name: Option<String>,
+) -> Result<(store::access_grants::CertificateRecord, bool), Error> {
+    let info = crate::domain::certificate::parse_pem(pem)
+        .map_err(|why| Error::invalid("certificate_pem", why))?;
+    if info.not_after <= Utc::now() {
+        return Err(Error::invalid(
+            "certificate_pem",
+            format!("the certificate expired on {}", info.not_after.to_rfc3339()),
+        ));
+    }
+    let display_name = display_name
+        .map(|d| d.trim().to_string())
+        .filter(|d| !d.is_empty())
+        .unwrap_or_else(|| format!("{key} certificate {}", &info.thumbprint[..8]));
+    if display_name.chars().count() > 256 {
+        return Err(Error::invalid("display_name", "at most 256 characters"));
+    }
+    let (_, object_id) = created_app(services, tenant_id, key).await?;
+    let (_, handle) = tenants::load(services, tenant_id).await?;
+    let mut db = services.db().await?;
+    let tx = db.transaction().await?;
+    store::lock_key(&tx, CREDENTIAL_LOCK, &format!("{tenant_id}:{key}")).await?;
+    let mut certs = store::access_grants::certificates(&tx, tenant_id, key).await?;
+    if let Some(c) = certs.iter().find(|c| c.thumbprint == info.thumbprint) {
+        return Ok((c.clone(), false));
+    }
+    let new = store::access_grants::CertificateRecord {
+        key_id: Uuid::new_v4(),
+        thumbprint: info.thumbprint.clone(),
+        der: info.der,
+        display_name,
+        not_before: info.not_before,
+        not_after: info.not_after,
+        created_at: Utc::now(),
+    };
+    certs.push(new.clone());
+    handle
+        .graph()
+        .update_application(
+            &object_id.to_string(),
+            &json!({"keyCredentials": key_credentials(&certs)}),
+        )
+        .await?;
+    store::access_grants::insert_certificate(&tx, tenant_id, key, &new).await?;
+    audit::record(
+        &tx,
+        actor,
+        tenant_id,
+        "access_grant.certificate_added",
+        &format!("access_grant/{key}"),
+        json!({"key_id": new.key_id, "thumbprint": new.thumbprint, "not_after": new.not_after}),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok((new, true))
+}
+
+/// Remove a certificate credential from the grant's app (the others stay).
+pub async fn delete_certificate(
+    services: &Services,
+    actor: &Actor,
+    tenant_id: Uuid,
+    key: &str,
+    key_id: Uuid,
+) -> Result<(), Error> {
+    let (_, object_id) = created_app(services, tenant_id, key).await?;
+    let (_, handle) = tenants::load(services, tenant_id).await?;
+    let mut db = services.db().await?;
+    let tx = db.transaction().await?;
+    store::lock_key(&tx, CREDENTIAL_LOCK, &format!("{tenant_id}:{key}")).await?;
+    let certs = store::access_grants::certificates(&tx, tenant_id, key).await?;
+    if !certs.iter().any(|c| c.key_id == key_id) {
+        return Err(Error::not_found(format!(
+            "access grant `{key}` has no certificate {key_id}"
+        )));
+    }
+    let rest: Vec<_> = certs.into_iter().filter(|c| c.key_id != key_id).collect();
+    handle
+        .graph()
+        .update_application(
+            &object_id.to_string(),
+            &json!({"keyCredentials": key_credentials(&rest)}),
+        )
+        .await?;
+    store::access_grants::delete_certificate(&tx, tenant_id, key, key_id).await?;
+    audit::record(
+        &tx,
+        actor,
+        tenant_id,
+        "access_grant.certificate_removed",
+        &format!("access_grant/{key}"),
+        json!({"key_id": key_id}),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(())
+}

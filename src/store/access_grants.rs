@@ -214,3 +214,80 @@ pub async fn list(
     .map(from_row)
     .collect()
 }
+
+/// A certificate credential of a grant's app.
+#[derive(Debug, Clone)]
+pub struct CertificateRecord {
+    pub key_id: Uuid,
+    pub thumbprint: String,
+    pub der: Vec<u8>,
+    pub display_name: String,
+    pub not_before: DateTime<Utc>,
+    pub not_after: DateTime<Utc>,
+    pub created_at: DateTime<Utc>,
+}
+
+pub async fn certificates(
+    c: &impl GenericClient,
+    tenant_id: Uuid,
+    key: &str,
+) -> Result<Vec<CertificateRecord>, StoreError> {
+    Ok(c
+        .query(
+            "SELECT key_id, thumbprint, certificate_der, display_name, not_before, not_after, created_at
+             FROM access_grant_certificates WHERE tenant_id = $1 AND grant_key = $2
+             ORDER BY not_after, key_id",
+            &[&tenant_id, &key],
+        )
+        .await?
+        .iter()
+        .map(|r| CertificateRecord {
+            key_id: r.get(0),
+            thumbprint: r.get(1),
+            der: r.get(2),
+            display_name: r.get(3),
+            not_before: r.get(4),
+            not_after: r.get(5),
+            created_at: r.get(6),
+        })
+        .collect())
+}
+
+pub async fn insert_certificate(
+    c: &impl GenericClient,
+    tenant_id: Uuid,
+    key: &str,
+    cert: &CertificateRecord,
+) -> Result<(), StoreError> {
+    c.execute(
+        "INSERT INTO access_grant_certificates (tenant_id, grant_key, key_id, thumbprint,
+             certificate_der, display_name, not_before, not_after)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        &[
+            &tenant_id,
+            &key,
+            &cert.key_id,
+            &cert.thumbprint,
+            &cert.der,
+            &cert.display_name,
+            &cert.not_before,
+            &cert.not_after,
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+pub async fn delete_certificate(
+    c: &impl GenericClient,
+    tenant_id: Uuid,
+    key: &str,
+    key_id: Uuid,
+) -> Result<bool, StoreError> {
+    Ok(c.execute(
+        "DELETE FROM access_grant_certificates WHERE tenant_id = $1 AND grant_key = $2 AND key_id = $3",
+        &[&tenant_id, &key, &key_id],
+    )
+    .await?
+        == 1)
+}

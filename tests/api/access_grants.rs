@@ -668,3 +668,186 @@ async fn a_token_limited_to_one_grant_sees_that_grant_and_nothing_else() {
     .unwrap();
     assert_eq!(list["items"].as_array().unwrap().len(), 2);
 }
+
+/// A Graph token for the vendor's app, from the sandbox's token endpoint.
+async fn vendor_token(env: &WithSandbox, client_id: &str, secret: &str) -> String {
+    let res = env
+        .app
+        .http
+        .post(format!(
+            "{}/{}/oauth2/v2.0/token",
+            env.sandbox.base_url, env.tenant
+        ))
+        .form(&[
+            ("grant_type", "client_credentials"),
+            ("client_id", client_id),
+            ("client_secret", secret),
+            ("scope", "https://graph.microsoft.com/.default"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200, "{}", res.text().await.unwrap());
+    res.json::<Value>().await.unwrap()["access_token"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+async fn read_mail(env: &WithSandbox, token: &str, who: &str) -> u16 {
+    env.app
+        .http
+        .get(format!(
+            "{}/v1.0/users/{}/messages",
+            env.sandbox.base_url,
+            addr(who)
+        ))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+#[tokio::test]
+async fn the_vendor_gets_a_secret_once_and_a_certificate_credential_with_rotation() {
+    let env = start(|_| {}).await;
+    assert_eq!(put_grant(&env, "acme", acme(&["alice"])).await.0, 202);
+    let ready = wait_for(&env, "acme", "ready").await;
+    let app_id = ready["app_id"].as_str().unwrap().to_string();
+    assert_eq!(ready["expiring_soon"], false, "no credential ending soon");
+
+    // A client secret, shown once; with it the vendor reads in scope and is refused out of it.
+    let (status, s1) = send(
+        &env,
+        reqwest::Method::POST,
+        "/access-grants/acme/secrets",
+        Some(json!({"display_name": "acme-1", "lifetime_days": 5})),
+    )
+    .await;
+    assert_eq!(status, 201, "{s1}");
+    // Its only credential ends within the warning window: the status says to rotate.
+    let (_, g) = send(&env, reqwest::Method::GET, "/access-grants/acme", None).await;
+    assert_eq!(g["expiring_soon"], true, "{g}");
+    let text = s1["secret_text"].as_str().unwrap().to_string();
+    let token = vendor_token(&env, &app_id, &text).await;
+    assert_eq!(read_mail(&env, &token, "alice").await, 200);
+    assert_eq!(read_mail(&env, &token, "carol").await, 403);
+
+    // Rotation with overlap: a second secret, then the first one goes.
+    let (status, s2) = send(
+        &env,
+        reqwest::Method::POST,
+        "/access-grants/acme/secrets",
+        Some(json!({"display_name": "acme-2", "lifetime_days": 90})),
+    )
+    .await;
+    assert_eq!(status, 201, "{s2}");
+    let (_, creds) = send(
+        &env,
+        reqwest::Method::GET,
+        "/access-grants/acme/credentials",
+        None,
+    )
+    .await;
+    assert_eq!(creds["secrets"].as_array().unwrap().len(), 2, "{creds}");
+    assert!(
+        creds.to_string().find(&text).is_none(),
+        "the text is never shown again"
+    );
+    assert_eq!(creds["expiring_soon"], false);
+    let old = s1["key_id"].as_str().unwrap();
+    let (status, _) = send(
+        &env,
+        reqwest::Method::DELETE,
+        &format!("/access-grants/acme/secrets/{old}"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 204);
+
+    // A certificate: the vendor uploads only its public certificate.
+    let pem = include_str!("../fixtures/rsa1.crt.pem");
+    let (status, c) = send(
+        &env,
+        reqwest::Method::POST,
+        "/access-grants/acme/certificates",
+        Some(json!({"certificate_pem": pem})),
+    )
+    .await;
+    assert_eq!(status, 201, "{c}");
+    assert_eq!(c["end_date_time"], "2036-11-19T02:10:53Z");
+    let (status, again) = send(
+        &env,
+        reqwest::Method::POST,
+        "/access-grants/acme/certificates",
+        Some(json!({"certificate_pem": pem})),
+    )
+    .await;
+    assert_eq!(status, 200, "the same certificate is not added twice");
+    assert_eq!(again["key_id"], c["key_id"]);
+    let t = tenant(&env).await;
+    let app = t["applications"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["appId"] == app_id.as_str())
+        .unwrap();
+    assert_eq!(app["keyCredentials"].as_array().unwrap().len(), 1, "{app}");
+    let (status, p) = send(
+        &env,
+        reqwest::Method::POST,
+        "/access-grants/acme/certificates",
+        Some(json!({"certificate_pem": include_str!("../fixtures/rsa1.pem")})),
+    )
+    .await;
+    assert_eq!(status, 422, "a private key is refused: {p}");
+    let (_, creds) = send(
+        &env,
+        reqwest::Method::GET,
+        "/access-grants/acme/credentials",
+        None,
+    )
+    .await;
+    assert_eq!(creds["certificates"][0]["thumbprint"], c["thumbprint"]);
+    let key_id = c["key_id"].as_str().unwrap();
+    let (status, _) = send(
+        &env,
+        reqwest::Method::DELETE,
+        &format!("/access-grants/acme/certificates/{key_id}"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 204);
+    let t = tenant(&env).await;
+    let app = t["applications"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["appId"] == app_id.as_str())
+        .unwrap();
+    assert_eq!(app["keyCredentials"].as_array().unwrap().len(), 0);
+
+    // An adopted vendor app's credentials are its publisher's.
+    let (vendor, _) = env
+        .sandbox_app(json!({"displayName": "Vendor app", "graphPermissions": ["Mail.Read"]}))
+        .await;
+    let (status, _) = put_grant(
+        &env,
+        "vendor",
+        json!({"app_id": vendor, "permissions": ["Mail.Read"], "mailboxes": [addr("alice")]}),
+    )
+    .await;
+    assert_eq!(status, 202);
+    let res = env
+        .app
+        .http
+        .post(env.url("/access-grants/vendor/secrets"))
+        .bearer_auth(env.app.admin())
+        .json(&json!({"display_name": "x", "lifetime_days": 30}))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(res, 409, "conflict").await;
+}
