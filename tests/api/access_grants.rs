@@ -76,7 +76,7 @@ async fn wait_for(env: &WithSandbox, key: &str, condition: &str) -> Value {
         if g["condition"] == condition {
             return g;
         }
-        assert_ne!(g["condition"], "failed", "{g:#}");
+        assert!(condition == "failed" || g["condition"] != "failed", "{g:#}");
         last = g;
     }
     panic!("grant never reached {condition}; last: {last:#}");
@@ -850,4 +850,36 @@ async fn the_vendor_gets_a_secret_once_and_a_certificate_credential_with_rotatio
         .await
         .unwrap();
     assert_problem(res, 409, "conflict").await;
+}
+
+#[tokio::test]
+async fn a_failed_step_says_why_and_what_to_do_and_a_corrected_put_converges() {
+    let env = start(|_| {}).await;
+    let (status, _) = put_grant(&env, "acme", acme(&["alice", "nobody"])).await;
+    assert_eq!(status, 202);
+    let failed = wait_for(&env, "acme", "failed").await;
+    let sg = step(&failed, "scope_group");
+    assert_eq!(sg["state"], "failed", "{failed:#}");
+    assert_eq!(sg["last_error"]["code"], "validation_failed");
+    assert!(
+        sg["last_error"]["cause"]
+            .as_str()
+            .unwrap()
+            .contains("nobody"),
+        "{sg}"
+    );
+    assert!(
+        sg["last_error"]["fix"].as_str().unwrap().contains("PUT"),
+        "{sg}"
+    );
+    // Nothing after the failed step ran: no app, no consent.
+    assert_eq!(step(&failed, "app")["state"], "pending");
+    assert_eq!(
+        in_tenant(&env, "ACME mail sync", "grant-acme", "-").await.0,
+        0
+    );
+    let (status, _) = put_grant(&env, "acme", acme(&["alice"])).await;
+    assert_eq!(status, 202);
+    let ready = wait_for(&env, "acme", "ready").await;
+    assert_eq!(ready["revision"], 2);
 }
