@@ -657,6 +657,43 @@ async fn a_token_limited_to_one_grant_sees_that_grant_and_nothing_else() {
             "{tenants}"
         );
     }
+    // With the write role, a grant-limited token manages its own grant's credentials only, and
+    // still cannot change the grant itself.
+    let writer = {
+        let now = chrono::Utc::now().timestamp();
+        let a = &env.app.settings.auth;
+        let mut claims = json!({"iss": a.issuer, "aud": a.audience, "sub": "vendor-portal",
+            "iat": now, "exp": now + 600, "roles": ["MailScope.Write"], "mailscope_grants": ["acme"]});
+        claims[a.tenants_claim.as_str()] = json!([env.tenant]);
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(HS_SECRET.as_bytes()),
+        )
+        .unwrap()
+    };
+    let post = |key: &str| {
+        env.app
+            .http
+            .post(env.url(&format!("/access-grants/{key}/secrets")))
+            .bearer_auth(&writer)
+            .json(&json!({"display_name": "x", "lifetime_days": 30}))
+            .send()
+    };
+    assert_problem(post("globex").await.unwrap(), 404, "not_found").await;
+    // Its own grant's app is not created yet (no worker here): refused for that reason, not hidden.
+    assert_problem(post("acme").await.unwrap(), 409, "conflict").await;
+    let res = env
+        .app
+        .http
+        .put(env.url("/access-grants/acme"))
+        .bearer_auth(&writer)
+        .json(&acme(&["alice", "bob"]))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(res, 404, "not_found").await;
+
     // An unrestricted reader sees both.
     let list: Value = get(
         env.app.token(&["MailScope.Read"], &["*"]),
