@@ -947,22 +947,31 @@ async fn run_step(
                 Err(e) => Err(e),
             }
         }
-        Step::RemoveScopeGroup => match &spec.mailboxes {
-            MailboxSpec::Addresses(_) => {
-                let rec = store::scope_groups::get(tx, t, &alias).await?;
-                match scope_groups::delete(services, actor, t, &alias).await {
-                    Ok(()) | Err(Error::NotFound(_)) => Ok(Ran::Done(json!({
-                        "alias": alias,
-                        "deleted_in_tenant": rec.is_some_and(|r| r.origin == "created"),
-                    }))),
-                    Err(e) => Err(e),
+        Step::RemoveScopeGroup => {
+            // The group mailscope made for the grant goes, even when a later revision switched
+            // to an existing scope group (then it is no longer any policy's scope); a scope group
+            // the grant only named stays.
+            let ours = group_alias(&g.key);
+            let named = match &spec.mailboxes {
+                MailboxSpec::ScopeGroup(a) => Some(a.clone()),
+                MailboxSpec::Addresses(_) => None,
+            };
+            let rec = store::scope_groups::get(tx, t, &ours).await?;
+            let mut out = json!({"alias": ours, "deleted_in_tenant": false});
+            if let Some(rec) = rec.filter(|_| named.as_deref() != Some(ours.as_str())) {
+                match scope_groups::delete(services, actor, t, &ours).await {
+                    Ok(()) | Err(Error::NotFound(_)) => {}
+                    Err(e) => return Err(e),
                 }
+                out["deleted_in_tenant"] = json!(rec.origin == "created");
             }
-            MailboxSpec::ScopeGroup(a) => Ok(Ran::Done(json!({
-                "skipped": true,
-                "note": format!("scope group `{a}` was not created for the grant: it stays"),
-            }))),
-        },
+            if let Some(a) = named {
+                out["note"] = json!(format!(
+                    "scope group `{a}` was not created for the grant: it stays"
+                ));
+            }
+            Ok(Ran::Done(out))
+        }
     }
 }
 

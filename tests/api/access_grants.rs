@@ -920,3 +920,42 @@ async fn a_failed_step_says_why_and_what_to_do_and_a_corrected_put_converges() {
     let ready = wait_for(&env, "acme", "ready").await;
     assert_eq!(ready["revision"], 2);
 }
+
+#[tokio::test]
+async fn switching_to_an_existing_scope_group_keeps_the_app_restricted_and_removal_cleans_up() {
+    let env = start(|_| {}).await;
+    crate::scope_groups::create_group(&env, "sales", &["alice"]).await;
+    assert_eq!(put_grant(&env, "acme", acme(&["bob"])).await.0, 202);
+    let ready = wait_for(&env, "acme", "ready").await;
+    let app_id = ready["app_id"].as_str().unwrap().to_string();
+    let mut body = acme(&[]);
+    body.as_object_mut().unwrap().remove("mailboxes");
+    body["scope_group"] = json!("sales");
+    assert_eq!(put_grant(&env, "acme", body).await.0, 202);
+    let ready = wait_for(&env, "acme", "ready").await;
+    assert_eq!(ready["scope_group"], "sales");
+    assert_eq!(exchange_verdict(&env, &app_id, "alice").await, "Granted");
+    assert_eq!(exchange_verdict(&env, &app_id, "bob").await, "Denied");
+    // One policy (the old one was replaced, never removed first).
+    assert_eq!(
+        in_tenant(&env, "ACME mail sync", "grant-acme", &app_id).await,
+        (1, 1, 1, 1)
+    );
+    assert_eq!(
+        send(&env, reqwest::Method::DELETE, "/access-grants/acme", None)
+            .await
+            .0,
+        202
+    );
+    let removed = wait_for(&env, "acme", "removed").await;
+    assert_eq!(
+        step(&removed, "remove_scope_group")["output"]["deleted_in_tenant"],
+        true
+    );
+    // The grant's own group is gone; the named group stays.
+    assert_eq!(
+        in_tenant(&env, "ACME mail sync", "grant-acme", &app_id).await,
+        (0, 0, 0, 0)
+    );
+    assert_eq!(in_tenant(&env, "-", "sales", "-").await.1, 1);
+}
