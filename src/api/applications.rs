@@ -224,7 +224,7 @@ impl From<use_case::SecretStatus> for SecretStatus {
     }
 }
 
-fn secret_view(s: use_case::Secret) -> SecretView {
+pub(crate) fn secret_view(s: use_case::Secret) -> SecretView {
     SecretView {
         key_id: s.key_id,
         display_name: s.display_name,

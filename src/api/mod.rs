@@ -4,6 +4,7 @@ use actix_web::error::{JsonPayloadError, PathError, QueryPayloadError};
 use actix_web::{HttpRequest, HttpResponse, web};
 use problem::{ApiError, FieldError, ProblemKind};
 
+pub mod access_grants;
 pub mod access_policies;
 pub mod applications;
 pub mod audit;
@@ -69,6 +70,7 @@ pub fn configure(cfg: &mut web::ServiceConfig, body_limit: usize, with_api: bool
             .configure(scope_groups::routes)
             .configure(rbac_restrictions::routes)
             .configure(access_policies::routes)
+            .configure(access_grants::routes)
             .configure(propagation_checks::routes)
             .configure(audit::routes),
     )

@@ -11,8 +11,8 @@ use utoipa_swagger_ui::SwaggerUi;
 
 use super::problem::{ApiError, CATALOGUE, FieldError, Problem};
 use super::{
-    access_policies, applications, audit, health, propagation_checks, rbac_restrictions,
-    scope_groups, tenants,
+    access_grants, access_policies, applications, audit, health, propagation_checks,
+    rbac_restrictions, scope_groups, tenants,
 };
 use crate::domain::cloud::{Cloud, EndpointOverrides};
 
@@ -48,6 +48,10 @@ branch on `type` (or its short form `code`). Every response carries `X-Request-I
         rbac_restrictions::get_restriction, rbac_restrictions::put_restriction,
         rbac_restrictions::delete_restriction, rbac_restrictions::enforce_restriction,
         rbac_restrictions::findings,
+        access_grants::put_access_grant, access_grants::get_access_grant,
+        access_grants::delete_access_grant, access_grants::list_access_grants,
+        access_grants::get_credentials, access_grants::add_secret, access_grants::delete_secret,
+        access_grants::add_certificate, access_grants::delete_certificate,
     ),
     components(schemas(
         Problem, FieldError, ProblemType, Cloud, EndpointOverrides,
@@ -79,6 +83,10 @@ branch on `type` (or its short form `code`). Every response carries `X-Request-I
         rbac_restrictions::RbacRestriction, rbac_restrictions::RbacRestrictionSummary,
         rbac_restrictions::RbacRestrictionList, rbac_restrictions::RbacScanFinding,
         rbac_restrictions::RbacFindings,
+        access_grants::AccessGrantInput, access_grants::AccessGrant, access_grants::AccessGrantList,
+        access_grants::GrantStep, access_grants::StepErrorView, crate::domain::grant::Mechanism,
+        access_grants::CertificateView, access_grants::GrantCredentials,
+        access_grants::CertificateInput,
     )),
     modifiers(&BearerAuth, &CrossCutting),
     tags(
@@ -88,6 +96,7 @@ branch on `type` (or its short form `code`). Every response carries `X-Request-I
         (name = "rbac restrictions", description = "RBAC for Applications, Microsoft's recommended mechanism: pointer, scope and role assignments, the union trap with Entra grants closed"),
         (name = "access policies", description = "Application access policies: create, replace safely, test and sync"),
         (name = "propagation checks", description = "Proof that an app's restriction is in force: Exchange's verdict, then Graph as the app until every front end agrees"),
+        (name = "access grants", description = "Vendor onboarding and offboarding as one declarative, resumable resource: the app, its permissions and its mailboxes, proven in force"),
         (name = "operations", description = "Health, readiness, metrics and error catalogue"),
     )
 )]

@@ -45,6 +45,52 @@ pub enum TenantScope {
     Only(HashSet<Uuid>),
 }
 
+/// The claim that limits a token to some access grants (a vendor portal's backend): a list of
+/// grant keys and `label:name=value` entries. A limited token sees those grants (their status)
+/// and nothing else: every other resource answers 404, as if it did not exist.
+pub const GRANTS_CLAIM: &str = "mailscope_grants";
+
+/// Which access grants a caller may see.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GrantScope {
+    /// Not limited by grant (the tenants claim and the role decide).
+    All,
+    /// Only these grants, by key or by label.
+    Only {
+        keys: HashSet<String>,
+        labels: Vec<(String, String)>,
+    },
+}
+
+impl GrantScope {
+    /// From the claim's value: absent means not limited; anything present limits (an entry that
+    /// does not parse matches nothing, never everything).
+    fn from_claim(v: Option<&serde_json::Value>) -> GrantScope {
+        let entries: Vec<String> = match v {
+            None => return GrantScope::All,
+            Some(serde_json::Value::String(one)) => vec![one.clone()],
+            Some(serde_json::Value::Array(items)) => items
+                .iter()
+                .filter_map(|i| i.as_str().map(String::from))
+                .collect(),
+            Some(_) => Vec::new(),
+        };
+        let mut keys = HashSet::new();
+        let mut labels = Vec::new();
+        for e in entries {
+            match e.strip_prefix("label:").and_then(|l| l.split_once('=')) {
+                Some((k, v)) if !k.is_empty() => labels.push((k.to_string(), v.to_string())),
+                Some(_) => {}
+                None if !e.starts_with("label:") => {
+                    keys.insert(e);
+                }
+                None => {}
+            }
+        }
+        GrantScope::Only { keys, labels }
+    }
+}
+
 /// The authenticated caller of a request, available to handlers for decisions and the audit trail.
 #[derive(Debug, Clone)]
 pub struct Caller {
@@ -55,6 +101,8 @@ pub struct Caller {
     /// Highest role held, if any.
     pub role: Option<Role>,
     pub tenants: TenantScope,
+    /// Set by the `mailscope_grants` claim ([`GRANTS_CLAIM`]).
+    pub grants: GrantScope,
     role_names: Arc<AuthSettings>,
 }
 
@@ -69,7 +117,18 @@ impl Caller {
         }
     }
 
+    /// True when the token is limited to some access grants.
+    pub fn grant_limited(&self) -> bool {
+        self.grants != GrantScope::All
+    }
+
+    /// Whether the tenant's resources are visible. A token limited to some grants sees none of
+    /// them (whatever its role), only its grants through [`Caller::require_grant_tenant`].
     pub fn can_see(&self, tenant: Uuid) -> bool {
+        !self.grant_limited() && self.tenant_in_scope(tenant)
+    }
+
+    fn tenant_in_scope(&self, tenant: Uuid) -> bool {
         self.role == Some(Role::Admin)
             || match &self.tenants {
                 TenantScope::All => true,
@@ -86,8 +145,38 @@ impl Caller {
         }
     }
 
+    /// 404 for a tenant whose access grants the caller may not see. Unlike [`Self::require_tenant`]
+    /// this admits a token limited to some grants; the handler then shows only those
+    /// ([`Self::may_see_grant`]).
+    pub fn require_grant_tenant(&self, tenant: Uuid) -> Result<(), Denied> {
+        if self.tenant_in_scope(tenant) {
+            Ok(())
+        } else {
+            Err(tenant_not_found(tenant))
+        }
+    }
+
+    /// Whether the access grant with this key and these labels is visible to the caller.
+    pub fn may_see_grant(&self, key: &str, labels: &serde_json::Value) -> bool {
+        match &self.grants {
+            GrantScope::All => true,
+            GrantScope::Only {
+                keys,
+                labels: wanted,
+            } => {
+                keys.contains(key)
+                    || wanted
+                        .iter()
+                        .any(|(k, v)| labels.get(k).and_then(|l| l.as_str()) == Some(v.as_str()))
+            }
+        }
+    }
+
     /// `None` = all tenants; otherwise the visible set.
     pub fn visible_tenants(&self) -> Option<Vec<Uuid>> {
+        if self.grant_limited() {
+            return Some(Vec::new());
+        }
         if self.role == Some(Role::Admin) {
             return None;
         }
@@ -265,6 +354,7 @@ impl Verifier {
             app: c.azp.or(c.appid),
             role,
             tenants,
+            grants: GrantScope::from_claim(c.rest.get(GRANTS_CLAIM)),
             role_names: s.clone(),
         }
     }
@@ -329,6 +419,29 @@ pub fn mint_hs256(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_grants_claim_limits_by_key_and_label_and_never_widens() {
+        assert_eq!(GrantScope::from_claim(None), GrantScope::All);
+        let s = GrantScope::from_claim(Some(&serde_json::json!([
+            "acme",
+            "label:vendor=globex",
+            "label:"
+        ])));
+        let GrantScope::Only { keys, labels } = &s else {
+            panic!("limited")
+        };
+        assert!(keys.contains("acme"));
+        assert_eq!(labels, &[("vendor".to_string(), "globex".to_string())]);
+        // A malformed claim limits to nothing rather than lifting the limit.
+        assert_eq!(
+            GrantScope::from_claim(Some(&serde_json::json!(42))),
+            GrantScope::Only {
+                keys: HashSet::new(),
+                labels: Vec::new()
+            }
+        );
+    }
 
     const SECRET: &str = "0123456789abcdef0123456789abcdef";
 

@@ -4,6 +4,7 @@
 use crate::provisioning::Services;
 use crate::queue::worker::Worker;
 
+pub mod access_grant;
 pub mod propagation_check;
 pub mod webhook_delivery;
 
@@ -11,5 +12,6 @@ pub mod webhook_delivery;
 /// or only the webhook settings for deliveries.
 pub fn register_all(worker: &mut Worker, services: &Services) {
     worker.register_job::<crate::provisioning::checks::CheckJob>(services.clone());
+    worker.register_job::<crate::provisioning::grants::GrantJob>(services.clone());
     worker.register_job::<crate::webhooks::Delivery>(services.settings.webhooks.clone());
 }

@@ -1471,3 +1471,83 @@ mod tests {
         assert_eq!(set.len(), 2);
     }
 }
+
+/// What [`set_consent`] changed in the tenant (permission names).
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct ConsentChange {
+    pub granted: Vec<String>,
+    pub revoked: Vec<String>,
+}
+
+/// Admin consent to exactly these application permissions: the app's service principal in this
+/// tenant is assigned the missing app roles and loses the others. Works for an app mailscope
+/// created and for an adopted one (a vendor's multi-tenant app consented to in this tenant);
+/// with no permissions it revokes the consent, which takes the app's mail access away whatever
+/// its access policies say. Idempotent: the roles already held are not posted again.
+///
+/// Granting widens the app's reach to what its restriction allows, so callers grant only once
+/// the restriction exists (docs/microsoft-365.md §2.3).
+pub async fn set_consent(
+    services: &Services,
+    actor: &Actor,
+    tenant_id: Uuid,
+    key: &str,
+    names: &[String],
+) -> Result<ConsentChange, Error> {
+    let (_, handle) = tenants::load(services, tenant_id).await?;
+    let graph = handle.graph();
+    let _turn = take_turn(services, tenant_id, key).await;
+    let record = {
+        let db = services.db().await?;
+        store::applications::get(&db, tenant_id, key)
+            .await?
+            .ok_or_else(|| app_not_found(key))?
+    };
+    let Some(sp) = record.service_principal_object_id.map(|s| s.to_string()) else {
+        // A registration still being created has no service principal, hence no consent.
+        return Ok(ConsentChange::default());
+    };
+    let roles = resolve_permissions(&graph, names, !names.is_empty()).await?;
+    let current: Vec<AppRoleAssignment> = graph.app_role_assignments(&sp).await?;
+    let mut change = ConsentChange::default();
+    // Revoke first: between the two halves the app holds less, never more.
+    let mut role_names = RoleNames::new(&graph);
+    for a in &current {
+        let wanted = roles.iter().any(|r| {
+            a.resource_id.eq_ignore_ascii_case(&r.resource_sp_id)
+                && a.app_role_id.eq_ignore_ascii_case(&r.app_role_id)
+        });
+        if !wanted {
+            // `false` when it was gone already (a retry after a crash): the same end.
+            graph.revoke_app_role(&a.resource_id, &a.id).await?;
+            change
+                .revoked
+                .push(role_names.name(&a.resource_id, &a.app_role_id).await?.1);
+        }
+    }
+    for r in &roles {
+        let held = current.iter().any(|a| {
+            a.resource_id.eq_ignore_ascii_case(&r.resource_sp_id)
+                && a.app_role_id.eq_ignore_ascii_case(&r.app_role_id)
+        });
+        if !held {
+            graph
+                .grant_app_role(&r.resource_sp_id, &sp, &r.app_role_id)
+                .await?;
+            change.granted.push(r.name.clone());
+        }
+    }
+    if !change.granted.is_empty() || !change.revoked.is_empty() {
+        let db = services.db().await?;
+        audit::record(
+            &db,
+            actor,
+            tenant_id,
+            "application.consent_changed",
+            &format!("application/{key}"),
+            json!({"app_id": record.app_id, "granted": change.granted, "revoked": change.revoked}),
+        )
+        .await?;
+    }
+    Ok(change)
+}

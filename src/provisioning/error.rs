@@ -42,6 +42,26 @@ pub enum Rejection {
     RbacVerificationFailed,
 }
 
+impl Rejection {
+    /// The stable code a person or a job status sees (the HTTP problem's `code` too).
+    pub fn code(self) -> &'static str {
+        match self {
+            Rejection::Conflict => "conflict",
+            Rejection::PolicyConflict => "policy_conflict",
+            Rejection::LastRestrictPolicy => "last_restrict_policy",
+            Rejection::ScopeGroupInUse => "scope_group_in_use",
+            Rejection::ApplicationHasPolicies => "application_has_policies",
+            Rejection::InvalidPolicyScope => "invalid_policy_scope",
+            Rejection::RbacConflict => "rbac_restriction_conflict",
+            Rejection::RegistrationObjectId => "app_registration_object_id",
+            Rejection::ScopeFilterMismatch => "scope_filter_mismatch",
+            Rejection::RbacIncomplete => "rbac_incomplete",
+            Rejection::VerificationMailboxesRequired => "verification_mailboxes_required",
+            Rejection::RbacVerificationFailed => "rbac_verification_failed",
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The input is invalid; each field says why.

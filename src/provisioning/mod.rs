@@ -20,6 +20,7 @@ pub mod applications;
 pub mod audit;
 pub mod checks;
 pub mod error;
+pub mod grants;
 pub mod locks;
 pub mod rbac;
 pub mod scope_groups;

@@ -44,6 +44,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "idempotency_scope_and_holder",
         include_str!("../../migrations/0009_idempotency_scope_and_holder.sql"),
     ),
+    (
+        10,
+        "access_grants",
+        include_str!("../../migrations/0010_access_grants.sql"),
+    ),
 ];
 
 /// Arbitrary but fixed: "mailscop" in ASCII.

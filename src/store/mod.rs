@@ -6,6 +6,7 @@ use std::time::Duration;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
 use tokio_postgres::NoTls;
 
+pub mod access_grants;
 pub mod access_policies;
 pub mod applications;
 pub mod audit;

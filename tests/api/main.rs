@@ -4,6 +4,7 @@
 
 mod helpers;
 
+mod access_grants;
 mod access_policies;
 mod applications;
 mod auth;

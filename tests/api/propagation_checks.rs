@@ -581,10 +581,10 @@ async fn manual_checks_are_validated_and_need_the_write_role() {
 }
 
 /// A `mailscope serve --worker-only` process on the test database; killed when dropped.
-struct WorkerProcess(std::process::Child);
+pub(crate) struct WorkerProcess(std::process::Child);
 
 impl WorkerProcess {
-    fn spawn(env: &WithSandbox) -> WorkerProcess {
+    pub(crate) fn spawn(env: &WithSandbox) -> WorkerProcess {
         let child = std::process::Command::new(env!("CARGO_BIN_EXE_mailscope"))
             .args(["serve", "--worker-only"])
             .env_remove("MAILSCOPE_CONFIG")
@@ -606,7 +606,7 @@ impl WorkerProcess {
     }
 
     /// SIGKILL: no graceful release, the lease just stops being renewed.
-    fn kill_9(mut self) {
+    pub(crate) fn kill_9(mut self) {
         self.0.kill().unwrap();
         self.0.wait().unwrap();
     }

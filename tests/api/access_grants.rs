@@ -1,0 +1,961 @@
+//! Access grants against the sandbox: one PUT takes a vendor from nothing to `ready` with a
+//! Graph-verified restriction, a second PUT converges and re-verifies, DELETE takes it to
+//! `removed` with nothing left that mailscope created, an adopted vendor app is neither created
+//! nor deleted, and a worker killed (SIGKILL) in the middle of each resumes to the same end
+//! with no duplicate object in the tenant.
+use std::time::Duration;
+
+use mailscope::config::Settings;
+use mailscope::sandbox::SandboxSettings;
+use serde_json::{Value, json};
+
+use crate::helpers::*;
+use crate::propagation_checks::WorkerProcess;
+use crate::scope_groups::addr;
+
+fn quick(s: &mut Settings) {
+    s.database.pool_size = 12;
+    s.worker.poll_interval_seconds = 1;
+    s.propagation.first_delay_ms = 200;
+    s.propagation.max_delay_ms = 800;
+    s.propagation.backoff_factor = 1.5;
+    s.propagation.required_matches = 2;
+}
+
+async fn start(adjust: impl FnOnce(&mut Settings)) -> WithSandbox {
+    WithSandbox::start_adjusted(SandboxSettings::fast(), |s| {
+        quick(s);
+        adjust(s);
+    })
+    .await
+}
+
+async fn send(
+    env: &WithSandbox,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let mut req = env
+        .app
+        .http
+        .request(method, env.url(path))
+        .bearer_auth(env.app.admin());
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let res = req.send().await.unwrap();
+    let status = res.status().as_u16();
+    let text = res.text().await.unwrap();
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+async fn put_grant(env: &WithSandbox, key: &str, body: Value) -> (u16, Value) {
+    send(
+        env,
+        reqwest::Method::PUT,
+        &format!("/access-grants/{key}"),
+        Some(body),
+    )
+    .await
+}
+
+/// Long-poll until the grant reaches `condition`; panics on `failed` (unless asked for) or after
+/// two minutes, with the last state.
+async fn wait_for(env: &WithSandbox, key: &str, condition: &str) -> Value {
+    let mut last = Value::Null;
+    for _ in 0..60 {
+        let (status, g) = send(
+            env,
+            reqwest::Method::GET,
+            &format!("/access-grants/{key}?wait=2"),
+            None,
+        )
+        .await;
+        assert_eq!(status, 200, "{g}");
+        if g["condition"] == condition {
+            return g;
+        }
+        assert!(condition == "failed" || g["condition"] != "failed", "{g:#}");
+        last = g;
+    }
+    panic!("grant never reached {condition}; last: {last:#}");
+}
+
+fn step<'a>(g: &'a Value, name: &str) -> &'a Value {
+    g["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == name)
+        .unwrap_or_else(|| panic!("step {name} in {g:#}"))
+}
+
+async fn tenant(env: &WithSandbox) -> Value {
+    env.app
+        .http
+        .get(format!(
+            "{}/_sandbox/tenants/{}",
+            env.sandbox.base_url, env.tenant
+        ))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// What the sandbox tenant holds for the grant: (apps named `name`, groups with `alias`,
+/// policies of `app_id`, consented app roles of `app_id`).
+async fn in_tenant(
+    env: &WithSandbox,
+    name: &str,
+    alias: &str,
+    app_id: &str,
+) -> (usize, usize, usize, usize) {
+    let t = tenant(env).await;
+    let apps = t["applications"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["displayName"] == name)
+        .count();
+    let groups = t["recipients"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| {
+            r["alias"]
+                .as_str()
+                .is_some_and(|a| a.eq_ignore_ascii_case(alias))
+        })
+        .count();
+    let policies = t["policies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| {
+            p["appId"]
+                .as_str()
+                .is_some_and(|a| a.eq_ignore_ascii_case(app_id))
+        })
+        .count();
+    let sp = t["servicePrincipals"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| {
+            s["appId"]
+                .as_str()
+                .is_some_and(|a| a.eq_ignore_ascii_case(app_id))
+        })
+        .map(|s| s["id"].as_str().unwrap().to_string());
+    let roles = match sp {
+        Some(sp) => t["appRoleAssignments"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|g| g["principalId"] == sp.as_str())
+            .count(),
+        None => 0,
+    };
+    (apps, groups, policies, roles)
+}
+
+/// Exchange's verdict for the app on a mailbox (`Granted` / `Denied`).
+async fn exchange_verdict(env: &WithSandbox, app_id: &str, who: &str) -> String {
+    let (status, t) = send(
+        env,
+        reqwest::Method::POST,
+        "/access-tests",
+        Some(json!({"app_id": app_id, "mailbox": addr(who)})),
+    )
+    .await;
+    assert_eq!(status, 200, "{t}");
+    t["exchange"]["access_check_result"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// The grant's propagation check, as the API shows it.
+async fn check_of(env: &WithSandbox, g: &Value) -> Value {
+    let id = step(g, "propagation_check")["output"]["check_id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("check id in {g:#}"))
+        .to_string();
+    let (status, c) = send(
+        env,
+        reqwest::Method::GET,
+        &format!("/propagation-checks/{id}"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    c
+}
+
+fn observed(check: &Value, who: &str) -> Value {
+    check["expectations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["mailbox"] == addr(who))
+        .map(|e| e["last_observed"].clone())
+        .unwrap_or_else(|| panic!("{who} in {check:#}"))
+}
+
+fn acme(mailboxes: &[&str]) -> Value {
+    let mailboxes: Vec<String> = mailboxes.iter().map(|m| addr(m)).collect();
+    json!({
+        "display_name": "ACME mail sync",
+        "permissions": ["Mail.Read"],
+        "mailboxes": mailboxes,
+        "canary_mailboxes": [addr("carol")],
+        "labels": {"vendor": "acme"},
+        "external_ref": "CHG-1042",
+    })
+}
+
+async fn grant_jobs(env: &WithSandbox) -> i64 {
+    let db = env.app.db.client().await;
+    db.query_one("SELECT count(*) FROM jobs WHERE kind = 'access_grant'", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test]
+async fn one_put_onboards_a_vendor_a_second_converges_and_delete_removes_everything() {
+    let env = start(|_| {}).await;
+    let (status, g) = put_grant(&env, "acme", acme(&["alice"])).await;
+    assert_eq!(status, 202, "{g}");
+    assert_eq!(g["revision"], 1);
+    assert_eq!(g["mechanism"], "access_policy");
+    let names: Vec<&str> = g["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "scope_group",
+            "app",
+            "restriction",
+            "unscoped_grants",
+            "consent",
+            "propagation_check"
+        ]
+    );
+    // The same body again: nothing new to do.
+    let (status, again) = put_grant(&env, "acme", acme(&["alice"])).await;
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(again["revision"], 1);
+    assert_eq!(grant_jobs(&env).await, 1);
+
+    let ready = wait_for(&env, "acme", "ready").await;
+    for s in ready["steps"].as_array().unwrap() {
+        assert_eq!(s["state"], "done", "{s}");
+        assert!(s["last_error"].is_null());
+    }
+    assert_eq!(step(&ready, "unscoped_grants")["output"]["skipped"], true);
+    let app_id = ready["app_id"].as_str().unwrap().to_string();
+    // Graph-verified: read as the app, alice readable and the canary carol denied.
+    let check = check_of(&env, &ready).await;
+    assert_eq!(check["state"], "succeeded", "{check:#}");
+    assert_eq!(check["verified_by"], "graph");
+    assert_eq!(observed(&check, "alice"), "granted");
+    assert_eq!(observed(&check, "carol"), "denied");
+    assert_eq!(exchange_verdict(&env, &app_id, "bob").await, "Denied");
+    assert_eq!(
+        in_tenant(&env, "ACME mail sync", "grant-acme", &app_id).await,
+        (1, 1, 1, 1)
+    );
+
+    // The list view, filtered by label and condition.
+    for (query, n) in [
+        ("?label=vendor=acme", 1),
+        ("?label=vendor=other", 0),
+        ("?condition=ready", 1),
+        ("?condition=failed", 0),
+        ("?external_ref=CHG-1042", 1),
+    ] {
+        let (status, l) = send(
+            &env,
+            reqwest::Method::GET,
+            &format!("/access-grants{query}"),
+            None,
+        )
+        .await;
+        assert_eq!(status, 200, "{l}");
+        assert_eq!(l["items"].as_array().unwrap().len(), n, "{query}: {l}");
+    }
+
+    // A second PUT adding bob converges from the current state and verifies again.
+    let (status, g2) = put_grant(&env, "acme", acme(&["alice", "bob"])).await;
+    assert_eq!(status, 202, "{g2}");
+    assert_eq!(g2["revision"], 2);
+    assert_ne!(g2["condition"], "ready");
+    let ready2 = wait_for(&env, "acme", "ready").await;
+    let check2 = check_of(&env, &ready2).await;
+    assert_ne!(
+        check2["id"], check["id"],
+        "a new check for the new membership"
+    );
+    assert_eq!(check2["state"], "succeeded");
+    assert_eq!(observed(&check2, "bob"), "granted");
+    assert_eq!(observed(&check2, "carol"), "denied");
+    assert_eq!(exchange_verdict(&env, &app_id, "bob").await, "Granted");
+    assert_eq!(
+        in_tenant(&env, "ACME mail sync", "grant-acme", &app_id).await,
+        (1, 1, 1, 1)
+    );
+
+    // Offboarding: removed, and nothing mailscope created is left in the tenant.
+    let (status, d) = send(&env, reqwest::Method::DELETE, "/access-grants/acme", None).await;
+    assert_eq!(status, 202, "{d}");
+    assert_eq!(d["condition"], "removing");
+    let names: Vec<&str> = d["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "revoke_consent",
+            "remove_restriction",
+            "remove_app",
+            "remove_scope_group"
+        ]
+    );
+    let removed = wait_for(&env, "acme", "removed").await;
+    assert_eq!(
+        step(&removed, "remove_app")["output"]["deleted_in_tenant"],
+        true
+    );
+    assert_eq!(
+        in_tenant(&env, "ACME mail sync", "grant-acme", &app_id).await,
+        (0, 0, 0, 0)
+    );
+    let (status, _) = send(&env, reqwest::Method::DELETE, "/access-grants/acme", None).await;
+    assert_eq!(status, 200, "already removed: nothing new to do");
+}
+
+#[tokio::test]
+async fn an_adopted_vendor_app_is_neither_created_nor_deleted() {
+    let env = start(|_| {}).await;
+    // The vendor's app, consented to in the tenant with more mailboxes than it should reach.
+    let (vendor, _) = env
+        .sandbox_app(
+            json!({"displayName": "Vendor multi-tenant app", "graphPermissions": ["Mail.Read"]}),
+        )
+        .await;
+    assert_eq!(exchange_verdict(&env, &vendor, "bob").await, "Granted");
+    let (status, g) = put_grant(
+        &env,
+        "vendor",
+        json!({"app_id": vendor, "permissions": ["Mail.Read"], "mailboxes": [addr("alice")]}),
+    )
+    .await;
+    assert_eq!(status, 202, "{g}");
+    assert_eq!(g["app_origin"], "adopted");
+    let ready = wait_for(&env, "vendor", "ready").await;
+    assert_eq!(step(&ready, "app")["output"]["origin"], "adopted");
+    assert_eq!(exchange_verdict(&env, &vendor, "alice").await, "Granted");
+    assert_eq!(exchange_verdict(&env, &vendor, "bob").await, "Denied");
+    assert_eq!(check_of(&env, &ready).await["state"], "succeeded");
+
+    let (status, _) = send(&env, reqwest::Method::DELETE, "/access-grants/vendor", None).await;
+    assert_eq!(status, 202);
+    let removed = wait_for(&env, "vendor", "removed").await;
+    assert_eq!(
+        step(&removed, "remove_app")["output"]["deleted_in_tenant"],
+        false
+    );
+    // The app stays; its consent and restriction are gone, so it reaches no mailbox at all.
+    assert_eq!(
+        in_tenant(&env, "Vendor multi-tenant app", "grant-vendor", &vendor).await,
+        (1, 0, 0, 0)
+    );
+}
+
+#[tokio::test]
+async fn invalid_grants_are_refused_with_problems() {
+    let env = start(|_| {}).await;
+    let cases = [
+        json!({"display_name": "x", "permissions": ["Mail.Read"], "mailboxes": [addr("alice")], "mechanism": "rbac"}),
+        json!({"display_name": "x", "app_id": "b9701c1e-1364-464d-93e4-01ae925e8d6c", "permissions": ["Mail.Read"], "mailboxes": [addr("alice")]}),
+        json!({"display_name": "x", "permissions": ["User.Read.All"], "mailboxes": [addr("alice")]}),
+        json!({"display_name": "x", "permissions": ["Mail.Read"], "scope_group": "no-such-group"}),
+        json!({"display_name": "x", "permissions": ["Mail.Read"]}),
+    ];
+    for body in cases {
+        let res = env
+            .app
+            .http
+            .put(env.url("/access-grants/bad"))
+            .bearer_auth(env.app.admin())
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let p = assert_problem(res, 422, "validation_failed").await;
+        assert!(p["errors"].as_array().is_some_and(|e| !e.is_empty()), "{p}");
+        if body.get("mechanism").is_some() {
+            assert!(
+                p["errors"][0]["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("not available"),
+                "{p}"
+            );
+        }
+    }
+    let res = env
+        .app
+        .http
+        .get(env.url("/access-grants/nobody"))
+        .bearer_auth(env.app.admin())
+        .send()
+        .await
+        .unwrap();
+    assert_problem(res, 404, "not_found").await;
+    let res = env
+        .app
+        .http
+        .get(env.url("/access-grants?condition=sleeping"))
+        .bearer_auth(env.app.admin())
+        .send()
+        .await
+        .unwrap();
+    assert_problem(res, 400, "invalid_query").await;
+    // Reading is not writing.
+    let res = env
+        .app
+        .http
+        .put(env.url("/access-grants/acme"))
+        .bearer_auth(env.app.token(&["MailScope.Read"], &["*"]))
+        .json(&acme(&["alice"]))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(res, 403, "forbidden").await;
+    assert_eq!(grant_jobs(&env).await, 0);
+}
+
+/// Wait until the grant's step `name` is done in `revision`.
+async fn wait_for_step(env: &WithSandbox, key: &str, name: &str, revision: i64) {
+    for _ in 0..600 {
+        let (_, g) = send(
+            env,
+            reqwest::Method::GET,
+            &format!("/access-grants/{key}"),
+            None,
+        )
+        .await;
+        if g["revision"] == revision && step(&g, name)["state"] == "done" {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("step {name} never done");
+}
+
+#[tokio::test]
+async fn a_worker_killed_mid_onboarding_change_and_removal_resumes_to_the_same_end() {
+    // Only the spawned processes run jobs.
+    let env = start(|s| s.worker.per_tenant_concurrency = 0).await;
+
+    let (status, _) = put_grant(&env, "acme", acme(&["alice"])).await;
+    assert_eq!(status, 202);
+    let first = WorkerProcess::spawn(&env);
+    wait_for_step(&env, "acme", "scope_group", 1).await;
+    first.kill_9();
+    let second = WorkerProcess::spawn(&env);
+    let _third = WorkerProcess::spawn(&env);
+    let ready = wait_for(&env, "acme", "ready").await;
+    let app_id = ready["app_id"].as_str().unwrap().to_string();
+    assert_eq!(
+        in_tenant(&env, "ACME mail sync", "grant-acme", &app_id).await,
+        (1, 1, 1, 1)
+    );
+
+    let (status, _) = put_grant(&env, "acme", acme(&["alice", "bob"])).await;
+    assert_eq!(status, 202);
+    wait_for_step(&env, "acme", "scope_group", 2).await;
+    second.kill_9();
+    let fourth = WorkerProcess::spawn(&env);
+    let ready2 = wait_for(&env, "acme", "ready").await;
+    assert_eq!(observed(&check_of(&env, &ready2).await, "bob"), "granted");
+    assert_eq!(
+        in_tenant(&env, "ACME mail sync", "grant-acme", &app_id).await,
+        (1, 1, 1, 1)
+    );
+
+    let (status, _) = send(&env, reqwest::Method::DELETE, "/access-grants/acme", None).await;
+    assert_eq!(status, 202);
+    wait_for_step(&env, "acme", "revoke_consent", 3).await;
+    fourth.kill_9();
+    let _fifth = WorkerProcess::spawn(&env);
+    wait_for(&env, "acme", "removed").await;
+    assert_eq!(
+        in_tenant(&env, "ACME mail sync", "grant-acme", &app_id).await,
+        (0, 0, 0, 0)
+    );
+    // One job per revision, never two.
+    let db = env.app.db.client().await;
+    let per_revision: Vec<(String, i64)> = db
+        .query(
+            "SELECT unique_key, count(*) FROM jobs WHERE kind = 'access_grant' GROUP BY unique_key ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        per_revision,
+        [
+            ("acme@1".to_string(), 1),
+            ("acme@2".to_string(), 1),
+            ("acme@3".to_string(), 1)
+        ]
+    );
+}
+
+#[tokio::test]
+async fn ready_and_removed_are_announced_by_signed_events() {
+    use wiremock::matchers::{method, path};
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+    let receiver = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/hooks/grants"))
+        .respond_with(ResponseTemplate::new(204))
+        .mount(&receiver)
+        .await;
+    let env = start(|s| s.webhooks = crate::webhooks::hook_settings(5)).await;
+    let mut body = acme(&["alice"]);
+    body["callback_url"] = json!(format!("{}/hooks/grants", receiver.uri()));
+    let (status, g) = put_grant(&env, "acme", body).await;
+    assert_eq!(status, 202, "{g}");
+    wait_for(&env, "acme", "ready").await;
+    let (status, _) = send(&env, reqwest::Method::DELETE, "/access-grants/acme", None).await;
+    assert_eq!(status, 202);
+    wait_for(&env, "acme", "removed").await;
+    let mut got = Vec::new();
+    for _ in 0..100 {
+        got = receiver.received_requests().await.unwrap();
+        if got.len() >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut types: Vec<String> = Vec::new();
+    for r in &got {
+        assert!(crate::webhooks::receiver_accepts(r), "signature verifies");
+        let event: Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(event["data"]["key"], "acme");
+        assert_eq!(event["data"]["labels"]["vendor"], "acme");
+        types.push(event["type"].as_str().unwrap().to_string());
+    }
+    types.sort();
+    assert_eq!(types, ["access_grant.ready", "access_grant.removed"]);
+}
+
+/// A token limited to some grants by the `mailscope_grants` claim.
+fn grant_token(env: &WithSandbox, grants: Value) -> String {
+    let now = chrono::Utc::now().timestamp();
+    let s = &env.app.settings.auth;
+    let mut claims = json!({"iss": s.issuer, "aud": s.audience, "sub": "vendor-portal",
+        "iat": now, "exp": now + 600, "roles": ["MailScope.Read"], "mailscope_grants": grants});
+    claims[s.tenants_claim.as_str()] = json!([env.tenant]);
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(HS_SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_token_limited_to_one_grant_sees_that_grant_and_nothing_else() {
+    let env = start(|s| s.worker.per_tenant_concurrency = 0).await;
+    let mut globex = acme(&["bob"]);
+    globex["display_name"] = json!("Globex");
+    globex["labels"] = json!({"vendor": "globex"});
+    assert_eq!(put_grant(&env, "acme", acme(&["alice"])).await.0, 202);
+    assert_eq!(put_grant(&env, "globex", globex).await.0, 202);
+    let get = |token: String, path: String| {
+        let env = &env;
+        async move {
+            env.app
+                .http
+                .get(env.url(&path))
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    for claim in [json!(["acme"]), json!(["label:vendor=acme"])] {
+        let token = grant_token(&env, claim);
+        let res = get(token.clone(), "/access-grants/acme".into()).await;
+        assert_eq!(res.status(), 200);
+        assert_problem(
+            get(token.clone(), "/access-grants/globex".into()).await,
+            404,
+            "not_found",
+        )
+        .await;
+        let list: Value = get(token.clone(), "/access-grants".into())
+            .await
+            .json()
+            .await
+            .unwrap();
+        let keys: Vec<&str> = list["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|g| g["key"].as_str().unwrap())
+            .collect();
+        assert_eq!(keys, ["acme"]);
+        // Everything else in the tenant is absent to it, even what the grant made.
+        for other in [
+            "/scope-groups",
+            "/applications",
+            "/access-policies",
+            "/propagation-checks",
+            "",
+        ] {
+            assert_problem(
+                get(token.clone(), other.to_string()).await,
+                404,
+                "not_found",
+            )
+            .await;
+        }
+        let tenants: Value = env
+            .app
+            .http
+            .get(env.app.url("/v1/tenants"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(
+            tenants["items"].as_array().map(Vec::len),
+            Some(0),
+            "{tenants}"
+        );
+    }
+    // With the write role, a grant-limited token manages its own grant's credentials only, and
+    // still cannot change the grant itself.
+    let writer = {
+        let now = chrono::Utc::now().timestamp();
+        let a = &env.app.settings.auth;
+        let mut claims = json!({"iss": a.issuer, "aud": a.audience, "sub": "vendor-portal",
+            "iat": now, "exp": now + 600, "roles": ["MailScope.Write"], "mailscope_grants": ["acme"]});
+        claims[a.tenants_claim.as_str()] = json!([env.tenant]);
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(HS_SECRET.as_bytes()),
+        )
+        .unwrap()
+    };
+    let post = |key: &str| {
+        env.app
+            .http
+            .post(env.url(&format!("/access-grants/{key}/secrets")))
+            .bearer_auth(&writer)
+            .json(&json!({"display_name": "x", "lifetime_days": 30}))
+            .send()
+    };
+    assert_problem(post("globex").await.unwrap(), 404, "not_found").await;
+    // Its own grant's app is not created yet (no worker here): refused for that reason, not hidden.
+    assert_problem(post("acme").await.unwrap(), 409, "conflict").await;
+    let res = env
+        .app
+        .http
+        .put(env.url("/access-grants/acme"))
+        .bearer_auth(&writer)
+        .json(&acme(&["alice", "bob"]))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(res, 404, "not_found").await;
+
+    // An unrestricted reader sees both.
+    let list: Value = get(
+        env.app.token(&["MailScope.Read"], &["*"]),
+        "/access-grants".into(),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(list["items"].as_array().unwrap().len(), 2);
+}
+
+/// A Graph token for the vendor's app, from the sandbox's token endpoint.
+async fn vendor_token(env: &WithSandbox, client_id: &str, secret: &str) -> String {
+    let res = env
+        .app
+        .http
+        .post(format!(
+            "{}/{}/oauth2/v2.0/token",
+            env.sandbox.base_url, env.tenant
+        ))
+        .form(&[
+            ("grant_type", "client_credentials"),
+            ("client_id", client_id),
+            ("client_secret", secret),
+            ("scope", "https://graph.microsoft.com/.default"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200, "{}", res.text().await.unwrap());
+    res.json::<Value>().await.unwrap()["access_token"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+async fn read_mail(env: &WithSandbox, token: &str, who: &str) -> u16 {
+    env.app
+        .http
+        .get(format!(
+            "{}/v1.0/users/{}/messages",
+            env.sandbox.base_url,
+            addr(who)
+        ))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+#[tokio::test]
+async fn the_vendor_gets_a_secret_once_and_a_certificate_credential_with_rotation() {
+    let env = start(|_| {}).await;
+    assert_eq!(put_grant(&env, "acme", acme(&["alice"])).await.0, 202);
+    let ready = wait_for(&env, "acme", "ready").await;
+    let app_id = ready["app_id"].as_str().unwrap().to_string();
+    assert_eq!(ready["expiring_soon"], false, "no credential ending soon");
+
+    // A client secret, shown once; with it the vendor reads in scope and is refused out of it.
+    let (status, s1) = send(
+        &env,
+        reqwest::Method::POST,
+        "/access-grants/acme/secrets",
+        Some(json!({"display_name": "acme-1", "lifetime_days": 5})),
+    )
+    .await;
+    assert_eq!(status, 201, "{s1}");
+    // Its only credential ends within the warning window: the status says to rotate.
+    let (_, g) = send(&env, reqwest::Method::GET, "/access-grants/acme", None).await;
+    assert_eq!(g["expiring_soon"], true, "{g}");
+    let text = s1["secret_text"].as_str().unwrap().to_string();
+    let token = vendor_token(&env, &app_id, &text).await;
+    assert_eq!(read_mail(&env, &token, "alice").await, 200);
+    assert_eq!(read_mail(&env, &token, "carol").await, 403);
+
+    // Rotation with overlap: a second secret, then the first one goes.
+    let (status, s2) = send(
+        &env,
+        reqwest::Method::POST,
+        "/access-grants/acme/secrets",
+        Some(json!({"display_name": "acme-2", "lifetime_days": 90})),
+    )
+    .await;
+    assert_eq!(status, 201, "{s2}");
+    let (_, creds) = send(
+        &env,
+        reqwest::Method::GET,
+        "/access-grants/acme/credentials",
+        None,
+    )
+    .await;
+    assert_eq!(creds["secrets"].as_array().unwrap().len(), 2, "{creds}");
+    assert!(
+        creds.to_string().find(&text).is_none(),
+        "the text is never shown again"
+    );
+    assert_eq!(creds["expiring_soon"], false);
+    let old = s1["key_id"].as_str().unwrap();
+    let (status, _) = send(
+        &env,
+        reqwest::Method::DELETE,
+        &format!("/access-grants/acme/secrets/{old}"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 204);
+
+    // A certificate: the vendor uploads only its public certificate.
+    let pem = include_str!("../fixtures/rsa1.crt.pem");
+    let (status, c) = send(
+        &env,
+        reqwest::Method::POST,
+        "/access-grants/acme/certificates",
+        Some(json!({"certificate_pem": pem})),
+    )
+    .await;
+    assert_eq!(status, 201, "{c}");
+    assert_eq!(c["end_date_time"], "2036-11-19T02:10:53Z");
+    let (status, again) = send(
+        &env,
+        reqwest::Method::POST,
+        "/access-grants/acme/certificates",
+        Some(json!({"certificate_pem": pem})),
+    )
+    .await;
+    assert_eq!(status, 200, "the same certificate is not added twice");
+    assert_eq!(again["key_id"], c["key_id"]);
+    let t = tenant(&env).await;
+    let app = t["applications"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["appId"] == app_id.as_str())
+        .unwrap();
+    assert_eq!(app["keyCredentials"].as_array().unwrap().len(), 1, "{app}");
+    let (status, p) = send(
+        &env,
+        reqwest::Method::POST,
+        "/access-grants/acme/certificates",
+        Some(json!({"certificate_pem": include_str!("../fixtures/rsa1.pem")})),
+    )
+    .await;
+    assert_eq!(status, 422, "a private key is refused: {p}");
+    let (_, creds) = send(
+        &env,
+        reqwest::Method::GET,
+        "/access-grants/acme/credentials",
+        None,
+    )
+    .await;
+    assert_eq!(creds["certificates"][0]["thumbprint"], c["thumbprint"]);
+    let key_id = c["key_id"].as_str().unwrap();
+    let (status, _) = send(
+        &env,
+        reqwest::Method::DELETE,
+        &format!("/access-grants/acme/certificates/{key_id}"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 204);
+    let t = tenant(&env).await;
+    let app = t["applications"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["appId"] == app_id.as_str())
+        .unwrap();
+    assert_eq!(app["keyCredentials"].as_array().unwrap().len(), 0);
+
+    // An adopted vendor app's credentials are its publisher's.
+    let (vendor, _) = env
+        .sandbox_app(json!({"displayName": "Vendor app", "graphPermissions": ["Mail.Read"]}))
+        .await;
+    let (status, _) = put_grant(
+        &env,
+        "vendor",
+        json!({"app_id": vendor, "permissions": ["Mail.Read"], "mailboxes": [addr("alice")]}),
+    )
+    .await;
+    assert_eq!(status, 202);
+    let res = env
+        .app
+        .http
+        .post(env.url("/access-grants/vendor/secrets"))
+        .bearer_auth(env.app.admin())
+        .json(&json!({"display_name": "x", "lifetime_days": 30}))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(res, 409, "conflict").await;
+}
+
+#[tokio::test]
+async fn a_failed_step_says_why_and_what_to_do_and_a_corrected_put_converges() {
+    let env = start(|_| {}).await;
+    let (status, _) = put_grant(&env, "acme", acme(&["alice", "nobody"])).await;
+    assert_eq!(status, 202);
+    let failed = wait_for(&env, "acme", "failed").await;
+    let sg = step(&failed, "scope_group");
+    assert_eq!(sg["state"], "failed", "{failed:#}");
+    assert_eq!(sg["last_error"]["code"], "validation_failed");
+    assert!(
+        sg["last_error"]["cause"]
+            .as_str()
+            .unwrap()
+            .contains("nobody"),
+        "{sg}"
+    );
+    assert!(
+        sg["last_error"]["fix"].as_str().unwrap().contains("PUT"),
+        "{sg}"
+    );
+    // Nothing after the failed step ran: no app, no consent.
+    assert_eq!(step(&failed, "app")["state"], "pending");
+    assert_eq!(
+        in_tenant(&env, "ACME mail sync", "grant-acme", "-").await.0,
+        0
+    );
+    let (status, _) = put_grant(&env, "acme", acme(&["alice"])).await;
+    assert_eq!(status, 202);
+    let ready = wait_for(&env, "acme", "ready").await;
+    assert_eq!(ready["revision"], 2);
+}
+
+#[tokio::test]
+async fn switching_to_an_existing_scope_group_keeps_the_app_restricted_and_removal_cleans_up() {
+    let env = start(|_| {}).await;
+    crate::scope_groups::create_group(&env, "sales", &["alice"]).await;
+    assert_eq!(put_grant(&env, "acme", acme(&["bob"])).await.0, 202);
+    let ready = wait_for(&env, "acme", "ready").await;
+    let app_id = ready["app_id"].as_str().unwrap().to_string();
+    let mut body = acme(&[]);
+    body.as_object_mut().unwrap().remove("mailboxes");
+    body["scope_group"] = json!("sales");
+    assert_eq!(put_grant(&env, "acme", body).await.0, 202);
+    let ready = wait_for(&env, "acme", "ready").await;
+    assert_eq!(ready["scope_group"], "sales");
+    assert_eq!(exchange_verdict(&env, &app_id, "alice").await, "Granted");
+    assert_eq!(exchange_verdict(&env, &app_id, "bob").await, "Denied");
+    // One policy (the old one was replaced, never removed first).
+    assert_eq!(
+        in_tenant(&env, "ACME mail sync", "grant-acme", &app_id).await,
+        (1, 1, 1, 1)
+    );
+    assert_eq!(
+        send(&env, reqwest::Method::DELETE, "/access-grants/acme", None)
+            .await
+            .0,
+        202
+    );
+    let removed = wait_for(&env, "acme", "removed").await;
+    assert_eq!(
+        step(&removed, "remove_scope_group")["output"]["deleted_in_tenant"],
+        true
+    );
+    // The grant's own group is gone; the named group stays.
+    assert_eq!(
+        in_tenant(&env, "ACME mail sync", "grant-acme", &app_id).await,
+        (0, 0, 0, 0)
+    );
+    assert_eq!(in_tenant(&env, "-", "sales", "-").await.1, 1);
+}
