@@ -40,6 +40,8 @@ pub enum Rejection {
     VerificationMailboxesRequired,
     /// `Test-ServicePrincipalAuthorization` does not show the scope as intended.
     RbacVerificationFailed,
+    /// DenyAccess was asked of RBAC for Applications, which can only grant (§3.8).
+    RbacDenyUnsupported,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -39,6 +39,12 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "rbac_restrictions",
         include_str!("../../migrations/0008_rbac_restrictions.sql"),
     ),
+    // 0009–0012 are taken by other branches of the project.
+    (
+        13,
+        "rbac_migrations",
+        include_str!("../../migrations/0013_rbac_migrations.sql"),
+    ),
 ];
 
 /// Arbitrary but fixed: "mailscop" in ASCII.
