@@ -8,4 +8,5 @@ pub mod field_error;
 pub mod permissions;
 pub mod propagation;
 pub mod rbac;
+pub mod rbac_migration;
 pub mod secret;
