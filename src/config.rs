@@ -75,6 +75,15 @@ pub struct PropagationSettings {
     pub deadline_seconds: u64,
     /// In-scope members sampled per policy scope for the default expectations.
     pub sample_size: usize,
+    /// RBAC for Applications: the first look through Graph after Exchange's verdict. Microsoft
+    /// documents a permission cache of 30 minutes to 2 hours (reference §3.5, §8.3), so looking
+    /// earlier only spends calls; the default is the documented minimum, 30 minutes. Later looks
+    /// follow the backoff above.
+    pub rbac_first_delay_ms: u64,
+    /// RBAC for Applications: a check's default deadline. The documented maximum of the cache is
+    /// 2 hours (an app in use keeps its cached permissions that long); the default, 4 hours,
+    /// is twice that.
+    pub rbac_deadline_seconds: u64,
 }
 
 impl Default for PropagationSettings {
@@ -87,6 +96,8 @@ impl Default for PropagationSettings {
             confirm_interval_ms: 10_000,
             deadline_seconds: 86_400,
             sample_size: 3,
+            rbac_first_delay_ms: 30 * 60 * 1000,
+            rbac_deadline_seconds: 4 * 3600,
         }
     }
 }
@@ -379,6 +390,17 @@ impl Settings {
         if !(1..=30 * 86_400).contains(&p.deadline_seconds) {
             errs.push(
                 "propagation.deadline_seconds must be between 1 and 2592000 (30 days)".into(),
+            );
+        }
+        if !(1..=30 * 86_400).contains(&p.rbac_deadline_seconds) {
+            errs.push(
+                "propagation.rbac_deadline_seconds must be between 1 and 2592000 (30 days)".into(),
+            );
+        }
+        if p.rbac_first_delay_ms == 0 || p.rbac_first_delay_ms / 1000 >= p.rbac_deadline_seconds {
+            errs.push(
+                "propagation.rbac_first_delay_ms must be at least 1 and end before propagation.rbac_deadline_seconds"
+                    .into(),
             );
         }
         if !(1..=50).contains(&p.sample_size) {
@@ -675,12 +697,16 @@ mod tests {
         assert_eq!(s.propagation.first_delay_ms, 200);
         assert_eq!(s.propagation.required_matches, 2);
         assert_eq!(s.propagation.deadline_seconds, 86_400);
+        // RBAC: the documented cache of 30 minutes to 2 hours.
+        assert_eq!(s.propagation.rbac_first_delay_ms, 1_800_000);
+        assert_eq!(s.propagation.rbac_deadline_seconds, 14_400);
         let e = Settings::load_from(
             None,
             env(&[
                 ("MAILSCOPE_PROPAGATION__FIRST_DELAY_MS", "900000"),
                 ("MAILSCOPE_PROPAGATION__REQUIRED_MATCHES", "0"),
                 ("MAILSCOPE_PROPAGATION__SAMPLE_SIZE", "0"),
+                ("MAILSCOPE_PROPAGATION__RBAC_FIRST_DELAY_MS", "20000000"),
             ]),
         )
         .unwrap_err()
@@ -689,6 +715,7 @@ mod tests {
             "propagation.first_delay_ms",
             "propagation.required_matches",
             "propagation.sample_size",
+            "propagation.rbac_first_delay_ms",
         ] {
             assert!(e.contains(part), "{e}");
         }

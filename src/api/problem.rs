@@ -49,6 +49,7 @@ pub enum ProblemKind {
     RbacIncomplete,
     VerificationMailboxesRequired,
     RbacVerificationFailed,
+    RbacDenyUnsupported,
     Internal,
 }
 
@@ -200,6 +201,11 @@ pub const CATALOGUE: &[(ProblemKind, &str, &str)] = &[
         "Test-ServicePrincipalAuthorization does not show a sample mailbox in scope or shows a canary in scope; the app's Entra grants were left in place. `errors` lists each mailbox.",
     ),
     (
+        ProblemKind::RbacDenyUnsupported,
+        "DenyAccess has no RBAC equivalent",
+        "RBAC for Applications can only grant: no role assignment says \"every mailbox except this group\", so a DenyAccess restriction cannot be expressed or verified as RBAC (reference §3.8). Keep the DenyAccess application access policy, or turn its scope into an allow-list (a scope of the mailboxes the app may reach).",
+    ),
+    (
         ProblemKind::Internal,
         "Internal error",
         "An unexpected error; the request id identifies it in the service's logs.",
@@ -238,6 +244,7 @@ impl ProblemKind {
             ProblemKind::RbacIncomplete => "rbac_incomplete",
             ProblemKind::VerificationMailboxesRequired => "verification_mailboxes_required",
             ProblemKind::RbacVerificationFailed => "rbac_verification_failed",
+            ProblemKind::RbacDenyUnsupported => "rbac_deny_unsupported",
             ProblemKind::Internal => "internal",
         }
     }
@@ -268,7 +275,8 @@ impl ProblemKind {
             | ProblemKind::ApplicationHasPolicies => StatusCode::CONFLICT,
             ProblemKind::InvalidPolicyScope
             | ProblemKind::AppRegistrationObjectId
-            | ProblemKind::VerificationMailboxesRequired => StatusCode::UNPROCESSABLE_ENTITY,
+            | ProblemKind::VerificationMailboxesRequired
+            | ProblemKind::RbacDenyUnsupported => StatusCode::UNPROCESSABLE_ENTITY,
             ProblemKind::RbacRestrictionConflict
             | ProblemKind::RbacIncomplete
             | ProblemKind::RbacVerificationFailed => StatusCode::CONFLICT,
@@ -519,6 +527,7 @@ impl From<crate::provisioning::Error> for ApiError {
                         ProblemKind::VerificationMailboxesRequired
                     }
                     Rejection::RbacVerificationFailed => ProblemKind::RbacVerificationFailed,
+                    Rejection::RbacDenyUnsupported => ProblemKind::RbacDenyUnsupported,
                 };
                 ApiError {
                     errors,
@@ -574,7 +583,7 @@ mod tests {
         codes.sort();
         codes.dedup();
         assert_eq!(codes.len(), n);
-        assert_eq!(n, 30);
+        assert_eq!(n, 31);
     }
 
     #[test]

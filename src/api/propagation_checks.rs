@@ -21,7 +21,8 @@ use crate::auth::{Caller, Role};
 use crate::domain::propagation::Access;
 use crate::provisioning::checks::{self as checks, CheckRequest, CheckView};
 use crate::queue;
-use crate::store::{self, propagation_checks::CheckState};
+use crate::store::propagation_checks::{CheckState, Mechanism};
+use crate::store::{self};
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.service(
@@ -74,8 +75,42 @@ pub struct CheckInput {
     pub callback_url: Option<String>,
     /// Consecutive matching observations per mailbox (default from settings, 1–20).
     pub required_matches: Option<u32>,
-    /// Seconds until the check gives up as `timed_out` (default from settings).
+    /// Seconds until the check gives up as `timed_out` (default from settings: 24 hours for
+    /// an access policy, 4 hours for RBAC).
     pub deadline_seconds: Option<u64>,
+    /// The restriction to verify: `access_policy` (default, stage 1 asks
+    /// `Test-ApplicationAccessPolicy`) or `rbac` (stage 1 asks `Test-ServicePrincipalAuthorization
+    /// -Resource`, and Graph is looked at after RBAC's permission cache, 30 minutes to 2 hours).
+    pub mechanism: Option<CheckMechanism>,
+}
+
+/// Which restriction a check verifies.
+#[derive(Deserialize, Serialize, ToSchema, Clone, Copy, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum CheckMechanism {
+    /// An application access policy.
+    #[default]
+    AccessPolicy,
+    /// RBAC for Applications. There is no DenyAccess in RBAC (reference §3.8).
+    Rbac,
+}
+
+impl From<CheckMechanism> for Mechanism {
+    fn from(m: CheckMechanism) -> Mechanism {
+        match m {
+            CheckMechanism::AccessPolicy => Mechanism::AccessPolicy,
+            CheckMechanism::Rbac => Mechanism::Rbac,
+        }
+    }
+}
+
+impl From<Mechanism> for CheckMechanism {
+    fn from(m: Mechanism) -> CheckMechanism {
+        match m {
+            Mechanism::AccessPolicy => CheckMechanism::AccessPolicy,
+            Mechanism::Rbac => CheckMechanism::Rbac,
+        }
+    }
 }
 
 #[derive(Serialize, ToSchema)]
@@ -121,9 +156,18 @@ pub struct PropagationCheck {
     pub reason: Option<String>,
     /// Seconds from the change until every mailbox answered as expected.
     pub propagation_seconds: Option<f64>,
-    /// `manual` or `access_policy`.
+    /// `manual`, `access_policy` (started by a policy change) or `rbac_restriction` (started
+    /// when an RBAC restriction was enforced or replaced).
     #[schema(value_type = super::schema::CheckOrigin)]
     pub origin: String,
+    /// What stage 1 verifies: `access_policy` or `rbac`.
+    pub mechanism: CheckMechanism,
+    /// While an RBAC check waits for Graph: that RBAC for Applications caches permissions for
+    /// 30 minutes to 2 hours, up to 2 hours for an app in use.
+    #[schema(
+        example = "waiting for RBAC for Applications' permission cache: Exchange (Test-ServicePrincipalAuthorization) already shows the change, Graph applies it within 30 minutes to 2 hours as documented; an app in use keeps its cached permissions up to 2 hours, so its old access can last until about 2026-12-01T07:00:00+00:00"
+    )]
+    pub waiting_note: Option<String>,
     pub created_at: DateTime<Utc>,
     /// The change being verified (the last one, when several changes merged into this check).
     pub changed_at: DateTime<Utc>,
@@ -168,6 +212,7 @@ pub async fn view(
 pub(crate) fn view_of(v: CheckView) -> PropagationCheck {
     let attempts = v.job.as_ref().map_or(0, |j| j.attempt);
     let next_run_at = v.next_run_at();
+    let waiting_note = v.waiting_note();
     let r = v.check;
     let changed = r.changed_at;
     PropagationCheck {
@@ -202,6 +247,8 @@ pub(crate) fn view_of(v: CheckView) -> PropagationCheck {
         reason: r.reason,
         propagation_seconds: r.propagation_seconds,
         origin: r.origin,
+        mechanism: r.mechanism.into(),
+        waiting_note,
         created_at: r.created_at,
         changed_at: r.changed_at,
         updated_at: r.updated_at,
@@ -265,6 +312,7 @@ pub async fn create_check(
         callback_url: input.callback_url,
         required_matches: input.required_matches,
         deadline_seconds: input.deadline_seconds,
+        mechanism: input.mechanism.unwrap_or_default().into(),
     };
     let (v, created) =
         checks::create(&state, &super::actor(&caller, &req), tenant_id, &request).await?;

@@ -99,6 +99,11 @@ pub struct RbacRestrictionInput {
     /// Mailboxes that must be out of scope (besides the tenant's canaries).
     #[serde(default)]
     pub canary_mailboxes: Vec<String>,
+    /// Optional, for callers used to access policies: only `RestrictAccess` has an RBAC
+    /// equivalent. `DenyAccess` is refused (`rbac_deny_unsupported`): RBAC for Applications can
+    /// only grant (reference §3.8); keep the DenyAccess policy or use an allow-list scope.
+    #[schema(example = "RestrictAccess")]
+    pub access_right: Option<String>,
 }
 
 /// Mailboxes to verify with before the Entra grants go.
@@ -161,6 +166,9 @@ pub struct EnforcementReport {
         example = "Graph applies RBAC changes through a permission cache of 30 minutes to 2 hours (an app in use keeps its entry up to 2 hours); Test-ServicePrincipalAuthorization already shows them."
     )]
     pub propagation: String,
+    /// The propagation check that sees the restriction through Graph (also in the `Link`
+    /// header, `rel="propagation-check"`).
+    pub propagation_check_id: Option<Uuid>,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -258,6 +266,7 @@ fn report(e: Enforcement) -> EnforcementReport {
         out_of_scope_checked: e.out_of_scope_checked,
         entra_grants_removed: e.entra_grants_removed,
         propagation: PROPAGATION_NOTE.into(),
+        propagation_check_id: e.propagation_check_id,
     }
 }
 
@@ -358,6 +367,7 @@ impl TryFrom<RbacRestrictionInput> for RestrictionInput {
                 sample_mailboxes: i.sample_mailboxes,
                 canary_mailboxes: i.canary_mailboxes,
             },
+            access_right: i.access_right,
         })
     }
 }
@@ -381,7 +391,7 @@ impl TryFrom<RbacRestrictionInput> for RestrictionInput {
         (status = 403, description = "needs MailScope.Write", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "tenant not visible", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "same app and scope with other settings (`rbac_restriction_conflict`), or verification failed (`rbac_verification_failed`)", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "invalid content, a permission without a role, an unknown scope group, the app registration's object id (`app_registration_object_id`), or no mailbox to verify with (`verification_mailboxes_required`)", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "invalid content, a permission without a role, an unknown scope group, the app registration's object id (`app_registration_object_id`), no mailbox to verify with (`verification_mailboxes_required`), or `access_right: DenyAccess`, which RBAC cannot express (`rbac_deny_unsupported`)", body = Problem, content_type = "application/problem+json"),
         (status = 502, description = "Microsoft 365 refused or failed, or the filter did not read back (`scope_filter_mismatch`)", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = [])))]
@@ -411,6 +421,9 @@ pub async fn create_restriction(
             b
         }
     };
+    if let Some(c) = enforcement.as_ref().and_then(|e| e.propagation_check_id) {
+        res.insert_header(super::propagation_checks::link_header(tenant_id, c));
+    }
     Ok(res.json(view(r, enforcement)))
 }
 
@@ -497,7 +510,7 @@ pub async fn get_restriction(
         (status = 403, description = "needs MailScope.Write", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "unknown restriction, or tenant not visible", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "another restriction has the new key (`rbac_restriction_conflict`)", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "invalid content, or `app_id` changed", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "invalid content, `app_id` changed, or `access_right: DenyAccess`, which RBAC cannot express (`rbac_deny_unsupported`)", body = Problem, content_type = "application/problem+json"),
         (status = 502, description = "Microsoft 365 refused or failed, or the filter did not read back (`scope_filter_mismatch`)", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = [])))]
@@ -513,7 +526,12 @@ pub async fn put_restriction(
     caller.require_tenant(tenant_id)?;
     let input = RestrictionInput::try_from(body.into_inner())?;
     let ensured = rbac::replace(&state, &actor(&caller, &req), tenant_id, id, input).await?;
-    Ok(HttpResponse::Ok().json(view(ensured.value, None)))
+    let (r, check) = ensured.value;
+    let mut res = HttpResponse::Ok();
+    if let Some(c) = check {
+        res.insert_header(super::propagation_checks::link_header(tenant_id, c));
+    }
+    Ok(res.json(view(r, None)))
 }
 
 /// Delete a restriction: its role assignments, its management scope, and the pointer when
@@ -577,7 +595,11 @@ pub async fn enforce_restriction(
     };
     let e = rbac::enforce(&state, &actor(&caller, &req), tenant_id, id, v).await?;
     let r = rbac::get(&state, tenant_id, id).await?;
-    Ok(HttpResponse::Ok().json(view(r, Some(e))))
+    let mut res = HttpResponse::Ok();
+    if let Some(c) = e.propagation_check_id {
+        res.insert_header(super::propagation_checks::link_header(tenant_id, c));
+    }
+    Ok(res.json(view(r, Some(e))))
 }
 
 /// Scan the tenant for the union trap, whoever set the apps up: apps holding an Entra

@@ -10,5 +10,6 @@ pub mod grant;
 pub mod permissions;
 pub mod propagation;
 pub mod rbac;
+pub mod rbac_migration;
 pub mod secret;
 pub mod spelling;

@@ -2,16 +2,21 @@
 //!
 //! Each run does one step and reschedules itself through the queue (`Outcome::Reschedule`), so
 //! a crash loses at most one observation and a check never holds a worker while it waits:
-//! - stage 1, `configuration`: `Test-ApplicationAccessPolicy` per expectation. Exchange sees
-//!   changes at once, so a disagreement here is a misconfiguration, not a delay: the check ends
-//!   `misconfigured` with the reason. A RestrictAccess check with no mailbox that must be denied
-//!   gets one picked here (a user mailbox outside the app's scopes, per Exchange), since only a
-//!   denial proves a restriction; if none is found it ends `exchange_test` with that reason;
+//! - stage 1, `configuration`: Exchange's verdict per expectation, `Test-ApplicationAccessPolicy`
+//!   for an access policy, `Test-ServicePrincipalAuthorization -Resource` for an RBAC
+//!   restriction (it bypasses RBAC's permission cache; an Entra mailbox grant left beside the
+//!   restriction, the union trap, is reported here too). Exchange sees changes at once, so a
+//!   disagreement here is a misconfiguration, not a delay: the check ends `misconfigured` with
+//!   the reason. A RestrictAccess check with no mailbox that must be denied gets one picked here
+//!   (a user mailbox outside the app's scopes, per Exchange), since only a denial proves a
+//!   restriction; if none is found it ends `exchange_test` with that reason;
 //! - stage 2, `live`: for an app mailscope created that holds a harmless read permission, a
 //!   short-lived probe secret is added to the app, and each unmet expectation is read through
 //!   Graph *as the app* (one `$batch`) until every expectation has `required_matches` matching
 //!   answers in a row, or the deadline passes. Other apps end after stage 1 with
-//!   `verified_by: exchange_test`.
+//!   `verified_by: exchange_test`. For RBAC the first look waits for the permission cache's
+//!   documented minimum (`rbac_first_delay_ms`, 30 minutes; the cache lasts up to 2 hours for an
+//!   app in use, reference §3.5), and the default deadline is `rbac_deadline_seconds`.
 //!
 //! The probe secret is removed when the check ends, whatever the outcome. Removal is idempotent
 //! and looks for the secret by its display name too, so a crash between Microsoft's `addPassword`
@@ -22,18 +27,23 @@ use uuid::Uuid;
 
 use crate::domain::credential::ManagementCredential;
 use crate::domain::propagation::{self as rules, Access, Expectation};
+use crate::domain::rbac::unscoped_mailbox_grants;
 use crate::m365::graph::MailboxProbe;
 use crate::m365::graph::batch::BatchRequest;
 use crate::m365::{ErrorKind, TenantContext, TenantHandle};
 use crate::provisioning::checks::{
     CheckJob, probe_secret_name, remove_named_secrets, remove_probe_secret,
 };
+use crate::provisioning::rbac::{entra_grants, rows_granting};
 use crate::provisioning::tenants::handle_for;
 use crate::provisioning::{Error, Services};
 use crate::queue::job::Job;
 use crate::queue::worker::{JobContext, Outcome};
 use crate::store::access_policies::AccessPolicyRecord;
-use crate::store::propagation_checks::{self as checks, CheckRecord, CheckState, Progress, Stage};
+use crate::store::propagation_checks::{
+    self as checks, CheckRecord, CheckState, Mechanism, Progress, Stage,
+};
+use crate::store::rbac_restrictions::RbacRestrictionRecord;
 use crate::store::{self};
 
 /// The harmless read matching an app's permissions, if it has one (a send-only app has none).
@@ -179,44 +189,15 @@ async fn step(services: &Services, ctx: &JobContext, check_id: Uuid) -> Step<Out
 
     let live = live_target(&db, &check).await?;
     if check.stage == Stage::Configuration {
-        let records = app_policies(&db, &check).await?;
-        let exo = handle.exchange();
-        let app = check.app_id.to_string();
-        let mut problems = Vec::new();
-        // A restriction is only proven by a denial: without a mailbox that must be denied (no
-        // canary, no out-of-scope mailbox), every answer would be "granted" whether or not the
-        // policy is in force. Pick one outside the app's scopes, as Exchange judges it.
-        let restricted = records.iter().any(|r| r.access_right == "RestrictAccess");
-        let mut unproven = false;
-        if restricted && !exps.iter().any(|e| e.expected == Access::Denied) {
-            match denied_witness(&exo, &app, &exps).await? {
-                Some(mailbox) => exps.push(Expectation::new(&mailbox, Access::Denied)),
-                None => unproven = true,
+        let (problems, unproven) = match check.mechanism {
+            Mechanism::AccessPolicy => {
+                access_policy_verdicts(&db, &handle, &check, &mut exps, now).await?
             }
-        }
-        for e in exps.iter_mut() {
-            match exo.test_application_access_policy(&e.mailbox, &app).await {
-                Err(x) if x.is_not_found() => problems.push(format!(
-                    "mailbox {} does not exist in the tenant",
-                    e.mailbox
-                )),
-                Err(x) => return Err(x.into()),
-                Ok(c) => match c.granted() {
-                    None => problems.push(format!(
-                        "Exchange answered neither Granted nor Denied for mailbox {}",
-                        e.mailbox
-                    )),
-                    Some(g) => {
-                        let seen = Access::from_granted(g);
-                        e.last_observed = Some(seen);
-                        e.last_observed_at = Some(now);
-                        if seen != e.expected {
-                            problems.push(explain(&app, e, &records));
-                        }
-                    }
-                },
-            }
-        }
+            Mechanism::Rbac => (
+                rbac_verdicts(&db, &handle, &check, &mut exps, now).await?,
+                false,
+            ),
+        };
         if !problems.is_empty() {
             remove_probe_secret(&db, &handle, &check).await?;
             let reason = problems.join("; ");
@@ -279,7 +260,12 @@ async fn step(services: &Services, ctx: &JobContext, check_id: Uuid) -> Step<Out
             )
             .await;
         }
-        let delay = services.settings.propagation.backoff().delay(0);
+        let settings = &services.settings.propagation;
+        let delay = match check.mechanism {
+            Mechanism::AccessPolicy => settings.backoff().delay(0),
+            // Graph cannot show an RBAC change before the permission cache's documented minimum.
+            Mechanism::Rbac => std::time::Duration::from_millis(settings.rbac_first_delay_ms),
+        };
         let saved = checks::save_progress(
             &db,
             check.id,
@@ -397,6 +383,158 @@ async fn step(services: &Services, ctx: &JobContext, check_id: Uuid) -> Step<Out
     )
     .await?;
     Ok(reschedule(now, delay, &check, saved))
+}
+
+/// Stage 1 for an access policy: `Test-ApplicationAccessPolicy` per expectation. Returns the
+/// disagreements, explained in the policies' words.
+/// Stage 1 for application access policies: `Test-ApplicationAccessPolicy` per expectation.
+/// Also says whether the restriction cannot be proven (no mailbox outside the app's scopes).
+async fn access_policy_verdicts(
+    db: &deadpool_postgres::Object,
+    handle: &TenantHandle,
+    check: &CheckRecord,
+    exps: &mut Vec<Expectation>,
+    now: DateTime<Utc>,
+) -> Step<(Vec<String>, bool)> {
+    let records = app_policies(db, check).await?;
+    let exo = handle.exchange();
+    let app = check.app_id.to_string();
+    let mut problems = Vec::new();
+    // A restriction is only proven by a denial: without a mailbox that must be denied (no
+    // canary, no out-of-scope mailbox), every answer would be "granted" whether or not the
+    // policy is in force. Pick one outside the app's scopes, as Exchange judges it.
+    let restricted = records.iter().any(|r| r.access_right == "RestrictAccess");
+    let mut unproven = false;
+    if restricted && !exps.iter().any(|e| e.expected == Access::Denied) {
+        match denied_witness(&exo, &app, exps).await? {
+            Some(mailbox) => exps.push(Expectation::new(&mailbox, Access::Denied)),
+            None => unproven = true,
+        }
+    }
+    for e in exps.iter_mut() {
+        match exo.test_application_access_policy(&e.mailbox, &app).await {
+            Err(x) if x.is_not_found() => problems.push(format!(
+                "mailbox {} does not exist in the tenant",
+                e.mailbox
+            )),
+            Err(x) => return Err(x.into()),
+            Ok(c) => match c.granted() {
+                None => problems.push(format!(
+                    "Exchange answered neither Granted nor Denied for mailbox {}",
+                    e.mailbox
+                )),
+                Some(g) => {
+                    let seen = Access::from_granted(g);
+                    e.last_observed = Some(seen);
+                    e.last_observed_at = Some(now);
+                    if seen != e.expected {
+                        problems.push(explain(&app, e, &records));
+                    }
+                }
+            },
+        }
+    }
+    Ok((problems, unproven))
+}
+
+/// Stage 1 for RBAC for Applications: `Test-ServicePrincipalAuthorization -Resource` per
+/// expectation (it bypasses the permission cache, reference §3.1, §3.5): a mailbox is granted
+/// when a role assignment for one of the restriction's permissions has it in scope. An Entra
+/// mailbox grant left beside the restriction reaches every mailbox whatever the scope (the union
+/// trap, §3.3), so a check expecting a denial reports it instead of waiting for Graph in vain.
+async fn rbac_verdicts(
+    db: &deadpool_postgres::Object,
+    handle: &TenantHandle,
+    check: &CheckRecord,
+    exps: &mut [Expectation],
+    now: DateTime<Utc>,
+) -> Step<Vec<String>> {
+    let app = check.app_id.to_string();
+    let restrictions: Vec<RbacRestrictionRecord> =
+        store::rbac_restrictions::all(db, check.tenant_id)
+            .await?
+            .into_iter()
+            .filter(|r| r.app_id.eq_ignore_ascii_case(&app))
+            .collect();
+    let Some(first) = restrictions.first() else {
+        return Ok(vec![format!(
+            "mailscope has no RBAC restriction for app {app}, so nothing restricts it through RBAC (POST /rbac-restrictions)"
+        )]);
+    };
+    let sp = first.service_principal_object_id.clone();
+    let mut permissions: Vec<String> = restrictions
+        .iter()
+        .flat_map(|r| r.permissions.iter().cloned())
+        .collect();
+    permissions.sort();
+    permissions.dedup();
+    let exo = handle.exchange();
+    let mut problems = Vec::new();
+    for e in exps.iter_mut() {
+        match exo
+            .test_service_principal_authorization(&sp, Some(&e.mailbox))
+            .await
+        {
+            Err(x) if x.is_not_found() => problems.push(format!(
+                "Exchange found no mailbox {} (or no service principal pointer {sp} for app {app})",
+                e.mailbox
+            )),
+            Err(x) => return Err(x.into()),
+            Ok(rows) => {
+                let granted =
+                    rows_granting(&rows, &permissions).any(|r| r.in_scope() == Some(true));
+                let seen = Access::from_granted(granted);
+                e.last_observed = Some(seen);
+                e.last_observed_at = Some(now);
+                if seen != e.expected {
+                    problems.push(explain_rbac(&app, e, &restrictions, &permissions));
+                }
+            }
+        }
+    }
+    if exps.iter().any(|e| e.expected == Access::Denied) {
+        let names: Vec<String> = entra_grants(&handle.graph(), &sp)
+            .await?
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        let unscoped = unscoped_mailbox_grants(&names);
+        if !unscoped.is_empty() {
+            problems.push(format!(
+                "app {app} still holds the Entra grants {} that reach every mailbox whatever its RBAC scope (the union trap, reference §3.3): POST /rbac-restrictions/{}/enforce verifies the scope and then removes them",
+                unscoped.join(", "),
+                first.id
+            ));
+        }
+    }
+    Ok(problems)
+}
+
+/// Why `Test-ServicePrincipalAuthorization` differs from the expectation for one mailbox.
+fn explain_rbac(
+    app: &str,
+    e: &Expectation,
+    restrictions: &[RbacRestrictionRecord],
+    permissions: &[String],
+) -> String {
+    let scopes: Vec<String> = restrictions
+        .iter()
+        .map(|r| {
+            r.scope_group_alias
+                .clone()
+                .or_else(|| r.recipient_filter.clone())
+                .unwrap_or_else(|| r.scope_key.clone())
+        })
+        .collect();
+    let (m, scopes, perms) = (&e.mailbox, scopes.join(" or "), permissions.join(", "));
+    match e.expected {
+        Access::Granted => format!(
+            "Test-ServicePrincipalAuthorization shows mailbox {m} outside the RBAC scope of app {app} ({scopes}) for {perms}, expected granted: it is not a direct member of the scope (RBAC ignores nested members, reference §3.4) or an assignment is missing"
+        ),
+        Access::Denied => format!(
+            "Test-ServicePrincipalAuthorization shows mailbox {m} inside the RBAC scope of app {app} ({scopes}), expected denied: a role assignment reaches it, so the scope is wider than intended"
+        ),
+    }
 }
 
 /// Run again after `delay`, never past the deadline (so `timed_out` is reported on time); at
@@ -626,6 +764,20 @@ async fn ensure_probe_secret(
 
 /// A check that saw the change in Graph puts the app's pending policies in force.
 async fn mark_in_force(db: &deadpool_postgres::Object, check: &CheckRecord) -> Step<()> {
+    if check.mechanism == Mechanism::Rbac {
+        db.execute(
+            "UPDATE rbac_restrictions SET state = 'in_force', updated_at = now()
+             WHERE tenant_id = $1 AND app_id = $2 AND state = 'pending_propagation'
+               AND updated_at <= $3",
+            &[
+                &check.tenant_id,
+                &check.app_id.to_string(),
+                &check.changed_at,
+            ],
+        )
+        .await?;
+        return Ok(());
+    }
     db.execute(
         "UPDATE access_policies SET state = 'in_force', updated_at = now()
          WHERE tenant_id = $1 AND app_id = $2 AND state = 'pending_propagation'

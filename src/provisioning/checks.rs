@@ -16,7 +16,7 @@ use crate::domain::propagation::{self as domain, Access, Expectation};
 use crate::m365::TenantHandle;
 use crate::queue::job::Payload;
 use crate::queue::{self, JobRecord, JobState};
-use crate::store::propagation_checks::{CheckRecord, CheckState, Stage};
+use crate::store::propagation_checks::{CheckRecord, CheckState, Mechanism, Stage};
 use crate::store::{self, StoreError};
 use crate::webhooks::DeliveryStatus;
 
@@ -24,7 +24,8 @@ use crate::webhooks::DeliveryStatus;
 pub const CHECK_LOCK: &str = "propagation_check";
 
 /// Start the app's check, or give the active one these expectations. In the caller's
-/// transaction; returns the check and whether it is new.
+/// transaction; returns the check and whether it is new. The default deadline follows the
+/// mechanism: RBAC's reflects its documented permission cache of 30 minutes to 2 hours (§3.5).
 #[allow(clippy::too_many_arguments)]
 pub async fn start_or_update(
     c: &impl GenericClient,
@@ -36,12 +37,17 @@ pub async fn start_or_update(
     required_matches: Option<u32>,
     deadline_seconds: Option<u64>,
     origin: &str,
+    mechanism: Mechanism,
 ) -> Result<(CheckRecord, bool), Error> {
     let p = &services.settings.propagation;
     store::lock_key(c, CHECK_LOCK, &format!("{tenant_id}:{app_id}")).await?;
+    let default_deadline = match mechanism {
+        Mechanism::AccessPolicy => p.deadline_seconds,
+        Mechanism::Rbac => p.rbac_deadline_seconds,
+    };
     let deadline = Utc::now()
         + chrono::Duration::seconds(
-            i64::try_from(deadline_seconds.unwrap_or(p.deadline_seconds)).unwrap_or(i64::MAX / 2),
+            i64::try_from(deadline_seconds.unwrap_or(default_deadline)).unwrap_or(i64::MAX / 2),
         );
     if let Some(active) = store::propagation_checks::active_for_app(c, tenant_id, app_id).await? {
         let updated = store::propagation_checks::replace_expectations(
@@ -50,6 +56,7 @@ pub async fn start_or_update(
             expectations,
             deadline,
             callback_url,
+            mechanism,
         )
         .await?;
         let mut updated = updated;
@@ -81,6 +88,7 @@ pub async fn start_or_update(
             deadline,
             callback_url,
             origin,
+            mechanism,
         },
     )
     .await?;
@@ -234,6 +242,59 @@ pub async fn after_policy_change(
         None,
         None,
         "access_policy",
+        Mechanism::AccessPolicy,
+    )
+    .await?;
+    Ok(Some(check))
+}
+
+/// After an RBAC restriction of `app_id` is enforced or replaced (in the change's transaction):
+/// start or update the app's check verifying it through RBAC: `samples` (mailboxes in scope)
+/// expected granted, `canaries` and the tenant's canary mailboxes expected denied (a mailbox in
+/// both is expected denied: the safe reading). `None` when there is nothing to check.
+pub async fn after_rbac_change(
+    c: &impl GenericClient,
+    services: &Services,
+    tenant_id: Uuid,
+    app_id: &str,
+    samples: &[String],
+    canaries: &[String],
+    origin: &str,
+) -> Result<Option<CheckRecord>, Error> {
+    let Ok(app_uuid) = app_id.trim().parse::<Uuid>() else {
+        return Ok(None);
+    };
+    let tenant_canaries = store::tenants::get(c, tenant_id)
+        .await?
+        .map(|t| t.canary_mailboxes)
+        .unwrap_or_default();
+    let expectations: Vec<Expectation> = samples
+        .iter()
+        .map(|m| Expectation::new(m, Access::Granted))
+        .chain(
+            canaries
+                .iter()
+                .chain(tenant_canaries.iter())
+                .map(|m| Expectation::new(m, Access::Denied)),
+        )
+        .filter(|e| !e.mailbox.is_empty())
+        .take(MAX_EXPECTATIONS)
+        .collect();
+    let expectations = domain::dedupe(expectations);
+    if expectations.is_empty() {
+        return Ok(None);
+    }
+    let (check, _) = start_or_update(
+        c,
+        services,
+        tenant_id,
+        app_uuid,
+        &expectations,
+        None,
+        None,
+        None,
+        origin,
+        Mechanism::Rbac,
     )
     .await?;
     Ok(Some(check))
@@ -257,6 +318,22 @@ impl CheckView {
             .as_ref()
             .filter(|j| !self.check.is_final() && j.state == JobState::Queued)
             .map(|j| j.run_at)
+    }
+
+    /// While an RBAC check waits for Graph: what it waits for, in Microsoft's documented terms
+    /// (reference §3.5, §8.3). `None` otherwise.
+    pub fn waiting_note(&self) -> Option<String> {
+        let c = &self.check;
+        if c.is_final() || c.mechanism != Mechanism::Rbac || c.stage != Stage::Live {
+            return None;
+        }
+        let until = (c.changed_at + chrono::Duration::hours(2)).to_rfc3339();
+        Some(format!(
+            "waiting for RBAC for Applications' permission cache: Exchange \
+             (Test-ServicePrincipalAuthorization) already shows the change, Graph applies it within \
+             30 minutes to 2 hours as documented; an app in use keeps its cached permissions up to \
+             2 hours, so its old access can last until about {until}"
+        ))
     }
 }
 
@@ -287,6 +364,8 @@ pub struct CheckRequest {
     pub callback_url: Option<String>,
     pub required_matches: Option<u32>,
     pub deadline_seconds: Option<u64>,
+    /// Which restriction to verify: an access policy (default) or RBAC for Applications.
+    pub mechanism: Mechanism,
 }
 
 /// The validated form of a request: the app and its deduplicated expectations.
@@ -383,6 +462,7 @@ pub async fn create(
         request.required_matches,
         request.deadline_seconds,
         "manual",
+        request.mechanism,
     )
     .await?;
     super::audit::record(
@@ -395,7 +475,8 @@ pub async fn create(
             "propagation_check.updated"
         },
         &format!("propagation_check/{}", check.id),
-        serde_json::json!({"app_id": app_id, "mailboxes": expectations.len()}),
+        serde_json::json!({"app_id": app_id, "mailboxes": expectations.len(),
+            "mechanism": request.mechanism.as_str()}),
     )
     .await?;
     let v = view(&tx, check).await?;

@@ -40,6 +40,8 @@ pub enum Rejection {
     VerificationMailboxesRequired,
     /// `Test-ServicePrincipalAuthorization` does not show the scope as intended.
     RbacVerificationFailed,
+    /// DenyAccess was asked of RBAC for Applications, which can only grant (§3.8).
+    RbacDenyUnsupported,
 }
 
 impl Rejection {
@@ -58,6 +60,7 @@ impl Rejection {
             Rejection::RbacIncomplete => "rbac_incomplete",
             Rejection::VerificationMailboxesRequired => "verification_mailboxes_required",
             Rejection::RbacVerificationFailed => "rbac_verification_failed",
+            Rejection::RbacDenyUnsupported => "rbac_deny_unsupported",
         }
     }
 }

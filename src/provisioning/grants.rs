@@ -1011,6 +1011,7 @@ async fn propagation(
             None,
             None,
             "access_policy",
+            crate::store::propagation_checks::Mechanism::AccessPolicy,
         )
         .await?;
         return Ok(Ran::Wait {

@@ -93,6 +93,34 @@ pub struct RestrictionInput {
     /// After creating, verify and remove the covered Entra grants ([`enforce`]).
     pub remove_entra_grants: bool,
     pub verification: Verification,
+    /// As a caller used to access policies may send it: only `RestrictAccess` (or nothing) has
+    /// an RBAC equivalent; `DenyAccess` is refused with the explanation ([`deny_unsupported`]).
+    pub access_right: Option<String>,
+}
+
+/// DenyAccess asked of RBAC for Applications: refused, with why and what to do instead (§3.8).
+pub fn deny_unsupported(field_name: &str) -> Error {
+    Error::Rejected {
+        kind: Rejection::RbacDenyUnsupported,
+        detail: "RBAC for Applications can only grant: no role assignment says \"every mailbox except this group\", so DenyAccess has no RBAC equivalent (reference §3.8). Keep the DenyAccess application access policy, or restrict the app to an allow-list scope instead.".into(),
+        errors: vec![field(
+            field_name,
+            "DenyAccess has no RBAC equivalent; only RestrictAccess (an allow-list scope) can be expressed",
+        )],
+    }
+}
+
+/// Refuse an `access_right` other than `RestrictAccess`.
+fn check_access_right(access_right: Option<&str>) -> Result<(), Error> {
+    match access_right.map(str::trim) {
+        None => Ok(()),
+        Some(r) if r.eq_ignore_ascii_case("RestrictAccess") => Ok(()),
+        Some(r) if r.eq_ignore_ascii_case("DenyAccess") => Err(deny_unsupported("access_right")),
+        Some(_) => Err(Error::invalid(
+            "access_right",
+            "must be RestrictAccess (the only access right RBAC for Applications can express)",
+        )),
+    }
 }
 
 /// Mailboxes `Test-ServicePrincipalAuthorization` checks before Entra grants go.
@@ -158,6 +186,8 @@ pub struct Enforcement {
     pub in_scope_checked: Vec<String>,
     pub out_of_scope_checked: Vec<String>,
     pub entra_grants_removed: Vec<String>,
+    /// The propagation check started (or given these expectations) to see it through Graph.
+    pub propagation_check_id: Option<Uuid>,
 }
 
 fn field(f: &str, m: impl Into<String>) -> FieldError {
@@ -615,6 +645,7 @@ async fn prepare(
     tenant_id: Uuid,
     input: &RestrictionInput,
 ) -> Result<Prepared, Error> {
+    check_access_right(input.access_right.as_deref())?;
     let mut errs = Vec::new();
     let app_id = check_app_id(&input.app_id, &mut errs);
     if !errs.is_empty() {
@@ -942,10 +973,12 @@ pub async fn replace(
     tenant_id: Uuid,
     id: Uuid,
     input: RestrictionInput,
-) -> Result<Ensured<Restriction>, Error> {
+) -> Result<Ensured<(Restriction, Option<Uuid>)>, Error> {
     let (_, handle) = tenants::load(services, tenant_id).await?;
     let (graph, exo) = (handle.graph(), handle.exchange());
     let pre = prepare(services, &graph, &exo, tenant_id, &input).await?;
+    // Mailboxes the propagation check expects in the new scope, read before the transaction.
+    let samples = check_samples(&exo, &pre.scope, &input.verification).await?;
     let _turn = take_turn(services, tenant_id).await;
     let mut db = services.db().await?;
     let tx = db.transaction().await?;
@@ -969,7 +1002,7 @@ pub async fn replace(
         tx.commit().await?;
         drop(db);
         return Ok(Ensured {
-            value: get(services, tenant_id, id).await?,
+            value: (get(services, tenant_id, id).await?, None),
             change: Change::Unchanged,
         });
     }
@@ -1037,6 +1070,24 @@ pub async fn replace(
         },
     )
     .await?;
+    // A restriction already enforced claims the new scope now: verify it through Exchange and
+    // Graph. One whose Entra grants remain restricts nothing yet (the union trap), so there is
+    // nothing to see in force until it is enforced.
+    let check_id = if stored.entra_grants_removed.is_empty() {
+        None
+    } else {
+        super::checks::after_rbac_change(
+            &tx,
+            services,
+            tenant_id,
+            &stored.app_id,
+            &samples,
+            &input.verification.canary_mailboxes,
+            "rbac_restriction",
+        )
+        .await?
+        .map(|c| c.id)
+    };
     audit::record(
         &tx,
         actor,
@@ -1045,15 +1096,48 @@ pub async fn replace(
         &format!("rbac_restriction/{id}"),
         serde_json::json!({"before": before, "after": {"scope_key": stored.scope_key,
             "permissions": stored.permissions}, "order": "create_then_remove",
-            "removed_assignments": old}),
+            "removed_assignments": old, "propagation_check": check_id}),
     )
     .await?;
     tx.commit().await?;
     drop(db);
     Ok(Ensured {
-        value: get(services, tenant_id, id).await?,
+        value: (get(services, tenant_id, id).await?, check_id),
         change: Change::Updated,
     })
+}
+
+/// Mailboxes in `scope` a propagation check expects granted: the caller's samples, else up to
+/// three mailbox members of a scope group (a filter's members are not listed).
+async fn check_samples(
+    exo: &ExchangeClient,
+    scope: &Scope,
+    v: &Verification,
+) -> Result<Vec<String>, Error> {
+    let given: Vec<String> = v
+        .sample_mailboxes
+        .iter()
+        .map(|s| s.trim().to_ascii_lowercase())
+        .filter(|s| !s.is_empty())
+        .collect();
+    if !given.is_empty() {
+        return Ok(given);
+    }
+    let Some(group) = &scope.object_id else {
+        return Ok(Vec::new());
+    };
+    Ok(exo
+        .get_distribution_group_members(group, Replication::Ignore)
+        .await?
+        .iter()
+        .filter(|m| {
+            m.recipient_type_details
+                .as_deref()
+                .is_some_and(|t| t.ends_with("Mailbox"))
+        })
+        .filter_map(primary_address)
+        .take(DEFAULT_SAMPLES)
+        .collect())
 }
 
 /// Delete a restriction: its assignments, then its management scope, then the pointer when no
@@ -1106,7 +1190,7 @@ pub async fn delete(
 }
 
 /// Rows of `Test-ServicePrincipalAuthorization -Resource` that grant one of `permissions`.
-fn rows_granting<'a>(
+pub(crate) fn rows_granting<'a>(
     rows: &'a [AuthorizationRow],
     permissions: &'a [String],
 ) -> impl Iterator<Item = &'a AuthorizationRow> {
@@ -1273,6 +1357,19 @@ pub async fn enforce(
         )
         .await?;
     }
+    // Exchange shows the scope already; Graph follows through the permission cache. The check
+    // starts in the same transaction, so a committed enforcement always has one.
+    let check = super::checks::after_rbac_change(
+        &tx,
+        services,
+        tenant_id,
+        &rec.app_id,
+        &samples,
+        &canaries,
+        "rbac_restriction",
+    )
+    .await?;
+    let check_id = check.map(|c| c.id);
     audit::record(
         &tx,
         actor,
@@ -1280,7 +1377,7 @@ pub async fn enforce(
         "rbac_restriction.enforced",
         &format!("rbac_restriction/{id}"),
         serde_json::json!({"in_scope_checked": samples, "out_of_scope_checked": canaries,
-            "entra_grants_removed": removed}),
+            "entra_grants_removed": removed, "propagation_check": check_id}),
     )
     .await?;
     tx.commit().await?;
@@ -1288,6 +1385,7 @@ pub async fn enforce(
         in_scope_checked: samples,
         out_of_scope_checked: canaries,
         entra_grants_removed: removed,
+        propagation_check_id: check_id,
     })
 }
 

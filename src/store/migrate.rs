@@ -49,6 +49,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "access_grants",
         include_str!("../../migrations/0010_access_grants.sql"),
     ),
+    (
+        11,
+        "rbac_migrations",
+        include_str!("../../migrations/0011_rbac_migrations.sql"),
+    ),
 ];
 
 /// Arbitrary but fixed: "mailscop" in ASCII.

@@ -78,6 +78,31 @@ impl Stage {
     }
 }
 
+/// Which restriction a check verifies, and so which of Exchange's verdicts stage 1 asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Mechanism {
+    /// An application access policy: `Test-ApplicationAccessPolicy`.
+    #[default]
+    AccessPolicy,
+    /// RBAC for Applications: `Test-ServicePrincipalAuthorization -Resource` (no cache, §3.1).
+    Rbac,
+}
+
+impl Mechanism {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mechanism::AccessPolicy => "access_policy",
+            Mechanism::Rbac => "rbac",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Mechanism> {
+        [Mechanism::AccessPolicy, Mechanism::Rbac]
+            .into_iter()
+            .find(|m| m.as_str() == s)
+    }
+}
+
 #[derive(Clone)]
 pub struct CheckRecord {
     pub id: Uuid,
@@ -105,6 +130,7 @@ pub struct CheckRecord {
     pub finished_at: Option<DateTime<Utc>>,
     pub propagation_seconds: Option<f64>,
     pub changed_at: DateTime<Utc>,
+    pub mechanism: Mechanism,
 }
 
 impl std::fmt::Debug for CheckRecord {
@@ -127,7 +153,7 @@ impl CheckRecord {
 const COLUMNS: &str = "id, tenant_id, app_id, state, stage, verified_by, expectations, \
     required_matches, revision, rounds, deadline, callback_url, job_id, cancel_requested, \
     probe_key_id, probe_secret_sealed, reason, result, origin, created_at, updated_at, started_at, \
-    finished_at, propagation_seconds, changed_at";
+    finished_at, propagation_seconds, changed_at, mechanism";
 
 fn from_row(r: &Row) -> CheckRecord {
     let exp: serde_json::Value = r.get(6);
@@ -160,6 +186,7 @@ fn from_row(r: &Row) -> CheckRecord {
         finished_at: r.get(22),
         propagation_seconds: r.get(23),
         changed_at: r.get(24),
+        mechanism: Mechanism::parse(r.get(25)).unwrap_or_default(),
     }
 }
 
@@ -176,6 +203,7 @@ pub struct NewCheck<'a> {
     pub deadline: DateTime<Utc>,
     pub callback_url: Option<&'a str>,
     pub origin: &'a str,
+    pub mechanism: Mechanism,
 }
 
 pub async fn get(
@@ -217,8 +245,8 @@ pub async fn active_for_app(
 pub async fn insert(c: &impl GenericClient, n: &NewCheck<'_>) -> Result<CheckRecord, StoreError> {
     let sql = format!(
         "INSERT INTO propagation_checks (id, tenant_id, app_id, expectations, required_matches,
-             deadline, callback_url, origin)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING {COLUMNS}"
+             deadline, callback_url, origin, mechanism)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING {COLUMNS}"
     );
     let row = c
         .query_one(
@@ -232,6 +260,7 @@ pub async fn insert(c: &impl GenericClient, n: &NewCheck<'_>) -> Result<CheckRec
                 &n.deadline,
                 &n.callback_url,
                 &n.origin,
+                &n.mechanism.as_str(),
             ],
         )
         .await?;
@@ -248,23 +277,34 @@ pub async fn set_job(c: &impl GenericClient, id: Uuid, job_id: Uuid) -> Result<(
 }
 
 /// New expectations for an active check: streaks restart, the configuration stage runs again,
-/// and a run in progress discards what it saw (the revision moves on).
+/// and a run in progress discards what it saw (the revision moves on). The latest change decides
+/// the mechanism verified.
 pub async fn replace_expectations(
     c: &impl GenericClient,
     id: Uuid,
     expectations: &[Expectation],
     deadline: DateTime<Utc>,
     callback_url: Option<&str>,
+    mechanism: Mechanism,
 ) -> Result<CheckRecord, StoreError> {
     let sql = format!(
         "UPDATE propagation_checks SET expectations = $2, revision = revision + 1,
              stage = 'configuration', rounds = 0, deadline = greatest(deadline, $3),
-             cancel_requested = false,
+             cancel_requested = false, mechanism = $5,
              callback_url = coalesce($4, callback_url), changed_at = now(), updated_at = now()
          WHERE id = $1 RETURNING {COLUMNS}"
     );
     let row = c
-        .query_one(&sql, &[&id, &json(expectations), &deadline, &callback_url])
+        .query_one(
+            &sql,
+            &[
+                &id,
+                &json(expectations),
+                &deadline,
+                &callback_url,
+                &mechanism.as_str(),
+            ],
+        )
         .await?;
     Ok(from_row(&row))
 }

@@ -848,3 +848,180 @@ async fn a_finished_check_calls_back_with_a_signed_event() {
         .await;
     assert_eq!(p["errors"][0]["field"], "callback_url");
 }
+
+/// RBAC for Applications (issue 11, item 4): enforcing a restriction starts a check whose stage 1
+/// is `Test-ServicePrincipalAuthorization` and whose stage 2 reads through Graph as the app once
+/// the permission cache lets it; while it waits the check says so. DenyAccess is refused.
+#[tokio::test]
+async fn rbac_enforcement_is_verified_by_exchange_then_graph_after_the_cache() {
+    let mut sb = sandbox(1, 2);
+    sb.pacing.rbac_propagation_delay =
+        DelayRange::between(Duration::from_secs(40 * 60), Duration::from_secs(60 * 60));
+    let env = start(sb, |s| s.propagation.rbac_first_delay_ms = 200).await;
+    let app = managed_app(&env, "rbac-probe", &["Mail.Read"]).await;
+    create_group(&env, "rbac-scope", &["alice"]).await;
+
+    // DenyAccess cannot be expressed in RBAC: refused, with why, and nothing is created.
+    let res = env
+        .api()
+        .send(
+            Method::POST,
+            "/rbac-restrictions",
+            Some(
+                &json!({"app_id": app, "scope": {"scope_group": "rbac-scope"},
+                "access_right": "DenyAccess"}),
+            ),
+        )
+        .await;
+    let p = assert_problem(res, 422, "rbac_deny_unsupported").await;
+    assert!(p["detail"].as_str().unwrap().contains("only grant"), "{p}");
+    assert_eq!(p["errors"][0]["field"], "access_right");
+
+    let res = env
+        .api()
+        .send(
+            Method::POST,
+            "/rbac-restrictions",
+            Some(
+                &json!({"app_id": app, "scope": {"scope_group": "rbac-scope"},
+                "access_right": "RestrictAccess", "remove_entra_grants": true,
+                "canary_mailboxes": [addr("bob")]}),
+            ),
+        )
+        .await;
+    assert_eq!(res.status(), 201);
+    let link = res
+        .headers()
+        .get("link")
+        .expect("Link header to the check")
+        .to_str()
+        .unwrap()
+        .to_string();
+    let r: Value = res.json().await.unwrap();
+    let id = r["enforcement"]["propagation_check_id"]
+        .as_str()
+        .expect("a check started by the enforcement")
+        .to_string();
+    assert!(link.contains(&id), "{link}");
+
+    // Stage 1 asked Exchange's RBAC verdict (no cache): alice in scope, bob out of it.
+    let live = wait_until(&env, &id, |c| c["stage"] == "live" || is_final(c)).await;
+    assert_eq!(live["mechanism"], "rbac", "{live:#}");
+    assert_eq!(live["origin"], "rbac_restriction");
+    assert_eq!(expectation(&live, "alice")["expected"], "granted");
+    assert_eq!(expectation(&live, "bob")["expected"], "denied");
+    assert!(
+        !is_final(&live),
+        "Graph cannot agree before the cache: {live:#}"
+    );
+    let deadline = chrono::DateTime::parse_from_rfc3339(live["deadline"].as_str().unwrap())
+        .unwrap()
+        - chrono::DateTime::parse_from_rfc3339(live["changed_at"].as_str().unwrap()).unwrap();
+    assert_eq!(deadline.num_hours(), 4, "RBAC's default deadline: {live:#}");
+    let note = live["waiting_note"]
+        .as_str()
+        .expect("the status says why it waits");
+    assert!(
+        note.contains("30 minutes to 2 hours") && note.contains("in use"),
+        "{note}"
+    );
+
+    // Graph as the app does not see the RBAC grant yet (the cache), while Exchange did: the
+    // check keeps looking with its probe secret instead of passing.
+    let waiting = wait_until(&env, &id, |c| {
+        expectation(c, "alice")["last_observed"] == "denied" || is_final(c)
+    })
+    .await;
+    assert!(!is_final(&waiting), "{waiting:#}");
+    assert!(waiting["waiting_note"].is_string());
+    assert_eq!(
+        probe_secrets(&env, &app).await,
+        1,
+        "a probe secret while live"
+    );
+
+    // The cache expires (every Graph front end adopts the change): Graph as the app agrees, the
+    // check passes and cleans up.
+    let settled = env
+        .app
+        .http
+        .post(format!(
+            "{}/_sandbox/tenants/{}/propagation/settle",
+            env.sandbox.base_url, env.tenant
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert!(settled.status().is_success());
+    let done = wait_until(&env, &id, is_final).await;
+    assert_eq!(done["state"], "succeeded", "{done:#}");
+    assert_eq!(done["verified_by"], "graph");
+    assert_eq!(done["waiting_note"], Value::Null);
+    assert_eq!(expectation(&done, "alice")["last_observed"], "granted");
+    assert_eq!(expectation(&done, "bob")["last_observed"], "denied");
+    assert_eq!(probe_secrets(&env, &app).await, 0, "probe secret removed");
+    let rid = r["id"].as_str().unwrap();
+    let now: Value = env
+        .api()
+        .get(&format!("/rbac-restrictions/{rid}"), 200)
+        .await;
+    assert_eq!(now["state"], "in_force", "{now:#}");
+
+    // A manual RBAC check that Exchange contradicts fails fast, in RBAC's words.
+    let body = json!({"app_id": app, "mechanism": "rbac",
+        "expectations": [{"mailbox": addr("bob"), "expected": "granted"}]});
+    let c = env
+        .api()
+        .send(Method::POST, "/propagation-checks", Some(&body))
+        .await;
+    assert_eq!(c.status(), 201);
+    let c: Value = c.json().await.unwrap();
+    let done = wait_until(&env, c["id"].as_str().unwrap(), is_final).await;
+    assert_eq!(done["state"], "misconfigured", "{done:#}");
+    assert!(
+        done["reason"]
+            .as_str()
+            .unwrap()
+            .contains("Test-ServicePrincipalAuthorization shows mailbox"),
+        "{done:#}"
+    );
+}
+
+/// The union trap in a check: an RBAC restriction whose app still holds its Entra Mail.Read
+/// grant cannot deny anyone, so a check expecting a denial ends `misconfigured` with the fix.
+#[tokio::test]
+async fn rbac_check_reports_the_union_trap() {
+    let env = start(sandbox(1, 2), |s| s.propagation.rbac_first_delay_ms = 200).await;
+    let app = managed_app(&env, "rbac-trap", &["Mail.Read"]).await;
+    create_group(&env, "trap-scope", &["alice"]).await;
+    let res = env
+        .api()
+        .send(
+            Method::POST,
+            "/rbac-restrictions",
+            Some(&json!({"app_id": app, "scope": {"scope_group": "trap-scope"}})),
+        )
+        .await;
+    assert_eq!(res.status(), 201);
+    let body = json!({"app_id": app, "mechanism": "rbac", "canary_mailboxes": [addr("bob")],
+        "expectations": [{"mailbox": addr("alice"), "expected": "granted"}]});
+    let c = env
+        .api()
+        .send(Method::POST, "/propagation-checks", Some(&body))
+        .await;
+    assert_eq!(c.status(), 201);
+    let c: Value = c.json().await.unwrap();
+    assert_eq!(c["mechanism"], "rbac");
+    let done = wait_until(&env, c["id"].as_str().unwrap(), is_final).await;
+    assert_eq!(done["state"], "misconfigured", "{done:#}");
+    let reason = done["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("union trap")
+            && reason.contains("Mail.Read")
+            && reason.contains("/enforce"),
+        "{reason}"
+    );
+    // Exchange's own verdicts were right: alice in scope, bob out of it.
+    assert_eq!(expectation(&done, "alice")["last_observed"], "granted");
+    assert_eq!(expectation(&done, "bob")["last_observed"], "denied");
+}

@@ -1,0 +1,284 @@
+//! Migrating one app from application access policies to RBAC for Applications (reference §3.7,
+//! §3.8): the dry-run plan and the order of the steps, as pure rules.
+//!
+//! The order never widens the app's access: RBAC is created **beside** the policy (the policy
+//! still bounds what Graph serves), the Entra consent goes next (after that only the RBAC
+//! assignments grant, and the policy still bounds them), and the policy goes last (removing it
+//! first would open every mailbox through the Entra consent, rule 4, §2.3). Each change is
+//! followed by a verification step. Rolling back is safe while the access policy exists: until
+//! then the policy alone bounds the app.
+//!
+//! What cannot be carried over is named in the plan: DenyAccess policies (RBAC only grants,
+//! §3.8; a plan with one cannot be executed), members of nested groups (RBAC's `MemberOfGroup`
+//! and `-RecipientGroupScope` see direct members only, §3.4), and permissions only an access
+//! policy covers (no application role grants them, e.g. `Mail.ReadBasic.All`, §3.2).
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::rbac::{is_mailbox_permission, role_for_permission};
+
+/// One step of an executing migration, in the only order it runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Step {
+    /// Pointer, scope and role assignments, beside the access policy.
+    CreateRbac,
+    /// `Test-ServicePrincipalAuthorization`: samples in scope, canaries out of it.
+    VerifyRbac,
+    /// Remove the app's Entra consent for the permissions the RBAC restriction covers.
+    RemoveEntraConsent,
+    /// No Entra mailbox grant is left (the union trap is closed).
+    VerifyEntraRemoved,
+    /// Remove the app's access policies.
+    RemoveAccessPolicy,
+    /// Exchange no longer lists a policy for the app, and RBAC still scopes it.
+    VerifyPolicyRemoved,
+    Done,
+}
+
+impl Step {
+    pub const ORDER: [Step; 7] = [
+        Step::CreateRbac,
+        Step::VerifyRbac,
+        Step::RemoveEntraConsent,
+        Step::VerifyEntraRemoved,
+        Step::RemoveAccessPolicy,
+        Step::VerifyPolicyRemoved,
+        Step::Done,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Step::CreateRbac => "create_rbac",
+            Step::VerifyRbac => "verify_rbac",
+            Step::RemoveEntraConsent => "remove_entra_consent",
+            Step::VerifyEntraRemoved => "verify_entra_removed",
+            Step::RemoveAccessPolicy => "remove_access_policy",
+            Step::VerifyPolicyRemoved => "verify_policy_removed",
+            Step::Done => "done",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Step> {
+        Step::ORDER.into_iter().find(|x| x.as_str() == s)
+    }
+
+    /// The step after this one (`Done` stays `Done`).
+    pub fn next(self) -> Step {
+        let i = Step::ORDER.iter().position(|s| *s == self).unwrap_or(6);
+        Step::ORDER[(i + 1).min(6)]
+    }
+
+    /// Rolling back is allowed while the access policy still exists, i.e. before the step
+    /// that removes it has run.
+    pub fn can_roll_back(self) -> bool {
+        Step::ORDER.iter().position(|s| *s == self)
+            <= Step::ORDER
+                .iter()
+                .position(|s| *s == Step::RemoveAccessPolicy)
+    }
+}
+
+/// An access policy of the app, as the plan needs it.
+#[derive(Debug, Clone)]
+pub struct PolicyInput {
+    /// The scope group's address (or alias, as the caller knows it).
+    pub scope: String,
+    pub deny: bool,
+    /// Members reached only through a nested group: an access policy covers them, RBAC does not.
+    pub nested_members: Vec<String>,
+}
+
+/// Something of the current restriction that RBAC will not carry over.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct NotCarried {
+    /// `deny_access_policy`, `nested_member` or `permission_without_role`.
+    pub kind: &'static str,
+    /// The policy's scope, the member's address or the permission.
+    pub subject: String,
+    pub detail: String,
+    /// True when executing anyway would change who the app can reach or what it can do.
+    pub blocks_execution: bool,
+}
+
+/// The dry-run plan.
+#[derive(Debug, Clone, Serialize)]
+pub struct Plan {
+    /// Role assignments to create: (permission, role), scoped to each RestrictAccess scope.
+    pub create_assignments: Vec<(String, String)>,
+    pub scopes: Vec<String>,
+    /// Entra grants to remove once RBAC is verified.
+    pub remove_entra_grants: Vec<String>,
+    /// Access policies (their scopes) removed last.
+    pub remove_access_policies: Vec<String>,
+    pub not_carried: Vec<NotCarried>,
+    pub steps: Vec<Step>,
+    /// Expected duration: changes in Exchange are immediate, Graph follows through RBAC's
+    /// permission cache after each change (30 minutes to 2 hours, §3.5).
+    pub expected_min_seconds: u64,
+    pub expected_max_seconds: u64,
+    /// False when something in `not_carried` blocks execution.
+    pub executable: bool,
+}
+
+/// The documented RBAC permission cache (§3.5, §8.3).
+pub const CACHE_MIN: Duration = Duration::from_secs(30 * 60);
+pub const CACHE_MAX: Duration = Duration::from_secs(2 * 3600);
+
+/// Plan the migration of an app holding `entra_permissions` and restricted by `policies`.
+pub fn plan(policies: &[PolicyInput], entra_permissions: &[String]) -> Plan {
+    let mut not_carried = Vec::new();
+    for p in policies.iter().filter(|p| p.deny) {
+        not_carried.push(NotCarried {
+            kind: "deny_access_policy",
+            subject: p.scope.clone(),
+            detail: format!(
+                "DenyAccess on {} has no RBAC equivalent (RBAC only grants, reference §3.8): keep the policy, or turn it into an allow-list scope first",
+                p.scope
+            ),
+            blocks_execution: true,
+        });
+    }
+    let restrict: Vec<&PolicyInput> = policies.iter().filter(|p| !p.deny).collect();
+    for p in &restrict {
+        let mut nested = p.nested_members.clone();
+        nested.sort();
+        nested.dedup();
+        for m in nested {
+            not_carried.push(NotCarried {
+                kind: "nested_member",
+                detail: format!(
+                    "{m} reaches {} only through a nested group; RBAC scopes see direct members only (reference §3.4), so the app would lose it: add it to the group directly first",
+                    p.scope
+                ),
+                subject: m,
+                // Narrows access, never widens it: reported, not blocking.
+                blocks_execution: false,
+            });
+        }
+    }
+    let mut mailbox: Vec<String> = entra_permissions
+        .iter()
+        .filter(|p| is_mailbox_permission(p))
+        .cloned()
+        .collect();
+    mailbox.sort();
+    mailbox.dedup();
+    let mut create = Vec::new();
+    for p in &mailbox {
+        match role_for_permission(p) {
+            Some(r) => create.push((p.clone(), r.name.to_string())),
+            None => not_carried.push(NotCarried {
+                kind: "permission_without_role",
+                subject: p.clone(),
+                detail: format!(
+                    "{p} is covered by the access policy but no RBAC application role grants it (reference §3.2): removing the Entra grant would remove the permission"
+                ),
+                blocks_execution: true,
+            }),
+        }
+    }
+    let executable = !restrict.is_empty()
+        && !create.is_empty()
+        && not_carried.iter().all(|n| !n.blocks_execution);
+    let mut scopes: Vec<String> = restrict.iter().map(|p| p.scope.clone()).collect();
+    scopes.sort();
+    scopes.dedup();
+    // Two Graph-visible changes wait for the cache: the RBAC grant (before the consent goes)
+    // and the consent's removal; the policy's removal changes nothing Graph serves.
+    Plan {
+        remove_entra_grants: create.iter().map(|(p, _)| p.clone()).collect(),
+        create_assignments: create,
+        remove_access_policies: policies.iter().map(|p| p.scope.clone()).collect(),
+        scopes,
+        not_carried,
+        steps: Step::ORDER.to_vec(),
+        expected_min_seconds: 2 * CACHE_MIN.as_secs(),
+        expected_max_seconds: 2 * CACHE_MAX.as_secs(),
+        executable,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(scope: &str, deny: bool, nested: &[&str]) -> PolicyInput {
+        PolicyInput {
+            scope: scope.into(),
+            deny,
+            nested_members: nested.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    fn perms(p: &[&str]) -> Vec<String> {
+        p.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn the_policy_goes_last_and_rollback_ends_with_it() {
+        let pos = |s| Step::ORDER.iter().position(|x| *x == s).unwrap();
+        assert!(pos(Step::CreateRbac) < pos(Step::RemoveEntraConsent));
+        assert!(pos(Step::RemoveEntraConsent) < pos(Step::RemoveAccessPolicy));
+        assert_eq!(Step::VerifyRbac.next(), Step::RemoveEntraConsent);
+        assert_eq!(Step::Done.next(), Step::Done);
+        assert!(Step::VerifyEntraRemoved.can_roll_back());
+        assert!(Step::RemoveAccessPolicy.can_roll_back(), "not run yet");
+        assert!(!Step::VerifyPolicyRemoved.can_roll_back());
+        assert!(!Step::Done.can_roll_back());
+        for s in Step::ORDER {
+            assert_eq!(Step::parse(s.as_str()), Some(s));
+        }
+    }
+
+    #[test]
+    fn a_plain_restrict_policy_migrates() {
+        let p = plan(
+            &[policy("crm@contoso.com", false, &[])],
+            &perms(&["Mail.Read", "User.Read.All"]),
+        );
+        assert!(p.executable, "{p:?}");
+        assert_eq!(
+            p.create_assignments,
+            vec![("Mail.Read".to_string(), "Application Mail.Read".to_string())]
+        );
+        assert_eq!(p.remove_entra_grants, ["Mail.Read"]);
+        assert_eq!(p.remove_access_policies, ["crm@contoso.com"]);
+        assert!(p.not_carried.is_empty());
+        assert_eq!(p.expected_max_seconds, 4 * 3600);
+    }
+
+    #[test]
+    fn what_cannot_be_carried_is_named() {
+        let p = plan(
+            &[
+                policy("crm@contoso.com", false, &["dave@contoso.com"]),
+                policy("board@contoso.com", true, &[]),
+            ],
+            &perms(&["Mail.Read", "Mail.ReadBasic.All"]),
+        );
+        assert!(!p.executable);
+        let kinds: Vec<(&str, &str)> = p
+            .not_carried
+            .iter()
+            .map(|n| (n.kind, n.subject.as_str()))
+            .collect();
+        assert!(kinds.contains(&("deny_access_policy", "board@contoso.com")));
+        assert!(kinds.contains(&("nested_member", "dave@contoso.com")));
+        assert!(kinds.contains(&("permission_without_role", "Mail.ReadBasic.All")));
+        // A nested member alone narrows access: reported, executable.
+        let p = plan(
+            &[policy("crm@contoso.com", false, &["dave@contoso.com"])],
+            &perms(&["Mail.Read"]),
+        );
+        assert!(p.executable);
+        assert_eq!(p.not_carried.len(), 1);
+    }
+
+    #[test]
+    fn nothing_to_migrate_is_not_executable() {
+        assert!(!plan(&[], &perms(&["Mail.Read"])).executable);
+        assert!(!plan(&[policy("a@b.c", false, &[])], &perms(&["User.Read.All"])).executable);
+    }
+}
