@@ -1,5 +1,5 @@
 //! `/v1/tenants/{tenant_id}/access-policies`, `/access-tests` and `/sync`: application access
-//! policies (reference §2, pitfalls §6.3–6.5, 6.10–6.12).
+//! policies (docs/microsoft-365.md docs/microsoft-365.md §2, pitfalls docs/microsoft-365.md §6.3–6.5, 6.10–6.12).
 //!
 //! Thin handlers: parse, authorize, call one use case of `provisioning::access_policies`,
 //! `access_test` or `sync`, render. The safety rules (create before remove, the last
@@ -51,13 +51,13 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     "description": "CRM connector: sales mailboxes only"
 }))]
 pub struct AccessPolicyInput {
-    /// The app's client id (not an object id, §6.5).
+    /// The app's client id (not an object id, docs/microsoft-365.md §6.5).
     #[schema(value_type = String, format = Uuid)]
     pub app_id: String,
     /// A scope group's alias, or the SMTP address of a scope group, user mailbox or mail user.
     pub scope: String,
     pub access_right: AccessRight,
-    /// Omitted: a single space, the smallest value, so the tenant fits the most policies (§2.6).
+    /// Omitted: a single space, the smallest value, so the tenant fits the most policies (docs/microsoft-365.md docs/microsoft-365.md §2.6).
     pub description: Option<String>,
     /// Mailboxes the app must not reach, checked by the propagation check (besides the tenant's).
     #[serde(default)]
@@ -447,7 +447,7 @@ pub struct ExchangeVerdict {
 pub struct LocalVerdict {
     pub granted: bool,
     /// Which of the four rules decided: `deny_match`, `restrict_match`, `restrict_miss` or
-    /// `no_policy` (reference §2.3).
+    /// `no_policy` (docs/microsoft-365.md docs/microsoft-365.md §2.3).
     #[schema(value_type = super::schema::AccessRuleName, example = "restrict_miss")]
     pub rule: String,
     /// mailscope's ids of the policies that matched the app and the mailbox.
@@ -463,7 +463,7 @@ pub struct AccessTestResult {
     pub app_id: String,
     pub mailbox: String,
     pub mailbox_object_id: String,
-    /// What Exchange says now (it sees changes before Microsoft Graph does, §6.2).
+    /// What Exchange says now (it sees changes before Microsoft Graph does, docs/microsoft-365.md §6.2).
     pub exchange: ExchangeVerdict,
     /// mailscope's evaluation of its own policies against the scope groups' live members.
     pub local: LocalVerdict,
@@ -498,7 +498,7 @@ pub struct PermissionVerdict {
     pub decided_by: String,
 }
 
-/// Effective access with both mechanisms together (reference §3.3: RBAC adds to Entra grants;
+/// Effective access with both mechanisms together (docs/microsoft-365.md docs/microsoft-365.md §3.3: RBAC adds to Entra grants;
 /// access policies narrow only Entra grants).
 #[derive(Serialize, ToSchema)]
 pub struct EffectiveAccess {

@@ -1,5 +1,5 @@
 //! `/v1/tenants/{tenant_id}/rbac-restrictions` and `/rbac-findings`: RBAC for Applications,
-//! Microsoft's recommended mechanism (reference §3, §8.2).
+//! Microsoft's recommended mechanism (docs/microsoft-365.md docs/microsoft-365.md §3, §8.2).
 //!
 //! Thin handlers: parse, authorize, call one use case of `provisioning::rbac`, render. The
 //! safety rules (the union trap, filter read-back, create before remove, the pointer's object id)
@@ -56,7 +56,7 @@ pub enum ScopeGroupVia {
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RbacScopeInput {
-    /// A scope group's alias (direct members only are in scope, reference §3.4).
+    /// A scope group's alias (direct members only are in scope, docs/microsoft-365.md §3.4).
     pub scope_group: Option<String>,
     /// With `scope_group`: `recipient_group_scope` (default) or `member_of_group`.
     pub via: Option<ScopeGroupVia>,
@@ -101,7 +101,7 @@ pub struct RbacRestrictionInput {
     pub canary_mailboxes: Vec<String>,
     /// Optional, for callers used to access policies: only `RestrictAccess` has an RBAC
     /// equivalent. `DenyAccess` is refused (`rbac_deny_unsupported`): RBAC for Applications can
-    /// only grant (reference §3.8); keep the DenyAccess policy or use an allow-list scope.
+    /// only grant (docs/microsoft-365.md docs/microsoft-365.md §3.8); keep the DenyAccess policy or use an allow-list scope.
     #[schema(example = "RestrictAccess")]
     pub access_right: Option<String>,
 }
@@ -188,7 +188,7 @@ pub struct RbacRestriction {
     /// Entra grants mailscope removed after verifying this restriction.
     pub entra_grants_removed: Vec<String>,
     /// True only when the pointer, every assignment and the filter are in the tenant as
-    /// recorded **and** no unscoped Entra mailbox grant remains (the union trap, §3.3).
+    /// recorded **and** no unscoped Entra mailbox grant remains (the union trap, docs/microsoft-365.md §3.3).
     pub restricted: bool,
     /// Why `restricted` is false, each with the fix.
     pub findings: Vec<RbacFinding>,
@@ -258,7 +258,7 @@ pub struct RestrictionListQuery {
     pub after: Option<Uuid>,
 }
 
-const PROPAGATION_NOTE: &str = "Graph applies RBAC changes through a permission cache of 30 minutes to 2 hours (an app in use keeps its cached entry up to 2 hours, reference §3.5); Test-ServicePrincipalAuthorization already shows them.";
+const PROPAGATION_NOTE: &str = "Graph applies RBAC changes through a permission cache of 30 minutes to 2 hours (an app in use keeps its cached entry up to 2 hours, docs/microsoft-365.md §3.5); Test-ServicePrincipalAuthorization already shows them.";
 
 fn report(e: Enforcement) -> EnforcementReport {
     EnforcementReport {
@@ -377,7 +377,7 @@ impl TryFrom<RbacRestrictionInput> for RestrictionInput {
 /// In one call: the Exchange pointer to the app's service principal (`New-ServicePrincipal`
 /// with the service principal's object id), the scope (`-RecipientGroupScope`, or a management
 /// scope whose filter is read back), one role assignment per permission, and with
-/// `remove_entra_grants` the safe removal of the Entra grants (verify first, §3.3). Idempotent
+/// `remove_entra_grants` the safe removal of the Entra grants (verify first, docs/microsoft-365.md §3.3). Idempotent
 /// by (app, scope): the same restriction again answers 200; other permissions for the same key
 /// answer 409 listing what differs; what the tenant already has is adopted, never duplicated.
 #[utoipa::path(post, path = "/v1/tenants/{tenant_id}/rbac-restrictions", tag = "rbac restrictions",

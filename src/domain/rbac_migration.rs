@@ -1,17 +1,17 @@
-//! Migrating one app from application access policies to RBAC for Applications (reference §3.7,
-//! §3.8): the dry-run plan and the order of the steps, as pure rules.
+//! Migrating one app from application access policies to RBAC for Applications (docs/microsoft-365.md docs/microsoft-365.md §3.7,
+//! docs/microsoft-365.md docs/microsoft-365.md §3.8): the dry-run plan and the order of the steps, as pure rules.
 //!
 //! The order never widens the app's access: RBAC is created **beside** the policy (the policy
 //! still bounds what Graph serves), the Entra consent goes next (after that only the RBAC
 //! assignments grant, and the policy still bounds them), and the policy goes last (removing it
-//! first would open every mailbox through the Entra consent, rule 4, §2.3). Each change is
+//! first would open every mailbox through the Entra consent, rule 4, docs/microsoft-365.md §2.3). Each change is
 //! followed by a verification step. Rolling back is safe while the access policy exists: until
 //! then the policy alone bounds the app.
 //!
 //! What cannot be carried over is named in the plan: DenyAccess policies (RBAC only grants,
-//! §3.8; a plan with one cannot be executed), members of nested groups (RBAC's `MemberOfGroup`
-//! and `-RecipientGroupScope` see direct members only, §3.4), and permissions only an access
-//! policy covers (no application role grants them, e.g. `Mail.ReadBasic.All`, §3.2).
+//! docs/microsoft-365.md docs/microsoft-365.md §3.8; a plan with one cannot be executed), members of nested groups (RBAC's `MemberOfGroup`
+//! and `-RecipientGroupScope` see direct members only, docs/microsoft-365.md §3.4), and permissions only an access
+//! policy covers (no application role grants them, e.g. `Mail.ReadBasic.All`, docs/microsoft-365.md §3.2).
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -115,14 +115,14 @@ pub struct Plan {
     pub not_carried: Vec<NotCarried>,
     pub steps: Vec<Step>,
     /// Expected duration: changes in Exchange are immediate, Graph follows through RBAC's
-    /// permission cache after each change (30 minutes to 2 hours, §3.5).
+    /// permission cache after each change (30 minutes to 2 hours, docs/microsoft-365.md §3.5).
     pub expected_min_seconds: u64,
     pub expected_max_seconds: u64,
     /// False when something in `not_carried` blocks execution.
     pub executable: bool,
 }
 
-/// The documented RBAC permission cache (§3.5, §8.3).
+/// The documented RBAC permission cache (docs/microsoft-365.md docs/microsoft-365.md §3.5, §8.3).
 pub const CACHE_MIN: Duration = Duration::from_secs(30 * 60);
 pub const CACHE_MAX: Duration = Duration::from_secs(2 * 3600);
 
@@ -134,7 +134,7 @@ pub fn plan(policies: &[PolicyInput], entra_permissions: &[String]) -> Plan {
             kind: "deny_access_policy",
             subject: p.scope.clone(),
             detail: format!(
-                "DenyAccess on {} has no RBAC equivalent (RBAC only grants, reference §3.8): keep the policy, or turn it into an allow-list scope first",
+                "DenyAccess on {} has no RBAC equivalent (RBAC only grants, docs/microsoft-365.md §3.8): keep the policy, or turn it into an allow-list scope first",
                 p.scope
             ),
             blocks_execution: true,
@@ -149,7 +149,7 @@ pub fn plan(policies: &[PolicyInput], entra_permissions: &[String]) -> Plan {
             not_carried.push(NotCarried {
                 kind: "nested_member",
                 detail: format!(
-                    "{m} reaches {} only through a nested group; RBAC scopes see direct members only (reference §3.4), so the app would lose it: add it to the group directly first",
+                    "{m} reaches {} only through a nested group; RBAC scopes see direct members only (docs/microsoft-365.md docs/microsoft-365.md §3.4), so the app would lose it: add it to the group directly first",
                     p.scope
                 ),
                 subject: m,
@@ -173,7 +173,7 @@ pub fn plan(policies: &[PolicyInput], entra_permissions: &[String]) -> Plan {
                 kind: "permission_without_role",
                 subject: p.clone(),
                 detail: format!(
-                    "{p} is covered by the access policy but no RBAC application role grants it (reference §3.2): removing the Entra grant would remove the permission"
+                    "{p} is covered by the access policy but no RBAC application role grants it (docs/microsoft-365.md docs/microsoft-365.md §3.2): removing the Entra grant would remove the permission"
                 ),
                 blocks_execution: true,
             }),

@@ -16,7 +16,7 @@
 //!   answers in a row, or the deadline passes. Other apps end after stage 1 with
 //!   `verified_by: exchange_test`. For RBAC the first look waits for the permission cache's
 //!   documented minimum (`rbac_first_delay_ms`, 30 minutes; the cache lasts up to 2 hours for an
-//!   app in use, reference §3.5), and the default deadline is `rbac_deadline_seconds`.
+//!   app in use, docs/microsoft-365.md §3.5), and the default deadline is `rbac_deadline_seconds`.
 //!
 //! The probe secret is removed when the check ends, whatever the outcome. Removal is idempotent
 //! and looks for the secret by its display name too, so a crash between Microsoft's `addPassword`
@@ -438,10 +438,10 @@ async fn access_policy_verdicts(
 }
 
 /// Stage 1 for RBAC for Applications: `Test-ServicePrincipalAuthorization -Resource` per
-/// expectation (it bypasses the permission cache, reference §3.1, §3.5): a mailbox is granted
+/// expectation (it bypasses the permission cache, docs/microsoft-365.md §3.1, docs/microsoft-365.md §3.5): a mailbox is granted
 /// when a role assignment for one of the restriction's permissions has it in scope. An Entra
 /// mailbox grant left beside the restriction reaches every mailbox whatever the scope (the union
-/// trap, §3.3), so a check expecting a denial reports it instead of waiting for Graph in vain.
+/// trap, docs/microsoft-365.md §3.3), so a check expecting a denial reports it instead of waiting for Graph in vain.
 async fn rbac_verdicts(
     db: &deadpool_postgres::Object,
     handle: &TenantHandle,
@@ -501,7 +501,7 @@ async fn rbac_verdicts(
         let unscoped = unscoped_mailbox_grants(&names);
         if !unscoped.is_empty() {
             problems.push(format!(
-                "app {app} still holds the Entra grants {} that reach every mailbox whatever its RBAC scope (the union trap, reference §3.3): POST /rbac-restrictions/{}/enforce verifies the scope and then removes them",
+                "app {app} still holds the Entra grants {} that reach every mailbox whatever its RBAC scope (the union trap, docs/microsoft-365.md §3.3): POST /rbac-restrictions/{}/enforce verifies the scope and then removes them",
                 unscoped.join(", "),
                 first.id
             ));
@@ -529,7 +529,7 @@ fn explain_rbac(
     let (m, scopes, perms) = (&e.mailbox, scopes.join(" or "), permissions.join(", "));
     match e.expected {
         Access::Granted => format!(
-            "Test-ServicePrincipalAuthorization shows mailbox {m} outside the RBAC scope of app {app} ({scopes}) for {perms}, expected granted: it is not a direct member of the scope (RBAC ignores nested members, reference §3.4) or an assignment is missing"
+            "Test-ServicePrincipalAuthorization shows mailbox {m} outside the RBAC scope of app {app} ({scopes}) for {perms}, expected granted: it is not a direct member of the scope (RBAC ignores nested members, docs/microsoft-365.md §3.4) or an assignment is missing"
         ),
         Access::Denied => format!(
             "Test-ServicePrincipalAuthorization shows mailbox {m} inside the RBAC scope of app {app} ({scopes}), expected denied: a role assignment reaches it, so the scope is wider than intended"

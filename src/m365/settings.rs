@@ -81,12 +81,12 @@ pub struct M365Settings {
     pub replication_window_secs: u64,
     /// Cap of one sleep between replication retries. 15 s.
     pub replication_poll_max_ms: u64,
-    /// Client assertion signing algorithm (reference §5.1: current docs PS256, older docs RS256).
+    /// Client assertion signing algorithm (docs/microsoft-365.md docs/microsoft-365.md §5.1: current docs PS256, older docs RS256).
     pub client_assertion_algorithm: AssertionAlgorithm,
     /// Lifetime of a client assertion (exp - nbf). 600 s: Microsoft asks for 5-10 minutes.
     pub client_assertion_lifetime_secs: u64,
     /// `X-AnchorMailbox` template for app-only InvokeCommand. `{tenant_guid}` and `{tenant}` are
-    /// substituted. Which anchor the current module uses is unverified (reference §1.3).
+    /// substituted. Which anchor the current module uses is unverified (docs/microsoft-365.md docs/microsoft-365.md §1.3).
     pub exchange_anchor_mailbox: String,
     /// How the tenant is named in the InvokeCommand path.
     pub exchange_tenant_form: ExchangeTenantForm,
@@ -101,7 +101,7 @@ pub struct M365Settings {
     pub graph_batch_size: usize,
     /// How long resolved app role ids and resource service principals are cached. 1 h.
     pub app_role_cache_ttl_secs: u64,
-    /// User-Agent sent on every request. It matters: EWS access policies match on it (reference §6.7).
+    /// User-Agent sent on every request. It matters: EWS access policies match on it (docs/microsoft-365.md docs/microsoft-365.md §6.7).
     pub user_agent: String,
 }
 

@@ -1,5 +1,5 @@
-//! Application access policies: create (or adopt), replace, re-describe and delete (reference §2,
-//! pitfalls §6.3–6.5, 6.10–6.12).
+//! Application access policies: create (or adopt), replace, re-describe and delete (docs/microsoft-365.md docs/microsoft-365.md §2,
+//! pitfalls docs/microsoft-365.md docs/microsoft-365.md §6.3–6.5, 6.10–6.12).
 //!
 //! A policy is identified by (app id, scope object id), never by Exchange's generated Identity;
 //! mailscope's own UUID is the API id. Every writer of a tenant's policies (and sync) holds one
@@ -9,7 +9,7 @@
 //!
 //! Safety rules:
 //! - a replacement creates the new policy **before** removing the old one, so the interim state
-//!   is the union of both scopes, never unrestricted (§6.11). Exchange cannot hold two policies
+//!   is the union of both scopes, never unrestricted (docs/microsoft-365.md docs/microsoft-365.md §6.11). Exchange cannot hold two policies
 //!   for one app and scope, so a change of access right alone is done remove-then-create;
 //! - removing (or turning into DenyAccess) an app's last RestrictAccess policy, which silently
 //!   gives the app every mailbox (rule 4), is refused unless the caller accepts it.
@@ -38,7 +38,7 @@ use crate::m365::graph::GraphClient;
 use crate::store;
 use crate::store::access_policies::{AccessPolicyRecord, PolicyOrigin, PolicyState};
 
-/// Longest description accepted (descriptions eat into the tenant's policy budget, §2.6).
+/// Longest description accepted (descriptions eat into the tenant's policy budget, docs/microsoft-365.md §2.6).
 const MAX_DESCRIPTION: usize = 1000;
 
 /// A policy to create, or the replacement of one (where `app_id` must stay), as the caller gave it.
@@ -107,7 +107,7 @@ fn last_restrict_error(app_id: &str, what: &str, held: &[String]) -> Error {
     Error::rejected(
         Rejection::LastRestrictPolicy,
         format!(
-            "{what} would leave app {app_id} without any RestrictAccess policy while it holds {}, which would then reach every mailbox in the tenant (rule 4, reference §2.3). Revoke those permissions first (PUT /applications/{{key}} without them, or remove them in Entra ID) and repeat, or repeat with ?allow_unrestricted=true to accept that.",
+            "{what} would leave app {app_id} without any RestrictAccess policy while it holds {}, which would then reach every mailbox in the tenant (rule 4, docs/microsoft-365.md §2.3). Revoke those permissions first (PUT /applications/{{key}} without them, or remove them in Entra ID) and repeat, or repeat with ?allow_unrestricted=true to accept that.",
             held.join(", ")
         ),
     )
@@ -292,7 +292,7 @@ async fn check_after_change(
 }
 
 /// Resolve `scope` (a scope group alias, or an address) with `Get-Recipient` and check that it
-/// can be a policy scope (§2.4); invalid with the reason otherwise.
+/// can be a policy scope (docs/microsoft-365.md docs/microsoft-365.md §2.4); invalid with the reason otherwise.
 pub async fn resolve_scope(
     services: &Services,
     exo: &ExchangeClient,
@@ -414,7 +414,7 @@ async fn adopt_or_create(
         }
         return Ok((p.clone(), false));
     }
-    // A policy for an app that is not in the tenant protects nothing (§6.5).
+    // A policy for an app that is not in the tenant protects nothing (docs/microsoft-365.md docs/microsoft-365.md §6.5).
     if let Some(handle) = require_app
         && handle
             .graph()
@@ -859,7 +859,7 @@ pub async fn delete(
         Some(identity) => exo.remove_application_access_policy(&identity).await?,
         None => false,
     };
-    // Change point for the propagation check: a removal takes up to 30 minutes to apply (§2.1).
+    // Change point for the propagation check: a removal takes up to 30 minutes to apply (docs/microsoft-365.md docs/microsoft-365.md §2.1).
     store::access_policies::delete(&tx, tenant_id, id).await?;
     audit::record(
         &tx,

@@ -1,8 +1,8 @@
 //! Access tests: may an app reach a mailbox? Exchange's `Test-ApplicationAccessPolicy` and
-//! mailscope's own evaluation of the four rules (reference §2.3), side by side, with the most
+//! mailscope's own evaluation of the four rules (docs/microsoft-365.md docs/microsoft-365.md §2.3), side by side, with the most
 //! likely reason when they differ; and, for both mechanisms together, the effective verdict per
 //! mailbox permission: the app's Entra grants, the access policies' decision and its RBAC
-//! assignments as `Test-ServicePrincipalAuthorization -Resource` reports them (§3.1, §3.3).
+//! assignments as `Test-ServicePrincipalAuthorization -Resource` reports them (docs/microsoft-365.md docs/microsoft-365.md §3.1, §3.3).
 use std::collections::BTreeSet;
 
 use uuid::Uuid;
@@ -249,7 +249,7 @@ async fn effective(
 }
 
 /// mailscope's expectation from its scope-group restrictions (direct members are in scope,
-/// §3.4) against `Test-ServicePrincipalAuthorization`'s `InScope`.
+/// docs/microsoft-365.md §3.4) against `Test-ServicePrincipalAuthorization`'s `InScope`.
 async fn rbac_disagreement(
     services: &Services,
     exo: &ExchangeClient,
@@ -362,7 +362,7 @@ async fn explain(
         ));
     }
     if direct_only_granted == exchange_granted {
-        return Ok("Exchange appears to count only direct members of nested groups, while mailscope counted nested members (whether nesting counts is unverified, reference §2.5); add the mailboxes to the scope group directly".into());
+        return Ok("Exchange appears to count only direct members of nested groups, while mailscope counted nested members (whether nesting counts is unverified, docs/microsoft-365.md §2.5); add the mailboxes to the scope group directly".into());
     }
     Ok("mailscope's policies match the tenant's, yet the verdicts differ: a change made moments ago may not have reached Exchange yet; run the test again in a few minutes".into())
 }

@@ -40,7 +40,7 @@ pub enum Rejection {
     VerificationMailboxesRequired,
     /// `Test-ServicePrincipalAuthorization` does not show the scope as intended.
     RbacVerificationFailed,
-    /// DenyAccess was asked of RBAC for Applications, which can only grant (§3.8).
+    /// DenyAccess was asked of RBAC for Applications, which can only grant (docs/microsoft-365.md docs/microsoft-365.md §3.8).
     RbacDenyUnsupported,
 }
 

@@ -908,7 +908,7 @@ async fn run_step(
             for p in ours {
                 // The consent was revoked by the step before: without mail permissions, losing
                 // its last RestrictAccess policy gives the app nothing (docs/microsoft-365.md
-                // §2.3), which is why this order, and only this order, may accept it.
+                // docs/microsoft-365.md §2.3), which is why this order, and only this order, may accept it.
                 match policies::delete(services, actor, t, p.id, true).await {
                     Ok(_) => removed.push(p.id),
                     Err(Error::NotFound(_)) => {}

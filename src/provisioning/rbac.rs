@@ -1,4 +1,4 @@
-//! RBAC for Applications restrictions (reference §3, §8.2): the Exchange service principal
+//! RBAC for Applications restrictions (docs/microsoft-365.md docs/microsoft-365.md §3, §8.2): the Exchange service principal
 //! pointer, a resource scope, and one role assignment per mailbox permission, keyed by
 //! (app id, scope) and idempotent like access policies.
 //!
@@ -8,19 +8,19 @@
 //! record and audit in one transaction.
 //!
 //! Safety rules:
-//! - **the union trap** (§3.3, §6.9): RBAC grants add to Entra grants, so a restriction is never
+//! - **the union trap** (docs/microsoft-365.md docs/microsoft-365.md §3.3, §6.9): RBAC grants add to Entra grants, so a restriction is never
 //!   reported as restricting while the app holds an Entra grant for a mailbox permission; the
 //!   safe order to remove it is [`enforce`]: verify with `Test-ServicePrincipalAuthorization`
 //!   in scope (samples) and out of scope (canaries) first, then revoke the covered Entra grants;
 //! - a filter is read back after every write: an empty or altered filter can mean the whole
-//!   organisation (§3.4); the scope is removed again and the write refused;
+//!   organisation (docs/microsoft-365.md docs/microsoft-365.md §3.4); the scope is removed again and the write refused;
 //! - a replacement creates the new scope and assignments before removing the old ones (the
 //!   interim state is the union of both scopes, never wider);
-//! - the pointer must carry the **service principal's** object id (§3.1, §6.5): a pointer with
+//! - the pointer must carry the **service principal's** object id (docs/microsoft-365.md docs/microsoft-365.md §3.1, §6.5): a pointer with
 //!   another object id (typically the app registration's) never matches the app's tokens.
 //!   mailscope refuses such an id from the caller and replaces such a pointer found in the tenant.
 //!
-//! Removing a restriction never widens access: RBAC only grants (§3.3, §3.8), so unlike an
+//! Removing a restriction never widens access: RBAC only grants (docs/microsoft-365.md docs/microsoft-365.md §3.3, §3.8), so unlike an
 //! access policy's removal there is no rule-4 trap to guard against; what the app keeps is its
 //! Entra grants, which [`get`] reports.
 use std::collections::{BTreeMap, BTreeSet};
@@ -55,9 +55,9 @@ const DEFAULT_SAMPLES: usize = 3;
 /// How a scope group becomes an RBAC scope.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GroupVia {
-    /// `-RecipientGroupScope <group>`: survives a tenant relocation (§8.2). The default.
+    /// `-RecipientGroupScope <group>`: survives a tenant relocation (docs/microsoft-365.md docs/microsoft-365.md §8.2). The default.
     RecipientGroupScope,
-    /// A management scope `MemberOfGroup -eq '<group DN>'` (Microsoft's migration recipe, §3.7).
+    /// A management scope `MemberOfGroup -eq '<group DN>'` (Microsoft's migration recipe, docs/microsoft-365.md §3.7).
     MemberOfGroup,
 }
 
@@ -88,7 +88,7 @@ pub struct RestrictionInput {
     pub scope: ScopeInput,
     /// Mailbox permissions to grant in scope; omitted: the app's Entra mailbox grants.
     pub permissions: Option<Vec<String>>,
-    /// EWS.AccessAsApp / SMTP.SendAsApp, which only RBAC grants (§8.2).
+    /// EWS.AccessAsApp / SMTP.SendAsApp, which only RBAC grants (docs/microsoft-365.md docs/microsoft-365.md §8.2).
     pub rbac_only_permissions: Vec<String>,
     /// After creating, verify and remove the covered Entra grants ([`enforce`]).
     pub remove_entra_grants: bool,
@@ -98,11 +98,11 @@ pub struct RestrictionInput {
     pub access_right: Option<String>,
 }
 
-/// DenyAccess asked of RBAC for Applications: refused, with why and what to do instead (§3.8).
+/// DenyAccess asked of RBAC for Applications: refused, with why and what to do instead (docs/microsoft-365.md docs/microsoft-365.md §3.8).
 pub fn deny_unsupported(field_name: &str) -> Error {
     Error::Rejected {
         kind: Rejection::RbacDenyUnsupported,
-        detail: "RBAC for Applications can only grant: no role assignment says \"every mailbox except this group\", so DenyAccess has no RBAC equivalent (reference §3.8). Keep the DenyAccess application access policy, or restrict the app to an allow-list scope instead.".into(),
+        detail: "RBAC for Applications can only grant: no role assignment says \"every mailbox except this group\", so DenyAccess has no RBAC equivalent (docs/microsoft-365.md docs/microsoft-365.md §3.8). Keep the DenyAccess application access policy, or restrict the app to an allow-list scope instead.".into(),
         errors: vec![field(
             field_name,
             "DenyAccess has no RBAC equivalent; only RestrictAccess (an allow-list scope) can be expressed",
@@ -211,7 +211,7 @@ fn management_scope_name(app_id: &str, scope_key: &str) -> String {
     format!("mailscope-{}-{}", &app_id[..8], key_hash(app_id, scope_key))
 }
 
-/// At most 64 characters (§3.1): 10 + 8 + 1 + 8 + 1 + the longest permission (25).
+/// At most 64 characters (docs/microsoft-365.md docs/microsoft-365.md §3.1): 10 + 8 + 1 + 8 + 1 + the longest permission (25).
 fn assignment_name(app_id: &str, scope_key: &str, permission: &str) -> String {
     let n = format!(
         "mailscope-{}-{}-{permission}",
@@ -255,7 +255,7 @@ fn choose_permissions(
             Some(r) if is_mailbox_permission(p) => out.push(r.permissions[0].to_string()),
             _ => errs.push(field(
                 &format!("permissions[{i}]"),
-                format!("`{p}` has no RBAC application role (Mail.*, Calendars.*, Contacts.* and MailboxSettings.* do, except Mail.ReadBasic.All, reference §3.2)"),
+                format!("`{p}` has no RBAC application role (Mail.*, Calendars.*, Contacts.* and MailboxSettings.* do, except Mail.ReadBasic.All, docs/microsoft-365.md §3.2)"),
             )),
         }
     }
@@ -291,7 +291,7 @@ async fn entra_app(graph: &GraphClient, app_id: &str) -> Result<(String, Option<
     let sp = graph.service_principal_by_app_id(app_id).await?.ok_or_else(|| {
         Error::invalid(
             "app_id",
-            format!("app {app_id} has no service principal in this tenant; add or consent to the app first (reference §6.5)"),
+            format!("app {app_id} has no service principal in this tenant; add or consent to the app first (docs/microsoft-365.md docs/microsoft-365.md §6.5)"),
         )
     })?;
     let registration = graph.application_by_app_id(app_id).await?.map(|a| a.id);
@@ -349,7 +349,7 @@ async fn resolve_scope(
             let parsed = RecipientFilter::parse(&text).map_err(|e| {
                 Error::invalid(
                     "scope.recipient_filter",
-                    format!("not a valid OPATH recipient filter: {e} (an empty or malformed filter can mean the whole organisation, reference §3.4)"),
+                    format!("not a valid OPATH recipient filter: {e} (an empty or malformed filter can mean the whole organisation, docs/microsoft-365.md §3.4)"),
                 )
             })?;
             // A MemberOfGroup DN that names no group matches nobody: most likely a typo.
@@ -431,7 +431,7 @@ async fn ensure_pointer(
         if oid.eq_ignore_ascii_case(sp_object_id) {
             return Ok((p, None));
         }
-        // Another object id (usually the app registration's, §6.5) never matches the app's
+        // Another object id (usually the app registration's, docs/microsoft-365.md §6.5) never matches the app's
         // tokens: nothing it grants has ever worked, so replacing it narrows nothing.
         let identity = p.identity.clone().unwrap_or(oid.clone());
         exo.remove_service_principal(&identity).await?;
@@ -477,14 +477,14 @@ async fn ensure_management_scope(
         Some(b) if same_filter(&b, filter) => Ok(created),
         back => {
             // Never leave a scope whose filter is not the one asked for: it could mean the
-            // whole organisation (§3.4). Only a scope nothing uses yet is removed.
+            // whole organisation (docs/microsoft-365.md docs/microsoft-365.md §3.4). Only a scope nothing uses yet is removed.
             if created {
                 let _ = exo.remove_management_scope(name).await;
             }
             Err(Error::Rejected {
                 kind: Rejection::ScopeFilterMismatch,
                 detail: format!(
-                    "management scope `{name}` reads back with filter {back:?} instead of {filter:?}; nothing was assigned to it. An empty or altered filter can mean the whole organisation (reference §3.4)"
+                    "management scope `{name}` reads back with filter {back:?} instead of {filter:?}; nothing was assigned to it. An empty or altered filter can mean the whole organisation (docs/microsoft-365.md docs/microsoft-365.md §3.4)"
                 ),
                 errors: vec![field("scope", "the filter did not read back as written")],
             })
@@ -661,7 +661,7 @@ async fn prepare(
             return Err(Error::Rejected {
                 kind: Rejection::RegistrationObjectId,
                 detail: format!(
-                    "{given} is the object id of the app registration, not of its service principal (Enterprise application). Exchange accepts it silently and the restriction never applies (reference §3.1, §6.5). The service principal's object id is {sp_object_id}; omit the field and mailscope uses it."
+                    "{given} is the object id of the app registration, not of its service principal (Enterprise application). Exchange accepts it silently and the restriction never applies (docs/microsoft-365.md docs/microsoft-365.md §3.1, §6.5). The service principal's object id is {sp_object_id}; omit the field and mailscope uses it."
                 ),
                 errors: vec![field(
                     "service_principal_object_id",
@@ -867,7 +867,7 @@ async fn live(
         }),
         Some(o) if !pointer_ok => findings.push(Finding {
             kind: "wrong_pointer",
-            detail: format!("Exchange's pointer carries object id {o}, not the service principal's {} (reference §6.5)", rec.service_principal_object_id),
+            detail: format!("Exchange's pointer carries object id {o}, not the service principal's {} (docs/microsoft-365.md docs/microsoft-365.md §6.5)", rec.service_principal_object_id),
             fix: "PUT this restriction again: mailscope replaces the pointer".into(),
         }),
         _ => {}
@@ -914,7 +914,7 @@ async fn live(
         {
             findings.push(Finding {
                 kind: "scope_filter_changed",
-                detail: format!("management scope `{ms}` has filter {filter_in_tenant:?}, not {f:?}; an empty filter means the whole organisation (reference §3.4)"),
+                detail: format!("management scope `{ms}` has filter {filter_in_tenant:?}, not {f:?}; an empty filter means the whole organisation (docs/microsoft-365.md docs/microsoft-365.md §3.4)"),
                 fix: "PUT this restriction again to restore the filter".into(),
             });
         }
@@ -929,7 +929,7 @@ async fn live(
         findings.push(Finding {
             kind: "union_trap",
             detail: format!(
-                "the app holds Entra grants {} for every mailbox; RBAC grants add to them, so the scope narrows nothing while they remain (reference §3.3, §6.9)",
+                "the app holds Entra grants {} for every mailbox; RBAC grants add to them, so the scope narrows nothing while they remain (docs/microsoft-365.md docs/microsoft-365.md §3.3, §6.9)",
                 unscoped.join(", ")
             ),
             fix: format!(
@@ -1142,7 +1142,7 @@ async fn check_samples(
 
 /// Delete a restriction: its assignments, then its management scope, then the pointer when no
 /// other restriction of the app and no other assignment uses it. Narrows access only (RBAC
-/// grants, never denies, §3.3).
+/// grants, never denies, docs/microsoft-365.md §3.3).
 pub async fn delete(
     services: &Services,
     actor: &Actor,
@@ -1201,11 +1201,11 @@ pub(crate) fn rows_granting<'a>(
     })
 }
 
-/// Close the union trap in the safe order (§3.3, §3.7): the restriction must be complete in the
-/// tenant; `Test-ServicePrincipalAuthorization` (live, no cache, §3.1) must show every sample in
+/// Close the union trap in the safe order (docs/microsoft-365.md docs/microsoft-365.md §3.3, §3.7): the restriction must be complete in the
+/// tenant; `Test-ServicePrincipalAuthorization` (live, no cache, docs/microsoft-365.md §3.1) must show every sample in
 /// scope for every permission and every canary out of scope; only then are the app's Entra
 /// grants for the covered permissions removed. Graph follows within the RBAC permission cache
-/// (30 minutes to 2 hours, §3.5, §8.3).
+/// (30 minutes to 2 hours, docs/microsoft-365.md §3.5, docs/microsoft-365.md §8.3).
 pub async fn enforce(
     services: &Services,
     actor: &Actor,

@@ -692,7 +692,7 @@ pub fn add_resource_principals(t: &mut Tenant, wall: DateTime<Utc>, rng: &mut im
             display_name: v.to_string(),
         })
         .collect();
-    // Unverified id (reference §1.2): random per tenant so clients must resolve it at run time.
+    // Unverified id (docs/microsoft-365.md docs/microsoft-365.md §1.2): random per tenant so clients must resolve it at run time.
     exo_roles.push(AppRoleDef {
         id: guid(rng),
         value: "Exchange.ManageAsAppV2".into(),

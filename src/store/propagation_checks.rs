@@ -84,7 +84,7 @@ pub enum Mechanism {
     /// An application access policy: `Test-ApplicationAccessPolicy`.
     #[default]
     AccessPolicy,
-    /// RBAC for Applications: `Test-ServicePrincipalAuthorization -Resource` (no cache, §3.1).
+    /// RBAC for Applications: `Test-ServicePrincipalAuthorization -Resource` (no cache, docs/microsoft-365.md §3.1).
     Rbac,
 }
 

@@ -407,7 +407,7 @@ async fn application_access_policy_cmdlets() {
     assert_eq!(parsed.tenant_id, env.sb.tenant);
     assert_eq!(parsed.app_id, CRM_APP_ID);
     assert_eq!(parsed.scope_object_guid.to_ascii_lowercase(), group_guid);
-    // The description defaulted to " " (the shortest, reference §2.6).
+    // The description defaulted to " " (the shortest, docs/microsoft-365.md §2.6).
     let new_call = &env.cmdlet_calls("New-ApplicationAccessPolicy").await[0];
     assert_eq!(new_call["parameters"]["Description"], " ");
     assert_eq!(new_call["parameters"]["AppId"], json!([CRM_APP_ID]));

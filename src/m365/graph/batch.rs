@@ -1,4 +1,4 @@
-//! Graph JSON batching (`POST /$batch`, reference §5.6).
+//! Graph JSON batching (`POST /$batch`, docs/microsoft-365.md §5.6).
 //!
 //! Requests are split into batches of at most `graph_batch_size` (20). The outer status is 200
 //! whenever the batch parses, so every inner status is checked: inner 429s (always) and inner
