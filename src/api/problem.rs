@@ -545,7 +545,7 @@ mod tests {
         codes.sort();
         codes.dedup();
         assert_eq!(codes.len(), n);
-        assert_eq!(n, 23);
+        assert_eq!(n, 29);
     }
 
     #[test]
