@@ -39,6 +39,12 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "rbac_restrictions",
         include_str!("../../migrations/0008_rbac_restrictions.sql"),
     ),
+    // 0009–0011 are taken by other branches.
+    (
+        12,
+        "queue_claim",
+        include_str!("../../migrations/0012_queue_claim.sql"),
+    ),
 ];
 
 /// Arbitrary but fixed: "mailscop" in ASCII.
