@@ -12,8 +12,10 @@
 //!   across workers and replicas (two claimers never serve one tenant at once), and oldest-first
 //!   over tenants keeps one tenant's thousand jobs from starving the others. The claim runs with
 //!   `jit = off`: its plan is a few index probes, and JIT compilation once cost 650 ms of it.
-//!   Known limit: tenants are ordered by their earliest job of any kind, so a worker that handles
-//!   only some kinds may be offered tenants whose head job it cannot run.
+//!   An enqueue holds its tenant's summary row locked until its transaction commits, so a claim
+//!   skips that tenant meanwhile (its new job is invisible anyway): enqueue late in long
+//!   transactions. Known limit: tenants are ordered by their earliest job of any kind, so a
+//!   worker that handles only some kinds may be offered tenants whose head job it cannot run.
 //! - **Batches**: a worker whose last claim filled every free slot waits until half its slots are
 //!   free (or 5 ms after the first frees) before claiming again, instead of a claim per job.
 //! - **Leases and fencing**: a running job holds a lease renewed by a heartbeat. The reaper returns
