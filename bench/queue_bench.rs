@@ -6,7 +6,7 @@
 //! Usage: cargo bench --bench queue_bench -- <admin-database-url> <mode> [args]
 //!   enqueue <jobs>                     one row per enqueue style
 //!   drain <jobs> <workers> <tenants> <per-tenant-cap>
-//!   scale                              100,000 jobs, 1,000 tenants, cap 4, claims of 16
+//!   scale [<jobs> <tenants>]           default 100,000 jobs over 1,000 tenants; cap 4, claims of 16
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -103,9 +103,26 @@ fn rate(jobs: usize, elapsed: Duration) -> f64 {
 
 async fn enqueue_bench(admin_url: &str, jobs: usize) -> anyhow::Result<()> {
     for (style, tasks, batch) in [
-        ("one INSERT per call, 1 task", 1usize, 1usize),
-        ("one INSERT per call, 4 concurrent tasks", 4, 1),
-        ("transactions of 100 calls, 1 task", 1, 100),
+        (
+            "`queue::enqueue`, one INSERT per call, 1 task",
+            1usize,
+            1usize,
+        ),
+        (
+            "`queue::enqueue`, one INSERT per call, 4 concurrent tasks",
+            4,
+            1,
+        ),
+        (
+            "`queue::enqueue`, transactions of 100 calls, 1 task",
+            1,
+            100,
+        ),
+        (
+            "`queue::enqueue_many`, 100 jobs per call (one statement), 1 task",
+            1,
+            0,
+        ),
     ] {
         let db = BenchDb::create(admin_url).await?;
         let pool = db.pool(tasks)?;
@@ -117,8 +134,15 @@ async fn enqueue_bench(admin_url: &str, jobs: usize) -> anyhow::Result<()> {
                 let mut c = pool.get().await?;
                 let mut i = t * per_task;
                 while i < (t + 1) * per_task {
-                    let end = (i + batch).min((t + 1) * per_task);
-                    if batch == 1 {
+                    // batch 0: `enqueue_many` with 100 jobs per call.
+                    let step = if batch == 0 { 100 } else { batch };
+                    let end = (i + step).min((t + 1) * per_task);
+                    if batch == 0 {
+                        let jobs: Vec<NewJob> = (i..end)
+                            .map(|j| NewJob::new(KIND, tenant(j % 100), job_payload(j)))
+                            .collect();
+                        queue::enqueue_many(&c, &jobs).await?;
+                    } else if batch == 1 {
                         queue::enqueue(&c, &NewJob::new(KIND, tenant(i % 100), job_payload(i)))
                             .await?;
                     } else {
@@ -139,7 +163,7 @@ async fn enqueue_bench(admin_url: &str, jobs: usize) -> anyhow::Result<()> {
         }
         let elapsed = started.elapsed();
         println!(
-            "| mailscope `queue::enqueue`, {style} | {} | {:.2} s | {:.0} |",
+            "| mailscope {style} | {} | {:.2} s | {:.0} |",
             per_task * tasks,
             elapsed.as_secs_f64(),
             rate(per_task * tasks, elapsed)
@@ -238,26 +262,24 @@ async fn drain_bench(
     db.drop_db().await
 }
 
-const SCALE_JOBS: usize = 100_000;
-const SCALE_TENANTS: usize = 1_000;
 /// One job in 200 (one in each of 500 tenants) is scheduled a day ahead: queued but not runnable,
 /// as real checks waiting for their next observation are. The rest fell due within the last hour.
 const FUTURE_EVERY: usize = 200;
 const CLAIM_BATCH: i64 = 16;
 /// Claims sampled at each depth (each claim's jobs are recorded before the next claim).
-const WINDOW: usize = 25;
+const WINDOW: usize = 100;
 
-async fn scale_bench(admin_url: &str) -> anyhow::Result<()> {
+async fn scale_bench(admin_url: &str, jobs: usize, tenants: usize) -> anyhow::Result<()> {
     let db = BenchDb::create(admin_url).await?;
     let c = admin(&db.url).await?;
     fill(
         &c,
-        SCALE_JOBS,
-        SCALE_TENANTS,
+        jobs,
+        tenants,
         &format!(
             // Job k of tenant t is i = k·1000 + t; the offset by t spreads the future jobs
             // over half the tenants (one each) instead of piling them on a few.
-            "CASE WHEN (i / {SCALE_TENANTS} + i % {SCALE_TENANTS}) % {FUTURE_EVERY} = 0
+            "CASE WHEN (i / {tenants} + i % {tenants}) % {FUTURE_EVERY} = 0
                   THEN now() + interval '1 day'
                   ELSE now() - random() * interval '1 hour' END"
         ),
@@ -290,8 +312,8 @@ async fn scale_bench(admin_url: &str) -> anyhow::Result<()> {
     // as `record` would (same rows, same order, same dead tuples for the indexes to skip).
     println!("CLAIMS");
     let started = Instant::now();
-    let mut depth = SCALE_JOBS;
-    for target in [100_000usize, 50_000, 10_000, 1_000] {
+    let mut depth = jobs;
+    for target in [jobs, jobs / 2, jobs / 10, jobs / 100] {
         if depth > target {
             c.execute(
                 "UPDATE jobs SET state = 'succeeded', attempt = attempt + 1, result = 'null',
@@ -342,10 +364,11 @@ async fn scale_bench(admin_url: &str) -> anyhow::Result<()> {
         window.sort();
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
         println!(
-            "| {target} | {tenants} | {} | {claimed} | {:.2} | {:.2} | {:.2} | {dead} |",
+            "| {target} | {tenants} | {} | {claimed} | {:.2} | {:.2} | {:.2} | {:.2} | {dead} |",
             window.len(),
             ms(window[window.len() / 2]),
             ms(window[window.len() * 9 / 10]),
+            ms(window[window.len() * 99 / 100]),
             ms(window[window.len() - 1]),
         );
         depth -= claimed;
@@ -383,9 +406,13 @@ fn main() -> anyhow::Result<()> {
             num(4)?,
             num(5)? as i64,
         )),
-        Some("scale") => rt.block_on(scale_bench(pos[0])),
+        Some("scale") => rt.block_on(scale_bench(
+            pos[0],
+            num(2).unwrap_or(100_000),
+            num(3).unwrap_or(1_000),
+        )),
         _ => anyhow::bail!(
-            "usage: queue_bench <admin-url> enqueue <jobs> | drain <jobs> <workers> <tenants> <cap> | scale"
+            "usage: queue_bench <admin-url> enqueue <jobs> | drain <jobs> <workers> <tenants> <cap> | scale [<jobs> <tenants>]"
         ),
     }
 }

@@ -54,6 +54,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "rbac_migrations",
         include_str!("../../migrations/0011_rbac_migrations.sql"),
     ),
+    (
+        12,
+        "queue_claim",
+        include_str!("../../migrations/0012_queue_claim.sql"),
+    ),
 ];
 
 /// Arbitrary but fixed: "mailscop" in ASCII.

@@ -407,3 +407,126 @@ async fn notify_wakes_an_idle_worker_long_before_its_poll() {
     stop.send(true).unwrap();
     handle.await.unwrap();
 }
+
+#[tokio::test]
+async fn enqueue_many_inserts_all_in_order_and_respects_unique_keys() {
+    let (_db, pool) = queue_db().await;
+    let c = pool.get().await.unwrap();
+    let tenant = Uuid::from_u128(7);
+    let mut keyed = NewJob::new("check", tenant, serde_json::json!({"k": 1}));
+    keyed.unique_key = Some("app-1".into());
+    let active = queue::enqueue(&c, &keyed).await.unwrap();
+    let mut later = NewJob::new("check", Uuid::from_u128(8), serde_json::json!({"n": 2}));
+    later.run_at = Some(chrono::Utc::now() + chrono::Duration::hours(1));
+    let mut fresh_key = NewJob::new("check", tenant, serde_json::json!({}));
+    fresh_key.unique_key = Some("app-2".into());
+    let batch = vec![
+        NewJob::new("check", tenant, serde_json::json!({"n": 1})),
+        keyed.clone(), // the active job's key: its id comes back
+        later,
+        fresh_key.clone(),
+        fresh_key, // the same key twice in one call: the first wins
+    ];
+    let out = queue::enqueue_many(&c, &batch).await.unwrap();
+    assert_eq!(out.len(), 5);
+    assert!(matches!(out[0], Enqueued::Created(_)));
+    assert_eq!(out[1], Enqueued::Existing(active.id()));
+    assert!(matches!(out[2], Enqueued::Created(_)));
+    assert!(matches!(out[3], Enqueued::Created(_)));
+    assert_eq!(out[4], Enqueued::Existing(out[3].id()));
+    let jobs = queue::get_many(&c, &out.iter().map(|e| e.id()).collect::<Vec<_>>())
+        .await
+        .unwrap();
+    assert_eq!(jobs.len(), 4);
+    assert_eq!(jobs[&out[0].id()].payload, serde_json::json!({"n": 1}));
+    assert!(jobs[&out[2].id()].run_at > chrono::Utc::now());
+    assert!(queue::enqueue_many(&c, &[]).await.unwrap().is_empty());
+
+    // The claim's per-tenant summary saw the bulk insert: the earliest runnable job of each tenant.
+    let rows = c
+        .query(
+            "SELECT q.tenant_id, q.running, q.next_run_at = (SELECT min(run_at) FROM jobs j
+                 WHERE j.tenant_id = q.tenant_id AND j.state = 'queued')
+             FROM queue_tenants q ORDER BY q.tenant_id",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 2);
+    for r in rows {
+        assert_eq!(r.get::<_, i32>(1), 0);
+        assert!(r.get::<_, bool>(2));
+    }
+}
+
+#[tokio::test]
+async fn the_per_tenant_summary_follows_claims_outcomes_cancels_and_the_reaper() {
+    let (_db, pool) = queue_db().await;
+    let c = pool.get().await.unwrap();
+    let tenant = Uuid::from_u128(9);
+    let jobs: Vec<NewJob> = (0..6)
+        .map(|i| NewJob::new("step", tenant, serde_json::json!({ "i": i })))
+        .collect();
+    let ids: Vec<Uuid> = queue::enqueue_many(&c, &jobs)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.id())
+        .collect();
+    let summary = || async {
+        let r = c
+            .query_one(
+                "SELECT running, next_run_at IS NOT NULL, (SELECT count(*) FROM jobs
+                     WHERE tenant_id = $1 AND state = 'running')
+                 FROM queue_tenants WHERE tenant_id = $1",
+                &[&tenant],
+            )
+            .await
+            .unwrap();
+        (r.get::<_, i32>(0), r.get::<_, bool>(1), r.get::<_, i64>(2))
+    };
+    let w = worker(
+        &pool,
+        WorkerConfig {
+            per_tenant_cap: 2,
+            lease: Duration::from_millis(200),
+            ..cfg()
+        },
+        None,
+    );
+    let kinds = vec!["step".to_string()];
+    // The cap holds within a claim and across claims.
+    assert_eq!(w.claim(&kinds, 16).await.unwrap().len(), 2);
+    assert_eq!(w.claim(&kinds, 16).await.unwrap().len(), 0);
+    assert_eq!(summary().await, (2, true, 2));
+    // Cancelling queued jobs leaves the summary's earliest job current.
+    for id in &ids[4..] {
+        queue::cancel(&c, *id).await.unwrap();
+    }
+    // A lapsed lease returns both to the queue.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        mailscope::queue::worker::reap(&pool).await.unwrap(),
+        2,
+        "both leases lapsed"
+    );
+    assert_eq!(summary().await, (0, true, 0));
+    // Claim and finish the four queued jobs, two at a time.
+    for _ in 0..2 {
+        let claimed = w.claim(&kinds, 16).await.unwrap();
+        assert_eq!(claimed.len(), 2);
+        for j in claimed {
+            assert!(
+                w.record(
+                    j.id,
+                    j.attempt,
+                    &Outcome::Succeeded(serde_json::Value::Null)
+                )
+                .await
+                .unwrap()
+            );
+        }
+    }
+    assert_eq!(summary().await, (0, false, 0), "nothing queued or running");
+    assert!(w.claim(&kinds, 16).await.unwrap().is_empty());
+}
