@@ -199,64 +199,45 @@ async fn step(services: &Services, ctx: &JobContext, check_id: Uuid) -> Step<Out
             ),
         };
         if !problems.is_empty() {
-            remove_probe_secret(&db, &handle, &check).await?;
             let reason = problems.join("; ");
-            return finish_with(
+            return end_on_exchange_word(
                 services,
                 &db,
+                &handle,
                 &check,
-                Progress {
-                    state: CheckState::Misconfigured,
-                    stage: Stage::Done,
-                    verified_by: None,
-                    expectations: &exps,
-                    rounds: check.rounds,
-                    reason: Some(&reason),
-                    result: None,
-                    propagation_seconds: None,
-                },
+                &exps,
+                CheckState::Misconfigured,
+                None,
+                Some(&reason),
             )
             .await;
         }
         if unproven {
             // Nothing can show the restriction at work (every mailbox is in the app's scopes):
             // say so rather than claim Graph proved it.
-            remove_probe_secret(&db, &handle, &check).await?;
-            return finish_with(
+            let reason = "the restriction was not verified in Graph: no mailbox outside the app's scopes was found to observe a denial (add a canary mailbox to the tenant or the policy)";
+            return end_on_exchange_word(
                 services,
                 &db,
+                &handle,
                 &check,
-                Progress {
-                    state: CheckState::Succeeded,
-                    stage: Stage::Done,
-                    verified_by: Some("exchange_test"),
-                    expectations: &exps,
-                    rounds: check.rounds,
-                    reason: Some(
-                        "the restriction was not verified in Graph: no mailbox outside the app's scopes was found to observe a denial (add a canary mailbox to the tenant or the policy)",
-                    ),
-                    result: None,
-                    propagation_seconds: None,
-                },
+                &exps,
+                CheckState::Succeeded,
+                Some("exchange_test"),
+                Some(reason),
             )
             .await;
         }
         if live.is_none() {
-            remove_probe_secret(&db, &handle, &check).await?;
-            return finish_with(
+            return end_on_exchange_word(
                 services,
                 &db,
+                &handle,
                 &check,
-                Progress {
-                    state: CheckState::Succeeded,
-                    stage: Stage::Done,
-                    verified_by: Some("exchange_test"),
-                    expectations: &exps,
-                    rounds: check.rounds,
-                    reason: None,
-                    result: None,
-                    propagation_seconds: None,
-                },
+                &exps,
+                CheckState::Succeeded,
+                Some("exchange_test"),
+                None,
             )
             .await;
         }
@@ -288,21 +269,15 @@ async fn step(services: &Services, ctx: &JobContext, check_id: Uuid) -> Step<Out
     // Stage 2: live.
     let Some((probe, object_id)) = live else {
         // The app stopped being one mailscope manages with a harmless read.
-        remove_probe_secret(&db, &handle, &check).await?;
-        return finish_with(
+        return end_on_exchange_word(
             services,
             &db,
+            &handle,
             &check,
-            Progress {
-                state: CheckState::Succeeded,
-                stage: Stage::Done,
-                verified_by: Some("exchange_test"),
-                expectations: &exps,
-                rounds: check.rounds,
-                reason: None,
-                result: None,
-                propagation_seconds: None,
-            },
+            &exps,
+            CheckState::Succeeded,
+            Some("exchange_test"),
+            None,
         )
         .await;
     };
@@ -554,6 +529,38 @@ fn reschedule(
 }
 
 /// Record a final state (the run's result is the check's summary).
+/// End the check on Exchange's word alone (stage 1, or an app Graph cannot be asked as): take the
+/// probe secret back first, then record the final state.
+#[allow(clippy::too_many_arguments)]
+async fn end_on_exchange_word(
+    services: &Services,
+    db: &deadpool_postgres::Object,
+    handle: &TenantHandle,
+    check: &CheckRecord,
+    exps: &[Expectation],
+    state: CheckState,
+    verified_by: Option<&str>,
+    reason: Option<&str>,
+) -> Step<Outcome> {
+    remove_probe_secret(db, handle, check).await?;
+    finish_with(
+        services,
+        db,
+        check,
+        Progress {
+            state,
+            stage: Stage::Done,
+            verified_by,
+            expectations: exps,
+            rounds: check.rounds,
+            reason,
+            result: None,
+            propagation_seconds: None,
+        },
+    )
+    .await
+}
+
 async fn finish_with(
     services: &Services,
     db: &deadpool_postgres::Object,
