@@ -477,11 +477,7 @@ pub async fn list_access_grants(
     let more = items.len() as i64 > limit;
     items.truncate(usize::try_from(limit).unwrap_or(50));
     // The cursor is the last key read, so a page thinned by the caller's limit still pages on.
-    let next_after = if more {
-        items.last().map(|g| g.key.clone())
-    } else {
-        None
-    };
+    let next_after = super::next_cursor(&items, more, |g| g.key.clone());
     let items: Vec<AccessGrant> = items
         .into_iter()
         .filter(|g| caller.may_see_grant(&g.key, &g.labels))

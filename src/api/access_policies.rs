@@ -279,11 +279,7 @@ pub async fn list_access_policies(
         store::access_policies::list(&db, tenant_id, app_id.as_deref(), q.after, limit + 1).await?;
     let (rows, more) = super::split_page(rows, limit);
     let items: Vec<AccessPolicy> = rows.into_iter().map(view).collect();
-    let next_after = if more {
-        items.last().map(|p| p.id)
-    } else {
-        None
-    };
+    let next_after = super::next_cursor(&items, more, |p| p.id);
     Ok(HttpResponse::Ok().json(AccessPolicyList { items, next_after }))
 }
 

@@ -405,11 +405,7 @@ pub async fn list_applications(
             updated_at: r.updated_at,
         })
         .collect();
-    let next_after = if more {
-        items.last().map(|a| a.key.clone())
-    } else {
-        None
-    };
+    let next_after = super::next_cursor(&items, more, |a| a.key.clone());
     Ok(HttpResponse::Ok().json(ApplicationList { items, next_after }))
 }
 

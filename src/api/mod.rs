@@ -137,6 +137,11 @@ pub fn split_page<T>(mut rows: Vec<T>, limit: i64) -> (Vec<T>, bool) {
     (rows, more)
 }
 
+/// The cursor for the next page: the last item's key when another page follows.
+pub fn next_cursor<T, K>(items: &[T], more: bool, key: impl Fn(&T) -> K) -> Option<K> {
+    if more { items.last().map(key) } else { None }
+}
+
 /// 404 unless the tenant is registered (visibility is checked by `Caller::require_tenant`).
 pub async fn require_registered(
     db: &impl deadpool_postgres::GenericClient,

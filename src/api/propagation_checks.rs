@@ -428,11 +428,7 @@ pub async fn list_checks(
             })
         })
         .collect();
-    let next_after = if more {
-        items.last().map(|c| c.id)
-    } else {
-        None
-    };
+    let next_after = super::next_cursor(&items, more, |c| c.id);
     Ok(HttpResponse::Ok().json(PropagationCheckList { items, next_after }))
 }
 

@@ -465,11 +465,7 @@ pub async fn list_restrictions(
     let rows = rbac::list(&state, tenant_id, app_id.as_deref(), q.after, limit + 1).await?;
     let (rows, more) = super::split_page(rows, limit);
     let items: Vec<RbacRestrictionSummary> = rows.into_iter().map(summary).collect();
-    let next_after = if more {
-        items.last().map(|p| p.id)
-    } else {
-        None
-    };
+    let next_after = super::next_cursor(&items, more, |p| p.id);
     Ok(HttpResponse::Ok().json(RbacRestrictionList { items, next_after }))
 }
 

@@ -346,11 +346,7 @@ pub async fn list_scope_groups(
     let rows = store::scope_groups::list(&db, tenant_id, q.after.as_deref(), limit + 1).await?;
     let (rows, more) = super::split_page(rows, limit);
     let items: Vec<ScopeGroup> = rows.into_iter().map(view).collect();
-    let next_after = if more {
-        items.last().map(|g| g.alias.clone())
-    } else {
-        None
-    };
+    let next_after = super::next_cursor(&items, more, |g| g.alias.clone());
     Ok(HttpResponse::Ok().json(ScopeGroupList { items, next_after }))
 }
 

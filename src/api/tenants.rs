@@ -341,11 +341,7 @@ pub async fn list_tenants(
     let rows = store::tenants::list(&db, visible.as_deref(), q.after, limit + 1).await?;
     let (rows, more) = super::split_page(rows, limit);
     let items: Vec<Tenant> = rows.into_iter().map(view).collect();
-    let next_after = if more {
-        items.last().map(|t| t.tenant_id)
-    } else {
-        None
-    };
+    let next_after = super::next_cursor(&items, more, |t| t.tenant_id);
     Ok(HttpResponse::Ok().json(TenantList { items, next_after }))
 }
 
