@@ -540,7 +540,7 @@ fn describe_figment_error(e: &figment::Error) -> String {
             let env =
                 |key: &str| format!("MAILSCOPE_{}", key.to_ascii_uppercase().replace('.', "__"));
             let unknown = full(f);
-            let hint = nearest(f, expected)
+            let hint = crate::domain::spelling::nearest(f, expected.iter().copied())
                 .map(|k| {
                     let k = full(k);
                     format!("; did you mean `{k}` ({})?", env(&k))
@@ -560,42 +560,10 @@ fn describe_figment_error(e: &figment::Error) -> String {
     }
 }
 
-/// The expected key closest to a misspelled one, if any is close (edit distance at most a third
-/// of its length, at least 1).
-fn nearest<'a>(key: &str, expected: &[&'a str]) -> Option<&'a str> {
-    let key = key.to_ascii_lowercase();
-    let limit = (key.chars().count() / 3).max(1);
-    expected
-        .iter()
-        .map(|k| (edit_distance(&key, k), *k))
-        .filter(|(d, _)| *d <= limit)
-        .min_by_key(|(d, _)| *d)
-        .map(|(_, k)| k)
-}
-
-/// Levenshtein distance over characters.
-fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut row: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut prev = row[0];
-        row[0] = i + 1;
-        for (j, cb) in b.iter().enumerate() {
-            let cur = row[j + 1];
-            row[j + 1] = if ca == *cb {
-                prev
-            } else {
-                1 + prev.min(cur).min(row[j])
-            };
-            prev = cur;
-        }
-    }
-    row[b.len()]
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::spelling::edit_distance;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs
