@@ -50,6 +50,12 @@ pub enum ProblemKind {
     VerificationMailboxesRequired,
     RbacVerificationFailed,
     RbacDenyUnsupported,
+    /// The request head exceeded the HTTP parser's limits (answered before any handler runs).
+    RequestHeadersTooLarge,
+    /// The request is not parseable HTTP/1.1.
+    MalformedRequest,
+    /// The request head did not arrive within the client request timeout.
+    RequestTimeout,
     Internal,
 }
 
@@ -210,6 +216,21 @@ pub const CATALOGUE: &[(ProblemKind, &str, &str)] = &[
         "Internal error",
         "An unexpected error; the request id identifies it in the service's logs.",
     ),
+    (
+        ProblemKind::RequestHeadersTooLarge,
+        "Request header fields too large",
+        "The request head has more than 96 header fields or exceeds 128 KiB; shorten it (often an oversized token or cookie).",
+    ),
+    (
+        ProblemKind::MalformedRequest,
+        "Malformed request",
+        "The request is not valid HTTP/1.1 (request line, header syntax or framing), so it could not be read at all.",
+    ),
+    (
+        ProblemKind::RequestTimeout,
+        "Request timeout",
+        "The request head did not arrive within the client request timeout; the connection was closed.",
+    ),
 ];
 
 impl ProblemKind {
@@ -245,6 +266,9 @@ impl ProblemKind {
             ProblemKind::VerificationMailboxesRequired => "verification_mailboxes_required",
             ProblemKind::RbacVerificationFailed => "rbac_verification_failed",
             ProblemKind::RbacDenyUnsupported => "rbac_deny_unsupported",
+            ProblemKind::RequestHeadersTooLarge => "request_headers_too_large",
+            ProblemKind::MalformedRequest => "malformed_request",
+            ProblemKind::RequestTimeout => "request_timeout",
             ProblemKind::Internal => "internal",
         }
     }
@@ -281,6 +305,9 @@ impl ProblemKind {
             | ProblemKind::RbacIncomplete
             | ProblemKind::RbacVerificationFailed => StatusCode::CONFLICT,
             ProblemKind::ScopeFilterMismatch => StatusCode::BAD_GATEWAY,
+            ProblemKind::RequestHeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            ProblemKind::MalformedRequest => StatusCode::BAD_REQUEST,
+            ProblemKind::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ProblemKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -583,7 +610,7 @@ mod tests {
         codes.sort();
         codes.dedup();
         assert_eq!(codes.len(), n);
-        assert_eq!(n, 31);
+        assert_eq!(n, 34);
     }
 
     #[test]
