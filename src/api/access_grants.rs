@@ -64,7 +64,8 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     "app_id": "b9701c1e-1364-464d-93e4-01ae925e8d6c",
     "permissions": ["Mail.Read"],
     "mailboxes": ["sales@contoso.com", "support@contoso.com"],
-    "mechanism": "access_policy",
+    "canary_mailboxes": ["ceo@contoso.com"],
+    "mechanism": "rbac",
     "labels": {"vendor": "contoso-crm"},
     "external_ref": "CHG-1042",
     "callback_url": "https://portal.example.com/hooks/mailscope"
@@ -87,7 +88,11 @@ pub struct AccessGrantInput {
     /// Mailboxes the propagation check proves out of reach, besides the tenant's canaries.
     #[serde(default)]
     pub canary_mailboxes: Vec<String>,
-    /// `access_policy` (the default). `rbac` is refused until RBAC for Applications is available.
+    /// `rbac` (RBAC for Applications, the default for a new grant: role assignments scoped to
+    /// the scope group, no tenant-wide Entra consent; needs a canary mailbox, the grant's or the
+    /// tenant's) or `access_policy` (an application access policy restricting the app's Entra
+    /// consent). Omitted on an existing grant: it keeps its mechanism, which cannot change while
+    /// the grant exists (409).
     pub mechanism: Option<Mechanism>,
     /// Free-form labels to find the grant again (`?label=vendor=contoso-crm`).
     #[serde(default)]
@@ -312,8 +317,8 @@ fn status_response(
         (status = 401, description = "missing or invalid token", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "needs MailScope.Write", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "tenant not visible", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "the grant exists for another app (`conflict`)", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "invalid content, an unknown scope group, or `mechanism: rbac` (not available yet)", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "the grant exists for another app or with another mechanism (`conflict`)", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "invalid content, an unknown scope group, or with `rbac` a permission without an RBAC role or no canary mailbox", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "database unavailable", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = [])))]

@@ -22,6 +22,7 @@ use uuid::Uuid;
 
 use super::access_policies::{self as policies, PolicyInput};
 use super::applications;
+use super::rbac;
 use super::scope_groups::{self, GroupSpec};
 use super::{Actor, Error, Rejection, Services, audit, tenants};
 use crate::domain::access::AccessRight;
@@ -43,6 +44,10 @@ pub const GRANT_LOCK: &str = "access_grant";
 /// Most mailboxes one grant may list (one propagation check verifies them all).
 pub const MAX_MAILBOXES: usize = super::checks::MAX_EXPECTATIONS - 10;
 const MAX_LABELS: usize = 20;
+/// The mechanism of a new grant that names none: RBAC for Applications, Microsoft's successor to
+/// application access policies (docs/microsoft-365.md §2.9, §3). A stored grant keeps the
+/// mechanism it was created with when a later PUT names none.
+pub const DEFAULT_MECHANISM: Mechanism = Mechanism::Rbac;
 
 /// The app of a grant: one mailscope creates, or one that exists (a vendor's multi-tenant app).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -90,7 +95,8 @@ pub struct Request {
 
 struct Valid {
     spec: Spec,
-    mechanism: Mechanism,
+    /// As asked; `None`: keep the grant's, or [`DEFAULT_MECHANISM`] for a new grant.
+    mechanism: Option<Mechanism>,
     labels: serde_json::Value,
     external_ref: Option<String>,
     callback_url: Option<String>,
@@ -246,13 +252,8 @@ fn validate(services: &Services, key: &str, r: Request) -> Result<Valid, Error> 
             format!("{c} is both a mailbox of the grant and a canary"),
         );
     }
-    let mechanism = r.mechanism.unwrap_or(Mechanism::AccessPolicy);
-    if mechanism == Mechanism::Rbac {
-        err(
-            "mechanism",
-            "`rbac` (RBAC for Applications) is not available in this version of mailscope yet; use `access_policy`".into(),
-        );
-    }
+    // Resolved in `put`: omitted means the stored grant's mechanism, or the default for a new one.
+    let mechanism = r.mechanism;
     if r.labels.len() > MAX_LABELS {
         err("labels", format!("at most {MAX_LABELS} labels"));
     }
@@ -300,6 +301,36 @@ fn validate(services: &Services, key: &str, r: Request) -> Result<Valid, Error> 
             callback_url: r.callback_url.map(|u| u.trim().to_string()),
         }),
         _ => Err(Error::Invalid(errs)),
+    }
+}
+
+/// What RBAC for Applications needs of a grant beyond the common rules: a role for every
+/// permission (docs/microsoft-365.md §3.2), and a mailbox outside the scope to prove the scope
+/// excludes someone before any Entra consent is removed (the grant's canaries or the tenant's).
+fn check_rbac(spec: &Spec, tenant_canaries: &[String]) -> Result<(), Error> {
+    let mut errs = Vec::new();
+    for (i, p) in spec.permissions.iter().enumerate() {
+        if crate::domain::rbac::role_for_permission(p).is_none()
+            || !crate::domain::rbac::is_mailbox_permission(p)
+        {
+            errs.push(FieldError::new(
+                &format!("permissions[{i}]"),
+                format!(
+                    "{p} has no RBAC for Applications role (docs/microsoft-365.md §3.2); use `\"mechanism\": \"access_policy\"` for it"
+                ),
+            ));
+        }
+    }
+    if spec.canary_mailboxes.is_empty() && tenant_canaries.is_empty() {
+        errs.push(FieldError::new(
+            "canary_mailboxes",
+            "with `rbac`, name at least one mailbox outside the grant (or set the tenant's canary_mailboxes): the scope is verified to exclude it before the app's Entra consent is removed",
+        ));
+    }
+    if errs.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::Invalid(errs))
     }
 }
 
@@ -383,12 +414,16 @@ pub async fn put(
         ));
     }
     let spec = spec_json(&valid.spec)?;
+    let tenant_canaries = store::tenants::get(&tx, tenant_id)
+        .await?
+        .map(|t| t.canary_mailboxes)
+        .unwrap_or_default();
     let fresh = GrantRecord {
         id: Uuid::new_v4(),
         tenant_id,
         key: key.to_string(),
         spec: spec.clone(),
-        mechanism: valid.mechanism,
+        mechanism: valid.mechanism.unwrap_or(DEFAULT_MECHANISM),
         revision: 1,
         removing: false,
         condition: Condition::Pending,
@@ -405,13 +440,31 @@ pub async fn put(
     let mut g = store::access_grants::get_for_update(&tx, tenant_id, key)
         .await?
         .ok_or_else(|| Error::internal(anyhow::anyhow!("access grant {key} vanished")))?;
+    // Omitted: the grant keeps the mechanism it has (a grant created before RBAC became the
+    // default stays on access policies).
+    let mechanism = valid.mechanism.unwrap_or(g.mechanism);
+    if mechanism == Mechanism::Rbac {
+        check_rbac(&valid.spec, &tenant_canaries)?;
+    }
     let action;
     if inserted {
         action = "access_grant.created";
     } else {
         let old = spec_of(&g)?;
         let settled_again = matches!(g.condition, Condition::Failed | Condition::Removed);
-        let same = old == valid.spec && g.mechanism == valid.mechanism && !g.removing;
+        let same = old == valid.spec && g.mechanism == mechanism && !g.removing;
+        if mechanism != g.mechanism && g.condition != Condition::Removed {
+            // Switching in place would be a migration with its own safe order (the new
+            // restriction verified before the old one's consent changes); not a grant's job.
+            return Err(Error::rejected(
+                Rejection::Conflict,
+                format!(
+                    "access grant `{key}` uses `{}`; its mechanism cannot change while it exists. DELETE it (wait for `removed`) and PUT it again with `\"mechanism\": \"{}\"`",
+                    g.mechanism.as_str(),
+                    mechanism.as_str()
+                ),
+            ));
+        }
         if !g.removing && g.condition != Condition::Removed && old.app != valid.spec.app {
             return Err(Error::rejected(
                 Rejection::Conflict,
@@ -429,7 +482,7 @@ pub async fn put(
             return Ok((g, false));
         }
         g.spec = spec;
-        g.mechanism = valid.mechanism;
+        g.mechanism = mechanism;
         g.revision += 1;
         g.removing = false;
         g.condition = saga::condition(&plan_of(&g), &g.steps);
@@ -832,6 +885,9 @@ async fn run_step(
                 "service_principal_object_id": r.service_principal_object_id,
             })))
         }
+        Step::Restriction if g.mechanism == Mechanism::Rbac => {
+            rbac_restriction(services, actor, tx, g, &spec, &alias).await
+        }
         Step::Restriction => {
             let app = app_record(services, g).await?.ok_or_else(|| {
                 Error::conflict("the grant's app is not recorded; the app step runs again")
@@ -864,10 +920,48 @@ async fn run_step(
                 "access_right": "RestrictAccess", "state": p.state.as_str(),
             })))
         }
+        Step::UnscopedGrants if g.mechanism == Mechanism::Rbac => {
+            let id = restriction_of(g).ok_or_else(|| {
+                Error::conflict("the grant's RBAC restriction is not recorded; the restriction step runs again")
+            })?;
+            // The safe order of provisioning::rbac::enforce: Test-ServicePrincipalAuthorization
+            // shows members in scope and every canary out of it, and only then the Entra
+            // grants the restriction covers go (docs/microsoft-365.md §3.3, §3.7).
+            let e = rbac::enforce(
+                services,
+                actor,
+                t,
+                id,
+                rbac::Verification {
+                    sample_mailboxes: Vec::new(),
+                    canary_mailboxes: spec.canary_mailboxes.clone(),
+                },
+            )
+            .await?;
+            Ok(Ran::Done(json!({
+                "restriction_id": id,
+                "verified_with": "Test-ServicePrincipalAuthorization",
+                "in_scope_checked": e.in_scope_checked,
+                "out_of_scope_checked": e.out_of_scope_checked,
+                "entra_grants_removed": e.entra_grants_removed,
+            })))
+        }
         Step::UnscopedGrants => Ok(Ran::Done(json!({
             "skipped": true,
             "note": "nothing to remove with application access policies: they restrict the app's own Entra consent to the scope group, so there is no unscoped grant beside it (with RBAC for Applications this step removes the tenant-wide Entra consent)",
         }))),
+        Step::Consent if g.mechanism == Mechanism::Rbac => {
+            // RBAC's role assignments grant the permissions inside the scope; an Entra consent
+            // would add the whole tenant (the union trap), so the app keeps none.
+            let change =
+                applications::set_consent(services, actor, t, &app_key(&g.key), &[]).await?;
+            Ok(Ran::Done(json!({
+                "permissions": spec.permissions,
+                "granted_by": "rbac_role_assignments",
+                "entra_consent": [],
+                "granted": change.granted, "revoked": change.revoked,
+            })))
+        }
         Step::Consent => {
             let change =
                 applications::set_consent(services, actor, t, &app_key(&g.key), &spec.permissions)
@@ -915,7 +1009,32 @@ async fn run_step(
                     Err(e) => return Err(e),
                 }
             }
-            Ok(Ran::Done(json!({"removed_policies": removed})))
+            // RBAC restrictions of the grant (and of a grant that once used them): the consent
+            // is gone, and RBAC only ever grants, so removing them narrows (docs/microsoft-365.md
+            // §3.3). provisioning::rbac::delete removes the assignments, then the management
+            // scope and the service principal pointer once nothing else of the app uses them.
+            let recorded = restriction_of(g);
+            let app = app_id.to_string();
+            let rbac_ours: Vec<_> = store::rbac_restrictions::all(tx, t)
+                .await?
+                .into_iter()
+                .filter(|r| r.app_id.eq_ignore_ascii_case(&app))
+                .filter(|r| {
+                    Some(r.id) == recorded || r.scope_group_alias.as_deref() == Some(alias.as_str())
+                })
+                .collect();
+            let mut removed_rbac = Vec::new();
+            for r in rbac_ours {
+                match rbac::delete(services, actor, t, r.id).await {
+                    Ok(()) => removed_rbac.push(r.id),
+                    Err(Error::NotFound(_)) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(Ran::Done(json!({
+                "removed_policies": removed,
+                "removed_rbac_restrictions": removed_rbac,
+            })))
         }
         Step::RemoveApp => {
             let Some(app) = app_record(services, g).await? else {
@@ -1001,6 +1120,10 @@ async fn propagation(
             }
         }
         let expectations = crate::domain::propagation::dedupe(expectations);
+        let mechanism = match g.mechanism {
+            Mechanism::AccessPolicy => crate::store::propagation_checks::Mechanism::AccessPolicy,
+            Mechanism::Rbac => crate::store::propagation_checks::Mechanism::Rbac,
+        };
         let (check, _) = super::checks::start_or_update(
             tx,
             services,
@@ -1011,7 +1134,7 @@ async fn propagation(
             None,
             None,
             "access_policy",
-            crate::store::propagation_checks::Mechanism::AccessPolicy,
+            mechanism,
         )
         .await?;
         return Ok(Ran::Wait {
@@ -1053,6 +1176,89 @@ async fn propagation(
             })
         }
     }
+}
+
+/// The RBAC restriction the grant's restriction step recorded.
+fn restriction_of(g: &GrantRecord) -> Option<Uuid> {
+    output_of(g, Step::Restriction)?
+        .output
+        .get("restriction_id")?
+        .as_str()?
+        .parse()
+        .ok()
+}
+
+/// The RBAC restriction step: the service principal pointer and one role assignment per
+/// permission scoped to the grant's scope group (`-RecipientGroupScope`, which survives a tenant
+/// relocation, docs/microsoft-365.md §8.2), through `provisioning::rbac`. Another scope or other
+/// permissions than last time replace the restriction (the new assignments exist before the old
+/// ones go). The Entra consent is not touched here: the next step verifies, then removes it.
+async fn rbac_restriction(
+    services: &Services,
+    actor: &Actor,
+    tx: &impl GenericClient,
+    g: &GrantRecord,
+    spec: &Spec,
+    alias: &str,
+) -> Result<Ran, Error> {
+    let t = g.tenant_id;
+    let app = app_record(services, g)
+        .await?
+        .ok_or_else(|| Error::conflict("the grant's app is not recorded; the app step runs again"))?;
+    let app_id = app_id_of(&app)?.to_string();
+    let input = || rbac::RestrictionInput {
+        app_id: app_id.clone(),
+        service_principal_object_id: None,
+        scope: rbac::ScopeInput::ScopeGroup {
+            alias: alias.to_string(),
+            via: rbac::GroupVia::RecipientGroupScope,
+        },
+        permissions: Some(spec.permissions.clone()),
+        rbac_only_permissions: Vec::new(),
+        remove_entra_grants: false,
+        verification: rbac::Verification::default(),
+        access_right: None,
+    };
+    let previous = match restriction_of(g) {
+        Some(id) => store::rbac_restrictions::get(tx, t, id).await?,
+        None => None,
+    };
+    let r = match previous {
+        Some(old) => rbac::replace(services, actor, t, old.id, input()).await?.value.0,
+        None => match rbac::create(services, actor, t, input()).await {
+            Ok(e) => e.value.0,
+            // The app already has a restriction on this scope with other permissions (one the
+            // grant made before its record was lost, or one made by hand): converge it.
+            Err(Error::Rejected {
+                kind: Rejection::RbacConflict,
+                ..
+            }) => {
+                let existing = store::rbac_restrictions::all(tx, t)
+                    .await?
+                    .into_iter()
+                    .find(|r| {
+                        r.app_id.eq_ignore_ascii_case(&app_id)
+                            && r.scope_group_alias.as_deref() == Some(alias)
+                    })
+                    .ok_or_else(|| {
+                        Error::conflict("an RBAC restriction of the app conflicts with the grant")
+                    })?;
+                rbac::replace(services, actor, t, existing.id, input())
+                    .await?
+                    .value
+                    .0
+            }
+            Err(e) => return Err(e),
+        },
+    };
+    let rec = &r.record;
+    Ok(Ran::Done(json!({
+        "restriction_id": rec.id, "app_id": rec.app_id,
+        "service_principal_object_id": rec.service_principal_object_id,
+        "pointer_object_id": r.pointer_object_id,
+        "scope": alias, "scope_kind": rec.scope_kind, "permissions": rec.permissions,
+        "assignments": rec.assignment_names, "origin": rec.origin,
+    })))
 }
 
 /// The app of a grant whose app mailscope created, with its registration's object id: only such

@@ -20,6 +20,8 @@ fn quick(s: &mut Settings) {
     s.propagation.max_delay_ms = 800;
     s.propagation.backoff_factor = 1.5;
     s.propagation.required_matches = 2;
+    // The sandbox's RBAC cache is instant in `fast`; look through Graph soon after Exchange agreed.
+    s.propagation.rbac_first_delay_ms = 200;
 }
 
 async fn start(adjust: impl FnOnce(&mut Settings)) -> WithSandbox {
@@ -213,6 +215,7 @@ fn acme(mailboxes: &[&str]) -> Value {
         "permissions": ["Mail.Read"],
         "mailboxes": mailboxes,
         "canary_mailboxes": [addr("carol")],
+        "mechanism": "access_policy",
         "labels": {"vendor": "acme"},
         "external_ref": "CHG-1042",
     })
@@ -359,7 +362,7 @@ async fn an_adopted_vendor_app_is_neither_created_nor_deleted() {
     let (status, g) = put_grant(
         &env,
         "vendor",
-        json!({"app_id": vendor, "permissions": ["Mail.Read"], "mailboxes": [addr("alice")]}),
+        json!({"app_id": vendor, "permissions": ["Mail.Read"], "mailboxes": [addr("alice")], "mechanism": "access_policy"}),
     )
     .await;
     assert_eq!(status, 202, "{g}");
@@ -388,7 +391,10 @@ async fn an_adopted_vendor_app_is_neither_created_nor_deleted() {
 async fn invalid_grants_are_refused_with_problems() {
     let env = start(|_| {}).await;
     let cases = [
-        json!({"display_name": "x", "permissions": ["Mail.Read"], "mailboxes": [addr("alice")], "mechanism": "rbac"}),
+        // No RBAC role grants Mail.ReadBasic.All.
+        json!({"display_name": "x", "permissions": ["Mail.ReadBasic.All"], "mailboxes": [addr("alice")], "canary_mailboxes": [addr("carol")], "mechanism": "rbac"}),
+        // RBAC (the default) needs a mailbox outside the scope to verify before consent goes.
+        json!({"display_name": "x", "permissions": ["Mail.Read"], "mailboxes": [addr("alice")]}),
         json!({"display_name": "x", "app_id": "b9701c1e-1364-464d-93e4-01ae925e8d6c", "permissions": ["Mail.Read"], "mailboxes": [addr("alice")]}),
         json!({"display_name": "x", "permissions": ["User.Read.All"], "mailboxes": [addr("alice")]}),
         json!({"display_name": "x", "permissions": ["Mail.Read"], "scope_group": "no-such-group"}),
@@ -411,7 +417,7 @@ async fn invalid_grants_are_refused_with_problems() {
                 p["errors"][0]["message"]
                     .as_str()
                     .unwrap()
-                    .contains("not available"),
+                    .contains("no RBAC for Applications role"),
                 "{p}"
             );
         }
@@ -873,7 +879,7 @@ async fn the_vendor_gets_a_secret_once_and_a_certificate_credential_with_rotatio
     let (status, _) = put_grant(
         &env,
         "vendor",
-        json!({"app_id": vendor, "permissions": ["Mail.Read"], "mailboxes": [addr("alice")]}),
+        json!({"app_id": vendor, "permissions": ["Mail.Read"], "mailboxes": [addr("alice")], "mechanism": "access_policy"}),
     )
     .await;
     assert_eq!(status, 202);
@@ -958,4 +964,191 @@ async fn switching_to_an_existing_scope_group_keeps_the_app_restricted_and_remov
         (0, 0, 0, 0)
     );
     assert_eq!(in_tenant(&env, "-", "sales", "-").await.1, 1);
+}
+
+/// What the sandbox's Exchange holds for an app's RBAC: (service principal pointers, role
+/// assignments on the pointer, management scopes mailscope named).
+async fn rbac_in_tenant(env: &WithSandbox, app_id: &str) -> (usize, usize, usize) {
+    let t = tenant(env).await;
+    let pointers: Vec<String> = t["exchangeServicePrincipals"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| {
+            p["appId"]
+                .as_str()
+                .is_some_and(|a| a.eq_ignore_ascii_case(app_id))
+        })
+        .map(|p| p["objectId"].as_str().unwrap().to_ascii_lowercase())
+        .collect();
+    let sp = t["servicePrincipals"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| {
+            s["appId"]
+                .as_str()
+                .is_some_and(|a| a.eq_ignore_ascii_case(app_id))
+        })
+        .map(|s| s["id"].as_str().unwrap().to_ascii_lowercase());
+    let assignments = t["roleAssignments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| {
+            let o = a["appObjectId"].as_str().unwrap_or_default().to_ascii_lowercase();
+            pointers.contains(&o) || sp.as_deref() == Some(o.as_str())
+        })
+        .count();
+    let scopes = t["managementScopes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["name"].as_str().is_some_and(|n| n.starts_with("mailscope-")))
+        .count();
+    (pointers.len(), assignments, scopes)
+}
+
+fn rbac_body(display_name: &str, mailboxes: &[&str]) -> Value {
+    let mut b = acme(mailboxes);
+    b["display_name"] = json!(display_name);
+    // Omitted: a new grant uses RBAC for Applications.
+    b.as_object_mut().unwrap().remove("mechanism");
+    b
+}
+
+#[tokio::test]
+async fn an_rbac_grant_goes_from_nothing_to_a_graph_verified_restriction_and_back_to_nothing() {
+    let env = start(|_| {}).await;
+    let (status, g) = put_grant(&env, "acme", rbac_body("ACME rbac", &["alice"])).await;
+    assert_eq!(status, 202, "{g}");
+    assert_eq!(g["mechanism"], "rbac", "the default for a new grant");
+    let ready = wait_for(&env, "acme", "ready").await;
+    for s in ready["steps"].as_array().unwrap() {
+        assert_eq!(s["state"], "done", "{s}");
+    }
+    let app_id = ready["app_id"].as_str().unwrap().to_string();
+    let restriction = step(&ready, "restriction");
+    assert_eq!(restriction["output"]["scope_kind"], "recipient_group_scope");
+    assert_eq!(restriction["output"]["permissions"], json!(["Mail.Read"]));
+    let unscoped = step(&ready, "unscoped_grants");
+    assert_eq!(
+        unscoped["output"]["out_of_scope_checked"],
+        json!([addr("carol")]),
+        "{unscoped}"
+    );
+    assert_eq!(unscoped["output"]["in_scope_checked"], json!([addr("alice")]));
+    assert_eq!(step(&ready, "consent")["output"]["entra_consent"], json!([]));
+    // Verified through Graph as the app: alice readable, the canary carol denied.
+    let check = check_of(&env, &ready).await;
+    assert_eq!(check["state"], "succeeded", "{check:#}");
+    assert_eq!(check["mechanism"], "rbac");
+    assert_eq!(check["verified_by"], "graph");
+    assert_eq!(observed(&check, "alice"), "granted");
+    assert_eq!(observed(&check, "carol"), "denied");
+    // And as the vendor would: with its own secret, through Graph.
+    let (status, s) = send(
+        &env,
+        reqwest::Method::POST,
+        "/access-grants/acme/secrets",
+        Some(json!({"display_name": "acme-1", "lifetime_days": 90})),
+    )
+    .await;
+    assert_eq!(status, 201, "{s}");
+    let token = vendor_token(&env, &app_id, s["secret_text"].as_str().unwrap()).await;
+    assert_eq!(read_mail(&env, &token, "alice").await, 200);
+    assert_eq!(read_mail(&env, &token, "carol").await, 403);
+    assert_eq!(read_mail(&env, &token, "bob").await, 403);
+    // No Entra consent (it would reach every mailbox), no access policy: RBAC alone.
+    assert_eq!(
+        in_tenant(&env, "ACME rbac", "grant-acme", &app_id).await,
+        (1, 1, 0, 0)
+    );
+    assert_eq!(rbac_in_tenant(&env, &app_id).await, (1, 1, 0));
+
+    // A second PUT adding bob converges (same scope group, one more member) and verifies again.
+    let (status, g2) = put_grant(&env, "acme", rbac_body("ACME rbac", &["alice", "bob"])).await;
+    assert_eq!(status, 202, "{g2}");
+    assert_eq!(g2["mechanism"], "rbac");
+    let ready2 = wait_for(&env, "acme", "ready").await;
+    let check2 = check_of(&env, &ready2).await;
+    assert_ne!(check2["id"], check["id"], "a new check for the new membership");
+    assert_eq!(observed(&check2, "bob"), "granted");
+    assert_eq!(observed(&check2, "carol"), "denied");
+    assert_eq!(read_mail(&env, &token, "bob").await, 200);
+    assert_eq!(rbac_in_tenant(&env, &app_id).await, (1, 1, 0));
+
+    // A mechanism cannot change while the grant exists.
+    let mut other = rbac_body("ACME rbac", &["alice", "bob"]);
+    other["mechanism"] = json!("access_policy");
+    let (status, p) = put_grant(&env, "acme", other).await;
+    assert_eq!(status, 409, "{p}");
+
+    // Offboarding: nothing mailscope created is left: no app, group, role assignment, pointer
+    // or management scope.
+    let (status, _) = send(&env, reqwest::Method::DELETE, "/access-grants/acme", None).await;
+    assert_eq!(status, 202);
+    let removed = wait_for(&env, "acme", "removed").await;
+    assert_eq!(
+        step(&removed, "remove_restriction")["output"]["removed_rbac_restrictions"]
+            .as_array()
+            .map(Vec::len),
+        Some(1),
+        "{removed:#}"
+    );
+    assert_eq!(
+        in_tenant(&env, "ACME rbac", "grant-acme", &app_id).await,
+        (0, 0, 0, 0)
+    );
+    assert_eq!(rbac_in_tenant(&env, &app_id).await, (0, 0, 0));
+    assert_ne!(read_mail(&env, &token, "alice").await, 200);
+}
+
+#[tokio::test]
+async fn an_rbac_grant_closes_the_union_trap_of_an_adopted_vendor_app_and_leaves_the_app() {
+    let env = start(|_| {}).await;
+    // The vendor's multi-tenant app, consented to tenant-wide: it reads every mailbox.
+    let (vendor, secret) = env
+        .sandbox_app(json!({"displayName": "Vendor rbac app", "graphPermissions": ["Mail.Read"]}))
+        .await;
+    let before = vendor_token(&env, &vendor, &secret).await;
+    assert_eq!(read_mail(&env, &before, "bob").await, 200);
+    let (status, g) = put_grant(
+        &env,
+        "vendor",
+        json!({"app_id": vendor, "permissions": ["Mail.Read"], "mailboxes": [addr("alice")],
+               "canary_mailboxes": [addr("bob")]}),
+    )
+    .await;
+    assert_eq!(status, 202, "{g}");
+    let ready = wait_for(&env, "vendor", "ready").await;
+    assert_eq!(step(&ready, "app")["output"]["origin"], "adopted");
+    // The tenant-wide consent went only after Exchange showed alice in scope and bob out of it.
+    assert_eq!(
+        step(&ready, "unscoped_grants")["output"]["entra_grants_removed"],
+        json!(["Mail.Read"])
+    );
+    let token = vendor_token(&env, &vendor, &secret).await;
+    assert_eq!(read_mail(&env, &token, "alice").await, 200);
+    assert_eq!(read_mail(&env, &token, "bob").await, 403);
+    assert_eq!(
+        in_tenant(&env, "Vendor rbac app", "grant-vendor", &vendor).await,
+        (1, 1, 0, 0)
+    );
+
+    let (status, _) = send(&env, reqwest::Method::DELETE, "/access-grants/vendor", None).await;
+    assert_eq!(status, 202);
+    let removed = wait_for(&env, "vendor", "removed").await;
+    assert_eq!(
+        step(&removed, "remove_app")["output"]["deleted_in_tenant"],
+        false
+    );
+    // The app stays; it holds no consent and no role assignment, so it reaches nothing.
+    assert_eq!(
+        in_tenant(&env, "Vendor rbac app", "grant-vendor", &vendor).await,
+        (1, 0, 0, 0)
+    );
+    assert_eq!(rbac_in_tenant(&env, &vendor).await, (0, 0, 0));
+    let after = vendor_token(&env, &vendor, &secret).await;
+    assert_eq!(read_mail(&env, &after, "alice").await, 403);
 }
