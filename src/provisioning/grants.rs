@@ -490,6 +490,7 @@ pub async fn put(
     }
     g.job_id = Some(enqueue(&tx, &g).await?);
     store::access_grants::save(&tx, &g).await?;
+    ensure_expiry_scan(&tx, tenant_id).await?;
     audit::record(
         &tx,
         actor,
@@ -1344,32 +1345,185 @@ pub async fn credentials(
     })
 }
 
+/// A credential of a grant's app, as the expiry rules see it.
+#[derive(Debug, Clone, Serialize)]
+pub struct CredentialEnd {
+    pub key_id: Uuid,
+    /// `secret` or `certificate`.
+    pub kind: &'static str,
+    pub display_name: String,
+    pub end_date_time: chrono::DateTime<Utc>,
+}
+
+/// The vendor's credentials of the grant's app, from mailscope's records (the secrets added and
+/// certificates uploaded through mailscope; the propagation check's probe secret is not one).
+async fn credential_ends(
+    c: &impl GenericClient,
+    g: &GrantRecord,
+) -> Result<Vec<CredentialEnd>, Error> {
+    let mut ends: Vec<CredentialEnd> =
+        store::applications::secrets(c, g.tenant_id, &app_key(&g.key))
+            .await?
+            .into_iter()
+            .filter(|s| !s.display_name.starts_with("mailscope propagation probe"))
+            .map(|s| CredentialEnd {
+                key_id: s.key_id,
+                kind: "secret",
+                display_name: s.display_name,
+                end_date_time: s.end_date_time,
+            })
+            .collect();
+    ends.extend(
+        store::access_grants::certificates(c, g.tenant_id, &g.key)
+            .await?
+            .into_iter()
+            .map(|c| CredentialEnd {
+                key_id: c.key_id,
+                kind: "certificate",
+                display_name: c.display_name,
+                end_date_time: c.not_after,
+            }),
+    );
+    Ok(ends)
+}
+
+/// The credentials that end within `soon_days` while none lasts beyond it: the vendor has to
+/// rotate. Empty when a longer-lasting credential exists (rotation already done) or none ends soon.
+pub fn expiring(
+    ends: &[CredentialEnd],
+    now: chrono::DateTime<Utc>,
+    soon_days: u32,
+) -> Vec<&CredentialEnd> {
+    let status = |e: &CredentialEnd| applications::secret_status(Some(e.end_date_time), now, soon_days);
+    if ends
+        .iter()
+        .any(|e| status(e) == applications::SecretStatus::Current)
+    {
+        return Vec::new();
+    }
+    ends.iter()
+        .filter(|e| status(e) == applications::SecretStatus::ExpiringSoon)
+        .collect()
+}
+
 /// Whether a credential of the grant's app ends within `provisioning.secret_expiring_soon_days`
 /// while none lasts beyond it (the vendor has to rotate). From mailscope's records only.
 pub async fn expiring_soon(services: &Services, g: &GrantRecord) -> Result<bool, Error> {
     let db = services.db().await?;
-    let mut ends: Vec<chrono::DateTime<Utc>> =
-        store::applications::secrets(&db, g.tenant_id, &app_key(&g.key))
-            .await?
-            .into_iter()
-            .filter(|s| !s.display_name.starts_with("mailscope propagation probe"))
-            .map(|s| s.end_date_time)
-            .collect();
-    ends.extend(
-        store::access_grants::certificates(&db, g.tenant_id, &g.key)
-            .await?
-            .into_iter()
-            .map(|c| c.not_after),
-    );
-    let now = Utc::now();
+    let ends = credential_ends(&db, g).await?;
     let soon = services.settings.provisioning.secret_expiring_soon_days;
-    let status = |e| applications::secret_status(Some(e), now, soon);
-    Ok(ends
-        .iter()
-        .any(|e| status(*e) == applications::SecretStatus::ExpiringSoon)
-        && !ends
-            .iter()
-            .any(|e| status(*e) == applications::SecretStatus::Current))
+    Ok(!expiring(&ends, Utc::now(), soon).is_empty())
+}
+
+/// The `credential_expiry_scan` job's payload: one per tenant with grants, rescheduling itself
+/// every `provisioning.credential_scan_interval_seconds` while the tenant has grants.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ExpiryScanJob {
+    pub tenant_id: Uuid,
+}
+
+impl Payload for ExpiryScanJob {
+    const KIND: &'static str = "credential_expiry_scan";
+
+    fn tenant(&self) -> Uuid {
+        self.tenant_id
+    }
+
+    /// One active scan per tenant, however many PUTs and workers ask for one.
+    fn unique_key(&self) -> Option<String> {
+        Some("credentials".into())
+    }
+}
+
+/// Make sure the tenant's scan is queued (a no-op when it is).
+pub async fn ensure_expiry_scan(c: &impl GenericClient, tenant_id: Uuid) -> Result<(), Error> {
+    crate::queue::job::enqueue_job(c, &ExpiryScanJob { tenant_id }).await?;
+    Ok(())
+}
+
+/// Queue the scan of every tenant with grants (periodic housekeeping: a scan job that failed
+/// for good, or was purged, comes back). Returns how many tenants have one.
+pub async fn ensure_expiry_scans(services: &Services) -> Result<usize, Error> {
+    let db = services.db().await?;
+    let tenants = store::access_grants::tenants_with_grants(&db).await?;
+    for t in &tenants {
+        ensure_expiry_scan(&db, *t).await?;
+    }
+    Ok(tenants.len())
+}
+
+/// One scan of a tenant's grants: each credential of a grant's app that [`expiring`] reports is
+/// announced once, by a signed `access_grant.expiring_soon` event to the grant's callback URL.
+/// The notice row and the event are written in one transaction and the row's key is the
+/// credential, so a crash, a retry or a second worker never announces it twice.
+pub async fn scan_expiring(services: &Services, tenant_id: Uuid) -> Result<Outcome, Error> {
+    let mut db = services.db().await?;
+    let grants = store::access_grants::live_in_tenant(&db, tenant_id).await?;
+    if grants.is_empty() {
+        return Ok(Outcome::Succeeded(
+            json!({"ended": "no access grant in the tenant"}),
+        ));
+    }
+    let soon = services.settings.provisioning.secret_expiring_soon_days;
+    let mut announced = 0usize;
+    for g in &grants {
+        let Some(url) = g
+            .callback_url
+            .as_deref()
+            .and_then(|u| reqwest::Url::parse(u).ok())
+        else {
+            continue;
+        };
+        let tx = db.transaction().await?;
+        let ends = credential_ends(&tx, g).await?;
+        let mut new: Vec<&CredentialEnd> = Vec::new();
+        for c in expiring(&ends, Utc::now(), soon) {
+            if store::access_grants::insert_credential_notice(
+                &tx,
+                tenant_id,
+                &g.key,
+                c.key_id,
+                c.kind,
+                c.end_date_time,
+            )
+            .await?
+            {
+                new.push(c);
+            }
+        }
+        if !new.is_empty() {
+            let delivery = crate::webhooks::enqueue_delivery(
+                &tx,
+                tenant_id,
+                g.id,
+                "access_grant.expiring_soon",
+                &url,
+                json!({
+                    "tenant_id": tenant_id,
+                    "key": g.key,
+                    "labels": g.labels,
+                    "external_ref": g.external_ref,
+                    "expiring_within_days": soon,
+                    "credentials": new,
+                    "fix": format!("add a new credential (POST …/access-grants/{}/secrets or …/certificates), switch the vendor to it, then delete the old one", g.key),
+                }),
+            )
+            .await?;
+            let ids: Vec<Uuid> = new.iter().map(|c| c.key_id).collect();
+            store::access_grants::set_notice_delivery(&tx, tenant_id, &g.key, &ids, delivery)
+                .await?;
+            announced += new.len();
+        }
+        tx.commit().await?;
+    }
+    let every = services.settings.provisioning.credential_scan_interval_seconds;
+    if announced > 0 {
+        tracing::info!(tenant = %tenant_id, credentials = announced, "announced credentials expiring soon");
+    }
+    Ok(Outcome::Reschedule {
+        at: Utc::now() + chrono::Duration::seconds(i64::try_from(every).unwrap_or(3600)),
+        payload: None,
+    })
 }
 
 const CREDENTIAL_LOCK: &str = "access_grant_credentials";
@@ -1499,4 +1653,32 @@ pub async fn delete_certificate(
     .await?;
     tx.commit().await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn end(days: i64, kind: &'static str) -> CredentialEnd {
+        CredentialEnd {
+            key_id: Uuid::new_v4(),
+            kind,
+            display_name: "x".into(),
+            end_date_time: Utc::now() + chrono::Duration::days(days),
+        }
+    }
+
+    #[test]
+    fn only_credentials_ending_soon_with_nothing_longer_are_expiring() {
+        let now = Utc::now();
+        assert!(expiring(&[], now, 30).is_empty());
+        let soon = [end(5, "secret"), end(-1, "secret")];
+        let got = expiring(&soon, now, 30);
+        assert_eq!(got.len(), 1, "the expired one is not announced");
+        assert_eq!(got[0].key_id, soon[0].key_id);
+        // Rotated already: a credential lasting beyond the window means nothing to announce.
+        let rotated = [end(5, "secret"), end(200, "certificate")];
+        assert!(expiring(&rotated, now, 30).is_empty());
+        assert_eq!(expiring(&[end(5, "certificate")], now, 3).len(), 0);
+    }
 }

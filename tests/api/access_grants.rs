@@ -1152,3 +1152,97 @@ async fn an_rbac_grant_closes_the_union_trap_of_an_adopted_vendor_app_and_leaves
     let after = vendor_token(&env, &vendor, &secret).await;
     assert_eq!(read_mail(&env, &after, "alice").await, 403);
 }
+
+/// The events of `kind` the receiver got, each checked for a valid signature.
+async fn events(receiver: &wiremock::MockServer, kind: &str) -> Vec<Value> {
+    receiver
+        .received_requests()
+        .await
+        .unwrap()
+        .iter()
+        .filter(|r| crate::webhooks::receiver_accepts(r))
+        .map(|r| serde_json::from_slice::<Value>(&r.body).unwrap())
+        .filter(|e| e["type"] == kind)
+        .collect()
+}
+
+#[tokio::test]
+async fn a_credential_ending_soon_is_announced_once_by_a_signed_event() {
+    use wiremock::matchers::{method, path};
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+    let receiver = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/hooks/grants"))
+        .respond_with(ResponseTemplate::new(204))
+        .mount(&receiver)
+        .await;
+    let env = start(|s| {
+        s.webhooks = crate::webhooks::hook_settings(5);
+        s.provisioning.credential_scan_interval_seconds = 1;
+    })
+    .await;
+    let mut body = acme(&["alice"]);
+    body["callback_url"] = json!(format!("{}/hooks/grants", receiver.uri()));
+    assert_eq!(put_grant(&env, "acme", body).await.0, 202);
+    wait_for(&env, "acme", "ready").await;
+    // A secret that lasts beyond the 30-day window: nothing to announce.
+    let (status, long) = send(
+        &env,
+        reqwest::Method::POST,
+        "/access-grants/acme/secrets",
+        Some(json!({"display_name": "acme-long", "lifetime_days": 90})),
+    )
+    .await;
+    assert_eq!(status, 201, "{long}");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(events(&receiver, "access_grant.expiring_soon").await.is_empty());
+    // Only a secret ending in 5 days left: announced once, and shown in the status.
+    let (status, short) = send(
+        &env,
+        reqwest::Method::POST,
+        "/access-grants/acme/secrets",
+        Some(json!({"display_name": "acme-short", "lifetime_days": 5})),
+    )
+    .await;
+    assert_eq!(status, 201, "{short}");
+    let long_id = long["key_id"].as_str().unwrap();
+    let (status, _) = send(
+        &env,
+        reqwest::Method::DELETE,
+        &format!("/access-grants/acme/secrets/{long_id}"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 204);
+    let (_, g) = send(&env, reqwest::Method::GET, "/access-grants/acme", None).await;
+    assert_eq!(g["expiring_soon"], true, "{g}");
+    let mut got = Vec::new();
+    for _ in 0..100 {
+        got = events(&receiver, "access_grant.expiring_soon").await;
+        if !got.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(got.len(), 1, "{got:?}");
+    let data = &got[0]["data"];
+    assert_eq!(data["key"], "acme");
+    assert_eq!(data["credentials"][0]["key_id"], short["key_id"]);
+    assert_eq!(data["credentials"][0]["kind"], "secret");
+    // Several scans later: still exactly one.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(
+        events(&receiver, "access_grant.expiring_soon").await.len(),
+        1
+    );
+    let db = env.app.db.client().await;
+    let scans: i64 = db
+        .query_one(
+            "SELECT count(*) FROM jobs WHERE kind = 'credential_expiry_scan'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(scans, 1, "one scan job per tenant");
+}
