@@ -1246,3 +1246,162 @@ async fn a_credential_ending_soon_is_announced_once_by_a_signed_event() {
         .get(0);
     assert_eq!(scans, 1, "one scan job per tenant");
 }
+
+/// Wait for `ready` while reading `canary`'s mail as the vendor (a fresh token each time: a
+/// token carries the Entra roles held when it was issued); returns the grant and every status
+/// the canary answered with meanwhile.
+async fn ready_while_probing(
+    env: &WithSandbox,
+    key: &str,
+    app_id: &str,
+    secret: &str,
+    canary: &str,
+) -> (Value, Vec<u16>) {
+    let mut seen = Vec::new();
+    for _ in 0..600 {
+        let token = vendor_token(env, app_id, secret).await;
+        seen.push(read_mail(env, &token, canary).await);
+        let (_, g) = send(
+            env,
+            reqwest::Method::GET,
+            &format!("/access-grants/{key}"),
+            None,
+        )
+        .await;
+        assert_ne!(g["condition"], "failed", "{g:#}");
+        if g["condition"] == "ready" {
+            return (g, seen);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("grant {key} never ready");
+}
+
+/// What grants the app its permissions in the tenant: RBAC role assignments, or Entra app roles.
+async fn held_roles(
+    env: &WithSandbox,
+    mechanism: &str,
+    name: &str,
+    key: &str,
+    app_id: &str,
+) -> usize {
+    match mechanism {
+        "rbac" => rbac_in_tenant(env, app_id).await.1,
+        _ => in_tenant(env, name, &format!("grant-{key}"), app_id).await.3,
+    }
+}
+
+#[tokio::test]
+async fn a_put_changing_only_the_permissions_converges_and_never_widens() {
+    let env = start(|_| {}).await;
+    for mechanism in ["rbac", "access_policy"] {
+        let key = format!("perm-{}", mechanism.replace('_', "-"));
+        let name = format!("Perm {mechanism}");
+        let body = |permissions: &[&str]| {
+            let mut b = acme(&["alice"]);
+            b["display_name"] = json!(name);
+            b["mechanism"] = json!(mechanism);
+            b["permissions"] = json!(permissions);
+            b
+        };
+        assert_eq!(put_grant(&env, &key, body(&["Mail.Read"])).await.0, 202);
+        let ready = wait_for(&env, &key, "ready").await;
+        let app_id = ready["app_id"].as_str().unwrap().to_string();
+        let first_check = check_of(&env, &ready).await["id"].clone();
+        let (status, s) = send(
+            &env,
+            reqwest::Method::POST,
+            &format!("/access-grants/{key}/secrets"),
+            Some(json!({"display_name": "v", "lifetime_days": 90})),
+        )
+        .await;
+        assert_eq!(status, 201, "{s}");
+        let secret = s["secret_text"].as_str().unwrap().to_string();
+        // Entra consent (access policy) or RBAC role assignments, per mechanism.
+        let held = || held_roles(&env, mechanism, &name, &key, &app_id);
+        assert_eq!(held().await, 1, "{mechanism}");
+
+        // Adding a permission: one more role (or consent), a new check, the canary still denied.
+        let (status, g) = put_grant(&env, &key, body(&["Mail.Read", "Calendars.Read"])).await;
+        assert_eq!(status, 202, "{g}");
+        let (ready, seen) = ready_while_probing(&env, &key, &app_id, &secret, "carol").await;
+        assert!(seen.iter().all(|s| *s != 200), "{mechanism}: {seen:?}");
+        assert_eq!(held().await, 2, "{mechanism}");
+        let check = check_of(&env, &ready).await;
+        assert_ne!(check["id"], first_check, "{mechanism}: a new check");
+        assert_eq!(check["state"], "succeeded");
+        assert_eq!(observed(&check, "carol"), "denied");
+
+        // Removing it again: the role (or consent) goes, and still nothing out of scope.
+        let (status, _) = put_grant(&env, &key, body(&["Mail.Read"])).await;
+        assert_eq!(status, 202);
+        let (ready, seen) = ready_while_probing(&env, &key, &app_id, &secret, "carol").await;
+        assert!(seen.iter().all(|s| *s != 200), "{mechanism}: {seen:?}");
+        assert_eq!(held().await, 1, "{mechanism}");
+        assert_eq!(ready["permissions"], json!(["Mail.Read"]));
+        let token = vendor_token(&env, &app_id, &secret).await;
+        assert_eq!(read_mail(&env, &token, "alice").await, 200, "{mechanism}");
+    }
+}
+
+#[tokio::test]
+async fn concurrent_puts_with_different_bodies_end_in_the_last_accepted_one() {
+    let env = start(|_| {}).await;
+    for mechanism in ["rbac", "access_policy"] {
+        let key = format!("race-{}", mechanism.replace('_', "-"));
+        let name = format!("Race {mechanism}");
+        let body = |mailboxes: &[&str]| {
+            let mut b = acme(mailboxes);
+            b["display_name"] = json!(name);
+            b["mechanism"] = json!(mechanism);
+            b
+        };
+        // First PUTs racing to create the grant, then PUTs racing to change it.
+        for round in 0..2 {
+            let (a, b) = tokio::join!(
+                put_grant(&env, &key, body(&["alice"])),
+                put_grant(&env, &key, body(&["alice", "bob"]))
+            );
+            for (status, g) in [&a, &b] {
+                assert!(
+                    *status == 202 || *status == 200,
+                    "{mechanism} round {round}: {status} {g}"
+                );
+            }
+            let last = if a.1["revision"].as_i64() > b.1["revision"].as_i64() {
+                &a.1
+            } else {
+                &b.1
+            };
+            let ready = wait_for(&env, &key, "ready").await;
+            assert_eq!(ready["revision"], last["revision"], "{mechanism}");
+            assert_eq!(ready["mailboxes"], last["mailboxes"], "{mechanism}");
+            let app_id = ready["app_id"].as_str().unwrap().to_string();
+            let (apps, groups, policies, _) =
+                in_tenant(&env, &name, &format!("grant-{key}"), &app_id).await;
+            assert_eq!((apps, groups), (1, 1), "{mechanism}: no duplicate");
+            let t = tenant(&env).await;
+            let group = t["recipients"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|r| r["alias"] == format!("grant-{key}"))
+                .unwrap()
+                .clone();
+            let want = last["mailboxes"].as_array().unwrap().len();
+            assert_eq!(
+                group["members"].as_array().map(Vec::len),
+                Some(want),
+                "{mechanism}: the group holds the last body's mailboxes: {group}"
+            );
+            if mechanism == "rbac" {
+                assert_eq!(policies, 0);
+                assert_eq!(rbac_in_tenant(&env, &app_id).await, (1, 1, 0));
+            } else {
+                assert_eq!(policies, 1, "{mechanism}: one policy");
+                let bob = exchange_verdict(&env, &app_id, "bob").await;
+                assert_eq!(bob == "Granted", want == 2, "{bob}");
+            }
+        }
+    }
+}
