@@ -1405,3 +1405,43 @@ async fn concurrent_puts_with_different_bodies_end_in_the_last_accepted_one() {
         }
     }
 }
+
+#[tokio::test]
+async fn a_worker_killed_mid_rbac_onboarding_and_removal_resumes_with_no_duplicate() {
+    // Only the spawned processes run jobs.
+    let env = start(|s| s.worker.per_tenant_concurrency = 0).await;
+    let (status, _) = put_grant(&env, "acme", rbac_body("ACME rbac", &["alice"])).await;
+    assert_eq!(status, 202);
+    let first = WorkerProcess::spawn(&env);
+    wait_for_step(&env, "acme", "restriction", 1).await;
+    first.kill_9();
+    let second = WorkerProcess::spawn(&env);
+    let third = WorkerProcess::spawn(&env);
+    let ready = wait_for(&env, "acme", "ready").await;
+    let app_id = ready["app_id"].as_str().unwrap().to_string();
+    assert_eq!(check_of(&env, &ready).await["state"], "succeeded");
+    assert_eq!(
+        in_tenant(&env, "ACME rbac", "grant-acme", &app_id).await,
+        (1, 1, 0, 0)
+    );
+    assert_eq!(rbac_in_tenant(&env, &app_id).await, (1, 1, 0));
+
+    let (status, _) = send(&env, reqwest::Method::DELETE, "/access-grants/acme", None).await;
+    assert_eq!(status, 202);
+    wait_for_step(&env, "acme", "revoke_consent", 2).await;
+    third.kill_9();
+    second.kill_9();
+    let _fourth = WorkerProcess::spawn(&env);
+    wait_for(&env, "acme", "removed").await;
+    assert_eq!(
+        in_tenant(&env, "ACME rbac", "grant-acme", &app_id).await,
+        (0, 0, 0, 0)
+    );
+    assert_eq!(rbac_in_tenant(&env, &app_id).await, (0, 0, 0));
+    // One pointer and one role assignment were ever made.
+    assert_eq!(crate::scope_groups::count(&env, "New-ServicePrincipal").await, 1);
+    assert_eq!(
+        crate::scope_groups::count(&env, "New-ManagementRoleAssignment").await,
+        1
+    );
+}
