@@ -4,14 +4,18 @@
 //! in the same transaction; the `access_grant` job ([`GrantJob`], run by `jobs::access_grant`)
 //! then calls [`advance`] once per run: it picks the next step with the pure
 //! `domain::grant::next`, runs it through the same use cases as the five-call API (scope groups,
-//! applications, access policies, propagation checks), and records what it produced in the
-//! transaction that holds the grant's lock, then reschedules itself. A crash at any point
-//! re-runs at most the step that was under way, and every step is idempotent in the tenant (by
-//! scope group alias, application key and marker, policy key, and one check per app), so the
-//! grant resumes to the same end with no duplicate object.
+//! applications, access policies or RBAC restrictions, propagation checks), and records what it
+//! produced in the transaction that holds the grant's lock, then reschedules itself. A crash at
+//! any point re-runs at most the step that was under way, and every step is idempotent in the
+//! tenant (by scope group alias, application key and marker, policy key, RBAC restriction key
+//! (app, scope) with names derived from it, and one check per app), so the grant resumes to the
+//! same end with no duplicate object.
 //!
 //! Objects in the tenant are named after the grant: scope group `grant-{key}` and application
 //! key `grant-{key}`.
+//!
+//! Credentials of a grant's app that end soon are announced once each by the per-tenant
+//! [`ExpiryScanJob`] ([`scan_expiring`]).
 use std::collections::BTreeMap;
 
 use chrono::Utc;
@@ -314,7 +318,7 @@ fn check_rbac(spec: &Spec, tenant_canaries: &[String]) -> Result<(), Error> {
             || !crate::domain::rbac::is_mailbox_permission(p)
         {
             errs.push(FieldError::new(
-                &format!("permissions[{i}]"),
+                format!("permissions[{i}]"),
                 format!(
                     "{p} has no RBAC for Applications role (docs/microsoft-365.md §3.2); use `\"mechanism\": \"access_policy\"` for it"
                 ),
@@ -923,7 +927,9 @@ async fn run_step(
         }
         Step::UnscopedGrants if g.mechanism == Mechanism::Rbac => {
             let id = restriction_of(g).ok_or_else(|| {
-                Error::conflict("the grant's RBAC restriction is not recorded; the restriction step runs again")
+                Error::conflict(
+                    "the grant's RBAC restriction is not recorded; the restriction step runs again",
+                )
             })?;
             // The safe order of provisioning::rbac::enforce: Test-ServicePrincipalAuthorization
             // shows members in scope and every canary out of it, and only then the Entra
@@ -1203,9 +1209,9 @@ async fn rbac_restriction(
     alias: &str,
 ) -> Result<Ran, Error> {
     let t = g.tenant_id;
-    let app = app_record(services, g)
-        .await?
-        .ok_or_else(|| Error::conflict("the grant's app is not recorded; the app step runs again"))?;
+    let app = app_record(services, g).await?.ok_or_else(|| {
+        Error::conflict("the grant's app is not recorded; the app step runs again")
+    })?;
     let app_id = app_id_of(&app)?.to_string();
     let input = || rbac::RestrictionInput {
         app_id: app_id.clone(),
@@ -1225,7 +1231,12 @@ async fn rbac_restriction(
         None => None,
     };
     let r = match previous {
-        Some(old) => rbac::replace(services, actor, t, old.id, input()).await?.value.0,
+        Some(old) => {
+            rbac::replace(services, actor, t, old.id, input())
+                .await?
+                .value
+                .0
+        }
         None => match rbac::create(services, actor, t, input()).await {
             Ok(e) => e.value.0,
             // The app already has a restriction on this scope with other permissions (one the
@@ -1394,7 +1405,8 @@ pub fn expiring(
     now: chrono::DateTime<Utc>,
     soon_days: u32,
 ) -> Vec<&CredentialEnd> {
-    let status = |e: &CredentialEnd| applications::secret_status(Some(e.end_date_time), now, soon_days);
+    let status =
+        |e: &CredentialEnd| applications::secret_status(Some(e.end_date_time), now, soon_days);
     if ends
         .iter()
         .any(|e| status(e) == applications::SecretStatus::Current)
@@ -1516,7 +1528,10 @@ pub async fn scan_expiring(services: &Services, tenant_id: Uuid) -> Result<Outco
         }
         tx.commit().await?;
     }
-    let every = services.settings.provisioning.credential_scan_interval_seconds;
+    let every = services
+        .settings
+        .provisioning
+        .credential_scan_interval_seconds;
     if announced > 0 {
         tracing::info!(tenant = %tenant_id, credentials = announced, "announced credentials expiring soon");
     }

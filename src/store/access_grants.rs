@@ -332,15 +332,14 @@ pub async fn set_notice_delivery(
 
 /// Tenants with a grant that is not removed (each gets a credential-expiry scan).
 pub async fn tenants_with_grants(c: &impl GenericClient) -> Result<Vec<Uuid>, StoreError> {
-    Ok(c
-        .query(
-            "SELECT DISTINCT tenant_id FROM access_grants WHERE NOT removing",
-            &[],
-        )
-        .await?
-        .iter()
-        .map(|r| r.get(0))
-        .collect())
+    Ok(c.query(
+        "SELECT DISTINCT tenant_id FROM access_grants WHERE NOT removing",
+        &[],
+    )
+    .await?
+    .iter()
+    .map(|r| r.get(0))
+    .collect())
 }
 
 /// A tenant's grants that are not being removed, ordered by key.

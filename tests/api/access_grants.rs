@@ -996,7 +996,10 @@ async fn rbac_in_tenant(env: &WithSandbox, app_id: &str) -> (usize, usize, usize
         .unwrap()
         .iter()
         .filter(|a| {
-            let o = a["appObjectId"].as_str().unwrap_or_default().to_ascii_lowercase();
+            let o = a["appObjectId"]
+                .as_str()
+                .unwrap_or_default()
+                .to_ascii_lowercase();
             pointers.contains(&o) || sp.as_deref() == Some(o.as_str())
         })
         .count();
@@ -1004,7 +1007,11 @@ async fn rbac_in_tenant(env: &WithSandbox, app_id: &str) -> (usize, usize, usize
         .as_array()
         .unwrap()
         .iter()
-        .filter(|s| s["name"].as_str().is_some_and(|n| n.starts_with("mailscope-")))
+        .filter(|s| {
+            s["name"]
+                .as_str()
+                .is_some_and(|n| n.starts_with("mailscope-"))
+        })
         .count();
     (pointers.len(), assignments, scopes)
 }
@@ -1037,8 +1044,14 @@ async fn an_rbac_grant_goes_from_nothing_to_a_graph_verified_restriction_and_bac
         json!([addr("carol")]),
         "{unscoped}"
     );
-    assert_eq!(unscoped["output"]["in_scope_checked"], json!([addr("alice")]));
-    assert_eq!(step(&ready, "consent")["output"]["entra_consent"], json!([]));
+    assert_eq!(
+        unscoped["output"]["in_scope_checked"],
+        json!([addr("alice")])
+    );
+    assert_eq!(
+        step(&ready, "consent")["output"]["entra_consent"],
+        json!([])
+    );
     // Verified through Graph as the app: alice readable, the canary carol denied.
     let check = check_of(&env, &ready).await;
     assert_eq!(check["state"], "succeeded", "{check:#}");
@@ -1072,7 +1085,10 @@ async fn an_rbac_grant_goes_from_nothing_to_a_graph_verified_restriction_and_bac
     assert_eq!(g2["mechanism"], "rbac");
     let ready2 = wait_for(&env, "acme", "ready").await;
     let check2 = check_of(&env, &ready2).await;
-    assert_ne!(check2["id"], check["id"], "a new check for the new membership");
+    assert_ne!(
+        check2["id"], check["id"],
+        "a new check for the new membership"
+    );
     assert_eq!(observed(&check2, "bob"), "granted");
     assert_eq!(observed(&check2, "carol"), "denied");
     assert_eq!(read_mail(&env, &token, "bob").await, 200);
@@ -1195,7 +1211,11 @@ async fn a_credential_ending_soon_is_announced_once_by_a_signed_event() {
     .await;
     assert_eq!(status, 201, "{long}");
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert!(events(&receiver, "access_grant.expiring_soon").await.is_empty());
+    assert!(
+        events(&receiver, "access_grant.expiring_soon")
+            .await
+            .is_empty()
+    );
     // Only a secret ending in 5 days left: announced once, and shown in the status.
     let (status, short) = send(
         &env,
@@ -1287,7 +1307,11 @@ async fn held_roles(
 ) -> usize {
     match mechanism {
         "rbac" => rbac_in_tenant(env, app_id).await.1,
-        _ => in_tenant(env, name, &format!("grant-{key}"), app_id).await.3,
+        _ => {
+            in_tenant(env, name, &format!("grant-{key}"), app_id)
+                .await
+                .3
+        }
     }
 }
 
@@ -1439,7 +1463,10 @@ async fn a_worker_killed_mid_rbac_onboarding_and_removal_resumes_with_no_duplica
     );
     assert_eq!(rbac_in_tenant(&env, &app_id).await, (0, 0, 0));
     // One pointer and one role assignment were ever made.
-    assert_eq!(crate::scope_groups::count(&env, "New-ServicePrincipal").await, 1);
+    assert_eq!(
+        crate::scope_groups::count(&env, "New-ServicePrincipal").await,
+        1
+    );
     assert_eq!(
         crate::scope_groups::count(&env, "New-ManagementRoleAssignment").await,
         1
