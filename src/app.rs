@@ -78,7 +78,8 @@ where
 }
 
 /// Periodic housekeeping run by worker processes: forget expired idempotency keys and old
-/// finished jobs, and remove probe secrets whose check no longer runs.
+/// finished jobs, remove probe secrets whose check no longer runs, and make sure every tenant
+/// with access grants has its credential-expiry scan queued.
 async fn maintenance(state: AppState, mut stop: tokio::sync::watch::Receiver<bool>) {
     let r = state.settings.retention.clone();
     loop {
@@ -98,6 +99,10 @@ async fn maintenance(state: AppState, mut stop: tokio::sync::watch::Receiver<boo
             Ok(n) if n > 0 => tracing::info!(secrets = n, "removed orphaned probe secrets"),
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "sweeping probe secrets failed"),
+        }
+        match crate::provisioning::grants::ensure_expiry_scans(&state).await {
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "queueing credential expiry scans failed"),
         }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(900)) => {}

@@ -120,6 +120,10 @@ pub struct ProvisioningSettings {
     pub max_secret_lifetime_days: u32,
     /// A secret ending within this many days is reported as `expiring_soon`.
     pub secret_expiring_soon_days: u32,
+    /// How often each tenant's access grants are scanned for credentials that end within
+    /// `secret_expiring_soon_days` (each is announced once by an `access_grant.expiring_soon`
+    /// event).
+    pub credential_scan_interval_seconds: u64,
 }
 
 impl Default for ProvisioningSettings {
@@ -127,6 +131,7 @@ impl Default for ProvisioningSettings {
         ProvisioningSettings {
             max_secret_lifetime_days: 180,
             secret_expiring_soon_days: 30,
+            credential_scan_interval_seconds: 3600,
         }
     }
 }
@@ -481,6 +486,12 @@ impl Settings {
         }
         if !(1..=365).contains(&p.secret_expiring_soon_days) {
             errs.push("provisioning.secret_expiring_soon_days must be between 1 and 365".into());
+        }
+        if !(1..=86_400).contains(&p.credential_scan_interval_seconds) {
+            errs.push(
+                "provisioning.credential_scan_interval_seconds must be between 1 and 86400 (a day)"
+                    .into(),
+            );
         }
         errs.extend(self.webhooks.validate());
         if errs.is_empty() {

@@ -5,6 +5,7 @@ use crate::provisioning::Services;
 use crate::queue::worker::Worker;
 
 pub mod access_grant;
+pub mod credential_expiry;
 pub mod propagation_check;
 pub mod webhook_delivery;
 
@@ -13,5 +14,6 @@ pub mod webhook_delivery;
 pub fn register_all(worker: &mut Worker, services: &Services) {
     worker.register_job::<crate::provisioning::checks::CheckJob>(services.clone());
     worker.register_job::<crate::provisioning::grants::GrantJob>(services.clone());
+    worker.register_job::<crate::provisioning::grants::ExpiryScanJob>(services.clone());
     worker.register_job::<crate::webhooks::Delivery>(services.settings.webhooks.clone());
 }

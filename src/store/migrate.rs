@@ -59,6 +59,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "queue_claim",
         include_str!("../../migrations/0012_queue_claim.sql"),
     ),
+    (
+        14,
+        "grant_expiry_notice",
+        include_str!("../../migrations/0014_grant_expiry_notice.sql"),
+    ),
 ];
 
 /// Arbitrary but fixed: "mailscop" in ASCII.
