@@ -99,7 +99,7 @@ pub async fn entry(req: HttpRequest, body: web::Bytes, shared: web::Data<Shared>
                         retry,
                         &behaviour,
                         identity_endpoint,
-                        &rid,
+                        w.next_seq,
                     )
                 }
                 _ => graph_error(
@@ -175,20 +175,19 @@ fn decorate(r: Reply, request_id: &str, client_request_id: &str, front_end: usiz
 }
 
 /// `Retry-After` on a Graph 429: whole or fractional seconds (docs/microsoft-365.md §8.6: both
-/// are sent). With fractional values allowed, which one an answer gets is drawn from its request
-/// id, so a client meets both forms.
+/// are sent). With fractional values allowed, throttled answers alternate between the two forms
+/// (by the sandbox's call sequence number, so runs repeat), so a client meets both.
 fn with_retry_after(
     r: Reply,
     retry: std::time::Duration,
     b: &super::settings::Behaviour,
     identity: bool,
-    request_id: &str,
+    seq: u64,
 ) -> Reply {
     if identity && b.graph_identity_omits_retry_after {
         return r;
     }
-    let fractional =
-        b.graph_fractional_retry_after && request_id.bytes().last().is_some_and(|c| c % 2 == 0);
+    let fractional = b.graph_fractional_retry_after && seq % 2 == 0;
     let value = if fractional {
         format!("{:.3}", retry.as_secs_f64().max(0.001))
     } else {
@@ -2208,7 +2207,7 @@ fn batch(w: &mut World, gx: &Gx, body: Option<Value>) -> Reply {
                 retry,
                 &behaviour,
                 is_identity(&path),
-                &format!("{}{id}", gx.request_id),
+                w.next_seq,
             )
         } else {
             dispatch(
