@@ -178,8 +178,8 @@ impl TenantHandle {
     ) -> Result<AccessToken, M365Error> {
         let core = &self.client.core;
         let s = &core.settings;
-        let until = tokio::time::Instant::now()
-            + Duration::from_secs(s.entra_consistency_window_secs);
+        let until =
+            tokio::time::Instant::now() + Duration::from_secs(s.entra_consistency_window_secs);
         let base = Duration::from_millis(s.backoff_base_ms);
         let cap = Duration::from_millis(s.replication_poll_max_ms);
         let mut rejected: Option<AccessToken> = None;

@@ -291,7 +291,9 @@ fn issue(
     let trace = guid(&mut w.rng.ids);
     let correlation = correlation.unwrap_or_else(|| guid(&mut w.rng.ids));
     let err = |e: &str, code: u32, text: &str| aadsts(e, code, text, wall, &trace, &correlation);
-    if is_multi_tenant_authority(tenant_name) && get("grant_type").as_deref() == Some("client_credentials") {
+    if is_multi_tenant_authority(tenant_name)
+        && get("grant_type").as_deref() == Some("client_credentials")
+    {
         return err(
             "invalid_request",
             9001023,

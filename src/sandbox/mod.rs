@@ -311,7 +311,10 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             web::get().to(login::instance_discovery),
         )
         .route("/{tenant}/oauth2/v2.0/token", web::post().to(login::token))
-        .route("/{tenant}/oauth2/v2.0/token", web::get().to(login::token_get))
+        .route(
+            "/{tenant}/oauth2/v2.0/token",
+            web::get().to(login::token_get),
+        )
         .route("/{tenant}/oauth2/token", web::post().to(login::token))
         .route("/{tenant}/oauth2/token", web::get().to(login::token_get))
         .route(

@@ -206,7 +206,9 @@ mod tests {
         let r = aadsts("invalid_scope", 700022, "x", Utc::now(), "t-1", "c-1");
         let v = r.json_body().cloned().unwrap_or_default();
         let d = v["error_description"].as_str().unwrap_or_default();
-        assert!(d.starts_with("AADSTS700022: x\r\nTrace ID: t-1\r\nCorrelation ID: c-1\r\nTimestamp: "));
+        assert!(
+            d.starts_with("AADSTS700022: x\r\nTrace ID: t-1\r\nCorrelation ID: c-1\r\nTimestamp: ")
+        );
         assert_eq!(v["correlation_id"], "c-1");
     }
 

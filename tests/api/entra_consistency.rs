@@ -93,10 +93,7 @@ async fn objects_written_through_graph_are_not_at_once_readable_or_usable() {
     assert_eq!(e["code"], "Request_BadRequest");
     assert_eq!(e["details"][0]["code"], NO_BACKING_APPLICATION);
     assert_eq!(e["details"][0]["target"], "appId");
-    assert!(
-        e["message"].as_str().unwrap().contains(&app_id),
-        "{e}"
-    );
+    assert!(e["message"].as_str().unwrap().contains(&app_id), "{e}");
 
     sb.h.advance_clock(Duration::from_secs(31));
     assert_eq!(

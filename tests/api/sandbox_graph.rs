@@ -979,14 +979,13 @@ async fn request_ids_batch_ids_consent_permissions_password_end_and_challenge() 
     let g = sb.mgmt_token(GRAPH_SCOPE).await;
     // request-id is Graph's own; client-request-id echoes the caller's.
     let mine = "7d0c1f5e-2a3b-4c5d-8e9f-0a1b2c3d4e5f";
-    let r = sb
-        .c
-        .get(sb.url("/v1.0/applications/00000000-0000-0000-0000-000000000001"))
-        .bearer_auth(&g)
-        .header("client-request-id", mine)
-        .send()
-        .await
-        .unwrap();
+    let r =
+        sb.c.get(sb.url("/v1.0/applications/00000000-0000-0000-0000-000000000001"))
+            .bearer_auth(&g)
+            .header("client-request-id", mine)
+            .send()
+            .await
+            .unwrap();
     assert_eq!(r.status().as_u16(), 404);
     let rid = r.headers()["request-id"].to_str().unwrap().to_string();
     assert_eq!(r.headers()["client-request-id"], mine);
@@ -1048,7 +1047,12 @@ async fn request_ids_batch_ids_consent_permissions_password_end_and_challenge() 
 
     // addPassword without endDateTime: two calendar years after the start (across a leap day).
     let app = sb
-        .graph(&g, "POST", "applications", Some(json!({"displayName": "dates"})))
+        .graph(
+            &g,
+            "POST",
+            "applications",
+            Some(json!({"displayName": "dates"})),
+        )
         .await
         .json();
     let r = sb

@@ -404,16 +404,18 @@ async fn token_endpoint_errors_follow_microsofts_error_reference() {
         ]
     };
     let post = |tenant: String, form: Vec<(String, String)>, request_id: Option<&'static str>| {
-        let mut req = sb
-            .c
-            .post(sb.url(&format!("/{tenant}/oauth2/v2.0/token")))
-            .form(&form);
+        let mut req =
+            sb.c.post(sb.url(&format!("/{tenant}/oauth2/v2.0/token")))
+                .form(&form);
         if let Some(r) = request_id {
             req = req.header("client-request-id", r);
         }
         async move {
             let r = req.send().await.unwrap();
-            (r.status().as_u16(), r.json::<serde_json::Value>().await.unwrap())
+            (
+                r.status().as_u16(),
+                r.json::<serde_json::Value>().await.unwrap(),
+            )
         }
     };
     // One scope naming two resources: one token cannot have two audiences.
@@ -431,12 +433,18 @@ async fn token_endpoint_errors_follow_microsofts_error_reference() {
     let lines: Vec<&str> = d.split("\r\n").collect();
     assert_eq!(lines.len(), 4, "{d:?}");
     assert!(lines[0].starts_with("AADSTS700022: "), "{d:?}");
-    assert_eq!(lines[1], format!("Trace ID: {}", e["trace_id"].as_str().unwrap()));
+    assert_eq!(
+        lines[1],
+        format!("Trace ID: {}", e["trace_id"].as_str().unwrap())
+    );
     assert_eq!(
         lines[2],
         format!("Correlation ID: {}", e["correlation_id"].as_str().unwrap())
     );
-    assert_eq!(lines[3], format!("Timestamp: {}", e["timestamp"].as_str().unwrap()));
+    assert_eq!(
+        lines[3],
+        format!("Timestamp: {}", e["timestamp"].as_str().unwrap())
+    );
     // correlation_id echoes the caller's client-request-id; the trace id is Entra's own.
     let mine = "0f3c6e1d-5b2a-4c8e-9d7f-1a2b3c4d5e6f";
     let mut wrong = form("https://graph.microsoft.com/.default");
@@ -446,16 +454,20 @@ async fn token_endpoint_errors_follow_microsofts_error_reference() {
     assert_eq!(e["correlation_id"], mine);
     assert_ne!(e["trace_id"], mine);
     // Client credentials need a tenant: /common is AADSTS9001023.
-    let (status, e) = post("common".into(), form("https://graph.microsoft.com/.default"), None).await;
+    let (status, e) = post(
+        "common".into(),
+        form("https://graph.microsoft.com/.default"),
+        None,
+    )
+    .await;
     assert_eq!(status, 400);
     assert_eq!(e["error_codes"], json!([9001023]));
     // The token endpoint takes POST only.
-    let r = sb
-        .c
-        .get(sb.url(&format!("/{}/oauth2/v2.0/token", sb.tenant)))
-        .send()
-        .await
-        .unwrap();
+    let r =
+        sb.c.get(sb.url(&format!("/{}/oauth2/v2.0/token", sb.tenant)))
+            .send()
+            .await
+            .unwrap();
     assert_eq!(r.status().as_u16(), 400);
     let e: serde_json::Value = r.json().await.unwrap();
     assert_eq!(e["error_codes"], json!([900561]));

@@ -42,10 +42,7 @@ async fn graph_budget_returns_429_with_whole_and_fractional_retry_after() {
         forms.push(r.header("retry-after").unwrap().to_string());
     }
     assert!(forms.iter().any(|f| f.contains('.')), "{forms:?}");
-    assert!(
-        forms.iter().any(|f| f.parse::<u64>().is_ok()),
-        "{forms:?}"
-    );
+    assert!(forms.iter().any(|f| f.parse::<u64>().is_ok()), "{forms:?}");
     let e = r.json();
     assert_eq!(e["error"]["code"], "TooManyRequests");
     assert_eq!(e["error"]["innerError"]["status"], "429");

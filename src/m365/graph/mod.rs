@@ -712,7 +712,8 @@ mod tests {
             "details":[{"code":"NoBackingApplicationObject","message":"…","target":"appId"}],
             "innerError":{"request-id":"ms-1","client-request-id":"ours-1"}}}).to_string();
         let mut r = raw(400, &body);
-        r.headers.insert("client-request-id", "ours-1".parse().unwrap());
+        r.headers
+            .insert("client-request-id", "ours-1".parse().unwrap());
         let e = classify_graph(&r, Service::Graph, "service_principals.create");
         assert_eq!(e.remote_code(), Some(NO_BACKING_APPLICATION));
         assert_eq!(*e.kind(), ErrorKind::InvalidParameter);
