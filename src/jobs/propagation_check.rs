@@ -301,18 +301,21 @@ async fn step(services: &Services, ctx: &JobContext, check_id: Uuid) -> Step<Out
         },
     });
     // Entra's eventual consistency (docs/microsoft-365.md §8.4): the probe secret is ours and
-    // was valid when added, so "invalid client secret" means not replicated yet; and a token
-    // issued before the consent replicated lacks the read permission, which would read as a
-    // denial everywhere. Both are waited out (bounded) before any answer is counted.
+    // was valid when added, so "invalid client secret" means not replicated yet. For an access
+    // policy (which constrains the app's Entra grant), a token issued before the consent
+    // replicated lacks the read permission and would read as a denial everywhere: it is replaced
+    // (bounded) until it carries it. Under RBAC the grant is Exchange's, not in the token.
     as_app.credential_is_new();
-    let role = probe_role(probe);
-    as_app
-        .token_with_role(
-            crate::m365::TokenResource::Graph,
-            &|r: &str| r.starts_with(role),
-            role,
-        )
-        .await?;
+    if check.mechanism == Mechanism::AccessPolicy {
+        let role = probe_role(probe);
+        as_app
+            .token_with_role(
+                crate::m365::TokenResource::Graph,
+                &|r: &str| r.starts_with(role),
+                role,
+            )
+            .await?;
+    }
     let pending: Vec<usize> = (0..exps.len()).filter(|i| !exps[*i].is_met()).collect();
     let requests = pending
         .iter()
