@@ -64,8 +64,11 @@ pub(crate) struct Call<'a> {
     pub not_found_until: Option<Instant>,
     /// Retry answers `lag.1` accepts until `lag.0` (Entra's eventual consistency right after a
     /// write, docs/microsoft-365.md §8.4); past it they fail as [`ErrorKind::ReplicationPending`].
-    pub lag: Option<(Instant, fn(&M365Error) -> bool)>,
+    pub lag: Option<(Instant, LagAnswer)>,
 }
+
+/// Which answers mean "Entra has not caught up yet" for one call.
+pub(crate) type LagAnswer = fn(&M365Error) -> bool;
 
 impl<'a> Call<'a> {
     pub(crate) fn new(

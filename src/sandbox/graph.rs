@@ -187,7 +187,7 @@ fn with_retry_after(
     if identity && b.graph_identity_omits_retry_after {
         return r;
     }
-    let fractional = b.graph_fractional_retry_after && seq % 2 == 0;
+    let fractional = b.graph_fractional_retry_after && seq.is_multiple_of(2);
     let value = if fractional {
         format!("{:.3}", retry.as_secs_f64().max(0.001))
     } else {
