@@ -261,6 +261,13 @@ impl Core {
                         client_request_id = client_request_id.as_str(),
                         "m365 call succeeded"
                     ),
+                    // A 404 is often the expected answer of a lookup: not worth an info line.
+                    Err((e, _)) if e.is_not_found() => tracing::debug!(
+                        status = e.status().unwrap_or(0),
+                        request_id = e.request_id().unwrap_or("-"),
+                        client_request_id = client_request_id.as_str(),
+                        "m365 call found nothing"
+                    ),
                     Err((e, _)) => tracing::info!(
                         error = %e,
                         status = e.status().unwrap_or(0),
