@@ -516,13 +516,21 @@ impl ResponseError for ApiError {
 /// type, its cause and fix as the detail, and `Retry-After` when Microsoft throttled us.
 impl From<crate::m365::M365Error> for ApiError {
     fn from(e: crate::m365::M365Error) -> Self {
+        // Microsoft's own request id, when it sent one: a support case with Microsoft needs it.
+        let support = e
+            .request_id()
+            .map(|id| format!(" Microsoft request id: {id}."))
+            .unwrap_or_default();
         let mut a = ApiError::new(
             ProblemKind::Microsoft365,
-            format!("{} {}", e.cause(), e.fix()),
+            format!("{} {}{support}", e.cause(), e.fix()),
         );
         a.code_override = Some(e.code());
         a.status_override = StatusCode::from_u16(e.suggested_http_status()).ok();
-        a.retry_after = e.retry_after().map(|d| d.as_secs().max(1));
+        a.retry_after = e.retry_after().map(|d| d.as_secs().max(1)).or(
+            // Entra converges in seconds to minutes: a short wait before asking again.
+            (*e.kind() == crate::m365::ErrorKind::ReplicationPending).then_some(30),
+        );
         a
     }
 }

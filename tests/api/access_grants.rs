@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use mailscope::config::Settings;
 use mailscope::sandbox::SandboxSettings;
+use mailscope::sandbox::settings::Pacing;
 use serde_json::{Value, json};
 
 use crate::helpers::*;
@@ -347,6 +348,49 @@ async fn one_put_onboards_a_vendor_a_second_converges_and_delete_removes_everyth
     );
     let (status, _) = send(&env, reqwest::Method::DELETE, "/access-grants/acme", None).await;
     assert_eq!(status, 200, "already removed: nothing new to do");
+}
+
+/// With Entra's eventual consistency at the served sandbox's default (docs/microsoft-365.md
+/// §8.4): the new app cannot back its service principal at first, the probe secret is refused
+/// at first and the consent reaches the app's token late; onboarding still ends `ready`, with
+/// one app and a Graph-verified restriction.
+#[tokio::test]
+async fn onboarding_survives_entra_eventual_consistency_at_the_default_delay() {
+    let mut sandbox = SandboxSettings::fast();
+    sandbox.pacing.entra_consistency_delay = Pacing::default().entra_consistency_delay;
+    assert!(!sandbox.pacing.entra_consistency_delay.is_zero());
+    let env = WithSandbox::start_adjusted(sandbox, quick).await;
+    let (status, g) = put_grant(&env, "acme", acme(&["alice"])).await;
+    assert_eq!(status, 202, "{g}");
+    let ready = wait_for(&env, "acme", "ready").await;
+    for s in ready["steps"].as_array().unwrap() {
+        assert_eq!(s["state"], "done", "{s}");
+    }
+    let app_id = ready["app_id"].as_str().unwrap().to_string();
+    let check = check_of(&env, &ready).await;
+    assert_eq!(check["state"], "succeeded", "{check:#}");
+    assert_eq!(check["verified_by"], "graph");
+    assert_eq!(observed(&check, "alice"), "granted");
+    assert_eq!(observed(&check, "carol"), "denied");
+    assert_eq!(
+        in_tenant(&env, "ACME mail sync", "grant-acme", &app_id).await,
+        (1, 1, 1, 1)
+    );
+    // Entra did lag, and mailscope waited rather than failing or duplicating.
+    let graph = env.sandbox_calls("graph").await;
+    assert!(
+        graph
+            .iter()
+            .any(|c| c["endpoint"] == "graph:POST /servicePrincipals" && c["status"] == 400),
+        "the service principal was refused at first"
+    );
+    let logins = env.sandbox_calls("login").await;
+    assert!(
+        logins
+            .iter()
+            .any(|c| c["status"] == 401 && c["appId"].as_str() == Some(app_id.as_str())),
+        "the probe secret was refused at first"
+    );
 }
 
 #[tokio::test]
