@@ -76,6 +76,7 @@ branch on `type` (or its short form `code`). Every response carries `X-Request-I
         propagation_checks::CheckInput, propagation_checks::ExpectationInput,
         propagation_checks::PropagationCheck, propagation_checks::ExpectationView,
         propagation_checks::PropagationCheckList, crate::domain::propagation::Access,
+        crate::domain::propagation::Bracket,
         rbac_restrictions::ScopeGroupVia, rbac_restrictions::RbacScopeInput,
         rbac_restrictions::RbacRestrictionInput, rbac_restrictions::EnforceInput,
         rbac_restrictions::RbacAssignment, rbac_restrictions::RbacFinding,

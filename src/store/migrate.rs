@@ -59,6 +59,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "queue_claim",
         include_str!("../../migrations/0012_queue_claim.sql"),
     ),
+    (
+        15,
+        "verdict_latency",
+        include_str!("../../migrations/0015_verdict_latency.sql"),
+    ),
 ];
 
 /// Arbitrary but fixed: "mailscop" in ASCII.
