@@ -17,8 +17,12 @@ JOBS=${JOBS:-20000}
 ONE_TENANT_JOBS=$((JOBS / 4))
 LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
 
-cargo bench --bench queue_bench --no-run --quiet 2>/dev/null
-BIN=$(ls -t "${CARGO_TARGET_DIR:-target}"/release/deps/queue_bench-* | grep -v '\.d$' | head -n 1)
+# QUEUE_BENCH_BIN reuses a bench binary already built from this tree (a release build takes long
+# on a loaded machine).
+if [ -z "${QUEUE_BENCH_BIN:-}" ]; then
+  cargo bench --bench queue_bench --no-run --quiet 2>/dev/null
+fi
+BIN=${QUEUE_BENCH_BIN:-$(ls -t "${CARGO_TARGET_DIR:-target}"/release/deps/queue_bench-* | grep -v '\.d$' | head -n 1)}
 (cd bench/graphile && npm ci --silent --no-audit --no-fund)
 PGQ_VERSION=1.6.0
 PGQ_VENV=${XDG_CACHE_HOME:-$HOME/.cache}/mailscope-bench/pgqueuer-$PGQ_VERSION

@@ -307,7 +307,11 @@ mod tests {
         // Once met, it stays met; the observation is still recorded.
         e.observe(Access::Granted, t(7), 3);
         assert!(e.is_met());
-        assert_eq!(e.last_mismatch_at, Some(t(3)), "the bracket stays that of the streak");
+        assert_eq!(
+            e.last_mismatch_at,
+            Some(t(3)),
+            "the bracket stays that of the streak"
+        );
         assert_eq!(e.last_observed, Some(Access::Granted));
     }
 

@@ -36,11 +36,15 @@ pub async fn run(
             Ok(cfg) => match crate::store::tls_connector(&cfg, ca_file.as_deref()) {
                 Err(e) => Err(e),
                 Ok(Some(tls)) => match cfg.connect(tls).await {
-                    Ok((c, conn)) => Ok(session(c, conn, &wake, &mut timers, &mut shutdown, &mut backoff).await),
+                    Ok((c, conn)) => {
+                        Ok(session(c, conn, &wake, &mut timers, &mut shutdown, &mut backoff).await)
+                    }
                     Err(e) => Err(e.into()),
                 },
                 Ok(None) => match cfg.connect(NoTls).await {
-                    Ok((c, conn)) => Ok(session(c, conn, &wake, &mut timers, &mut shutdown, &mut backoff).await),
+                    Ok((c, conn)) => {
+                        Ok(session(c, conn, &wake, &mut timers, &mut shutdown, &mut backoff).await)
+                    }
                     Err(e) => Err(e.into()),
                 },
             },
@@ -75,7 +79,8 @@ impl Timers {
     fn add(&mut self, secs: Duration) {
         // A little late rather than early: the claim compares `run_at` with the database's
         // clock, and a wake-up before it would find nothing.
-        self.0.insert(Instant::now() + secs + Duration::from_millis(5));
+        self.0
+            .insert(Instant::now() + secs + Duration::from_millis(5));
         if self.0.len() > MAX_TIMERS {
             self.0.pop_last();
         }
@@ -177,7 +182,11 @@ mod tests {
     fn a_notification_announces_now_or_a_delay() {
         assert_eq!(announced("0"), None);
         assert_eq!(announced("0.000"), None);
-        assert_eq!(announced("noop"), None, "an older version's payload wakes at once");
+        assert_eq!(
+            announced("noop"),
+            None,
+            "an older version's payload wakes at once"
+        );
         assert_eq!(announced("NaN"), None);
         assert_eq!(announced("2.5"), Some(Duration::from_millis(2500)));
     }

@@ -305,7 +305,10 @@ impl Worker {
             };
             let mut claimed = 0;
             if free > 0 || !ended.is_empty() {
-                match this.settle_and_claim(&kinds, free as i64, &ended, &held).await {
+                match this
+                    .settle_and_claim(&kinds, free as i64, &ended, &held)
+                    .await
+                {
                     Ok(jobs) => {
                         ended.clear();
                         claimed = jobs.len();
@@ -314,14 +317,17 @@ impl Worker {
                                 break;
                             };
                             held.lock().map(|mut h| h.insert(job.id, job.attempt)).ok();
-                            let (w, held, ended_tx) = (this.clone(), held.clone(), ended_tx.clone());
+                            let (w, held, ended_tx) =
+                                (this.clone(), held.clone(), ended_tx.clone());
                             running.spawn(async move {
                                 let (id, attempt) = (job.id, job.attempt);
                                 let outcome = w.execute(job).await;
                                 // Rare outcomes are written at once; the common ones wait for
                                 // the next claim (one statement for all of them).
                                 let batched = match outcome {
-                                    Some(o @ (Outcome::Succeeded(_) | Outcome::Reschedule { .. })) => Some(o),
+                                    Some(
+                                        o @ (Outcome::Succeeded(_) | Outcome::Reschedule { .. }),
+                                    ) => Some(o),
                                     Some(o) => {
                                         w.record_logged(id, attempt, &o).await;
                                         None
@@ -335,7 +341,11 @@ impl Worker {
                                 }
                                 // Free the slot before saying so: the loop claims for it.
                                 drop(permit);
-                                let _ = ended_tx.send(Ended { id, attempt, outcome: batched });
+                                let _ = ended_tx.send(Ended {
+                                    id,
+                                    attempt,
+                                    outcome: batched,
+                                });
                             });
                         }
                     }
@@ -345,7 +355,14 @@ impl Worker {
             if claimed > 0 && claimed == free {
                 // Possibly more work waiting. Claim again once a batch of slots is free rather
                 // than each time one frees: a claim costs about the same for 1 job as for 16.
-                wait_for_slots(&slots, &mut ended_rx, &mut ended, this.cfg.concurrency, &mut shutdown).await;
+                wait_for_slots(
+                    &slots,
+                    &mut ended_rx,
+                    &mut ended,
+                    this.cfg.concurrency,
+                    &mut shutdown,
+                )
+                .await;
                 continue;
             }
             tokio::select! {
@@ -486,11 +503,8 @@ impl Worker {
         };
         // The plan is a handful of index probes; JIT compilation would cost more than it runs.
         // Sent in this order without waiting between them.
-        let (_, settled, claimed) = tokio::try_join!(
-            tx.batch_execute("SET LOCAL jit = off"),
-            settled,
-            claimed
-        )?;
+        let (_, settled, claimed) =
+            tokio::try_join!(tx.batch_execute("SET LOCAL jit = off"), settled, claimed)?;
         tx.commit().await?;
         if limit > 0 {
             self.metrics
@@ -543,9 +557,7 @@ impl Worker {
 
     /// Run the handler under a heartbeat; `None` when the lease was lost (nothing to write).
     async fn execute(&self, job: JobRecord) -> Option<Outcome> {
-        let Some(handler) = self.handlers.get(&job.kind).cloned() else {
-            return None;
-        };
+        let handler = self.handlers.get(&job.kind).cloned()?;
         let (id, attempt, kind) = (job.id, job.attempt, job.kind.clone());
         let span =
             tracing::info_span!("job", job = %id, kind = %kind, attempt, tenant = %job.tenant_id);

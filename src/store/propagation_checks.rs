@@ -185,13 +185,11 @@ fn from_row(r: &Row) -> CheckRecord {
         updated_at: r.get(20),
         started_at: r.get(21),
         finished_at: r.get(22),
-        propagation_seconds: r
-            .get::<_, Option<f64>>(23)
-            .map(|at_most| Bracket {
-                // Checks that ended before the bracket was recorded knew only the upper end.
-                at_least: r.get::<_, Option<f64>>(26).unwrap_or(0.0),
-                at_most,
-            }),
+        propagation_seconds: r.get::<_, Option<f64>>(23).map(|at_most| Bracket {
+            // Checks that ended before the bracket was recorded knew only the upper end.
+            at_least: r.get::<_, Option<f64>>(26).unwrap_or(0.0),
+            at_most,
+        }),
         changed_at: r.get(24),
         mechanism: Mechanism::parse(r.get(25)).unwrap_or_default(),
     }
