@@ -122,7 +122,7 @@ result=bench/results/queue-$(date -u +%Y-%m-%d).md
   echo "## Enqueue rate"
   echo
   echo "Jobs spread over 100 tenants, payload \`{\"n\": i}\`; every call is \`queue::enqueue\` (one"
-  echo "INSERT … ON CONFLICT per job, plus the NOTIFY trigger)."
+  echo "INSERT … ON CONFLICT per job; its statement trigger updates the tenant summary and NOTIFYs)."
   echo
   echo "| how | jobs | wall time | jobs/s |"
   echo "|---|---|---|---|"
@@ -185,7 +185,9 @@ result=bench/results/queue-$(date -u +%Y-%m-%d).md
   echo "  \`jobs_queued_by_tenant\`: ≤ 16 × cap candidates, whatever the number of tenants or the"
   echo "  depth. See the plan below. \`jit = off\` for the claim's transaction."
   echo "- Workers claim a batch once half their slots are free (or 5 ms after the first frees), not"
-  echo "  once per finished job."
+  echo "  once per finished job, and write the outcomes of the runs that ended (succeeded or"
+  echo "  rescheduled) in the same transaction with one statement: one commit per batch, prepared"
+  echo "  statements sent without waiting for each other."
   echo "- graphile-worker has no per-tenant fairness; mailscope keeps it (per-tenant cap across"
   echo "  workers, held by the tenant row's lock during the claim)."
   echo "- Enqueue: one INSERT per call is bound by a commit (fsync, \`synchronous_commit=on\`) per"
