@@ -9,6 +9,7 @@
 #
 # DELAYS (default "20 20 20 47") are the fixed delays in seconds, one run each; PROFILE=debug
 # reuses a test build (the figure is set by the check's intervals, not by the build).
+# SKIP_BUILD=1 uses the binary already built.
 # Writes bench/results/verdict-<date>.md with the machine and the load.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,7 +22,7 @@ SB=127.0.0.1:18290
 TARGET=${CARGO_TARGET_DIR:-target}
 PROFILE=${PROFILE:-release}
 LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
-if [ "$PROFILE" = release ]; then cargo build --release --quiet; else cargo build --quiet; fi
+if [ -n "${SKIP_BUILD:-}" ]; then :; elif [ "$PROFILE" = release ]; then cargo build --release --quiet; else cargo build --quiet; fi
 BIN=$TARGET/$PROFILE/mailscope
 SB_OUT=$(mktemp)
 PIDS=""
