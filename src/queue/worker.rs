@@ -155,7 +155,7 @@ pub struct Worker {
     listen_url: Option<String>,
     tls_ca_file: Option<std::path::PathBuf>,
     /// The earliest time a job this worker rescheduled is due: the loop wakes then instead of
-    /// at the next poll (other workers' reschedules are still found by polling).
+    /// at the next poll, also without a LISTEN connection (with one, the NOTIFY does it too).
     next_due: Mutex<Option<tokio::time::Instant>>,
 }
 
