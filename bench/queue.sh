@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Queue benchmark: enqueue rate, no-op drain throughput with 1, 2 and 4 workers beside
-# graphile-worker on the same PostgreSQL server, and the scale check (claim latency with
+# graphile-worker and pgqueuer on the same PostgreSQL server, the raw SQL limit (pgbench running
+# claim-10 + complete with nothing else), and the scale check (claim latency with
 # 100,000 queued jobs over 1,000 and 10,000 tenants, and 400,000 in one tenant). Every run uses a fresh database, dropped afterwards.
 #
-#   bash bench/queue.sh        # needs PostgreSQL (DATABASE_URL, admin rights) and node + npm
+#   bash bench/queue.sh        # needs PostgreSQL (DATABASE_URL, admin rights), pgbench, node + npm
+#                              # and python3 (pgqueuer is installed, pinned, in a venv under
+#                              # ${XDG_CACHE_HOME:-~/.cache}/mailscope-bench)
 #
 # Writes bench/results/queue-<date>.md. JOBS (default 20000) sets the enqueue and drain size.
 set -euo pipefail
@@ -14,13 +17,43 @@ JOBS=${JOBS:-20000}
 ONE_TENANT_JOBS=$((JOBS / 4))
 LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
 
-cargo bench --bench queue_bench --no-run --quiet 2>/dev/null
-BIN=$(ls -t "${CARGO_TARGET_DIR:-target}"/release/deps/queue_bench-* | grep -v '\.d$' | head -n 1)
+# QUEUE_BENCH_BIN reuses a bench binary already built from this tree (a release build takes long
+# on a loaded machine).
+if [ -z "${QUEUE_BENCH_BIN:-}" ]; then
+  cargo bench --bench queue_bench --no-run --quiet 2>/dev/null
+fi
+BIN=${QUEUE_BENCH_BIN:-$(ls -t "${CARGO_TARGET_DIR:-target}"/release/deps/queue_bench-* | grep -v '\.d$' | head -n 1)}
 (cd bench/graphile && npm ci --silent --no-audit --no-fund)
+PGQ_VERSION=1.6.0
+PGQ_VENV=${XDG_CACHE_HOME:-$HOME/.cache}/mailscope-bench/pgqueuer-$PGQ_VERSION
+if [ ! -x "$PGQ_VENV/bin/python" ] || ! "$PGQ_VENV/bin/python" -c 'import pgqueuer, asyncpg' 2>/dev/null; then
+  python3 -m venv "$PGQ_VENV"
+  "$PGQ_VENV/bin/pip" install -q "pgqueuer==$PGQ_VERSION" "asyncpg==0.32.0"
+fi
 
 GW_DB=mailscope_qbench_graphile
 GW_URL=$(printf '%s' "$ADMIN_URL" | sed -E "s#/[^/?]*(\?|$)#/$GW_DB\1#")
-trap 'psql "$ADMIN_URL" -qc "DROP DATABASE IF EXISTS $GW_DB WITH (FORCE)" >/dev/null 2>&1' EXIT
+PEER_DB=mailscope_qbench_peer
+PEER_URL=$(printf '%s' "$ADMIN_URL" | sed -E "s#/[^/?]*(\?|$)#/$PEER_DB\1#")
+trap 'psql "$ADMIN_URL" -qc "DROP DATABASE IF EXISTS $GW_DB WITH (FORCE)" -c "DROP DATABASE IF EXISTS $PEER_DB WITH (FORCE)" >/dev/null 2>&1' EXIT
+fresh_peer_db() {
+  psql "$ADMIN_URL" -qc "DROP DATABASE IF EXISTS $PEER_DB WITH (FORCE)" -c "CREATE DATABASE $PEER_DB" >/dev/null
+}
+pgqueuer() { # processes
+  fresh_peer_db
+  "$PGQ_VENV/bin/python" bench/pgqueuer/runner.py "$PEER_URL" "$JOBS" "$1"
+  psql "$ADMIN_URL" -qc "DROP DATABASE $PEER_DB WITH (FORCE)" >/dev/null
+}
+RAW_SECONDS=8
+raw_sql() { # clients: jobs/s of claim-10 + complete with nothing else (pgbench)
+  fresh_peer_db
+  psql "$PEER_URL" -q -v rows=400000 -f bench/pgbench/setup.sql >/dev/null
+  local tps
+  tps=$(pgbench -n -f bench/pgbench/claim10_complete.sql -c "$1" -j "$(( $1 < 2 ? 1 : 2 ))" \
+    -T "$RAW_SECONDS" "$PEER_URL" 2>/dev/null | awk '/^tps/ {print $3}')
+  psql "$ADMIN_URL" -qc "DROP DATABASE $PEER_DB WITH (FORCE)" >/dev/null
+  awk -v t="$tps" 'BEGIN { printf "%.0f", t * 10 }'
+}
 graphile() { # processes
   psql "$ADMIN_URL" -qc "DROP DATABASE IF EXISTS $GW_DB WITH (FORCE)" -c "CREATE DATABASE $GW_DB" >/dev/null
   node bench/graphile/runner.js "$GW_URL" "$JOBS" "$1"
@@ -41,6 +74,19 @@ for p in 1 2 4; do
   out=$(graphile "$p")
   GW+="| graphile-worker $(json "$out" drain_secs >/dev/null; node -p 'require("./bench/graphile/node_modules/graphile-worker/package.json").version') | $p process(es) × concurrency 16 | – (no queue names) | – | $JOBS | $(json "$out" drain_secs) s | $(json "$out" drain_jobs_per_s) |"$'\n'
   GW_ENQ=${GW_ENQ:-$(json "$out" enqueue_batch100_jobs_per_s)}
+done
+echo "pgqueuer…" >&2
+PGQ=""
+PGQ_ENQ=""
+for p in 1 4; do
+  out=$(pgqueuer "$p")
+  PGQ+="| pgqueuer $PGQ_VERSION | $p process(es), dequeue batch 10 (its default) | – (no queue names) | – | $JOBS | $(json "$out" drain_secs) s | $(json "$out" drain_jobs_per_s) |"$'\n'
+  PGQ_ENQ=${PGQ_ENQ:-$(json "$out" enqueue_batch100_jobs_per_s)}
+done
+echo "raw SQL limit…" >&2
+RAW=""
+for c in 1 4 8; do
+  RAW+="| $c | $(raw_sql "$c") |"$'\n'
 done
 echo "scale…" >&2
 SCALE=$("$BIN" "$ADMIN_URL" scale 100000 1000)
@@ -76,12 +122,13 @@ result=bench/results/queue-$(date -u +%Y-%m-%d).md
   echo "## Enqueue rate"
   echo
   echo "Jobs spread over 100 tenants, payload \`{\"n\": i}\`; every call is \`queue::enqueue\` (one"
-  echo "INSERT … ON CONFLICT per job, plus the NOTIFY trigger)."
+  echo "INSERT … ON CONFLICT per job; its statement trigger updates the tenant summary and NOTIFYs)."
   echo
   echo "| how | jobs | wall time | jobs/s |"
   echo "|---|---|---|---|"
   echo "$ENQUEUE"
   echo "| graphile-worker \`addJobs\`, 100 jobs per call (one statement), 1 task | $JOBS | | $GW_ENQ |"
+  echo "| pgqueuer \`Queries.enqueue\`, 100 jobs per call (one statement), 1 task | $JOBS | | $PGQ_ENQ |"
   echo
   echo "## No-op job throughput"
   echo
@@ -95,6 +142,20 @@ result=bench/results/queue-$(date -u +%Y-%m-%d).md
   echo "|---|---|---|---|---|---|---|"
   printf '%s' "$DRAIN"
   printf '%s' "$GW"
+  printf '%s' "$PGQ"
+  echo
+  echo "pgqueuer: N Python processes (\`QueueManager.run\`, drain mode, dequeue batch 10), timed from"
+  echo "all connected until every process exited (it exits when the queue is empty)."
+  echo
+  echo "## The raw SQL limit"
+  echo
+  echo "pgbench, ${RAW_SECONDS} s per row, on a bare table of 400,000 queued rows: each transaction claims 10"
+  echo "(\`FOR UPDATE SKIP LOCKED\`, one statement and commit) and completes them (one statement and"
+  echo "commit), with no tenants, leases, fencing, payloads or triggers (\`bench/pgbench/\`)."
+  echo
+  echo "| pgbench clients | jobs/s |"
+  echo "|---|---|"
+  printf '%s' "$RAW"
   echo
   echo "## Scale check: claim latency at 100,000 queued over 1,000 and 10,000 tenants, 400,000 in one"
   echo
@@ -124,7 +185,9 @@ result=bench/results/queue-$(date -u +%Y-%m-%d).md
   echo "  \`jobs_queued_by_tenant\`: ≤ 16 × cap candidates, whatever the number of tenants or the"
   echo "  depth. See the plan below. \`jit = off\` for the claim's transaction."
   echo "- Workers claim a batch once half their slots are free (or 5 ms after the first frees), not"
-  echo "  once per finished job."
+  echo "  once per finished job, and write the outcomes of the runs that ended (succeeded or"
+  echo "  rescheduled) in the same transaction with one statement: one commit per batch, prepared"
+  echo "  statements sent without waiting for each other."
   echo "- graphile-worker has no per-tenant fairness; mailscope keeps it (per-tenant cap across"
   echo "  workers, held by the tenant row's lock during the claim)."
   echo "- Enqueue: one INSERT per call is bound by a commit (fsync, \`synchronous_commit=on\`) per"

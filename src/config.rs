@@ -65,7 +65,11 @@ pub struct PropagationSettings {
     pub required_matches: u32,
     /// Delay before the first live observation, then growing by `backoff_factor`.
     pub first_delay_ms: u64,
-    /// Longest delay between two live observations.
+    /// Longest delay between two live observations. A change is seen at most this long after it
+    /// takes effect, and the verdict follows `required_matches − 1` confirmations later: the
+    /// default (15 s, under twice `confirm_interval_ms`) keeps the verdict within
+    /// (`required_matches` + 1) × `confirm_interval_ms` of enforcement. Raising it saves Graph
+    /// calls (one `$batch` per look) at the cost of a later verdict.
     pub max_delay_ms: u64,
     pub backoff_factor: f64,
     /// Once a mailbox answers as expected, its remaining confirmations come at this interval
@@ -90,8 +94,8 @@ impl Default for PropagationSettings {
     fn default() -> Self {
         PropagationSettings {
             required_matches: 3,
-            first_delay_ms: 15_000,
-            max_delay_ms: 300_000,
+            first_delay_ms: 10_000,
+            max_delay_ms: 15_000,
             backoff_factor: 2.0,
             confirm_interval_ms: 10_000,
             deadline_seconds: 86_400,

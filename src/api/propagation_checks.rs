@@ -18,7 +18,7 @@ use uuid::Uuid;
 use super::problem::{ApiError, Problem, ProblemKind};
 use super::{AppState, page_limit};
 use crate::auth::{Caller, Role};
-use crate::domain::propagation::Access;
+use crate::domain::propagation::{Access, Bracket};
 use crate::provisioning::checks::{self as checks, CheckRequest, CheckView};
 use crate::queue;
 use crate::store::propagation_checks::{CheckState, Mechanism};
@@ -121,11 +121,16 @@ pub struct ExpectationView {
     pub last_observed: Option<Access>,
     pub last_observed_at: Option<DateTime<Utc>>,
     pub consecutive_matches: u32,
-    /// When the change first took effect for this mailbox (start of the final streak).
+    /// The first observation of the final matching streak: the change had taken effect for this
+    /// mailbox by then.
     pub first_matched_at: Option<DateTime<Utc>>,
     pub met_at: Option<DateTime<Utc>>,
-    /// Seconds from the change to `first_matched_at`.
-    pub propagation_seconds: Option<f64>,
+    /// The last observation that still showed the old behaviour (a flap included): the change
+    /// took effect for this mailbox after it.
+    pub last_mismatch_at: Option<DateTime<Utc>>,
+    /// Once met: seconds from the change to `last_mismatch_at` (`at_least`, 0 if the first look
+    /// already matched) and to `first_matched_at` (`at_most`).
+    pub propagation_seconds: Option<Bracket>,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -154,8 +159,11 @@ pub struct PropagationCheck {
     pub callback_deliveries: Vec<crate::webhooks::DeliveryStatus>,
     /// Why it ended as it did (misconfiguration, last observations at the deadline, failure).
     pub reason: Option<String>,
-    /// Seconds from the change until every mailbox answered as expected.
-    pub propagation_seconds: Option<f64>,
+    /// Once `succeeded` through Graph: when the change took effect at the slowest mailbox, in
+    /// seconds from the change, as the observations bound it. `at_least` is the last
+    /// observation that still showed the old behaviour, `at_most` the first of the confirmed
+    /// new behaviour; the true moment lies between (the gap is one observation interval).
+    pub propagation_seconds: Option<Bracket>,
     /// `manual`, `access_policy` (started by a policy change) or `rbac_restriction` (started
     /// when an RBAC restriction was enforced or replaced).
     #[schema(value_type = super::schema::CheckOrigin)]
@@ -225,10 +233,8 @@ pub(crate) fn view_of(v: CheckView) -> PropagationCheck {
             .expectations
             .into_iter()
             .map(|e| ExpectationView {
-                propagation_seconds: e
-                    .first_matched_at
-                    .filter(|_| e.met_at.is_some())
-                    .map(|f| ((f - changed).num_milliseconds().max(0) as f64) / 1000.0),
+                propagation_seconds: e.propagation(changed),
+                last_mismatch_at: e.last_mismatch_at,
                 mailbox: e.mailbox,
                 expected: e.expected,
                 last_observed: e.last_observed,

@@ -58,6 +58,10 @@ pub struct Expectation {
     /// When the streak reached the required length.
     #[serde(default)]
     pub met_at: Option<DateTime<Utc>>,
+    /// The last observation that did not match (the old behaviour still served): with
+    /// `first_matched_at` it brackets when the change took effect for this mailbox.
+    #[serde(default)]
+    pub last_mismatch_at: Option<DateTime<Utc>>,
 }
 
 impl Expectation {
@@ -70,7 +74,20 @@ impl Expectation {
             consecutive_matches: 0,
             first_matched_at: None,
             met_at: None,
+            last_mismatch_at: None,
         }
+    }
+
+    /// When the change took effect for this mailbox, once met: after the last mismatch (or
+    /// after `since`, the change, if none was seen) and no later than the first match of the
+    /// final streak; in seconds from `since`.
+    pub fn propagation(&self, since: DateTime<Utc>) -> Option<Bracket> {
+        self.met_at?;
+        let first = self.first_matched_at?;
+        let secs = |t: DateTime<Utc>| ((t - since).num_milliseconds().max(0) as f64) / 1000.0;
+        let at_most = secs(first);
+        let at_least = self.last_mismatch_at.map_or(0.0, secs).min(at_most);
+        Some(Bracket { at_least, at_most })
     }
 
     pub fn is_met(&self) -> bool {
@@ -94,6 +111,7 @@ impl Expectation {
         } else {
             self.consecutive_matches = 0;
             self.first_matched_at = None;
+            self.last_mismatch_at = Some(at);
         }
     }
 }
@@ -103,17 +121,33 @@ pub fn all_met(expectations: &[Expectation]) -> bool {
     !expectations.is_empty() && expectations.iter().all(Expectation::is_met)
 }
 
-/// How long the change took to be seen in force everywhere: from `since` (the change) to the
-/// last expectation's first matching observation of its final streak.
-pub fn propagation_seconds(since: DateTime<Utc>, expectations: &[Expectation]) -> Option<f64> {
+/// How long a change took to take effect, in seconds from the change, as observations bound it:
+/// a check only sees the moment between two looks, so it reports both ends rather than one
+/// number that would read as more precise than it is.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[schema(example = json!({"at_least": 20.4, "at_most": 25.6}))]
+pub struct Bracket {
+    /// Seconds from the change to the last observation that still showed the old behaviour
+    /// (0 when the first observation already showed the new one).
+    pub at_least: f64,
+    /// Seconds from the change to the first observation of the new behaviour that was then
+    /// confirmed.
+    pub at_most: f64,
+}
+
+/// How long the change took to be in force everywhere, from `since` (the change): the latest
+/// mailbox decides both ends (the change is everywhere only once it is at the slowest one).
+pub fn propagation_seconds(since: DateTime<Utc>, expectations: &[Expectation]) -> Option<Bracket> {
     if !all_met(expectations) {
         return None;
     }
-    let last = expectations
+    expectations
         .iter()
-        .filter_map(|e| e.first_matched_at)
-        .max()?;
-    Some(((last - since).num_milliseconds().max(0) as f64) / 1000.0)
+        .filter_map(|e| e.propagation(since))
+        .reduce(|a, b| Bracket {
+            at_least: a.at_least.max(b.at_least),
+            at_most: a.at_most.max(b.at_most),
+        })
 }
 
 /// Merge expectations for the same mailbox (the last one wins) keeping the input order.
@@ -262,6 +296,7 @@ mod tests {
         e.observe(Access::Granted, t(3), 3);
         assert_eq!(e.consecutive_matches, 0);
         assert_eq!(e.first_matched_at, None);
+        assert_eq!(e.last_mismatch_at, Some(t(3)));
         assert!(!e.is_met());
         for s in 4..=6 {
             e.observe(Access::Denied, t(s), 3);
@@ -272,6 +307,11 @@ mod tests {
         // Once met, it stays met; the observation is still recorded.
         e.observe(Access::Granted, t(7), 3);
         assert!(e.is_met());
+        assert_eq!(
+            e.last_mismatch_at,
+            Some(t(3)),
+            "the bracket stays that of the streak"
+        );
         assert_eq!(e.last_observed, Some(Access::Granted));
     }
 
@@ -283,9 +323,24 @@ mod tests {
         a.observe(Access::Granted, t(10), 1);
         assert!(!all_met(&[a.clone(), b.clone()]));
         assert_eq!(propagation_seconds(t(0), &[a.clone(), b.clone()]), None);
+        b.observe(Access::Granted, t(20), 1);
         b.observe(Access::Denied, t(30), 1);
         assert!(all_met(&[a.clone(), b.clone()]));
-        assert_eq!(propagation_seconds(t(0), &[a, b]), Some(30.0));
+        // b still answered the old way at 20 s and the new way at 30 s; a was never seen wrong.
+        assert_eq!(
+            a.propagation(t(0)),
+            Some(Bracket {
+                at_least: 0.0,
+                at_most: 10.0
+            })
+        );
+        assert_eq!(
+            propagation_seconds(t(0), &[a, b]),
+            Some(Bracket {
+                at_least: 20.0,
+                at_most: 30.0
+            })
+        );
     }
 
     #[test]

@@ -22,6 +22,7 @@
 //! and looks for the secret by its display name too, so a crash between Microsoft's `addPassword`
 //! and mailscope's write cannot leak it: the next run (or the final one) removes it.
 use chrono::{DateTime, Utc};
+use deadpool_postgres::GenericClient;
 use secrecy::{ExposeSecret, SecretString};
 use uuid::Uuid;
 
@@ -339,9 +340,12 @@ async fn step(services: &Services, ctx: &JobContext, check_id: Uuid) -> Step<Out
     if rules::all_met(&exps) {
         remove_probe_secret(&db, &handle, &check).await?;
         let seconds = rules::propagation_seconds(check.changed_at, &exps);
+        // The verdict and the policies it puts in force are seen together.
+        let mut db = db;
+        let tx = db.transaction().await?;
         let outcome = finish_with(
             services,
-            &db,
+            &tx,
             &check,
             Progress {
                 state: CheckState::Succeeded,
@@ -356,8 +360,9 @@ async fn step(services: &Services, ctx: &JobContext, check_id: Uuid) -> Step<Out
         )
         .await?;
         if matches!(outcome, Outcome::Succeeded(_)) {
-            mark_in_force(&db, &check).await?;
+            mark_in_force(&tx, &check).await?;
         }
+        tx.commit().await?;
         return Ok(outcome);
     }
     let settings = &services.settings.propagation;
@@ -589,7 +594,7 @@ async fn end_on_exchange_word(
 
 async fn finish_with(
     services: &Services,
-    db: &deadpool_postgres::Object,
+    db: &impl GenericClient,
     check: &CheckRecord,
     p: Progress<'_>,
 ) -> Step<Outcome> {
@@ -619,7 +624,7 @@ async fn finish_with(
 /// is validated again (settings may have changed since the request); a refused URL is logged.
 async fn notify(
     services: &Services,
-    db: &deadpool_postgres::Object,
+    db: &impl GenericClient,
     check: &CheckRecord,
     result: &serde_json::Value,
 ) {
@@ -796,7 +801,7 @@ async fn ensure_probe_secret(
 }
 
 /// A check that saw the change in Graph puts the app's pending policies in force.
-async fn mark_in_force(db: &deadpool_postgres::Object, check: &CheckRecord) -> Step<()> {
+async fn mark_in_force(db: &impl GenericClient, check: &CheckRecord) -> Step<()> {
     if check.mechanism == Mechanism::Rbac {
         db.execute(
             "UPDATE rbac_restrictions SET state = 'in_force', updated_at = now()

@@ -17,13 +17,18 @@
 //!   transactions. Known limit: tenants are ordered by their earliest job of any kind, so a
 //!   worker that handles only some kinds may be offered tenants whose head job it cannot run.
 //! - **Batches**: a worker whose last claim filled every free slot waits until half its slots are
-//!   free (or 5 ms after the first frees) before claiming again, instead of a claim per job.
+//!   free (or 5 ms after the first frees) before claiming again, instead of a claim per job. The
+//!   outcomes of the runs that ended meanwhile (succeeded or rescheduled, the common ones) are
+//!   written by one statement in the claim's transaction: one commit per batch, not per job. The
+//!   statements are prepared once per connection and sent without waiting for each other.
 //! - **Leases and fencing**: a running job holds a lease renewed by a heartbeat. The reaper returns
 //!   jobs whose lease lapsed (a crashed worker) to the queue. Each claim increments `attempt`, and
 //!   every write a worker makes names the attempt it claimed, so a late worker's write matches no
 //!   row and is discarded.
-//! - **Wake-ups**: an insert trigger NOTIFYs; workers LISTEN on a dedicated connection that
-//!   reconnects by itself, and poll as a fallback (future `run_at`, lost notifications).
+//! - **Wake-ups**: every statement that queues jobs NOTIFYs once, with the seconds until the
+//!   earliest of them is runnable (migration 0015); workers LISTEN on a dedicated connection that
+//!   reconnects by itself, wake at once or keep a timer for that time, so a job scheduled ahead
+//!   by any process runs at its time; they poll as a fallback (lost notifications).
 //! - **Uniqueness**: a partial unique index over active states allows one active job per
 //!   (kind, tenant, unique key); enqueueing again returns the active job.
 use chrono::{DateTime, Utc};

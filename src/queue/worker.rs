@@ -12,7 +12,7 @@ use prometheus::{
     Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
 };
 use rand::Rng;
-use tokio::sync::{Notify, Semaphore, watch};
+use tokio::sync::{Notify, Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 use uuid::Uuid;
 
@@ -155,12 +155,78 @@ pub struct Worker {
     listen_url: Option<String>,
     tls_ca_file: Option<std::path::PathBuf>,
     /// The earliest time a job this worker rescheduled is due: the loop wakes then instead of
-    /// at the next poll (other workers' reschedules are still found by polling).
+    /// at the next poll, also without a LISTEN connection (with one, the NOTIFY does it too).
     next_due: Mutex<Option<tokio::time::Instant>>,
 }
 
 /// Jobs this worker holds: id → attempt.
 type Held = Arc<Mutex<HashMap<Uuid, i32>>>;
+
+/// A run that ended; `outcome` is what is left to write (succeeded or rescheduled), `None` when
+/// it was written already or there is nothing to write (the lease was lost).
+struct Ended {
+    id: Uuid,
+    attempt: i32,
+    outcome: Option<Outcome>,
+}
+
+/// Writes many succeeded and rescheduled runs in one statement, each fenced by its attempt like
+/// [`Worker::record`]; returns the ids written.
+const SETTLE_SQL: &str = "UPDATE jobs j SET
+        state = CASE WHEN d.done THEN 'succeeded' ELSE 'queued' END,
+        result = CASE WHEN d.done THEN d.result ELSE j.result END,
+        run_at = CASE WHEN d.done THEN j.run_at ELSE d.run_at END,
+        payload = coalesce(d.payload, j.payload),
+        finished_at = CASE WHEN d.done THEN now() ELSE j.finished_at END,
+        failures = 0, lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
+    FROM unnest($1::uuid[], $2::int4[], $3::bool[], $4::jsonb[], $5::timestamptz[], $6::jsonb[])
+         AS d(id, attempt, done, result, run_at, payload)
+    WHERE j.id = d.id AND j.attempt = d.attempt AND j.state = 'running'
+    RETURNING j.id";
+
+/// [`SETTLE_SQL`]'s parameters, as columns.
+#[derive(Default)]
+struct Settle {
+    ids: Vec<Uuid>,
+    attempts: Vec<i32>,
+    done: Vec<bool>,
+    results: Vec<serde_json::Value>,
+    run_ats: Vec<Option<DateTime<Utc>>>,
+    payloads: Vec<Option<serde_json::Value>>,
+}
+
+impl Settle {
+    fn of(ended: &[Ended]) -> Settle {
+        let mut s = Settle::default();
+        for e in ended {
+            let (done, result, run_at, payload) = match &e.outcome {
+                Some(Outcome::Succeeded(r)) => (true, r.clone(), None, None),
+                Some(Outcome::Reschedule { at, payload }) => {
+                    (false, serde_json::Value::Null, Some(*at), payload.clone())
+                }
+                _ => continue,
+            };
+            s.ids.push(e.id);
+            s.attempts.push(e.attempt);
+            s.done.push(done);
+            s.results.push(result);
+            s.run_ats.push(run_at);
+            s.payloads.push(payload);
+        }
+        s
+    }
+
+    fn params(&self) -> [&(dyn tokio_postgres::types::ToSql + Sync); 6] {
+        [
+            &self.ids,
+            &self.attempts,
+            &self.done,
+            &self.results,
+            &self.run_ats,
+            &self.payloads,
+        ]
+    }
+}
 
 impl Worker {
     pub fn new(
@@ -219,31 +285,67 @@ impl Worker {
         let slots = Arc::new(Semaphore::new(self.cfg.concurrency));
         let held: Held = Arc::default();
         let mut running = JoinSet::new();
+        // Runs that ended: their outcomes are written with the next claim, in its transaction.
+        let (ended_tx, mut ended_rx) = mpsc::unbounded_channel::<Ended>();
+        let mut ended: Vec<Ended> = Vec::new();
         let this = Arc::new(self);
         tracing::info!(owner = %this.cfg.owner, ?kinds, concurrency = this.cfg.concurrency, "worker started");
         loop {
             if *shutdown.borrow() {
                 break;
             }
-            let free = slots.available_permits();
+            while let Ok(e) = ended_rx.try_recv() {
+                ended.push(e);
+            }
+            while running.try_join_next().is_some() {}
+            let free = if kinds.is_empty() {
+                0
+            } else {
+                slots.available_permits()
+            };
             let mut claimed = 0;
-            if free > 0 && !kinds.is_empty() {
-                match this.claim(&kinds, free as i64).await {
+            if free > 0 || !ended.is_empty() {
+                match this
+                    .settle_and_claim(&kinds, free as i64, &ended, &held)
+                    .await
+                {
                     Ok(jobs) => {
+                        ended.clear();
                         claimed = jobs.len();
                         for job in jobs {
                             let Ok(permit) = slots.clone().try_acquire_owned() else {
                                 break;
                             };
                             held.lock().map(|mut h| h.insert(job.id, job.attempt)).ok();
-                            let (w, held) = (this.clone(), held.clone());
+                            let (w, held, ended_tx) =
+                                (this.clone(), held.clone(), ended_tx.clone());
                             running.spawn(async move {
                                 let (id, attempt) = (job.id, job.attempt);
-                                w.execute(job).await;
-                                held.lock()
-                                    .map(|mut h| h.remove(&id).filter(|a| *a == attempt))
-                                    .ok();
+                                let outcome = w.execute(job).await;
+                                // Rare outcomes are written at once; the common ones wait for
+                                // the next claim (one statement for all of them).
+                                let batched = match outcome {
+                                    Some(
+                                        o @ (Outcome::Succeeded(_) | Outcome::Reschedule { .. }),
+                                    ) => Some(o),
+                                    Some(o) => {
+                                        w.record_logged(id, attempt, &o).await;
+                                        None
+                                    }
+                                    None => None,
+                                };
+                                if batched.is_none() {
+                                    held.lock()
+                                        .map(|mut h| h.remove(&id).filter(|a| *a == attempt))
+                                        .ok();
+                                }
+                                // Free the slot before saying so: the loop claims for it.
                                 drop(permit);
+                                let _ = ended_tx.send(Ended {
+                                    id,
+                                    attempt,
+                                    outcome: batched,
+                                });
                             });
                         }
                     }
@@ -253,13 +355,20 @@ impl Worker {
             if claimed > 0 && claimed == free {
                 // Possibly more work waiting. Claim again once a batch of slots is free rather
                 // than each time one frees: a claim costs about the same for 1 job as for 16.
-                wait_for_slots(&slots, &mut running, this.cfg.concurrency, &mut shutdown).await;
+                wait_for_slots(
+                    &slots,
+                    &mut ended_rx,
+                    &mut ended,
+                    this.cfg.concurrency,
+                    &mut shutdown,
+                )
+                .await;
                 continue;
             }
             tokio::select! {
                 _ = wake.notified() => {}
                 _ = tokio::time::sleep_until(this.wake_at()) => {}
-                Some(_) = running.join_next(), if !running.is_empty() => {}
+                Some(e) = ended_rx.recv() => ended.push(e),
                 _ = shutdown.changed() => {}
             }
         }
@@ -274,6 +383,15 @@ impl Worker {
             }
         }
         running.abort_all();
+        // Write what finished before releasing the rest.
+        while let Ok(e) = ended_rx.try_recv() {
+            ended.push(e);
+        }
+        if !ended.is_empty()
+            && let Err(e) = this.settle_and_claim(&kinds, 0, &ended, &held).await
+        {
+            tracing::warn!(error = %e, "could not record the last outcomes; their leases will lapse");
+        }
         let leftovers: Vec<(Uuid, i32)> = held
             .lock()
             .map(|h| h.iter().map(|(k, v)| (*k, *v)).collect())
@@ -330,29 +448,82 @@ impl Worker {
 
     /// Claim up to `limit` runnable jobs of the given kinds, fairly across tenants.
     pub async fn claim(&self, kinds: &[String], limit: i64) -> Result<Vec<JobRecord>, StoreError> {
+        self.settle_and_claim(kinds, limit, &[], &Held::default())
+            .await
+    }
+
+    /// Write the outcomes of runs that ended (one statement, fenced by attempt) and claim up to
+    /// `limit` jobs, in one transaction: one commit for a batch instead of one per job. The
+    /// statements are prepared once per connection and sent together (one round trip).
+    async fn settle_and_claim(
+        &self,
+        kinds: &[String],
+        limit: i64,
+        ended: &[Ended],
+        held: &Held,
+    ) -> Result<Vec<JobRecord>, StoreError> {
         let started = Instant::now();
         let mut client = self.pool.get().await?;
-        let sql = Self::claim_sql();
+        let settle = ended.iter().filter(|e| e.outcome.is_some()).count() > 0;
+        let settle_sql = if settle {
+            Some(client.prepare_cached(SETTLE_SQL).await?)
+        } else {
+            None
+        };
+        let claim_sql = if limit > 0 {
+            Some(client.prepare_cached(&Self::claim_sql()).await?)
+        } else {
+            None
+        };
+        let batch = Settle::of(ended);
         let tx = client.transaction().await?;
+        let settled = async {
+            match &settle_sql {
+                Some(st) => tx.query(st, &batch.params()).await,
+                None => Ok(Vec::new()),
+            }
+        };
+        let claimed = async {
+            match &claim_sql {
+                Some(st) => {
+                    tx.query(
+                        st,
+                        &[
+                            &kinds,
+                            &self.cfg.per_tenant_cap,
+                            &limit,
+                            &self.cfg.owner,
+                            &self.cfg.lease.as_secs_f64(),
+                        ],
+                    )
+                    .await
+                }
+                None => Ok(Vec::new()),
+            }
+        };
         // The plan is a handful of index probes; JIT compilation would cost more than it runs.
-        tx.batch_execute("SET LOCAL jit = off").await?;
-        let rows = tx
-            .query(
-                &sql,
-                &[
-                    &kinds,
-                    &self.cfg.per_tenant_cap,
-                    &limit,
-                    &self.cfg.owner,
-                    &self.cfg.lease.as_secs_f64(),
-                ],
-            )
-            .await?;
+        // Sent in this order without waiting between them.
+        let (_, settled, claimed) =
+            tokio::try_join!(tx.batch_execute("SET LOCAL jit = off"), settled, claimed)?;
         tx.commit().await?;
-        self.metrics
-            .claim_latency
-            .observe(started.elapsed().as_secs_f64());
-        Ok(rows.iter().map(from_row).collect())
+        if limit > 0 {
+            self.metrics
+                .claim_latency
+                .observe(started.elapsed().as_secs_f64());
+        }
+        let written: std::collections::HashSet<Uuid> = settled.iter().map(|r| r.get(0)).collect();
+        for e in ended {
+            let Some(outcome) = &e.outcome else { continue };
+            held.lock()
+                .map(|mut h| h.remove(&e.id).filter(|a| *a == e.attempt))
+                .ok();
+            if !written.contains(&e.id) {
+                tracing::warn!(job = %e.id, attempt = e.attempt, "lease lost before the outcome was recorded; discarded");
+            } else if let Outcome::Reschedule { at, .. } = outcome {
+                self.due_at(*at);
+            }
+        }
+        Ok(claimed.iter().map(from_row).collect())
     }
 
     /// When the idle loop should look again: the next poll, or earlier when a job this worker
@@ -384,10 +555,9 @@ impl Worker {
         }
     }
 
-    async fn execute(&self, job: JobRecord) {
-        let Some(handler) = self.handlers.get(&job.kind).cloned() else {
-            return;
-        };
+    /// Run the handler under a heartbeat; `None` when the lease was lost (nothing to write).
+    async fn execute(&self, job: JobRecord) -> Option<Outcome> {
+        let handler = self.handlers.get(&job.kind).cloned()?;
         let (id, attempt, kind) = (job.id, job.attempt, job.kind.clone());
         let span =
             tracing::info_span!("job", job = %id, kind = %kind, attempt, tenant = %job.tenant_id);
@@ -422,7 +592,7 @@ impl Worker {
             }
         };
         heartbeat.abort();
-        let Some(outcome) = outcome else { return };
+        let outcome = outcome?;
         let label = match &outcome {
             Outcome::Succeeded(_) => "succeeded",
             Outcome::Reschedule { .. } => "rescheduled",
@@ -441,18 +611,23 @@ impl Worker {
         if matches!(outcome, Outcome::Retry(_)) {
             self.metrics.retries.with_label_values(&[&kind]).inc();
         }
-        match self.record(id, attempt, &outcome).await {
+        Some(outcome)
+    }
+
+    /// [`Worker::record`] for one run, logging what went wrong.
+    async fn record_logged(&self, id: Uuid, attempt: i32, outcome: &Outcome) {
+        match self.record(id, attempt, outcome).await {
             Ok(true) => {
-                if let Outcome::Reschedule { at, .. } = &outcome {
+                if let Outcome::Reschedule { at, .. } = outcome {
                     self.due_at(*at);
                 }
             }
-            Ok(false) => span.in_scope(|| {
-                tracing::warn!("lease lost before the outcome was recorded; discarded")
-            }),
-            Err(e) => span.in_scope(
-                || tracing::warn!(error = %e, "could not record the outcome; the lease will lapse"),
-            ),
+            Ok(false) => {
+                tracing::warn!(job = %id, attempt, "lease lost before the outcome was recorded; discarded")
+            }
+            Err(e) => {
+                tracing::warn!(job = %id, attempt, error = %e, "could not record the outcome; the lease will lapse")
+            }
         }
     }
 
@@ -543,7 +718,8 @@ impl Worker {
 /// frees, whichever comes first (a slow job must not hold back the slots that are free).
 async fn wait_for_slots(
     slots: &Semaphore,
-    running: &mut JoinSet<()>,
+    ended_rx: &mut mpsc::UnboundedReceiver<Ended>,
+    ended: &mut Vec<Ended>,
     concurrency: usize,
     shutdown: &mut watch::Receiver<bool>,
 ) {
@@ -552,14 +728,14 @@ async fn wait_for_slots(
         return;
     }
     tokio::select! {
-        Some(_) = running.join_next(), if !running.is_empty() => {}
+        Some(e) = ended_rx.recv() => ended.push(e),
         _ = shutdown.changed() => return,
     }
     let deadline = tokio::time::sleep(BATCH_WAIT);
     tokio::pin!(deadline);
-    while slots.available_permits() < enough && !running.is_empty() {
+    while slots.available_permits() < enough {
         tokio::select! {
-            _ = running.join_next() => {}
+            Some(e) = ended_rx.recv() => ended.push(e),
             _ = &mut deadline => return,
             _ = shutdown.changed() => return,
         }

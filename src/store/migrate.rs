@@ -64,6 +64,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "grant_expiry_notice",
         include_str!("../../migrations/0014_grant_expiry_notice.sql"),
     ),
+    (
+        15,
+        "verdict_latency",
+        include_str!("../../migrations/0015_verdict_latency.sql"),
+    ),
 ];
 
 /// Arbitrary but fixed: "mailscop" in ASCII.

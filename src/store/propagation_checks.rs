@@ -6,7 +6,7 @@ use tokio_postgres::Row;
 use uuid::Uuid;
 
 use super::StoreError;
-use crate::domain::propagation::Expectation;
+use crate::domain::propagation::{Bracket, Expectation};
 
 /// A check's state, mapped to the stored values (the table's CHECK constraint) here only.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -128,7 +128,8 @@ pub struct CheckRecord {
     pub updated_at: DateTime<Utc>,
     pub started_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
-    pub propagation_seconds: Option<f64>,
+    /// How long the change took to be in force, once succeeded through Graph.
+    pub propagation_seconds: Option<Bracket>,
     pub changed_at: DateTime<Utc>,
     pub mechanism: Mechanism,
 }
@@ -153,7 +154,7 @@ impl CheckRecord {
 const COLUMNS: &str = "id, tenant_id, app_id, state, stage, verified_by, expectations, \
     required_matches, revision, rounds, deadline, callback_url, job_id, cancel_requested, \
     probe_key_id, probe_secret_sealed, reason, result, origin, created_at, updated_at, started_at, \
-    finished_at, propagation_seconds, changed_at, mechanism";
+    finished_at, propagation_seconds, changed_at, mechanism, propagation_seconds_at_least";
 
 fn from_row(r: &Row) -> CheckRecord {
     let exp: serde_json::Value = r.get(6);
@@ -184,7 +185,11 @@ fn from_row(r: &Row) -> CheckRecord {
         updated_at: r.get(20),
         started_at: r.get(21),
         finished_at: r.get(22),
-        propagation_seconds: r.get(23),
+        propagation_seconds: r.get::<_, Option<f64>>(23).map(|at_most| Bracket {
+            // Checks that ended before the bracket was recorded knew only the upper end.
+            at_least: r.get::<_, Option<f64>>(26).unwrap_or(0.0),
+            at_most,
+        }),
         changed_at: r.get(24),
         mechanism: Mechanism::parse(r.get(25)).unwrap_or_default(),
     }
@@ -318,7 +323,7 @@ pub struct Progress<'a> {
     pub rounds: i32,
     pub reason: Option<&'a str>,
     pub result: Option<&'a serde_json::Value>,
-    pub propagation_seconds: Option<f64>,
+    pub propagation_seconds: Option<Bracket>,
 }
 
 pub async fn save_progress(
@@ -331,7 +336,8 @@ pub async fn save_progress(
         .execute(
             "UPDATE propagation_checks SET state = $3, stage = $4, verified_by = $5,
                  expectations = $6, rounds = $7, reason = $8, result = $9,
-                 propagation_seconds = $10, updated_at = now(),
+                 propagation_seconds = $10, propagation_seconds_at_least = $11,
+                 updated_at = now(),
                  started_at = coalesce(started_at, now()),
                  finished_at = CASE WHEN $3 IN ('queued', 'running') THEN NULL ELSE now() END
              WHERE id = $1 AND revision = $2 AND state IN ('queued', 'running')
@@ -346,7 +352,8 @@ pub async fn save_progress(
                 &p.rounds,
                 &p.reason,
                 &p.result,
-                &p.propagation_seconds,
+                &p.propagation_seconds.map(|b| b.at_most),
+                &p.propagation_seconds.map(|b| b.at_least),
             ],
         )
         .await?;

@@ -408,6 +408,48 @@ async fn notify_wakes_an_idle_worker_long_before_its_poll() {
     handle.await.unwrap();
 }
 
+/// A job another process schedules ahead wakes an idle worker at its `run_at`, not at its poll:
+/// the notification carries the delay and the listener keeps a timer (migration 0015).
+#[tokio::test]
+async fn a_job_scheduled_ahead_elsewhere_runs_at_its_time_not_at_the_poll() {
+    let (db, pool) = queue_db().await;
+    let mut w = worker(
+        &pool,
+        WorkerConfig {
+            poll_interval: Duration::from_secs(120),
+            ..cfg()
+        },
+        Some(&db.url),
+    );
+    w.register("later", |_| async {
+        Outcome::Succeeded(serde_json::Value::Null)
+    });
+    let (stop, handle) = start(w);
+    tokio::time::sleep(Duration::from_millis(500)).await; // let it go idle and LISTEN
+    // Plain SQL on a connection of its own, as another replica or a script would.
+    let (other, conn) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let id = Uuid::new_v4();
+    other
+        .execute(
+            "INSERT INTO jobs (id, kind, tenant_id, run_at)
+             VALUES ($1, 'later', $2, now() + interval '1.5 seconds')",
+            &[&id, &Uuid::nil()],
+        )
+        .await
+        .unwrap();
+    // Far less than the 120 s poll, and the worker's own reschedule timer never saw this job.
+    let job = wait_state(&pool, id, JobState::Succeeded, 30).await;
+    assert!(
+        job.started_at.unwrap() >= job.run_at,
+        "not before its time: {job:?}"
+    );
+    stop.send(true).unwrap();
+    handle.await.unwrap();
+}
+
 #[tokio::test]
 async fn enqueue_many_inserts_all_in_order_and_respects_unique_keys() {
     let (_db, pool) = queue_db().await;
