@@ -6,8 +6,9 @@
 //! Wire details follow `docs/microsoft-365.md`; every behaviour that document marks as
 //! unverified is a setting ([`settings::Behaviour`]) with the documented default.
 //!
-//! What makes it more than a mock: access rules are evaluated with [`crate::domain::access`] and
-//! [`crate::domain::rbac`], Exchange's Test cmdlets see changes at once while Graph front ends
+//! What makes it more than a mock: access rules are evaluated by the sandbox's own reading of
+//! Microsoft's pages ([`rules`], never mailscope's `domain` rules, so that a rule mailscope
+//! misreads shows up as a disagreement), Exchange's Test cmdlets see changes at once while Graph front ends
 //! adopt them after configurable delays (so answers flap while a change propagates), new
 //! Exchange objects stay invisible for a replication delay, and throttling and faults are
 //! deterministic under a seed.
@@ -17,6 +18,7 @@ pub mod graph;
 pub mod login;
 pub mod model;
 pub mod propagation;
+pub mod rules;
 pub mod settings;
 pub mod state;
 pub mod tokens;

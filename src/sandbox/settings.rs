@@ -8,7 +8,7 @@ use std::time::Duration;
 use rand::Rng;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::domain::access::NestedGroups;
+use super::rules::Nesting;
 
 /// A duration or a range of durations, written `2s`, `500ms`, `30s..5m`, `1h`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -343,9 +343,9 @@ pub enum ScopeObjectId {
 pub struct Behaviour {
     /// Do nested groups count in application access policy scopes? (docs/microsoft-365.md docs/microsoft-365.md §2.5; the current
     /// documentation says they do.)
-    pub aap_nested_groups: NestedGroups,
+    pub aap_nested_groups: Nesting,
     /// Do nested groups count for `MemberOfGroup` in RBAC scopes? (docs/microsoft-365.md docs/microsoft-365.md §3.4; default direct only.)
-    pub rbac_nested_groups: NestedGroups,
+    pub rbac_nested_groups: Nesting,
     /// Storage budget for application access policies, in bytes. Each policy costs
     /// `policy_overhead_bytes` plus its Description's length: the defaults fit 300 policies with a
     /// one-space description (docs/microsoft-365.md docs/microsoft-365.md §2.6).
@@ -385,8 +385,8 @@ pub struct Behaviour {
 impl Default for Behaviour {
     fn default() -> Self {
         Behaviour {
-            aap_nested_groups: NestedGroups::Transitive,
-            rbac_nested_groups: NestedGroups::DirectOnly,
+            aap_nested_groups: Nesting::Transitive,
+            rbac_nested_groups: Nesting::DirectOnly,
             policy_storage_limit_bytes: 300 * 201,
             policy_overhead_bytes: 200,
             access_denied_message: AccessDeniedMessage::Documented,
@@ -472,12 +472,12 @@ mod tests {
         let b = apply_overrides(
             &Behaviour::default(),
             &[
-                ("aapNestedGroups".into(), "direct_only".into()),
+                ("aapNesting".into(), "direct_only".into()),
                 ("exchangeRetryAfter".into(), "true".into()),
             ],
         )
         .unwrap();
-        assert_eq!(b.aap_nested_groups, NestedGroups::DirectOnly);
+        assert_eq!(b.aap_nested_groups, Nesting::DirectOnly);
         assert!(b.exchange_retry_after);
         assert!(apply_overrides(&Behaviour::default(), &[("nope".into(), "1".into())]).is_err());
     }
