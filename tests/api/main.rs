@@ -11,6 +11,7 @@ mod auth;
 mod connection_test;
 mod idempotency;
 mod job_throttling;
+mod documented_access;
 mod layers;
 mod operations;
 mod problems;
