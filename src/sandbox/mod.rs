@@ -50,9 +50,9 @@ pub struct SandboxArgs {
     #[arg(long)]
     pub fixture: Option<PathBuf>,
     /// Delay before each Graph front end adopts an access policy or group membership change:
-    /// a duration (`2s`) or a range (`30s..5m`). Microsoft documents up to 30 minutes, users
-    /// report hours.
-    #[arg(long, default_value = "1m..30m")]
+    /// a duration (`2s`) or a range (`30s..5m`). Microsoft: it "can take longer than 1 hour",
+    /// even once Test-ApplicationAccessPolicy shows the change; users report hours.
+    #[arg(long, default_value = "1m..2h")]
     pub propagation_delay: DelayRange,
     /// Delay before Graph front ends adopt an RBAC for Applications change (permission cache;
     /// Microsoft: 30 minutes to 2 hours).

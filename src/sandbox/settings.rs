@@ -211,7 +211,8 @@ impl FromStr for Api {
 #[serde(rename_all = "camelCase", default, deny_unknown_fields)]
 pub struct Pacing {
     /// How long a Graph front end takes to adopt a change to application access policies or
-    /// group membership (docs/microsoft-365.md docs/microsoft-365.md §2.7: "up to 30 minutes" / "more than an hour").
+    /// group membership (docs/microsoft-365.md §2.7, §8.3: "more than an hour", even when
+    /// Exchange's Test cmdlet already shows it). Default 1 minute to 2 hours.
     pub propagation_delay: DelayRange,
     /// How long a Graph front end takes to adopt an RBAC for Applications change (docs/microsoft-365.md docs/microsoft-365.md §3.5: the
     /// permission cache, 30 minutes to 2 hours, unverified).
@@ -256,9 +257,12 @@ mod secs {
 impl Default for Pacing {
     fn default() -> Self {
         Pacing {
+            // Microsoft: a policy change "can take longer than 1 hour" to apply in Graph, even
+            // once Test-ApplicationAccessPolicy shows it (docs/microsoft-365.md §8.3); the range
+            // reaches twice that so a client's patience past the first hour gets exercised.
             propagation_delay: DelayRange::between(
                 Duration::from_secs(60),
-                Duration::from_secs(30 * 60),
+                Duration::from_secs(2 * 3600),
             ),
             rbac_propagation_delay: DelayRange::between(
                 Duration::from_secs(30 * 60),

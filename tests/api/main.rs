@@ -26,6 +26,7 @@ mod webhooks;
 
 mod sandbox_control;
 mod sandbox_exchange;
+mod sandbox_fidelity;
 mod sandbox_graph;
 mod sandbox_helpers;
 mod sandbox_login;
