@@ -201,3 +201,39 @@ async fn by_default_a_policy_change_can_take_longer_than_an_hour_and_checks_wait
     let rbac_tail = Pacing::default().rbac_propagation_delay.max;
     assert!(Duration::from_secs(p.rbac_deadline_seconds) >= 2 * rbac_tail);
 }
+
+/// `--tls`: https whose certificate a client trusts through the CA file alone (here rustls via
+/// reqwest, which also enforces the CA's name constraints; tests/clients/run.sh runs Microsoft's
+/// Python clients the same way).
+#[tokio::test]
+async fn the_tls_sandbox_is_trusted_through_its_ca_file_alone() {
+    let dir = std::env::temp_dir().join(format!("mailscope-sb-tls-{}", uuid::Uuid::new_v4()));
+    let mut s = SandboxSettings::fast();
+    s.tls_dir = Some(dir.clone());
+    let h = mailscope::sandbox::spawn(s).await.unwrap();
+    assert!(h.base_url.starts_with("https://127.0.0.1:"), "{}", h.base_url);
+    let ca = std::fs::read(h.ca_file.clone().unwrap()).unwrap();
+    let url = format!(
+        "{}/{}/v2.0/.well-known/openid-configuration",
+        h.base_url,
+        h.default_tenant_id()
+    );
+    // Without the CA the connection is refused; with it, the sandbox advertises https endpoints.
+    let plain = reqwest::Client::builder().no_proxy().build().unwrap();
+    assert!(plain.get(&url).send().await.is_err());
+    let trusting = reqwest::Client::builder()
+        .no_proxy()
+        .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
+        .build()
+        .unwrap();
+    let v: Value = trusting.get(&url).send().await.unwrap().json().await.unwrap();
+    assert!(
+        v["token_endpoint"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("{}/", h.base_url)),
+        "{v}"
+    );
+    h.stop().await;
+    std::fs::remove_dir_all(&dir).unwrap();
+}
