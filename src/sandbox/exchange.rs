@@ -13,7 +13,6 @@ use chrono::{DateTime, Utc};
 use rand::rngs::StdRng;
 use serde_json::{Map, Value, json};
 
-
 use super::login::{bearer_claims, url_decode_form};
 use super::model::*;
 use super::rules::{

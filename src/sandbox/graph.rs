@@ -12,11 +12,10 @@ use chrono::{DateTime, Utc};
 use rand::seq::SliceRandom;
 use serde_json::{Map, Value, json};
 
-
 use super::login::{bearer_claims, percent_decode, url_decode_form};
 use super::model::*;
-use super::settings::{AccessDeniedMessage, Api};
 use super::rules::Outcome;
+use super::settings::{AccessDeniedMessage, Api};
 use super::state::{CallRecord, Shared, World, grant_id};
 use super::tokens::{AccessClaims, TokenProblem, pem_to_der, thumbprint_hex};
 use super::wire::{Reply, graph_error, graph_throttled};

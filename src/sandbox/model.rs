@@ -641,12 +641,7 @@ impl Tenant {
     }
 
     /// What recipient filters see of a recipient, with group DNs in the given nested mode.
-    pub fn recipient_facts(
-        &self,
-        r: &Recipient,
-        members: &Memberships,
-        nested: Nesting,
-    ) -> Facts {
+    pub fn recipient_facts(&self, r: &Recipient, members: &Memberships, nested: Nesting) -> Facts {
         let mut properties = r.properties.clone();
         properties.insert("PrimarySmtpAddress".into(), r.primary_smtp_address.clone());
         properties.insert("Alias".into(), r.alias.clone());

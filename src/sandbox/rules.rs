@@ -187,7 +187,10 @@ pub fn role_grants(role: &str) -> Option<(&'static str, &'static [&'static str])
         ("Application Mail.ReadBasic", &["Mail.ReadBasic"]),
         ("Application Mail.ReadWrite", &["Mail.ReadWrite"]),
         ("Application Mail.Send", &["Mail.Send"]),
-        ("Application MailboxSettings.Read", &["MailboxSettings.Read"]),
+        (
+            "Application MailboxSettings.Read",
+            &["MailboxSettings.Read"],
+        ),
         (
             "Application MailboxSettings.ReadWrite",
             &["MailboxSettings.ReadWrite"],
@@ -198,7 +201,10 @@ pub fn role_grants(role: &str) -> Option<(&'static str, &'static [&'static str])
         ("Application Contacts.ReadWrite", &["Contacts.ReadWrite"]),
         ("Application EWS.AccessAsApp", &["EWS.AccessAsApp"]),
         ("Application SMTP.SendAsApp", &["SMTP.SendAsApp"]),
-        ("Application Mail Full Access", &["Mail.ReadWrite", "Mail.Send"]),
+        (
+            "Application Mail Full Access",
+            &["Mail.ReadWrite", "Mail.Send"],
+        ),
         (
             "Application Exchange Full Access",
             &[
@@ -518,7 +524,10 @@ pub enum ResourceScope {
         exclusive: bool,
     },
     /// `-RecipientGroupScope`: members of the group, named by its distinguished name.
-    Group { name: String, dn: String },
+    Group {
+        name: String,
+        dn: String,
+    },
 }
 
 impl ResourceScope {
@@ -692,12 +701,22 @@ mod tests {
             ("{ Alias -eq $null }", true),
             ("Department -like 'sales*' -and -not (City -ne $null)", true),
             ("DisplayName -eq 'O''Brien'", true),
-            ("Department -notlike '*EMEA' -or EmailAddresses -eq \"smtp:b@x.com\"", false),
+            (
+                "Department -notlike '*EMEA' -or EmailAddresses -eq \"smtp:b@x.com\"",
+                false,
+            ),
             ("Department -like 's?les*'", true),
         ] {
             assert_eq!(Filter::parse(f).unwrap().matches(&r), want, "{f}");
         }
-        for bad in ["", "Alias 'x'", "Alias -eq 'x", "(Alias -eq 'x'", "Colour -eq 1", "Alias -gt 1"] {
+        for bad in [
+            "",
+            "Alias 'x'",
+            "Alias -eq 'x",
+            "(Alias -eq 'x'",
+            "Colour -eq 1",
+            "Alias -gt 1",
+        ] {
             assert!(Filter::parse(bad).is_err(), "{bad}");
         }
     }

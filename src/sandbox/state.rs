@@ -584,8 +584,7 @@ pub fn snapshot(t: &Tenant) -> AuthzSnapshot {
         .iter()
         .filter(|r| r.kind.is_recipient())
         .map(|r| {
-            let mut f =
-                t.recipient_facts(r, &empty, Nesting::DirectOnly);
+            let mut f = t.recipient_facts(r, &empty, Nesting::DirectOnly);
             f.member_of.clear();
             (r.id.clone(), f)
         })

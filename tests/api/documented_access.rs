@@ -227,15 +227,8 @@ fn sandbox_answers(d: &Directory, case: &Value) -> BTreeMap<String, String> {
     let entra = strings(&case["entra"]);
     let accepted = accepted(case);
     let accepted: Vec<&str> = accepted.iter().map(String::as_str).collect();
-    let verdict = |id: &str| {
-        sb::policy_verdict(
-            APP,
-            id,
-            &policies,
-            &d.members,
-            behaviour.aap_nested_groups,
-        )
-    };
+    let verdict =
+        |id: &str| sb::policy_verdict(APP, id, &policies, &d.members, behaviour.aap_nested_groups);
     let mut out = BTreeMap::new();
     for (id, _) in case["expect"].as_object().into_iter().flatten() {
         let (_, props) = &d.recipients[id];

@@ -143,7 +143,11 @@ fn the_sandbox_never_uses_mailscopes_access_rules() {
                     .split(',')
                     .map(|p| p.split("::").next().unwrap_or(""))
                     .collect(),
-                None => vec![rest.split(|c: char| !c.is_alphanumeric() && c != '_').next().unwrap_or("")],
+                None => vec![
+                    rest.split(|c: char| !c.is_alphanumeric() && c != '_')
+                        .next()
+                        .unwrap_or(""),
+                ],
             };
             for n in names {
                 if n == "access" || n == "rbac" {

@@ -12,7 +12,11 @@ use crate::sandbox_helpers::*;
 
 fn policies_of(list: &[Value], app: &str) -> usize {
     list.iter()
-        .filter(|p| p["AppId"].as_str().is_some_and(|a| a.eq_ignore_ascii_case(app)))
+        .filter(|p| {
+            p["AppId"]
+                .as_str()
+                .is_some_and(|a| a.eq_ignore_ascii_case(app))
+        })
         .count()
 }
 
@@ -32,7 +36,8 @@ async fn whatif_on_the_policy_cmdlets_validates_and_changes_nothing() {
     assert_eq!(policies_of(&all, CRM_APP_ID), 0, "WhatIf created a policy");
     let test = |who: &str| json!({"Identity": who, "AppId": CRM_APP_ID});
     assert_eq!(
-        sb.cmd(&t, "Test-ApplicationAccessPolicy", test("bob")).await[0]["AccessCheckResult"],
+        sb.cmd(&t, "Test-ApplicationAccessPolicy", test("bob"))
+            .await[0]["AccessCheckResult"],
         "Granted"
     );
     let bob = sb
@@ -56,13 +61,19 @@ async fn whatif_on_the_policy_cmdlets_validates_and_changes_nothing() {
         .await;
     let id = p[0]["Identity"].as_str().unwrap().to_string();
     let r = sb
-        .invoke(&t, "Set-ApplicationAccessPolicy",
-            json!({"Identity": id, "Description": "changed", "WhatIf": true}))
+        .invoke(
+            &t,
+            "Set-ApplicationAccessPolicy",
+            json!({"Identity": id, "Description": "changed", "WhatIf": true}),
+        )
         .await;
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.bytes));
     let r = sb
-        .invoke(&t, "Remove-ApplicationAccessPolicy",
-            json!({"Identity": id, "WhatIf": true, "Confirm": false}))
+        .invoke(
+            &t,
+            "Remove-ApplicationAccessPolicy",
+            json!({"Identity": id, "WhatIf": true, "Confirm": false}),
+        )
         .await;
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.bytes));
     let got = sb
@@ -71,7 +82,8 @@ async fn whatif_on_the_policy_cmdlets_validates_and_changes_nothing() {
     assert_eq!(got.len(), 1);
     assert_eq!(got[0]["Description"], "kept");
     assert_eq!(
-        sb.cmd(&t, "Test-ApplicationAccessPolicy", test("bob")).await[0]["AccessCheckResult"],
+        sb.cmd(&t, "Test-ApplicationAccessPolicy", test("bob"))
+            .await[0]["AccessCheckResult"],
         "Denied",
         "the policy is still in force"
     );
@@ -92,9 +104,13 @@ async fn whatif_on_the_policy_cmdlets_validates_and_changes_nothing() {
 async fn test_application_access_policy_accepts_a_group() {
     let sb = Sb::fast().await;
     let t = sb.mgmt_token(EXCHANGE_SCOPE).await;
-    sb.cmd(&t, "New-ApplicationAccessPolicy", json!({"AppId": CRM_APP_ID,
-        "PolicyScopeGroupId": "Sales Team", "AccessRight": "RestrictAccess", "Description": " "}))
-        .await;
+    sb.cmd(
+        &t,
+        "New-ApplicationAccessPolicy",
+        json!({"AppId": CRM_APP_ID,
+        "PolicyScopeGroupId": "Sales Team", "AccessRight": "RestrictAccess", "Description": " "}),
+    )
+    .await;
     let test = |who: &str| json!({"Identity": who, "AppId": CRM_APP_ID});
     let r = sb
         .cmd(&t, "Test-ApplicationAccessPolicy", test("Sales Team"))
@@ -122,20 +138,31 @@ async fn add_distribution_group_member_without_member_changes_nothing() {
     let sb = Sb::fast().await;
     let t = sb.mgmt_token(EXCHANGE_SCOPE).await;
     let r = sb
-        .invoke(&t, "Add-DistributionGroupMember",
-            json!({"Identity": "Sales Team", "BypassSecurityGroupManagerCheck": true}))
+        .invoke(
+            &t,
+            "Add-DistributionGroupMember",
+            json!({"Identity": "Sales Team", "BypassSecurityGroupManagerCheck": true}),
+        )
         .await;
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.bytes));
     let members = sb
-        .cmd(&t, "Get-DistributionGroupMember", json!({"Identity": "Sales Team"}))
+        .cmd(
+            &t,
+            "Get-DistributionGroupMember",
+            json!({"Identity": "Sales Team"}),
+        )
         .await;
     let names: Vec<&str> = members.iter().filter_map(|m| m["Name"].as_str()).collect();
     assert_eq!(names, ["alice"]);
     // The group must still exist.
     assert_eq!(
-        sb.invoke(&t, "Add-DistributionGroupMember", json!({"Identity": "No Such Group"}))
-            .await
-            .status,
+        sb.invoke(
+            &t,
+            "Add-DistributionGroupMember",
+            json!({"Identity": "No Such Group"})
+        )
+        .await
+        .status,
         404
     );
 }
@@ -151,13 +178,21 @@ async fn by_default_a_policy_change_can_take_longer_than_an_hour_and_checks_wait
     s.pacing.replication_delay = mailscope::sandbox::settings::DelayRange::ZERO;
     let sb = Sb::start(s).await;
     let t = sb.mgmt_token(EXCHANGE_SCOPE).await;
-    sb.cmd(&t, "New-ApplicationAccessPolicy", json!({"AppId": CRM_APP_ID,
-        "PolicyScopeGroupId": "Sales Team", "AccessRight": "RestrictAccess", "Description": " "}))
-        .await;
+    sb.cmd(
+        &t,
+        "New-ApplicationAccessPolicy",
+        json!({"AppId": CRM_APP_ID,
+        "PolicyScopeGroupId": "Sales Team", "AccessRight": "RestrictAccess", "Description": " "}),
+    )
+    .await;
     // Exchange knows at once.
     assert_eq!(
-        sb.cmd(&t, "Test-ApplicationAccessPolicy",
-            json!({"Identity": "bob", "AppId": CRM_APP_ID})).await[0]["AccessCheckResult"],
+        sb.cmd(
+            &t,
+            "Test-ApplicationAccessPolicy",
+            json!({"Identity": "bob", "AppId": CRM_APP_ID})
+        )
+        .await[0]["AccessCheckResult"],
         "Denied"
     );
     // An hour later some front end still serves the old answer.
@@ -172,19 +207,32 @@ async fn by_default_a_policy_change_can_take_longer_than_an_hour_and_checks_wait
     let mut codes = vec![];
     for _ in 0..40 {
         codes.push(
-            sb.graph(&crm, "GET", &format!("users/{}/messages?$top=1", upn("bob")), None)
-                .await
-                .status,
+            sb.graph(
+                &crm,
+                "GET",
+                &format!("users/{}/messages?$top=1", upn("bob")),
+                None,
+            )
+            .await
+            .status,
         );
     }
-    assert!(codes.contains(&200), "bob still readable somewhere after an hour: {codes:?}");
+    assert!(
+        codes.contains(&200),
+        "bob still readable somewhere after an hour: {codes:?}"
+    );
     // Two hours after the change every front end has it.
     sb.control("POST", "clock/advance", Some(json!({"by": "60m"})))
         .await;
     let crm = sb.crm_token().await;
     for _ in 0..20 {
         let c = sb
-            .graph(&crm, "GET", &format!("users/{}/messages?$top=1", upn("bob")), None)
+            .graph(
+                &crm,
+                "GET",
+                &format!("users/{}/messages?$top=1", upn("bob")),
+                None,
+            )
             .await
             .status;
         assert_eq!(c, 403);
@@ -211,7 +259,11 @@ async fn the_tls_sandbox_is_trusted_through_its_ca_file_alone() {
     let mut s = SandboxSettings::fast();
     s.tls_dir = Some(dir.clone());
     let h = mailscope::sandbox::spawn(s).await.unwrap();
-    assert!(h.base_url.starts_with("https://127.0.0.1:"), "{}", h.base_url);
+    assert!(
+        h.base_url.starts_with("https://127.0.0.1:"),
+        "{}",
+        h.base_url
+    );
     let ca = std::fs::read(h.ca_file.clone().unwrap()).unwrap();
     let url = format!(
         "{}/{}/v2.0/.well-known/openid-configuration",
@@ -226,7 +278,14 @@ async fn the_tls_sandbox_is_trusted_through_its_ca_file_alone() {
         .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
         .build()
         .unwrap();
-    let v: Value = trusting.get(&url).send().await.unwrap().json().await.unwrap();
+    let v: Value = trusting
+        .get(&url)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert!(
         v["token_endpoint"]
             .as_str()
