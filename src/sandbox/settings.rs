@@ -476,7 +476,7 @@ mod tests {
         let b = apply_overrides(
             &Behaviour::default(),
             &[
-                ("aapNesting".into(), "direct_only".into()),
+                ("aapNestedGroups".into(), "direct_only".into()),
                 ("exchangeRetryAfter".into(), "true".into()),
             ],
         )
