@@ -75,7 +75,10 @@ pub struct PropagationSettings {
     /// Once a mailbox answers as expected, its remaining confirmations come at this interval
     /// instead of the growing backoff (never later than the backoff would have been).
     pub confirm_interval_ms: u64,
-    /// A check that has not seen the change in force by then ends `timed_out`.
+    /// A check that has not seen the change in force by then ends `timed_out`. Default 24 hours:
+    /// Microsoft says an access policy change can take longer than an hour to reach Graph even
+    /// when Exchange's Test cmdlet already shows it (docs/microsoft-365.md §2.7, §8.3), users
+    /// report several hours, and the sandbox's default tail is 2 hours.
     pub deadline_seconds: u64,
     /// In-scope members sampled per policy scope for the default expectations.
     pub sample_size: usize,

@@ -13,13 +13,11 @@ use chrono::{DateTime, Utc};
 use rand::rngs::StdRng;
 use serde_json::{Map, Value, json};
 
-use crate::domain::access::{
-    ALL_APPS, AccessRight, evaluate_application_access, policy_scope_allowed,
-};
-use crate::domain::rbac::{RecipientFilter, application_role, authorization_rows};
-
 use super::login::{bearer_claims, url_decode_form};
 use super::model::*;
+use super::rules::{
+    EVERY_APP, Filter, Right, authorization_rows, may_scope_policy, policy_verdict, role_grants,
+};
 use super::settings::{AnchorCheck, Api, EmptyOutput, ForbiddenBody, ScopeObjectId};
 use super::state::{Shared, World, assignments_of, snapshot};
 use super::tokens::{AccessClaims, TokenProblem};
@@ -66,7 +64,7 @@ const CMDLETS: &[Cmdlet] = &[
     reads("Get-DistributionGroup", GET_DISTRIBUTION_GROUP, get_distribution_group),
     writes("Set-DistributionGroup", SET_DISTRIBUTION_GROUP, set_distribution_group),
     writes("Remove-DistributionGroup", REMOVE_DISTRIBUTION_GROUP, remove_distribution_group),
-    writes("Add-DistributionGroupMember", GROUP_MEMBER, add_distribution_group_member),
+    writes("Add-DistributionGroupMember", ADD_GROUP_MEMBER, add_distribution_group_member),
     writes("Remove-DistributionGroupMember", GROUP_MEMBER, remove_distribution_group_member),
     reads("Get-DistributionGroupMember", GET_DISTRIBUTION_GROUP_MEMBER, get_distribution_group_member),
     writes("Update-DistributionGroupMember", UPDATE_DISTRIBUTION_GROUP_MEMBER, update_distribution_group_member),
@@ -76,7 +74,7 @@ const CMDLETS: &[Cmdlet] = &[
     writes("New-ApplicationAccessPolicy", NEW_APPLICATION_ACCESS_POLICY, new_policy),
     reads("Get-ApplicationAccessPolicy", GET_APPLICATION_ACCESS_POLICY, get_application_access_policy),
     writes("Set-ApplicationAccessPolicy", SET_APPLICATION_ACCESS_POLICY, set_application_access_policy),
-    writes("Remove-ApplicationAccessPolicy", IDENTITY, remove_application_access_policy),
+    writes("Remove-ApplicationAccessPolicy", REMOVE_APPLICATION_ACCESS_POLICY, remove_application_access_policy),
     reads("Test-ApplicationAccessPolicy", TEST_APPLICATION_ACCESS_POLICY, test_application_access_policy),
     writes("New-ServicePrincipal", NEW_SERVICE_PRINCIPAL, new_service_principal),
     reads("Get-ServicePrincipal", GET_SERVICE_PRINCIPAL, get_service_principal),
@@ -939,6 +937,15 @@ const GROUP_MEMBER: &[P] = &[
     P("BypassSecurityGroupManagerCheck", Kind::Switch, false),
 ];
 
+/// `Add-DistributionGroupMember`: `-Member` is optional in Microsoft's syntax
+/// (https://learn.microsoft.com/powershell/module/exchange/add-distributiongroupmember); without
+/// it the cmdlet checks the group and changes nothing.
+const ADD_GROUP_MEMBER: &[P] = &[
+    P("Identity", Kind::Str, true),
+    P("Member", Kind::Str, false),
+    P("BypassSecurityGroupManagerCheck", Kind::Switch, false),
+];
+
 /// The group (`-Identity`) and the recipient (`-Member`) of a membership change, after the
 /// manager check; `adding` also checks that the recipient can be a member.
 fn group_and_member(
@@ -960,6 +967,11 @@ fn group_and_member(
 }
 
 fn add_distribution_group_member(cx: &mut Cx<'_>, b: &Bound) -> R {
+    if !b.has("Member") {
+        identity_group(cx, b)?;
+        manager_check(cx.t, b)?;
+        return Ok(Output::none());
+    }
     let (g, member) = group_and_member(cx, b, true)?;
     if g.members.contains(&member.id) {
         return Err(ExoError {
@@ -1084,6 +1096,8 @@ fn get_application_access_policy(cx: &mut Cx<'_>, b: &Bound) -> R {
 const SET_APPLICATION_ACCESS_POLICY: &[P] = &[
     P("Identity", Kind::Str, true),
     P("Description", Kind::Str, true),
+    P("WhatIf", Kind::Switch, false),
+    P("Confirm", Kind::Switch, false),
 ];
 
 fn set_application_access_policy(cx: &mut Cx<'_>, b: &Bound) -> R {
@@ -1093,17 +1107,27 @@ fn set_application_access_policy(cx: &mut Cx<'_>, b: &Bound) -> R {
     let mut trial: Vec<Policy> = cx.t.policies.clone();
     trial[idx].description = desc.clone();
     check_storage(cx.t, &trial)?;
-    cx.t.policies[idx].description = desc;
+    if !b.flag("WhatIf") {
+        cx.t.policies[idx].description = desc;
+    }
     Ok(Output::none())
 }
 
 /// A mandatory `-Identity` and nothing else (the `Remove-*` cmdlets).
 const IDENTITY: &[P] = &[P("Identity", Kind::Str, true)];
 
+const REMOVE_APPLICATION_ACCESS_POLICY: &[P] = &[
+    P("Identity", Kind::Str, true),
+    P("WhatIf", Kind::Switch, false),
+    P("Confirm", Kind::Switch, false),
+];
+
 fn remove_application_access_policy(cx: &mut Cx<'_>, b: &Bound) -> R {
     let id = b.str("Identity").unwrap_or_default();
     let idx = find_policy(cx.t, &id, cx.now)?;
-    cx.t.policies.remove(idx);
+    if !b.flag("WhatIf") {
+        cx.t.policies.remove(idx);
+    }
     Ok(Output::none())
 }
 
@@ -1113,15 +1137,21 @@ const TEST_APPLICATION_ACCESS_POLICY: &[P] =
 fn test_application_access_policy(cx: &mut Cx<'_>, b: &Bound) -> R {
     let app_id = b.str("AppId").unwrap_or_default();
     // Test cmdlets read the live directory: replication lag and caches do not apply.
+    // A group is a valid -Identity too (Microsoft's example 1 tests the group "Engineering
+    // Staff"): the verdict is the group's own, Granted when a policy is scoped to the group.
     let mbx = resolve(
         cx.t,
         &b.str("Identity").unwrap_or_default(),
         cx.now,
         true,
-        |r| r.kind.has_mailbox() || r.kind == RecipientKind::MailUser,
+        |r| {
+            r.kind.has_mailbox()
+                || r.kind == RecipientKind::MailUser
+                || (r.kind.is_group() && r.kind.is_recipient())
+        },
     )?
     .clone();
-    let d = evaluate_application_access(
+    let d = policy_verdict(
         &app_id,
         &mbx.id,
         &cx.t.access_policies(),
@@ -1130,7 +1160,7 @@ fn test_application_access_policy(cx: &mut Cx<'_>, b: &Bound) -> R {
     );
     Ok(Output::items(vec![annotate(json!({
         "AppId": app_id, "Mailbox": mbx.name, "MailboxId": mbx.id, "MailboxSid": mbx.sid,
-        "AccessCheckResult": d.access_check_result()
+        "AccessCheckResult": d.check_result()
     }))]))
 }
 
@@ -1231,7 +1261,7 @@ fn new_management_scope(cx: &mut Cx<'_>, b: &Bound) -> R {
         )));
     }
     let filter = b.str("RecipientRestrictionFilter").unwrap_or_default();
-    RecipientFilter::parse(&filter).map_err(|e| {
+    Filter::parse(&filter).map_err(|e| {
         ExoError::invalid(format!(
             "The recipient filter \"{filter}\" isn't valid: {e}."
         ))
@@ -1305,7 +1335,7 @@ fn set_management_scope(cx: &mut Cx<'_>, b: &Bound) -> R {
             })
             .ok_or_else(|| ExoError::not_found(&id, cx.t))?;
     if let Some(filter) = b.str("RecipientRestrictionFilter") {
-        RecipientFilter::parse(&filter).map_err(|e| {
+        Filter::parse(&filter).map_err(|e| {
             ExoError::invalid(format!(
                 "The recipient filter \"{filter}\" isn't valid: {e}."
             ))
@@ -1429,8 +1459,8 @@ fn test_service_principal_authorization(cx: &mut Cx<'_>, b: &Bound) -> R {
     Ok(Output::items(
         rows.iter()
             .map(|r| {
-                json!({"RoleName": r.role_name, "GrantedPermissions": r.granted_permissions.join(", "),
-                    "AllowedResourceScope": r.allowed_resource_scope, "ScopeType": r.scope_type.as_str(),
+                json!({"RoleName": r.role, "GrantedPermissions": r.permissions.join(", "),
+                    "AllowedResourceScope": r.scope_label, "ScopeType": r.scope_type,
                     "InScope": match r.in_scope { Some(b) => json!(b), None => json!("Not Run") }})
             })
             .collect(),
@@ -1764,7 +1794,7 @@ fn get_recipients(cx: &mut Cx<'_>, cmdlet: &str, b: &Bound) -> R {
         });
     }
     if let Some(f) = b.str("Filter") {
-        let filter = RecipientFilter::parse(&f).map_err(|e| ExoError::invalid(format!("Cannot bind parameter 'Filter' to the target. Exception setting \"Filter\": \"{e}\"")))?;
+        let filter = Filter::parse(&f).map_err(|e| ExoError::invalid(format!("Cannot bind parameter 'Filter' to the target. Exception setting \"Filter\": \"{e}\"")))?;
         let snap = snapshot(cx.t);
         list.retain(|r| {
             super::state::facts_with_groups(&snap, &r.id, &cx.t.behaviour)
@@ -1805,18 +1835,19 @@ const NEW_APPLICATION_ACCESS_POLICY: &[P] = &[
     P("AppId", Kind::Strings, true),
     P("PolicyScopeGroupId", Kind::Str, true),
     P("Description", Kind::Str, false),
-    // -WhatIf is accepted and has no effect on New (docs/microsoft-365.md docs/microsoft-365.md §2.1).
+    // -WhatIf validates and reports, and changes nothing (docs/microsoft-365.md §2.1).
     P("WhatIf", Kind::Switch, false),
+    P("Confirm", Kind::Switch, false),
 ];
 
 fn new_policy(cx: &mut Cx<'_>, b: &Bound) -> R {
     let right = b
         .str("AccessRight")
-        .and_then(|s| AccessRight::parse(&s))
-        .unwrap_or(AccessRight::RestrictAccess);
+        .and_then(|s| Right::parse(&s))
+        .unwrap_or(Right::RestrictAccess);
     let app_ids = b.strings("AppId");
     for a in &app_ids {
-        if a != ALL_APPS && uuid::Uuid::parse_str(a).is_err() {
+        if a != EVERY_APP && uuid::Uuid::parse_str(a).is_err() {
             return Err(ExoError::invalid(format!(
                 "The AppId '{a}' is not valid. Specify a GUID or '*'."
             )));
@@ -1824,7 +1855,7 @@ fn new_policy(cx: &mut Cx<'_>, b: &Bound) -> R {
     }
     let scope_text = b.str("PolicyScopeGroupId").unwrap_or_default();
     let scope = any_recipient(cx, &scope_text)?.clone();
-    if !policy_scope_allowed(scope.kind.recipient_type_details()) {
+    if !may_scope_policy(scope.kind.recipient_type_details()) {
         return Err(ExoError::invalid(format!(
             "The PolicyScopeGroupId '{scope_text}' is of type {}. Only a mailbox (UserMailbox), a mail user or a mail-enabled security group can be the scope of an application access policy.",
             scope.kind.recipient_type_details()
@@ -1859,6 +1890,9 @@ fn new_policy(cx: &mut Cx<'_>, b: &Bound) -> R {
         created.push(p);
     }
     check_storage(cx.t, &trial)?;
+    if b.flag("WhatIf") {
+        return Ok(Output::none());
+    }
     cx.t.policies = trial;
     cx.t.policies_ever_used = true;
     Ok(Output::items(
@@ -1932,7 +1966,7 @@ const NEW_MANAGEMENT_ROLE_ASSIGNMENT: &[P] = &[
 
 fn new_role_assignment(cx: &mut Cx<'_>, b: &Bound) -> R {
     let role_text = b.str("Role").unwrap_or_default();
-    let role = application_role(&role_text).ok_or_else(|| {
+    let (role_name, _) = role_grants(&role_text).ok_or_else(|| {
         ExoError::invalid(format!("The role \"{role_text}\" can't be assigned to an application. Only application roles (\"Application …\") can be assigned with the App parameter."))
     })?;
     let sp = find_exo_sp(cx.t, &b.str("App").unwrap_or_default(), cx.now, false)?.clone();
@@ -1963,7 +1997,7 @@ fn new_role_assignment(cx: &mut Cx<'_>, b: &Bound) -> R {
         ScopeRef::Organization
     };
     let name = b.str("Name").unwrap_or_else(|| {
-        let n = format!("{}-{}", role.name, sp.display_name);
+        let n = format!("{}-{}", role_name, sp.display_name);
         n.chars().take(64).collect()
     });
     if name.chars().count() > 64 {
@@ -1985,7 +2019,7 @@ fn new_role_assignment(cx: &mut Cx<'_>, b: &Bound) -> R {
     let a = RoleAssignmentRecord {
         name,
         guid: guid(cx.rng),
-        role: role.name.to_string(),
+        role: role_name.to_string(),
         app_object_id: sp.object_id.clone(),
         scope,
         enabled: true,

@@ -12,10 +12,9 @@ use chrono::{DateTime, Utc};
 use rand::seq::SliceRandom;
 use serde_json::{Map, Value, json};
 
-use crate::domain::access::{AccessRule, MailboxAccess};
-
 use super::login::{bearer_claims, percent_decode, url_decode_form};
 use super::model::*;
+use super::rules::Outcome;
 use super::settings::{AccessDeniedMessage, Api};
 use super::state::{CallRecord, Shared, World, grant_id};
 use super::tokens::{AccessClaims, TokenProblem, pem_to_der, thumbprint_hex};
@@ -1607,7 +1606,7 @@ fn users(
         }
     };
     let permission = match access {
-        MailboxAccess::NoPermission => {
+        Outcome::NoPermission => {
             return err(
                 gx,
                 403,
@@ -1615,16 +1614,10 @@ fn users(
                 "Access is denied. Check credentials and try again.",
             );
         }
-        MailboxAccess::DeniedByPolicy {
-            rule:
-                AccessRule::DenyMatch
-                | AccessRule::RestrictMiss
-                | AccessRule::RestrictMatch
-                | AccessRule::NoPolicy,
-        } => {
+        Outcome::DeniedByPolicy => {
             return err(gx, 403, "ErrorAccessDenied", blocked_msg);
         }
-        MailboxAccess::Granted { permission, .. } => permission,
+        Outcome::Granted { permission, .. } => permission,
     };
     if behaviour.admin_mailboxes_blocked && !user.directory_roles.is_empty() {
         return err(

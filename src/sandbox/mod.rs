@@ -6,8 +6,9 @@
 //! Wire details follow `docs/microsoft-365.md`; every behaviour that document marks as
 //! unverified is a setting ([`settings::Behaviour`]) with the documented default.
 //!
-//! What makes it more than a mock: access rules are evaluated with [`crate::domain::access`] and
-//! [`crate::domain::rbac`], Exchange's Test cmdlets see changes at once while Graph front ends
+//! What makes it more than a mock: access rules are evaluated by the sandbox's own reading of
+//! Microsoft's pages ([`rules`], never mailscope's `domain` rules, so that a rule mailscope
+//! misreads shows up as a disagreement), Exchange's Test cmdlets see changes at once while Graph front ends
 //! adopt them after configurable delays (so answers flap while a change propagates), new
 //! Exchange objects stay invisible for a replication delay, and throttling and faults are
 //! deterministic under a seed.
@@ -17,8 +18,10 @@ pub mod graph;
 pub mod login;
 pub mod model;
 pub mod propagation;
+pub mod rules;
 pub mod settings;
 pub mod state;
+pub mod tls;
 pub mod tokens;
 pub mod wire;
 
@@ -48,9 +51,9 @@ pub struct SandboxArgs {
     #[arg(long)]
     pub fixture: Option<PathBuf>,
     /// Delay before each Graph front end adopts an access policy or group membership change:
-    /// a duration (`2s`) or a range (`30s..5m`). Microsoft documents up to 30 minutes, users
-    /// report hours.
-    #[arg(long, default_value = "1m..30m")]
+    /// a duration (`2s`) or a range (`30s..5m`). Microsoft: it "can take longer than 1 hour",
+    /// even once Test-ApplicationAccessPolicy shows the change; users report hours.
+    #[arg(long, default_value = "1m..2h")]
     pub propagation_delay: DelayRange,
     /// Delay before Graph front ends adopt an RBAC for Applications change (permission cache;
     /// Microsoft: 30 minutes to 2 hours).
@@ -104,6 +107,13 @@ pub struct SandboxArgs {
     /// HTTP worker threads.
     #[arg(long, default_value_t = 2)]
     pub workers: usize,
+    /// Serve https with a certificate from a local CA (made once in `--tls-dir`, printed as
+    /// `SANDBOX_CA_FILE`), so Microsoft's own clients work given that one CA file.
+    #[arg(long)]
+    pub tls: bool,
+    /// Where `--tls` keeps its CA (`ca.pem`, `ca.key`).
+    #[arg(long, default_value = ".mailscope/sandbox-tls")]
+    pub tls_dir: PathBuf,
 }
 
 /// Everything needed to start a sandbox.
@@ -116,6 +126,8 @@ pub struct SandboxSettings {
     /// Default behaviour of tenants (fixture tenants may override parts).
     pub behaviour: Behaviour,
     pub workers: usize,
+    /// Serve https with the CA kept in this directory (`None`: plain http).
+    pub tls_dir: Option<PathBuf>,
 }
 
 impl Default for SandboxSettings {
@@ -129,6 +141,7 @@ impl Default for SandboxSettings {
             pacing: Pacing::default(),
             behaviour: Behaviour::default(),
             workers: 1,
+            tls_dir: None,
         }
     }
 }
@@ -195,6 +208,7 @@ impl SandboxSettings {
             pacing,
             behaviour,
             workers: a.workers.max(1),
+            tls_dir: a.tls.then(|| a.tls_dir.clone()),
         })
     }
 }
@@ -208,8 +222,10 @@ impl TryFrom<&SandboxArgs> for SandboxSettings {
 
 /// A running sandbox.
 pub struct SandboxHandle {
-    /// `http://127.0.0.1:<port>`: the login, Graph and Exchange base URL alike.
+    /// `http://127.0.0.1:<port>` (`https://` with TLS): the login, Graph and Exchange base URL.
     pub base_url: String,
+    /// With TLS, the CA file clients must trust.
+    pub ca_file: Option<PathBuf>,
     shared: Arc<Shared>,
     server: actix_web::dev::ServerHandle,
 }
@@ -351,16 +367,24 @@ fn start(
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", settings.listen))?;
     let addr = listener.local_addr()?;
     let data = web::Data::from(shared.clone());
-    let mut server = HttpServer::new(move || App::new().app_data(data.clone()).configure(routes))
+    let server = HttpServer::new(move || App::new().app_data(data.clone()).configure(routes))
         .workers(settings.workers.max(1))
-        .shutdown_timeout(5)
-        .listen(listener)?;
+        .shutdown_timeout(5);
+    let (mut server, scheme, ca_file) = match &settings.tls_dir {
+        Some(dir) => {
+            let t = tls::prepare(dir)?;
+            let s = server.listen_rustls_0_23(listener, t.config)?;
+            (s, "https", Some(t.ca_file))
+        }
+        None => (server.listen(listener)?, "http", None),
+    };
     if !signals {
         server = server.disable_signals();
     }
     let server = server.run();
     let handle = SandboxHandle {
-        base_url: format!("http://{addr}"),
+        base_url: format!("{scheme}://{addr}"),
+        ca_file,
         shared,
         server: server.handle(),
     };
@@ -394,6 +418,9 @@ fn print_banner(h: &SandboxHandle, seed: u64, p: &Pacing) {
     println!("  management app client id:        {client_id}");
     println!("  management app client secret:    {secret}");
     println!("  seed:                             {seed}");
+    if let Some(ca) = &h.ca_file {
+        println!("  TLS: trust this CA file:          {}", ca.display());
+    }
     println!(
         "  propagation: AAP {}  RBAC {}  replication {}  Entra consistency {}  front ends {}",
         p.propagation_delay,
@@ -421,6 +448,11 @@ fn print_banner(h: &SandboxHandle, seed: u64, p: &Pacing) {
     println!("SANDBOX_TENANT_ID={tenant}");
     println!("SANDBOX_CLIENT_ID={client_id}");
     println!("SANDBOX_CLIENT_SECRET={secret}");
+    if let Some(ca) = &h.ca_file {
+        // Trust this file in each client (requests/MSAL: REQUESTS_CA_BUNDLE; azure-identity
+        // and the Graph SDK: a connection_verify / SSL context), not system-wide.
+        println!("SANDBOX_CA_FILE={}", ca.display());
+    }
     use std::io::Write;
     let _ = std::io::stdout().flush();
 }

@@ -10,8 +10,7 @@ use rand::Rng;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use crate::domain::access::{AccessPolicy, AccessRight, GroupMembers, groups_containing};
-use crate::domain::rbac::RecipientFacts;
+use super::rules::{Facts, Memberships, Nesting, PolicyFact, Right, groups_of};
 
 use super::settings::Behaviour;
 
@@ -431,7 +430,7 @@ pub struct Policy {
     pub app_id: String,
     /// Entra object id of the scope recipient.
     pub scope_id: String,
-    pub access_right: AccessRight,
+    pub access_right: Right,
     pub description: String,
     pub created: DateTime<Utc>,
     #[serde(skip)]
@@ -594,7 +593,7 @@ impl Tenant {
         })
     }
 
-    pub fn group_members(&self) -> GroupMembers {
+    pub fn group_members(&self) -> Memberships {
         self.recipients
             .iter()
             .filter(|r| r.kind.is_group())
@@ -646,25 +645,20 @@ impl Tenant {
             .collect()
     }
 
-    /// The application access policies in the form the domain rules take.
-    pub fn access_policies(&self) -> Vec<AccessPolicy> {
+    /// The application access policies in the form the sandbox's rules take.
+    pub fn access_policies(&self) -> Vec<PolicyFact> {
         self.policies
             .iter()
-            .map(|p| AccessPolicy {
+            .map(|p| PolicyFact {
                 app_id: p.app_id.clone(),
                 scope_id: p.scope_id.clone(),
-                access_right: p.access_right,
+                right: p.access_right,
             })
             .collect()
     }
 
     /// What recipient filters see of a recipient, with group DNs in the given nested mode.
-    pub fn recipient_facts(
-        &self,
-        r: &Recipient,
-        members: &GroupMembers,
-        nested: crate::domain::access::NestedGroups,
-    ) -> RecipientFacts {
+    pub fn recipient_facts(&self, r: &Recipient, members: &Memberships, nested: Nesting) -> Facts {
         let mut properties = r.properties.clone();
         properties.insert("PrimarySmtpAddress".into(), r.primary_smtp_address.clone());
         properties.insert("Alias".into(), r.alias.clone());
@@ -679,15 +673,15 @@ impl Tenant {
         if let Some(u) = &r.user_principal_name {
             properties.insert("UserPrincipalName".into(), u.clone());
         }
-        let member_of = groups_containing(members, &r.id, nested)
+        let member_of = groups_of(members, &r.id, nested)
             .iter()
             .filter_map(|g| self.recipient(g))
             .map(|g| g.distinguished_name(self))
             .collect();
-        RecipientFacts {
+        Facts {
             id: r.id.clone(),
             properties,
-            email_addresses: r.email_addresses.clone(),
+            addresses: r.email_addresses.clone(),
             member_of,
         }
     }

@@ -14,21 +14,20 @@ use std::time::Duration;
 use rand::Rng;
 use serde::Serialize;
 
-use crate::domain::access::{AccessPolicy, GroupMembers};
-use crate::domain::rbac::AppRoleAssignment;
+use super::rules::{Assignment, Facts, Memberships, PolicyFact};
 
 use super::settings::DelayRange;
 
 /// What a Graph front end caches about a tenant's Exchange authorization state.
 #[derive(Debug, Clone, Default)]
 pub struct AuthzSnapshot {
-    pub policies: Vec<AccessPolicy>,
-    pub members: GroupMembers,
+    pub policies: Vec<PolicyFact>,
+    pub members: Memberships,
     /// RBAC assignments by Exchange service principal (object id, app id).
-    pub rbac: Vec<(String, String, Vec<AppRoleAssignment>)>,
+    pub rbac: Vec<(String, String, Vec<Assignment>)>,
     /// Recipient facts without `member_of`, which depends on the nested mode and is computed
     /// at evaluation time from `members` and `group_dns`.
-    pub recipients: BTreeMap<String, crate::domain::rbac::RecipientFacts>,
+    pub recipients: BTreeMap<String, Facts>,
     pub group_dns: BTreeMap<String, String>,
     /// Mailboxes with `EwsEnabled = $false`.
     pub ews_disabled: Vec<String>,
@@ -184,16 +183,16 @@ pub struct PendingAdoption {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::domain::access::AccessRight;
+    use crate::sandbox::rules::Right;
     use rand::SeedableRng;
 
     fn snap(n: usize) -> AuthzSnapshot {
         AuthzSnapshot {
             policies: (0..n)
-                .map(|i| AccessPolicy {
+                .map(|i| PolicyFact {
                     app_id: format!("app{i}"),
                     scope_id: "g".into(),
-                    access_right: AccessRight::RestrictAccess,
+                    right: Right::RestrictAccess,
                 })
                 .collect(),
             ..Default::default()

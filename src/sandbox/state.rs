@@ -13,13 +13,9 @@ use rand::{Rng, SeedableRng};
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::domain::access::{
-    AccessDecision, MailboxAccess, authorize_mailbox_call, evaluate_application_access,
-    groups_containing,
-};
-use crate::domain::rbac::{
-    AppRoleAssignment, AssignmentScope, ManagementScope, RecipientFacts, RecipientFilter,
-    rbac_permissions_on,
+use super::rules::{
+    Assignment, Facts, Filter, Nesting, Outcome, PolicyRule, PolicyVerdict, ResourceScope,
+    groups_of, mailbox_call, policy_verdict, rbac_grants,
 };
 
 use super::model::*;
@@ -511,14 +507,13 @@ impl World {
         roles: &[String],
         mailbox_id: &str,
         accepted: &[&str],
-    ) -> (MailboxAccess, AccessDecision) {
+    ) -> (Outcome, PolicyVerdict) {
         let Some(p) = self.propagation.get(&tenant.id) else {
             return (
-                MailboxAccess::NoPermission,
-                AccessDecision {
+                Outcome::NoPermission,
+                PolicyVerdict {
                     granted: false,
-                    rule: crate::domain::access::AccessRule::NoPolicy,
-                    matched: vec![],
+                    rule: PolicyRule::NoPolicy,
                 },
             );
         };
@@ -548,8 +543,8 @@ pub fn evaluate_mailbox(
     roles: &[String],
     mailbox_id: &str,
     accepted: &[&str],
-) -> (MailboxAccess, AccessDecision) {
-    let decision = evaluate_application_access(
+) -> (Outcome, PolicyVerdict) {
+    let decision = policy_verdict(
         app_id,
         mailbox_id,
         &aap.policies,
@@ -564,11 +559,11 @@ pub fn evaluate_mailbox(
         })
         .and_then(|(_, _, assignments)| {
             let facts = facts_with_groups(rbac, mailbox_id, behaviour)?;
-            Some(rbac_permissions_on(assignments, &facts))
+            Some(rbac_grants(assignments, &facts))
         })
         .unwrap_or_default();
     (
-        authorize_mailbox_call(accepted, roles, &decision, &rbac_permissions),
+        mailbox_call(accepted, roles, decision, &rbac_permissions),
         decision,
     )
 }
@@ -578,9 +573,9 @@ pub fn facts_with_groups(
     s: &AuthzSnapshot,
     recipient_id: &str,
     behaviour: &Behaviour,
-) -> Option<RecipientFacts> {
+) -> Option<Facts> {
     let mut f = s.recipients.get(recipient_id)?.clone();
-    f.member_of = groups_containing(&s.members, recipient_id, behaviour.rbac_nested_groups)
+    f.member_of = groups_of(&s.members, recipient_id, behaviour.rbac_nested_groups)
         .iter()
         .filter_map(|g| s.group_dns.get(g).cloned())
         .collect();
@@ -596,8 +591,7 @@ pub fn snapshot(t: &Tenant) -> AuthzSnapshot {
         .iter()
         .filter(|r| r.kind.is_recipient())
         .map(|r| {
-            let mut f =
-                t.recipient_facts(r, &empty, crate::domain::access::NestedGroups::DirectOnly);
+            let mut f = t.recipient_facts(r, &empty, Nesting::DirectOnly);
             f.member_of.clear();
             (r.id.clone(), f)
         })
@@ -634,34 +628,34 @@ pub fn snapshot(t: &Tenant) -> AuthzSnapshot {
     }
 }
 
-/// An Exchange service principal's role assignments in the domain's form.
-pub fn assignments_of(t: &Tenant, sp_object_id: &str) -> Vec<AppRoleAssignment> {
+/// An Exchange service principal's role assignments in the form the sandbox's rules take.
+pub fn assignments_of(t: &Tenant, sp_object_id: &str) -> Vec<Assignment> {
     t.role_assignments
         .iter()
         .filter(|a| a.app_object_id.eq_ignore_ascii_case(sp_object_id))
         .filter_map(|a| {
             let scope = match &a.scope {
-                ScopeRef::Organization => AssignmentScope::Organization,
+                ScopeRef::Organization => ResourceScope::Organization,
                 ScopeRef::Custom(name) => {
                     let s = t
                         .management_scopes
                         .iter()
                         .find(|s| s.name.eq_ignore_ascii_case(name))?;
-                    AssignmentScope::Custom(ManagementScope {
+                    ResourceScope::Custom {
                         name: s.name.clone(),
-                        filter: RecipientFilter::parse(&s.filter).ok()?,
+                        filter: Filter::parse(&s.filter).ok()?,
                         exclusive: s.exclusive,
-                    })
+                    }
                 }
                 ScopeRef::Group(id) => {
                     let g = t.recipient(id)?;
-                    AssignmentScope::Group {
+                    ResourceScope::Group {
                         name: g.name.clone(),
-                        distinguished_name: g.distinguished_name(t),
+                        dn: g.distinguished_name(t),
                     }
                 }
             };
-            Some(AppRoleAssignment {
+            Some(Assignment {
                 name: a.name.clone(),
                 role: a.role.clone(),
                 scope,

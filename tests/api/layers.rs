@@ -117,3 +117,44 @@ fn the_checker_sees_grouped_and_nested_paths() {
         vec!["api", "store", "jobs"]
     );
 }
+
+/// The sandbox judges access with its own reading of Microsoft's rules (`sandbox/rules.rs`), never
+/// with mailscope's: otherwise a rule mailscope misreads would be reproduced by the sandbox and no
+/// test could catch it (`tests/api/documented_access.rs` checks both against one table).
+#[test]
+fn the_sandbox_never_uses_mailscopes_access_rules() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/sandbox");
+    let mut files = Vec::new();
+    rust_files(&dir, &mut files);
+    let mut problems = Vec::new();
+    for f in files {
+        let text = std::fs::read_to_string(&f).unwrap();
+        // Comments may name the modules (to say why they are not used); code may not.
+        let code: String = text
+            .lines()
+            .map(|l| l.split("//").next().unwrap_or(""))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let flat: String = code.split_whitespace().collect();
+        for (i, _) in flat.match_indices("domain::") {
+            let rest = &flat[i + "domain::".len()..];
+            let names: Vec<&str> = match rest.strip_prefix('{') {
+                Some(g) => g[..g.find('}').unwrap_or(g.len())]
+                    .split(',')
+                    .map(|p| p.split("::").next().unwrap_or(""))
+                    .collect(),
+                None => vec![
+                    rest.split(|c: char| !c.is_alphanumeric() && c != '_')
+                        .next()
+                        .unwrap_or(""),
+                ],
+            };
+            for n in names {
+                if n == "access" || n == "rbac" {
+                    problems.push(format!("{}: uses crate::domain::{n}", f.display()));
+                }
+            }
+        }
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}

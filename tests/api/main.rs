@@ -9,6 +9,7 @@ mod access_policies;
 mod applications;
 mod auth;
 mod connection_test;
+mod documented_access;
 mod entra_consistency;
 mod idempotency;
 mod job_throttling;
@@ -26,6 +27,7 @@ mod webhooks;
 
 mod sandbox_control;
 mod sandbox_exchange;
+mod sandbox_fidelity;
 mod sandbox_graph;
 mod sandbox_helpers;
 mod sandbox_login;

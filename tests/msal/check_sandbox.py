@@ -7,7 +7,9 @@ environment (as `mailscope sandbox` prints them) or from arguments:
     SANDBOX_URL=http://127.0.0.1:8090 SANDBOX_TENANT_ID=... SANDBOX_CLIENT_ID=... \
     SANDBOX_CLIENT_SECRET=... python3 tests/msal/check_sandbox.py [--check-propagation]
 
-MSAL only accepts https authorities and endpoints. The sandbox serves plain http, so the script
+MSAL only accepts https authorities and endpoints. This check runs the sandbox over plain http
+(`mailscope sandbox --tls` and tests/clients/ cover MSAL, azure-identity and the Graph SDK over
+https with nothing patched), so the script
 gives MSAL an `https://` authority and an HTTP session (MSAL's documented `http_client` extension
 point) that sends requests for the sandbox's host over http with `X-Forwarded-Proto: https`, as a
 TLS-terminating proxy would; the sandbox then advertises https endpoints. Everything else is MSAL's unmodified logic:
