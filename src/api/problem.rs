@@ -50,6 +50,9 @@ pub enum ProblemKind {
     VerificationMailboxesRequired,
     RbacVerificationFailed,
     RbacDenyUnsupported,
+    RbacMigrationActive,
+    RbacMigrationNotPossible,
+    RbacMigrationRollbackClosed,
     Internal,
 }
 
@@ -206,6 +209,21 @@ pub const CATALOGUE: &[(ProblemKind, &str, &str)] = &[
         "RBAC for Applications can only grant: no role assignment says \"every mailbox except this group\", so a DenyAccess restriction cannot be expressed or verified as RBAC (docs/microsoft-365.md docs/microsoft-365.md §3.8). Keep the DenyAccess application access policy, or turn its scope into an allow-list (a scope of the mailboxes the app may reach).",
     ),
     (
+        ProblemKind::RbacMigrationActive,
+        "RBAC migration under way",
+        "The app already has an unfinished migration to RBAC for Applications; pause, resume or roll back that one (GET /rbac-migrations?app_id=…).",
+    ),
+    (
+        ProblemKind::RbacMigrationNotPossible,
+        "RBAC migration not possible",
+        "The app's restriction cannot be carried over to RBAC for Applications: it has no application access policy, only DenyAccess ones (RBAC can only grant), or permissions no RBAC role grants. `errors` lists why; a dry run shows the whole plan.",
+    ),
+    (
+        ProblemKind::RbacMigrationRollbackClosed,
+        "RBAC migration rollback closed",
+        "The migration has started removing the app's access policy, so only RBAC bounds the app; restoring its Entra consent now would reach every mailbox. Resume the migration instead.",
+    ),
+    (
         ProblemKind::Internal,
         "Internal error",
         "An unexpected error; the request id identifies it in the service's logs.",
@@ -245,6 +263,9 @@ impl ProblemKind {
             ProblemKind::VerificationMailboxesRequired => "verification_mailboxes_required",
             ProblemKind::RbacVerificationFailed => "rbac_verification_failed",
             ProblemKind::RbacDenyUnsupported => "rbac_deny_unsupported",
+            ProblemKind::RbacMigrationActive => "rbac_migration_active",
+            ProblemKind::RbacMigrationNotPossible => "rbac_migration_not_possible",
+            ProblemKind::RbacMigrationRollbackClosed => "rbac_migration_rollback_closed",
             ProblemKind::Internal => "internal",
         }
     }
@@ -276,7 +297,11 @@ impl ProblemKind {
             ProblemKind::InvalidPolicyScope
             | ProblemKind::AppRegistrationObjectId
             | ProblemKind::VerificationMailboxesRequired
-            | ProblemKind::RbacDenyUnsupported => StatusCode::UNPROCESSABLE_ENTITY,
+            | ProblemKind::RbacDenyUnsupported
+            | ProblemKind::RbacMigrationNotPossible => StatusCode::UNPROCESSABLE_ENTITY,
+            ProblemKind::RbacMigrationActive | ProblemKind::RbacMigrationRollbackClosed => {
+                StatusCode::CONFLICT
+            }
             ProblemKind::RbacRestrictionConflict
             | ProblemKind::RbacIncomplete
             | ProblemKind::RbacVerificationFailed => StatusCode::CONFLICT,
@@ -528,6 +553,11 @@ impl From<crate::provisioning::Error> for ApiError {
                     }
                     Rejection::RbacVerificationFailed => ProblemKind::RbacVerificationFailed,
                     Rejection::RbacDenyUnsupported => ProblemKind::RbacDenyUnsupported,
+                    Rejection::RbacMigrationActive => ProblemKind::RbacMigrationActive,
+                    Rejection::RbacMigrationNotPossible => ProblemKind::RbacMigrationNotPossible,
+                    Rejection::RbacMigrationRollbackClosed => {
+                        ProblemKind::RbacMigrationRollbackClosed
+                    }
                 };
                 ApiError {
                     errors,
@@ -583,7 +613,7 @@ mod tests {
         codes.sort();
         codes.dedup();
         assert_eq!(codes.len(), n);
-        assert_eq!(n, 31);
+        assert_eq!(n, 34);
     }
 
     #[test]

@@ -59,6 +59,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "queue_claim",
         include_str!("../../migrations/0012_queue_claim.sql"),
     ),
+    (
+        13,
+        "rbac_migrations_job",
+        include_str!("../../migrations/0013_rbac_migrations_job.sql"),
+    ),
 ];
 
 /// Arbitrary but fixed: "mailscop" in ASCII.
