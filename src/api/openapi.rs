@@ -12,7 +12,7 @@ use utoipa_swagger_ui::SwaggerUi;
 use super::problem::{ApiError, CATALOGUE, FieldError, Problem};
 use super::{
     access_grants, access_policies, applications, audit, health, propagation_checks,
-    rbac_restrictions, scope_groups, tenants,
+    rbac_migrations, rbac_restrictions, scope_groups, tenants,
 };
 use crate::domain::cloud::{Cloud, EndpointOverrides};
 
@@ -48,6 +48,9 @@ branch on `type` (or its short form `code`). Every response carries `X-Request-I
         rbac_restrictions::get_restriction, rbac_restrictions::put_restriction,
         rbac_restrictions::delete_restriction, rbac_restrictions::enforce_restriction,
         rbac_restrictions::findings,
+        rbac_migrations::create_migration, rbac_migrations::list_migrations,
+        rbac_migrations::get_migration, rbac_migrations::pause_migration,
+        rbac_migrations::resume_migration, rbac_migrations::rollback_migration,
         access_grants::put_access_grant, access_grants::get_access_grant,
         access_grants::delete_access_grant, access_grants::list_access_grants,
         access_grants::get_credentials, access_grants::add_secret, access_grants::delete_secret,
@@ -83,6 +86,13 @@ branch on `type` (or its short form `code`). Every response carries `X-Request-I
         rbac_restrictions::RbacRestriction, rbac_restrictions::RbacRestrictionSummary,
         rbac_restrictions::RbacRestrictionList, rbac_restrictions::RbacScanFinding,
         rbac_restrictions::RbacFindings,
+        rbac_migrations::RbacMigrationInput, rbac_migrations::MigrationState,
+        rbac_migrations::MigrationStepName, rbac_migrations::MigrationStepState,
+        rbac_migrations::NotCarriedKind, rbac_migrations::NotCarriedView,
+        rbac_migrations::PlannedAssignment, rbac_migrations::PlannedPolicyView,
+        rbac_migrations::RbacMigrationPlan, rbac_migrations::MigrationStep,
+        rbac_migrations::PausedReason, rbac_migrations::RbacMigration,
+        rbac_migrations::RbacMigrationDryRun, rbac_migrations::RbacMigrationList,
         access_grants::AccessGrantInput, access_grants::AccessGrant, access_grants::AccessGrantList,
         access_grants::GrantStep, access_grants::StepErrorView, crate::domain::grant::Mechanism,
         access_grants::CertificateView, access_grants::GrantCredentials,
@@ -94,6 +104,7 @@ branch on `type` (or its short form `code`). Every response carries `X-Request-I
         (name = "applications", description = "The third party's app registration: permissions, admin consent, secrets"),
         (name = "scope groups", description = "Mail-enabled security groups that define which mailboxes an app may reach"),
         (name = "rbac restrictions", description = "RBAC for Applications, Microsoft's recommended mechanism: pointer, scope and role assignments, the union trap with Entra grants closed"),
+        (name = "rbac migrations", description = "Move an app from application access policies to RBAC for Applications: a dry-run plan, then a resumable job that never widens the app's access, with pause, resume and rollback"),
         (name = "access policies", description = "Application access policies: create, replace safely, test and sync"),
         (name = "propagation checks", description = "Proof that an app's restriction is in force: Exchange's verdict, then Graph as the app until every front end agrees"),
         (name = "access grants", description = "Vendor onboarding and offboarding as one declarative, resumable resource: the app, its permissions and its mailboxes, proven in force"),
