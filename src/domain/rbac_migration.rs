@@ -259,7 +259,8 @@ pub enum RollbackStep {
 }
 
 impl RollbackStep {
-    pub const ORDER: [RollbackStep; 2] = [RollbackStep::RestoreEntraConsent, RollbackStep::RemoveRbac];
+    pub const ORDER: [RollbackStep; 2] =
+        [RollbackStep::RestoreEntraConsent, RollbackStep::RemoveRbac];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -367,7 +368,6 @@ pub fn entry<'a>(log: &'a [StepEntry], name: &str) -> Option<&'a StepEntry> {
 pub fn rollback_allowed(log: &[StepEntry]) -> bool {
     entry(log, Step::RemoveAccessPolicy.as_str()).is_none_or(|e| e.attempts == 0)
 }
-
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
@@ -480,9 +480,25 @@ mod tests {
         assert_eq!(e.output, serde_json::json!({"a": 1, "b": 2}));
         assert!(e.finished_at.is_some());
         assert!(rollback_allowed(&log));
-        record(&mut log, "remove_access_policy", StepState::Running, None, None, true, t);
+        record(
+            &mut log,
+            "remove_access_policy",
+            StepState::Running,
+            None,
+            None,
+            true,
+            t,
+        );
         assert!(!rollback_allowed(&log));
-        record(&mut log, "remove_rbac", StepState::Done, None, None, true, t);
+        record(
+            &mut log,
+            "remove_rbac",
+            StepState::Done,
+            None,
+            None,
+            true,
+            t,
+        );
         assert_eq!(log.len(), 7, "rollback steps are appended");
         for s in State::ALL {
             assert_eq!(State::parse(s.as_str()), Some(s));

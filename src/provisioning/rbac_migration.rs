@@ -203,7 +203,9 @@ async fn members(exo: &ExchangeClient, group: &str) -> Result<(Vec<String>, Vec<
                 let id = super::scope_groups::recipient_object_id(&m)
                     .or(m.identity.clone())
                     .unwrap_or_default();
-                if depth < NESTING_DEPTH && !id.is_empty() && !seen.contains(&id.to_ascii_lowercase())
+                if depth < NESTING_DEPTH
+                    && !id.is_empty()
+                    && !seen.contains(&id.to_ascii_lowercase())
                 {
                     seen.push(id.to_ascii_lowercase());
                     frontier.push((id, depth + 1));
@@ -343,7 +345,10 @@ pub async fn plan(
     let grants = rbac::entra_grants(&graph, &sp_id).await?;
     let names: Vec<String> = grants.iter().map(|(n, _)| n.clone()).collect();
     let mut plan = rules::plan(&inputs, &names);
-    let drain = services.settings.provisioning.rbac_migration_token_drain_seconds;
+    let drain = services
+        .settings
+        .provisioning
+        .rbac_migration_token_drain_seconds;
     plan.expected_min_seconds += drain;
     plan.expected_max_seconds += drain;
     let entra_grants: Vec<PlannedGrant> = grants
@@ -355,7 +360,12 @@ pub async fn plan(
             app_role_id: a.app_role_id.clone(),
         })
         .collect();
-    canaries.extend(tenant.canary_mailboxes.iter().map(|c| c.to_ascii_lowercase()));
+    canaries.extend(
+        tenant
+            .canary_mailboxes
+            .iter()
+            .map(|c| c.to_ascii_lowercase()),
+    );
     canaries.sort();
     canaries.dedup();
     let mut samples = if samples.is_empty() {
@@ -460,9 +470,7 @@ pub async fn start(
     let mut db = services.db().await?;
     let tx = db.transaction().await?;
     store::lock_key(&tx, MIGRATION_LOCK, &format!("{tenant_id}:{}", m.app_id)).await?;
-    if let Some(active) =
-        store::rbac_migrations::active_for_app(&tx, tenant_id, &m.app_id).await?
-    {
+    if let Some(active) = store::rbac_migrations::active_for_app(&tx, tenant_id, &m.app_id).await? {
         return Err(active_conflict(&active));
     }
     if !store::rbac_migrations::insert(&tx, &m).await? {
@@ -678,7 +686,9 @@ async fn advance_inner(
     let tx = db.transaction().await?;
     store::lock_key(&tx, MIGRATION_LOCK, &p.migration_id.to_string()).await?;
     let Some(mut m) = store::rbac_migrations::get(&tx, p.tenant_id, p.migration_id).await? else {
-        return Ok(Outcome::Succeeded(json!({"ended": "the migration no longer exists"})));
+        return Ok(Outcome::Succeeded(
+            json!({"ended": "the migration no longer exists"}),
+        ));
     };
     if m.run != p.run {
         return Ok(Outcome::Succeeded(
@@ -710,9 +720,8 @@ async fn advance_inner(
         }
     };
     // A poll of a check this step started is not a new attempt.
-    let polling = rules::entry(&m.steps, name).is_some_and(|e| {
-        e.state == StepState::Running && e.output.get("check_id").is_some()
-    });
+    let polling = rules::entry(&m.steps, name)
+        .is_some_and(|e| e.state == StepState::Running && e.output.get("check_id").is_some());
     let ran = if forward {
         run_forward(services, &actor, &tx, &m, &planned).await
     } else {
@@ -732,7 +741,15 @@ async fn advance_inner(
             {
                 m.check_ids.push(c);
             }
-            rules::record(&mut m.steps, &name, StepState::Done, Some(output), None, !polling, now);
+            rules::record(
+                &mut m.steps,
+                &name,
+                StepState::Done,
+                Some(output),
+                None,
+                !polling,
+                now,
+            );
             if forward {
                 m.current_step = m.current_step.next();
             }
@@ -749,15 +766,37 @@ async fn advance_inner(
             {
                 m.check_ids.push(c);
             }
-            rules::record(&mut m.steps, &name, StepState::Running, output, None, !polling, now);
+            rules::record(
+                &mut m.steps,
+                &name,
+                StepState::Running,
+                output,
+                None,
+                !polling,
+                now,
+            );
             Outcome::Reschedule { at, payload: None }
         }
         Ok(Ran::Failed(why)) => {
-            rules::record(&mut m.steps, &name, StepState::Failed, None, Some(why), !polling, now);
-            let next = if forward { State::Paused } else { State::Failed };
+            rules::record(
+                &mut m.steps,
+                &name,
+                StepState::Failed,
+                None,
+                Some(why),
+                !polling,
+                now,
+            );
+            let next = if forward {
+                State::Paused
+            } else {
+                State::Failed
+            };
             settle(services, &tx, &mut m, next, Some("error")).await?;
             tx.commit().await?;
-            return Ok(Outcome::Succeeded(json!({"state": next.as_str(), "step": name})));
+            return Ok(Outcome::Succeeded(
+                json!({"state": next.as_str(), "step": name}),
+            ));
         }
         Err(e) => {
             let outcome = e.job_outcome();
@@ -783,7 +822,11 @@ async fn advance_inner(
                 now,
             );
             if gives_up {
-                let next = if forward { State::Paused } else { State::Failed };
+                let next = if forward {
+                    State::Paused
+                } else {
+                    State::Failed
+                };
                 settle(services, &tx, &mut m, next, Some("error")).await?;
                 tx.commit().await?;
                 return Ok(Outcome::Succeeded(
@@ -800,9 +843,9 @@ async fn advance_inner(
 
 /// The next rollback step not done yet.
 fn next_rollback(m: &MigrationRecord) -> Option<RollbackStep> {
-    RollbackStep::ORDER.into_iter().find(|s| {
-        rules::entry(&m.steps, s.as_str()).is_none_or(|e| e.state != StepState::Done)
-    })
+    RollbackStep::ORDER
+        .into_iter()
+        .find(|s| rules::entry(&m.steps, s.as_str()).is_none_or(|e| e.state != StepState::Done))
 }
 
 /// Record a final state (or a pause on an error) and, on a change, queue the signed event in the
@@ -826,7 +869,11 @@ async fn settle(
         State::Paused if reason == Some("error") => "rbac_migration.attention_needed",
         _ => return Ok(()),
     };
-    let Some(raw) = m.callback_url.clone().filter(|_| changed || state == State::Paused) else {
+    let Some(raw) = m
+        .callback_url
+        .clone()
+        .filter(|_| changed || state == State::Paused)
+    else {
         return Ok(());
     };
     let url = match crate::webhooks::validate_callback_url(&raw, &services.settings.webhooks) {
@@ -896,17 +943,24 @@ async fn verify_scope(exo: &ExchangeClient, planned: &Planned) -> Result<Vec<Str
     let sp = &planned.service_principal_object_id;
     let mut failures = Vec::new();
     for s in &planned.sample_mailboxes {
-        let rows = exo.test_service_principal_authorization(sp, Some(s)).await?;
+        let rows = exo
+            .test_service_principal_authorization(sp, Some(s))
+            .await?;
         for p in &planned.permissions {
-            if !rbac::rows_granting(&rows, std::slice::from_ref(p)).any(|r| r.in_scope() == Some(true))
+            if !rbac::rows_granting(&rows, std::slice::from_ref(p))
+                .any(|r| r.in_scope() == Some(true))
             {
                 failures.push(format!("{s} is not in the RBAC scope for {p} (it must stay reachable; RBAC sees direct members only)"));
             }
         }
     }
     for c in &planned.canary_mailboxes {
-        let rows = exo.test_service_principal_authorization(sp, Some(c)).await?;
-        for r in rbac::rows_granting(&rows, &planned.permissions).filter(|r| r.in_scope() != Some(false)) {
+        let rows = exo
+            .test_service_principal_authorization(sp, Some(c))
+            .await?;
+        for r in
+            rbac::rows_granting(&rows, &planned.permissions).filter(|r| r.in_scope() != Some(false))
+        {
             failures.push(format!(
                 "canary {c} is in scope of {} ({}): the RBAC scope is wider than the policy's",
                 r.role_name.clone().unwrap_or_default(),
@@ -1067,7 +1121,9 @@ async fn run_forward(
                 json!({"app_id": planned.app_id, "removed": removed}),
             )
             .await?;
-            Ok(Ran::Done(json!({"removed": removed, "removed_at": Utc::now()})))
+            Ok(Ran::Done(
+                json!({"removed": removed, "removed_at": Utc::now()}),
+            ))
         }
         Step::VerifyEntraRemoved => {
             let held: Vec<String> = rbac::entra_grants(&graph, sp)
@@ -1086,7 +1142,8 @@ async fn run_forward(
                     "resume: the remove_entra_consent step runs again only if you roll back and restart; otherwise remove the grant and resume",
                 )));
             }
-            if let Some(ran) = check_step(services, tx, m, planned, Step::VerifyEntraRemoved).await?
+            if let Some(ran) =
+                check_step(services, tx, m, planned, Step::VerifyEntraRemoved).await?
             {
                 return Ok(ran);
             }
@@ -1099,11 +1156,15 @@ async fn run_forward(
                 );
             if Utc::now() < drained {
                 return Ok(Ran::Wait {
-                    output: Some(json!({"waiting_for": "access tokens issued before the consent was removed to expire", "until": drained})),
+                    output: Some(
+                        json!({"waiting_for": "access tokens issued before the consent was removed to expire", "until": drained}),
+                    ),
                     at: drained,
                 });
             }
-            Ok(Ran::Done(json!({"tokens_expired_at": drained, "entra_mailbox_grants": []})))
+            Ok(Ran::Done(
+                json!({"tokens_expired_at": drained, "entra_mailbox_grants": []}),
+            ))
         }
         Step::RemoveAccessPolicy => {
             let mut removed = Vec::new();
@@ -1113,7 +1174,11 @@ async fn run_forward(
                 match access_policies::delete_quietly(services, actor, t, p.id).await {
                     Ok(()) => removed.push(p.id),
                     Err(Error::NotFound(_)) => {}
-                    Err(Error::Rejected { kind: Rejection::LastRestrictPolicy, detail, .. }) => {
+                    Err(Error::Rejected {
+                        kind: Rejection::LastRestrictPolicy,
+                        detail,
+                        ..
+                    }) => {
                         return Ok(Ran::Failed(step_error(
                             "last_restrict_policy",
                             detail,
@@ -1136,7 +1201,10 @@ async fn run_forward(
             if !left.is_empty() {
                 return Ok(Ran::Failed(step_error(
                     "access_policy_present",
-                    format!("Exchange still lists access policies for the app: {}", left.join(", ")),
+                    format!(
+                        "Exchange still lists access policies for the app: {}",
+                        left.join(", ")
+                    ),
                     "resume: the remove_access_policy step is idempotent",
                 )));
             }

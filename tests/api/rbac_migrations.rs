@@ -168,7 +168,12 @@ fn step<'a>(m: &'a Value, name: &str) -> &'a Value {
 }
 
 /// Poll until `done(m)`; panics after two minutes with the last state.
-async fn wait_until(env: &WithSandbox, id: &str, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+async fn wait_until(
+    env: &WithSandbox,
+    id: &str,
+    what: &str,
+    done: impl Fn(&Value) -> bool,
+) -> Value {
     let mut last = Value::Null;
     for _ in 0..1200 {
         let m = migration(env, id).await;
@@ -218,7 +223,11 @@ async fn in_tenant(env: &WithSandbox) -> (usize, usize, Vec<String>) {
         .iter()
         .filter(|p| p["appId"].as_str().unwrap().eq_ignore_ascii_case(APP))
         .count();
-    (t["roleAssignments"].as_array().unwrap().len(), policies, grants)
+    (
+        t["roleAssignments"].as_array().unwrap().len(),
+        policies,
+        grants,
+    )
 }
 
 /// The app's Entra mailbox grants, by name, as mailscope's access test reports them.
@@ -248,7 +257,11 @@ async fn a_migration_ends_restricted_by_rbac_and_never_lets_the_app_read_the_can
     restricted_by_policy(&env).await;
     let token = app_token(&env).await;
     assert_eq!(read_as_app(&env, &token, "alice").await, 200);
-    assert_eq!(read_as_app(&env, &token, "bob").await, 403, "the policy holds");
+    assert_eq!(
+        read_as_app(&env, &token, "bob").await,
+        403,
+        "the policy holds"
+    );
     let grants_before = in_tenant(&env).await.2;
 
     let probe = CanaryProbe::start(&env, "bob").await;
@@ -296,7 +309,11 @@ async fn a_migration_ends_restricted_by_rbac_and_never_lets_the_app_read_the_can
     let (role_assignments, policies, grants) = in_tenant(&env).await;
     assert_eq!(role_assignments, 3);
     assert_eq!(policies, 0);
-    assert_eq!(grants.len(), grants_before.len() - 3, "only User.Read.All stays");
+    assert_eq!(
+        grants.len(),
+        grants_before.len() - 3,
+        "only User.Read.All stays"
+    );
     assert_eq!(entra_mailbox_grants(&env).await, json!([]));
     let policies = env
         .api()
@@ -308,15 +325,25 @@ async fn a_migration_ends_restricted_by_rbac_and_never_lets_the_app_read_the_can
         .get(&format!("/rbac-restrictions?app_id={APP}"), 200)
         .await;
     let rid = restrictions["items"][0]["id"].as_str().unwrap();
-    let r = env.api().get(&format!("/rbac-restrictions/{rid}"), 200).await;
+    let r = env
+        .api()
+        .get(&format!("/rbac-restrictions/{rid}"), 200)
+        .await;
     assert_eq!(r["restricted"], true, "{r:#}");
     let token = app_token(&env).await;
-    assert_eq!(read_as_app(&env, &token, "alice").await, 200, "RBAC grants its scope");
+    assert_eq!(
+        read_as_app(&env, &token, "alice").await,
+        200,
+        "RBAC grants its scope"
+    );
     assert_eq!(read_as_app(&env, &token, "bob").await, 403);
 
     // Ended: no rollback, no second run; the list shows it.
     env.api()
-        .post_empty(&format!("/rbac-migrations/{id}/rollback"), (409, "conflict"))
+        .post_empty(
+            &format!("/rbac-migrations/{id}/rollback"),
+            (409, "conflict"),
+        )
         .await;
     let list = env
         .api()
@@ -372,7 +399,10 @@ async fn a_dry_run_names_what_cannot_be_carried_over_and_changes_nothing() {
         .await;
     env.control()
         .post(
-            &format!("{t}/groups/{}/members", scope["object_id"].as_str().unwrap()),
+            &format!(
+                "{t}/groups/{}/members",
+                scope["object_id"].as_str().unwrap()
+            ),
             &json!({"member": "crm-nested"}),
             200,
         )
@@ -435,7 +465,11 @@ async fn a_dry_run_names_what_cannot_be_carried_over_and_changes_nothing() {
     body["dry_run"] = json!(false);
     let p = env
         .api()
-        .post("/rbac-migrations", &body, (422, "rbac_migration_not_possible"))
+        .post(
+            "/rbac-migrations",
+            &body,
+            (422, "rbac_migration_not_possible"),
+        )
         .await;
     assert_eq!(p["errors"][0]["field"], "deny_access_policy", "{p}");
     // An app with no policy at all: nothing to migrate.
