@@ -53,6 +53,7 @@ pub enum ProblemKind {
     RbacMigrationActive,
     RbacMigrationNotPossible,
     RbacMigrationRollbackClosed,
+    RbacUnionTrap,
     Internal,
 }
 
@@ -224,6 +225,11 @@ pub const CATALOGUE: &[(ProblemKind, &str, &str)] = &[
         "The migration has started removing the app's access policy, so only RBAC bounds the app; restoring its Entra consent now would reach every mailbox. Resume the migration instead.",
     ),
     (
+        ProblemKind::RbacUnionTrap,
+        "Entra grant would bypass RBAC",
+        "The app is restricted by RBAC for Applications, and RBAC grants add to Entra grants: an Entra mailbox permission would reach every mailbox whatever the RBAC scope. Leave admin consent off (RBAC grants the permissions in scope), or remove the RBAC restriction first.",
+    ),
+    (
         ProblemKind::Internal,
         "Internal error",
         "An unexpected error; the request id identifies it in the service's logs.",
@@ -266,6 +272,7 @@ impl ProblemKind {
             ProblemKind::RbacMigrationActive => "rbac_migration_active",
             ProblemKind::RbacMigrationNotPossible => "rbac_migration_not_possible",
             ProblemKind::RbacMigrationRollbackClosed => "rbac_migration_rollback_closed",
+            ProblemKind::RbacUnionTrap => "rbac_union_trap",
             ProblemKind::Internal => "internal",
         }
     }
@@ -299,9 +306,9 @@ impl ProblemKind {
             | ProblemKind::VerificationMailboxesRequired
             | ProblemKind::RbacDenyUnsupported
             | ProblemKind::RbacMigrationNotPossible => StatusCode::UNPROCESSABLE_ENTITY,
-            ProblemKind::RbacMigrationActive | ProblemKind::RbacMigrationRollbackClosed => {
-                StatusCode::CONFLICT
-            }
+            ProblemKind::RbacMigrationActive
+            | ProblemKind::RbacMigrationRollbackClosed
+            | ProblemKind::RbacUnionTrap => StatusCode::CONFLICT,
             ProblemKind::RbacRestrictionConflict
             | ProblemKind::RbacIncomplete
             | ProblemKind::RbacVerificationFailed => StatusCode::CONFLICT,
@@ -558,6 +565,7 @@ impl From<crate::provisioning::Error> for ApiError {
                     Rejection::RbacMigrationRollbackClosed => {
                         ProblemKind::RbacMigrationRollbackClosed
                     }
+                    Rejection::RbacUnionTrap => ProblemKind::RbacUnionTrap,
                 };
                 ApiError {
                     errors,
@@ -613,7 +621,7 @@ mod tests {
         codes.sort();
         codes.dedup();
         assert_eq!(codes.len(), n);
-        assert_eq!(n, 34);
+        assert_eq!(n, 35);
     }
 
     #[test]

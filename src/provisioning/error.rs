@@ -48,6 +48,8 @@ pub enum Rejection {
     RbacMigrationNotPossible,
     /// A rollback was asked for after the access policy's removal started.
     RbacMigrationRollbackClosed,
+    /// An Entra mailbox grant was asked for an app restricted by RBAC (the union trap).
+    RbacUnionTrap,
 }
 
 impl Rejection {
@@ -70,6 +72,7 @@ impl Rejection {
             Rejection::RbacMigrationActive => "rbac_migration_active",
             Rejection::RbacMigrationNotPossible => "rbac_migration_not_possible",
             Rejection::RbacMigrationRollbackClosed => "rbac_migration_rollback_closed",
+            Rejection::RbacUnionTrap => "rbac_union_trap",
         }
     }
 }

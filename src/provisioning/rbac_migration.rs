@@ -979,7 +979,9 @@ async fn check_step(
     planned: &Planned,
     step: Step,
 ) -> Result<Option<Ran>, Error> {
+    // A check whose failure paused the migration is not looked at again: a resume starts anew.
     let started = rules::entry(&m.steps, step.as_str())
+        .filter(|e| e.state != StepState::Failed)
         .and_then(|e| e.output.get("check_id")?.as_str()?.parse::<Uuid>().ok());
     let Some(check_id) = started else {
         let check = super::checks::after_rbac_change(
@@ -1139,7 +1141,7 @@ async fn run_forward(
                         "the app holds the Entra grants {} again (someone consented meanwhile); with them it reaches every mailbox once the policy goes",
                         held.join(", ")
                     ),
-                    "resume: the remove_entra_consent step runs again only if you roll back and restart; otherwise remove the grant and resume",
+                    "remove the Entra grant again (or roll back), then resume",
                 )));
             }
             if let Some(ran) =

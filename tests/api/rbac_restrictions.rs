@@ -394,3 +394,42 @@ async fn a_filter_scope_is_validated_read_back_replaced_and_removed() {
         .unwrap();
     assert_problem(res, 404, "not_found").await;
 }
+
+#[tokio::test]
+async fn put_application_refuses_to_grant_back_the_consent_rbac_removed() {
+    let env = WithSandbox::start().await;
+    create_group(&env, "acme-scope", &["alice"]).await;
+    let body = json!({"display_name": "ACME mail sync", "permissions": ["Mail.Read"],
+        "grant_admin_consent": true});
+    env.api().put("/applications/acme", &body, 201).await;
+    let app = env.api().get("/applications/acme", 200).await["app_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let res = post(
+        &env,
+        "/rbac-restrictions",
+        json!({"app_id": app, "scope": {"scope_group": "acme-scope"}, "remove_entra_grants": true,
+               "canary_mailboxes": [addr("bob")]}),
+    )
+    .await;
+    assert_eq!(res.status(), 201, "{}", res.text().await.unwrap());
+    let r: Value = res.json().await.unwrap();
+    assert_eq!(r["restricted"], true, "{r}");
+    let id = r["id"].as_str().unwrap().to_string();
+
+    // The same PUT again would grant Entra Mail.Read back: every mailbox. Refused, nothing granted.
+    let p = env
+        .api()
+        .put("/applications/acme", &body, (409, "rbac_union_trap"))
+        .await;
+    assert!(p["detail"].as_str().unwrap().contains(&id), "{p}");
+    assert_eq!(p["errors"][0]["field"], "grant_admin_consent");
+    let live = get(&env, &format!("/rbac-restrictions/{id}")).await;
+    assert_eq!(live["restricted"], true, "{live}");
+    assert_eq!(live["unscoped_entra_grants"], json!([]));
+    // Without consent the application is accepted: RBAC grants Mail.Read in scope.
+    let mut without = body.clone();
+    without["grant_admin_consent"] = json!(false);
+    env.api().put("/applications/acme", &without, 200).await;
+}
