@@ -35,3 +35,9 @@ CREATE UNIQUE INDEX rbac_migrations_active_app ON rbac_migrations (tenant_id, ap
     WHERE state IN ('running', 'paused', 'rolling_back');
 CREATE INDEX rbac_migrations_tenant ON rbac_migrations (tenant_id, created_at, id);
 
+
+-- RBAC restrictions scoped to an Entra administrative unit (-RecipientAdministrativeUnitScope).
+ALTER TABLE rbac_restrictions DROP CONSTRAINT IF EXISTS rbac_restrictions_scope_kind_check;
+ALTER TABLE rbac_restrictions ADD CONSTRAINT rbac_restrictions_scope_kind_check
+    CHECK (scope_kind IN ('recipient_group_scope', 'member_of_group', 'recipient_filter',
+                          'administrative_unit'));

@@ -433,3 +433,61 @@ async fn put_application_refuses_to_grant_back_the_consent_rbac_removed() {
     without["grant_admin_consent"] = json!(false);
     env.api().put("/applications/acme", &without, 200).await;
 }
+
+#[tokio::test]
+async fn an_administrative_unit_scopes_the_app_through_graph() {
+    let env = WithSandbox::start().await;
+    let unit = env
+        .control()
+        .post(
+            &format!("/tenants/{}/administrative-units", env.tenant),
+            &json!({"displayName": "Sales AU", "members": ["alice"]}),
+            201,
+        )
+        .await;
+    let au = unit["id"].as_str().unwrap().to_string();
+    // An unknown unit, or two scopes at once: refused before anything is created.
+    let res = post(
+        &env,
+        "/rbac-restrictions",
+        json!({"app_id": APP, "scope": {"administrative_unit": uuid::Uuid::new_v4()}}),
+    )
+    .await;
+    let p = assert_problem(res, 422, "validation_failed").await;
+    assert_eq!(p["errors"][0]["field"], "scope.administrative_unit");
+    let res = post(
+        &env,
+        "/rbac-restrictions",
+        json!({"app_id": APP, "scope": {"administrative_unit": au, "recipient_filter": "Department -eq 'x'"}}),
+    )
+    .await;
+    assert_problem(res, 422, "validation_failed").await;
+    assert_eq!(count(&env, "New-ServicePrincipal").await, 0);
+
+    let body = json!({"app_id": APP, "scope": {"administrative_unit": au},
+        "remove_entra_grants": true, "sample_mailboxes": [addr("alice")],
+        "canary_mailboxes": [addr("bob")]});
+    let res = post(&env, "/rbac-restrictions", body.clone()).await;
+    assert_eq!(res.status(), 201, "{}", res.text().await.unwrap());
+    let r: Value = res.json().await.unwrap();
+    assert_eq!(r["scope"]["kind"], "administrative_unit");
+    assert_eq!(r["scope"]["object_id"], au.as_str());
+    assert_eq!(r["restricted"], true, "{r}");
+    assert!(
+        r["assignments"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|a| a["present"] == true)
+    );
+    let t = tenant_state(&env).await;
+    assert_eq!(t["roleAssignments"].as_array().unwrap().len(), 3);
+    assert_eq!(t["managementScopes"], json!([]), "no filter needed");
+    // Through Graph, as the app: the unit's members, nobody else.
+    assert_eq!(graph_read(&env, "alice").await, 200);
+    assert_eq!(graph_read(&env, "bob").await, 403);
+    // The same restriction again adopts, never duplicates.
+    let res = post(&env, "/rbac-restrictions", body).await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(count(&env, "New-ManagementRoleAssignment").await, 3);
+}
