@@ -574,26 +574,46 @@ async fn a_rollback_while_the_policy_exists_restores_the_app_as_it_was() {
     let token = app_token(&env).await;
     assert_eq!(read_as_app(&env, &token, "alice").await, 200);
     assert_eq!(read_as_app(&env, &token, "bob").await, 403);
-    // A new migration may start again.
-    env.api()
+    // A new migration may start again; the list pages newest first.
+    let second = env
+        .api()
         .post(
             "/rbac-migrations",
-            &json!({"app_id": APP, "dry_run": true}),
-            200,
+            &json!({"app_id": APP, "canary_mailboxes": [addr("bob")]}),
+            202,
         )
         .await;
+    let page = env.api().get("/rbac-migrations?limit=1", 200).await;
+    assert_eq!(page["items"][0]["id"], second["id"]);
+    assert_eq!(page["next_after"], second["id"]);
+    let next = format!(
+        "/rbac-migrations?limit=1&after={}",
+        page["next_after"].as_str().unwrap()
+    );
+    let page = env.api().get(&next, 200).await;
+    assert_eq!(page["items"][0]["id"], id.as_str());
+    assert_eq!(page["items"][0]["state"], "rolled_back");
+    assert_eq!(page["next_after"], Value::Null);
 }
 
 #[tokio::test]
 async fn a_failed_verification_pauses_for_attention_and_is_rolled_back() {
-    let env = start(|_| {}).await;
+    use wiremock::matchers::method;
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+    let receiver = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(204))
+        .mount(&receiver)
+        .await;
+    let env = start(|s| s.webhooks = crate::webhooks::hook_settings(5)).await;
     restricted_by_policy(&env).await;
     // alice is in the scope: as a canary the RBAC verification must fail, before any consent goes.
     let m = env
         .api()
         .post(
             "/rbac-migrations",
-            &json!({"app_id": APP, "canary_mailboxes": [addr("alice")]}),
+            &json!({"app_id": APP, "canary_mailboxes": [addr("alice")],
+                "callback_url": format!("{}/hooks", receiver.uri())}),
             202,
         )
         .await;
@@ -613,6 +633,29 @@ async fn a_failed_verification_pauses_for_attention_and_is_rolled_back() {
         .await;
     wait_for_state(&env, &id, "rolled_back").await;
     assert_eq!(in_tenant(&env).await.0, 0);
+    let mut types: Vec<String> = Vec::new();
+    for _ in 0..100 {
+        types = receiver
+            .received_requests()
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| {
+                let v: Value = serde_json::from_slice(&r.body).unwrap();
+                assert!(crate::webhooks::receiver_accepts(r), "signed");
+                v["type"].as_str().unwrap().to_string()
+            })
+            .collect();
+        if types.len() >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    types.sort();
+    assert_eq!(
+        types,
+        ["rbac_migration.attention_needed", "rbac_migration.rolled_back"]
+    );
 }
 
 /// A worker process with the migration's short waits.
