@@ -654,7 +654,10 @@ async fn a_failed_verification_pauses_for_attention_and_is_rolled_back() {
     types.sort();
     assert_eq!(
         types,
-        ["rbac_migration.attention_needed", "rbac_migration.rolled_back"]
+        [
+            "rbac_migration.attention_needed",
+            "rbac_migration.rolled_back"
+        ]
     );
 }
 
@@ -738,4 +741,74 @@ async fn a_worker_killed_mid_migration_resumes_to_the_same_end_without_duplicate
         .map(|r| (r.get(0), r.get(1)))
         .collect();
     assert_eq!(jobs, [(format!("{id}@1"), 1)], "one job, never duplicated");
+}
+
+#[tokio::test]
+async fn a_throttled_step_waits_for_retry_after_without_counting_an_attempt() {
+    const WINDOW: u64 = 600;
+    let env = start(|s| s.m365.max_retry_after_ms = 1_000).await;
+    restricted_by_policy(&env).await;
+    let tenant_settings = format!("/tenants/{}/settings", env.tenant);
+    env.control()
+        .patch(&tenant_settings, &json!({"exchangeRetryAfter": true}), 200)
+        .await;
+    // The window counts the calls made so far; planning makes two more InvokeCommands, and the
+    // job's first step is throttled at its second.
+    let made = env.sandbox_calls("exchange").await.len();
+    let budget = |b: Value| json!({"pacing": {"exchangeBudget": b}});
+    env.control()
+        .patch(
+            "/settings",
+            &budget(json!(format!("{}/{WINDOW}s", made + 3))),
+            200,
+        )
+        .await;
+    let m = env
+        .api()
+        .post(
+            "/rbac-migrations",
+            &json!({"app_id": APP, "canary_mailboxes": [addr("bob")]}),
+            202,
+        )
+        .await;
+    let id = m["id"].as_str().unwrap().to_string();
+    let waiting = wait_until(&env, &id, "a throttled step", |m| {
+        !step(m, "create_rbac")["last_error"].is_null()
+    })
+    .await;
+    let s = step(&waiting, "create_rbac");
+    assert_eq!(waiting["state"], "running");
+    assert_eq!(s["state"], "running");
+    assert_eq!(s["attempts"], 0, "throttling is not an attempt: {s}");
+    assert_eq!(s["last_error"]["code"], "throttled", "{s}");
+    let db = env.app.db.client().await;
+    let row = db
+        .query_one(
+            "SELECT failures, extract(epoch FROM run_at - now())::float8 FROM jobs
+             WHERE kind = 'rbac_migration'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (failures, due): (i32, f64) = (row.get(0), row.get(1));
+    assert_eq!(failures, 0);
+    assert!(
+        (WINDOW as f64 - 60.0..=WINDOW as f64 + 5.0).contains(&due),
+        "due in {due} s, expected Retry-After"
+    );
+
+    // The window passes: the migration goes on to the same end.
+    env.control()
+        .patch("/settings", &budget(Value::Null), 200)
+        .await;
+    env.sandbox.advance_clock(Duration::from_secs(WINDOW + 1));
+    db.execute(
+        "UPDATE jobs SET run_at = now() WHERE kind = 'rbac_migration' AND state = 'queued'",
+        &[],
+    )
+    .await
+    .unwrap();
+    let done = wait_for_state(&env, &id, "succeeded").await;
+    assert_eq!(step(&done, "create_rbac")["attempts"], 1);
+    assert_eq!(in_tenant(&env).await.0, 3);
 }
