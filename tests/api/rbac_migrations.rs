@@ -812,3 +812,49 @@ async fn a_throttled_step_waits_for_retry_after_without_counting_an_attempt() {
     assert_eq!(step(&done, "create_rbac")["attempts"], 1);
     assert_eq!(in_tenant(&env).await.0, 3);
 }
+
+#[tokio::test]
+async fn an_app_mailscope_created_is_verified_through_graph_and_keeps_no_entra_mail_consent() {
+    let env = start(|_| {}).await;
+    create_group(&env, "acme-scope", &["alice"]).await;
+    let body = json!({"display_name": "ACME mail sync", "permissions": ["Mail.Read"],
+        "grant_admin_consent": true});
+    let app = env.api().put("/applications/acme", &body, 201).await["app_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    env.api()
+        .post(
+            "/access-policies",
+            &json!({"app_id": app, "scope": "acme-scope", "access_right": "RestrictAccess"}),
+            201,
+        )
+        .await;
+    let m = env
+        .api()
+        .post(
+            "/rbac-migrations",
+            &json!({"app_id": app, "canary_mailboxes": [addr("bob")]}),
+            202,
+        )
+        .await;
+    let id = m["id"].as_str().unwrap().to_string();
+    let done = wait_for_state(&env, &id, "succeeded").await;
+    // Each check the migration started read the mailboxes through Graph as the app.
+    let checks = done["check_ids"].as_array().unwrap();
+    assert_eq!(checks.len(), 2, "{done:#}");
+    for c in checks {
+        let c = env
+            .api()
+            .get(&format!("/propagation-checks/{}", c.as_str().unwrap()), 200)
+            .await;
+        assert_eq!(c["state"], "succeeded", "{c:#}");
+        assert_eq!(c["verified_by"], "graph", "{c:#}");
+        assert_eq!(c["origin"], "rbac_migration");
+        assert_eq!(c["mechanism"], "rbac");
+    }
+    // Asking for the Entra consent back would undo the migration: refused.
+    env.api()
+        .put("/applications/acme", &body, (409, "rbac_union_trap"))
+        .await;
+}
