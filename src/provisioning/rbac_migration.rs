@@ -258,6 +258,19 @@ pub async fn plan(
     let sp_id = sp.id.to_ascii_lowercase();
     let (records, pre_existing) = {
         let db = services.db().await?;
+        // An access grant owns its app's policy and consent and would put them back at its next
+        // change: the grant is what has to move, not the app under it.
+        if let Ok(uuid) = app_id.parse::<Uuid>()
+            && let Some(key) = store::applications::key_of_app(&db, tenant_id, uuid).await?
+            && let Some(grant) = key.strip_prefix("grant-")
+        {
+            return Err(not_possible(
+                format!(
+                    "app {app_id} belongs to access grant `{grant}`, which manages its access policy and consent and would restore them at its next change; access grants cannot use RBAC for Applications yet, so keep this app on its access policy for now"
+                ),
+                Vec::new(),
+            ));
+        }
         let records = store::access_policies::for_app(&db, tenant_id, &app_id).await?;
         let pre: Vec<Uuid> = store::rbac_restrictions::all(&db, tenant_id)
             .await?
