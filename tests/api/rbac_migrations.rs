@@ -858,3 +858,35 @@ async fn an_app_mailscope_created_is_verified_through_graph_and_keeps_no_entra_m
         .put("/applications/acme", &body, (409, "rbac_union_trap"))
         .await;
 }
+
+#[tokio::test]
+async fn an_app_owned_by_an_access_grant_is_not_migrated_under_it() {
+    let env = start(|_| {}).await;
+    let body = json!({"display_name": "ACME mail sync", "permissions": ["Mail.Read"],
+        "mailboxes": [addr("alice")]});
+    env.api().put("/access-grants/acme", &body, 202).await;
+    let mut grant = Value::Null;
+    for _ in 0..60 {
+        grant = env.api().get("/access-grants/acme?wait=2", 200).await;
+        if grant["condition"] == "ready" {
+            break;
+        }
+    }
+    assert_eq!(grant["condition"], "ready", "{grant:#}");
+    let app = grant["app_id"].as_str().unwrap();
+    let p = env
+        .api()
+        .post(
+            "/rbac-migrations",
+            &json!({"app_id": app, "dry_run": true, "canary_mailboxes": [addr("bob")]}),
+            (422, "rbac_migration_not_possible"),
+        )
+        .await;
+    assert!(
+        p["detail"]
+            .as_str()
+            .unwrap()
+            .contains("access grant `acme`"),
+        "{p}"
+    );
+}
