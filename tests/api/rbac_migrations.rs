@@ -475,6 +475,43 @@ async fn a_dry_run_names_what_cannot_be_carried_over_and_changes_nothing() {
     // An app with no policy at all: nothing to migrate.
     let other = json!({"app_id": "00000000-0000-0000-0000-000000000001", "dry_run": true});
     env.api().post("/rbac-migrations", &other, 422).await;
+
+    // A permission no RBAC role grants is named, and blocks.
+    let basic = env
+        .api()
+        .put(
+            "/applications/digest",
+            &json!({"display_name": "Digest", "permissions": ["Mail.Read", "Mail.ReadBasic.All"],
+                "grant_admin_consent": true}),
+            201,
+        )
+        .await;
+    let digest = basic["app_id"].as_str().unwrap();
+    env.api()
+        .post(
+            "/access-policies",
+            &json!({"app_id": digest, "scope": "crm-scope", "access_right": "RestrictAccess"}),
+            201,
+        )
+        .await;
+    let d = env
+        .api()
+        .post(
+            "/rbac-migrations",
+            &json!({"app_id": digest, "dry_run": true, "canary_mailboxes": [addr("bob")]}),
+            200,
+        )
+        .await;
+    let n = d["plan"]["not_carried"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["kind"] == "permission_without_role")
+        .unwrap_or_else(|| panic!("{d:#}"));
+    assert_eq!(n["subject"], "Mail.ReadBasic.All");
+    assert_eq!(n["blocks_execution"], true);
+    assert_eq!(d["plan"]["executable"], false);
+    assert_eq!(d["plan"]["remove_entra_grants"], json!(["Mail.Read"]));
 }
 
 #[tokio::test]
