@@ -266,7 +266,7 @@ pub async fn plan(
         {
             return Err(not_possible(
                 format!(
-                    "app {app_id} belongs to access grant `{grant}`, which manages its access policy and consent and would restore them at its next change; access grants cannot use RBAC for Applications yet, so keep this app on its access policy for now"
+                    "app {app_id} belongs to access grant `{grant}`, which manages its access policy and consent and would restore them at its next change; move the grant instead (a grant keeps its mechanism: offboard it and onboard it again with mechanism rbac where your version of mailscope offers it)"
                 ),
                 Vec::new(),
             ));
