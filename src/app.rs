@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix_web::dev::Server;
-use actix_web::{App, HttpServer, middleware::from_fn, web};
+use actix_web::{App, middleware::from_fn, web};
 use anyhow::Context;
 use deadpool_postgres::Pool;
 
@@ -17,8 +17,69 @@ use crate::queue::worker::{Worker, WorkerConfig};
 use crate::store::{self, embedded::EmbeddedPostgres, local_secrets};
 use crate::telemetry::Metrics;
 
+/// The HTTP server: what `actix_web::HttpServer` builds, with each connection wrapped in
+/// [`api::protocol_errors::ProblemIo`] so that the answers actix's parser gives on its own (431,
+/// 400, 408) are problem documents too. `HttpServer` offers no hook to wrap the socket, hence the
+/// hand assembly from actix-server and actix-http, with `HttpServer`'s defaults.
+fn http_server<F, T, B>(
+    listener: TcpListener,
+    settings: &Settings,
+    app: F,
+) -> anyhow::Result<Server>
+where
+    F: Fn() -> App<T> + Send + Clone + 'static,
+    T: actix_web::dev::ServiceFactory<
+            actix_web::dev::ServiceRequest,
+            Config = (),
+            Response = actix_web::dev::ServiceResponse<B>,
+            Error = actix_web::Error,
+            InitError = (),
+        > + 'static,
+    B: actix_web::body::MessageBody + 'static,
+{
+    use actix_http::{HttpService, Protocol};
+    use actix_service::{IntoServiceFactory, ServiceFactoryExt, fn_service, map_config};
+    use actix_web::dev::AppConfig;
+
+    let addr = listener.local_addr()?;
+    let builder = actix_server::Server::build();
+    let shutdown = builder.graceful_shutdown_signal();
+    let mut builder = builder
+        .shutdown_timeout(settings.shutdown_grace_seconds)
+        // actix would stop at once on SIGINT (dropping requests in flight); `serve` maps both
+        // SIGINT and SIGTERM to a graceful stop instead (`stop_gracefully_on_signals`).
+        .disable_signals();
+    if let Some(w) = settings.http.workers {
+        builder = builder.workers(w);
+    }
+    let builder = builder.listen("mailscope-http", listener, move || {
+        let shutdown = shutdown.clone();
+        let app = app().into_factory().map_err(|e| e.error_response());
+        let http = HttpService::build()
+            .graceful_shutdown_signal(move || {
+                let shutdown = shutdown.clone();
+                async move { shutdown.notified().await }
+            })
+            .client_disconnect_timeout(Duration::from_secs(1))
+            .local_addr(addr)
+            // The host of requests without a Host header (HTTP/1.0); nothing here builds URLs from it.
+            .finish(map_config(app, |_| AppConfig::default()));
+        fn_service(|io: tokio::net::TcpStream| async move {
+            let peer = io.peer_addr().ok();
+            Ok::<_, actix_http::error::DispatchError>((
+                api::protocol_errors::ProblemIo::new(io),
+                Protocol::Http1,
+                peer,
+            ))
+        })
+        .and_then(http)
+    })?;
+    Ok(builder.run())
+}
+
 /// Periodic housekeeping run by worker processes: forget expired idempotency keys and old
-/// finished jobs, and remove probe secrets whose check no longer runs.
+/// finished jobs, remove probe secrets whose check no longer runs, and make sure every tenant
+/// with access grants has its credential-expiry scan queued.
 async fn maintenance(state: AppState, mut stop: tokio::sync::watch::Receiver<bool>) {
     let r = state.settings.retention.clone();
     loop {
@@ -38,6 +99,10 @@ async fn maintenance(state: AppState, mut stop: tokio::sync::watch::Receiver<boo
             Ok(n) if n > 0 => tracing::info!(secrets = n, "removed orphaned probe secrets"),
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "sweeping probe secrets failed"),
+        }
+        match crate::provisioning::grants::ensure_expiry_scans(&state).await {
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "queueing credential expiry scans failed"),
         }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(900)) => {}
@@ -236,26 +301,18 @@ impl Application {
         let port = listener.local_addr()?.port();
         let body_limit = settings.http.body_limit_bytes;
         let app_state = state.get_ref().clone();
-        let mut server = HttpServer::new(move || {
+        let server = http_server(listener, &settings, move || {
             App::new()
                 .wrap(from_fn(api::middleware::request_context))
                 .app_data(state.clone())
                 .app_data(verifier.clone())
                 .app_data(metrics.clone())
                 .configure(|cfg| api::configure(cfg, body_limit, role != Role::WorkerOnly))
-        })
-        .shutdown_timeout(settings.shutdown_grace_seconds)
-        // actix would stop at once on SIGINT (dropping requests in flight); `serve` maps both
-        // SIGINT and SIGTERM to a graceful stop instead (`stop_gracefully_on_signals`).
-        .disable_signals()
-        .listen(listener)?;
-        if let Some(w) = settings.http.workers {
-            server = server.workers(w);
-        }
+        })?;
         tracing::info!(port, "listening");
         Ok(Application {
             port,
-            server: server.run(),
+            server,
             pool,
             state: app_state,
             worker,

@@ -126,6 +126,10 @@ pub struct ProvisioningSettings {
     /// default (docs/microsoft-365.md §8.7), so the default is 90 minutes. Raise it for tenants
     /// with a longer configured token lifetime.
     pub rbac_migration_token_drain_seconds: u64,
+    /// How often each tenant's access grants are scanned for credentials that end within
+    /// `secret_expiring_soon_days` (each is announced once by an `access_grant.expiring_soon`
+    /// event).
+    pub credential_scan_interval_seconds: u64,
 }
 
 impl Default for ProvisioningSettings {
@@ -134,6 +138,7 @@ impl Default for ProvisioningSettings {
             max_secret_lifetime_days: 180,
             secret_expiring_soon_days: 30,
             rbac_migration_token_drain_seconds: 90 * 60,
+            credential_scan_interval_seconds: 3600,
         }
     }
 }
@@ -492,6 +497,12 @@ impl Settings {
         if !(1..=86_400).contains(&p.rbac_migration_token_drain_seconds) {
             errs.push(
                 "provisioning.rbac_migration_token_drain_seconds must be between 1 and 86400 (a day, the longest token lifetime Entra allows)"
+                    .into(),
+            );
+        }
+        if !(1..=86_400).contains(&p.credential_scan_interval_seconds) {
+            errs.push(
+                "provisioning.credential_scan_interval_seconds must be between 1 and 86400 (a day)"
                     .into(),
             );
         }

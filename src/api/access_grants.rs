@@ -64,7 +64,8 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     "app_id": "b9701c1e-1364-464d-93e4-01ae925e8d6c",
     "permissions": ["Mail.Read"],
     "mailboxes": ["sales@contoso.com", "support@contoso.com"],
-    "mechanism": "access_policy",
+    "canary_mailboxes": ["ceo@contoso.com"],
+    "mechanism": "rbac",
     "labels": {"vendor": "contoso-crm"},
     "external_ref": "CHG-1042",
     "callback_url": "https://portal.example.com/hooks/mailscope"
@@ -87,14 +88,19 @@ pub struct AccessGrantInput {
     /// Mailboxes the propagation check proves out of reach, besides the tenant's canaries.
     #[serde(default)]
     pub canary_mailboxes: Vec<String>,
-    /// `access_policy` (the default). `rbac` is refused until RBAC for Applications is available.
+    /// `rbac` (RBAC for Applications, the default for a new grant: role assignments scoped to
+    /// the scope group, no tenant-wide Entra consent; needs a canary mailbox, the grant's or the
+    /// tenant's) or `access_policy` (an application access policy restricting the app's Entra
+    /// consent). Omitted on an existing grant: it keeps its mechanism, which cannot change while
+    /// the grant exists (409).
     pub mechanism: Option<Mechanism>,
     /// Free-form labels to find the grant again (`?label=vendor=contoso-crm`).
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
     /// The caller's reference, e.g. a vendor id or ticket number (`?external_ref=`).
     pub external_ref: Option<String>,
-    /// Where signed events (`access_grant.ready`, `.failed`, `.removed`) are sent.
+    /// Where signed events (`access_grant.ready`, `.failed`, `.removed`, and
+    /// `.expiring_soon` once per credential of the app that ends soon) are sent.
     pub callback_url: Option<String>,
 }
 
@@ -178,8 +184,9 @@ pub struct AccessGrant {
     pub external_ref: Option<String>,
     pub callback_url: Option<String>,
     pub steps: Vec<GrantStep>,
-    /// For an app mailscope created, in `GET` of one grant: a credential of the app ends soon
-    /// and none lasts longer (details: `…/credentials`).
+    /// For an app mailscope created, in `GET` of one grant: a credential of the app ends within
+    /// `provisioning.secret_expiring_soon_days` and none lasts longer (details:
+    /// `…/credentials`); announced once per credential by an `access_grant.expiring_soon` event.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub expiring_soon: Option<bool>,
     pub created_at: DateTime<Utc>,
@@ -294,8 +301,12 @@ fn status_response(
 /// Declare an access grant (onboard a vendor).
 ///
 /// Records the desired state and answers at once; the `access_grant` job then creates (or
-/// adopts) the scope group and the app, restricts the app to the scope group, grants the consent
-/// only once the restriction exists, and proves it in force with a propagation check. Follow it
+/// adopts) the scope group and the app, restricts the app to the scope group, and proves it in
+/// force with a propagation check. With `rbac` (the default for a new grant) the restriction is
+/// the service principal pointer and one role assignment per permission on the scope group; it
+/// is verified in and out of scope with `Test-ServicePrincipalAuthorization` before any
+/// tenant-wide Entra consent of the app is removed, and the app keeps none. With
+/// `access_policy` the consent is granted only once the RestrictAccess policy exists. Follow it
 /// with `GET …?wait=N` or the `callback_url`.
 ///
 /// Idempotent: the same body again answers 200 and queues no work (labels, `external_ref` and
@@ -312,8 +323,8 @@ fn status_response(
         (status = 401, description = "missing or invalid token", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "needs MailScope.Write", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "tenant not visible", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "the grant exists for another app (`conflict`)", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "invalid content, an unknown scope group, or `mechanism: rbac` (not available yet)", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "the grant exists for another app or with another mechanism (`conflict`)", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "invalid content, an unknown scope group, or with `rbac` a permission without an RBAC role or no canary mailbox", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "database unavailable", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = [])))]
@@ -396,8 +407,10 @@ pub async fn get_access_grant(
     Ok(HttpResponse::Ok().json(v))
 }
 
-/// Offboard: revoke the consent, then remove the restriction, then the app and the scope group
-/// if mailscope created them. Answers 202 with the grant `removing`; it ends `removed`.
+/// Offboard: revoke the consent, then remove the restriction (the access policy, or the RBAC
+/// role assignments, then the service principal pointer once nothing else of the app uses it),
+/// then the app and the scope group if mailscope created them. Answers 202 with the grant
+/// `removing`; it ends `removed`.
 #[utoipa::path(delete, path = "/v1/tenants/{tenant_id}/access-grants/{key}", tag = "access grants",
     params(("tenant_id" = Uuid, Path, description = "The Microsoft Entra tenant id"),
            ("key" = String, Path, description = "The grant's key")),

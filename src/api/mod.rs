@@ -16,6 +16,7 @@ pub mod middleware;
 pub mod openapi;
 pub mod problem;
 pub mod propagation_checks;
+pub mod protocol_errors;
 pub mod rbac_migrations;
 pub mod rbac_restrictions;
 pub mod schema;

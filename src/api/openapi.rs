@@ -22,7 +22,10 @@ use crate::domain::cloud::{Cloud, EndpointOverrides};
         title = "mailscope",
         description = "Give a third-party app access to some Exchange Online mailboxes and no others, \
 and prove that the restriction is in force.\n\nErrors are RFC 9457 `application/problem+json` documents; \
-branch on `type` (or its short form `code`). Every response carries `X-Request-Id`.",
+branch on `type` (or its short form `code`). Every response carries `X-Request-Id`. \
+Any operation can also answer 431 `request_headers_too_large` (over 96 header fields or 128 KiB of head), \
+400 `malformed_request` (not parseable HTTP/1.1) or 408 `request_timeout` (the head came too slowly), \
+before the request reaches the operation.",
         license(name = "Apache-2.0", identifier = "Apache-2.0")
     ),
     servers((url = "/", description = "This mailscope instance (the document is served at `/openapi.json`)")),

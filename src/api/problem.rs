@@ -54,6 +54,12 @@ pub enum ProblemKind {
     RbacMigrationNotPossible,
     RbacMigrationRollbackClosed,
     RbacUnionTrap,
+    /// The request head exceeded the HTTP parser's limits (answered before any handler runs).
+    RequestHeadersTooLarge,
+    /// The request is not parseable HTTP/1.1.
+    MalformedRequest,
+    /// The request head did not arrive within the client request timeout.
+    RequestTimeout,
     Internal,
 }
 
@@ -234,6 +240,21 @@ pub const CATALOGUE: &[(ProblemKind, &str, &str)] = &[
         "Internal error",
         "An unexpected error; the request id identifies it in the service's logs.",
     ),
+    (
+        ProblemKind::RequestHeadersTooLarge,
+        "Request header fields too large",
+        "The request head has more than 96 header fields or exceeds 128 KiB; shorten it (often an oversized token or cookie).",
+    ),
+    (
+        ProblemKind::MalformedRequest,
+        "Malformed request",
+        "The request is not valid HTTP/1.1 (request line, header syntax or framing), so it could not be read at all.",
+    ),
+    (
+        ProblemKind::RequestTimeout,
+        "Request timeout",
+        "The request head did not arrive within the client request timeout; the connection was closed.",
+    ),
 ];
 
 impl ProblemKind {
@@ -273,6 +294,9 @@ impl ProblemKind {
             ProblemKind::RbacMigrationNotPossible => "rbac_migration_not_possible",
             ProblemKind::RbacMigrationRollbackClosed => "rbac_migration_rollback_closed",
             ProblemKind::RbacUnionTrap => "rbac_union_trap",
+            ProblemKind::RequestHeadersTooLarge => "request_headers_too_large",
+            ProblemKind::MalformedRequest => "malformed_request",
+            ProblemKind::RequestTimeout => "request_timeout",
             ProblemKind::Internal => "internal",
         }
     }
@@ -313,6 +337,9 @@ impl ProblemKind {
             | ProblemKind::RbacIncomplete
             | ProblemKind::RbacVerificationFailed => StatusCode::CONFLICT,
             ProblemKind::ScopeFilterMismatch => StatusCode::BAD_GATEWAY,
+            ProblemKind::RequestHeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            ProblemKind::MalformedRequest => StatusCode::BAD_REQUEST,
+            ProblemKind::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ProblemKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -521,13 +548,21 @@ impl ResponseError for ApiError {
 /// type, its cause and fix as the detail, and `Retry-After` when Microsoft throttled us.
 impl From<crate::m365::M365Error> for ApiError {
     fn from(e: crate::m365::M365Error) -> Self {
+        // Microsoft's own request id, when it sent one: a support case with Microsoft needs it.
+        let support = e
+            .request_id()
+            .map(|id| format!(" Microsoft request id: {id}."))
+            .unwrap_or_default();
         let mut a = ApiError::new(
             ProblemKind::Microsoft365,
-            format!("{} {}", e.cause(), e.fix()),
+            format!("{} {}{support}", e.cause(), e.fix()),
         );
         a.code_override = Some(e.code());
         a.status_override = StatusCode::from_u16(e.suggested_http_status()).ok();
-        a.retry_after = e.retry_after().map(|d| d.as_secs().max(1));
+        a.retry_after = e.retry_after().map(|d| d.as_secs().max(1)).or(
+            // Entra converges in seconds to minutes: a short wait before asking again.
+            (*e.kind() == crate::m365::ErrorKind::ReplicationPending).then_some(30),
+        );
         a
     }
 }
@@ -621,7 +656,7 @@ mod tests {
         codes.sort();
         codes.dedup();
         assert_eq!(codes.len(), n);
-        assert_eq!(n, 35);
+        assert_eq!(n, 38);
     }
 
     #[test]

@@ -9,6 +9,15 @@
 //! mailbox its consent covers). Offboarding revokes the consent first, then removes the
 //! restriction, then the app and the scope group (only what mailscope created leaves the tenant).
 //!
+//! With RBAC for Applications the step list is the same, with other contents and one reason for
+//! its order: RBAC role assignments grant the permissions inside their scope by themselves, while
+//! an Entra consent for a mailbox permission reaches every mailbox whatever the scope (the union,
+//! docs/microsoft-365.md §3.3). So the restriction (service principal pointer, role assignment
+//! per permission on the scope group) comes first, then it is verified in and out of scope with
+//! `Test-ServicePrincipalAuthorization` and only then any unscoped Entra consent goes (an adopted
+//! vendor app usually holds one), and the consent step makes sure none is left: an RBAC grant's
+//! app never holds an Entra consent for its mailbox permissions, not even for a moment.
+//!
 //! Every step is idempotent and records the grant revision it completed for. A new desired state
 //! is a new revision, so every step runs again and converges from what the tenant has; a step
 //! whose work is already done is a no-op in the tenant.
@@ -20,8 +29,8 @@ use serde::{Deserialize, Serialize};
 pub enum Mechanism {
     /// Exchange application access policies (a RestrictAccess policy scoped to a group).
     AccessPolicy,
-    /// RBAC for Applications (management role assignments with a management scope). Accepted in
-    /// the model so stored grants and the API keep their shape; not runnable yet.
+    /// RBAC for Applications (role assignments per permission scoped to the scope group; no
+    /// Entra consent for the mailbox permissions). The default for new grants.
     Rbac,
 }
 
@@ -69,6 +78,17 @@ impl Step {
 
 /// Onboarding with application access policies: the restriction exists before the consent.
 pub const ONBOARD_ACCESS_POLICY: [Step; 6] = [
+    Step::ScopeGroup,
+    Step::App,
+    Step::Restriction,
+    Step::UnscopedGrants,
+    Step::Consent,
+    Step::PropagationCheck,
+];
+
+/// Onboarding with RBAC for Applications: the scoped role assignments exist and are verified
+/// before any unscoped Entra consent is removed, and the consent step leaves none.
+pub const ONBOARD_RBAC: [Step; 6] = [
     Step::ScopeGroup,
     Step::App,
     Step::Restriction,
@@ -195,8 +215,7 @@ pub fn flow(plan: &Plan) -> &'static [Step] {
     } else {
         match plan.mechanism {
             Mechanism::AccessPolicy => &ONBOARD_ACCESS_POLICY,
-            // Not runnable yet: the API refuses it before anything is recorded.
-            Mechanism::Rbac => &[],
+            Mechanism::Rbac => &ONBOARD_RBAC,
         }
     }
 }
@@ -341,6 +360,32 @@ mod tests {
         }
         assert_eq!(order, OFFBOARD.to_vec());
         assert_eq!(condition(&p, &log), Condition::Removed);
+    }
+
+    #[test]
+    fn rbac_onboarding_restricts_and_removes_unscoped_grants_before_the_consent_step() {
+        let p = Plan {
+            revision: 1,
+            removing: false,
+            mechanism: Mechanism::Rbac,
+        };
+        let mut log = Vec::new();
+        let mut order = Vec::new();
+        while let Next::Run(s) = next(&p, &log) {
+            order.push(s);
+            done(&mut log, s, 1);
+        }
+        let at = |s: Step| order.iter().position(|x| *x == s).unwrap();
+        assert!(at(Step::Restriction) < at(Step::UnscopedGrants));
+        assert!(at(Step::UnscopedGrants) < at(Step::Consent));
+        assert_eq!(order.last(), Some(&Step::PropagationCheck));
+        assert_eq!(condition(&p, &log), Condition::Ready);
+        let off = Plan {
+            revision: 2,
+            removing: true,
+            mechanism: Mechanism::Rbac,
+        };
+        assert_eq!(next(&off, &log), Next::Run(Step::RevokeConsent));
     }
 
     #[test]

@@ -5,6 +5,7 @@ use crate::provisioning::Services;
 use crate::queue::worker::Worker;
 
 pub mod access_grant;
+pub mod credential_expiry;
 pub mod propagation_check;
 pub mod rbac_migration;
 pub mod webhook_delivery;
@@ -15,5 +16,6 @@ pub fn register_all(worker: &mut Worker, services: &Services) {
     worker.register_job::<crate::provisioning::checks::CheckJob>(services.clone());
     worker.register_job::<crate::provisioning::grants::GrantJob>(services.clone());
     worker.register_job::<crate::provisioning::rbac_migration::MigrationJob>(services.clone());
+    worker.register_job::<crate::provisioning::grants::ExpiryScanJob>(services.clone());
     worker.register_job::<crate::webhooks::Delivery>(services.settings.webhooks.clone());
 }

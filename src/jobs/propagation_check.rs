@@ -46,20 +46,30 @@ use crate::store::propagation_checks::{
 use crate::store::rbac_restrictions::RbacRestrictionRecord;
 use crate::store::{self};
 
+/// Permission prefix → the harmless read it allows.
+const READS: &[(&str, MailboxProbe)] = &[
+    ("Mail.Read", MailboxProbe::Messages),
+    ("MailboxSettings.Read", MailboxProbe::MailboxSettings),
+    ("Calendars.Read", MailboxProbe::Calendars),
+    ("Contacts.Read", MailboxProbe::Contacts),
+];
+
 /// The harmless read matching an app's permissions, if it has one (a send-only app has none).
 pub fn harmless_read(permissions: &[String]) -> Option<MailboxProbe> {
-    const READS: &[(&str, MailboxProbe)] = &[
-        ("Mail.Read", MailboxProbe::Messages),
-        ("MailboxSettings.Read", MailboxProbe::MailboxSettings),
-        ("Calendars.Read", MailboxProbe::Calendars),
-        ("Contacts.Read", MailboxProbe::Contacts),
-    ];
     READS.iter().find_map(|(prefix, probe)| {
         permissions
             .iter()
             .any(|p| p.starts_with(prefix))
             .then_some(*probe)
     })
+}
+
+/// The permission prefix whose role a probe's token must carry.
+fn probe_role(probe: MailboxProbe) -> &'static str {
+    READS
+        .iter()
+        .find(|(_, p)| *p == probe)
+        .map_or("Mail.Read", |(prefix, _)| prefix)
 }
 
 type Step<T> = Result<T, Error>;
@@ -290,6 +300,22 @@ async fn step(services: &Services, ctx: &JobContext, check_id: Uuid) -> Step<Out
             client_secret: secret,
         },
     });
+    // Entra's eventual consistency (docs/microsoft-365.md §8.4): the probe secret is ours and
+    // was valid when added, so "invalid client secret" means not replicated yet. For an access
+    // policy (which constrains the app's Entra grant), a token issued before the consent
+    // replicated lacks the read permission and would read as a denial everywhere: it is replaced
+    // (bounded) until it carries it. Under RBAC the grant is Exchange's, not in the token.
+    as_app.credential_is_new();
+    if check.mechanism == Mechanism::AccessPolicy {
+        let role = probe_role(probe);
+        as_app
+            .token_with_role(
+                crate::m365::TokenResource::Graph,
+                &|r: &str| r.starts_with(role),
+                role,
+            )
+            .await?;
+    }
     let pending: Vec<usize> = (0..exps.len()).filter(|i| !exps[*i].is_met()).collect();
     let requests = pending
         .iter()

@@ -69,6 +69,10 @@ pub enum ErrorKind {
     MailboxAccessDenied,
     /// The object does not exist (or has not replicated yet).
     NotFound,
+    /// Entra has not yet made an object mailscope just wrote usable everywhere (eventual
+    /// consistency), and the bounded retries ran out: a new app still 404, its service principal
+    /// refused with `NoBackingApplicationObject`, a new secret refused, a new role not in tokens.
+    ReplicationPending,
     /// The object already exists.
     AlreadyExists,
     /// Microsoft rejected a parameter or the request shape.
@@ -110,6 +114,7 @@ impl ErrorKind {
             ErrorKind::GraphPermissionMissing => "graph_permission_missing",
             ErrorKind::MailboxAccessDenied => "mailbox_access_denied",
             ErrorKind::NotFound => "not_found",
+            ErrorKind::ReplicationPending => "replication_pending",
             ErrorKind::AlreadyExists => "already_exists",
             ErrorKind::InvalidParameter => "invalid_parameter",
             ErrorKind::PolicyLimitReached => "policy_limit_reached",
@@ -130,6 +135,7 @@ impl ErrorKind {
                 | ErrorKind::Transient
                 | ErrorKind::Timeout
                 | ErrorKind::Unreachable
+                | ErrorKind::ReplicationPending
         )
     }
 
@@ -235,6 +241,13 @@ impl M365Error {
         self
     }
 
+    /// Replace the kind, keeping Microsoft's code, message and request id (used when bounded
+    /// retries turn an answer into a more telling kind).
+    pub fn with_kind(mut self, kind: ErrorKind) -> Self {
+        self.0.kind = kind;
+        self
+    }
+
     /// Replace the operation name (used when a lower layer did not know it).
     pub fn with_operation(mut self, operation: impl Into<String>) -> Self {
         self.0.operation = operation.into();
@@ -295,7 +308,7 @@ impl M365Error {
             ErrorKind::NotFound => 404,
             ErrorKind::AlreadyExists => 409,
             ErrorKind::InvalidParameter | ErrorKind::PolicyLimitReached => 422,
-            ErrorKind::Throttled { .. } => 503,
+            ErrorKind::Throttled { .. } | ErrorKind::ReplicationPending => 503,
             ErrorKind::Timeout => 504,
             ErrorKind::InvalidConfiguration => 422,
             _ => 502,
@@ -347,6 +360,14 @@ impl M365Error {
                 "Exchange Online denied the app access to this mailbox (an Application Access Policy, RBAC scope or EWS access policy blocks it).".into()
             }
             ErrorKind::NotFound => format!("{svc} could not find the object."),
+            ErrorKind::ReplicationPending => format!(
+                "{svc} has not yet made an object mailscope just created usable everywhere (Microsoft Entra's eventual consistency){}.",
+                self.0
+                    .remote_code
+                    .as_deref()
+                    .map(|c| format!(": it still answers {c}"))
+                    .unwrap_or_default()
+            ),
             ErrorKind::AlreadyExists => format!("{svc} already has an object with this name or key."),
             ErrorKind::InvalidParameter => format!("{svc} rejected a parameter of the request."),
             ErrorKind::PolicyLimitReached => {
@@ -415,6 +436,9 @@ impl M365Error {
             }
             ErrorKind::NotFound => {
                 "Check the name or id; objects created moments ago can take a few minutes to appear.".into()
+            }
+            ErrorKind::ReplicationPending => {
+                "Nothing to change: Entra usually converges within seconds to minutes, and mailscope retries the step; if it persists, quote Microsoft's request id to Microsoft support.".into()
             }
             ErrorKind::AlreadyExists => "Use the existing object or choose another name.".into(),
             ErrorKind::InvalidParameter => "Check the values given; Microsoft's message below names the parameter.".into(),
@@ -501,6 +525,7 @@ mod tests {
             ErrorKind::GraphPermissionMissing,
             ErrorKind::MailboxAccessDenied,
             ErrorKind::NotFound,
+            ErrorKind::ReplicationPending,
             ErrorKind::AlreadyExists,
             ErrorKind::InvalidParameter,
             ErrorKind::PolicyLimitReached,

@@ -153,6 +153,89 @@ impl TenantHandle {
             .await
     }
 
+    /// Say that this handle's client secret was created moments ago: for the next
+    /// `entra_consistency_window_secs`, the token endpoint's "invalid client secret"
+    /// (AADSTS7000215) is retried as Entra's eventual consistency (docs/microsoft-365.md §8.4)
+    /// and, if it outlasts the window, reported as `replication_pending`.
+    pub fn credential_is_new(&self) {
+        let window = Duration::from_secs(self.client.core.settings.entra_consistency_window_secs);
+        self.client.core.tokens.mark_new_credential(
+            &self.ctx.tenant_id,
+            self.ctx.credential.client_id(),
+            tokio::time::Instant::now() + window,
+        );
+    }
+
+    /// A token for `resource` that carries an app role `wanted` accepts. A role granted moments
+    /// ago reaches tokens only after a while (docs/microsoft-365.md §8.4): a token without it is
+    /// replaced, with backoff, for up to `entra_consistency_window_secs`; then the answer is
+    /// `replication_pending`.
+    pub async fn token_with_role(
+        &self,
+        resource: TokenResource,
+        wanted: &(dyn Fn(&str) -> bool + Sync),
+        description: &str,
+    ) -> Result<AccessToken, M365Error> {
+        let core = &self.client.core;
+        let s = &core.settings;
+        let until =
+            tokio::time::Instant::now() + Duration::from_secs(s.entra_consistency_window_secs);
+        let base = Duration::from_millis(s.backoff_base_ms);
+        let cap = Duration::from_millis(s.replication_poll_max_ms);
+        let mut rejected: Option<AccessToken> = None;
+        let mut retries = 0u32;
+        loop {
+            let t = core
+                .tokens
+                .get(core, &self.ctx, resource, rejected.as_ref())
+                .await?;
+            if t.roles().iter().any(|r| wanted(r)) {
+                return Ok(t);
+            }
+            let delay = retry::next_delay(
+                retries,
+                None,
+                base,
+                Duration::from_millis(s.backoff_max_ms),
+                &mut rand::thread_rng(),
+            )
+            .max(base)
+            .min(cap);
+            if tokio::time::Instant::now() + delay > until {
+                tracing::warn!(
+                    tenant = %self.ctx.tenant_id,
+                    client_id = self.ctx.credential.client_id(),
+                    wanted = description,
+                    "the app's token still lacks the role after the consistency window"
+                );
+                return Err(M365Error::new(
+                    ErrorKind::ReplicationPending,
+                    Service::Login,
+                    "token:roles",
+                )
+                .with_remote_code("roles")
+                .with_message(format!(
+                    "the app's token does not carry {description} yet (roles: {})",
+                    if t.roles().is_empty() {
+                        "none".to_string()
+                    } else {
+                        t.roles().join(", ")
+                    }
+                )));
+            }
+            tracing::info!(
+                tenant = %self.ctx.tenant_id,
+                client_id = self.ctx.credential.client_id(),
+                wanted = description,
+                delay_ms = delay.as_millis() as u64,
+                "the app's token lacks a role granted moments ago; fetching a new one"
+            );
+            tokio::time::sleep(delay).await;
+            retries += 1;
+            rejected = Some(t);
+        }
+    }
+
     /// Acquire both tokens and make one harmless Graph and one harmless Exchange call.
     pub async fn connection_test(&self) -> ConnectionTestReport {
         connection_test::run(self).await

@@ -81,6 +81,13 @@ pub struct M365Settings {
     pub replication_window_secs: u64,
     /// Cap of one sleep between replication retries. 15 s.
     pub replication_poll_max_ms: u64,
+    /// How long answers explained by Entra's eventual consistency are retried right after
+    /// mailscope wrote the object (docs/microsoft-365.md §8.4): a new application read as 404,
+    /// `NoBackingApplicationObject` when creating its service principal, a new client secret
+    /// refused with AADSTS7000215, a new app role missing from the app's token. 120 s: Microsoft
+    /// gives no figure ("typically seconds"); past it the step fails as `replication_pending`
+    /// and the job layer retries it later.
+    pub entra_consistency_window_secs: u64,
     /// Client assertion signing algorithm (docs/microsoft-365.md docs/microsoft-365.md §5.1: current docs PS256, older docs RS256).
     pub client_assertion_algorithm: AssertionAlgorithm,
     /// Lifetime of a client assertion (exp - nbf). 600 s: Microsoft asks for 5-10 minutes.
@@ -125,6 +132,7 @@ impl Default for M365Settings {
             exchange_burst: 10,
             replication_window_secs: 300,
             replication_poll_max_ms: 15_000,
+            entra_consistency_window_secs: 120,
             client_assertion_algorithm: AssertionAlgorithm::PS256,
             client_assertion_lifetime_secs: 600,
             exchange_anchor_mailbox:

@@ -52,6 +52,8 @@ pub struct AccessToken {
     secret: SecretString,
     /// The tenant GUID (`tid` claim), when the token is a readable JWT.
     tenant_guid: Option<String>,
+    /// The app roles the token carries (`roles` claim), when it is a readable JWT.
+    roles: Vec<String>,
     expires_at: Instant,
     obtained_at: Instant,
 }
@@ -77,6 +79,11 @@ impl AccessToken {
         self.tenant_guid.as_deref()
     }
 
+    /// The app roles (application permissions) the token carries.
+    pub fn roles(&self) -> &[String] {
+        &self.roles
+    }
+
     fn same_as(&self, other: &AccessToken) -> bool {
         self.obtained_at == other.obtained_at && self.expose() == other.expose()
     }
@@ -99,12 +106,39 @@ type Slot = Arc<tokio::sync::Mutex<Option<AccessToken>>>;
 #[derive(Default)]
 pub(crate) struct TokenCache {
     slots: Mutex<HashMap<TokenKey, Slot>>,
+    /// Credentials created moments ago, by (tenant, client id): until when an AADSTS7000215 for
+    /// them means "not replicated yet" rather than "wrong" (docs/microsoft-365.md §8.4).
+    new_credentials: Mutex<HashMap<(String, String), Instant>>,
 }
 
 impl TokenCache {
     fn slot(&self, key: TokenKey) -> Slot {
         let mut m = self.slots.lock().unwrap_or_else(|p| p.into_inner());
         m.entry(key).or_default().clone()
+    }
+
+    /// Treat `client_id`'s secret in `tenant` as new until `until`: the token endpoint's
+    /// "invalid client secret" is retried until then.
+    pub(crate) fn mark_new_credential(&self, tenant: &str, client_id: &str, until: Instant) {
+        let mut m = self
+            .new_credentials
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        m.retain(|_, u| *u > now);
+        m.insert(
+            (tenant.to_ascii_lowercase(), client_id.to_ascii_lowercase()),
+            until,
+        );
+    }
+
+    fn new_credential_until(&self, tenant: &str, client_id: &str) -> Option<Instant> {
+        self.new_credentials
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&(tenant.to_ascii_lowercase(), client_id.to_ascii_lowercase()))
+            .copied()
+            .filter(|u| *u > Instant::now())
     }
 
     /// Forget every token of a tenant (call after its credential changes).
@@ -208,6 +242,13 @@ async fn fetch_token(
     ));
     // Asking for a token twice is harmless.
     call.idempotent = true;
+    // A secret added moments ago is refused as "invalid" until it has replicated.
+    if let Some(until) = core
+        .tokens
+        .new_credential_until(&ctx.tenant_id, ctx.credential.client_id())
+    {
+        call.lag = Some((until, |e| *e.kind() == ErrorKind::InvalidClientSecret));
+    }
     let resp = core.execute(&call, classify_login).await?;
     parse_token_response(&resp, op)
 }
@@ -231,6 +272,7 @@ fn parse_token_response(resp: &RawResponse, op: &str) -> Result<AccessToken, M36
     let now = Instant::now();
     Ok(AccessToken {
         tenant_guid: jwt_tenant_id(secret),
+        roles: jwt_roles(secret),
         secret: SecretString::from(secret.to_string()),
         expires_at: now + Duration::from_secs(expires_in),
         obtained_at: now,
@@ -243,6 +285,28 @@ pub(crate) fn jwt_tenant_id(token: &str) -> Option<String> {
     let bytes = URL_SAFE_NO_PAD.decode(payload.trim_end_matches('=')).ok()?;
     let v: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
     v.get("tid")?.as_str().map(str::to_string)
+}
+
+/// The `roles` claim of a JWT access token, read without verification (used only to see whether
+/// a new app role assignment has reached the token yet).
+pub(crate) fn jwt_roles(token: &str) -> Vec<String> {
+    let Some(payload) = token.split('.').nth(1) else {
+        return Vec::new();
+    };
+    let Ok(bytes) = URL_SAFE_NO_PAD.decode(payload.trim_end_matches('=')) else {
+        return Vec::new();
+    };
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
+        return Vec::new();
+    };
+    v.get("roles")
+        .and_then(|r| r.as_array())
+        .map(|a| {
+            a.iter()
+                .filter_map(|r| r.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// Map a token endpoint error (`{"error","error_description","error_codes":[…]}`).
@@ -263,16 +327,22 @@ pub(crate) fn classify_login(resp: &RawResponse, service: Service, op: &str) -> 
                 .parse()
                 .ok()
         });
+    // The first line only: the rest is "Trace ID: …", "Correlation ID: …", "Timestamp: …",
+    // separated by \r\n (docs/microsoft-365.md §8.5); the trace id is kept as the request id.
     let description = v
         .as_ref()
         .and_then(|v| v.get("error_description").or_else(|| v.get("error")))
         .and_then(|d| d.as_str())
-        .map(|d| d.lines().next().unwrap_or(d).to_string());
+        .map(|d| d.lines().next().unwrap_or(d).trim_end().to_string());
     let kind = match (resp.status, code) {
         (429, _) => ErrorKind::Throttled {
             retry_after: resp.retry_after(),
         },
         (_, Some(c)) => aadsts_kind(c),
+        // A 503 without an AADSTS code is the token endpoint being busy: honour its wait.
+        (503, None) if resp.retry_after().is_some() => ErrorKind::Throttled {
+            retry_after: resp.retry_after(),
+        },
         (408 | 500..=599, None) => ErrorKind::Transient,
         _ => ErrorKind::SignInFailed,
     };
@@ -313,9 +383,12 @@ pub(crate) fn aadsts_kind(code: u64) -> ErrorKind {
         700016 => ErrorKind::AppNotFoundInTenant,
         7000112 | 7000114 => ErrorKind::AppDisabled,
         90002 | 900023 | 90072 | 900022 => ErrorKind::TenantNotFound,
+        // Client credentials on /common (or /consumers): the tenant must be named.
+        9001023 => ErrorKind::InvalidConfiguration,
         65001 | 650051 | 650052 | 65004 => ErrorKind::ConsentMissing,
         500011 => ErrorKind::ResourceNotInTenant,
-        70011 | 1002012 => ErrorKind::InvalidScope,
+        // 700022: a scope naming more than one resource.
+        70011 | 1002012 | 700022 => ErrorKind::InvalidScope,
         53003 | 530003 | 530034 | 53000 => ErrorKind::SignInBlocked,
         50196 | 50229 => ErrorKind::Throttled { retry_after: None },
         90033 | 90055 | 500000..=500010 | 50089 => ErrorKind::Transient,

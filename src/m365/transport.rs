@@ -10,6 +10,10 @@
 //! | 5xx, 408, timeout, broken connection     | idempotent requests only            |
 //! | 401 with a cached token                  | once, with a freshly fetched token  |
 //! | 404 within a caller-given replication window | that request only               |
+//! | an answer Entra's eventual consistency explains, within a caller-given window (a new app's 404, `NoBackingApplicationObject`, a new secret's AADSTS7000215) | that request only; past the window it becomes `replication_pending` |
+//!
+//! Every attempt carries a fresh `client-request-id`; what Microsoft answers is logged with its
+//! own `request-id` (Graph, Exchange) or `trace_id` (sign-in), which support cases need.
 //!
 //! A `Retry-After` is a floor for this tenant and service: it pauses every caller of the tenant,
 //! not only the one that saw it. Waits longer than `max_retry_after_ms` are not slept through; the
@@ -58,7 +62,13 @@ pub(crate) struct Call<'a> {
     pub auth: Option<Auth<'a>>,
     /// Retry 404s until this instant (replication lag after a create).
     pub not_found_until: Option<Instant>,
+    /// Retry answers `lag.1` accepts until `lag.0` (Entra's eventual consistency right after a
+    /// write, docs/microsoft-365.md §8.4); past it they fail as [`ErrorKind::ReplicationPending`].
+    pub lag: Option<(Instant, LagAnswer)>,
 }
+
+/// Which answers mean "Entra has not caught up yet" for one call.
+pub(crate) type LagAnswer = fn(&M365Error) -> bool;
 
 impl<'a> Call<'a> {
     pub(crate) fn new(
@@ -80,6 +90,7 @@ impl<'a> Call<'a> {
             idempotent,
             auth: None,
             not_found_until: None,
+            lag: None,
         }
     }
 
@@ -113,10 +124,11 @@ impl RawResponse {
         self.headers.get(name).and_then(|v| v.to_str().ok())
     }
 
+    /// Microsoft's own id for the request (`request-id`, or `x-ms-request-id` on sign-in). Never
+    /// the echoed `client-request-id`: that is mailscope's, and support cannot look it up.
     pub(crate) fn request_id(&self) -> Option<String> {
         self.header("request-id")
             .or_else(|| self.header("x-ms-request-id"))
-            .or_else(|| self.header("client-request-id"))
             .map(str::to_string)
     }
 
@@ -188,6 +200,14 @@ impl Core {
                 attempt
             );
             let mut used_token: Option<AccessToken> = None;
+            // Ours, per attempt; Microsoft echoes it, and logs both ids.
+            let client_request_id = call
+                .headers
+                .iter()
+                .find(|(k, _)| k.as_str() == "client-request-id")
+                .and_then(|(_, v)| v.to_str().ok())
+                .map(str::to_string)
+                .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
             let result = async {
                 let token = match call.auth {
                     Some(a) => Some(
@@ -200,7 +220,9 @@ impl Core {
                 used_token.clone_from(&token);
                 let _permit = limiter.admit().await;
                 let started = Instant::now();
-                let r = self.send_once(call, token.as_ref()).await;
+                let r = self
+                    .send_once(call, token.as_ref(), &client_request_id)
+                    .await;
                 self.metrics
                     .latency
                     .with_label_values(&labels)
@@ -233,8 +255,26 @@ impl Core {
                     .with_label_values(&[labels[0], labels[1], labels[2], outcome])
                     .inc();
                 match &r {
-                    Ok(resp) => tracing::debug!(status = resp.status, "m365 call succeeded"),
-                    Err((e, _)) => tracing::debug!(error = %e, "m365 call failed"),
+                    Ok(resp) => tracing::debug!(
+                        status = resp.status,
+                        request_id = resp.request_id().as_deref().unwrap_or("-"),
+                        client_request_id = client_request_id.as_str(),
+                        "m365 call succeeded"
+                    ),
+                    // A 404 is often the expected answer of a lookup: not worth an info line.
+                    Err((e, _)) if e.is_not_found() => tracing::debug!(
+                        status = e.status().unwrap_or(0),
+                        request_id = e.request_id().unwrap_or("-"),
+                        client_request_id = client_request_id.as_str(),
+                        "m365 call found nothing"
+                    ),
+                    Err((e, _)) => tracing::info!(
+                        error = %e,
+                        status = e.status().unwrap_or(0),
+                        request_id = e.request_id().unwrap_or("-"),
+                        client_request_id = client_request_id.as_str(),
+                        "m365 call failed"
+                    ),
                 }
                 r
             }
@@ -264,6 +304,46 @@ impl Core {
             let kind = err.kind().clone();
             if let ErrorKind::Throttled { .. } = kind {
                 self.metrics.throttles.with_label_values(&labels).inc();
+            }
+
+            // Entra's eventual consistency right after a write: the caller names the answers
+            // that mean "not there yet" and how long to wait for them.
+            if let Some((until, explained)) = call.lag
+                && explained(&err)
+            {
+                let cap = M365Settings::ms(s.replication_poll_max_ms);
+                let delay = next_delay(retries, None, base, max, &mut rand::thread_rng())
+                    .max(base)
+                    .min(cap);
+                if Instant::now() + delay <= until {
+                    retries += 1;
+                    self.metrics
+                        .retries
+                        .with_label_values(&[labels[0], labels[1], labels[2], "consistency"])
+                        .inc();
+                    tracing::info!(
+                        tenant = call.tenant,
+                        service = call.service.as_str(),
+                        operation = call.operation,
+                        answer = err.remote_code().unwrap_or(err.code()),
+                        request_id = err.request_id().unwrap_or("-"),
+                        client_request_id = client_request_id.as_str(),
+                        delay_ms = delay.as_millis() as u64,
+                        "Entra not consistent yet, retrying"
+                    );
+                    tokio::time::sleep(delay).await;
+                    continue;
+                }
+                tracing::warn!(
+                    tenant = call.tenant,
+                    service = call.service.as_str(),
+                    operation = call.operation,
+                    answer = err.remote_code().unwrap_or(err.code()),
+                    request_id = err.request_id().unwrap_or("-"),
+                    retries,
+                    "Entra still not consistent after the consistency window"
+                );
+                return Err(err.with_kind(ErrorKind::ReplicationPending));
             }
 
             // Replication lag: a just-created object reads as 404 for a while.
@@ -312,6 +392,8 @@ impl Core {
                 operation = call.operation,
                 attempt,
                 reason = kind.code(),
+                request_id = err.request_id().unwrap_or("-"),
+                client_request_id = client_request_id.as_str(),
                 delay_ms = delay.as_millis() as u64,
                 "retrying Microsoft 365 call"
             );
@@ -323,6 +405,7 @@ impl Core {
         &self,
         call: &Call<'_>,
         token: Option<&AccessToken>,
+        client_request_id: &str,
     ) -> Result<RawResponse, M365Error> {
         let mut req = self
             .http
@@ -330,6 +413,13 @@ impl Core {
             .timeout(self.timeout(call.service));
         for (k, v) in &call.headers {
             req = req.header(k, v);
+        }
+        if !call
+            .headers
+            .iter()
+            .any(|(k, _)| k.as_str() == "client-request-id")
+        {
+            req = req.header("client-request-id", client_request_id);
         }
         if let Some(t) = token {
             req = req.bearer_auth(t.expose());

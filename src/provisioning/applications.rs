@@ -777,7 +777,15 @@ async fn ensure_created(
     // 1. The registration: by the recorded object id, else by its marker tag, else create it.
     let mut recovered = false;
     let mut created_in_tenant = false;
+    // Written moments ago (a repeated PUT, a retried step): Entra may still answer 404 for it
+    // (docs/microsoft-365.md §8.4), and taking that for "deleted" would create a second one.
+    let written_recently = Utc::now() - existing.updated_at
+        < Duration::seconds(
+            i64::try_from(services.settings.m365.entra_consistency_window_secs)
+                .unwrap_or(i64::MAX / 1000),
+        );
     let mut app: Option<Application> = match existing.application_object_id {
+        Some(id) if written_recently => graph.get_application_after_write(&id.to_string()).await?,
         Some(id) => graph.get_application(&id.to_string()).await?,
         None => None,
     };

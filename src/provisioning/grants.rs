@@ -4,14 +4,18 @@
 //! in the same transaction; the `access_grant` job ([`GrantJob`], run by `jobs::access_grant`)
 //! then calls [`advance`] once per run: it picks the next step with the pure
 //! `domain::grant::next`, runs it through the same use cases as the five-call API (scope groups,
-//! applications, access policies, propagation checks), and records what it produced in the
-//! transaction that holds the grant's lock, then reschedules itself. A crash at any point
-//! re-runs at most the step that was under way, and every step is idempotent in the tenant (by
-//! scope group alias, application key and marker, policy key, and one check per app), so the
-//! grant resumes to the same end with no duplicate object.
+//! applications, access policies or RBAC restrictions, propagation checks), and records what it
+//! produced in the transaction that holds the grant's lock, then reschedules itself. A crash at
+//! any point re-runs at most the step that was under way, and every step is idempotent in the
+//! tenant (by scope group alias, application key and marker, policy key, RBAC restriction key
+//! (app, scope) with names derived from it, and one check per app), so the grant resumes to the
+//! same end with no duplicate object.
 //!
 //! Objects in the tenant are named after the grant: scope group `grant-{key}` and application
 //! key `grant-{key}`.
+//!
+//! Credentials of a grant's app that end soon are announced once each by the per-tenant
+//! [`ExpiryScanJob`] ([`scan_expiring`]).
 use std::collections::BTreeMap;
 
 use chrono::Utc;
@@ -22,6 +26,7 @@ use uuid::Uuid;
 
 use super::access_policies::{self as policies, PolicyInput};
 use super::applications;
+use super::rbac;
 use super::scope_groups::{self, GroupSpec};
 use super::{Actor, Error, Rejection, Services, audit, tenants};
 use crate::domain::access::AccessRight;
@@ -43,6 +48,10 @@ pub const GRANT_LOCK: &str = "access_grant";
 /// Most mailboxes one grant may list (one propagation check verifies them all).
 pub const MAX_MAILBOXES: usize = super::checks::MAX_EXPECTATIONS - 10;
 const MAX_LABELS: usize = 20;
+/// The mechanism of a new grant that names none: RBAC for Applications, Microsoft's successor to
+/// application access policies (docs/microsoft-365.md §2.9, §3). A stored grant keeps the
+/// mechanism it was created with when a later PUT names none.
+pub const DEFAULT_MECHANISM: Mechanism = Mechanism::Rbac;
 
 /// The app of a grant: one mailscope creates, or one that exists (a vendor's multi-tenant app).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -90,7 +99,8 @@ pub struct Request {
 
 struct Valid {
     spec: Spec,
-    mechanism: Mechanism,
+    /// As asked; `None`: keep the grant's, or [`DEFAULT_MECHANISM`] for a new grant.
+    mechanism: Option<Mechanism>,
     labels: serde_json::Value,
     external_ref: Option<String>,
     callback_url: Option<String>,
@@ -246,13 +256,8 @@ fn validate(services: &Services, key: &str, r: Request) -> Result<Valid, Error> 
             format!("{c} is both a mailbox of the grant and a canary"),
         );
     }
-    let mechanism = r.mechanism.unwrap_or(Mechanism::AccessPolicy);
-    if mechanism == Mechanism::Rbac {
-        err(
-            "mechanism",
-            "`rbac` (RBAC for Applications) is not available in this version of mailscope yet; use `access_policy`".into(),
-        );
-    }
+    // Resolved in `put`: omitted means the stored grant's mechanism, or the default for a new one.
+    let mechanism = r.mechanism;
     if r.labels.len() > MAX_LABELS {
         err("labels", format!("at most {MAX_LABELS} labels"));
     }
@@ -300,6 +305,36 @@ fn validate(services: &Services, key: &str, r: Request) -> Result<Valid, Error> 
             callback_url: r.callback_url.map(|u| u.trim().to_string()),
         }),
         _ => Err(Error::Invalid(errs)),
+    }
+}
+
+/// What RBAC for Applications needs of a grant beyond the common rules: a role for every
+/// permission (docs/microsoft-365.md §3.2), and a mailbox outside the scope to prove the scope
+/// excludes someone before any Entra consent is removed (the grant's canaries or the tenant's).
+fn check_rbac(spec: &Spec, tenant_canaries: &[String]) -> Result<(), Error> {
+    let mut errs = Vec::new();
+    for (i, p) in spec.permissions.iter().enumerate() {
+        if crate::domain::rbac::role_for_permission(p).is_none()
+            || !crate::domain::rbac::is_mailbox_permission(p)
+        {
+            errs.push(FieldError::new(
+                format!("permissions[{i}]"),
+                format!(
+                    "{p} has no RBAC for Applications role (docs/microsoft-365.md §3.2); use `\"mechanism\": \"access_policy\"` for it"
+                ),
+            ));
+        }
+    }
+    if spec.canary_mailboxes.is_empty() && tenant_canaries.is_empty() {
+        errs.push(FieldError::new(
+            "canary_mailboxes",
+            "with `rbac`, name at least one mailbox outside the grant (or set the tenant's canary_mailboxes): the scope is verified to exclude it before the app's Entra consent is removed",
+        ));
+    }
+    if errs.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::Invalid(errs))
     }
 }
 
@@ -383,12 +418,16 @@ pub async fn put(
         ));
     }
     let spec = spec_json(&valid.spec)?;
+    let tenant_canaries = store::tenants::get(&tx, tenant_id)
+        .await?
+        .map(|t| t.canary_mailboxes)
+        .unwrap_or_default();
     let fresh = GrantRecord {
         id: Uuid::new_v4(),
         tenant_id,
         key: key.to_string(),
         spec: spec.clone(),
-        mechanism: valid.mechanism,
+        mechanism: valid.mechanism.unwrap_or(DEFAULT_MECHANISM),
         revision: 1,
         removing: false,
         condition: Condition::Pending,
@@ -405,13 +444,31 @@ pub async fn put(
     let mut g = store::access_grants::get_for_update(&tx, tenant_id, key)
         .await?
         .ok_or_else(|| Error::internal(anyhow::anyhow!("access grant {key} vanished")))?;
+    // Omitted: the grant keeps the mechanism it has (a grant created before RBAC became the
+    // default stays on access policies).
+    let mechanism = valid.mechanism.unwrap_or(g.mechanism);
+    if mechanism == Mechanism::Rbac {
+        check_rbac(&valid.spec, &tenant_canaries)?;
+    }
     let action;
     if inserted {
         action = "access_grant.created";
     } else {
         let old = spec_of(&g)?;
         let settled_again = matches!(g.condition, Condition::Failed | Condition::Removed);
-        let same = old == valid.spec && g.mechanism == valid.mechanism && !g.removing;
+        let same = old == valid.spec && g.mechanism == mechanism && !g.removing;
+        if mechanism != g.mechanism && g.condition != Condition::Removed {
+            // Switching in place would be a migration with its own safe order (the new
+            // restriction verified before the old one's consent changes); not a grant's job.
+            return Err(Error::rejected(
+                Rejection::Conflict,
+                format!(
+                    "access grant `{key}` uses `{}`; its mechanism cannot change while it exists. DELETE it (wait for `removed`) and PUT it again with `\"mechanism\": \"{}\"`",
+                    g.mechanism.as_str(),
+                    mechanism.as_str()
+                ),
+            ));
+        }
         if !g.removing && g.condition != Condition::Removed && old.app != valid.spec.app {
             return Err(Error::rejected(
                 Rejection::Conflict,
@@ -429,7 +486,7 @@ pub async fn put(
             return Ok((g, false));
         }
         g.spec = spec;
-        g.mechanism = valid.mechanism;
+        g.mechanism = mechanism;
         g.revision += 1;
         g.removing = false;
         g.condition = saga::condition(&plan_of(&g), &g.steps);
@@ -437,6 +494,7 @@ pub async fn put(
     }
     g.job_id = Some(enqueue(&tx, &g).await?);
     store::access_grants::save(&tx, &g).await?;
+    ensure_expiry_scan(&tx, tenant_id).await?;
     audit::record(
         &tx,
         actor,
@@ -832,6 +890,9 @@ async fn run_step(
                 "service_principal_object_id": r.service_principal_object_id,
             })))
         }
+        Step::Restriction if g.mechanism == Mechanism::Rbac => {
+            rbac_restriction(services, actor, tx, g, &spec, &alias).await
+        }
         Step::Restriction => {
             let app = app_record(services, g).await?.ok_or_else(|| {
                 Error::conflict("the grant's app is not recorded; the app step runs again")
@@ -864,10 +925,50 @@ async fn run_step(
                 "access_right": "RestrictAccess", "state": p.state.as_str(),
             })))
         }
+        Step::UnscopedGrants if g.mechanism == Mechanism::Rbac => {
+            let id = restriction_of(g).ok_or_else(|| {
+                Error::conflict(
+                    "the grant's RBAC restriction is not recorded; the restriction step runs again",
+                )
+            })?;
+            // The safe order of provisioning::rbac::enforce: Test-ServicePrincipalAuthorization
+            // shows members in scope and every canary out of it, and only then the Entra
+            // grants the restriction covers go (docs/microsoft-365.md §3.3, §3.7).
+            let e = rbac::enforce(
+                services,
+                actor,
+                t,
+                id,
+                rbac::Verification {
+                    sample_mailboxes: Vec::new(),
+                    canary_mailboxes: spec.canary_mailboxes.clone(),
+                },
+            )
+            .await?;
+            Ok(Ran::Done(json!({
+                "restriction_id": id,
+                "verified_with": "Test-ServicePrincipalAuthorization",
+                "in_scope_checked": e.in_scope_checked,
+                "out_of_scope_checked": e.out_of_scope_checked,
+                "entra_grants_removed": e.entra_grants_removed,
+            })))
+        }
         Step::UnscopedGrants => Ok(Ran::Done(json!({
             "skipped": true,
             "note": "nothing to remove with application access policies: they restrict the app's own Entra consent to the scope group, so there is no unscoped grant beside it (with RBAC for Applications this step removes the tenant-wide Entra consent)",
         }))),
+        Step::Consent if g.mechanism == Mechanism::Rbac => {
+            // RBAC's role assignments grant the permissions inside the scope; an Entra consent
+            // would add the whole tenant (the union trap), so the app keeps none.
+            let change =
+                applications::set_consent(services, actor, t, &app_key(&g.key), &[]).await?;
+            Ok(Ran::Done(json!({
+                "permissions": spec.permissions,
+                "granted_by": "rbac_role_assignments",
+                "entra_consent": [],
+                "granted": change.granted, "revoked": change.revoked,
+            })))
+        }
         Step::Consent => {
             let change =
                 applications::set_consent(services, actor, t, &app_key(&g.key), &spec.permissions)
@@ -915,7 +1016,32 @@ async fn run_step(
                     Err(e) => return Err(e),
                 }
             }
-            Ok(Ran::Done(json!({"removed_policies": removed})))
+            // RBAC restrictions of the grant (and of a grant that once used them): the consent
+            // is gone, and RBAC only ever grants, so removing them narrows (docs/microsoft-365.md
+            // §3.3). provisioning::rbac::delete removes the assignments, then the management
+            // scope and the service principal pointer once nothing else of the app uses them.
+            let recorded = restriction_of(g);
+            let app = app_id.to_string();
+            let rbac_ours: Vec<_> = store::rbac_restrictions::all(tx, t)
+                .await?
+                .into_iter()
+                .filter(|r| r.app_id.eq_ignore_ascii_case(&app))
+                .filter(|r| {
+                    Some(r.id) == recorded || r.scope_group_alias.as_deref() == Some(alias.as_str())
+                })
+                .collect();
+            let mut removed_rbac = Vec::new();
+            for r in rbac_ours {
+                match rbac::delete(services, actor, t, r.id).await {
+                    Ok(()) => removed_rbac.push(r.id),
+                    Err(Error::NotFound(_)) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(Ran::Done(json!({
+                "removed_policies": removed,
+                "removed_rbac_restrictions": removed_rbac,
+            })))
         }
         Step::RemoveApp => {
             let Some(app) = app_record(services, g).await? else {
@@ -1001,6 +1127,10 @@ async fn propagation(
             }
         }
         let expectations = crate::domain::propagation::dedupe(expectations);
+        let mechanism = match g.mechanism {
+            Mechanism::AccessPolicy => crate::store::propagation_checks::Mechanism::AccessPolicy,
+            Mechanism::Rbac => crate::store::propagation_checks::Mechanism::Rbac,
+        };
         let (check, _) = super::checks::start_or_update(
             tx,
             services,
@@ -1011,7 +1141,7 @@ async fn propagation(
             None,
             None,
             "access_policy",
-            crate::store::propagation_checks::Mechanism::AccessPolicy,
+            mechanism,
         )
         .await?;
         return Ok(Ran::Wait {
@@ -1053,6 +1183,94 @@ async fn propagation(
             })
         }
     }
+}
+
+/// The RBAC restriction the grant's restriction step recorded.
+fn restriction_of(g: &GrantRecord) -> Option<Uuid> {
+    output_of(g, Step::Restriction)?
+        .output
+        .get("restriction_id")?
+        .as_str()?
+        .parse()
+        .ok()
+}
+
+/// The RBAC restriction step: the service principal pointer and one role assignment per
+/// permission scoped to the grant's scope group (`-RecipientGroupScope`, which survives a tenant
+/// relocation, docs/microsoft-365.md §8.2), through `provisioning::rbac`. Another scope or other
+/// permissions than last time replace the restriction (the new assignments exist before the old
+/// ones go). The Entra consent is not touched here: the next step verifies, then removes it.
+async fn rbac_restriction(
+    services: &Services,
+    actor: &Actor,
+    tx: &impl GenericClient,
+    g: &GrantRecord,
+    spec: &Spec,
+    alias: &str,
+) -> Result<Ran, Error> {
+    let t = g.tenant_id;
+    let app = app_record(services, g).await?.ok_or_else(|| {
+        Error::conflict("the grant's app is not recorded; the app step runs again")
+    })?;
+    let app_id = app_id_of(&app)?.to_string();
+    let input = || rbac::RestrictionInput {
+        app_id: app_id.clone(),
+        service_principal_object_id: None,
+        scope: rbac::ScopeInput::ScopeGroup {
+            alias: alias.to_string(),
+            via: rbac::GroupVia::RecipientGroupScope,
+        },
+        permissions: Some(spec.permissions.clone()),
+        rbac_only_permissions: Vec::new(),
+        remove_entra_grants: false,
+        verification: rbac::Verification::default(),
+        access_right: None,
+    };
+    let previous = match restriction_of(g) {
+        Some(id) => store::rbac_restrictions::get(tx, t, id).await?,
+        None => None,
+    };
+    let r = match previous {
+        Some(old) => {
+            rbac::replace(services, actor, t, old.id, input())
+                .await?
+                .value
+                .0
+        }
+        None => match rbac::create(services, actor, t, input()).await {
+            Ok(e) => e.value.0,
+            // The app already has a restriction on this scope with other permissions (one the
+            // grant made before its record was lost, or one made by hand): converge it.
+            Err(Error::Rejected {
+                kind: Rejection::RbacConflict,
+                ..
+            }) => {
+                let existing = store::rbac_restrictions::all(tx, t)
+                    .await?
+                    .into_iter()
+                    .find(|r| {
+                        r.app_id.eq_ignore_ascii_case(&app_id)
+                            && r.scope_group_alias.as_deref() == Some(alias)
+                    })
+                    .ok_or_else(|| {
+                        Error::conflict("an RBAC restriction of the app conflicts with the grant")
+                    })?;
+                rbac::replace(services, actor, t, existing.id, input())
+                    .await?
+                    .value
+                    .0
+            }
+            Err(e) => return Err(e),
+        },
+    };
+    let rec = &r.record;
+    Ok(Ran::Done(json!({
+        "restriction_id": rec.id, "app_id": rec.app_id,
+        "service_principal_object_id": rec.service_principal_object_id,
+        "pointer_object_id": r.pointer_object_id,
+        "scope": alias, "scope_kind": rec.scope_kind, "permissions": rec.permissions,
+        "assignments": rec.assignment_names, "origin": rec.origin,
+    })))
 }
 
 /// The app of a grant whose app mailscope created, with its registration's object id: only such
@@ -1138,32 +1356,189 @@ pub async fn credentials(
     })
 }
 
+/// A credential of a grant's app, as the expiry rules see it.
+#[derive(Debug, Clone, Serialize)]
+pub struct CredentialEnd {
+    pub key_id: Uuid,
+    /// `secret` or `certificate`.
+    pub kind: &'static str,
+    pub display_name: String,
+    pub end_date_time: chrono::DateTime<Utc>,
+}
+
+/// The vendor's credentials of the grant's app, from mailscope's records (the secrets added and
+/// certificates uploaded through mailscope; the propagation check's probe secret is not one).
+async fn credential_ends(
+    c: &impl GenericClient,
+    g: &GrantRecord,
+) -> Result<Vec<CredentialEnd>, Error> {
+    let mut ends: Vec<CredentialEnd> =
+        store::applications::secrets(c, g.tenant_id, &app_key(&g.key))
+            .await?
+            .into_iter()
+            .filter(|s| !s.display_name.starts_with("mailscope propagation probe"))
+            .map(|s| CredentialEnd {
+                key_id: s.key_id,
+                kind: "secret",
+                display_name: s.display_name,
+                end_date_time: s.end_date_time,
+            })
+            .collect();
+    ends.extend(
+        store::access_grants::certificates(c, g.tenant_id, &g.key)
+            .await?
+            .into_iter()
+            .map(|c| CredentialEnd {
+                key_id: c.key_id,
+                kind: "certificate",
+                display_name: c.display_name,
+                end_date_time: c.not_after,
+            }),
+    );
+    Ok(ends)
+}
+
+/// The credentials that end within `soon_days` while none lasts beyond it: the vendor has to
+/// rotate. Empty when a longer-lasting credential exists (rotation already done) or none ends soon.
+pub fn expiring(
+    ends: &[CredentialEnd],
+    now: chrono::DateTime<Utc>,
+    soon_days: u32,
+) -> Vec<&CredentialEnd> {
+    let status =
+        |e: &CredentialEnd| applications::secret_status(Some(e.end_date_time), now, soon_days);
+    if ends
+        .iter()
+        .any(|e| status(e) == applications::SecretStatus::Current)
+    {
+        return Vec::new();
+    }
+    ends.iter()
+        .filter(|e| status(e) == applications::SecretStatus::ExpiringSoon)
+        .collect()
+}
+
 /// Whether a credential of the grant's app ends within `provisioning.secret_expiring_soon_days`
 /// while none lasts beyond it (the vendor has to rotate). From mailscope's records only.
 pub async fn expiring_soon(services: &Services, g: &GrantRecord) -> Result<bool, Error> {
     let db = services.db().await?;
-    let mut ends: Vec<chrono::DateTime<Utc>> =
-        store::applications::secrets(&db, g.tenant_id, &app_key(&g.key))
-            .await?
-            .into_iter()
-            .filter(|s| !s.display_name.starts_with("mailscope propagation probe"))
-            .map(|s| s.end_date_time)
-            .collect();
-    ends.extend(
-        store::access_grants::certificates(&db, g.tenant_id, &g.key)
-            .await?
-            .into_iter()
-            .map(|c| c.not_after),
-    );
-    let now = Utc::now();
+    let ends = credential_ends(&db, g).await?;
     let soon = services.settings.provisioning.secret_expiring_soon_days;
-    let status = |e| applications::secret_status(Some(e), now, soon);
-    Ok(ends
-        .iter()
-        .any(|e| status(*e) == applications::SecretStatus::ExpiringSoon)
-        && !ends
-            .iter()
-            .any(|e| status(*e) == applications::SecretStatus::Current))
+    Ok(!expiring(&ends, Utc::now(), soon).is_empty())
+}
+
+/// The `credential_expiry_scan` job's payload: one per tenant with grants, rescheduling itself
+/// every `provisioning.credential_scan_interval_seconds` while the tenant has grants.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ExpiryScanJob {
+    pub tenant_id: Uuid,
+}
+
+impl Payload for ExpiryScanJob {
+    const KIND: &'static str = "credential_expiry_scan";
+
+    fn tenant(&self) -> Uuid {
+        self.tenant_id
+    }
+
+    /// One active scan per tenant, however many PUTs and workers ask for one.
+    fn unique_key(&self) -> Option<String> {
+        Some("credentials".into())
+    }
+}
+
+/// Make sure the tenant's scan is queued (a no-op when it is).
+pub async fn ensure_expiry_scan(c: &impl GenericClient, tenant_id: Uuid) -> Result<(), Error> {
+    crate::queue::job::enqueue_job(c, &ExpiryScanJob { tenant_id }).await?;
+    Ok(())
+}
+
+/// Queue the scan of every tenant with grants (periodic housekeeping: a scan job that failed
+/// for good, or was purged, comes back). Returns how many tenants have one.
+pub async fn ensure_expiry_scans(services: &Services) -> Result<usize, Error> {
+    let db = services.db().await?;
+    let tenants = store::access_grants::tenants_with_grants(&db).await?;
+    for t in &tenants {
+        ensure_expiry_scan(&db, *t).await?;
+    }
+    Ok(tenants.len())
+}
+
+/// One scan of a tenant's grants: each credential of a grant's app that [`expiring`] reports is
+/// announced once, by a signed `access_grant.expiring_soon` event to the grant's callback URL.
+/// The notice row and the event are written in one transaction and the row's key is the
+/// credential, so a crash, a retry or a second worker never announces it twice.
+pub async fn scan_expiring(services: &Services, tenant_id: Uuid) -> Result<Outcome, Error> {
+    let mut db = services.db().await?;
+    let grants = store::access_grants::live_in_tenant(&db, tenant_id).await?;
+    if grants.is_empty() {
+        return Ok(Outcome::Succeeded(
+            json!({"ended": "no access grant in the tenant"}),
+        ));
+    }
+    let soon = services.settings.provisioning.secret_expiring_soon_days;
+    let mut announced = 0usize;
+    for g in &grants {
+        let Some(url) = g
+            .callback_url
+            .as_deref()
+            .and_then(|u| reqwest::Url::parse(u).ok())
+        else {
+            continue;
+        };
+        let tx = db.transaction().await?;
+        let ends = credential_ends(&tx, g).await?;
+        let mut new: Vec<&CredentialEnd> = Vec::new();
+        for c in expiring(&ends, Utc::now(), soon) {
+            if store::access_grants::insert_credential_notice(
+                &tx,
+                tenant_id,
+                &g.key,
+                c.key_id,
+                c.kind,
+                c.end_date_time,
+            )
+            .await?
+            {
+                new.push(c);
+            }
+        }
+        if !new.is_empty() {
+            let delivery = crate::webhooks::enqueue_delivery(
+                &tx,
+                tenant_id,
+                g.id,
+                "access_grant.expiring_soon",
+                &url,
+                json!({
+                    "tenant_id": tenant_id,
+                    "key": g.key,
+                    "labels": g.labels,
+                    "external_ref": g.external_ref,
+                    "expiring_within_days": soon,
+                    "credentials": new,
+                    "fix": format!("add a new credential (POST …/access-grants/{}/secrets or …/certificates), switch the vendor to it, then delete the old one", g.key),
+                }),
+            )
+            .await?;
+            let ids: Vec<Uuid> = new.iter().map(|c| c.key_id).collect();
+            store::access_grants::set_notice_delivery(&tx, tenant_id, &g.key, &ids, delivery)
+                .await?;
+            announced += new.len();
+        }
+        tx.commit().await?;
+    }
+    let every = services
+        .settings
+        .provisioning
+        .credential_scan_interval_seconds;
+    if announced > 0 {
+        tracing::info!(tenant = %tenant_id, credentials = announced, "announced credentials expiring soon");
+    }
+    Ok(Outcome::Reschedule {
+        at: Utc::now() + chrono::Duration::seconds(i64::try_from(every).unwrap_or(3600)),
+        payload: None,
+    })
 }
 
 const CREDENTIAL_LOCK: &str = "access_grant_credentials";
@@ -1293,4 +1668,32 @@ pub async fn delete_certificate(
     .await?;
     tx.commit().await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn end(days: i64, kind: &'static str) -> CredentialEnd {
+        CredentialEnd {
+            key_id: Uuid::new_v4(),
+            kind,
+            display_name: "x".into(),
+            end_date_time: Utc::now() + chrono::Duration::days(days),
+        }
+    }
+
+    #[test]
+    fn only_credentials_ending_soon_with_nothing_longer_are_expiring() {
+        let now = Utc::now();
+        assert!(expiring(&[], now, 30).is_empty());
+        let soon = [end(5, "secret"), end(-1, "secret")];
+        let got = expiring(&soon, now, 30);
+        assert_eq!(got.len(), 1, "the expired one is not announced");
+        assert_eq!(got[0].key_id, soon[0].key_id);
+        // Rotated already: a credential lasting beyond the window means nothing to announce.
+        let rotated = [end(5, "secret"), end(200, "certificate")];
+        assert!(expiring(&rotated, now, 30).is_empty());
+        assert_eq!(expiring(&[end(5, "certificate")], now, 3).len(), 0);
+    }
 }

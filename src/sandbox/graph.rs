@@ -19,7 +19,7 @@ use super::model::*;
 use super::settings::{AccessDeniedMessage, Api};
 use super::state::{CallRecord, Shared, World, grant_id};
 use super::tokens::{AccessClaims, TokenProblem, pem_to_der, thumbprint_hex};
-use super::wire::{Reply, graph_error, graph_throttled};
+use super::wire::{Reply, graph_error, graph_throttled, with_details};
 use super::{CallNote, Incoming, Interrupt, base_url, guarded};
 
 const GRAPH_CONTEXT: &str = "https://graph.microsoft.com/v1.0/$metadata";
@@ -29,7 +29,10 @@ struct Gx {
     claims: Result<AccessClaims, TokenProblem>,
     tenant_id: Option<String>,
     base: String,
+    /// The service's own id for this request (`request-id`).
     request_id: String,
+    /// The caller's `client-request-id`, echoed; the request id when none was sent.
+    client_request_id: String,
     wall: DateTime<Utc>,
     now: std::time::Duration,
 }
@@ -46,12 +49,17 @@ pub async fn entry(req: HttpRequest, body: web::Bytes, shared: web::Data<Shared>
     let query = url_decode_form(req.query_string());
     let parsed_body: Option<Result<Value, String>> =
         (!body.is_empty()).then(|| serde_json::from_slice(&body).map_err(|e| e.to_string()));
-    let request_id = req
+    // Graph's `request-id` is its own; `client-request-id` echoes the caller's when it sent one
+    // (docs/microsoft-365.md §8.6).
+    let request_id = uuid::Uuid::new_v4().to_string();
+    let client_request_id = req
         .headers()
         .get("client-request-id")
         .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty() && v.len() <= 128)
         .map(String::from)
-        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        .unwrap_or_else(|| request_id.clone());
     let base = base_url(&req);
     let is_batch = tail == "$batch" && method == "POST";
     let identity_endpoint = is_identity(&tail);
@@ -72,6 +80,7 @@ pub async fn entry(req: HttpRequest, body: web::Bytes, shared: web::Data<Shared>
         },
     };
     let rid = request_id.clone();
+    let crid = client_request_id.clone();
     let tid = tenant_id.clone();
     guarded(
         &shared,
@@ -86,10 +95,11 @@ pub async fn entry(req: HttpRequest, body: web::Bytes, shared: web::Data<Shared>
                         .map(|t| t.behaviour.clone())
                         .unwrap_or_default();
                     with_retry_after(
-                        graph_throttled(&rid, now),
+                        graph_throttled(&rid, &crid, now),
                         retry,
                         &behaviour,
                         identity_endpoint,
+                        w.next_seq,
                     )
                 }
                 _ => graph_error(
@@ -97,10 +107,13 @@ pub async fn entry(req: HttpRequest, body: web::Bytes, shared: web::Data<Shared>
                     "serviceNotAvailable",
                     "The service is temporarily unavailable. Please try again later.",
                     &rid,
+                    &crid,
                     now,
                 )
                 .header("Retry-After", "2"),
             }
+            .header("request-id", rid.as_str())
+            .header("client-request-id", crid.as_str())
         },
         move |w, sh| {
             let gx = Gx {
@@ -108,6 +121,7 @@ pub async fn entry(req: HttpRequest, body: web::Bytes, shared: web::Data<Shared>
                 tenant_id,
                 base,
                 request_id: request_id.clone(),
+                client_request_id: client_request_id.clone(),
                 wall: sh.clock.wall(),
                 now: sh.clock.now(),
             };
@@ -125,6 +139,7 @@ pub async fn entry(req: HttpRequest, body: web::Bytes, shared: web::Data<Shared>
                     "BadRequest",
                     &format!("Invalid request body: {e}"),
                     &gx.request_id,
+                    &gx.client_request_id,
                     gx.wall,
                 ),
                 _ if is_batch => {
@@ -141,31 +156,39 @@ pub async fn entry(req: HttpRequest, body: web::Bytes, shared: web::Data<Shared>
                     body.and_then(Result::ok).as_ref(),
                 ),
             };
-            (decorate(reply, &gx.request_id, front_end), note)
+            (
+                decorate(reply, &gx.request_id, &gx.client_request_id, front_end),
+                note,
+            )
         },
     )
     .await
 }
 
-fn decorate(r: Reply, request_id: &str, front_end: usize) -> Reply {
+fn decorate(r: Reply, request_id: &str, client_request_id: &str, front_end: usize) -> Reply {
     r.header("request-id", request_id)
-        .header("client-request-id", request_id)
+        .header("client-request-id", client_request_id)
         .header(
             "x-ms-ags-diagnostic",
             format!("{{\"ServerInfo\":{{\"DataCenter\":\"Sandbox\",\"Slice\":\"E\",\"Ring\":\"1\",\"ScaleUnit\":\"000\",\"RoleInstance\":\"SANDBOX-FE{front_end}\"}}}}"),
         )
 }
 
+/// `Retry-After` on a Graph 429: whole or fractional seconds (docs/microsoft-365.md §8.6: both
+/// are sent). With fractional values allowed, throttled answers alternate between the two forms
+/// (by the sandbox's call sequence number, so runs repeat), so a client meets both.
 fn with_retry_after(
     r: Reply,
     retry: std::time::Duration,
     b: &super::settings::Behaviour,
     identity: bool,
+    seq: u64,
 ) -> Reply {
     if identity && b.graph_identity_omits_retry_after {
         return r;
     }
-    let value = if b.graph_fractional_retry_after {
+    let fractional = b.graph_fractional_retry_after && seq.is_multiple_of(2);
+    let value = if fractional {
         format!("{:.3}", retry.as_secs_f64().max(0.001))
     } else {
         retry.as_secs_f64().ceil().max(1.0).to_string()
@@ -220,7 +243,24 @@ pub fn template(tail: &str) -> String {
 }
 
 fn err(gx: &Gx, status: u16, code: &str, message: &str) -> Reply {
-    graph_error(status, code, message, &gx.request_id, gx.wall)
+    graph_error(
+        status,
+        code,
+        message,
+        &gx.request_id,
+        &gx.client_request_id,
+        gx.wall,
+    )
+}
+
+/// A Graph 401, with the `WWW-Authenticate` challenge Graph sends (docs/microsoft-365.md §8.6).
+fn unauthorized(gx: &Gx, message: &str) -> Reply {
+    err(gx, 401, "InvalidAuthenticationToken", message).header(
+        "WWW-Authenticate",
+        format!(
+            "Bearer realm=\"\", authorization_uri=\"https://login.microsoftonline.com/common/oauth2/authorize\", client_id=\"{GRAPH_APP_ID}\""
+        ),
+    )
 }
 
 fn insufficient(gx: &Gx) -> Reply {
@@ -267,6 +307,14 @@ const GRANT_READ: &[&str] = &[
     "Directory.Read.All",
 ];
 const GRANT_WRITE: &[&str] = &["AppRoleAssignment.ReadWrite.All"];
+/// Granting or revoking app roles needs AppRoleAssignment.ReadWrite.All **and** one of these
+/// (docs/microsoft-365.md §5.3, §8.6).
+const GRANT_WRITE_ALSO: &[&str] = &[
+    "Application.Read.All",
+    "Application.ReadWrite.All",
+    "Directory.Read.All",
+    "Directory.ReadWrite.All",
+];
 const USER_READ: &[&str] = &["User.Read.All", "User.ReadWrite.All", "Directory.Read.All"];
 const GROUP_READ: &[&str] = &[
     "Group.Read.All",
@@ -293,46 +341,17 @@ fn dispatch(
 ) -> Reply {
     let claims = match &gx.claims {
         Ok(c) => c.clone(),
-        Err(TokenProblem::Missing) => {
-            return err(
-                gx,
-                401,
-                "InvalidAuthenticationToken",
-                "Access token is empty.",
-            );
-        }
+        Err(TokenProblem::Missing) => return unauthorized(gx, "Access token is empty."),
         Err(TokenProblem::Expired) => {
-            return err(
-                gx,
-                401,
-                "InvalidAuthenticationToken",
-                "Lifetime validation failed, the token is expired.",
-            );
+            return unauthorized(gx, "Lifetime validation failed, the token is expired.");
         }
         Err(TokenProblem::WrongAudience) => {
-            return err(
-                gx,
-                401,
-                "InvalidAuthenticationToken",
-                "Access token validation failure. Invalid audience.",
-            );
+            return unauthorized(gx, "Access token validation failure. Invalid audience.");
         }
-        Err(TokenProblem::Invalid) => {
-            return err(
-                gx,
-                401,
-                "InvalidAuthenticationToken",
-                "Access token validation failure.",
-            );
-        }
+        Err(TokenProblem::Invalid) => return unauthorized(gx, "Access token validation failure."),
     };
     let Some(tid) = gx.tenant_id.clone() else {
-        return err(
-            gx,
-            401,
-            "InvalidAuthenticationToken",
-            "Access token validation failure. Invalid issuer.",
-        );
+        return unauthorized(gx, "Access token validation failure. Invalid issuer.");
     };
     let path = tail
         .split('?')
@@ -859,6 +878,12 @@ fn applications(
     q: &[(String, String)],
     body: Option<&Value>,
 ) -> Reply {
+    // Entra's eventual consistency for what this request may create (docs/microsoft-365.md §8.4).
+    let lag = if m == "POST" {
+        w.consistency_lag()
+    } else {
+        std::time::Duration::ZERO
+    };
     let World { tenants, rng, .. } = w;
     let Some(t) = tenants.iter_mut().find(|t| t.id == tid) else {
         return insufficient(gx);
@@ -880,6 +905,7 @@ fn applications(
                 let apps = t
                     .applications
                     .iter()
+                    .filter(|a| a.visible_at <= gx.now)
                     .filter(|a| !owned_only || a.owner_sp.as_deref() == Some(c.oid.as_str()))
                     .map(|a| app_json(t, a))
                     .collect();
@@ -952,6 +978,7 @@ fn applications(
                     extra,
                     owner_sp: Some(c.oid.clone()),
                     created: gx.wall,
+                    visible_at: gx.now + lag,
                 };
                 let out = with_context(app_json(t, &a), "applications/$entity");
                 t.applications.push(a);
@@ -960,7 +987,10 @@ fn applications(
             _ => err(gx, 405, "Request_BadRequest", "Method not allowed."),
         };
     }
-    let Some((app, used)) = find_app(t, &key, rest) else {
+    let Some((app, used)) = find_app(t, &key, rest)
+        // A new application reads as 404 until it has replicated (docs/microsoft-365.md §8.4).
+        .filter(|(a, _)| m != "GET" || a.visible_at <= gx.now)
+    else {
         return not_found(
             gx,
             key.as_deref().or(rest.first().copied()).unwrap_or_default(),
@@ -1068,7 +1098,12 @@ fn applications(
                     .map(|d| d.with_timezone(&Utc))
             };
             let start = parse("startDateTime").unwrap_or(gx.wall);
-            let end = parse("endDateTime").unwrap_or(start + chrono::Duration::days(730));
+            // Without an end: two calendar years after the start (docs/microsoft-365.md §8.6).
+            let end = parse("endDateTime").unwrap_or_else(|| {
+                start
+                    .checked_add_months(chrono::Months::new(24))
+                    .unwrap_or(start + chrono::Duration::days(730))
+            });
             if end <= start {
                 return bad_request(
                     gx,
@@ -1086,6 +1121,7 @@ fn applications(
                 secret_text: secret.clone(),
                 start,
                 end,
+                usable_at: gx.now + lag,
             };
             let out = json!({"@odata.context": format!("{GRAPH_CONTEXT}#microsoft.graph.passwordCredential"),
                 "customKeyIdentifier": null, "displayName": cred.display_name, "endDateTime": ts(end), "hint": cred.hint,
@@ -1135,12 +1171,19 @@ fn service_principals(
     q: &[(String, String)],
     body: Option<&Value>,
 ) -> Reply {
+    let lag = if m == "POST" {
+        w.consistency_lag()
+    } else {
+        std::time::Duration::ZERO
+    };
     let World { tenants, rng, .. } = w;
+    // Applications that have replicated: only those can back a new service principal.
     let home_apps: Vec<(String, String, String)> = tenants
         .iter()
         .flat_map(|t| {
             t.applications
                 .iter()
+                .filter(|a| a.visible_at <= gx.now)
                 .map(move |a| (a.app_id.clone(), a.display_name.clone(), t.id.clone()))
         })
         .collect();
@@ -1186,11 +1229,14 @@ fn service_principals(
                     .find(|(a, _, _)| a.eq_ignore_ascii_case(app_id))
                     .cloned()
                 else {
-                    return bad_request(
-                        gx,
-                        &format!(
-                            "The appId '{app_id}' of the service principal does not reference a valid application object."
-                        ),
+                    // Also the answer right after the application was created, until it has
+                    // replicated (docs/microsoft-365.md §8.4).
+                    let text = format!(
+                        "The appId '{app_id}' of the service principal does not reference a valid application object."
+                    );
+                    return with_details(
+                        bad_request(gx, &text),
+                        json!([{"code": "NoBackingApplicationObject", "message": text, "target": "appId"}]),
                     );
                 };
                 let sp = ServicePrincipal {
@@ -1274,7 +1320,7 @@ fn service_principals(
             )
         }
         ([rel], "POST") if *rel == "appRoleAssignedTo" || *rel == "appRoleAssignments" => {
-            if !holds(c, GRANT_WRITE) {
+            if !holds(c, GRANT_WRITE) || !holds(c, GRANT_WRITE_ALSO) {
                 return insufficient(gx);
             }
             let get = |k: &str| {
@@ -1328,6 +1374,7 @@ fn service_principals(
                 resource_id: resource_sp.id.clone(),
                 app_role_id: role.to_lowercase(),
                 created: gx.wall,
+                in_token_at: gx.now + lag,
             };
             let out = with_context(
                 grant_json(t, &g),
@@ -1337,7 +1384,7 @@ fn service_principals(
             Reply::json(201, out)
         }
         ([rel, id], "DELETE") if *rel == "appRoleAssignedTo" || *rel == "appRoleAssignments" => {
-            if !holds(c, GRANT_WRITE) {
+            if !holds(c, GRANT_WRITE) || !holds(c, GRANT_WRITE_ALSO) {
                 return insufficient(gx);
             }
             let by_resource = *rel == "appRoleAssignedTo";
@@ -2081,6 +2128,8 @@ fn batch(w: &mut World, gx: &Gx, body: Option<Value>) -> Reply {
             "The number of requests in the batch exceeds the limit of 20.",
         );
     }
+    // Request ids are compared without case: `A` and `a` are duplicates, and duplicates fail
+    // the whole batch (docs/microsoft-365.md §8.6).
     let mut ids = BTreeSet::new();
     for r in &requests {
         let id = r.get("id").and_then(|v| {
@@ -2091,7 +2140,7 @@ fn batch(w: &mut World, gx: &Gx, body: Option<Value>) -> Reply {
         let Some(id) = id else {
             return err(gx, 400, "BadRequest", "Each batch request needs an id.");
         };
-        if !ids.insert(id) {
+        if !ids.insert(id.to_lowercase()) {
             return err(
                 gx,
                 400,
@@ -2155,7 +2204,7 @@ fn batch(w: &mut World, gx: &Gx, body: Option<Value>) -> Reply {
         let fe = w.pick_front_end();
         let reply = if depends
             .iter()
-            .any(|d| statuses.get(d).is_none_or(|s| *s >= 400))
+            .any(|d| statuses.get(&d.to_lowercase()).is_none_or(|s| *s >= 400))
         {
             err(gx, 424, "FailedDependency", "Failed dependency.")
         } else if r.get("body").is_some()
@@ -2176,10 +2225,11 @@ fn batch(w: &mut World, gx: &Gx, body: Option<Value>) -> Reply {
             .map(|t| w.take_budget(t, Api::Graph, gx.now))
         {
             with_retry_after(
-                graph_throttled(&gx.request_id, gx.wall),
+                graph_throttled(&gx.request_id, &gx.client_request_id, gx.wall),
                 retry,
                 &behaviour,
                 is_identity(&path),
+                w.next_seq,
             )
         } else {
             dispatch(
@@ -2192,7 +2242,7 @@ fn batch(w: &mut World, gx: &Gx, body: Option<Value>) -> Reply {
                 r.get("body"),
             )
         };
-        statuses.insert(id.clone(), reply.status);
+        statuses.insert(id.to_lowercase(), reply.status);
         w.record(CallRecord {
             seq: 0,
             at: gx.wall.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),

@@ -2,6 +2,8 @@
 //! (client secret, HTTP Basic or certificate client assertion), OpenID configuration, JWKS and
 //! instance discovery, with errors in the `AADSTS…` shape (docs/microsoft-365.md docs/microsoft-365.md §5.1).
 use actix_web::{HttpRequest, HttpResponse, web};
+use std::collections::BTreeSet;
+
 use base64::Engine;
 use serde_json::json;
 
@@ -14,29 +16,100 @@ use super::tokens::{AccessClaims, AssertionProblem, verify_client_assertion};
 use super::wire::{Reply, aadsts};
 use super::{CallNote, Incoming, Interrupt, base_url, guarded};
 
-/// Map a requested scope (v2) or resource (v1) to (resource app id, token audience).
-fn resource_of(scope_or_resource: &str, v2: bool) -> Result<(&'static str, &'static str), String> {
-    let s = scope_or_resource.trim();
-    let parts: Vec<&str> = s.split_whitespace().collect();
-    let one = match parts.as_slice() {
-        [one] => *one,
-        _ => return Err(s.to_string()),
-    };
-    let base = if v2 {
-        match one.strip_suffix("/.default") {
-            Some(b) => b.trim_end_matches('/'),
-            None => return Err(s.to_string()),
-        }
-    } else {
-        one.trim_end_matches('/')
-    };
+/// Why a requested scope names no single resource.
+#[derive(Debug, PartialEq)]
+enum ScopeProblem {
+    /// Not of the `{resource}/.default` form client credentials need.
+    Invalid,
+    /// Scopes of more than one resource (AADSTS700022).
+    SeveralResources,
+    /// A resource the tenant does not know.
+    Unknown(String),
+}
+
+/// The resource a scope or resource value names: `(resource app id, token audience)`.
+fn resource_named(base: &str) -> Result<(&'static str, &'static str), ScopeProblem> {
     match base.to_ascii_lowercase().as_str() {
         "https://graph.microsoft.com" | GRAPH_APP_ID => Ok((GRAPH_APP_ID, GRAPH_RESOURCE)),
         "https://outlook.office365.com" | "https://outlook.office.com" | EXCHANGE_APP_ID => {
             Ok((EXCHANGE_APP_ID, EXCHANGE_RESOURCE))
         }
-        _ => Err(format!("unknown:{base}")),
+        _ => Err(ScopeProblem::Unknown(base.to_string())),
     }
+}
+
+/// Map a requested scope (v2) or resource (v1) to (resource app id, token audience).
+fn resource_of(
+    scope_or_resource: &str,
+    v2: bool,
+) -> Result<(&'static str, &'static str), ScopeProblem> {
+    let parts: Vec<&str> = scope_or_resource.split_whitespace().collect();
+    if v2 && parts.len() > 1 {
+        // Several scopes: one token has one audience, so they must all name one resource.
+        let bases: BTreeSet<String> = parts
+            .iter()
+            .map(|p| match p.strip_suffix("/.default") {
+                Some(b) => b.trim_end_matches('/').to_ascii_lowercase(),
+                None => p
+                    .rsplit_once('/')
+                    .map(|(b, _)| b.to_ascii_lowercase())
+                    .unwrap_or_default(),
+            })
+            .collect();
+        let resources: BTreeSet<&str> = bases
+            .iter()
+            .filter_map(|b| resource_named(b).ok().map(|r| r.0))
+            .collect();
+        if bases.len() > 1 && (resources.len() > 1 || resources.len() < bases.len()) {
+            return Err(ScopeProblem::SeveralResources);
+        }
+        return Err(ScopeProblem::Invalid);
+    }
+    let [one] = parts.as_slice() else {
+        return Err(ScopeProblem::Invalid);
+    };
+    let base = if v2 {
+        match one.strip_suffix("/.default") {
+            Some(b) => b.trim_end_matches('/'),
+            None => return Err(ScopeProblem::Invalid),
+        }
+    } else {
+        one.trim_end_matches('/')
+    };
+    resource_named(base)
+}
+
+/// The caller's `client-request-id`, which Entra echoes as the correlation id.
+fn client_request_id(req: &HttpRequest) -> Option<String> {
+    req.headers()
+        .get("client-request-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty() && v.len() <= 128)
+        .map(str::to_string)
+}
+
+/// Authority segments that name no tenant (docs/microsoft-365.md §8.5: client credentials there
+/// is AADSTS9001023).
+fn is_multi_tenant_authority(name: &str) -> bool {
+    ["common", "consumers", "organizations"]
+        .iter()
+        .any(|a| a.eq_ignore_ascii_case(name))
+}
+
+/// `GET` on the token endpoint: AADSTS900561 (docs/microsoft-365.md §8.5).
+pub async fn token_get(req: HttpRequest, shared: web::Data<Shared>) -> HttpResponse {
+    let trace = uuid::Uuid::new_v4().to_string();
+    let correlation = client_request_id(&req).unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    aadsts(
+        "invalid_request",
+        900561,
+        "The endpoint only accepts POST requests. Received a GET request.",
+        shared.clock.wall(),
+        &trace,
+        &correlation,
+    )
+    .into_response()
 }
 
 /// `POST /{tenant}/oauth2/v2.0/token` (and the v1 `/oauth2/token` with `resource`).
@@ -65,26 +138,56 @@ pub async fn token(
         },
     };
     let base = base_url(&req);
+    let correlation = client_request_id(&req);
+    let tid = tenant_id.clone();
+    let corr = correlation.clone();
     guarded(
         &shared,
         inc,
-        |_, i| match i {
-            Interrupt::Throttled(d) => aadsts(
-                "temporarily_unavailable",
-                90033,
-                "A transient error has occurred. Please try again.",
-                chrono::Utc::now(),
-                &uuid::Uuid::new_v4().to_string(),
-            )
-            .header("Retry-After", super::wire::retry_after_whole_secs(d)),
-            _ => aadsts(
-                "temporarily_unavailable",
-                90033,
-                "A transient error has occurred. Please try again.",
-                chrono::Utc::now(),
-                &uuid::Uuid::new_v4().to_string(),
-            )
-            .with_status(503),
+        move |w, i| {
+            let trace = uuid::Uuid::new_v4().to_string();
+            let corr = corr.clone().unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+            match i {
+                // Throttled client credentials: 429 with Retry-After; the body need not be JSON
+                // (docs/microsoft-365.md §8.5).
+                Interrupt::Throttled(d) => {
+                    let json_body = tid
+                        .as_deref()
+                        .and_then(|t| w.tenant(t))
+                        .is_some_and(|t| t.behaviour.login_throttle_json_body);
+                    let r = if json_body {
+                        aadsts(
+                            "temporarily_unavailable",
+                            50196,
+                            "The server terminated an operation because it encountered a client request loop. Please contact your app vendor.",
+                            chrono::Utc::now(),
+                            &trace,
+                            &corr,
+                        )
+                        .with_status(429)
+                    } else {
+                        Reply {
+                            status: 429,
+                            headers: vec![],
+                            body: super::wire::Body::Raw(
+                                b"Too Many Requests".to_vec(),
+                                "text/plain; charset=utf-8".into(),
+                            ),
+                        }
+                        .header("x-ms-request-id", trace)
+                    };
+                    r.header("Retry-After", super::wire::retry_after_whole_secs(d))
+                }
+                _ => aadsts(
+                    "temporarily_unavailable",
+                    90033,
+                    "A transient error has occurred. Please try again.",
+                    chrono::Utc::now(),
+                    &trace,
+                    &corr,
+                )
+                .with_status(503),
+            }
         },
         |w, sh| {
             let note = CallNote {
@@ -101,6 +204,7 @@ pub async fn token(
                 basic.clone(),
                 &endpoint_url,
                 &base,
+                correlation,
             );
             (reply, note)
         },
@@ -180,10 +284,22 @@ fn issue(
     basic: Option<(String, String)>,
     endpoint_url: &str,
     base: &str,
+    correlation: Option<String>,
 ) -> Reply {
     let wall = sh.clock.wall();
+    let now = sh.clock.now();
     let trace = guid(&mut w.rng.ids);
-    let err = |e: &str, code: u32, text: &str| aadsts(e, code, text, wall, &trace);
+    let correlation = correlation.unwrap_or_else(|| guid(&mut w.rng.ids));
+    let err = |e: &str, code: u32, text: &str| aadsts(e, code, text, wall, &trace, &correlation);
+    if is_multi_tenant_authority(tenant_name)
+        && get("grant_type").as_deref() == Some("client_credentials")
+    {
+        return err(
+            "invalid_request",
+            9001023,
+            "The grant type isn't supported over the /common or /consumers endpoints. Please use the /organizations or tenant-specific endpoint.",
+        );
+    }
     let Some(tenant) = w.tenant(tenant_name).cloned() else {
         return err(
             "invalid_request",
@@ -233,8 +349,7 @@ fn issue(
     };
     let (resource_app, audience) = match resource_of(&requested, v2) {
         Ok(r) => r,
-        Err(e) if e.starts_with("unknown:") => {
-            let name = e.trim_start_matches("unknown:");
+        Err(ScopeProblem::Unknown(name)) => {
             return err(
                 "invalid_resource",
                 500011,
@@ -244,7 +359,16 @@ fn issue(
                 ),
             );
         }
-        Err(_) => {
+        Err(ScopeProblem::SeveralResources) => {
+            return err(
+                "invalid_scope",
+                700022,
+                &format!(
+                    "The provided value for the input parameter scope is not valid because it contains more than one resource. Scope {requested} is not valid."
+                ),
+            );
+        }
+        Err(ScopeProblem::Invalid) => {
             return err(
                 "invalid_scope",
                 1002012,
@@ -369,10 +493,11 @@ fn issue(
             }
         }
     } else if let Some(secret) = secret {
+        // A secret still replicating is refused exactly like a wrong one (docs/microsoft-365.md §8.4).
         let matching = app
             .password_credentials
             .iter()
-            .find(|p| p.secret_text == secret);
+            .find(|p| p.secret_text == secret && p.usable_at <= now);
         match matching {
             None => {
                 return err(
@@ -401,7 +526,7 @@ fn issue(
             "The request body must contain the following parameter: 'client_assertion' or 'client_secret'.",
         );
     }
-    let roles = tenant.granted_roles(&sp.id, resource_app);
+    let roles = tenant.granted_roles(&sp.id, resource_app, now);
     let mut wids: Vec<String> = tenant.directory_roles_of(&sp.id);
     wids.push(DEFAULT_APP_WID.into());
     let lifetime = w.pacing.token_lifetime.as_secs() as i64;
@@ -439,6 +564,7 @@ fn issue(
         .header("Cache-Control", "no-store, no-cache")
         .header("Pragma", "no-cache")
         .header("x-ms-request-id", trace)
+        .header("client-request-id", correlation)
 }
 
 /// `GET /{tenant}/v2.0/.well-known/openid-configuration`.
@@ -456,6 +582,7 @@ pub async fn openid_configuration(
             90002,
             &format!("Tenant '{name}' not found. Check to make sure you have the correct tenant ID and are signing into the correct cloud."),
             shared.clock.wall(),
+            &uuid::Uuid::new_v4().to_string(),
             &uuid::Uuid::new_v4().to_string(),
         )
         .into_response();
@@ -579,19 +706,28 @@ mod tests {
                 .0,
             GRAPH_APP_ID
         );
-        assert!(resource_of("https://graph.microsoft.com/Mail.Read", true).is_err());
-        assert!(
+        assert_eq!(
+            resource_of("https://graph.microsoft.com/Mail.Read", true),
+            Err(ScopeProblem::Invalid)
+        );
+        assert_eq!(
             resource_of(
                 "https://graph.microsoft.com/.default https://outlook.office365.com/.default",
                 true
-            )
-            .is_err()
+            ),
+            Err(ScopeProblem::SeveralResources)
         );
-        assert!(
-            resource_of("https://contoso.example/.default", true)
-                .unwrap_err()
-                .starts_with("unknown:")
+        assert_eq!(
+            resource_of(
+                "https://graph.microsoft.com/.default https://graph.microsoft.com/Mail.Read",
+                true
+            ),
+            Err(ScopeProblem::Invalid)
         );
+        assert!(matches!(
+            resource_of("https://contoso.example/.default", true),
+            Err(ScopeProblem::Unknown(_))
+        ));
         assert_eq!(
             resource_of("https://graph.microsoft.com", false).unwrap().1,
             GRAPH_RESOURCE

@@ -59,6 +59,11 @@ pub struct SandboxArgs {
     /// How long objects created by Exchange `New-*` cmdlets answer 404 to other calls.
     #[arg(long, default_value = "5s..60s")]
     pub replication_delay: DelayRange,
+    /// Entra's eventual consistency: how long a new application reads as 404 (and blocks its
+    /// service principal), a new client secret is refused and a new app role assignment is
+    /// missing from tokens.
+    #[arg(long, default_value = "1s..5s")]
+    pub entra_consistency_delay: DelayRange,
     /// Number of simulated Graph front ends (each with its own cache).
     #[arg(long, default_value_t = 4)]
     pub front_ends: usize,
@@ -135,6 +140,7 @@ impl SandboxSettings {
         s.pacing.propagation_delay = DelayRange::ZERO;
         s.pacing.rbac_propagation_delay = DelayRange::ZERO;
         s.pacing.replication_delay = DelayRange::ZERO;
+        s.pacing.entra_consistency_delay = DelayRange::ZERO;
         s.pacing.graph_budget = None;
         s.pacing.exchange_budget = None;
         s
@@ -159,6 +165,7 @@ impl SandboxSettings {
             propagation_delay: a.propagation_delay,
             rbac_propagation_delay: a.rbac_propagation_delay,
             replication_delay: a.replication_delay,
+            entra_consistency_delay: a.entra_consistency_delay,
             front_ends: a.front_ends.max(1),
             token_lifetime: a.token_lifetime,
             graph_budget: budget(&a.throttle_graph)?,
@@ -304,7 +311,12 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             web::get().to(login::instance_discovery),
         )
         .route("/{tenant}/oauth2/v2.0/token", web::post().to(login::token))
+        .route(
+            "/{tenant}/oauth2/v2.0/token",
+            web::get().to(login::token_get),
+        )
         .route("/{tenant}/oauth2/token", web::post().to(login::token))
+        .route("/{tenant}/oauth2/token", web::get().to(login::token_get))
         .route(
             "/{tenant}/v2.0/.well-known/openid-configuration",
             web::get().to(login::openid_configuration),
@@ -383,8 +395,12 @@ fn print_banner(h: &SandboxHandle, seed: u64, p: &Pacing) {
     println!("  management app client secret:    {secret}");
     println!("  seed:                             {seed}");
     println!(
-        "  propagation: AAP {}  RBAC {}  replication {}  front ends {}",
-        p.propagation_delay, p.rbac_propagation_delay, p.replication_delay, p.front_ends
+        "  propagation: AAP {}  RBAC {}  replication {}  Entra consistency {}  front ends {}",
+        p.propagation_delay,
+        p.rbac_propagation_delay,
+        p.replication_delay,
+        p.entra_consistency_delay,
+        p.front_ends
     );
     println!();
     println!("Register it with mailscope (a token from `mailscope token`, the API on :8080):");

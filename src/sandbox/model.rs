@@ -344,6 +344,9 @@ pub struct PasswordCredential {
     pub secret_text: String,
     pub start: DateTime<Utc>,
     pub end: DateTime<Utc>,
+    /// Sandbox time from which the token endpoint accepts it (Entra's eventual consistency).
+    #[serde(skip)]
+    pub usable_at: Duration,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -373,6 +376,10 @@ pub struct Application {
     /// Service principal object id of the app that created it (for `Application.ReadWrite.OwnedBy`).
     pub owner_sp: Option<String>,
     pub created: DateTime<Utc>,
+    /// Sandbox time from which Graph reads see it and a service principal can be created for it
+    /// (Entra's eventual consistency).
+    #[serde(skip)]
+    pub visible_at: Duration,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -403,6 +410,9 @@ pub struct AppRoleGrant {
     pub resource_id: String,
     pub app_role_id: String,
     pub created: DateTime<Utc>,
+    /// Sandbox time from which tokens carry the role (Entra's eventual consistency).
+    #[serde(skip)]
+    pub in_token_at: Duration,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -618,8 +628,14 @@ impl Tenant {
             .find(|s| s.app_id.eq_ignore_ascii_case(app_id))
     }
 
-    /// App role values the service principal holds on the resource with this app id.
-    pub fn granted_roles(&self, principal_id: &str, resource_app_id: &str) -> Vec<String> {
+    /// App role values the service principal holds on the resource with this app id, as a token
+    /// issued at sandbox time `now` carries them (assignments still replicating are missing).
+    pub fn granted_roles(
+        &self,
+        principal_id: &str,
+        resource_app_id: &str,
+        now: Duration,
+    ) -> Vec<String> {
         let Some(resource) = self.service_principal_by_app_id(resource_app_id) else {
             return vec![];
         };
@@ -627,6 +643,7 @@ impl Tenant {
             .app_role_grants
             .iter()
             .filter(|g| g.principal_id == principal_id && g.resource_id == resource.id)
+            .filter(|g| g.in_token_at <= now)
             .filter_map(|g| resource.app_roles.iter().find(|r| r.id == g.app_role_id))
             .map(|r| r.value.clone())
             .collect();

@@ -219,6 +219,12 @@ pub struct Pacing {
     /// How long an object created by an Exchange `New-*` cmdlet stays invisible (404) to other
     /// calls (docs/microsoft-365.md docs/microsoft-365.md §1.3: "seconds to minutes").
     pub replication_delay: DelayRange,
+    /// Entra's eventual consistency (docs/microsoft-365.md §8.4): how long a write through Graph
+    /// stays unusable elsewhere. A new application reads as 404 and `POST /servicePrincipals`
+    /// for it answers 400 `NoBackingApplicationObject`; a new client secret is refused with
+    /// AADSTS7000215; a new app role assignment is missing from the app's tokens. Microsoft gives
+    /// no figure ("typically seconds"): the default is a guess.
+    pub entra_consistency_delay: DelayRange,
     /// Graph front ends, each with its own cache (more front ends, more flapping).
     pub front_ends: usize,
     /// Lifetime of issued access tokens (`expires_in`).
@@ -265,6 +271,10 @@ impl Default for Pacing {
                 Duration::from_secs(2 * 3600),
             ),
             replication_delay: DelayRange::between(Duration::from_secs(5), Duration::from_secs(60)),
+            entra_consistency_delay: DelayRange::between(
+                Duration::from_secs(1),
+                Duration::from_secs(5),
+            ),
             front_ends: 4,
             token_lifetime: Duration::from_secs(3599),
             // Outlook's documented mailbox budget is 10,000 requests per 10 minutes.
@@ -356,7 +366,9 @@ pub struct Behaviour {
     pub exchange_empty_output: EmptyOutput,
     /// Does an Exchange 429 carry `Retry-After`? (docs/microsoft-365.md docs/microsoft-365.md §1.3: unverified.)
     pub exchange_retry_after: bool,
-    /// Does a Graph 429 carry a fractional `Retry-After` such as `2.128`? (Otherwise whole seconds.)
+    /// May a Graph `Retry-After` be fractional such as `2.128`? When true, each answer draws
+    /// fractional or whole seconds (Microsoft sends both, docs/microsoft-365.md §8.6); when
+    /// false, always whole seconds.
     pub graph_fractional_retry_after: bool,
     /// Do identity endpoints (applications, servicePrincipals…) omit `Retry-After` on 429?
     /// (docs/microsoft-365.md docs/microsoft-365.md §5.6: third-party observation.)
@@ -380,6 +392,9 @@ pub struct Behaviour {
     pub token_ext_expires_in: bool,
     /// May InvokeCommand address the tenant by its `*.onmicrosoft.com` domain as well as its GUID?
     pub exchange_accepts_domain_tenant: bool,
+    /// Is a throttled token request (429) answered with a JSON `AADSTS` body rather than plain
+    /// text? (docs/microsoft-365.md §8.5: "the body may not be JSON"; MSAL.NET saw plain text.)
+    pub login_throttle_json_body: bool,
 }
 
 impl Default for Behaviour {
@@ -404,6 +419,7 @@ impl Default for Behaviour {
             admin_mailboxes_blocked: false,
             token_ext_expires_in: true,
             exchange_accepts_domain_tenant: true,
+            login_throttle_json_body: false,
         }
     }
 }

@@ -423,6 +423,13 @@ impl World {
         self.pacing.replication_delay.draw(&mut self.rng.delays)
     }
 
+    /// How long a new Entra object written through Graph stays unusable elsewhere.
+    pub fn consistency_lag(&mut self) -> Duration {
+        self.pacing
+            .entra_consistency_delay
+            .draw(&mut self.rng.delays)
+    }
+
     pub fn record(&mut self, mut rec: CallRecord) -> u64 {
         rec.seq = self.next_seq;
         self.next_seq += 1;
@@ -769,6 +776,7 @@ pub fn create_app_with_grants(
             end: spec
                 .secret_end
                 .unwrap_or(wall + chrono::Duration::days(730)),
+            usable_at: Duration::ZERO,
         });
     }
     let mut keys = vec![];
@@ -815,6 +823,7 @@ pub fn create_app_with_grants(
         extra: Default::default(),
         owner_sp: None,
         created: wall,
+        visible_at: Duration::ZERO,
     });
     let sp_id = guid(rng);
     t.service_principals.push(ServicePrincipal {
@@ -847,6 +856,7 @@ pub fn create_app_with_grants(
                 resource_id,
                 app_role_id: role_id,
                 created: wall,
+                in_token_at: Duration::ZERO,
             });
         }
     }

@@ -106,28 +106,41 @@ pub fn graph_date(now: DateTime<Utc>) -> String {
     now.format("%Y-%m-%dT%H:%M:%S").to_string()
 }
 
-/// Graph's error body.
+/// Graph's error body. `request_id` is the service's own id for this request; `client_request_id`
+/// echoes the caller's `client-request-id` (docs/microsoft-365.md §8.6).
 pub fn graph_error(
     status: u16,
     code: &str,
     message: &str,
     request_id: &str,
+    client_request_id: &str,
     now: DateTime<Utc>,
 ) -> Reply {
     Reply::json(
         status,
         json!({"error": {"code": code, "message": message,
-            "innerError": {"date": graph_date(now), "request-id": request_id, "client-request-id": request_id}}}),
+            "innerError": {"date": graph_date(now), "request-id": request_id, "client-request-id": client_request_id}}}),
     )
 }
 
+/// Add Graph's `error.details` (`[{"code","message","target"}]`) to an error reply, as Entra
+/// sends it for some 400s (e.g. `NoBackingApplicationObject`).
+pub fn with_details(mut r: Reply, details: Value) -> Reply {
+    if let Body::Json(v) = &mut r.body
+        && let Some(e) = v.get_mut("error").and_then(Value::as_object_mut)
+    {
+        e.insert("details".into(), details);
+    }
+    r
+}
+
 /// Graph's 429 body (https://learn.microsoft.com/graph/throttling).
-pub fn graph_throttled(request_id: &str, now: DateTime<Utc>) -> Reply {
+pub fn graph_throttled(request_id: &str, client_request_id: &str, now: DateTime<Utc>) -> Reply {
     Reply::json(
         429,
         json!({"error": {"code": "TooManyRequests",
             "innerError": {"code": "429", "date": graph_date(now), "message": "Please retry after",
-                "request-id": request_id, "status": "429"},
+                "request-id": request_id, "client-request-id": client_request_id, "status": "429"},
             "message": "Please retry again later."}}),
     )
 }
@@ -156,25 +169,48 @@ pub fn exchange_error(
     .header("x-ExceptionType", short)
 }
 
-/// A login error in the `AADSTS…` shape (status 401 for `invalid_client`, else 400).
-pub fn aadsts(error: &str, code: u32, text: &str, now: DateTime<Utc>, trace_id: &str) -> Reply {
+/// A login error in the `AADSTS…` shape (status 401 for `invalid_client`, else 400). The
+/// description's lines are separated by `\r\n` ("Trace ID", "Correlation ID", "Timestamp"), as
+/// on Microsoft's error reference page (docs/microsoft-365.md §8.5); `correlation_id` is the
+/// caller's `client-request-id` when it sent one.
+pub fn aadsts(
+    error: &str,
+    code: u32,
+    text: &str,
+    now: DateTime<Utc>,
+    trace_id: &str,
+    correlation_id: &str,
+) -> Reply {
     let ts = now.format("%Y-%m-%d %H:%M:%SZ").to_string();
     let description = format!(
-        "AADSTS{code}: {text} Trace ID: {trace_id} Correlation ID: {trace_id} Timestamp: {ts}"
+        "AADSTS{code}: {text}\r\nTrace ID: {trace_id}\r\nCorrelation ID: {correlation_id}\r\nTimestamp: {ts}"
     );
     let status = if error == "invalid_client" { 401 } else { 400 };
     Reply::json(
         status,
         json!({"error": error, "error_description": description, "error_codes": [code],
-            "timestamp": ts, "trace_id": trace_id, "correlation_id": trace_id,
+            "timestamp": ts, "trace_id": trace_id, "correlation_id": correlation_id,
             "error_uri": format!("https://login.microsoftonline.com/error?code={code}")}),
     )
+    .header("x-ms-request-id", trace_id)
+    .header("client-request-id", correlation_id)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn aadsts_description_lines_are_crlf_separated() {
+        let r = aadsts("invalid_scope", 700022, "x", Utc::now(), "t-1", "c-1");
+        let v = r.json_body().cloned().unwrap_or_default();
+        let d = v["error_description"].as_str().unwrap_or_default();
+        assert!(
+            d.starts_with("AADSTS700022: x\r\nTrace ID: t-1\r\nCorrelation ID: c-1\r\nTimestamp: ")
+        );
+        assert_eq!(v["correlation_id"], "c-1");
+    }
 
     #[test]
     fn whole_second_retry_after_never_points_before_the_reset() {

@@ -291,3 +291,68 @@ pub async fn delete_certificate(
     .await?
         == 1)
 }
+
+/// Record that a credential of a grant's app was announced as expiring soon. `false` when it was
+/// already (by an earlier scan, or a concurrent one that committed first).
+pub async fn insert_credential_notice(
+    c: &impl GenericClient,
+    tenant_id: Uuid,
+    key: &str,
+    key_id: Uuid,
+    kind: &str,
+    end_date_time: DateTime<Utc>,
+) -> Result<bool, StoreError> {
+    Ok(c.execute(
+        "INSERT INTO access_grant_credential_notices (tenant_id, grant_key, key_id, kind,
+             end_date_time)
+         VALUES ($1, $2, $3, $4, $5)
+         ON CONFLICT (tenant_id, grant_key, key_id) DO NOTHING",
+        &[&tenant_id, &key, &key_id, &kind, &end_date_time],
+    )
+    .await?
+        == 1)
+}
+
+/// Link the notices of one announcement to its delivery.
+pub async fn set_notice_delivery(
+    c: &impl GenericClient,
+    tenant_id: Uuid,
+    key: &str,
+    key_ids: &[Uuid],
+    delivery_id: Uuid,
+) -> Result<(), StoreError> {
+    c.execute(
+        "UPDATE access_grant_credential_notices SET delivery_id = $4
+         WHERE tenant_id = $1 AND grant_key = $2 AND key_id = ANY($3)",
+        &[&tenant_id, &key, &key_ids, &delivery_id],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Tenants with a grant that is not removed (each gets a credential-expiry scan).
+pub async fn tenants_with_grants(c: &impl GenericClient) -> Result<Vec<Uuid>, StoreError> {
+    Ok(c.query(
+        "SELECT DISTINCT tenant_id FROM access_grants WHERE NOT removing",
+        &[],
+    )
+    .await?
+    .iter()
+    .map(|r| r.get(0))
+    .collect())
+}
+
+/// A tenant's grants that are not being removed, ordered by key.
+pub async fn live_in_tenant(
+    c: &impl GenericClient,
+    tenant_id: Uuid,
+) -> Result<Vec<GrantRecord>, StoreError> {
+    let sql = format!(
+        "SELECT {COLUMNS} FROM access_grants WHERE tenant_id = $1 AND NOT removing ORDER BY key"
+    );
+    c.query(&sql, &[&tenant_id])
+        .await?
+        .iter()
+        .map(from_row)
+        .collect()
+}

@@ -64,6 +64,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "rbac_migrations_job",
         include_str!("../../migrations/0013_rbac_migrations_job.sql"),
     ),
+    (
+        14,
+        "grant_expiry_notice",
+        include_str!("../../migrations/0014_grant_expiry_notice.sql"),
+    ),
 ];
 
 /// Arbitrary but fixed: "mailscop" in ASCII.

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use mailscope::config::Settings;
 use mailscope::sandbox::SandboxSettings;
+use mailscope::sandbox::settings::Pacing;
 use serde_json::{Value, json};
 
 use crate::helpers::*;
@@ -20,6 +21,8 @@ fn quick(s: &mut Settings) {
     s.propagation.max_delay_ms = 800;
     s.propagation.backoff_factor = 1.5;
     s.propagation.required_matches = 2;
+    // The sandbox's RBAC cache is instant in `fast`; look through Graph soon after Exchange agreed.
+    s.propagation.rbac_first_delay_ms = 200;
 }
 
 async fn start(adjust: impl FnOnce(&mut Settings)) -> WithSandbox {
@@ -213,6 +216,7 @@ fn acme(mailboxes: &[&str]) -> Value {
         "permissions": ["Mail.Read"],
         "mailboxes": mailboxes,
         "canary_mailboxes": [addr("carol")],
+        "mechanism": "access_policy",
         "labels": {"vendor": "acme"},
         "external_ref": "CHG-1042",
     })
@@ -346,6 +350,49 @@ async fn one_put_onboards_a_vendor_a_second_converges_and_delete_removes_everyth
     assert_eq!(status, 200, "already removed: nothing new to do");
 }
 
+/// With Entra's eventual consistency at the served sandbox's default (docs/microsoft-365.md
+/// §8.4): the new app cannot back its service principal at first, the probe secret is refused
+/// at first and the consent reaches the app's token late; onboarding still ends `ready`, with
+/// one app and a Graph-verified restriction.
+#[tokio::test]
+async fn onboarding_survives_entra_eventual_consistency_at_the_default_delay() {
+    let mut sandbox = SandboxSettings::fast();
+    sandbox.pacing.entra_consistency_delay = Pacing::default().entra_consistency_delay;
+    assert!(!sandbox.pacing.entra_consistency_delay.is_zero());
+    let env = WithSandbox::start_adjusted(sandbox, quick).await;
+    let (status, g) = put_grant(&env, "acme", acme(&["alice"])).await;
+    assert_eq!(status, 202, "{g}");
+    let ready = wait_for(&env, "acme", "ready").await;
+    for s in ready["steps"].as_array().unwrap() {
+        assert_eq!(s["state"], "done", "{s}");
+    }
+    let app_id = ready["app_id"].as_str().unwrap().to_string();
+    let check = check_of(&env, &ready).await;
+    assert_eq!(check["state"], "succeeded", "{check:#}");
+    assert_eq!(check["verified_by"], "graph");
+    assert_eq!(observed(&check, "alice"), "granted");
+    assert_eq!(observed(&check, "carol"), "denied");
+    assert_eq!(
+        in_tenant(&env, "ACME mail sync", "grant-acme", &app_id).await,
+        (1, 1, 1, 1)
+    );
+    // Entra did lag, and mailscope waited rather than failing or duplicating.
+    let graph = env.sandbox_calls("graph").await;
+    assert!(
+        graph
+            .iter()
+            .any(|c| c["endpoint"] == "graph:POST /servicePrincipals" && c["status"] == 400),
+        "the service principal was refused at first"
+    );
+    let logins = env.sandbox_calls("login").await;
+    assert!(
+        logins
+            .iter()
+            .any(|c| c["status"] == 401 && c["appId"].as_str() == Some(app_id.as_str())),
+        "the probe secret was refused at first"
+    );
+}
+
 #[tokio::test]
 async fn an_adopted_vendor_app_is_neither_created_nor_deleted() {
     let env = start(|_| {}).await;
@@ -359,7 +406,7 @@ async fn an_adopted_vendor_app_is_neither_created_nor_deleted() {
     let (status, g) = put_grant(
         &env,
         "vendor",
-        json!({"app_id": vendor, "permissions": ["Mail.Read"], "mailboxes": [addr("alice")]}),
+        json!({"app_id": vendor, "permissions": ["Mail.Read"], "mailboxes": [addr("alice")], "mechanism": "access_policy"}),
     )
     .await;
     assert_eq!(status, 202, "{g}");
@@ -388,7 +435,10 @@ async fn an_adopted_vendor_app_is_neither_created_nor_deleted() {
 async fn invalid_grants_are_refused_with_problems() {
     let env = start(|_| {}).await;
     let cases = [
-        json!({"display_name": "x", "permissions": ["Mail.Read"], "mailboxes": [addr("alice")], "mechanism": "rbac"}),
+        // No RBAC role grants Mail.ReadBasic.All.
+        json!({"display_name": "x", "permissions": ["Mail.ReadBasic.All"], "mailboxes": [addr("alice")], "canary_mailboxes": [addr("carol")], "mechanism": "rbac"}),
+        // RBAC (the default) needs a mailbox outside the scope to verify before consent goes.
+        json!({"display_name": "x", "permissions": ["Mail.Read"], "mailboxes": [addr("alice")]}),
         json!({"display_name": "x", "app_id": "b9701c1e-1364-464d-93e4-01ae925e8d6c", "permissions": ["Mail.Read"], "mailboxes": [addr("alice")]}),
         json!({"display_name": "x", "permissions": ["User.Read.All"], "mailboxes": [addr("alice")]}),
         json!({"display_name": "x", "permissions": ["Mail.Read"], "scope_group": "no-such-group"}),
@@ -411,7 +461,7 @@ async fn invalid_grants_are_refused_with_problems() {
                 p["errors"][0]["message"]
                     .as_str()
                     .unwrap()
-                    .contains("not available"),
+                    .contains("no RBAC for Applications role"),
                 "{p}"
             );
         }
@@ -873,7 +923,7 @@ async fn the_vendor_gets_a_secret_once_and_a_certificate_credential_with_rotatio
     let (status, _) = put_grant(
         &env,
         "vendor",
-        json!({"app_id": vendor, "permissions": ["Mail.Read"], "mailboxes": [addr("alice")]}),
+        json!({"app_id": vendor, "permissions": ["Mail.Read"], "mailboxes": [addr("alice")], "mechanism": "access_policy"}),
     )
     .await;
     assert_eq!(status, 202);
@@ -958,4 +1008,511 @@ async fn switching_to_an_existing_scope_group_keeps_the_app_restricted_and_remov
         (0, 0, 0, 0)
     );
     assert_eq!(in_tenant(&env, "-", "sales", "-").await.1, 1);
+}
+
+/// What the sandbox's Exchange holds for an app's RBAC: (service principal pointers, role
+/// assignments on the pointer, management scopes mailscope named).
+async fn rbac_in_tenant(env: &WithSandbox, app_id: &str) -> (usize, usize, usize) {
+    let t = tenant(env).await;
+    let pointers: Vec<String> = t["exchangeServicePrincipals"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| {
+            p["appId"]
+                .as_str()
+                .is_some_and(|a| a.eq_ignore_ascii_case(app_id))
+        })
+        .map(|p| p["objectId"].as_str().unwrap().to_ascii_lowercase())
+        .collect();
+    let sp = t["servicePrincipals"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| {
+            s["appId"]
+                .as_str()
+                .is_some_and(|a| a.eq_ignore_ascii_case(app_id))
+        })
+        .map(|s| s["id"].as_str().unwrap().to_ascii_lowercase());
+    let assignments = t["roleAssignments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| {
+            let o = a["appObjectId"]
+                .as_str()
+                .unwrap_or_default()
+                .to_ascii_lowercase();
+            pointers.contains(&o) || sp.as_deref() == Some(o.as_str())
+        })
+        .count();
+    let scopes = t["managementScopes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| {
+            s["name"]
+                .as_str()
+                .is_some_and(|n| n.starts_with("mailscope-"))
+        })
+        .count();
+    (pointers.len(), assignments, scopes)
+}
+
+fn rbac_body(display_name: &str, mailboxes: &[&str]) -> Value {
+    let mut b = acme(mailboxes);
+    b["display_name"] = json!(display_name);
+    // Omitted: a new grant uses RBAC for Applications.
+    b.as_object_mut().unwrap().remove("mechanism");
+    b
+}
+
+#[tokio::test]
+async fn an_rbac_grant_goes_from_nothing_to_a_graph_verified_restriction_and_back_to_nothing() {
+    let env = start(|_| {}).await;
+    let (status, g) = put_grant(&env, "acme", rbac_body("ACME rbac", &["alice"])).await;
+    assert_eq!(status, 202, "{g}");
+    assert_eq!(g["mechanism"], "rbac", "the default for a new grant");
+    let ready = wait_for(&env, "acme", "ready").await;
+    for s in ready["steps"].as_array().unwrap() {
+        assert_eq!(s["state"], "done", "{s}");
+    }
+    let app_id = ready["app_id"].as_str().unwrap().to_string();
+    let restriction = step(&ready, "restriction");
+    assert_eq!(restriction["output"]["scope_kind"], "recipient_group_scope");
+    assert_eq!(restriction["output"]["permissions"], json!(["Mail.Read"]));
+    let unscoped = step(&ready, "unscoped_grants");
+    assert_eq!(
+        unscoped["output"]["out_of_scope_checked"],
+        json!([addr("carol")]),
+        "{unscoped}"
+    );
+    assert_eq!(
+        unscoped["output"]["in_scope_checked"],
+        json!([addr("alice")])
+    );
+    assert_eq!(
+        step(&ready, "consent")["output"]["entra_consent"],
+        json!([])
+    );
+    // Verified through Graph as the app: alice readable, the canary carol denied.
+    let check = check_of(&env, &ready).await;
+    assert_eq!(check["state"], "succeeded", "{check:#}");
+    assert_eq!(check["mechanism"], "rbac");
+    assert_eq!(check["verified_by"], "graph");
+    assert_eq!(observed(&check, "alice"), "granted");
+    assert_eq!(observed(&check, "carol"), "denied");
+    // And as the vendor would: with its own secret, through Graph.
+    let (status, s) = send(
+        &env,
+        reqwest::Method::POST,
+        "/access-grants/acme/secrets",
+        Some(json!({"display_name": "acme-1", "lifetime_days": 90})),
+    )
+    .await;
+    assert_eq!(status, 201, "{s}");
+    let token = vendor_token(&env, &app_id, s["secret_text"].as_str().unwrap()).await;
+    assert_eq!(read_mail(&env, &token, "alice").await, 200);
+    assert_eq!(read_mail(&env, &token, "carol").await, 403);
+    assert_eq!(read_mail(&env, &token, "bob").await, 403);
+    // No Entra consent (it would reach every mailbox), no access policy: RBAC alone.
+    assert_eq!(
+        in_tenant(&env, "ACME rbac", "grant-acme", &app_id).await,
+        (1, 1, 0, 0)
+    );
+    assert_eq!(rbac_in_tenant(&env, &app_id).await, (1, 1, 0));
+
+    // A second PUT adding bob converges (same scope group, one more member) and verifies again.
+    let (status, g2) = put_grant(&env, "acme", rbac_body("ACME rbac", &["alice", "bob"])).await;
+    assert_eq!(status, 202, "{g2}");
+    assert_eq!(g2["mechanism"], "rbac");
+    let ready2 = wait_for(&env, "acme", "ready").await;
+    let check2 = check_of(&env, &ready2).await;
+    assert_ne!(
+        check2["id"], check["id"],
+        "a new check for the new membership"
+    );
+    assert_eq!(observed(&check2, "bob"), "granted");
+    assert_eq!(observed(&check2, "carol"), "denied");
+    assert_eq!(read_mail(&env, &token, "bob").await, 200);
+    assert_eq!(rbac_in_tenant(&env, &app_id).await, (1, 1, 0));
+
+    // A mechanism cannot change while the grant exists.
+    let mut other = rbac_body("ACME rbac", &["alice", "bob"]);
+    other["mechanism"] = json!("access_policy");
+    let (status, p) = put_grant(&env, "acme", other).await;
+    assert_eq!(status, 409, "{p}");
+
+    // Offboarding: nothing mailscope created is left: no app, group, role assignment, pointer
+    // or management scope.
+    let (status, _) = send(&env, reqwest::Method::DELETE, "/access-grants/acme", None).await;
+    assert_eq!(status, 202);
+    let removed = wait_for(&env, "acme", "removed").await;
+    assert_eq!(
+        step(&removed, "remove_restriction")["output"]["removed_rbac_restrictions"]
+            .as_array()
+            .map(Vec::len),
+        Some(1),
+        "{removed:#}"
+    );
+    assert_eq!(
+        in_tenant(&env, "ACME rbac", "grant-acme", &app_id).await,
+        (0, 0, 0, 0)
+    );
+    assert_eq!(rbac_in_tenant(&env, &app_id).await, (0, 0, 0));
+    assert_ne!(read_mail(&env, &token, "alice").await, 200);
+}
+
+#[tokio::test]
+async fn an_rbac_grant_closes_the_union_trap_of_an_adopted_vendor_app_and_leaves_the_app() {
+    let env = start(|_| {}).await;
+    // The vendor's multi-tenant app, consented to tenant-wide: it reads every mailbox.
+    let (vendor, secret) = env
+        .sandbox_app(json!({"displayName": "Vendor rbac app", "graphPermissions": ["Mail.Read"]}))
+        .await;
+    let before = vendor_token(&env, &vendor, &secret).await;
+    assert_eq!(read_mail(&env, &before, "bob").await, 200);
+    let (status, g) = put_grant(
+        &env,
+        "vendor",
+        json!({"app_id": vendor, "permissions": ["Mail.Read"], "mailboxes": [addr("alice")],
+               "canary_mailboxes": [addr("bob")]}),
+    )
+    .await;
+    assert_eq!(status, 202, "{g}");
+    let ready = wait_for(&env, "vendor", "ready").await;
+    assert_eq!(step(&ready, "app")["output"]["origin"], "adopted");
+    // The tenant-wide consent went only after Exchange showed alice in scope and bob out of it.
+    assert_eq!(
+        step(&ready, "unscoped_grants")["output"]["entra_grants_removed"],
+        json!(["Mail.Read"])
+    );
+    let token = vendor_token(&env, &vendor, &secret).await;
+    assert_eq!(read_mail(&env, &token, "alice").await, 200);
+    assert_eq!(read_mail(&env, &token, "bob").await, 403);
+    assert_eq!(
+        in_tenant(&env, "Vendor rbac app", "grant-vendor", &vendor).await,
+        (1, 1, 0, 0)
+    );
+
+    let (status, _) = send(&env, reqwest::Method::DELETE, "/access-grants/vendor", None).await;
+    assert_eq!(status, 202);
+    let removed = wait_for(&env, "vendor", "removed").await;
+    assert_eq!(
+        step(&removed, "remove_app")["output"]["deleted_in_tenant"],
+        false
+    );
+    // The app stays; it holds no consent and no role assignment, so it reaches nothing.
+    assert_eq!(
+        in_tenant(&env, "Vendor rbac app", "grant-vendor", &vendor).await,
+        (1, 0, 0, 0)
+    );
+    assert_eq!(rbac_in_tenant(&env, &vendor).await, (0, 0, 0));
+    let after = vendor_token(&env, &vendor, &secret).await;
+    assert_eq!(read_mail(&env, &after, "alice").await, 403);
+}
+
+/// The events of `kind` the receiver got, each checked for a valid signature.
+async fn events(receiver: &wiremock::MockServer, kind: &str) -> Vec<Value> {
+    receiver
+        .received_requests()
+        .await
+        .unwrap()
+        .iter()
+        .filter(|r| crate::webhooks::receiver_accepts(r))
+        .map(|r| serde_json::from_slice::<Value>(&r.body).unwrap())
+        .filter(|e| e["type"] == kind)
+        .collect()
+}
+
+#[tokio::test]
+async fn a_credential_ending_soon_is_announced_once_by_a_signed_event() {
+    use wiremock::matchers::{method, path};
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+    let receiver = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/hooks/grants"))
+        .respond_with(ResponseTemplate::new(204))
+        .mount(&receiver)
+        .await;
+    let env = start(|s| {
+        s.webhooks = crate::webhooks::hook_settings(5);
+        s.provisioning.credential_scan_interval_seconds = 1;
+    })
+    .await;
+    let mut body = acme(&["alice"]);
+    body["callback_url"] = json!(format!("{}/hooks/grants", receiver.uri()));
+    assert_eq!(put_grant(&env, "acme", body).await.0, 202);
+    wait_for(&env, "acme", "ready").await;
+    // A secret that lasts beyond the 30-day window: nothing to announce.
+    let (status, long) = send(
+        &env,
+        reqwest::Method::POST,
+        "/access-grants/acme/secrets",
+        Some(json!({"display_name": "acme-long", "lifetime_days": 90})),
+    )
+    .await;
+    assert_eq!(status, 201, "{long}");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        events(&receiver, "access_grant.expiring_soon")
+            .await
+            .is_empty()
+    );
+    // Only a secret ending in 5 days left: announced once, and shown in the status.
+    let (status, short) = send(
+        &env,
+        reqwest::Method::POST,
+        "/access-grants/acme/secrets",
+        Some(json!({"display_name": "acme-short", "lifetime_days": 5})),
+    )
+    .await;
+    assert_eq!(status, 201, "{short}");
+    let long_id = long["key_id"].as_str().unwrap();
+    let (status, _) = send(
+        &env,
+        reqwest::Method::DELETE,
+        &format!("/access-grants/acme/secrets/{long_id}"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 204);
+    let (_, g) = send(&env, reqwest::Method::GET, "/access-grants/acme", None).await;
+    assert_eq!(g["expiring_soon"], true, "{g}");
+    let mut got = Vec::new();
+    for _ in 0..100 {
+        got = events(&receiver, "access_grant.expiring_soon").await;
+        if !got.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(got.len(), 1, "{got:?}");
+    let data = &got[0]["data"];
+    assert_eq!(data["key"], "acme");
+    assert_eq!(data["credentials"][0]["key_id"], short["key_id"]);
+    assert_eq!(data["credentials"][0]["kind"], "secret");
+    // Several scans later: still exactly one.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(
+        events(&receiver, "access_grant.expiring_soon").await.len(),
+        1
+    );
+    let db = env.app.db.client().await;
+    let scans: i64 = db
+        .query_one(
+            "SELECT count(*) FROM jobs WHERE kind = 'credential_expiry_scan'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(scans, 1, "one scan job per tenant");
+}
+
+/// Wait for `ready` while reading `canary`'s mail as the vendor (a fresh token each time: a
+/// token carries the Entra roles held when it was issued); returns the grant and every status
+/// the canary answered with meanwhile.
+async fn ready_while_probing(
+    env: &WithSandbox,
+    key: &str,
+    app_id: &str,
+    secret: &str,
+    canary: &str,
+) -> (Value, Vec<u16>) {
+    let mut seen = Vec::new();
+    for _ in 0..600 {
+        let token = vendor_token(env, app_id, secret).await;
+        seen.push(read_mail(env, &token, canary).await);
+        let (_, g) = send(
+            env,
+            reqwest::Method::GET,
+            &format!("/access-grants/{key}"),
+            None,
+        )
+        .await;
+        assert_ne!(g["condition"], "failed", "{g:#}");
+        if g["condition"] == "ready" {
+            return (g, seen);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("grant {key} never ready");
+}
+
+/// What grants the app its permissions in the tenant: RBAC role assignments, or Entra app roles.
+async fn held_roles(
+    env: &WithSandbox,
+    mechanism: &str,
+    name: &str,
+    key: &str,
+    app_id: &str,
+) -> usize {
+    match mechanism {
+        "rbac" => rbac_in_tenant(env, app_id).await.1,
+        _ => {
+            in_tenant(env, name, &format!("grant-{key}"), app_id)
+                .await
+                .3
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_put_changing_only_the_permissions_converges_and_never_widens() {
+    let env = start(|_| {}).await;
+    for mechanism in ["rbac", "access_policy"] {
+        let key = format!("perm-{}", mechanism.replace('_', "-"));
+        let name = format!("Perm {mechanism}");
+        let body = |permissions: &[&str]| {
+            let mut b = acme(&["alice"]);
+            b["display_name"] = json!(name);
+            b["mechanism"] = json!(mechanism);
+            b["permissions"] = json!(permissions);
+            b
+        };
+        assert_eq!(put_grant(&env, &key, body(&["Mail.Read"])).await.0, 202);
+        let ready = wait_for(&env, &key, "ready").await;
+        let app_id = ready["app_id"].as_str().unwrap().to_string();
+        let first_check = check_of(&env, &ready).await["id"].clone();
+        let (status, s) = send(
+            &env,
+            reqwest::Method::POST,
+            &format!("/access-grants/{key}/secrets"),
+            Some(json!({"display_name": "v", "lifetime_days": 90})),
+        )
+        .await;
+        assert_eq!(status, 201, "{s}");
+        let secret = s["secret_text"].as_str().unwrap().to_string();
+        // Entra consent (access policy) or RBAC role assignments, per mechanism.
+        let held = || held_roles(&env, mechanism, &name, &key, &app_id);
+        assert_eq!(held().await, 1, "{mechanism}");
+
+        // Adding a permission: one more role (or consent), a new check, the canary still denied.
+        let (status, g) = put_grant(&env, &key, body(&["Mail.Read", "Calendars.Read"])).await;
+        assert_eq!(status, 202, "{g}");
+        let (ready, seen) = ready_while_probing(&env, &key, &app_id, &secret, "carol").await;
+        assert!(seen.iter().all(|s| *s != 200), "{mechanism}: {seen:?}");
+        assert_eq!(held().await, 2, "{mechanism}");
+        let check = check_of(&env, &ready).await;
+        assert_ne!(check["id"], first_check, "{mechanism}: a new check");
+        assert_eq!(check["state"], "succeeded");
+        assert_eq!(observed(&check, "carol"), "denied");
+
+        // Removing it again: the role (or consent) goes, and still nothing out of scope.
+        let (status, _) = put_grant(&env, &key, body(&["Mail.Read"])).await;
+        assert_eq!(status, 202);
+        let (ready, seen) = ready_while_probing(&env, &key, &app_id, &secret, "carol").await;
+        assert!(seen.iter().all(|s| *s != 200), "{mechanism}: {seen:?}");
+        assert_eq!(held().await, 1, "{mechanism}");
+        assert_eq!(ready["permissions"], json!(["Mail.Read"]));
+        let token = vendor_token(&env, &app_id, &secret).await;
+        assert_eq!(read_mail(&env, &token, "alice").await, 200, "{mechanism}");
+    }
+}
+
+#[tokio::test]
+async fn concurrent_puts_with_different_bodies_end_in_the_last_accepted_one() {
+    let env = start(|_| {}).await;
+    for mechanism in ["rbac", "access_policy"] {
+        let key = format!("race-{}", mechanism.replace('_', "-"));
+        let name = format!("Race {mechanism}");
+        let body = |mailboxes: &[&str]| {
+            let mut b = acme(mailboxes);
+            b["display_name"] = json!(name);
+            b["mechanism"] = json!(mechanism);
+            b
+        };
+        // First PUTs racing to create the grant, then PUTs racing to change it.
+        for round in 0..2 {
+            let (a, b) = tokio::join!(
+                put_grant(&env, &key, body(&["alice"])),
+                put_grant(&env, &key, body(&["alice", "bob"]))
+            );
+            for (status, g) in [&a, &b] {
+                assert!(
+                    *status == 202 || *status == 200,
+                    "{mechanism} round {round}: {status} {g}"
+                );
+            }
+            let last = if a.1["revision"].as_i64() > b.1["revision"].as_i64() {
+                &a.1
+            } else {
+                &b.1
+            };
+            let ready = wait_for(&env, &key, "ready").await;
+            assert_eq!(ready["revision"], last["revision"], "{mechanism}");
+            assert_eq!(ready["mailboxes"], last["mailboxes"], "{mechanism}");
+            let app_id = ready["app_id"].as_str().unwrap().to_string();
+            let (apps, groups, policies, _) =
+                in_tenant(&env, &name, &format!("grant-{key}"), &app_id).await;
+            assert_eq!((apps, groups), (1, 1), "{mechanism}: no duplicate");
+            let t = tenant(&env).await;
+            let group = t["recipients"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|r| r["alias"] == format!("grant-{key}"))
+                .unwrap()
+                .clone();
+            let want = last["mailboxes"].as_array().unwrap().len();
+            assert_eq!(
+                group["members"].as_array().map(Vec::len),
+                Some(want),
+                "{mechanism}: the group holds the last body's mailboxes: {group}"
+            );
+            if mechanism == "rbac" {
+                assert_eq!(policies, 0);
+                assert_eq!(rbac_in_tenant(&env, &app_id).await, (1, 1, 0));
+            } else {
+                assert_eq!(policies, 1, "{mechanism}: one policy");
+                let bob = exchange_verdict(&env, &app_id, "bob").await;
+                assert_eq!(bob == "Granted", want == 2, "{bob}");
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_worker_killed_mid_rbac_onboarding_and_removal_resumes_with_no_duplicate() {
+    // Only the spawned processes run jobs.
+    let env = start(|s| s.worker.per_tenant_concurrency = 0).await;
+    let (status, _) = put_grant(&env, "acme", rbac_body("ACME rbac", &["alice"])).await;
+    assert_eq!(status, 202);
+    let first = WorkerProcess::spawn(&env);
+    wait_for_step(&env, "acme", "restriction", 1).await;
+    first.kill_9();
+    let second = WorkerProcess::spawn(&env);
+    let third = WorkerProcess::spawn(&env);
+    let ready = wait_for(&env, "acme", "ready").await;
+    let app_id = ready["app_id"].as_str().unwrap().to_string();
+    assert_eq!(check_of(&env, &ready).await["state"], "succeeded");
+    assert_eq!(
+        in_tenant(&env, "ACME rbac", "grant-acme", &app_id).await,
+        (1, 1, 0, 0)
+    );
+    assert_eq!(rbac_in_tenant(&env, &app_id).await, (1, 1, 0));
+
+    let (status, _) = send(&env, reqwest::Method::DELETE, "/access-grants/acme", None).await;
+    assert_eq!(status, 202);
+    wait_for_step(&env, "acme", "revoke_consent", 2).await;
+    third.kill_9();
+    second.kill_9();
+    let _fourth = WorkerProcess::spawn(&env);
+    wait_for(&env, "acme", "removed").await;
+    assert_eq!(
+        in_tenant(&env, "ACME rbac", "grant-acme", &app_id).await,
+        (0, 0, 0, 0)
+    );
+    assert_eq!(rbac_in_tenant(&env, &app_id).await, (0, 0, 0));
+    // One pointer and one role assignment were ever made.
+    assert_eq!(
+        crate::scope_groups::count(&env, "New-ServicePrincipal").await,
+        1
+    );
+    assert_eq!(
+        crate::scope_groups::count(&env, "New-ManagementRoleAssignment").await,
+        1
+    );
 }

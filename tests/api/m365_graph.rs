@@ -354,3 +354,77 @@ async fn grant_app_role_posts_the_documented_body() {
         .unwrap();
     assert_eq!(a.id, "asg-1");
 }
+
+/// Every Graph request carries a fresh `client-request-id`; an error keeps Microsoft's own
+/// `request-id` (support cases need it), never the echo of mailscope's id
+/// (docs/microsoft-365.md §8.6).
+#[tokio::test]
+async fn errors_keep_microsofts_request_id_and_requests_carry_a_client_request_id() {
+    let server = MockServer::start().await;
+    mount_token(&server, TENANT, None).await;
+    Mock::given(method("GET"))
+        .and(path("/v1.0/applications/with-header"))
+        .respond_with(
+            ResponseTemplate::new(403)
+                .insert_header("request-id", "ms-header-id")
+                .insert_header("client-request-id", "echoed-client-id")
+                .set_body_json(json!({"error": {"code": "Authorization_RequestDenied",
+                    "message": "Insufficient privileges to complete the operation.",
+                    "innerError": {"request-id": "ms-header-id", "client-request-id": "echoed-client-id"}}})),
+        )
+        .mount(&server)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/v1.0/applications/only-echo"))
+        .respond_with(
+            ResponseTemplate::new(403)
+                .insert_header("client-request-id", "echoed-client-id")
+                .set_body_json(json!({"error": {"code": "Authorization_RequestDenied",
+                    "message": "Insufficient privileges to complete the operation.",
+                    "innerError": {"request-id": "ms-body-id", "client-request-id": "echoed-client-id"}}})),
+        )
+        .mount(&server)
+        .await;
+    let g = tenant(&server).graph();
+    let e = g.get_application("with-header").await.unwrap_err();
+    assert_eq!(e.request_id(), Some("ms-header-id"));
+    let e = g.get_application("only-echo").await.unwrap_err();
+    assert_eq!(e.request_id(), Some("ms-body-id"));
+    let sent = server.received_requests().await.unwrap();
+    let ids: Vec<String> = sent
+        .iter()
+        .filter(|r| r.url.path().starts_with("/v1.0/"))
+        .map(|r| {
+            r.headers
+                .get("client-request-id")
+                .expect("a client-request-id on every Graph request")
+                .to_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(ids.len(), 2);
+    assert_ne!(ids[0], ids[1]);
+    assert!(ids.iter().all(|i| uuid::Uuid::parse_str(i).is_ok()));
+}
+
+/// Graph compares `$batch` request ids without case: `A` beside `a` would fail the whole batch,
+/// so the connector refuses it before sending (docs/microsoft-365.md §8.6).
+#[tokio::test]
+async fn batch_ids_differing_only_in_case_are_duplicates() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(500))
+        .expect(0)
+        .mount(&server)
+        .await;
+    let err = tenant(&server)
+        .graph()
+        .batch(vec![
+            BatchRequest::get("probe-A", "/users/a"),
+            BatchRequest::get("probe-a", "/users/b"),
+        ])
+        .await
+        .unwrap_err();
+    assert_eq!(*err.kind(), ErrorKind::InvalidParameter);
+}

@@ -1033,3 +1033,32 @@ async fn exchange_and_graph_paging_over_several_pages() {
         .count();
     assert_eq!(pages, users.len().div_ceil(3));
 }
+
+// ---------------------------------------------------------------- Entra's answers, round two
+
+/// A throttled token request is throttling with Entra's wait, not a transient failure: a wait
+/// longer than the connector sleeps through is handed back (docs/microsoft-365.md §8.5).
+#[tokio::test]
+async fn a_throttled_token_request_is_throttling_with_the_wait() {
+    let mut s = SandboxSettings::fast();
+    s.pacing.login_budget = Some(mailscope::sandbox::settings::Budget {
+        limit: 1,
+        window: std::time::Duration::from_secs(60),
+    });
+    let env = Env::start(s, test_settings()).await;
+    let t = env.tenant();
+    t.token(TokenResource::Graph).await.unwrap();
+    let err = t.token(TokenResource::Exchange).await.unwrap_err();
+    assert_eq!(err.status(), Some(429), "{err}");
+    match err.kind() {
+        ErrorKind::Throttled {
+            retry_after: Some(d),
+        } => assert!(
+            *d > std::time::Duration::from_secs(5) && *d <= std::time::Duration::from_secs(60),
+            "{d:?}"
+        ),
+        other => panic!("expected throttling with a wait, got {other:?}"),
+    }
+    // Not retried blindly: one refused request, its wait handed back to the caller.
+    assert_eq!(statuses(&env.calls("login").await), vec![200, 429]);
+}

@@ -9,6 +9,7 @@ mod access_policies;
 mod applications;
 mod auth;
 mod connection_test;
+mod entra_consistency;
 mod idempotency;
 mod job_throttling;
 mod layers;

@@ -228,3 +228,67 @@ async fn nul_characters_are_refused_in_every_field() {
         .unwrap();
     assert_problem(res, 400, "invalid_path_parameter").await;
 }
+
+/// Send raw bytes on a fresh connection and read the whole answer (the server closes it).
+async fn raw_exchange(app: &TestApp, request: &[u8]) -> (String, serde_json::Value) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = app.base.trim_start_matches("http://").to_string();
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    // The server may answer (and close) before it has read everything we send.
+    let _ = conn.write_all(request).await;
+    let mut answer = Vec::new();
+    let _ = conn.read_to_end(&mut answer).await;
+    let text = String::from_utf8_lossy(&answer).to_string();
+    let (head, body) = text.split_once("\r\n\r\n").expect("a response head");
+    let problem = serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {text}"));
+    (head.to_ascii_lowercase(), problem)
+}
+
+#[tokio::test]
+async fn requests_the_http_parser_refuses_get_problem_documents_too() {
+    let app = spawn_app().await;
+
+    // More header fields than the parser takes (96): 431, as a problem with a request id.
+    let mut req = format!("GET {T} HTTP/1.1\r\nhost: x\r\n");
+    for i in 0..120 {
+        req.push_str(&format!("x-filler-{i}: {i}\r\n"));
+    }
+    req.push_str("\r\n");
+    let (head, p) = raw_exchange(&app, req.as_bytes()).await;
+    assert!(head.starts_with("http/1.1 431 "), "{head}");
+    assert!(
+        head.contains("content-type: application/problem+json"),
+        "{head}"
+    );
+    assert_eq!(p["code"], "request_headers_too_large");
+    assert_eq!(p["status"], 431);
+    assert_eq!(p["instance"], T);
+    let rid = p["request_id"].as_str().unwrap();
+    assert!(head.contains(&format!("x-request-id: {rid}")), "{head}");
+
+    // One oversized header (a bloated token): the same answer.
+    let req = format!(
+        "GET {T} HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {}\r\n\r\n",
+        "a".repeat(200 * 1024)
+    );
+    let (head, p) = raw_exchange(&app, req.as_bytes()).await;
+    assert!(head.starts_with("http/1.1 431 "), "{head}");
+    assert_eq!(p["code"], "request_headers_too_large");
+
+    // Not HTTP at all: 400 malformed_request.
+    let (head, p) = raw_exchange(&app, b"GET / HTTP/1.1\r\nbad header line\r\n\r\n").await;
+    assert!(head.starts_with("http/1.1 400 "), "{head}");
+    assert_eq!(p["code"], "malformed_request");
+
+    // The type URIs resolve in the catalogue like every other problem.
+    let res = app
+        .http
+        .get(app.url("/problems/request_headers_too_large"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+
+    // And the connection-level rewrite leaves the API's own answers alone.
+    app.api().get(T, (404, "not_found")).await;
+}

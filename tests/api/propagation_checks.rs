@@ -604,6 +604,7 @@ impl WorkerProcess {
             .env("MAILSCOPE_PROPAGATION__FIRST_DELAY_MS", "200")
             .env("MAILSCOPE_PROPAGATION__MAX_DELAY_MS", "800")
             .env("MAILSCOPE_PROPAGATION__REQUIRED_MATCHES", "2")
+            .env("MAILSCOPE_PROPAGATION__RBAC_FIRST_DELAY_MS", "200")
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()

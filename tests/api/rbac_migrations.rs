@@ -908,7 +908,8 @@ async fn an_app_mailscope_created_is_verified_through_graph_and_keeps_no_entra_m
 async fn an_app_owned_by_an_access_grant_is_not_migrated_under_it() {
     let env = start(|_| {}).await;
     let body = json!({"display_name": "ACME mail sync", "permissions": ["Mail.Read"],
-        "mailboxes": [addr("alice")]});
+        "mailboxes": [addr("alice")], "canary_mailboxes": [addr("bob")],
+        "mechanism": "access_policy"});
     env.api().put("/access-grants/acme", &body, 202).await;
     let mut grant = Value::Null;
     for _ in 0..60 {

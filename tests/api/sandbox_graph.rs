@@ -969,3 +969,107 @@ async fn json_batch() {
                 && c["endpoint"] == "graph:POST /users/{id}/sendMail")
     );
 }
+
+/// Graph details from docs/microsoft-365.md §8.6: the service's own `request-id` beside the
+/// echoed `client-request-id`, `$batch` ids without case, the permission pair consent needs,
+/// addPassword's default end, the 401 challenge.
+#[tokio::test]
+async fn request_ids_batch_ids_consent_permissions_password_end_and_challenge() {
+    let sb = Sb::fast().await;
+    let g = sb.mgmt_token(GRAPH_SCOPE).await;
+    // request-id is Graph's own; client-request-id echoes the caller's.
+    let mine = "7d0c1f5e-2a3b-4c5d-8e9f-0a1b2c3d4e5f";
+    let r =
+        sb.c.get(sb.url("/v1.0/applications/00000000-0000-0000-0000-000000000001"))
+            .bearer_auth(&g)
+            .header("client-request-id", mine)
+            .send()
+            .await
+            .unwrap();
+    assert_eq!(r.status().as_u16(), 404);
+    let rid = r.headers()["request-id"].to_str().unwrap().to_string();
+    assert_eq!(r.headers()["client-request-id"], mine);
+    assert_ne!(rid, mine);
+    let e: Value = r.json().await.unwrap();
+    assert_eq!(e["error"]["innerError"]["request-id"], rid.as_str());
+    assert_eq!(e["error"]["innerError"]["client-request-id"], mine);
+
+    // $batch ids are compared without case: a duplicate fails the whole batch.
+    let r = sb
+        .graph(
+            &g,
+            "POST",
+            "$batch",
+            Some(json!({"requests": [
+                {"id": "a", "method": "GET", "url": "/organization"},
+                {"id": "A", "method": "GET", "url": "/organization"}]})),
+        )
+        .await;
+    assert_eq!(r.status, 400, "{}", r.json());
+
+    // Consent needs AppRoleAssignment.ReadWrite.All and Application.Read.All (or Directory.Read.All).
+    let graph_sp = sb
+        .graph(
+            &g,
+            "GET",
+            "servicePrincipals(appId='00000003-0000-0000-c000-000000000000')",
+            None,
+        )
+        .await
+        .json()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (_, _, target_sp) = sb.new_app(json!({"displayName": "consent target"})).await;
+    let consent = |token: String| {
+        let (sb, graph_sp, target_sp) = (&sb, &graph_sp, &target_sp);
+        async move {
+            sb.graph(
+                &token,
+                "POST",
+                &format!("servicePrincipals/{graph_sp}/appRoleAssignedTo"),
+                Some(json!({"principalId": target_sp, "resourceId": graph_sp, "appRoleId": MAIL_READ_ID})),
+            )
+            .await
+        }
+    };
+    let (half, half_secret, _) = sb
+        .new_app(json!({"displayName": "assignments only", "graphPermissions": ["AppRoleAssignment.ReadWrite.All"]}))
+        .await;
+    let r = consent(sb.token_for(&half, &half_secret, GRAPH_SCOPE).await).await;
+    assert_eq!(r.status, 403);
+    assert_eq!(r.json()["error"]["code"], "Authorization_RequestDenied");
+    let (both, both_secret, _) = sb
+        .new_app(json!({"displayName": "assignments and read", "graphPermissions": ["AppRoleAssignment.ReadWrite.All", "Application.Read.All"]}))
+        .await;
+    let r = consent(sb.token_for(&both, &both_secret, GRAPH_SCOPE).await).await;
+    assert_eq!(r.status, 201, "{}", r.json());
+
+    // addPassword without endDateTime: two calendar years after the start (across a leap day).
+    let app = sb
+        .graph(
+            &g,
+            "POST",
+            "applications",
+            Some(json!({"displayName": "dates"})),
+        )
+        .await
+        .json();
+    let r = sb
+        .graph(
+            &g,
+            "POST",
+            &format!("applications/{}/addPassword", app["id"].as_str().unwrap()),
+            Some(json!({"passwordCredential": {"startDateTime": "2023-03-01T00:00:00Z"}})),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["endDateTime"], "2025-03-01T00:00:00Z");
+
+    // A 401 carries the Bearer challenge.
+    let r = sb.graph("", "GET", "organization", None).await;
+    assert_eq!(r.status, 401);
+    let challenge = r.header("www-authenticate").unwrap();
+    assert!(challenge.starts_with("Bearer "), "{challenge}");
+    assert!(challenge.contains("authorization_uri="), "{challenge}");
+}

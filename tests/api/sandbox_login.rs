@@ -386,3 +386,117 @@ async fn tokens_expire_on_the_sandbox_clock() {
     assert_eq!(r.status, 401);
     assert_eq!(r.json()["error"]["code"], "InvalidAuthenticationToken");
 }
+
+/// The token endpoint's documented error shapes (Microsoft Entra error code reference; client
+/// credentials flow; docs/microsoft-365.md §8.5).
+#[tokio::test]
+async fn token_endpoint_errors_follow_microsofts_error_reference() {
+    use secrecy::ExposeSecret;
+    let sb = Sb::fast().await;
+    let id = sb.h.management_client_id();
+    let secret = sb.h.management_client_secret().expose_secret().to_string();
+    let form = |scope: &'static str| {
+        vec![
+            ("client_id".to_string(), id.clone()),
+            ("client_secret".to_string(), secret.clone()),
+            ("scope".to_string(), scope.to_string()),
+            ("grant_type".to_string(), "client_credentials".to_string()),
+        ]
+    };
+    let post = |tenant: String, form: Vec<(String, String)>, request_id: Option<&'static str>| {
+        let mut req =
+            sb.c.post(sb.url(&format!("/{tenant}/oauth2/v2.0/token")))
+                .form(&form);
+        if let Some(r) = request_id {
+            req = req.header("client-request-id", r);
+        }
+        async move {
+            let r = req.send().await.unwrap();
+            (
+                r.status().as_u16(),
+                r.json::<serde_json::Value>().await.unwrap(),
+            )
+        }
+    };
+    // One scope naming two resources: one token cannot have two audiences.
+    let (status, e) = post(
+        sb.tenant.clone(),
+        form("https://graph.microsoft.com/.default https://outlook.office365.com/.default"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert_eq!(e["error"], "invalid_scope");
+    assert_eq!(e["error_codes"], json!([700022]));
+    // The description's lines are separated by \r\n and repeat the ids and the time.
+    let d = e["error_description"].as_str().unwrap();
+    let lines: Vec<&str> = d.split("\r\n").collect();
+    assert_eq!(lines.len(), 4, "{d:?}");
+    assert!(lines[0].starts_with("AADSTS700022: "), "{d:?}");
+    assert_eq!(
+        lines[1],
+        format!("Trace ID: {}", e["trace_id"].as_str().unwrap())
+    );
+    assert_eq!(
+        lines[2],
+        format!("Correlation ID: {}", e["correlation_id"].as_str().unwrap())
+    );
+    assert_eq!(
+        lines[3],
+        format!("Timestamp: {}", e["timestamp"].as_str().unwrap())
+    );
+    // correlation_id echoes the caller's client-request-id; the trace id is Entra's own.
+    let mine = "0f3c6e1d-5b2a-4c8e-9d7f-1a2b3c4d5e6f";
+    let mut wrong = form("https://graph.microsoft.com/.default");
+    wrong[1].1 = "not-the-secret".into();
+    let (status, e) = post(sb.tenant.clone(), wrong, Some(mine)).await;
+    assert_eq!(status, 401);
+    assert_eq!(e["correlation_id"], mine);
+    assert_ne!(e["trace_id"], mine);
+    // Client credentials need a tenant: /common is AADSTS9001023.
+    let (status, e) = post(
+        "common".into(),
+        form("https://graph.microsoft.com/.default"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert_eq!(e["error_codes"], json!([9001023]));
+    // The token endpoint takes POST only.
+    let r =
+        sb.c.get(sb.url(&format!("/{}/oauth2/v2.0/token", sb.tenant)))
+            .send()
+            .await
+            .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    let e: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(e["error_codes"], json!([900561]));
+}
+
+/// Throttled client-credential requests: 429 with `Retry-After`, and a body that is not JSON
+/// (MSAL.NET "Client and server throttling"; docs/microsoft-365.md §8.5).
+#[tokio::test]
+async fn throttled_token_requests_answer_429_with_retry_after() {
+    let mut s = mailscope::sandbox::SandboxSettings::fast();
+    s.pacing.login_budget = Some(mailscope::sandbox::settings::Budget {
+        limit: 1,
+        window: std::time::Duration::from_secs(60),
+    });
+    let sb = Sb::start(s).await;
+    sb.crm_token().await;
+    let r = sb
+        .token_request(
+            &sb.tenant,
+            &[
+                ("client_id", CRM_APP_ID),
+                ("client_secret", CRM_SECRET),
+                ("scope", GRAPH_SCOPE),
+                ("grant_type", "client_credentials"),
+            ],
+        )
+        .await;
+    assert_eq!(r.status, 429);
+    let wait: u64 = r.header("retry-after").unwrap().parse().unwrap();
+    assert!((1..=60).contains(&wait), "{wait}");
+    assert!(serde_json::from_slice::<serde_json::Value>(&r.bytes).is_err());
+}

@@ -3,7 +3,8 @@
 #
 #   tests/msal/run.sh /path/to/mailscope [extra sandbox flags...]
 #
-# Builds nothing. Starts `<binary> sandbox` on a free port with short delays, reads the URL and
+# Builds nothing. Starts `<binary> sandbox` on a free port with short delays (no Entra consistency
+# delay: the script checks wire shapes, not a client that waits), reads the URL and
 # management credentials it prints, runs check_sandbox.py (needs `pip install msal requests
 # cryptography`), and stops the sandbox whatever happens.
 set -euo pipefail
@@ -25,7 +26,7 @@ cleanup() {
 trap cleanup EXIT
 
 "$bin" sandbox --listen 127.0.0.1:0 --propagation-delay 200ms..2s --rbac-propagation-delay 200ms..2s \
-    --replication-delay 0s --seed 1 "$@" >"$log" 2>&1 &
+    --replication-delay 0s --entra-consistency-delay 0s --seed 1 "$@" >"$log" 2>&1 &
 pid=$!
 
 for _ in $(seq 1 300); do

@@ -139,8 +139,13 @@ impl GraphClient {
         requests: Vec<BatchRequest>,
     ) -> Result<Vec<BatchResponse>, M365Error> {
         let op = "batch";
+        // Graph compares request ids without case and fails the whole batch on a duplicate
+        // (docs/microsoft-365.md §8.6): refuse `A` beside `a` here, before anything is sent.
         let mut seen = HashSet::new();
-        if let Some(dup) = requests.iter().find(|r| !seen.insert(r.id.as_str())) {
+        if let Some(dup) = requests
+            .iter()
+            .find(|r| !seen.insert(r.id.to_ascii_lowercase()))
+        {
             return Err(
                 M365Error::new(ErrorKind::InvalidParameter, Service::Graph, op)
                     .with_message(format!("duplicate batch request id {}", dup.id)),

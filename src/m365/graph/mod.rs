@@ -28,6 +28,10 @@ pub const GRAPH_APP_ID: &str = "00000003-0000-0000-c000-000000000000";
 /// Resource app id of Office 365 Exchange Online.
 pub const EXCHANGE_APP_ID: &str = "00000002-0000-0ff1-ce00-000000000000";
 
+/// Graph's `error.details[].code` when a service principal is created for an application Entra
+/// does not (yet) know (docs/microsoft-365.md §8.4).
+pub const NO_BACKING_APPLICATION: &str = "NoBackingApplicationObject";
+
 /// Guard against a server that keeps handing out next links.
 const MAX_PAGES: usize = 10_000;
 
@@ -264,6 +268,33 @@ impl GraphClient {
         .await
     }
 
+    /// By object id, for an application mailscope wrote moments ago: a 404 is retried for
+    /// `entra_consistency_window_secs` (a new application reads as Not Found until it has
+    /// replicated, docs/microsoft-365.md §8.4); after that it is gone (`None`).
+    pub async fn get_application_after_write(
+        &self,
+        object_id: &str,
+    ) -> Result<Option<Application>, M365Error> {
+        let op = "applications.get";
+        let mut c = self.call(
+            op,
+            Method::GET,
+            &format!("/applications/{}", pct(object_id)),
+        );
+        c.not_found_until = Some(self.consistency_deadline());
+        match self.send(&c).await {
+            Ok(resp) => resp.json(Service::Graph, op).map(Some),
+            Err(e) if e.is_not_found() => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Until when answers explained by Entra's eventual consistency are retried.
+    fn consistency_deadline(&self) -> tokio::time::Instant {
+        tokio::time::Instant::now()
+            + std::time::Duration::from_secs(self.core.settings.entra_consistency_window_secs)
+    }
+
     /// By client id: `GET /applications(appId='…')`.
     pub async fn application_by_app_id(
         &self,
@@ -365,18 +396,22 @@ impl GraphClient {
 
     // ----- service principals -----
 
-    /// `POST /servicePrincipals {"appId"}`.
+    /// `POST /servicePrincipals {"appId"}`. Right after the application was created, Entra
+    /// answers 400 `NoBackingApplicationObject` until the application has replicated
+    /// (docs/microsoft-365.md §8.4): that answer created nothing, so it is retried for
+    /// `entra_consistency_window_secs`, then reported as `replication_pending`.
     pub async fn create_service_principal(
         &self,
         app_id: &str,
     ) -> Result<ServicePrincipal, M365Error> {
-        self.post_json(
-            "service_principals.create",
-            "/servicePrincipals",
-            &json!({ "appId": app_id }),
-            false,
-        )
-        .await
+        let op = "service_principals.create";
+        let mut c = self
+            .call(op, Method::POST, "/servicePrincipals")
+            .json_body(&json!({ "appId": app_id }));
+        c.lag = Some((self.consistency_deadline(), |e| {
+            e.remote_code() == Some(NO_BACKING_APPLICATION)
+        }));
+        self.send(&c).await?.json(Service::Graph, op)
     }
 
     pub async fn get_service_principal(
@@ -566,6 +601,13 @@ pub(crate) fn classify_graph(resp: &RawResponse, service: Service, op: &str) -> 
         .and_then(Value::as_str)
         .unwrap_or("");
     let message = err.and_then(|e| e.get("message")).and_then(Value::as_str);
+    // `details[]` names the precise reason where Entra sends one (e.g. `NoBackingApplicationObject`
+    // under a generic `Request_BadRequest`): it becomes the remote code kept for support.
+    let detail_code = err
+        .and_then(|e| e.get("details"))
+        .and_then(Value::as_array)
+        .and_then(|d| d.iter().find_map(|x| x.get("code").and_then(Value::as_str)))
+        .filter(|c| !c.is_empty());
     let inner_request_id = err
         .and_then(|e| e.get("innerError").or_else(|| e.get("innererror")))
         .and_then(|i| i.get("request-id"))
@@ -605,7 +647,7 @@ pub(crate) fn classify_graph(resp: &RawResponse, service: Service, op: &str) -> 
     };
     let mut e = M365Error::new(kind, service, op)
         .with_status(status)
-        .with_remote_code(code)
+        .with_remote_code(detail_code.unwrap_or(code))
         .with_request_id(resp.request_id().or(inner_request_id))
         .with_retry_after_hint(retry_after);
     if let Some(m) = message {
@@ -675,6 +717,20 @@ mod tests {
             "x",
         );
         assert_eq!(*e.kind(), ErrorKind::TokenRejected);
+    }
+
+    #[test]
+    fn details_code_is_kept_and_request_id_is_microsofts() {
+        let body = json!({"error":{"code":"Request_BadRequest","message":"The appId 'x' of the service principal does not reference a valid application object.",
+            "details":[{"code":"NoBackingApplicationObject","message":"…","target":"appId"}],
+            "innerError":{"request-id":"ms-1","client-request-id":"ours-1"}}}).to_string();
+        let mut r = raw(400, &body);
+        r.headers
+            .insert("client-request-id", "ours-1".parse().unwrap());
+        let e = classify_graph(&r, Service::Graph, "service_principals.create");
+        assert_eq!(e.remote_code(), Some(NO_BACKING_APPLICATION));
+        assert_eq!(*e.kind(), ErrorKind::InvalidParameter);
+        assert_eq!(e.request_id(), Some("ms-1"));
     }
 
     #[test]
