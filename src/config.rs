@@ -127,6 +127,12 @@ pub struct ProvisioningSettings {
     pub max_secret_lifetime_days: u32,
     /// A secret ending within this many days is reported as `expiring_soon`.
     pub secret_expiring_soon_days: u32,
+    /// RBAC migration: how long after removing an app's Entra consent its access policy stays.
+    /// Access tokens issued before carry the revoked roles until they expire, and only the
+    /// policy bounds them; Microsoft gives app tokens a lifetime of 60 to 90 minutes by
+    /// default (docs/microsoft-365.md §8.8), so the default is 90 minutes. Raise it for tenants
+    /// with a longer configured token lifetime.
+    pub rbac_migration_token_drain_seconds: u64,
     /// How often each tenant's access grants are scanned for credentials that end within
     /// `secret_expiring_soon_days` (each is announced once by an `access_grant.expiring_soon`
     /// event).
@@ -138,6 +144,7 @@ impl Default for ProvisioningSettings {
         ProvisioningSettings {
             max_secret_lifetime_days: 180,
             secret_expiring_soon_days: 30,
+            rbac_migration_token_drain_seconds: 90 * 60,
             credential_scan_interval_seconds: 3600,
         }
     }
@@ -493,6 +500,12 @@ impl Settings {
         }
         if !(1..=365).contains(&p.secret_expiring_soon_days) {
             errs.push("provisioning.secret_expiring_soon_days must be between 1 and 365".into());
+        }
+        if !(1..=86_400).contains(&p.rbac_migration_token_drain_seconds) {
+            errs.push(
+                "provisioning.rbac_migration_token_drain_seconds must be between 1 and 86400 (a day, the longest token lifetime Entra allows)"
+                    .into(),
+            );
         }
         if !(1..=86_400).contains(&p.credential_scan_interval_seconds) {
             errs.push(

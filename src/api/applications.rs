@@ -306,7 +306,7 @@ fn view(d: Details) -> ApplicationView {
         (status = 401, description = "missing or invalid token", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "needs MailScope.Write", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "unknown tenant", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "the key names another app, or was adopted (mailscope does not change adopted apps)", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "the key names another app, or was adopted (mailscope does not change adopted apps), or admin consent to a mailbox permission of an app restricted by RBAC for Applications, which would bypass its scope (`rbac_union_trap`)", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "invalid content; a permission no access policy restricts without `allow_unscoped_permissions`; an app not in the tenant", body = Problem, content_type = "application/problem+json"),
         (status = 502, description = "Microsoft refused or failed (cause and fix in `detail`)", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "database unavailable, or Microsoft throttled (see Retry-After)", body = Problem, content_type = "application/problem+json"),

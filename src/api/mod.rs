@@ -17,6 +17,7 @@ pub mod openapi;
 pub mod problem;
 pub mod propagation_checks;
 pub mod protocol_errors;
+pub mod rbac_migrations;
 pub mod rbac_restrictions;
 pub mod schema;
 pub mod scope_groups;
@@ -70,6 +71,7 @@ pub fn configure(cfg: &mut web::ServiceConfig, body_limit: usize, with_api: bool
             .configure(applications::routes)
             .configure(scope_groups::routes)
             .configure(rbac_restrictions::routes)
+            .configure(rbac_migrations::routes)
             .configure(access_policies::routes)
             .configure(access_grants::routes)
             .configure(propagation_checks::routes)

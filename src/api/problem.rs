@@ -50,6 +50,10 @@ pub enum ProblemKind {
     VerificationMailboxesRequired,
     RbacVerificationFailed,
     RbacDenyUnsupported,
+    RbacMigrationActive,
+    RbacMigrationNotPossible,
+    RbacMigrationRollbackClosed,
+    RbacUnionTrap,
     /// The request head exceeded the HTTP parser's limits (answered before any handler runs).
     RequestHeadersTooLarge,
     /// The request is not parseable HTTP/1.1.
@@ -212,6 +216,26 @@ pub const CATALOGUE: &[(ProblemKind, &str, &str)] = &[
         "RBAC for Applications can only grant: no role assignment says \"every mailbox except this group\", so a DenyAccess restriction cannot be expressed or verified as RBAC (docs/microsoft-365.md docs/microsoft-365.md §3.8). Keep the DenyAccess application access policy, or turn its scope into an allow-list (a scope of the mailboxes the app may reach).",
     ),
     (
+        ProblemKind::RbacMigrationActive,
+        "RBAC migration under way",
+        "The app already has an unfinished migration to RBAC for Applications; pause, resume or roll back that one (GET /rbac-migrations?app_id=…).",
+    ),
+    (
+        ProblemKind::RbacMigrationNotPossible,
+        "RBAC migration not possible",
+        "The app's restriction cannot be carried over to RBAC for Applications: it has no application access policy, only DenyAccess ones (RBAC can only grant), or permissions no RBAC role grants. `errors` lists why; a dry run shows the whole plan.",
+    ),
+    (
+        ProblemKind::RbacMigrationRollbackClosed,
+        "RBAC migration rollback closed",
+        "The migration has started removing the app's access policy, so only RBAC bounds the app; restoring its Entra consent now would reach every mailbox. Resume the migration instead.",
+    ),
+    (
+        ProblemKind::RbacUnionTrap,
+        "Entra grant would bypass RBAC",
+        "The app is restricted by RBAC for Applications, and RBAC grants add to Entra grants: an Entra mailbox permission would reach every mailbox whatever the RBAC scope. Leave admin consent off (RBAC grants the permissions in scope), or remove the RBAC restriction first.",
+    ),
+    (
         ProblemKind::Internal,
         "Internal error",
         "An unexpected error; the request id identifies it in the service's logs.",
@@ -266,6 +290,10 @@ impl ProblemKind {
             ProblemKind::VerificationMailboxesRequired => "verification_mailboxes_required",
             ProblemKind::RbacVerificationFailed => "rbac_verification_failed",
             ProblemKind::RbacDenyUnsupported => "rbac_deny_unsupported",
+            ProblemKind::RbacMigrationActive => "rbac_migration_active",
+            ProblemKind::RbacMigrationNotPossible => "rbac_migration_not_possible",
+            ProblemKind::RbacMigrationRollbackClosed => "rbac_migration_rollback_closed",
+            ProblemKind::RbacUnionTrap => "rbac_union_trap",
             ProblemKind::RequestHeadersTooLarge => "request_headers_too_large",
             ProblemKind::MalformedRequest => "malformed_request",
             ProblemKind::RequestTimeout => "request_timeout",
@@ -300,7 +328,11 @@ impl ProblemKind {
             ProblemKind::InvalidPolicyScope
             | ProblemKind::AppRegistrationObjectId
             | ProblemKind::VerificationMailboxesRequired
-            | ProblemKind::RbacDenyUnsupported => StatusCode::UNPROCESSABLE_ENTITY,
+            | ProblemKind::RbacDenyUnsupported
+            | ProblemKind::RbacMigrationNotPossible => StatusCode::UNPROCESSABLE_ENTITY,
+            ProblemKind::RbacMigrationActive
+            | ProblemKind::RbacMigrationRollbackClosed
+            | ProblemKind::RbacUnionTrap => StatusCode::CONFLICT,
             ProblemKind::RbacRestrictionConflict
             | ProblemKind::RbacIncomplete
             | ProblemKind::RbacVerificationFailed => StatusCode::CONFLICT,
@@ -563,6 +595,12 @@ impl From<crate::provisioning::Error> for ApiError {
                     }
                     Rejection::RbacVerificationFailed => ProblemKind::RbacVerificationFailed,
                     Rejection::RbacDenyUnsupported => ProblemKind::RbacDenyUnsupported,
+                    Rejection::RbacMigrationActive => ProblemKind::RbacMigrationActive,
+                    Rejection::RbacMigrationNotPossible => ProblemKind::RbacMigrationNotPossible,
+                    Rejection::RbacMigrationRollbackClosed => {
+                        ProblemKind::RbacMigrationRollbackClosed
+                    }
+                    Rejection::RbacUnionTrap => ProblemKind::RbacUnionTrap,
                 };
                 ApiError {
                     errors,
@@ -618,7 +656,7 @@ mod tests {
         codes.sort();
         codes.dedup();
         assert_eq!(codes.len(), n);
-        assert_eq!(n, 34);
+        assert_eq!(n, 38);
     }
 
     #[test]

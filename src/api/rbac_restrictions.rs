@@ -1,5 +1,5 @@
 //! `/v1/tenants/{tenant_id}/rbac-restrictions` and `/rbac-findings`: RBAC for Applications,
-//! Microsoft's recommended mechanism (docs/microsoft-365.md docs/microsoft-365.md §3, §8.2).
+//! Microsoft's recommended mechanism (docs/microsoft-365.md §3, §8.2).
 //!
 //! Thin handlers: parse, authorize, call one use case of `provisioning::rbac`, render. The
 //! safety rules (the union trap, filter read-back, create before remove, the pointer's object id)
@@ -52,7 +52,7 @@ pub enum ScopeGroupVia {
     MemberOfGroup,
 }
 
-/// Exactly one of `scope_group` and `recipient_filter`.
+/// Exactly one of `scope_group`, `recipient_filter` and `administrative_unit`.
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RbacScopeInput {
@@ -63,6 +63,11 @@ pub struct RbacScopeInput {
     /// An OPATH recipient filter, e.g. `Department -eq 'Sales'`; validated, and read back after
     /// every write (an empty or malformed filter can mean the whole organisation).
     pub recipient_filter: Option<String>,
+    /// An Entra administrative unit's object id: `-RecipientAdministrativeUnitScope` (its
+    /// members are in scope; Microsoft prefers it over a filter on an administrative unit).
+    /// Verifying it needs `sample_mailboxes` (the unit's members are not listed).
+    #[schema(value_type = Option<String>, format = Uuid)]
+    pub administrative_unit: Option<String>,
 }
 
 /// A restriction to create (`POST`) or the replacement of one (`PUT`, where `app_id` must stay).
@@ -101,7 +106,7 @@ pub struct RbacRestrictionInput {
     pub canary_mailboxes: Vec<String>,
     /// Optional, for callers used to access policies: only `RestrictAccess` has an RBAC
     /// equivalent. `DenyAccess` is refused (`rbac_deny_unsupported`): RBAC for Applications can
-    /// only grant (docs/microsoft-365.md docs/microsoft-365.md §3.8); keep the DenyAccess policy or use an allow-list scope.
+    /// only grant (docs/microsoft-365.md §3.8); keep the DenyAccess policy or use an allow-list scope.
     #[schema(example = "RestrictAccess")]
     pub access_right: Option<String>,
 }
@@ -141,7 +146,8 @@ pub struct RbacFinding {
 
 #[derive(Serialize, ToSchema)]
 pub struct RbacScope {
-    /// `recipient_group_scope`, `member_of_group` or `recipient_filter`.
+    /// `recipient_group_scope`, `member_of_group`, `recipient_filter` or `administrative_unit`
+    /// (then `object_id` is the unit's id and `scope_group` its display name).
     #[schema(example = "recipient_group_scope")]
     pub kind: String,
     pub scope_group: Option<String>,
@@ -333,8 +339,20 @@ fn summary(r: RbacRestrictionRecord) -> RbacRestrictionSummary {
 
 impl TryFrom<RbacRestrictionInput> for RestrictionInput {
     type Error = ApiError;
-    fn try_from(i: RbacRestrictionInput) -> Result<Self, ApiError> {
-        let scope = match (i.scope.scope_group, i.scope.recipient_filter) {
+    fn try_from(mut i: RbacRestrictionInput) -> Result<Self, ApiError> {
+        if let Some(au) = i.scope.administrative_unit.take() {
+            if i.scope.scope_group.is_some()
+                || i.scope.recipient_filter.is_some()
+                || i.scope.via.is_some()
+            {
+                return Err(ApiError::validation(vec![FieldError::new(
+                    "scope",
+                    "give exactly one of scope_group, recipient_filter and administrative_unit (via only with scope_group)",
+                )]));
+            }
+            return Ok(input_with(i, ScopeInput::AdministrativeUnit(au)));
+        }
+        let scope = match (i.scope.scope_group.take(), i.scope.recipient_filter.take()) {
             (Some(alias), None) => ScopeInput::ScopeGroup {
                 alias,
                 via: match i.scope.via {
@@ -352,23 +370,27 @@ impl TryFrom<RbacRestrictionInput> for RestrictionInput {
             _ => {
                 return Err(ApiError::validation(vec![FieldError::new(
                     "scope",
-                    "give exactly one of scope_group and recipient_filter",
+                    "give exactly one of scope_group, recipient_filter and administrative_unit",
                 )]));
             }
         };
-        Ok(RestrictionInput {
-            app_id: i.app_id,
-            service_principal_object_id: i.service_principal_object_id,
-            scope,
-            permissions: i.permissions,
-            rbac_only_permissions: i.rbac_only_permissions,
-            remove_entra_grants: i.remove_entra_grants,
-            verification: Verification {
-                sample_mailboxes: i.sample_mailboxes,
-                canary_mailboxes: i.canary_mailboxes,
-            },
-            access_right: i.access_right,
-        })
+        Ok(input_with(i, scope))
+    }
+}
+
+fn input_with(i: RbacRestrictionInput, scope: ScopeInput) -> RestrictionInput {
+    RestrictionInput {
+        app_id: i.app_id,
+        service_principal_object_id: i.service_principal_object_id,
+        scope,
+        permissions: i.permissions,
+        rbac_only_permissions: i.rbac_only_permissions,
+        remove_entra_grants: i.remove_entra_grants,
+        verification: Verification {
+            sample_mailboxes: i.sample_mailboxes,
+            canary_mailboxes: i.canary_mailboxes,
+        },
+        access_right: i.access_right,
     }
 }
 

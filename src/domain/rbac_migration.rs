@@ -1,5 +1,5 @@
-//! Migrating one app from application access policies to RBAC for Applications (docs/microsoft-365.md docs/microsoft-365.md §3.7,
-//! docs/microsoft-365.md docs/microsoft-365.md §3.8): the dry-run plan and the order of the steps, as pure rules.
+//! Migrating one app from application access policies to RBAC for Applications (docs/microsoft-365.md §3.7,
+//! docs/microsoft-365.md §3.8): the dry-run plan and the order of the steps, as pure rules.
 //!
 //! The order never widens the app's access: RBAC is created **beside** the policy (the policy
 //! still bounds what Graph serves), the Entra consent goes next (after that only the RBAC
@@ -9,7 +9,7 @@
 //! then the policy alone bounds the app.
 //!
 //! What cannot be carried over is named in the plan: DenyAccess policies (RBAC only grants,
-//! docs/microsoft-365.md docs/microsoft-365.md §3.8; a plan with one cannot be executed), members of nested groups (RBAC's `MemberOfGroup`
+//! docs/microsoft-365.md §3.8; a plan with one cannot be executed), members of nested groups (RBAC's `MemberOfGroup`
 //! and `-RecipientGroupScope` see direct members only, docs/microsoft-365.md §3.4), and permissions only an access
 //! policy covers (no application role grants them, e.g. `Mail.ReadBasic.All`, docs/microsoft-365.md §3.2).
 use std::time::Duration;
@@ -91,10 +91,10 @@ pub struct PolicyInput {
 }
 
 /// Something of the current restriction that RBAC will not carry over.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NotCarried {
     /// `deny_access_policy`, `nested_member` or `permission_without_role`.
-    pub kind: &'static str,
+    pub kind: String,
     /// The policy's scope, the member's address or the permission.
     pub subject: String,
     pub detail: String,
@@ -103,7 +103,7 @@ pub struct NotCarried {
 }
 
 /// The dry-run plan.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Plan {
     /// Role assignments to create: (permission, role), scoped to each RestrictAccess scope.
     pub create_assignments: Vec<(String, String)>,
@@ -122,7 +122,7 @@ pub struct Plan {
     pub executable: bool,
 }
 
-/// The documented RBAC permission cache (docs/microsoft-365.md docs/microsoft-365.md §3.5, §8.3).
+/// The documented RBAC permission cache (docs/microsoft-365.md §3.5, §8.3).
 pub const CACHE_MIN: Duration = Duration::from_secs(30 * 60);
 pub const CACHE_MAX: Duration = Duration::from_secs(2 * 3600);
 
@@ -131,7 +131,7 @@ pub fn plan(policies: &[PolicyInput], entra_permissions: &[String]) -> Plan {
     let mut not_carried = Vec::new();
     for p in policies.iter().filter(|p| p.deny) {
         not_carried.push(NotCarried {
-            kind: "deny_access_policy",
+            kind: "deny_access_policy".into(),
             subject: p.scope.clone(),
             detail: format!(
                 "DenyAccess on {} has no RBAC equivalent (RBAC only grants, docs/microsoft-365.md §3.8): keep the policy, or turn it into an allow-list scope first",
@@ -147,9 +147,9 @@ pub fn plan(policies: &[PolicyInput], entra_permissions: &[String]) -> Plan {
         nested.dedup();
         for m in nested {
             not_carried.push(NotCarried {
-                kind: "nested_member",
+                kind: "nested_member".into(),
                 detail: format!(
-                    "{m} reaches {} only through a nested group; RBAC scopes see direct members only (docs/microsoft-365.md docs/microsoft-365.md §3.4), so the app would lose it: add it to the group directly first",
+                    "{m} reaches {} only through a nested group; RBAC scopes see direct members only (docs/microsoft-365.md §3.4), so the app would lose it: add it to the group directly first",
                     p.scope
                 ),
                 subject: m,
@@ -170,10 +170,10 @@ pub fn plan(policies: &[PolicyInput], entra_permissions: &[String]) -> Plan {
         match role_for_permission(p) {
             Some(r) => create.push((p.clone(), r.name.to_string())),
             None => not_carried.push(NotCarried {
-                kind: "permission_without_role",
+                kind: "permission_without_role".into(),
                 subject: p.clone(),
                 detail: format!(
-                    "{p} is covered by the access policy but no RBAC application role grants it (docs/microsoft-365.md docs/microsoft-365.md §3.2): removing the Entra grant would remove the permission"
+                    "{p} is covered by the access policy but no RBAC application role grants it (docs/microsoft-365.md §3.2): removing the Entra grant would remove the permission"
                 ),
                 blocks_execution: true,
             }),
@@ -200,7 +200,177 @@ pub fn plan(policies: &[PolicyInput], entra_permissions: &[String]) -> Plan {
     }
 }
 
+/// Where a migration stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum State {
+    /// Steps run one per job run.
+    Running,
+    /// Stopped before the next step: on request, or on an error that needs a person.
+    Paused,
+    /// Undoing, while the access policy still bounds the app.
+    RollingBack,
+    RolledBack,
+    Succeeded,
+    /// A rollback step failed for good: the app is still bounded by its access policy, but
+    /// what the rollback did not undo stays (see the steps).
+    Failed,
+}
+
+impl State {
+    pub const ALL: [State; 6] = [
+        State::Running,
+        State::Paused,
+        State::RollingBack,
+        State::RolledBack,
+        State::Succeeded,
+        State::Failed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Running => "running",
+            State::Paused => "paused",
+            State::RollingBack => "rolling_back",
+            State::RolledBack => "rolled_back",
+            State::Succeeded => "succeeded",
+            State::Failed => "failed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<State> {
+        State::ALL.into_iter().find(|x| x.as_str() == s)
+    }
+
+    /// Nothing more happens to a migration in this state.
+    pub fn is_final(self) -> bool {
+        matches!(self, State::RolledBack | State::Succeeded | State::Failed)
+    }
+}
+
+/// The steps of a rollback, in order: the consent comes back first (the policy still bounds
+/// it), then the RBAC restrictions the migration created go (RBAC only grants, so removing it
+/// narrows).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RollbackStep {
+    RestoreEntraConsent,
+    RemoveRbac,
+}
+
+impl RollbackStep {
+    pub const ORDER: [RollbackStep; 2] =
+        [RollbackStep::RestoreEntraConsent, RollbackStep::RemoveRbac];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RollbackStep::RestoreEntraConsent => "restore_entra_consent",
+            RollbackStep::RemoveRbac => "remove_rbac",
+        }
+    }
+}
+
+/// A step's state in the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepState {
+    Pending,
+    /// Started (at least one attempt), not finished: waiting, or retrying after an error.
+    Running,
+    Done,
+    Failed,
+}
+
+/// One line of the step log: forward steps by [`Step::as_str`], rollback steps by
+/// [`RollbackStep::as_str`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepEntry {
+    pub name: String,
+    pub state: StepState,
+    /// Runs that did work (polls of a check under way do not count).
+    pub attempts: u32,
+    /// What the step made or found (ids, verdicts); kept across attempts.
+    #[serde(default)]
+    pub output: serde_json::Value,
+    pub last_error: Option<super::grant::StepError>,
+    pub started_at: Option<chrono::DateTime<chrono::Utc>>,
+    pub finished_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// The log of a new migration: every forward step, pending.
+pub fn initial_log() -> Vec<StepEntry> {
+    Step::ORDER
+        .iter()
+        .filter(|s| **s != Step::Done)
+        .map(|s| StepEntry {
+            name: s.as_str().to_string(),
+            state: StepState::Pending,
+            attempts: 0,
+            output: serde_json::Value::Null,
+            last_error: None,
+            started_at: None,
+            finished_at: None,
+        })
+        .collect()
+}
+
+/// Record one run of step `name`: its new state, its output (merged into what earlier attempts
+/// recorded) and error. `attempt` counts the run as an attempt.
+pub fn record(
+    log: &mut Vec<StepEntry>,
+    name: &str,
+    state: StepState,
+    output: Option<serde_json::Value>,
+    error: Option<super::grant::StepError>,
+    attempt: bool,
+    now: chrono::DateTime<chrono::Utc>,
+) {
+    let i = match log.iter().position(|e| e.name == name) {
+        Some(i) => i,
+        None => {
+            log.push(StepEntry {
+                name: name.to_string(),
+                state: StepState::Pending,
+                attempts: 0,
+                output: serde_json::Value::Null,
+                last_error: None,
+                started_at: None,
+                finished_at: None,
+            });
+            log.len() - 1
+        }
+    };
+    let e = &mut log[i];
+    if attempt {
+        e.attempts = e.attempts.saturating_add(1);
+    }
+    e.started_at.get_or_insert(now);
+    e.state = state;
+    if let Some(serde_json::Value::Object(new)) = output {
+        match &mut e.output {
+            serde_json::Value::Object(old) => old.extend(new),
+            other => *other = serde_json::Value::Object(new),
+        }
+    }
+    if error.is_some() || state == StepState::Done {
+        e.last_error = error;
+    }
+    e.finished_at = matches!(state, StepState::Done | StepState::Failed).then_some(now);
+}
+
+/// The log entry of a step.
+pub fn entry<'a>(log: &'a [StepEntry], name: &str) -> Option<&'a StepEntry> {
+    log.iter().find(|e| e.name == name)
+}
+
+/// Rolling back is allowed while the step that removes the access policy has not started: once
+/// it ran (even partly), some policy may be gone and only RBAC bounds the app.
+pub fn rollback_allowed(log: &[StepEntry]) -> bool {
+    entry(log, Step::RemoveAccessPolicy.as_str()).is_none_or(|e| e.attempts == 0)
+}
+
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -262,7 +432,7 @@ mod tests {
         let kinds: Vec<(&str, &str)> = p
             .not_carried
             .iter()
-            .map(|n| (n.kind, n.subject.as_str()))
+            .map(|n| (n.kind.as_str(), n.subject.as_str()))
             .collect();
         assert!(kinds.contains(&("deny_access_policy", "board@contoso.com")));
         assert!(kinds.contains(&("nested_member", "dave@contoso.com")));
@@ -280,5 +450,59 @@ mod tests {
     fn nothing_to_migrate_is_not_executable() {
         assert!(!plan(&[], &perms(&["Mail.Read"])).executable);
         assert!(!plan(&[policy("a@b.c", false, &[])], &perms(&["User.Read.All"])).executable);
+    }
+    #[test]
+    fn the_log_counts_attempts_keeps_outputs_and_closes_rollback_once_the_policy_step_ran() {
+        let t = chrono::Utc::now();
+        let mut log = initial_log();
+        assert_eq!(log.len(), 6);
+        assert!(log.iter().all(|e| e.state == StepState::Pending));
+        record(
+            &mut log,
+            "create_rbac",
+            StepState::Running,
+            Some(serde_json::json!({"a": 1})),
+            None,
+            true,
+            t,
+        );
+        record(
+            &mut log,
+            "create_rbac",
+            StepState::Done,
+            Some(serde_json::json!({"b": 2})),
+            None,
+            false,
+            t,
+        );
+        let e = entry(&log, "create_rbac").unwrap();
+        assert_eq!((e.attempts, e.state), (1, StepState::Done));
+        assert_eq!(e.output, serde_json::json!({"a": 1, "b": 2}));
+        assert!(e.finished_at.is_some());
+        assert!(rollback_allowed(&log));
+        record(
+            &mut log,
+            "remove_access_policy",
+            StepState::Running,
+            None,
+            None,
+            true,
+            t,
+        );
+        assert!(!rollback_allowed(&log));
+        record(
+            &mut log,
+            "remove_rbac",
+            StepState::Done,
+            None,
+            None,
+            true,
+            t,
+        );
+        assert_eq!(log.len(), 7, "rollback steps are appended");
+        for s in State::ALL {
+            assert_eq!(State::parse(s.as_str()), Some(s));
+        }
+        assert!(State::RolledBack.is_final() && !State::Paused.is_final());
     }
 }

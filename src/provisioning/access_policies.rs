@@ -831,6 +831,32 @@ pub async fn delete(
     id: Uuid,
     allow_unrestricted: bool,
 ) -> Result<Option<CheckView>, Error> {
+    delete_with(services, actor, tenant_id, id, allow_unrestricted, true).await
+}
+
+/// Delete a policy (never the last RestrictAccess one of an app holding covered Entra
+/// permissions) without starting an access-policy propagation check: for the RBAC migration,
+/// which verifies the app through its RBAC check instead (an access-policy check of an app
+/// without policies would only report rule 4).
+pub async fn delete_quietly(
+    services: &Services,
+    actor: &Actor,
+    tenant_id: Uuid,
+    id: Uuid,
+) -> Result<(), Error> {
+    delete_with(services, actor, tenant_id, id, false, false)
+        .await
+        .map(|_| ())
+}
+
+async fn delete_with(
+    services: &Services,
+    actor: &Actor,
+    tenant_id: Uuid,
+    id: Uuid,
+    allow_unrestricted: bool,
+    start_check: bool,
+) -> Result<Option<CheckView>, Error> {
     let (_, handle) = tenants::load(services, tenant_id).await?;
     let exo = handle.exchange();
     let _turn = policy_turn(services, tenant_id).await;
@@ -877,7 +903,11 @@ pub async fn delete(
         address: rec.scope_address.clone(),
         alias: rec.scope_alias.clone(),
     }];
-    let check = check_after_change(&tx, services, tenant_id, &rec.app_id, &touched, &[]).await?;
+    let check = if start_check {
+        check_after_change(&tx, services, tenant_id, &rec.app_id, &touched, &[]).await?
+    } else {
+        None
+    };
     tx.commit().await?;
     Ok(check)
 }

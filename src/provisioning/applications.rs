@@ -663,6 +663,64 @@ fn unscoped(perms: &[Permission]) -> Vec<String> {
 }
 
 /// The create path; returns the stored record and whether this call completed the creation.
+/// An app restricted by RBAC for Applications must not get an Entra mailbox grant back: RBAC
+/// adds to Entra grants, so the grant would reach every mailbox whatever the RBAC scope (the
+/// union trap, docs/microsoft-365.md §3.3). Refused rather than granted silently.
+async fn refuse_union_trap(
+    services: &Services,
+    tenant_id: Uuid,
+    app_id: &str,
+    roles: &[Resolved],
+    current: &[AppRoleAssignment],
+) -> Result<(), Error> {
+    let missing: Vec<&str> = roles
+        .iter()
+        .filter(|r| crate::domain::rbac::is_mailbox_permission(&r.name))
+        .filter(|r| {
+            !current.iter().any(|a| {
+                a.resource_id.eq_ignore_ascii_case(&r.resource_sp_id)
+                    && a.app_role_id.eq_ignore_ascii_case(&r.app_role_id)
+            })
+        })
+        .map(|r| r.name.as_str())
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let db = services.db().await?;
+    let app = app_id.to_ascii_lowercase();
+    let restrictions: Vec<Uuid> = store::rbac_restrictions::all(&db, tenant_id)
+        .await?
+        .into_iter()
+        .filter(|r| r.app_id == app)
+        .map(|r| r.id)
+        .collect();
+    if restrictions.is_empty() {
+        return Ok(());
+    }
+    Err(Error::Rejected {
+        kind: Rejection::RbacUnionTrap,
+        detail: format!(
+            "app {app_id} is restricted by RBAC for Applications (restriction {}); granting it the Entra permissions {} would let it reach every mailbox whatever its RBAC scope, because RBAC grants add to Entra grants (docs/microsoft-365.md §3.3). Send `grant_admin_consent: false` (RBAC grants the mailbox permissions in scope), or delete the RBAC restriction first and restrict the app with an access policy",
+            restrictions
+                .iter()
+                .map(Uuid::to_string)
+                .collect::<Vec<_>>()
+                .join(", "),
+            missing.join(", ")
+        ),
+        errors: missing
+            .iter()
+            .map(|p| {
+                FieldError::new(
+                    "grant_admin_consent",
+                    format!("{p}: an Entra grant would bypass the app's RBAC scope"),
+                )
+            })
+            .collect(),
+    })
+}
+
 async fn ensure_created(
     services: &Services,
     actor: &Actor,
@@ -815,6 +873,7 @@ async fn ensure_created(
     let mut revoked: Vec<String> = Vec::new();
     if spec.grant_admin_consent {
         let current: Vec<AppRoleAssignment> = graph.app_role_assignments(&sp.id).await?;
+        refuse_union_trap(services, tenant_id, &app.app_id, &roles, &current).await?;
         for r in &roles {
             let held = current.iter().any(|a| {
                 a.resource_id.eq_ignore_ascii_case(&r.resource_sp_id)

@@ -40,8 +40,16 @@ pub enum Rejection {
     VerificationMailboxesRequired,
     /// `Test-ServicePrincipalAuthorization` does not show the scope as intended.
     RbacVerificationFailed,
-    /// DenyAccess was asked of RBAC for Applications, which can only grant (docs/microsoft-365.md docs/microsoft-365.md §3.8).
+    /// DenyAccess was asked of RBAC for Applications, which can only grant (docs/microsoft-365.md §3.8).
     RbacDenyUnsupported,
+    /// The app already has an unfinished RBAC migration.
+    RbacMigrationActive,
+    /// The app's restriction cannot be migrated to RBAC (no policy, only DenyAccess, …).
+    RbacMigrationNotPossible,
+    /// A rollback was asked for after the access policy's removal started.
+    RbacMigrationRollbackClosed,
+    /// An Entra mailbox grant was asked for an app restricted by RBAC (the union trap).
+    RbacUnionTrap,
 }
 
 impl Rejection {
@@ -61,6 +69,10 @@ impl Rejection {
             Rejection::VerificationMailboxesRequired => "verification_mailboxes_required",
             Rejection::RbacVerificationFailed => "rbac_verification_failed",
             Rejection::RbacDenyUnsupported => "rbac_deny_unsupported",
+            Rejection::RbacMigrationActive => "rbac_migration_active",
+            Rejection::RbacMigrationNotPossible => "rbac_migration_not_possible",
+            Rejection::RbacMigrationRollbackClosed => "rbac_migration_rollback_closed",
+            Rejection::RbacUnionTrap => "rbac_union_trap",
         }
     }
 }

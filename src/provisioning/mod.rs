@@ -23,6 +23,7 @@ pub mod error;
 pub mod grants;
 pub mod locks;
 pub mod rbac;
+pub mod rbac_migration;
 pub mod scope_groups;
 pub mod sync;
 pub mod tenants;

@@ -1,4 +1,4 @@
-//! RBAC for Applications restrictions (docs/microsoft-365.md docs/microsoft-365.md §3, §8.2): the Exchange service principal
+//! RBAC for Applications restrictions (docs/microsoft-365.md §3, §8.2): the Exchange service principal
 //! pointer, a resource scope, and one role assignment per mailbox permission, keyed by
 //! (app id, scope) and idempotent like access policies.
 //!
@@ -8,19 +8,19 @@
 //! record and audit in one transaction.
 //!
 //! Safety rules:
-//! - **the union trap** (docs/microsoft-365.md docs/microsoft-365.md §3.3, §6.9): RBAC grants add to Entra grants, so a restriction is never
+//! - **the union trap** (docs/microsoft-365.md §3.3, §6.9): RBAC grants add to Entra grants, so a restriction is never
 //!   reported as restricting while the app holds an Entra grant for a mailbox permission; the
 //!   safe order to remove it is [`enforce`]: verify with `Test-ServicePrincipalAuthorization`
 //!   in scope (samples) and out of scope (canaries) first, then revoke the covered Entra grants;
 //! - a filter is read back after every write: an empty or altered filter can mean the whole
-//!   organisation (docs/microsoft-365.md docs/microsoft-365.md §3.4); the scope is removed again and the write refused;
+//!   organisation (docs/microsoft-365.md §3.4); the scope is removed again and the write refused;
 //! - a replacement creates the new scope and assignments before removing the old ones (the
 //!   interim state is the union of both scopes, never wider);
-//! - the pointer must carry the **service principal's** object id (docs/microsoft-365.md docs/microsoft-365.md §3.1, §6.5): a pointer with
+//! - the pointer must carry the **service principal's** object id (docs/microsoft-365.md §3.1, §6.5): a pointer with
 //!   another object id (typically the app registration's) never matches the app's tokens.
 //!   mailscope refuses such an id from the caller and replaces such a pointer found in the tenant.
 //!
-//! Removing a restriction never widens access: RBAC only grants (docs/microsoft-365.md docs/microsoft-365.md §3.3, §3.8), so unlike an
+//! Removing a restriction never widens access: RBAC only grants (docs/microsoft-365.md §3.3, §3.8), so unlike an
 //! access policy's removal there is no rule-4 trap to guard against; what the app keeps is its
 //! Entra grants, which [`get`] reports.
 use std::collections::{BTreeMap, BTreeSet};
@@ -55,7 +55,7 @@ const DEFAULT_SAMPLES: usize = 3;
 /// How a scope group becomes an RBAC scope.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GroupVia {
-    /// `-RecipientGroupScope <group>`: survives a tenant relocation (docs/microsoft-365.md docs/microsoft-365.md §8.2). The default.
+    /// `-RecipientGroupScope <group>`: survives a tenant relocation (docs/microsoft-365.md §8.2). The default.
     RecipientGroupScope,
     /// A management scope `MemberOfGroup -eq '<group DN>'` (Microsoft's migration recipe, docs/microsoft-365.md §3.7).
     MemberOfGroup,
@@ -77,6 +77,9 @@ pub enum ScopeInput {
     ScopeGroup { alias: String, via: GroupVia },
     /// An OPATH recipient filter for a management scope (validated, read back).
     RecipientFilter(String),
+    /// An Entra administrative unit by object id: `-RecipientAdministrativeUnitScope`, which
+    /// Microsoft prefers over a filter on an administrative unit (docs/microsoft-365.md §8.2).
+    AdministrativeUnit(String),
 }
 
 /// A restriction to create, or the replacement of one (where `app_id` must stay).
@@ -88,7 +91,7 @@ pub struct RestrictionInput {
     pub scope: ScopeInput,
     /// Mailbox permissions to grant in scope; omitted: the app's Entra mailbox grants.
     pub permissions: Option<Vec<String>>,
-    /// EWS.AccessAsApp / SMTP.SendAsApp, which only RBAC grants (docs/microsoft-365.md docs/microsoft-365.md §8.2).
+    /// EWS.AccessAsApp / SMTP.SendAsApp, which only RBAC grants (docs/microsoft-365.md §8.2).
     pub rbac_only_permissions: Vec<String>,
     /// After creating, verify and remove the covered Entra grants ([`enforce`]).
     pub remove_entra_grants: bool,
@@ -98,11 +101,11 @@ pub struct RestrictionInput {
     pub access_right: Option<String>,
 }
 
-/// DenyAccess asked of RBAC for Applications: refused, with why and what to do instead (docs/microsoft-365.md docs/microsoft-365.md §3.8).
+/// DenyAccess asked of RBAC for Applications: refused, with why and what to do instead (docs/microsoft-365.md §3.8).
 pub fn deny_unsupported(field_name: &str) -> Error {
     Error::Rejected {
         kind: Rejection::RbacDenyUnsupported,
-        detail: "RBAC for Applications can only grant: no role assignment says \"every mailbox except this group\", so DenyAccess has no RBAC equivalent (docs/microsoft-365.md docs/microsoft-365.md §3.8). Keep the DenyAccess application access policy, or restrict the app to an allow-list scope instead.".into(),
+        detail: "RBAC for Applications can only grant: no role assignment says \"every mailbox except this group\", so DenyAccess has no RBAC equivalent (docs/microsoft-365.md §3.8). Keep the DenyAccess application access policy, or restrict the app to an allow-list scope instead.".into(),
         errors: vec![field(
             field_name,
             "DenyAccess has no RBAC equivalent; only RestrictAccess (an allow-list scope) can be expressed",
@@ -211,7 +214,7 @@ fn management_scope_name(app_id: &str, scope_key: &str) -> String {
     format!("mailscope-{}-{}", &app_id[..8], key_hash(app_id, scope_key))
 }
 
-/// At most 64 characters (docs/microsoft-365.md docs/microsoft-365.md §3.1): 10 + 8 + 1 + 8 + 1 + the longest permission (25).
+/// At most 64 characters (docs/microsoft-365.md §3.1): 10 + 8 + 1 + 8 + 1 + the longest permission (25).
 fn assignment_name(app_id: &str, scope_key: &str, permission: &str) -> String {
     let n = format!(
         "mailscope-{}-{}-{permission}",
@@ -291,7 +294,7 @@ async fn entra_app(graph: &GraphClient, app_id: &str) -> Result<(String, Option<
     let sp = graph.service_principal_by_app_id(app_id).await?.ok_or_else(|| {
         Error::invalid(
             "app_id",
-            format!("app {app_id} has no service principal in this tenant; add or consent to the app first (docs/microsoft-365.md docs/microsoft-365.md §6.5)"),
+            format!("app {app_id} has no service principal in this tenant; add or consent to the app first (docs/microsoft-365.md §6.5)"),
         )
     })?;
     let registration = graph.application_by_app_id(app_id).await?.map(|a| a.id);
@@ -339,11 +342,36 @@ pub(crate) async fn entra_grants(
 /// Resolve the scope in the tenant and validate a filter.
 async fn resolve_scope(
     services: &Services,
+    graph: &GraphClient,
     exo: &ExchangeClient,
     tenant_id: Uuid,
     input: &ScopeInput,
 ) -> Result<Scope, Error> {
     match input {
+        ScopeInput::AdministrativeUnit(id) => {
+            let id = id.trim().to_ascii_lowercase();
+            if id.parse::<Uuid>().is_err() {
+                return Err(Error::invalid(
+                    "scope.administrative_unit",
+                    "must be the administrative unit's object id (a GUID)",
+                ));
+            }
+            let unit = graph.get_administrative_unit(&id).await?.ok_or_else(|| {
+                Error::invalid(
+                    "scope.administrative_unit",
+                    format!("the tenant has no administrative unit {id}"),
+                )
+            })?;
+            Ok(Scope {
+                key: format!("au:{id}"),
+                kind: "administrative_unit",
+                alias: unit.display_name,
+                object_id: Some(id),
+                address: None,
+                dn: None,
+                filter: None,
+            })
+        }
         ScopeInput::RecipientFilter(text) => {
             let text = text.trim().to_string();
             let parsed = RecipientFilter::parse(&text).map_err(|e| {
@@ -477,14 +505,14 @@ async fn ensure_management_scope(
         Some(b) if same_filter(&b, filter) => Ok(created),
         back => {
             // Never leave a scope whose filter is not the one asked for: it could mean the
-            // whole organisation (docs/microsoft-365.md docs/microsoft-365.md §3.4). Only a scope nothing uses yet is removed.
+            // whole organisation (docs/microsoft-365.md §3.4). Only a scope nothing uses yet is removed.
             if created {
                 let _ = exo.remove_management_scope(name).await;
             }
             Err(Error::Rejected {
                 kind: Rejection::ScopeFilterMismatch,
                 detail: format!(
-                    "management scope `{name}` reads back with filter {back:?} instead of {filter:?}; nothing was assigned to it. An empty or altered filter can mean the whole organisation (docs/microsoft-365.md docs/microsoft-365.md §3.4)"
+                    "management scope `{name}` reads back with filter {back:?} instead of {filter:?}; nothing was assigned to it. An empty or altered filter can mean the whole organisation (docs/microsoft-365.md §3.4)"
                 ),
                 errors: vec![field("scope", "the filter did not read back as written")],
             })
@@ -504,6 +532,13 @@ fn assignment_matches(
         .as_deref()
         .is_some_and(|r| r.eq_ignore_ascii_case(role));
     let scope_ok = match ms {
+        _ if scope.kind == "administrative_unit" => {
+            a.custom_resource_scope.is_none()
+                && a.recipient_administrative_unit_scope
+                    .as_deref()
+                    .zip(scope.object_id.as_deref())
+                    .is_some_and(|(x, y)| x.eq_ignore_ascii_case(y))
+        }
         Some(ms) => a
             .custom_resource_scope
             .as_deref()
@@ -571,12 +606,16 @@ async fn ensure_assignments(
             role: role.to_string(),
             app: sp_object_id.to_string(),
             custom_resource_scope: ms.map(str::to_string),
-            recipient_group_scope: if ms.is_none() {
+            recipient_group_scope: if ms.is_none() && scope.kind != "administrative_unit" {
                 scope.object_id.clone()
             } else {
                 None
             },
-            recipient_administrative_unit_scope: None,
+            recipient_administrative_unit_scope: if scope.kind == "administrative_unit" {
+                scope.object_id.clone()
+            } else {
+                None
+            },
         };
         match exo.new_app_role_assignment(&n).await {
             Ok(_) => created_any = true,
@@ -661,7 +700,7 @@ async fn prepare(
             return Err(Error::Rejected {
                 kind: Rejection::RegistrationObjectId,
                 detail: format!(
-                    "{given} is the object id of the app registration, not of its service principal (Enterprise application). Exchange accepts it silently and the restriction never applies (docs/microsoft-365.md docs/microsoft-365.md §3.1, §6.5). The service principal's object id is {sp_object_id}; omit the field and mailscope uses it."
+                    "{given} is the object id of the app registration, not of its service principal (Enterprise application). Exchange accepts it silently and the restriction never applies (docs/microsoft-365.md §3.1, §6.5). The service principal's object id is {sp_object_id}; omit the field and mailscope uses it."
                 ),
                 errors: vec![field(
                     "service_principal_object_id",
@@ -683,12 +722,35 @@ async fn prepare(
         .into_iter()
         .map(|(n, _)| n)
         .collect();
+    let scope = resolve_scope(services, graph, exo, tenant_id, &input.scope).await?;
+    // Once enforced, the app holds no Entra mailbox grant to derive the permissions from: a
+    // repeat of the request that created the restriction means the restriction's own.
+    let recorded = if input.permissions.is_none()
+        && !entra
+            .iter()
+            .any(|p| is_mailbox_permission(p) && role_for_permission(p).is_some())
+    {
+        let db = services.db().await?;
+        store::rbac_restrictions::get_by_key(&db, tenant_id, &app_id, &scope.key)
+            .await?
+            .map(|r| {
+                r.permissions
+                    .into_iter()
+                    .filter(|p| {
+                        !RBAC_ONLY_PERMISSIONS
+                            .iter()
+                            .any(|x| x.eq_ignore_ascii_case(p))
+                    })
+                    .collect::<Vec<_>>()
+            })
+    } else {
+        None
+    };
     let permissions = choose_permissions(
-        input.permissions.as_deref(),
+        input.permissions.as_deref().or(recorded.as_deref()),
         &input.rbac_only_permissions,
         &entra,
     )?;
-    let scope = resolve_scope(services, exo, tenant_id, &input.scope).await?;
     Ok(Prepared {
         app_id,
         sp_object_id,
@@ -867,7 +929,7 @@ async fn live(
         }),
         Some(o) if !pointer_ok => findings.push(Finding {
             kind: "wrong_pointer",
-            detail: format!("Exchange's pointer carries object id {o}, not the service principal's {} (docs/microsoft-365.md docs/microsoft-365.md §6.5)", rec.service_principal_object_id),
+            detail: format!("Exchange's pointer carries object id {o}, not the service principal's {} (docs/microsoft-365.md §6.5)", rec.service_principal_object_id),
             fix: "PUT this restriction again: mailscope replaces the pointer".into(),
         }),
         _ => {}
@@ -914,7 +976,7 @@ async fn live(
         {
             findings.push(Finding {
                 kind: "scope_filter_changed",
-                detail: format!("management scope `{ms}` has filter {filter_in_tenant:?}, not {f:?}; an empty filter means the whole organisation (docs/microsoft-365.md docs/microsoft-365.md §3.4)"),
+                detail: format!("management scope `{ms}` has filter {filter_in_tenant:?}, not {f:?}; an empty filter means the whole organisation (docs/microsoft-365.md §3.4)"),
                 fix: "PUT this restriction again to restore the filter".into(),
             });
         }
@@ -929,7 +991,7 @@ async fn live(
         findings.push(Finding {
             kind: "union_trap",
             detail: format!(
-                "the app holds Entra grants {} for every mailbox; RBAC grants add to them, so the scope narrows nothing while they remain (docs/microsoft-365.md docs/microsoft-365.md §3.3, §6.9)",
+                "the app holds Entra grants {} for every mailbox; RBAC grants add to them, so the scope narrows nothing while they remain (docs/microsoft-365.md §3.3, §6.9)",
                 unscoped.join(", ")
             ),
             fix: format!(
@@ -1123,7 +1185,12 @@ async fn check_samples(
     if !given.is_empty() {
         return Ok(given);
     }
-    let Some(group) = &scope.object_id else {
+    // An administrative unit's or a filter's members are not listed.
+    let Some(group) = scope
+        .object_id
+        .as_ref()
+        .filter(|_| scope.kind != "administrative_unit")
+    else {
         return Ok(Vec::new());
     };
     Ok(exo
@@ -1201,7 +1268,7 @@ pub(crate) fn rows_granting<'a>(
     })
 }
 
-/// Close the union trap in the safe order (docs/microsoft-365.md docs/microsoft-365.md §3.3, §3.7): the restriction must be complete in the
+/// Close the union trap in the safe order (docs/microsoft-365.md §3.3, §3.7): the restriction must be complete in the
 /// tenant; `Test-ServicePrincipalAuthorization` (live, no cache, docs/microsoft-365.md §3.1) must show every sample in
 /// scope for every permission and every canary out of scope; only then are the app's Entra
 /// grants for the covered permissions removed. Graph follows within the RBAC permission cache
@@ -1248,6 +1315,7 @@ pub async fn enforce(
     };
     let mut samples = lower(&v.sample_mailboxes);
     if samples.is_empty()
+        && rec.scope_kind != "administrative_unit"
         && let Some(group) = &rec.scope_object_id
     {
         samples = exo

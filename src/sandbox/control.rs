@@ -38,6 +38,10 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         )
         .route("/tenants/{t}/groups", web::post().to(create_group))
         .route(
+            "/tenants/{t}/administrative-units",
+            web::post().to(create_administrative_unit),
+        )
+        .route(
             "/tenants/{t}/groups/{g}/members",
             web::post().to(add_member),
         )
@@ -287,6 +291,7 @@ async fn get_tenant(path: web::Path<String>, sh: web::Data<Shared>) -> HttpRespo
         "exchangeServicePrincipals": t.exo_service_principals,
         "managementScopes": t.management_scopes,
         "roleAssignments": t.role_assignments,
+        "administrativeUnits": t.administrative_units,
     }))
 }
 
@@ -516,6 +521,53 @@ async fn patch_recipient(
         .unwrap_or_default();
     w.publish(&tid, now);
     HttpResponse::Ok().json(view)
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct NewAdministrativeUnit {
+    display_name: String,
+    /// Recipients by id or name.
+    #[serde(default)]
+    members: Vec<String>,
+}
+
+/// An Entra administrative unit with recipients as members (for `-RecipientAdministrativeUnitScope`).
+async fn create_administrative_unit(
+    path: web::Path<String>,
+    body: web::Bytes,
+    sh: web::Data<Shared>,
+) -> HttpResponse {
+    let n: NewAdministrativeUnit = match parse(&body) {
+        Ok(n) => n,
+        Err(e) => return *e,
+    };
+    let now = sh.clock.now();
+    let mut w = sh.lock();
+    let id = guid(&mut w.rng.ids);
+    let Some(t) = w.tenant_mut(&path) else {
+        return bad(404, "unknown tenant");
+    };
+    let mut members = Vec::new();
+    for m in &n.members {
+        match t
+            .recipients
+            .iter()
+            .find(|r| r.id.eq_ignore_ascii_case(m) || r.name.eq_ignore_ascii_case(m))
+        {
+            Some(r) => members.push(r.id.clone()),
+            None => return bad(404, format!("unknown recipient `{m}`")),
+        }
+    }
+    let unit = AdministrativeUnit {
+        id,
+        display_name: n.display_name,
+        members,
+    };
+    t.administrative_units.push(unit.clone());
+    let tid = t.id.clone();
+    w.publish(&tid, now);
+    HttpResponse::Created().json(unit)
 }
 
 #[derive(Deserialize)]

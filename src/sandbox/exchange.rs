@@ -1991,8 +1991,13 @@ fn new_role_assignment(cx: &mut Cx<'_>, b: &Bound) -> R {
         })?;
         ScopeRef::Group(r.id.clone())
     } else if let Some(au) = b.str("RecipientAdministrativeUnitScope") {
-        // Administrative units are not modelled.
-        return Err(ExoError::not_found(&au, cx.t));
+        let unit = cx
+            .t
+            .administrative_units
+            .iter()
+            .find(|u| u.id.eq_ignore_ascii_case(&au) || u.display_name.eq_ignore_ascii_case(&au))
+            .ok_or_else(|| ExoError::not_found(&au, cx.t))?;
+        ScopeRef::AdministrativeUnit(unit.id.clone())
     } else {
         ScopeRef::Organization
     };
@@ -2244,6 +2249,7 @@ fn assignment_object(t: &Tenant, a: &RoleAssignmentRecord) -> Value {
         .exo_service_principals
         .iter()
         .find(|s| s.object_id == a.app_object_id);
+    let mut unit = Value::Null;
     let (custom, group, write_scope) = match &a.scope {
         ScopeRef::Organization => (Value::Null, Value::Null, "Organization"),
         ScopeRef::Custom(n) => (json!(n), Value::Null, "CustomRecipientScope"),
@@ -2252,13 +2258,19 @@ fn assignment_object(t: &Tenant, a: &RoleAssignmentRecord) -> Value {
             json!(t.recipient(id).map(|g| g.name.clone())),
             "Group",
         ),
+        // How Exchange prints an administrative-unit scope is unverified: the unit's id here.
+        ScopeRef::AdministrativeUnit(id) => {
+            unit = json!(id);
+            (Value::Null, Value::Null, "AdministrativeUnit")
+        }
     };
     annotate(json!({
         "Name": a.name, "Identity": a.name, "Guid": a.guid, "Role": a.role,
         "RoleAssignee": sp.map(|s| s.identity.clone()).unwrap_or_else(|| a.app_object_id.clone()),
         "RoleAssigneeName": sp.map(|s| s.app_id.clone()).unwrap_or_default(),
         "RoleAssigneeType": "ServicePrincipal", "AssignmentMethod": "Direct",
-        "CustomResourceScope": custom, "RecipientGroupScope": group, "RecipientWriteScope": write_scope,
+        "CustomResourceScope": custom, "RecipientGroupScope": group,
+        "RecipientAdministrativeUnitScope": unit, "RecipientWriteScope": write_scope,
         "RecipientReadScope": "Organization", "ConfigWriteScope": "None",
         "Enabled": a.enabled, "RoleAssignmentDelegationType": "Regular", "WhenCreated": when(a.created)
     }))

@@ -479,6 +479,28 @@ fn dispatch(
                 "Cannot Update a mail-enabled security groups and or distribution list.",
             )
         }
+        ("directory", None, ["administrativeUnits", au], "GET") => {
+            if !holds(&claims, GROUP_READ) {
+                return insufficient(gx);
+            }
+            let Some(t) = w.tenant(&tid) else {
+                return insufficient(gx);
+            };
+            match t
+                .administrative_units
+                .iter()
+                .find(|u| u.id.eq_ignore_ascii_case(au))
+            {
+                Some(u) => Reply::json(
+                    200,
+                    with_context(
+                        json!({"id": u.id, "displayName": u.display_name}),
+                        "directory/administrativeUnits/$entity",
+                    ),
+                ),
+                None => not_found(gx, au),
+            }
+        }
         ("roleManagement", None, ["directory", "roleAssignments", rest @ ..], _) => {
             role_assignments(w, gx, &claims, &tid, rest, &m, query, body)
         }

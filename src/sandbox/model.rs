@@ -469,6 +469,18 @@ pub enum ScopeRef {
     Organization,
     Custom(String),
     Group(String),
+    /// `-RecipientAdministrativeUnitScope`: an administrative unit's id.
+    AdministrativeUnit(String),
+}
+
+/// An Entra administrative unit: a named set of directory objects (here: recipients by id).
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AdministrativeUnit {
+    pub id: String,
+    pub display_name: String,
+    /// Recipient ids.
+    pub members: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -518,6 +530,7 @@ pub struct Tenant {
     pub exo_service_principals: Vec<ExoServicePrincipal>,
     pub management_scopes: Vec<ManagementScopeRecord>,
     pub role_assignments: Vec<RoleAssignmentRecord>,
+    pub administrative_units: Vec<AdministrativeUnit>,
     pub mailboxes: BTreeMap<String, MailboxData>,
     pub sent_mail: Vec<Value>,
     /// Client id of the management app printed at start (if this tenant has one).
@@ -554,6 +567,7 @@ impl Tenant {
             exo_service_principals: vec![],
             management_scopes: vec![],
             role_assignments: vec![],
+            administrative_units: vec![],
             mailboxes: BTreeMap::new(),
             sent_mail: vec![],
             management_app_id: None,

@@ -654,6 +654,16 @@ pub fn assignments_of(t: &Tenant, sp_object_id: &str) -> Vec<Assignment> {
                         dn: g.distinguished_name(t),
                     }
                 }
+                ScopeRef::AdministrativeUnit(id) => {
+                    let au = t
+                        .administrative_units
+                        .iter()
+                        .find(|u| u.id.eq_ignore_ascii_case(id))?;
+                    AssignmentScope::AdministrativeUnit {
+                        name: au.display_name.clone(),
+                        member_ids: au.members.clone(),
+                    }
+                }
             };
             Some(Assignment {
                 name: a.name.clone(),

@@ -60,6 +60,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         include_str!("../../migrations/0012_queue_claim.sql"),
     ),
     (
+        13,
+        "rbac_migrations_job",
+        include_str!("../../migrations/0013_rbac_migrations_job.sql"),
+    ),
+    (
         14,
         "grant_expiry_notice",
         include_str!("../../migrations/0014_grant_expiry_notice.sql"),

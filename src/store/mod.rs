@@ -15,6 +15,7 @@ pub mod liveness;
 pub mod local_secrets;
 pub mod migrate;
 pub mod propagation_checks;
+pub mod rbac_migrations;
 pub mod rbac_restrictions;
 pub mod scope_groups;
 pub mod settings;

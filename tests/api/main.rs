@@ -19,6 +19,7 @@ mod problems;
 mod propagation_checks;
 mod provisioning_flow;
 mod queue;
+mod rbac_migrations;
 mod rbac_restrictions;
 mod scope_groups;
 mod spec;

@@ -672,7 +672,13 @@ pub(crate) struct WorkerProcess(std::process::Child);
 
 impl WorkerProcess {
     pub(crate) fn spawn(env: &WithSandbox) -> WorkerProcess {
+        Self::spawn_with(env, &[])
+    }
+
+    /// With more `MAILSCOPE_*` settings.
+    pub(crate) fn spawn_with(env: &WithSandbox, vars: &[(&str, &str)]) -> WorkerProcess {
         let child = std::process::Command::new(env!("CARGO_BIN_EXE_mailscope"))
+            .envs(vars.iter().copied())
             .args(["serve", "--worker-only"])
             .env_remove("MAILSCOPE_CONFIG")
             .env("DATABASE_URL", &env.app.db.url)

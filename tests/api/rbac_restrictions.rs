@@ -394,3 +394,100 @@ async fn a_filter_scope_is_validated_read_back_replaced_and_removed() {
         .unwrap();
     assert_problem(res, 404, "not_found").await;
 }
+
+#[tokio::test]
+async fn put_application_refuses_to_grant_back_the_consent_rbac_removed() {
+    let env = WithSandbox::start().await;
+    create_group(&env, "acme-scope", &["alice"]).await;
+    let body = json!({"display_name": "ACME mail sync", "permissions": ["Mail.Read"],
+        "grant_admin_consent": true});
+    env.api().put("/applications/acme", &body, 201).await;
+    let app = env.api().get("/applications/acme", 200).await["app_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let res = post(
+        &env,
+        "/rbac-restrictions",
+        json!({"app_id": app, "scope": {"scope_group": "acme-scope"}, "remove_entra_grants": true,
+               "canary_mailboxes": [addr("bob")]}),
+    )
+    .await;
+    assert_eq!(res.status(), 201, "{}", res.text().await.unwrap());
+    let r: Value = res.json().await.unwrap();
+    assert_eq!(r["restricted"], true, "{r}");
+    let id = r["id"].as_str().unwrap().to_string();
+
+    // The same PUT again would grant Entra Mail.Read back: every mailbox. Refused, nothing granted.
+    let p = env
+        .api()
+        .put("/applications/acme", &body, (409, "rbac_union_trap"))
+        .await;
+    assert!(p["detail"].as_str().unwrap().contains(&id), "{p}");
+    assert_eq!(p["errors"][0]["field"], "grant_admin_consent");
+    let live = get(&env, &format!("/rbac-restrictions/{id}")).await;
+    assert_eq!(live["restricted"], true, "{live}");
+    assert_eq!(live["unscoped_entra_grants"], json!([]));
+    // Without consent the application is accepted: RBAC grants Mail.Read in scope.
+    let mut without = body.clone();
+    without["grant_admin_consent"] = json!(false);
+    env.api().put("/applications/acme", &without, 200).await;
+}
+
+#[tokio::test]
+async fn an_administrative_unit_scopes_the_app_through_graph() {
+    let env = WithSandbox::start().await;
+    let unit = env
+        .control()
+        .post(
+            &format!("/tenants/{}/administrative-units", env.tenant),
+            &json!({"displayName": "Sales AU", "members": ["alice"]}),
+            201,
+        )
+        .await;
+    let au = unit["id"].as_str().unwrap().to_string();
+    // An unknown unit, or two scopes at once: refused before anything is created.
+    let res = post(
+        &env,
+        "/rbac-restrictions",
+        json!({"app_id": APP, "scope": {"administrative_unit": uuid::Uuid::new_v4()}}),
+    )
+    .await;
+    let p = assert_problem(res, 422, "validation_failed").await;
+    assert_eq!(p["errors"][0]["field"], "scope.administrative_unit");
+    let res = post(
+        &env,
+        "/rbac-restrictions",
+        json!({"app_id": APP, "scope": {"administrative_unit": au, "recipient_filter": "Department -eq 'x'"}}),
+    )
+    .await;
+    assert_problem(res, 422, "validation_failed").await;
+    assert_eq!(count(&env, "New-ServicePrincipal").await, 0);
+
+    let body = json!({"app_id": APP, "scope": {"administrative_unit": au},
+        "remove_entra_grants": true, "sample_mailboxes": [addr("alice")],
+        "canary_mailboxes": [addr("bob")]});
+    let res = post(&env, "/rbac-restrictions", body.clone()).await;
+    assert_eq!(res.status(), 201, "{}", res.text().await.unwrap());
+    let r: Value = res.json().await.unwrap();
+    assert_eq!(r["scope"]["kind"], "administrative_unit");
+    assert_eq!(r["scope"]["object_id"], au.as_str());
+    assert_eq!(r["restricted"], true, "{r}");
+    assert!(
+        r["assignments"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|a| a["present"] == true)
+    );
+    let t = tenant_state(&env).await;
+    assert_eq!(t["roleAssignments"].as_array().unwrap().len(), 3);
+    assert_eq!(t["managementScopes"], json!([]), "no filter needed");
+    // Through Graph, as the app: the unit's members, nobody else.
+    assert_eq!(graph_read(&env, "alice").await, 200);
+    assert_eq!(graph_read(&env, "bob").await, 403);
+    // The same restriction again adopts, never duplicates.
+    let res = post(&env, "/rbac-restrictions", body).await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(count(&env, "New-ManagementRoleAssignment").await, 3);
+}

@@ -524,6 +524,19 @@ impl GraphClient {
         .await
     }
 
+    /// An administrative unit by object id (needs `AdministrativeUnit.Read.All` or
+    /// `Directory.Read.All`); `None` when there is none.
+    pub async fn get_administrative_unit(
+        &self,
+        id: &str,
+    ) -> Result<Option<AdministrativeUnit>, M365Error> {
+        let path = format!(
+            "/directory/administrativeUnits/{}?$select=id,displayName",
+            pct(id)
+        );
+        self.get_optional("administrative_units.get", &path).await
+    }
+
     // ----- users and mailboxes -----
 
     /// By object id or UPN.

@@ -113,6 +113,14 @@ pub struct AppRoleAssignment {
     pub created_date_time: Option<String>,
 }
 
+/// An Entra administrative unit (`GET /directory/administrativeUnits/{id}`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct AdministrativeUnit {
+    pub id: String,
+    pub display_name: Option<String>,
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", default)]
 pub struct User {
