@@ -83,7 +83,7 @@ pub struct PropagationSettings {
     /// In-scope members sampled per policy scope for the default expectations.
     pub sample_size: usize,
     /// RBAC for Applications: the first look through Graph after Exchange's verdict. Microsoft
-    /// documents a permission cache of 30 minutes to 2 hours (docs/microsoft-365.md docs/microsoft-365.md §3.5, §8.3), so looking
+    /// documents a permission cache of 30 minutes to 2 hours (docs/microsoft-365.md §3.5, §8.3), so looking
     /// earlier only spends calls; the default is the documented minimum, 30 minutes. Later looks
     /// follow the backoff above.
     pub rbac_first_delay_ms: u64,

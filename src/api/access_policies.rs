@@ -1,5 +1,5 @@
 //! `/v1/tenants/{tenant_id}/access-policies`, `/access-tests` and `/sync`: application access
-//! policies (docs/microsoft-365.md docs/microsoft-365.md §2, pitfalls docs/microsoft-365.md §6.3–6.5, 6.10–6.12).
+//! policies (docs/microsoft-365.md §2, pitfalls docs/microsoft-365.md §6.3–6.5, 6.10–6.12).
 //!
 //! Thin handlers: parse, authorize, call one use case of `provisioning::access_policies`,
 //! `access_test` or `sync`, render. The safety rules (create before remove, the last
@@ -57,7 +57,7 @@ pub struct AccessPolicyInput {
     /// A scope group's alias, or the SMTP address of a scope group, user mailbox or mail user.
     pub scope: String,
     pub access_right: AccessRight,
-    /// Omitted: a single space, the smallest value, so the tenant fits the most policies (docs/microsoft-365.md docs/microsoft-365.md §2.6).
+    /// Omitted: a single space, the smallest value, so the tenant fits the most policies (docs/microsoft-365.md §2.6).
     pub description: Option<String>,
     /// Mailboxes the app must not reach, checked by the propagation check (besides the tenant's).
     #[serde(default)]
@@ -443,7 +443,7 @@ pub struct ExchangeVerdict {
 pub struct LocalVerdict {
     pub granted: bool,
     /// Which of the four rules decided: `deny_match`, `restrict_match`, `restrict_miss` or
-    /// `no_policy` (docs/microsoft-365.md docs/microsoft-365.md §2.3).
+    /// `no_policy` (docs/microsoft-365.md §2.3).
     #[schema(value_type = super::schema::AccessRuleName, example = "restrict_miss")]
     pub rule: String,
     /// mailscope's ids of the policies that matched the app and the mailbox.
@@ -494,7 +494,7 @@ pub struct PermissionVerdict {
     pub decided_by: String,
 }
 
-/// Effective access with both mechanisms together (docs/microsoft-365.md docs/microsoft-365.md §3.3: RBAC adds to Entra grants;
+/// Effective access with both mechanisms together (docs/microsoft-365.md §3.3: RBAC adds to Entra grants;
 /// access policies narrow only Entra grants).
 #[derive(Serialize, ToSchema)]
 pub struct EffectiveAccess {

@@ -213,7 +213,7 @@ pub const CATALOGUE: &[(ProblemKind, &str, &str)] = &[
     (
         ProblemKind::RbacDenyUnsupported,
         "DenyAccess has no RBAC equivalent",
-        "RBAC for Applications can only grant: no role assignment says \"every mailbox except this group\", so a DenyAccess restriction cannot be expressed or verified as RBAC (docs/microsoft-365.md docs/microsoft-365.md §3.8). Keep the DenyAccess application access policy, or turn its scope into an allow-list (a scope of the mailboxes the app may reach).",
+        "RBAC for Applications can only grant: no role assignment says \"every mailbox except this group\", so a DenyAccess restriction cannot be expressed or verified as RBAC (docs/microsoft-365.md §3.8). Keep the DenyAccess application access policy, or turn its scope into an allow-list (a scope of the mailboxes the app may reach).",
     ),
     (
         ProblemKind::RbacMigrationActive,

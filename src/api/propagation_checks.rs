@@ -91,7 +91,7 @@ pub enum CheckMechanism {
     /// An application access policy.
     #[default]
     AccessPolicy,
-    /// RBAC for Applications. There is no DenyAccess in RBAC (docs/microsoft-365.md docs/microsoft-365.md §3.8).
+    /// RBAC for Applications. There is no DenyAccess in RBAC (docs/microsoft-365.md §3.8).
     Rbac,
 }
 

@@ -1,5 +1,5 @@
 //! `/v1/tenants/{tenant_id}/scope-groups`: the mail-enabled security groups that define which
-//! mailboxes an app may reach (docs/microsoft-365.md docs/microsoft-365.md §2.4, §4).
+//! mailboxes an app may reach (docs/microsoft-365.md §2.4, §4).
 //!
 //! A scope group is keyed by its alias. `PUT` makes the tenant match the request: it looks the
 //! group up in Exchange first (so a retry after a crash between Exchange's create and mailscope's

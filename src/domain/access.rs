@@ -1,14 +1,14 @@
 //! Exchange Online's application access rules, as pure functions over plain data.
 //!
-//! Three mechanisms decide whether an app may touch a mailbox (docs/microsoft-365.md docs/microsoft-365.md §2–§3, §7):
-//! - Application Access Policies (AAP): four ordered rules (docs/microsoft-365.md docs/microsoft-365.md §2.3) that constrain only
+//! Three mechanisms decide whether an app may touch a mailbox (docs/microsoft-365.md §2–§3, §7):
+//! - Application Access Policies (AAP): four ordered rules (docs/microsoft-365.md §2.3) that constrain only
 //!   Entra-granted permissions;
 //! - RBAC for Applications: role assignments scoped by management scopes, administrative units or
 //!   groups (see [`crate::domain::rbac`]);
 //! - the union of both: an app reaches a mailbox if an Entra grant survives the AAP rules *or* an
 //!   RBAC assignment covers the mailbox ([`authorize_mailbox_call`]).
 //!
-//! Nested group membership is uncertain in Microsoft's behaviour (docs/microsoft-365.md docs/microsoft-365.md §2.5, §3.4), so every function
+//! Nested group membership is uncertain in Microsoft's behaviour (docs/microsoft-365.md §2.5, §3.4), so every function
 //! that expands groups takes a [`NestedGroups`] mode instead of picking one.
 //! Nothing here performs I/O; mailscope reuses these functions for local evaluation and the sandbox
 //! uses them to answer as Exchange would.
@@ -67,7 +67,7 @@ impl AccessPolicy {
     }
 }
 
-/// Whether membership of nested groups counts (docs/microsoft-365.md docs/microsoft-365.md §2.5 AAP, §3.4 RBAC: both unverified).
+/// Whether membership of nested groups counts (docs/microsoft-365.md §2.5 AAP, §3.4 RBAC: both unverified).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum NestedGroups {
@@ -139,7 +139,7 @@ pub fn groups_containing(
         .collect()
 }
 
-/// `RecipientTypeDetails` values accepted as `-PolicyScopeGroupId` (docs/microsoft-365.md docs/microsoft-365.md §2.4). Shared, room and
+/// `RecipientTypeDetails` values accepted as `-PolicyScopeGroupId` (docs/microsoft-365.md §2.4). Shared, room and
 /// equipment mailboxes, Microsoft 365 groups, distribution groups and the rest are refused.
 pub const POLICY_SCOPE_TYPES: &[&str] = &["UserMailbox", "MailUser", "MailUniversalSecurityGroup"];
 
@@ -150,7 +150,7 @@ pub fn policy_scope_allowed(recipient_type_details: &str) -> bool {
         .any(|t| t.eq_ignore_ascii_case(recipient_type_details))
 }
 
-/// Rule 4's trap (docs/microsoft-365.md docs/microsoft-365.md §2.3): would this change leave the app without any RestrictAccess policy, so
+/// Rule 4's trap (docs/microsoft-365.md §2.3): would this change leave the app without any RestrictAccess policy, so
 /// that it silently reaches every mailbox? `removed` is the access right of the policy going away
 /// (`None` when nothing in force goes), `added` that of the policy taking its place (`None` for a
 /// plain removal), `others` every other policy in force (`*` policies count).
@@ -182,7 +182,7 @@ pub fn removal_widens_access(
     covered_permissions_held && leaves_app_unrestricted(app_id, removed, added, others)
 }
 
-/// Which of the four documented rules (docs/microsoft-365.md docs/microsoft-365.md §2.3) decided.
+/// Which of the four documented rules (docs/microsoft-365.md §2.3) decided.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum AccessRule {
     /// Rule 1: a DenyAccess policy matches the app and the mailbox.
@@ -266,7 +266,7 @@ pub fn evaluate_application_access(
     }
 }
 
-/// Microsoft Graph application permissions that application access policies restrict (docs/microsoft-365.md docs/microsoft-365.md §7).
+/// Microsoft Graph application permissions that application access policies restrict (docs/microsoft-365.md §7).
 /// `full_access_as_app` is the EWS permission on the Exchange resource.
 pub const POLICY_RESTRICTED_PERMISSIONS: &[&str] = &[
     "Mail.Read",
@@ -303,7 +303,7 @@ pub enum MailboxAccess {
     NoPermission,
 }
 
-/// Where a granted permission came from (docs/microsoft-365.md docs/microsoft-365.md §3.3: effective rights are the union).
+/// Where a granted permission came from (docs/microsoft-365.md §3.3: effective rights are the union).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum GrantPath {
     /// An Entra app-role grant that the application access policies let through.

@@ -1,6 +1,6 @@
 //! A vendor's public X.509 certificate, as uploaded for a certificate credential: decoded from
 //! PEM, with the thumbprint and validity Microsoft Graph records for a `keyCredential`
-//! (docs/microsoft-365.md docs/microsoft-365.md §5.4; the credential's start and end are the certificate's own).
+//! (docs/microsoft-365.md §5.4; the credential's start and end are the certificate's own).
 //!
 //! Only what mailscope needs is read: the DER is walked to `tbsCertificate.validity`.
 use chrono::{DateTime, NaiveDateTime, Utc};

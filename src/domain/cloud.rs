@@ -1,6 +1,6 @@
 //! Microsoft cloud instances and the base URLs mailscope talks to for each.
 //!
-//! Hosts follow docs/microsoft-365.md docs/microsoft-365.md §1.1. `Custom` exists so the same code path reaches the
+//! Hosts follow docs/microsoft-365.md §1.1. `Custom` exists so the same code path reaches the
 //! sandbox (or a proxy) with explicit base URLs; the token *resources* stay the global ones there,
 //! because the sandbox, like Microsoft, identifies the resource by its URI, not by the host it runs on.
 use serde::{Deserialize, Serialize};
@@ -107,7 +107,7 @@ impl CloudEndpoints {
                 "https://dod-graph.microsoft.us",
                 "https://outlook-dod.office365.us",
             ),
-            // The Exchange host differs between Microsoft's own sources (docs/microsoft-365.md docs/microsoft-365.md §1.1), so it
+            // The Exchange host differs between Microsoft's own sources (docs/microsoft-365.md §1.1), so it
             // can be overridden per tenant; the scope for it is unverified and follows the host.
             Cloud::China => (
                 "https://login.partner.microsoftonline.cn",

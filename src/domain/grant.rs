@@ -5,7 +5,7 @@
 //! Onboarding with application access policies runs scope group → app → restriction → removal of
 //! unscoped grants → consent → propagation check: the app is granted its mail permissions only
 //! once its RestrictAccess policy exists, so at no step does it reach a mailbox the grant does
-//! not allow (docs/microsoft-365.md docs/microsoft-365.md §2.3: an app without a RestrictAccess policy reaches every
+//! not allow (docs/microsoft-365.md §2.3: an app without a RestrictAccess policy reaches every
 //! mailbox its consent covers). Offboarding revokes the consent first, then removes the
 //! restriction, then the app and the scope group (only what mailscope created leaves the tenant).
 //!

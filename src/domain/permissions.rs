@@ -1,4 +1,4 @@
-//! Which application permissions an application access policy restricts (docs/microsoft-365.md docs/microsoft-365.md §7), and
+//! Which application permissions an application access policy restricts (docs/microsoft-365.md §7), and
 //! which resource (Microsoft Graph or Office 365 Exchange Online) each permission name belongs to.
 //!
 //! Everything outside the covered list stays tenant-wide whatever policy is in force (pitfall 8),
@@ -9,7 +9,7 @@ pub const GRAPH_RESOURCE: &str = "00000003-0000-0000-c000-000000000000";
 /// Resource app id of Office 365 Exchange Online.
 pub const EXCHANGE_RESOURCE: &str = "00000002-0000-0ff1-ce00-000000000000";
 
-/// Graph application permissions that application access policies restrict (docs/microsoft-365.md docs/microsoft-365.md §7).
+/// Graph application permissions that application access policies restrict (docs/microsoft-365.md §7).
 const COVERED_GRAPH: &[&str] = &[
     "Mail.Read",
     "Mail.ReadBasic",

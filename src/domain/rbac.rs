@@ -1,14 +1,14 @@
-//! RBAC for Applications (docs/microsoft-365.md docs/microsoft-365.md §3): application roles, management scopes with
+//! RBAC for Applications (docs/microsoft-365.md §3): application roles, management scopes with
 //! OPATH recipient filters, role assignments and their evaluation against one recipient.
 //!
 //! Pure functions over plain data. `MemberOfGroup` compares group distinguished names; whether
-//! nested members count is unverified (docs/microsoft-365.md docs/microsoft-365.md §3.4), so the caller passes the recipient's group DNs
+//! nested members count is unverified (docs/microsoft-365.md §3.4), so the caller passes the recipient's group DNs
 //! computed in the mode it wants (direct only by default, see [`RecipientFacts::member_of`]).
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
-/// One Exchange application role and the Graph/EWS permissions it grants (docs/microsoft-365.md docs/microsoft-365.md §3.2).
+/// One Exchange application role and the Graph/EWS permissions it grants (docs/microsoft-365.md §3.2).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ApplicationRole {
     pub name: &'static str,
@@ -90,7 +90,7 @@ pub const APPLICATION_ROLES: &[ApplicationRole] = &[
         protocol: "EWS",
         permissions: &["EWS.AccessAsApp"],
     },
-    // Only RBAC has it (docs/microsoft-365.md docs/microsoft-365.md §8.2): SMTP AUTH client submission as the app.
+    // Only RBAC has it (docs/microsoft-365.md §8.2): SMTP AUTH client submission as the app.
     ApplicationRole {
         name: "Application SMTP.SendAsApp",
         protocol: "SMTP",
@@ -121,7 +121,7 @@ pub fn is_mailbox_permission(permission: &str) -> bool {
         || p.eq_ignore_ascii_case("full_access_as_app")
 }
 
-/// The union trap (docs/microsoft-365.md docs/microsoft-365.md §3.3): which of the app's Entra grants reach every mailbox whatever its RBAC
+/// The union trap (docs/microsoft-365.md §3.3): which of the app's Entra grants reach every mailbox whatever its RBAC
 /// scope. While any remains the app is not restricted by RBAC for that permission.
 pub fn unscoped_mailbox_grants(entra_permissions: &[String]) -> Vec<String> {
     let mut v: Vec<String> = entra_permissions
@@ -511,7 +511,7 @@ impl RecipientFacts {
 pub struct ManagementScope {
     pub name: String,
     pub filter: RecipientFilter,
-    /// Exclusive scopes do not restrict app access (docs/microsoft-365.md docs/microsoft-365.md §3.4); kept for display.
+    /// Exclusive scopes do not restrict app access (docs/microsoft-365.md §3.4); kept for display.
     pub exclusive: bool,
 }
 
@@ -703,7 +703,7 @@ mod tests {
             role_for_permission("SMTP.SendAsApp").map(|r| r.name),
             Some("Application SMTP.SendAsApp")
         );
-        // No role grants Mail.ReadBasic.All (docs/microsoft-365.md docs/microsoft-365.md §3.2); bundles are never chosen for one permission.
+        // No role grants Mail.ReadBasic.All (docs/microsoft-365.md §3.2); bundles are never chosen for one permission.
         assert_eq!(role_for_permission("Mail.ReadBasic.All"), None);
         assert_eq!(
             role_for_permission("Mail.ReadWrite").map(|r| r.name),

@@ -88,12 +88,12 @@ pub struct M365Settings {
     /// gives no figure ("typically seconds"); past it the step fails as `replication_pending`
     /// and the job layer retries it later.
     pub entra_consistency_window_secs: u64,
-    /// Client assertion signing algorithm (docs/microsoft-365.md docs/microsoft-365.md §5.1: current docs PS256, older docs RS256).
+    /// Client assertion signing algorithm (docs/microsoft-365.md §5.1: current docs PS256, older docs RS256).
     pub client_assertion_algorithm: AssertionAlgorithm,
     /// Lifetime of a client assertion (exp - nbf). 600 s: Microsoft asks for 5-10 minutes.
     pub client_assertion_lifetime_secs: u64,
     /// `X-AnchorMailbox` template for app-only InvokeCommand. `{tenant_guid}` and `{tenant}` are
-    /// substituted. Which anchor the current module uses is unverified (docs/microsoft-365.md docs/microsoft-365.md §1.3).
+    /// substituted. Which anchor the current module uses is unverified (docs/microsoft-365.md §1.3).
     pub exchange_anchor_mailbox: String,
     /// How the tenant is named in the InvokeCommand path.
     pub exchange_tenant_form: ExchangeTenantForm,
@@ -108,7 +108,7 @@ pub struct M365Settings {
     pub graph_batch_size: usize,
     /// How long resolved app role ids and resource service principals are cached. 1 h.
     pub app_role_cache_ttl_secs: u64,
-    /// User-Agent sent on every request. It matters: EWS access policies match on it (docs/microsoft-365.md docs/microsoft-365.md §6.7).
+    /// User-Agent sent on every request. It matters: EWS access policies match on it (docs/microsoft-365.md §6.7).
     pub user_agent: String,
 }
 

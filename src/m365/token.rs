@@ -422,7 +422,7 @@ pub fn certificate_thumbprints(certificate_pem: &str) -> Result<(String, String)
     ))
 }
 
-/// Build the signed client assertion for the certificate credential (docs/microsoft-365.md docs/microsoft-365.md §5.1).
+/// Build the signed client assertion for the certificate credential (docs/microsoft-365.md §5.1).
 pub(crate) fn client_assertion(
     client_id: &str,
     certificate_pem: &str,

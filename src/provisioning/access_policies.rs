@@ -1,5 +1,5 @@
-//! Application access policies: create (or adopt), replace, re-describe and delete (docs/microsoft-365.md docs/microsoft-365.md §2,
-//! pitfalls docs/microsoft-365.md docs/microsoft-365.md §6.3–6.5, 6.10–6.12).
+//! Application access policies: create (or adopt), replace, re-describe and delete (docs/microsoft-365.md §2,
+//! pitfalls docs/microsoft-365.md §6.3–6.5, 6.10–6.12).
 //!
 //! A policy is identified by (app id, scope object id), never by Exchange's generated Identity;
 //! mailscope's own UUID is the API id. Every writer of a tenant's policies (and sync) holds one
@@ -9,7 +9,7 @@
 //!
 //! Safety rules:
 //! - a replacement creates the new policy **before** removing the old one, so the interim state
-//!   is the union of both scopes, never unrestricted (docs/microsoft-365.md docs/microsoft-365.md §6.11). Exchange cannot hold two policies
+//!   is the union of both scopes, never unrestricted (docs/microsoft-365.md §6.11). Exchange cannot hold two policies
 //!   for one app and scope, so a change of access right alone is done remove-then-create;
 //! - removing (or turning into DenyAccess) an app's last RestrictAccess policy, which silently
 //!   gives the app every mailbox (rule 4), is refused unless the caller accepts it.
@@ -292,7 +292,7 @@ async fn check_after_change(
 }
 
 /// Resolve `scope` (a scope group alias, or an address) with `Get-Recipient` and check that it
-/// can be a policy scope (docs/microsoft-365.md docs/microsoft-365.md §2.4); invalid with the reason otherwise.
+/// can be a policy scope (docs/microsoft-365.md §2.4); invalid with the reason otherwise.
 pub async fn resolve_scope(
     services: &Services,
     exo: &ExchangeClient,
@@ -414,7 +414,7 @@ async fn adopt_or_create(
         }
         return Ok((p.clone(), false));
     }
-    // A policy for an app that is not in the tenant protects nothing (docs/microsoft-365.md docs/microsoft-365.md §6.5).
+    // A policy for an app that is not in the tenant protects nothing (docs/microsoft-365.md §6.5).
     if let Some(handle) = require_app
         && handle
             .graph()
@@ -885,7 +885,7 @@ async fn delete_with(
         Some(identity) => exo.remove_application_access_policy(&identity).await?,
         None => false,
     };
-    // Change point for the propagation check: a removal takes up to 30 minutes to apply (docs/microsoft-365.md docs/microsoft-365.md §2.1).
+    // Change point for the propagation check: a removal takes up to 30 minutes to apply (docs/microsoft-365.md §2.1).
     store::access_policies::delete(&tx, tenant_id, id).await?;
     audit::record(
         &tx,

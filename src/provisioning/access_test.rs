@@ -1,8 +1,8 @@
 //! Access tests: may an app reach a mailbox? Exchange's `Test-ApplicationAccessPolicy` and
-//! mailscope's own evaluation of the four rules (docs/microsoft-365.md docs/microsoft-365.md §2.3), side by side, with the most
+//! mailscope's own evaluation of the four rules (docs/microsoft-365.md §2.3), side by side, with the most
 //! likely reason when they differ; and, for both mechanisms together, the effective verdict per
 //! mailbox permission: the app's Entra grants, the access policies' decision and its RBAC
-//! assignments as `Test-ServicePrincipalAuthorization -Resource` reports them (docs/microsoft-365.md docs/microsoft-365.md §3.1, §3.3).
+//! assignments as `Test-ServicePrincipalAuthorization -Resource` reports them (docs/microsoft-365.md §3.1, §3.3).
 use std::collections::BTreeSet;
 
 use uuid::Uuid;

@@ -1553,7 +1553,7 @@ pub struct ConsentChange {
 /// its access policies say. Idempotent: the roles already held are not posted again.
 ///
 /// Granting widens the app's reach to what its restriction allows, so callers grant only once
-/// the restriction exists (docs/microsoft-365.md docs/microsoft-365.md §2.3).
+/// the restriction exists (docs/microsoft-365.md §2.3).
 pub async fn set_consent(
     services: &Services,
     actor: &Actor,

@@ -25,7 +25,7 @@ pub const CHECK_LOCK: &str = "propagation_check";
 
 /// Start the app's check, or give the active one these expectations. In the caller's
 /// transaction; returns the check and whether it is new. The default deadline follows the
-/// mechanism: RBAC's reflects its documented permission cache of 30 minutes to 2 hours (docs/microsoft-365.md docs/microsoft-365.md §3.5).
+/// mechanism: RBAC's reflects its documented permission cache of 30 minutes to 2 hours (docs/microsoft-365.md §3.5).
 #[allow(clippy::too_many_arguments)]
 pub async fn start_or_update(
     c: &impl GenericClient,
@@ -321,7 +321,7 @@ impl CheckView {
     }
 
     /// While an RBAC check waits for Graph: what it waits for, in Microsoft's documented terms
-    /// (docs/microsoft-365.md docs/microsoft-365.md §3.5, §8.3). `None` otherwise.
+    /// (docs/microsoft-365.md §3.5, §8.3). `None` otherwise.
     pub fn waiting_note(&self) -> Option<String> {
         let c = &self.check;
         if c.is_final() || c.mechanism != Mechanism::Rbac || c.stage != Stage::Live {

@@ -1,11 +1,11 @@
 //! Scope groups: the mail-enabled security groups whose members an app may reach (reference
-//! docs/microsoft-365.md docs/microsoft-365.md §2.4, §4), their use cases (ensure, add and remove members, read live, delete), and the
+//! docs/microsoft-365.md §2.4, §4), their use cases (ensure, add and remove members, read live, delete), and the
 //! recipient rules shared by scope groups, access policies and sync.
 //!
 //! Writes look the group up in Exchange before creating it (so a retry after a crash between
 //! Exchange's create and mailscope's write adopts the group instead of failing or duplicating).
 //! Members are checked before Exchange is changed, many at once: one filtered `Get-Recipient` per
-//! 500 addresses (docs/microsoft-365.md docs/microsoft-365.md §4.4), then the whole list is set in one call.
+//! 500 addresses (docs/microsoft-365.md §4.4), then the whole list is set in one call.
 //!
 //! No pooled connection is held while Microsoft is called. Writers of one group first queue in
 //! this process (`Services::key_locks`, so concurrent requests cost neither connections nor
@@ -108,7 +108,7 @@ pub fn primary_address(r: &Recipient) -> Option<String> {
         .map(str::to_ascii_lowercase)
 }
 
-/// Why a recipient cannot be an application access policy scope (docs/microsoft-365.md docs/microsoft-365.md §2.4), if it cannot.
+/// Why a recipient cannot be an application access policy scope (docs/microsoft-365.md §2.4), if it cannot.
 pub fn scope_refusal(r: &Recipient) -> Option<String> {
     let t = r.recipient_type_details.as_deref().unwrap_or("unknown");
     // Eligibility is the domain's rule (the sandbox uses it too); only the wording is here.
@@ -206,7 +206,7 @@ pub fn member_refusal(r: &Recipient) -> Option<String> {
             Some("a mail contact has no mailbox in this tenant for an app to reach".into())
         }
         t if t.contains("Group") => Some(format!(
-            "a group ({t}) cannot be added: whether policies count members of nested groups is unverified (docs/microsoft-365.md docs/microsoft-365.md §2.5), so mailscope adds mailboxes directly"
+            "a group ({t}) cannot be added: whether policies count members of nested groups is unverified (docs/microsoft-365.md §2.5), so mailscope adds mailboxes directly"
         )),
         t => Some(format!(
             "a recipient of type {t} cannot be a scope-group member"
@@ -215,7 +215,7 @@ pub fn member_refusal(r: &Recipient) -> Option<String> {
 }
 
 /// Look up every (label, address) at once: filtered `Get-Recipient` calls by SMTP address
-/// (docs/microsoft-365.md docs/microsoft-365.md §4.4), then `Get-Recipient -Identity` only for the addresses no
+/// (docs/microsoft-365.md §4.4), then `Get-Recipient -Identity` only for the addresses no
 /// recipient holds as an SMTP address (a user principal name may differ from all of them).
 /// Invalid naming every unknown or unsuitable one. Returns the recipients in input order.
 async fn resolve_members(

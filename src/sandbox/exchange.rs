@@ -1,4 +1,4 @@
-//! Exchange Online's admin `InvokeCommand` endpoint (docs/microsoft-365.md docs/microsoft-365.md §1.3, §2–§4): the
+//! Exchange Online's admin `InvokeCommand` endpoint (docs/microsoft-365.md §1.3, §2–§4): the
 //! `CmdletInput` body, parameter binding and validation, Exchange's error shape, `X-AnchorMailbox`,
 //! `@odata.nextLink` paging, replication-lag 404s, the admin-role requirement and the cmdlets
 //! mailscope uses.
@@ -97,7 +97,7 @@ fn canonical_cmdlet(name: &str) -> Option<&'static Cmdlet> {
 
 /// Cmdlets a directory role lets an app run. Exchange/Global Administrator run everything;
 /// Exchange Recipient Administrator also manages distribution groups; the other supported roles
-/// (docs/microsoft-365.md docs/microsoft-365.md §1.2) are treated as read-only. The exact role-to-cmdlet mapping is an approximation.
+/// (docs/microsoft-365.md §1.2) are treated as read-only. The exact role-to-cmdlet mapping is an approximation.
 fn role_permits(roles: &[String], cmdlet: &str, writes: bool) -> bool {
     let has = |name: &str| {
         directory_role_id(name).is_some_and(|id| roles.iter().any(|r| r.eq_ignore_ascii_case(id)))
@@ -774,7 +774,7 @@ fn project(o: Value, select: &[String]) -> Value {
     }
 }
 
-/// `X-AnchorMailbox` check (docs/microsoft-365.md docs/microsoft-365.md §1.3). Returns an error reply when the anchor is refused.
+/// `X-AnchorMailbox` check (docs/microsoft-365.md §1.3). Returns an error reply when the anchor is refused.
 fn check_anchor(t: &Tenant, anchor: Option<&str>) -> Option<Reply> {
     let mode = t.behaviour.anchor_mailbox;
     if mode == AnchorCheck::Off {
@@ -1076,7 +1076,7 @@ fn get_application_access_policy(cx: &mut Cx<'_>, b: &Bound) -> R {
             .filter(|p| p.visible_at <= cx.now)
             .collect();
     let wanted = b.str("Identity");
-    // An unknown Identity returns every policy (docs/microsoft-365.md docs/microsoft-365.md §2.1), so callers must check matches.
+    // An unknown Identity returns every policy (docs/microsoft-365.md §2.1), so callers must check matches.
     let matching: Vec<&Policy> = match &wanted {
         Some(id) => {
             let m: Vec<&Policy> = all
@@ -1442,7 +1442,7 @@ const TEST_SERVICE_PRINCIPAL_AUTHORIZATION: &[P] = &[
 ];
 
 fn test_service_principal_authorization(cx: &mut Cx<'_>, b: &Bound) -> R {
-    // Bypasses the permission cache and ignores Entra grants (docs/microsoft-365.md docs/microsoft-365.md §3.1): live state only.
+    // Bypasses the permission cache and ignores Entra grants (docs/microsoft-365.md §3.1): live state only.
     let sp = find_exo_sp(cx.t, &b.str("Identity").unwrap_or_default(), cx.now, true)?.clone();
     let assignments = assignments_of(cx.t, &sp.object_id);
     let snap = snapshot(cx.t);
@@ -1907,7 +1907,7 @@ fn scope_guid(t: &Tenant, r: &Recipient) -> String {
     }
 }
 
-/// `<tenantId>\<AppId>:<ScopeSid>;<ScopeObjectGuid>` (docs/microsoft-365.md docs/microsoft-365.md §2.2).
+/// `<tenantId>\<AppId>:<ScopeSid>;<ScopeObjectGuid>` (docs/microsoft-365.md §2.2).
 fn policy_identity(t: &Tenant, p: &Policy) -> String {
     format!("{}\\{}:{}", t.id, p.app_id, scope_identity_raw(t, p))
 }

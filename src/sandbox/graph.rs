@@ -1,4 +1,4 @@
-//! A Microsoft Graph v1.0 subset with Graph's JSON and error shapes (docs/microsoft-365.md docs/microsoft-365.md §5):
+//! A Microsoft Graph v1.0 subset with Graph's JSON and error shapes (docs/microsoft-365.md §5):
 //! applications, service principals and their app role assignments, directory role assignments,
 //! users, groups, the organization, the mailbox endpoints an app uses, and JSON `$batch`.
 //!
@@ -471,7 +471,7 @@ fn dispatch(
             }
         }
         ("groups", None, [_, "members", ..], "POST" | "DELETE") => {
-            // Mail-enabled security groups and distribution groups are read-only in Graph (docs/microsoft-365.md docs/microsoft-365.md §4.2).
+            // Mail-enabled security groups and distribution groups are read-only in Graph (docs/microsoft-365.md §4.2).
             err(
                 gx,
                 400,
@@ -944,7 +944,7 @@ fn applications(
                 };
                 let mut extra = Map::new();
                 for (k, v) in b {
-                    // Secrets cannot be set at creation (docs/microsoft-365.md docs/microsoft-365.md §5.4): passwordCredentials are ignored.
+                    // Secrets cannot be set at creation (docs/microsoft-365.md §5.4): passwordCredentials are ignored.
                     if ![
                         "displayName",
                         "requiredResourceAccess",
@@ -1286,7 +1286,7 @@ fn service_principals(
                 .retain(|g| g.principal_id != sp.id && g.resource_id != sp.id);
             t.directory_role_assignments
                 .retain(|d| d.principal_id != sp.id);
-            // Exchange drops the role assignments of a deleted service principal, not its scopes (docs/microsoft-365.md docs/microsoft-365.md §3.5).
+            // Exchange drops the role assignments of a deleted service principal, not its scopes (docs/microsoft-365.md §3.5).
             t.role_assignments
                 .retain(|a| !a.app_object_id.eq_ignore_ascii_case(&sp.id));
             Reply::empty(204)

@@ -1,6 +1,6 @@
 //! The simulated Microsoft identity platform: the v2.0 token endpoint for client credentials
 //! (client secret, HTTP Basic or certificate client assertion), OpenID configuration, JWKS and
-//! instance discovery, with errors in the `AADSTS…` shape (docs/microsoft-365.md docs/microsoft-365.md §5.1).
+//! instance discovery, with errors in the `AADSTS…` shape (docs/microsoft-365.md §5.1).
 use actix_web::{HttpRequest, HttpResponse, web};
 use std::collections::BTreeSet;
 

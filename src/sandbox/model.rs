@@ -24,7 +24,7 @@ pub const MANAGE_AS_APP_ROLE_ID: &str = "dc50a0fb-09a3-484d-be87-e023b12c6440";
 pub const DEFAULT_APP_WID: &str = "0997a1d0-0d1d-4acb-b408-d5ca73121e90";
 
 /// Microsoft Graph application permissions the sandbox knows, with their app role ids. The mail
-/// ids come from docs/microsoft-365.md docs/microsoft-365.md §5.5; the directory ones from Microsoft's permissions list.
+/// ids come from docs/microsoft-365.md §5.5; the directory ones from Microsoft's permissions list.
 pub const GRAPH_APP_ROLES: &[(&str, &str)] = &[
     ("Mail.Read", "810c84a8-4a9e-49e6-bf7d-12d183f40d01"),
     ("Mail.ReadBasic", "6be147d2-ea4f-4b5a-a3fa-3eab6f3c140a"),
@@ -75,7 +75,7 @@ pub const GRAPH_APP_ROLES: &[(&str, &str)] = &[
     ),
 ];
 
-/// Office 365 Exchange Online application permissions with known ids (docs/microsoft-365.md docs/microsoft-365.md §5.5).
+/// Office 365 Exchange Online application permissions with known ids (docs/microsoft-365.md §5.5).
 /// `Exchange.ManageAsAppV2` is added per tenant with a random id, because its real id is unverified
 /// and clients must resolve it at run time.
 pub const EXCHANGE_APP_ROLES: &[(&str, &str)] = &[
@@ -83,7 +83,7 @@ pub const EXCHANGE_APP_ROLES: &[(&str, &str)] = &[
     ("Exchange.ManageAsApp", MANAGE_AS_APP_ROLE_ID),
 ];
 
-/// Entra directory roles (template ids) that let an app run Exchange admin cmdlets (docs/microsoft-365.md docs/microsoft-365.md §1.2).
+/// Entra directory roles (template ids) that let an app run Exchange admin cmdlets (docs/microsoft-365.md §1.2).
 pub const DIRECTORY_ROLES: &[(&str, &str)] = &[
     (
         "Global Administrator",

@@ -1,4 +1,4 @@
-//! Propagation of authorization changes to Graph's front ends (docs/microsoft-365.md docs/microsoft-365.md §2.7, §3.5, §6.1).
+//! Propagation of authorization changes to Graph's front ends (docs/microsoft-365.md §2.7, §3.5, §6.1).
 //!
 //! Exchange's Test cmdlets read the live directory, but Graph authorizes mailbox calls through
 //! caches. The sandbox models `N` front ends; each adopts every change after its own delay drawn

@@ -528,6 +528,11 @@ pub enum ResourceScope {
         name: String,
         dn: String,
     },
+    /// `-RecipientAdministrativeUnitScope`: the unit's members (its object ids).
+    AdministrativeUnit {
+        name: String,
+        member_ids: Vec<String>,
+    },
 }
 
 impl ResourceScope {
@@ -537,6 +542,9 @@ impl ResourceScope {
             // Exclusivity concerns administrators, not apps (docs/microsoft-365.md §3.4).
             ResourceScope::Custom { filter, .. } => filter.matches(r),
             ResourceScope::Group { dn, .. } => r.member_of.iter().any(|g| same(g, dn)),
+            ResourceScope::AdministrativeUnit { member_ids, .. } => {
+                member_ids.iter().any(|m| same(m, &r.id))
+            }
         }
     }
 
@@ -546,6 +554,7 @@ impl ResourceScope {
             ResourceScope::Organization => "Organization",
             ResourceScope::Custom { .. } => "CustomRecipientScope",
             ResourceScope::Group { .. } => "Group",
+            ResourceScope::AdministrativeUnit { .. } => "AdministrativeUnit",
         }
     }
 
@@ -553,7 +562,9 @@ impl ResourceScope {
     pub fn label(&self) -> String {
         match self {
             ResourceScope::Organization => "Organization".into(),
-            ResourceScope::Custom { name, .. } | ResourceScope::Group { name, .. } => name.clone(),
+            ResourceScope::Custom { name, .. }
+            | ResourceScope::Group { name, .. }
+            | ResourceScope::AdministrativeUnit { name, .. } => name.clone(),
         }
     }
 }

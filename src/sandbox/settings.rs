@@ -214,11 +214,11 @@ pub struct Pacing {
     /// group membership (docs/microsoft-365.md §2.7, §8.3: "more than an hour", even when
     /// Exchange's Test cmdlet already shows it). Default 1 minute to 2 hours.
     pub propagation_delay: DelayRange,
-    /// How long a Graph front end takes to adopt an RBAC for Applications change (docs/microsoft-365.md docs/microsoft-365.md §3.5: the
+    /// How long a Graph front end takes to adopt an RBAC for Applications change (docs/microsoft-365.md §3.5: the
     /// permission cache, 30 minutes to 2 hours, unverified).
     pub rbac_propagation_delay: DelayRange,
     /// How long an object created by an Exchange `New-*` cmdlet stays invisible (404) to other
-    /// calls (docs/microsoft-365.md docs/microsoft-365.md §1.3: "seconds to minutes").
+    /// calls (docs/microsoft-365.md §1.3: "seconds to minutes").
     pub replication_delay: DelayRange,
     /// Entra's eventual consistency (docs/microsoft-365.md §8.4): how long a write through Graph
     /// stays unusable elsewhere. A new application reads as 404 and `POST /servicePrincipals`
@@ -301,7 +301,7 @@ impl Default for Pacing {
     }
 }
 
-/// The 403 body InvokeCommand sends for an unknown or unpermitted cmdlet (docs/microsoft-365.md docs/microsoft-365.md §1.3).
+/// The 403 body InvokeCommand sends for an unknown or unpermitted cmdlet (docs/microsoft-365.md §1.3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum ForbiddenBody {
@@ -311,7 +311,7 @@ pub enum ForbiddenBody {
     InvalidOperationJson,
 }
 
-/// The Graph 403 message when an application access policy blocks (docs/microsoft-365.md docs/microsoft-365.md §2.8).
+/// The Graph 403 message when an application access policy blocks (docs/microsoft-365.md §2.8).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum AccessDeniedMessage {
@@ -321,7 +321,7 @@ pub enum AccessDeniedMessage {
     Raop,
 }
 
-/// What cmdlets without output return in `value` (docs/microsoft-365.md docs/microsoft-365.md §1.3: unverified).
+/// What cmdlets without output return in `value` (docs/microsoft-365.md §1.3: unverified).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum EmptyOutput {
@@ -330,7 +330,7 @@ pub enum EmptyOutput {
     Missing,
 }
 
-/// How strictly InvokeCommand checks `X-AnchorMailbox` (docs/microsoft-365.md docs/microsoft-365.md §1.3: which anchor is required is unverified).
+/// How strictly InvokeCommand checks `X-AnchorMailbox` (docs/microsoft-365.md §1.3: which anchor is required is unverified).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum AnchorCheck {
@@ -342,7 +342,7 @@ pub enum AnchorCheck {
     Off,
 }
 
-/// Which object id the part after `;` in a policy's `ScopeIdentityRaw` carries (docs/microsoft-365.md docs/microsoft-365.md §2.2: scripts
+/// Which object id the part after `;` in a policy's `ScopeIdentityRaw` carries (docs/microsoft-365.md §2.2: scripts
 /// assume the Entra object id; unverified).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -355,44 +355,44 @@ pub enum ScopeObjectId {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", default, deny_unknown_fields)]
 pub struct Behaviour {
-    /// Do nested groups count in application access policy scopes? (docs/microsoft-365.md docs/microsoft-365.md §2.5; the current
+    /// Do nested groups count in application access policy scopes? (docs/microsoft-365.md §2.5; the current
     /// documentation says they do.)
     pub aap_nested_groups: Nesting,
-    /// Do nested groups count for `MemberOfGroup` in RBAC scopes? (docs/microsoft-365.md docs/microsoft-365.md §3.4; default direct only.)
+    /// Do nested groups count for `MemberOfGroup` in RBAC scopes? (docs/microsoft-365.md §3.4; default direct only.)
     pub rbac_nested_groups: Nesting,
     /// Storage budget for application access policies, in bytes. Each policy costs
     /// `policy_overhead_bytes` plus its Description's length: the defaults fit 300 policies with a
-    /// one-space description (docs/microsoft-365.md docs/microsoft-365.md §2.6).
+    /// one-space description (docs/microsoft-365.md §2.6).
     pub policy_storage_limit_bytes: usize,
     pub policy_overhead_bytes: usize,
     pub access_denied_message: AccessDeniedMessage,
     pub exchange_forbidden_body: ForbiddenBody,
     pub exchange_empty_output: EmptyOutput,
-    /// Does an Exchange 429 carry `Retry-After`? (docs/microsoft-365.md docs/microsoft-365.md §1.3: unverified.)
+    /// Does an Exchange 429 carry `Retry-After`? (docs/microsoft-365.md §1.3: unverified.)
     pub exchange_retry_after: bool,
     /// May a Graph `Retry-After` be fractional such as `2.128`? When true, each answer draws
     /// fractional or whole seconds (Microsoft sends both, docs/microsoft-365.md §8.6); when
     /// false, always whole seconds.
     pub graph_fractional_retry_after: bool,
     /// Do identity endpoints (applications, servicePrincipals…) omit `Retry-After` on 429?
-    /// (docs/microsoft-365.md docs/microsoft-365.md §5.6: third-party observation.)
+    /// (docs/microsoft-365.md §5.6: third-party observation.)
     pub graph_identity_omits_retry_after: bool,
     pub anchor_mailbox: AnchorCheck,
     pub scope_object_id: ScopeObjectId,
     /// Does Get-ApplicationAccessPolicy fail with ManagementObjectNotFound in a tenant that never
-    /// had a policy? (docs/microsoft-365.md docs/microsoft-365.md §2.1: "may fail".)
+    /// had a policy? (docs/microsoft-365.md §2.1: "may fail".)
     pub policy_get_fails_when_never_used: bool,
     /// Must Add/Remove/Update-DistributionGroupMember pass `-BypassSecurityGroupManagerCheck`
-    /// when the caller is not a group manager (an app never is)? (docs/microsoft-365.md docs/microsoft-365.md §4.2.)
+    /// when the caller is not a group manager (an app never is)? (docs/microsoft-365.md §4.2.)
     pub require_bypass_security_group_manager_check: bool,
-    /// Does InvokeCommand refuse tokens obtained with a client secret? (docs/microsoft-365.md docs/microsoft-365.md §1.2: unverified.)
+    /// Does InvokeCommand refuse tokens obtained with a client secret? (docs/microsoft-365.md §1.2: unverified.)
     pub exchange_rejects_secret_tokens: bool,
-    /// Does `EwsEnabled = $false` on a mailbox block Graph mail calls? (docs/microsoft-365.md docs/microsoft-365.md §4.3: unverified.)
+    /// Does `EwsEnabled = $false` on a mailbox block Graph mail calls? (docs/microsoft-365.md §4.3: unverified.)
     pub ews_disabled_blocks_graph: bool,
     /// Are mailboxes of users holding admin roles refused with the RAOP text regardless of
-    /// policy? (docs/microsoft-365.md docs/microsoft-365.md §2.8: unverified.)
+    /// policy? (docs/microsoft-365.md §2.8: unverified.)
     pub admin_mailboxes_blocked: bool,
-    /// Does the token response include `ext_expires_in`? (docs/microsoft-365.md docs/microsoft-365.md §5.1: unverified.)
+    /// Does the token response include `ext_expires_in`? (docs/microsoft-365.md §5.1: unverified.)
     pub token_ext_expires_in: bool,
     /// May InvokeCommand address the tenant by its `*.onmicrosoft.com` domain as well as its GUID?
     pub exchange_accepts_domain_tenant: bool,

@@ -659,7 +659,7 @@ pub fn assignments_of(t: &Tenant, sp_object_id: &str) -> Vec<Assignment> {
                         .administrative_units
                         .iter()
                         .find(|u| u.id.eq_ignore_ascii_case(id))?;
-                    AssignmentScope::AdministrativeUnit {
+                    ResourceScope::AdministrativeUnit {
                         name: au.display_name.clone(),
                         member_ids: au.members.clone(),
                     }
@@ -703,7 +703,7 @@ pub fn add_resource_principals(t: &mut Tenant, wall: DateTime<Utc>, rng: &mut im
             display_name: v.to_string(),
         })
         .collect();
-    // Unverified id (docs/microsoft-365.md docs/microsoft-365.md §1.2): random per tenant so clients must resolve it at run time.
+    // Unverified id (docs/microsoft-365.md §1.2): random per tenant so clients must resolve it at run time.
     exo_roles.push(AppRoleDef {
         id: guid(rng),
         value: "Exchange.ManageAsAppV2".into(),

@@ -145,7 +145,7 @@ pub fn graph_throttled(request_id: &str, client_request_id: &str, now: DateTime<
     )
 }
 
-/// An Exchange cmdlet error (docs/microsoft-365.md docs/microsoft-365.md §1.3): `details[0].message` is `<ErrorId>|<ExceptionType>|<text>`.
+/// An Exchange cmdlet error (docs/microsoft-365.md §1.3): `details[0].message` is `<ErrorId>|<ExceptionType>|<text>`.
 pub fn exchange_error(
     status: u16,
     code: &str,

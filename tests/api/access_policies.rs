@@ -59,7 +59,7 @@ async fn a_policy_is_created_once_per_app_and_scope() {
         .unwrap();
     assert_eq!(
         new_call["parameters"]["Description"], " ",
-        "the smallest description (docs/microsoft-365.md docs/microsoft-365.md §2.6)"
+        "the smallest description (docs/microsoft-365.md §2.6)"
     );
 
     // The same policy again (by the group's address this time): 200 with the existing one.
@@ -414,7 +414,7 @@ async fn access_tests_compare_exchange_with_the_local_rules_and_explain_differen
     assert_eq!(bob["local"]["rule"], "restrict_miss");
     assert_eq!(bob["agree"], true);
 
-    // Exchange counting only direct members of nested groups (docs/microsoft-365.md docs/microsoft-365.md §2.5) is named as the cause.
+    // Exchange counting only direct members of nested groups (docs/microsoft-365.md §2.5) is named as the cause.
     let settings = format!("/tenants/{}/settings", env.tenant);
     let nested = json!({"aapNestedGroups": "direct_only"});
     env.control().patch(&settings, &nested, 200).await;

@@ -437,7 +437,7 @@ async fn application_access_policy_cmdlets() {
             .await[0]["AccessCheckResult"],
         "Denied"
     );
-    // The service principal object id instead of the client id matches no policy (docs/microsoft-365.md docs/microsoft-365.md §6.2).
+    // The service principal object id instead of the client id matches no policy (docs/microsoft-365.md §6.2).
     let r = sb
         .cmd(
             &t,

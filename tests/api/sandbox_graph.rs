@@ -878,7 +878,7 @@ async fn wrong_exchange_service_principal_object_id_grants_nothing() {
     let sb = Sb::fast().await;
     let x = sb.mgmt_token(EXCHANGE_SCOPE).await;
     let (app_id, secret, _) = sb.new_app(json!({"displayName": "confused"})).await;
-    // The app registration's object id instead of the service principal's (docs/microsoft-365.md docs/microsoft-365.md §6.5).
+    // The app registration's object id instead of the service principal's (docs/microsoft-365.md §6.5).
     let g = sb.mgmt_token(GRAPH_SCOPE).await;
     let app_obj = sb
         .graph(&g, "GET", &format!("applications(appId='{app_id}')"), None)

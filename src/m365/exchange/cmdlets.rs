@@ -1,4 +1,4 @@
-//! Typed requests and outputs for the cmdlets mailscope uses (docs/microsoft-365.md docs/microsoft-365.md §2, §3, §4).
+//! Typed requests and outputs for the cmdlets mailscope uses (docs/microsoft-365.md §2, §3, §4).
 //!
 //! Output structs accept missing fields (everything is optional or defaults) because the REST
 //! shapes of these objects are third-party observations; multi-valued properties accept a string,
@@ -224,7 +224,7 @@ pub struct Mailbox {
     pub recipient_type_details: Option<String>,
 }
 
-/// `Get-CASMailbox` output (diagnostic context only; docs/microsoft-365.md docs/microsoft-365.md §4.3).
+/// `Get-CASMailbox` output (diagnostic context only; docs/microsoft-365.md §4.3).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "PascalCase", default)]
 pub struct CasMailbox {
@@ -278,7 +278,7 @@ impl ApplicationAccessPolicy {
             })
     }
 
-    /// mailscope's key for a policy (docs/microsoft-365.md docs/microsoft-365.md §2.2, §6.12): (AppId, group GUID, AccessRight).
+    /// mailscope's key for a policy (docs/microsoft-365.md §2.2, §6.12): (AppId, group GUID, AccessRight).
     pub fn key(&self) -> Option<(String, String, String)> {
         Some((
             self.app_id.clone()?.to_ascii_lowercase(),
@@ -322,7 +322,7 @@ pub struct NewApplicationAccessPolicy {
     /// The mail-enabled security group (name, address or GUID).
     pub policy_scope_group_id: String,
     pub access_right: AccessRight,
-    /// `None` sends `" "`: the shortest description, which fits the most policies (docs/microsoft-365.md docs/microsoft-365.md §2.6).
+    /// `None` sends `" "`: the shortest description, which fits the most policies (docs/microsoft-365.md §2.6).
     pub description: Option<String>,
 }
 
@@ -700,7 +700,7 @@ impl ExchangeClient {
     /// The recipients holding any of these SMTP addresses (primary or secondary): one
     /// `Get-Recipient -Filter "EmailAddresses -eq 'smtp:…' -or …" -ResultSize Unlimited` per
     /// [`ADDRESSES_PER_FILTER`] addresses instead of one call per address
-    /// (docs/microsoft-365.md docs/microsoft-365.md §4.4). Addresses matching nothing are simply absent.
+    /// (docs/microsoft-365.md §4.4). Addresses matching nothing are simply absent.
     pub async fn get_recipients_by_address(
         &self,
         addresses: &[String],
@@ -841,7 +841,7 @@ cmdlet_wrappers! {
         = all("Get-ManagementScope", InvokeOptions::read(), Params::new());
 
     /// `Set-ManagementScope -Identity -RecipientRestrictionFilter`: read the scope back afterwards
-    /// (docs/microsoft-365.md docs/microsoft-365.md §3.4: a malformed or empty filter can widen it to the organization).
+    /// (docs/microsoft-365.md §3.4: a malformed or empty filter can widen it to the organization).
     pub async fn set_management_scope_filter(&self, identity: &str, recipient_filter: &str)
         -> Result<(), M365Error>
         = done("Set-ManagementScope", InvokeOptions::write(), Params::new()

@@ -1,4 +1,4 @@
-//! InvokeCommand error answers → [`ErrorKind`] (docs/microsoft-365.md docs/microsoft-365.md §1.3 "Errors" and "Throttling").
+//! InvokeCommand error answers → [`ErrorKind`] (docs/microsoft-365.md §1.3 "Errors" and "Throttling").
 //!
 //! Branching uses, in order: the HTTP status for 401/403/429, the exception type from
 //! `details[0].message` (`ErrorId|ExceptionType|text`), then the status. Two cases have no code

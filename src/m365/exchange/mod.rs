@@ -1,4 +1,4 @@
-//! Exchange Online admin client over the `InvokeCommand` transport (docs/microsoft-365.md docs/microsoft-365.md §1.3).
+//! Exchange Online admin client over the `InvokeCommand` transport (docs/microsoft-365.md §1.3).
 //!
 //! `POST {exchange}/adminapi/beta/{tenant}/InvokeCommand` with
 //! `{"CmdletInput":{"CmdletName":…,"Parameters":{…}}}`, the app-only `X-AnchorMailbox` header and

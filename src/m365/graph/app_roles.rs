@@ -1,5 +1,5 @@
 //! App role ids resolved by permission name from the resource service principal's `appRoles`
-//! (docs/microsoft-365.md docs/microsoft-365.md §5.5), cached per tenant, with the reference's well-known ids as the fallback.
+//! (docs/microsoft-365.md §5.5), cached per tenant, with the reference's well-known ids as the fallback.
 //!
 //! Runtime resolution comes first because public id lists contain mislabelled ids; only roles
 //! whose `allowedMemberTypes` contains `Application` count (delegated scopes share names).
@@ -11,7 +11,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 use tokio::time::Instant;
 
-/// (resource app id, permission, app role id), from docs/microsoft-365.md docs/microsoft-365.md §5.5.
+/// (resource app id, permission, app role id), from docs/microsoft-365.md §5.5.
 const WELL_KNOWN: &[(&str, &str, &str)] = &[
     (
         GRAPH_APP_ID,

@@ -1,5 +1,5 @@
 //! Microsoft Graph client (v1.0): applications, service principals, app role assignments,
-//! secrets, users, mailbox probes and `$batch` (docs/microsoft-365.md docs/microsoft-365.md §5).
+//! secrets, users, mailbox probes and `$batch` (docs/microsoft-365.md §5).
 //!
 //! Errors branch on Graph's `error.code`, never on message text (`ErrorAccessDenied` on a mailbox
 //! is [`ErrorKind::MailboxAccessDenied`] whatever the message says). Lists follow

@@ -1,4 +1,4 @@
-//! Microsoft Graph resource shapes mailscope reads and writes (docs/microsoft-365.md docs/microsoft-365.md §5).
+//! Microsoft Graph resource shapes mailscope reads and writes (docs/microsoft-365.md §5).
 //!
 //! Only the properties mailscope uses; unknown properties are ignored and missing ones default.
 use secrecy::SecretString;
