@@ -1268,6 +1268,40 @@ pub(crate) fn rows_granting<'a>(
     })
 }
 
+/// The live state, re-read while pieces written moments ago may still be replicating.
+///
+/// Exchange objects created a moment ago can be missing from other calls for seconds to minutes
+/// (docs/microsoft-365.md §1.3), so a pointer or role assignment absent right after mailscope
+/// wrote the restriction is not yet proof that it is incomplete: re-read, with growing pauses,
+/// until the connector's replication window since the last write has passed.
+async fn live_after_replication(
+    services: &Services,
+    graph: &GraphClient,
+    exo: &ExchangeClient,
+    rec: &RbacRestrictionRecord,
+) -> Result<Restriction, Error> {
+    let m365 = &services.settings.m365;
+    let window = chrono::Duration::seconds(
+        i64::try_from(m365.replication_window_secs).unwrap_or(i64::MAX / 1000),
+    );
+    let deadline = rec.updated_at + window;
+    let cap = std::time::Duration::from_millis(m365.replication_poll_max_ms);
+    let mut pause = std::time::Duration::from_millis(250);
+    loop {
+        let state = live(graph, exo, rec.clone()).await?;
+        let replicating = state
+            .findings
+            .iter()
+            .any(|f| matches!(f.kind, "missing_pointer" | "missing_assignment"));
+        let left = (deadline - Utc::now()).to_std().unwrap_or_default();
+        if !replicating || left.is_zero() {
+            return Ok(state);
+        }
+        tokio::time::sleep(pause.min(left)).await;
+        pause = (pause * 2).min(cap);
+    }
+}
+
 /// Close the union trap in the safe order (docs/microsoft-365.md §3.3, §3.7): the restriction must be complete in the
 /// tenant; `Test-ServicePrincipalAuthorization` (live, no cache, docs/microsoft-365.md §3.1) must show every sample in
 /// scope for every permission and every canary out of scope; only then are the app's Entra
@@ -1287,7 +1321,7 @@ pub async fn enforce(
         .await?
         .ok_or_else(|| restriction_not_found(id))?;
     drop(db);
-    let state = live(&graph, &exo, rec.clone()).await?;
+    let state = live_after_replication(services, &graph, &exo, &rec).await?;
     let incomplete: Vec<&Finding> = state
         .findings
         .iter()

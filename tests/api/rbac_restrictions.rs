@@ -491,3 +491,33 @@ async fn an_administrative_unit_scopes_the_app_through_graph() {
     assert_eq!(res.status(), 200);
     assert_eq!(count(&env, "New-ManagementRoleAssignment").await, 3);
 }
+
+/// Exchange shows a role assignment it just made to other calls only after replication. Closing
+/// the union trap right after creating the restriction waits that out instead of calling the
+/// restriction incomplete (the README walkthrough's grant failed this way with a 1 s replication).
+#[tokio::test]
+async fn enforcing_right_after_creation_waits_for_exchange_replication() {
+    let mut sb = mailscope::sandbox::SandboxSettings::fast();
+    sb.pacing.replication_delay =
+        mailscope::sandbox::settings::DelayRange::fixed(std::time::Duration::from_millis(1500));
+    let env = WithSandbox::start_with(sb).await;
+    create_group(&env, "acme-scope", &["alice"]).await;
+    let body = json!({"display_name": "ACME mail sync", "permissions": ["Mail.Read"],
+        "grant_admin_consent": true});
+    env.api().put("/applications/acme", &body, 201).await;
+    let app = env.api().get("/applications/acme", 200).await["app_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let res = post(
+        &env,
+        "/rbac-restrictions",
+        json!({"app_id": app, "scope": {"scope_group": "acme-scope"}, "remove_entra_grants": true,
+               "canary_mailboxes": [addr("bob")]}),
+    )
+    .await;
+    assert_eq!(res.status(), 201, "{}", res.text().await.unwrap());
+    let r: Value = res.json().await.unwrap();
+    assert_eq!(r["restricted"], true, "{r}");
+    assert_eq!(r["unscoped_entra_grants"], json!([]), "{r}");
+}
