@@ -711,13 +711,20 @@ async fn propagation(path: web::Path<String>, sh: web::Data<Shared>) -> HttpResp
     let Some(t) = w.tenant(&path) else {
         return bad(404, "unknown tenant");
     };
-    let Some(TenantPropagation { aap, rbac }) = w.propagation.get(&t.id) else {
+    let Some(TenantPropagation {
+        aap,
+        rbac,
+        rbac_apps,
+    }) = w.propagation.get(&t.id)
+    else {
         return bad(404, "no propagation state");
     };
     HttpResponse::Ok().json(json!({
         "settled": aap.settled(now) && rbac.settled(now),
         "applicationAccessPolicies": aap.status(now),
         "rbac": rbac.status(now),
+        // Apps holding a per-app RBAC permission cache entry (cleared by settle).
+        "rbacAppCaches": rbac_apps.len(),
     }))
 }
 
@@ -730,6 +737,7 @@ async fn settle(path: web::Path<String>, sh: web::Data<Shared>) -> HttpResponse 
     if let Some(p) = w.propagation.get_mut(&id) {
         p.aap.settle(now);
         p.rbac.settle(now);
+        p.rbac_apps.clear();
     }
     HttpResponse::Ok().json(json!({"settled": true}))
 }

@@ -1618,8 +1618,13 @@ fn users(
             &format!("The requested user '{u}' is invalid."),
         );
     };
-    let (access, _) =
-        w.graph_mailbox_access(t, fe, gx.now, &c.appid, &c.oid, &c.roles, &user.id, perms);
+    let tenant_id = t.id.clone();
+    let (access, _) = w.graph_mailbox_access(
+        &tenant_id, fe, gx.now, &c.appid, &c.oid, &c.roles, &user.id, perms,
+    );
+    let Some(t) = w.tenant(tid) else {
+        return insufficient(gx);
+    };
     let behaviour = t.behaviour.clone();
     let blocked_msg = match behaviour.access_denied_message {
         AccessDeniedMessage::Documented => "Access to OData is disabled.",

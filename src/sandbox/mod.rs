@@ -59,6 +59,15 @@ pub struct SandboxArgs {
     /// Microsoft: 30 minutes to 2 hours).
     #[arg(long, default_value = "30m..2h")]
     pub rbac_propagation_delay: DelayRange,
+    /// RBAC permission cache per app: an app idle for longer than this picks up RBAC changes
+    /// (once its front end has them) at its next Graph call (Microsoft: 30 minutes; `0s`: no
+    /// per-app cache).
+    #[arg(long, default_value = "30m", value_parser = settings::parse_duration)]
+    pub rbac_app_cache_idle: Duration,
+    /// RBAC permission cache per app: maximum age of an app's cached grants, even while the app
+    /// keeps calling (Microsoft: up to 2 hours; `0s`: no per-app cache).
+    #[arg(long, default_value = "2h", value_parser = settings::parse_duration)]
+    pub rbac_app_cache_lifetime: Duration,
     /// How long objects created by Exchange `New-*` cmdlets answer 404 to other calls.
     #[arg(long, default_value = "5s..60s")]
     pub replication_delay: DelayRange,
@@ -152,6 +161,8 @@ impl SandboxSettings {
         let mut s = SandboxSettings::default();
         s.pacing.propagation_delay = DelayRange::ZERO;
         s.pacing.rbac_propagation_delay = DelayRange::ZERO;
+        s.pacing.rbac_app_cache_idle = Duration::ZERO;
+        s.pacing.rbac_app_cache_lifetime = Duration::ZERO;
         s.pacing.replication_delay = DelayRange::ZERO;
         s.pacing.entra_consistency_delay = DelayRange::ZERO;
         s.pacing.graph_budget = None;
@@ -177,6 +188,8 @@ impl SandboxSettings {
         let pacing = Pacing {
             propagation_delay: a.propagation_delay,
             rbac_propagation_delay: a.rbac_propagation_delay,
+            rbac_app_cache_idle: a.rbac_app_cache_idle,
+            rbac_app_cache_lifetime: a.rbac_app_cache_lifetime,
             replication_delay: a.replication_delay,
             entra_consistency_delay: a.entra_consistency_delay,
             front_ends: a.front_ends.max(1),
@@ -422,9 +435,11 @@ fn print_banner(h: &SandboxHandle, seed: u64, p: &Pacing) {
         println!("  TLS: trust this CA file:          {}", ca.display());
     }
     println!(
-        "  propagation: AAP {}  RBAC {}  replication {}  Entra consistency {}  front ends {}",
+        "  propagation: AAP {}  RBAC {} (app cache {} idle, {} max)  replication {}  Entra consistency {}  front ends {}",
         p.propagation_delay,
         p.rbac_propagation_delay,
+        settings::format_duration(p.rbac_app_cache_idle),
+        settings::format_duration(p.rbac_app_cache_lifetime),
         p.replication_delay,
         p.entra_consistency_delay,
         p.front_ends

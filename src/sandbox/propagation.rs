@@ -7,6 +7,11 @@
 //!
 //! A front end always sees a consistent snapshot: it adopts versions in order, and a version's
 //! adoption time is never earlier than the previous version's on the same front end.
+//!
+//! On top of the front ends, RBAC for Applications keeps a permission cache per app
+//! (docs/microsoft-365.md §3.5, §8.3): an app is judged by the RBAC view it cached, which is
+//! refilled from the front end only once the app has been idle for a while or the entry has
+//! reached its maximum age. An app in constant use therefore keeps old grants longest.
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
@@ -157,6 +162,73 @@ impl Channel {
     }
 }
 
+/// One app's cached RBAC view.
+#[derive(Debug, Clone)]
+struct AppCacheEntry {
+    /// The snapshot itself, not a version number: versions are pruned once front ends move on.
+    snapshot: Arc<AuthzSnapshot>,
+    filled_at: Duration,
+    last_used: Duration,
+}
+
+/// Per-app RBAC permission caches of one tenant, keyed by app id (lower case).
+#[derive(Debug, Default)]
+pub struct AppCaches {
+    entries: BTreeMap<String, AppCacheEntry>,
+}
+
+impl AppCaches {
+    /// The RBAC view `app_id` is judged by at `now`. `front` is the serving front end's current
+    /// view, used when the entry is missing, idle for longer than `idle` or older than
+    /// `lifetime`. A zero `idle` or `lifetime` turns the per-app cache off.
+    pub fn view(
+        &mut self,
+        app_id: &str,
+        front: Arc<AuthzSnapshot>,
+        now: Duration,
+        idle: Duration,
+        lifetime: Duration,
+    ) -> Arc<AuthzSnapshot> {
+        if idle.is_zero() || lifetime.is_zero() {
+            return front;
+        }
+        let key = app_id.to_ascii_lowercase();
+        let stale = |e: &AppCacheEntry| {
+            now.saturating_sub(e.last_used) > idle || now.saturating_sub(e.filled_at) >= lifetime
+        };
+        match self.entries.get_mut(&key) {
+            Some(e) if !stale(e) => {
+                e.last_used = now;
+                e.snapshot.clone()
+            }
+            _ => {
+                self.entries.insert(
+                    key,
+                    AppCacheEntry {
+                        snapshot: front.clone(),
+                        filled_at: now,
+                        last_used: now,
+                    },
+                );
+                front
+            }
+        }
+    }
+
+    /// Forget every cached entry (control API "settle").
+    pub fn clear(&mut self) {
+        self.entries.clear();
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ChannelStatus {
@@ -243,6 +315,61 @@ mod tests {
         );
         assert_eq!(c.view(0, Duration::from_secs(10)).policies.len(), 0);
         assert_eq!(c.view(0, Duration::from_secs(50)).policies.len(), 2);
+    }
+
+    #[test]
+    fn an_app_in_use_keeps_its_cache_until_the_lifetime_and_an_idle_app_refills() {
+        let (idle, life) = (Duration::from_secs(30 * 60), Duration::from_secs(2 * 3600));
+        let old = Arc::new(snap(0));
+        let new = Arc::new(snap(1));
+        let mut c = AppCaches::default();
+        let at = |m: u64| Duration::from_secs(m * 60);
+        assert_eq!(
+            c.view("Busy", old.clone(), at(0), idle, life)
+                .policies
+                .len(),
+            0
+        );
+        assert_eq!(
+            c.view("idle", old.clone(), at(0), idle, life)
+                .policies
+                .len(),
+            0
+        );
+        // Called every minute: the old view stays until the entry is two hours old.
+        for m in 1..120 {
+            assert_eq!(
+                c.view("busy", new.clone(), at(m), idle, life)
+                    .policies
+                    .len(),
+                0
+            );
+        }
+        assert_eq!(
+            c.view("busy", new.clone(), at(120), idle, life)
+                .policies
+                .len(),
+            1
+        );
+        // Idle for more than 30 minutes: the next call takes the front end's view.
+        assert_eq!(
+            c.view("idle", new.clone(), at(31), idle, life)
+                .policies
+                .len(),
+            1
+        );
+        // Zero turns the cache off.
+        let mut off = AppCaches::default();
+        off.view("a", old.clone(), at(0), Duration::ZERO, life);
+        assert_eq!(
+            off.view("a", new.clone(), at(1), Duration::ZERO, life)
+                .policies
+                .len(),
+            1
+        );
+        assert!(off.is_empty());
+        c.clear();
+        assert_eq!(c.len(), 0);
     }
 
     #[test]

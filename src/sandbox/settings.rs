@@ -217,6 +217,16 @@ pub struct Pacing {
     /// How long a Graph front end takes to adopt an RBAC for Applications change (docs/microsoft-365.md §3.5: the
     /// permission cache, 30 minutes to 2 hours, unverified).
     pub rbac_propagation_delay: DelayRange,
+    /// RBAC for Applications permission cache per app (docs/microsoft-365.md §3.5, §8.3): an app
+    /// idle for longer than this (seconds) refills its cached RBAC view from the front end at its
+    /// next Graph call. Microsoft: an idle app's entry expires after 30 minutes. 0 turns the
+    /// per-app cache off.
+    #[serde(with = "secs")]
+    pub rbac_app_cache_idle: Duration,
+    /// Maximum age (seconds) of an app's cached RBAC view, however busy the app is. Microsoft: an
+    /// app in constant use keeps its entry for up to 2 hours. 0 turns the per-app cache off.
+    #[serde(with = "secs")]
+    pub rbac_app_cache_lifetime: Duration,
     /// How long an object created by an Exchange `New-*` cmdlet stays invisible (404) to other
     /// calls (docs/microsoft-365.md §1.3: "seconds to minutes").
     pub replication_delay: DelayRange,
@@ -274,6 +284,9 @@ impl Default for Pacing {
                 Duration::from_secs(30 * 60),
                 Duration::from_secs(2 * 3600),
             ),
+            // Microsoft's own figures (docs/microsoft-365.md §8.3): 30 minutes idle, 2 hours in use.
+            rbac_app_cache_idle: Duration::from_secs(30 * 60),
+            rbac_app_cache_lifetime: Duration::from_secs(2 * 3600),
             replication_delay: DelayRange::between(Duration::from_secs(5), Duration::from_secs(60)),
             entra_consistency_delay: DelayRange::between(
                 Duration::from_secs(1),

@@ -19,7 +19,7 @@ use super::rules::{
 };
 
 use super::model::*;
-use super::propagation::{AuthzSnapshot, Channel};
+use super::propagation::{AppCaches, AuthzSnapshot, Channel};
 use super::settings::{Api, Behaviour, Pacing};
 use super::tokens::SigningKeys;
 
@@ -141,6 +141,8 @@ impl Rngs {
 pub struct TenantPropagation {
     pub aap: Channel,
     pub rbac: Channel,
+    /// RBAC permission cache per app, filled from the `rbac` channel's front ends.
+    pub rbac_apps: AppCaches,
 }
 
 /// A fault drawn for one request.
@@ -378,6 +380,7 @@ impl World {
             TenantPropagation {
                 aap: Channel::new(snap.clone(), n),
                 rbac: Channel::new(snap, n),
+                rbac_apps: AppCaches::default(),
             },
         );
     }
@@ -495,11 +498,12 @@ impl World {
         Ok(Some((b.limit, b.limit - w.1, reset_in)))
     }
 
-    /// Graph's answer for one mailbox call, through the front end's cached view.
+    /// Graph's answer for one mailbox call, through the front end's cached view (and, for RBAC,
+    /// the app's own permission cache, which this call refreshes or keeps warm).
     #[allow(clippy::too_many_arguments)]
     pub fn graph_mailbox_access(
-        &self,
-        tenant: &Tenant,
+        &mut self,
+        tenant_id: &str,
         front_end: usize,
         now: Duration,
         app_id: &str,
@@ -508,17 +512,29 @@ impl World {
         mailbox_id: &str,
         accepted: &[&str],
     ) -> (Outcome, PolicyVerdict) {
-        let Some(p) = self.propagation.get(&tenant.id) else {
-            return (
+        let no_access = || {
+            (
                 Outcome::NoPermission,
                 PolicyVerdict {
                     granted: false,
                     rule: PolicyRule::NoPolicy,
                 },
-            );
+            )
+        };
+        let Some(tenant) = self.tenants.iter().find(|t| t.id == tenant_id) else {
+            return no_access();
+        };
+        let Some(p) = self.propagation.get_mut(&tenant.id) else {
+            return no_access();
         };
         let aap = p.aap.view(front_end, now);
-        let rbac = p.rbac.view(front_end, now);
+        let rbac = p.rbac_apps.view(
+            app_id,
+            p.rbac.view(front_end, now),
+            now,
+            self.pacing.rbac_app_cache_idle,
+            self.pacing.rbac_app_cache_lifetime,
+        );
         evaluate_mailbox(
             &aap,
             &rbac,

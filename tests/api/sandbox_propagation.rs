@@ -255,3 +255,127 @@ async fn same_seed_same_front_end_sequence() {
             > 1
     );
 }
+
+/// RBAC for Applications' permission cache per app (docs/microsoft-365.md §3.5, §8.3): once the
+/// front ends have a removed role assignment, an idle app is denied at its next call, while an
+/// app that keeps calling every minute keeps its cached grant until the entry is two hours old.
+#[tokio::test]
+async fn an_app_in_constant_use_keeps_a_removed_rbac_grant_until_its_cache_expires() {
+    let mut s = slow(0, 0);
+    s.pacing.rbac_propagation_delay = DelayRange::fixed(Duration::from_secs(40 * 60));
+    s.pacing.rbac_app_cache_idle = Duration::from_secs(30 * 60);
+    s.pacing.rbac_app_cache_lifetime = Duration::from_secs(2 * 3600);
+    let sb = Sb::start(s).await;
+    let x = sb.mgmt_token(EXCHANGE_SCOPE).await;
+    let mut apps = vec![];
+    for name in ["busy", "idle"] {
+        let (app_id, secret, sp_id) = sb.new_app(json!({"displayName": name})).await;
+        sb.cmd(
+            &x,
+            "New-ServicePrincipal",
+            json!({"AppId": app_id, "ObjectId": sp_id}),
+        )
+        .await;
+        let a = sb
+            .cmd(
+                &x,
+                "New-ManagementRoleAssignment",
+                json!({"Role": "Application Mail.Read", "App": sp_id}),
+            )
+            .await;
+        let identity = a[0]["Identity"].as_str().unwrap().to_string();
+        apps.push((app_id, secret, identity));
+    }
+    sb.control(
+        "POST",
+        &format!("tenants/{}/propagation/settle", sb.tenant),
+        None,
+    )
+    .await;
+    let token = |i: usize| sb.token_for(&apps[i].0, &apps[i].1, GRAPH_SCOPE);
+    // Both apps read bob, which fills their caches at minute 0.
+    for i in 0..2 {
+        let t = token(i).await;
+        assert!(sample(&sb, &t, "bob", 2).await.iter().all(|s| *s == 200));
+    }
+    for (_, _, identity) in &apps {
+        sb.cmd(
+            &x,
+            "Remove-ManagementRoleAssignment",
+            json!({"Identity": identity}),
+        )
+        .await;
+    }
+    // The busy app calls every minute: past the front ends' 40 minutes it still reads bob.
+    for minute in 1..120 {
+        sb.h.advance_clock(Duration::from_secs(60));
+        let t = token(0).await;
+        assert_eq!(
+            sample(&sb, &t, "bob", 1).await,
+            vec![200],
+            "busy app at minute {minute}"
+        );
+        if minute == 41 {
+            // The idle app (silent since minute 0) is denied as soon as the front ends have it.
+            let t = token(1).await;
+            assert!(sample(&sb, &t, "bob", 4).await.iter().all(|s| *s == 403));
+            let v = sb
+                .control("GET", &format!("tenants/{}/propagation", sb.tenant), None)
+                .await
+                .json();
+            assert_eq!(v["settled"], true, "{v}");
+        }
+    }
+    // Two hours after it was filled, the busy app's entry expires too.
+    sb.h.advance_clock(Duration::from_secs(60));
+    let t = token(0).await;
+    assert!(sample(&sb, &t, "bob", 4).await.iter().all(|s| *s == 403));
+    let status = sb
+        .control("GET", &format!("tenants/{}/propagation", sb.tenant), None)
+        .await
+        .json();
+    assert_eq!(status["rbacAppCaches"], 2, "{status}");
+}
+
+/// The control API's settle also empties the per-app RBAC caches: an app in use sees the change
+/// at once.
+#[tokio::test]
+async fn settle_clears_the_per_app_rbac_caches() {
+    let mut s = slow(0, 0);
+    s.pacing.rbac_propagation_delay = DelayRange::fixed(Duration::from_secs(600));
+    s.pacing.rbac_app_cache_idle = Duration::from_secs(30 * 60);
+    s.pacing.rbac_app_cache_lifetime = Duration::from_secs(2 * 3600);
+    let sb = Sb::start(s).await;
+    let x = sb.mgmt_token(EXCHANGE_SCOPE).await;
+    let (app_id, secret, sp_id) = sb.new_app(json!({"displayName": "busy"})).await;
+    sb.cmd(
+        &x,
+        "New-ServicePrincipal",
+        json!({"AppId": app_id, "ObjectId": sp_id}),
+    )
+    .await;
+    let a = sb
+        .cmd(
+            &x,
+            "New-ManagementRoleAssignment",
+            json!({"Role": "Application Mail.Read", "App": sp_id}),
+        )
+        .await;
+    let settle_path = format!("tenants/{}/propagation/settle", sb.tenant);
+    let settle = || sb.control("POST", &settle_path, None);
+    settle().await;
+    let t = sb.token_for(&app_id, &secret, GRAPH_SCOPE).await;
+    assert!(sample(&sb, &t, "bob", 2).await.iter().all(|s| *s == 200));
+    sb.cmd(
+        &x,
+        "Remove-ManagementRoleAssignment",
+        json!({"Identity": a[0]["Identity"]}),
+    )
+    .await;
+    sb.h.advance_clock(Duration::from_secs(601));
+    // The front ends have it, the app's cache does not…
+    assert!(sample(&sb, &t, "bob", 2).await.iter().all(|s| *s == 200));
+    // …until settle.
+    settle().await;
+    assert!(sample(&sb, &t, "bob", 4).await.iter().all(|s| *s == 403));
+}

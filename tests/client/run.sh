@@ -36,6 +36,7 @@ openapi-python-client generate --path "$spec" --meta none --output-path "$work/c
     >"$work/generate.log" 2>&1 || fail "openapi-python-client could not generate a client" "$work/generate.log"
 
 "$bin" sandbox --listen 127.0.0.1:0 --propagation-delay 200ms..2s --rbac-propagation-delay 200ms..2s \
+    --rbac-app-cache-idle 500ms --rbac-app-cache-lifetime 2s \
     --replication-delay 0s --seed 1 >"$work/sandbox.log" 2>&1 &
 pids+=($!)
 

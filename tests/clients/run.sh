@@ -26,7 +26,7 @@ cleanup() {
 trap cleanup EXIT
 
 "$bin" sandbox --tls --tls-dir "$tls_dir" --listen 127.0.0.1:0 --propagation-delay 0s \
-    --rbac-propagation-delay 0s --replication-delay 0s --seed 1 >"$log" 2>&1 &
+    --rbac-propagation-delay 0s --rbac-app-cache-idle 0s --rbac-app-cache-lifetime 0s --replication-delay 0s --seed 1 >"$log" 2>&1 &
 pid=$!
 
 for _ in $(seq 1 300); do

@@ -26,6 +26,7 @@ cleanup() {
 trap cleanup EXIT
 
 "$bin" sandbox --listen 127.0.0.1:0 --propagation-delay 200ms..2s --rbac-propagation-delay 200ms..2s \
+    --rbac-app-cache-idle 500ms --rbac-app-cache-lifetime 2s \
     --replication-delay 0s --entra-consistency-delay 0s --seed 1 "$@" >"$log" 2>&1 &
 pid=$!
 
