@@ -132,7 +132,7 @@ fn summary(check: &CheckRecord, state: CheckState) -> serde_json::Value {
 }
 
 async fn step(services: &Services, ctx: &JobContext, check_id: Uuid) -> Step<Outcome> {
-    let db = services.db().await?;
+    let mut db = services.db().await?;
     let Some(check) = checks::get_by_id(&db, check_id).await? else {
         return Ok(Outcome::Fail(format!("check {check_id} no longer exists")));
     };
@@ -182,7 +182,7 @@ async fn step(services: &Services, ctx: &JobContext, check_id: Uuid) -> Step<Out
         );
         return finish_with(
             services,
-            &db,
+            &mut db,
             &check,
             Progress {
                 state: CheckState::TimedOut,
@@ -213,7 +213,7 @@ async fn step(services: &Services, ctx: &JobContext, check_id: Uuid) -> Step<Out
             let reason = problems.join("; ");
             return end_on_exchange_word(
                 services,
-                &db,
+                &mut db,
                 &handle,
                 &check,
                 &exps,
@@ -229,7 +229,7 @@ async fn step(services: &Services, ctx: &JobContext, check_id: Uuid) -> Step<Out
             let reason = "the restriction was not verified in Graph: no mailbox outside the app's scopes was found to observe a denial (add a canary mailbox to the tenant or the policy)";
             return end_on_exchange_word(
                 services,
-                &db,
+                &mut db,
                 &handle,
                 &check,
                 &exps,
@@ -242,7 +242,7 @@ async fn step(services: &Services, ctx: &JobContext, check_id: Uuid) -> Step<Out
         if live.is_none() {
             return end_on_exchange_word(
                 services,
-                &db,
+                &mut db,
                 &handle,
                 &check,
                 &exps,
@@ -282,7 +282,7 @@ async fn step(services: &Services, ctx: &JobContext, check_id: Uuid) -> Step<Out
         // The app stopped being one mailscope manages with a harmless read.
         return end_on_exchange_word(
             services,
-            &db,
+            &mut db,
             &handle,
             &check,
             &exps,
@@ -340,12 +340,10 @@ async fn step(services: &Services, ctx: &JobContext, check_id: Uuid) -> Step<Out
     if rules::all_met(&exps) {
         remove_probe_secret(&db, &handle, &check).await?;
         let seconds = rules::propagation_seconds(check.changed_at, &exps);
-        // The verdict and the policies it puts in force are seen together.
-        let mut db = db;
-        let tx = db.transaction().await?;
-        let outcome = finish_with(
+        // The verdict, the policies it puts in force and the callback commit together.
+        return finish_with(
             services,
-            &tx,
+            &mut db,
             &check,
             Progress {
                 state: CheckState::Succeeded,
@@ -358,12 +356,7 @@ async fn step(services: &Services, ctx: &JobContext, check_id: Uuid) -> Step<Out
                 propagation_seconds: seconds,
             },
         )
-        .await?;
-        if matches!(outcome, Outcome::Succeeded(_)) {
-            mark_in_force(&tx, &check).await?;
-        }
-        tx.commit().await?;
-        return Ok(outcome);
+        .await;
     }
     let settings = &services.settings.propagation;
     let delay = rules::next_delay(
@@ -559,13 +552,12 @@ fn reschedule(
     Outcome::Reschedule { at, payload: None }
 }
 
-/// Record a final state (the run's result is the check's summary).
 /// End the check on Exchange's word alone (stage 1, or an app Graph cannot be asked as): take the
 /// probe secret back first, then record the final state.
 #[allow(clippy::too_many_arguments)]
 async fn end_on_exchange_word(
     services: &Services,
-    db: &deadpool_postgres::Object,
+    db: &mut deadpool_postgres::Object,
     handle: &TenantHandle,
     check: &CheckRecord,
     exps: &[Expectation],
@@ -594,13 +586,20 @@ async fn end_on_exchange_word(
 
 async fn finish_with(
     services: &Services,
-    db: &impl GenericClient,
+    db: &mut deadpool_postgres::Object,
     check: &CheckRecord,
     p: Progress<'_>,
 ) -> Step<Outcome> {
     let result = summary(check, p.state);
+    // Only a change seen in Graph puts policies in force (Exchange's word alone does not).
+    let in_force = p.state == CheckState::Succeeded && p.verified_by == Some("graph");
+    // The verdict, the policies it puts in force and its callback commit together: a callback
+    // queued outside the verdict's transaction could be claimed by a worker before its delivery
+    // row exists (then failed with no attempt), and a user polling must never see a verdict
+    // without the policies it puts in force.
+    let tx = db.transaction().await?;
     let saved = checks::save_progress(
-        db,
+        &tx,
         check.id,
         check.revision,
         &Progress {
@@ -616,7 +615,11 @@ async fn finish_with(
             payload: None,
         });
     }
-    notify(services, db, check, &result).await;
+    notify(services, &tx, check, &result).await?;
+    if in_force {
+        mark_in_force(&tx, check).await?;
+    }
+    tx.commit().await?;
     Ok(Outcome::Succeeded(result))
 }
 
@@ -627,15 +630,15 @@ async fn notify(
     db: &impl GenericClient,
     check: &CheckRecord,
     result: &serde_json::Value,
-) {
+) -> Step<()> {
     let Some(raw) = &check.callback_url else {
-        return;
+        return Ok(());
     };
     let url = match crate::webhooks::validate_callback_url(raw, &services.settings.webhooks) {
         Ok(u) => u,
         Err(why) => {
             tracing::warn!(check = %check.id, %why, "callback URL refused; no callback sent");
-            return;
+            return Ok(());
         }
     };
     let payload = serde_json::json!({
@@ -644,7 +647,9 @@ async fn notify(
         "app_id": check.app_id,
         "result": result,
     });
-    if let Err(e) = crate::webhooks::enqueue_delivery(
+    // An error fails the transaction with the verdict (the run retries): a failed statement
+    // aborts it, and committing would silently drop the verdict.
+    crate::webhooks::enqueue_delivery(
         db,
         check.tenant_id,
         check.id,
@@ -652,10 +657,8 @@ async fn notify(
         &url,
         payload,
     )
-    .await
-    {
-        tracing::warn!(check = %check.id, error = %e, "could not queue the callback");
-    }
+    .await?;
+    Ok(())
 }
 
 /// The app's policies known to mailscope (for explaining a misconfiguration).

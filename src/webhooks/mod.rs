@@ -100,7 +100,8 @@ pub struct DeliveryStatus {
     pub finished_at: Option<DateTime<Utc>>,
 }
 
-/// Queue a callback, in the caller's transaction: the event is sent iff the caller commits.
+/// Queue a callback, in the caller's transaction (call it in one): the event is sent iff the
+/// caller commits.
 /// `subject_id` is what the event is about (a check id) and how [`deliveries_for`] finds it;
 /// `event_type` is dot-separated (`propagation_check.completed`); `payload` becomes `data`.
 /// The URL must have passed [`validate_callback_url`] when it was accepted.
@@ -119,6 +120,21 @@ pub async fn enqueue_delivery(
         "data": payload,
     })
     .to_string();
+    // The row before its job: the job wakes workers as soon as it commits, and a worker that
+    // claims it must find the row even when a caller is not in a transaction.
+    tx.execute(
+        "INSERT INTO webhook_deliveries (id, tenant_id, subject_id, event_type, url, body)
+         VALUES ($1, $2, $3, $4, $5, $6)",
+        &[
+            &id,
+            &tenant_id,
+            &subject_id,
+            &event_type,
+            &url.as_str(),
+            &body,
+        ],
+    )
+    .await?;
     let job_id = queue::enqueue_job(
         tx,
         &Delivery {
@@ -129,17 +145,8 @@ pub async fn enqueue_delivery(
     .await?
     .id();
     tx.execute(
-        "INSERT INTO webhook_deliveries (id, tenant_id, subject_id, event_type, url, body, job_id)
-         VALUES ($1, $2, $3, $4, $5, $6, $7)",
-        &[
-            &id,
-            &tenant_id,
-            &subject_id,
-            &event_type,
-            &url.as_str(),
-            &body,
-            &job_id,
-        ],
+        "UPDATE webhook_deliveries SET job_id = $2 WHERE id = $1",
+        &[&id, &job_id],
     )
     .await?;
     Ok(id)

@@ -1516,3 +1516,82 @@ async fn a_worker_killed_mid_rbac_onboarding_and_removal_resumes_with_no_duplica
         1
     );
 }
+
+/// Issue 12: kill -9 in the middle of an RBAC grant's change (a second PUT adding a mailbox and a
+/// permission). Another worker resumes it to `ready`: the new mailbox is readable by the vendor
+/// through Graph, the canary never is (probed throughout), and nothing is created twice.
+#[tokio::test]
+async fn a_worker_killed_mid_rbac_change_resumes_with_the_new_mailbox_and_no_duplicate() {
+    // Only the spawned processes run jobs.
+    let env = start(|s| s.worker.per_tenant_concurrency = 0).await;
+    let first = WorkerProcess::spawn(&env);
+    let (status, _) = put_grant(&env, "acme", rbac_body("ACME rbac", &["alice"])).await;
+    assert_eq!(status, 202);
+    let ready = wait_for(&env, "acme", "ready").await;
+    let app_id = ready["app_id"].as_str().unwrap().to_string();
+    let (status, s) = send(
+        &env,
+        reqwest::Method::POST,
+        "/access-grants/acme/secrets",
+        Some(json!({"display_name": "acme-1", "lifetime_days": 90})),
+    )
+    .await;
+    assert_eq!(status, 201, "{s}");
+    let secret = s["secret_text"].as_str().unwrap().to_string();
+    let token = vendor_token(&env, &app_id, &secret).await;
+    assert_eq!(
+        read_mail(&env, &token, "bob").await,
+        403,
+        "bob not yet granted"
+    );
+
+    // The change: bob added, Calendars.Read added. Killed once its restriction step is done
+    // (the role assignments for the new permission made, the rest of the revision not yet).
+    let mut change = rbac_body("ACME rbac", &["alice", "bob"]);
+    change["permissions"] = json!(["Mail.Read", "Calendars.Read"]);
+    let (status, g) = put_grant(&env, "acme", change).await;
+    assert_eq!(status, 202, "{g}");
+    let mut seen = Vec::new();
+    for i in 0.. {
+        let token = vendor_token(&env, &app_id, &secret).await;
+        seen.push(read_mail(&env, &token, "carol").await);
+        let (_, g) = send(&env, reqwest::Method::GET, "/access-grants/acme", None).await;
+        if g["revision"] == 2 && step(&g, "restriction")["state"] == "done" {
+            break;
+        }
+        assert!(i < 600, "the change's restriction step never done: {g:#}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    first.kill_9();
+    let _second = WorkerProcess::spawn(&env);
+    let (ready2, more) = ready_while_probing(&env, "acme", &app_id, &secret, "carol").await;
+    seen.extend(more);
+    assert!(seen.iter().all(|s| *s != 200), "canary read: {seen:?}");
+    assert_eq!(ready2["revision"], 2, "{ready2:#}");
+    let check = check_of(&env, &ready2).await;
+    assert_eq!(check["state"], "succeeded", "{check:#}");
+    assert_eq!(observed(&check, "bob"), "granted");
+    assert_eq!(observed(&check, "carol"), "denied");
+
+    // As the vendor, with its own secret through Graph: the new mailbox reads, the canary never.
+    let token = vendor_token(&env, &app_id, &secret).await;
+    assert_eq!(read_mail(&env, &token, "bob").await, 200);
+    assert_eq!(read_mail(&env, &token, "alice").await, 200);
+    assert_eq!(read_mail(&env, &token, "carol").await, 403);
+
+    // Nothing twice: one app and group, one pointer, one role assignment per permission, and
+    // exactly as many Exchange creations as that.
+    assert_eq!(
+        in_tenant(&env, "ACME rbac", "grant-acme", &app_id).await,
+        (1, 1, 0, 0)
+    );
+    assert_eq!(rbac_in_tenant(&env, &app_id).await, (1, 2, 0));
+    assert_eq!(
+        crate::scope_groups::count(&env, "New-ServicePrincipal").await,
+        1
+    );
+    assert_eq!(
+        crate::scope_groups::count(&env, "New-ManagementRoleAssignment").await,
+        2
+    );
+}
