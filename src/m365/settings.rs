@@ -149,6 +149,14 @@ impl Default for M365Settings {
 }
 
 impl M365Settings {
+    /// How long an Exchange object written by mailscope may still be replicating: a lookup that
+    /// misses it within this window is lag, not absence.
+    pub fn replication_window(&self) -> chrono::Duration {
+        chrono::Duration::seconds(
+            i64::try_from(self.replication_window_secs).unwrap_or(i64::MAX / 1000),
+        )
+    }
+
     /// Reject settings that would make the connector misbehave; called by `M365Client::new`.
     pub fn validate(&self) -> Result<(), String> {
         let positive = [

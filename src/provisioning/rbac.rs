@@ -1281,10 +1281,7 @@ async fn live_after_replication(
     rec: &RbacRestrictionRecord,
 ) -> Result<Restriction, Error> {
     let m365 = &services.settings.m365;
-    let window = chrono::Duration::seconds(
-        i64::try_from(m365.replication_window_secs).unwrap_or(i64::MAX / 1000),
-    );
-    let deadline = rec.updated_at + window;
+    let deadline = rec.updated_at + m365.replication_window();
     let cap = std::time::Duration::from_millis(m365.replication_poll_max_ms);
     let mut pause = std::time::Duration::from_millis(250);
     loop {

@@ -404,9 +404,7 @@ pub async fn put(
     // A group recorded within the replication window may not be visible yet (a repeated PUT, or
     // a retry, seconds after the create): wait for it rather than create a second one. An older
     // record that Exchange does not know was removed outside mailscope and is created again.
-    let window = chrono::Duration::seconds(
-        i64::try_from(services.settings.m365.replication_window_secs).unwrap_or(i64::MAX / 1000),
-    );
+    let window = services.settings.m365.replication_window();
     let replication = match &existing {
         Some(e) if Utc::now() - e.created_at < window => Replication::AwaitNew,
         _ => Replication::Ignore,
