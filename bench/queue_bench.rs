@@ -266,8 +266,9 @@ async fn drain_bench(
 /// as real checks waiting for their next observation are. The rest fell due within the last hour.
 const FUTURE_EVERY: usize = 200;
 const CLAIM_BATCH: i64 = 16;
-/// Claims sampled at each depth (each claim's jobs are recorded before the next claim).
-const WINDOW: usize = 100;
+/// Batch calls sampled at each depth; each writes the previous call's jobs as succeeded and claims
+/// the next ones, as the worker's run loop does.
+const WINDOW: usize = 500;
 
 async fn scale_bench(admin_url: &str, jobs: usize, tenants: usize) -> anyhow::Result<()> {
     let db = BenchDb::create(admin_url).await?;
@@ -286,18 +287,15 @@ async fn scale_bench(admin_url: &str, jobs: usize, tenants: usize) -> anyhow::Re
     )
     .await?;
 
-    // The plan at full depth, in a transaction rolled back so the claim leaves no trace.
+    // The plans at full depth: `queue_claim` runs its statements inside PL/pgSQL, so they are
+    // logged by auto_explain (sent to this session as notices), in a transaction rolled back so
+    // the claim leaves no trace.
     let kinds = vec![KIND.to_string()];
-    c.batch_execute("BEGIN").await?;
-    let plan = c
-        .query(
-            &format!("EXPLAIN (ANALYZE, BUFFERS) {}", Worker::claim_sql()),
-            &[&kinds, &4i64, &CLAIM_BATCH, &"explain", &60f64],
-        )
-        .await?;
-    c.batch_execute("ROLLBACK").await?;
+    let plan = explain_claim(&db.url, &kinds).await?;
 
-    let pool = db.pool(CLAIM_BATCH as usize + 1)?;
+    // One connection, as the worker's run loop uses one per batch call; its first call (which
+    // prepares the statement and compiles the function in that session) is not timed.
+    let pool = db.pool(1)?;
     let w = Arc::new(Worker::new(
         pool,
         WorkerConfig {
@@ -307,9 +305,16 @@ async fn scale_bench(admin_url: &str, jobs: usize, tenants: usize) -> anyhow::Re
         &prometheus::Registry::new(),
         None,
     )?);
+    let succeeded = |jobs: &[queue::JobRecord]| -> Vec<(Uuid, i32, Outcome)> {
+        jobs.iter()
+            .map(|j| (j.id, j.attempt, Outcome::Succeeded(serde_json::Value::Null)))
+            .collect()
+    };
+    let mut previous = w.claim(&kinds, CLAIM_BATCH).await?;
     // Draining 100,000 jobs 16 at a time takes minutes on this machine, so between the sampled
     // depths the queue is fast-forwarded: the oldest runnable jobs are marked succeeded in bulk,
-    // as `record` would (same rows, same order, same dead tuples for the indexes to skip).
+    // as the worker would (same rows, same order), then VACUUMed, as autovacuum would have done
+    // during a real drain of that many jobs (its default threshold is a fifth of the table).
     println!("CLAIMS");
     let started = Instant::now();
     let mut depth = jobs;
@@ -323,28 +328,25 @@ async fn scale_bench(admin_url: &str, jobs: usize, tenants: usize) -> anyhow::Re
                 &[&((depth - target) as i64)],
             )
             .await?;
+            c.batch_execute("VACUUM jobs").await?;
             depth = target;
         }
         let mut window = Vec::new();
         let mut claimed = 0;
         for _ in 0..WINDOW {
+            // What a worker does per batch: write the last batch's outcomes, claim the next.
+            let ended = succeeded(&previous);
             let t = Instant::now();
-            let jobs = w.claim(&kinds, CLAIM_BATCH).await?;
+            let (jobs, written) = w.settle_and_claim_batch(&kinds, CLAIM_BATCH, ended).await?;
             window.push(t.elapsed());
+            anyhow::ensure!(
+                written.len() == previous.len(),
+                "a claimed job's outcome was not written"
+            );
             claimed += jobs.len();
-            let records = jobs.iter().map(|j| {
-                let w = w.clone();
-                async move {
-                    w.record(
-                        j.id,
-                        j.attempt,
-                        &Outcome::Succeeded(serde_json::Value::Null),
-                    )
-                    .await
-                }
-            });
-            for r in join_all(records).await {
-                anyhow::ensure!(r?, "a claimed job could not be recorded");
+            previous = jobs;
+            if previous.is_empty() {
+                break;
             }
         }
         let tenants: i64 = c
@@ -375,11 +377,64 @@ async fn scale_bench(admin_url: &str, jobs: usize, tenants: usize) -> anyhow::Re
     }
     println!("ELAPSED {:.1}", started.elapsed().as_secs_f64());
     println!("PLAN");
-    for row in plan {
-        println!("{}", row.get::<_, String>(0));
-    }
+    println!("{plan}");
     drop(c);
     db.drop_db().await
+}
+
+/// The plans of the statements one claim of [`CLAIM_BATCH`] runs inside `queue_claim`, as
+/// auto_explain prints them (ANALYZE, BUFFERS).
+async fn explain_claim(url: &str, kinds: &[String]) -> anyhow::Result<String> {
+    use futures_util::StreamExt;
+    let (client, mut conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
+        while let Some(Ok(m)) = messages.next().await {
+            if let tokio_postgres::AsyncMessage::Notice(n) = m {
+                let _ = tx.send(n.message().to_string());
+            }
+        }
+    });
+    client
+        .batch_execute(
+            "LOAD 'auto_explain';
+             SET auto_explain.log_min_duration = 0;
+             SET auto_explain.log_analyze = on;
+             SET auto_explain.log_buffers = on;
+             SET auto_explain.log_timing = on;
+             SET auto_explain.log_nested_statements = on;
+             SET auto_explain.log_level = notice;
+             BEGIN",
+        )
+        .await?;
+    let empty: Vec<Uuid> = Vec::new();
+    let rows = client
+        .query(
+            &Worker::claim_sql(),
+            &[
+                &kinds,
+                &4i64,
+                &CLAIM_BATCH,
+                &"explain",
+                &60f64,
+                &empty,
+                &Vec::<i32>::new(),
+                &Vec::<bool>::new(),
+                &Vec::<serde_json::Value>::new(),
+                &Vec::<Option<chrono::DateTime<chrono::Utc>>>::new(),
+                &Vec::<Option<serde_json::Value>>::new(),
+            ],
+        )
+        .await?;
+    client.batch_execute("ROLLBACK").await?;
+    drop(client);
+    let mut out = format!("({} jobs claimed)\n", rows.len());
+    while let Some(m) = rx.recv().await {
+        out.push_str(&m);
+        out.push_str("\n\n");
+    }
+    Ok(out)
 }
 
 fn main() -> anyhow::Result<()> {

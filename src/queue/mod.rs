@@ -1,26 +1,31 @@
 //! A PostgreSQL job queue (no other broker).
 //!
-//! - **Claim** (O(batch), flat in the number of tenants and the queue's depth): `queue_tenants`
-//!   holds, per tenant, its running jobs and the earliest `run_at` of its queued ones, kept exact
-//!   by statement-level triggers on `jobs` in the same transaction as every change (migration
-//!   0012). A claim takes up to `batch` tenants under their cap with the earliest runnable work
-//!   from a partial index on `next_run_at`, `FOR UPDATE SKIP LOCKED`; then, per tenant, its oldest
-//!   runnable jobs up to its free slots (`ORDER BY run_at LIMIT n` on `(tenant_id, run_at) WHERE
-//!   state = 'queued'`); keeps the oldest `batch` of those and marks them running. Tenants at
-//!   their cap stay in the index but number at most (running jobs) / cap, so the scan past them
-//!   is bounded by the workers' concurrency. Locking the tenant row makes the per-tenant cap hold
-//!   across workers and replicas (two claimers never serve one tenant at once), and oldest-first
-//!   over tenants keeps one tenant's thousand jobs from starving the others. The claim runs with
-//!   `jit = off`: its plan is a few index probes, and JIT compilation once cost 650 ms of it.
-//!   An enqueue holds its tenant's summary row locked until its transaction commits, so a claim
-//!   skips that tenant meanwhile (its new job is invisible anyway): enqueue late in long
-//!   transactions. Known limit: tenants are ordered by their earliest job of any kind, so a
-//!   worker that handles only some kinds may be offered tenants whose head job it cannot run.
+//! - **Claim** (O(batch), flat in the number of tenants and the queue's depth): one call of the
+//!   `queue_claim` function (migration 0016). `queue_tenants` holds, per tenant, a lower bound
+//!   on the `run_at` of its earliest queued job: jobs entering the queue lower it (an INSERT
+//!   trigger, and an UPDATE trigger whose `WHEN` clause matches only rows entering the queue, so
+//!   claims and completions run no trigger code). A claim takes up to `batch` tenants with the
+//!   earliest bound from a partial index on `next_run_at`, `FOR UPDATE SKIP LOCKED`, skipping
+//!   tenants at their cap (it counts their running jobs in the `jobs_running` index); then, per
+//!   tenant, its oldest runnable jobs up to its free slots (`ORDER BY run_at LIMIT n` on
+//!   `(tenant_id, run_at) WHERE state = 'queued'`); keeps the oldest `batch` of those, marks
+//!   them running, and sets the visited tenants' bounds to their earliest queued job. A stale
+//!   bound (its job was claimed, cancelled or purged) costs one visit that finds nothing and
+//!   fixes it. Tenants at their cap number at most (running jobs) / cap, so the scan past them
+//!   is bounded by the workers' concurrency. Locking the tenant row makes the per-tenant cap
+//!   hold across workers and replicas (two claimers never serve one tenant at once), and
+//!   oldest-first over tenants keeps one tenant's thousand jobs from starving the others. JIT is
+//!   off for the function: its plans are a few index probes, and JIT compilation once cost
+//!   650 ms of a claim. An enqueue holds its tenant's summary row locked until its transaction
+//!   commits, so a claim skips that tenant meanwhile (its new job is invisible anyway): enqueue
+//!   late in long transactions. Known limit: tenants are ordered by their earliest job of any
+//!   kind, so a worker that handles only some kinds may be offered tenants whose head job it
+//!   cannot run.
 //! - **Batches**: a worker whose last claim filled every free slot waits until half its slots are
 //!   free (or 5 ms after the first frees) before claiming again, instead of a claim per job. The
 //!   outcomes of the runs that ended meanwhile (succeeded or rescheduled, the common ones) are
-//!   written by one statement in the claim's transaction: one commit per batch, not per job. The
-//!   statements are prepared once per connection and sent without waiting for each other.
+//!   written by the same `queue_claim` call, fenced by attempt: one statement, one round trip and
+//!   one commit per batch, not per job.
 //! - **Leases and fencing**: a running job holds a lease renewed by a heartbeat. The reaper returns
 //!   jobs whose lease lapsed (a crashed worker) to the queue. Each claim increments `attempt`, and
 //!   every write a worker makes names the attempt it claimed, so a late worker's write matches no

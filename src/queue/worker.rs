@@ -1,6 +1,6 @@
 //! The worker: claims jobs, runs their handlers with a heartbeat-renewed lease, records outcomes
 //! under the attempt fence, reaps lapsed leases, and releases what it holds when it stops.
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -170,21 +170,7 @@ struct Ended {
     outcome: Option<Outcome>,
 }
 
-/// Writes many succeeded and rescheduled runs in one statement, each fenced by its attempt like
-/// [`Worker::record`]; returns the ids written.
-const SETTLE_SQL: &str = "UPDATE jobs j SET
-        state = CASE WHEN d.done THEN 'succeeded' ELSE 'queued' END,
-        result = CASE WHEN d.done THEN d.result ELSE j.result END,
-        run_at = CASE WHEN d.done THEN j.run_at ELSE d.run_at END,
-        payload = coalesce(d.payload, j.payload),
-        finished_at = CASE WHEN d.done THEN now() ELSE j.finished_at END,
-        failures = 0, lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
-    FROM unnest($1::uuid[], $2::int4[], $3::bool[], $4::jsonb[], $5::timestamptz[], $6::jsonb[])
-         AS d(id, attempt, done, result, run_at, payload)
-    WHERE j.id = d.id AND j.attempt = d.attempt AND j.state = 'running'
-    RETURNING j.id";
-
-/// [`SETTLE_SQL`]'s parameters, as columns.
+/// The settle half of `queue_claim`'s parameters (migration 0016), as columns.
 #[derive(Default)]
 struct Settle {
     ids: Vec<Uuid>,
@@ -309,7 +295,7 @@ impl Worker {
                     .settle_and_claim(&kinds, free as i64, &ended, &held)
                     .await
                 {
-                    Ok(jobs) => {
+                    Ok((jobs, _)) => {
                         ended.clear();
                         claimed = jobs.len();
                         for job in jobs {
@@ -408,48 +394,44 @@ impl Worker {
         background.abort_all();
     }
 
-    /// The statement [`Worker::claim`] runs (public for the queue benchmark's EXPLAIN). Parameters:
-    /// `$1` kinds (`text[]`), `$2` per-tenant cap, `$3` batch limit (both `int8`), `$4` lease
-    /// owner (`text`), `$5` lease seconds (`float8`); returns the claimed jobs' columns.
+    /// The statement [`Worker::claim`] runs: `queue_claim` (migration 0016), which settles the
+    /// runs that ended and claims the next batch. Parameters: `$1` kinds (`text[]`), `$2`
+    /// per-tenant cap, `$3` batch limit (both `int8`), `$4` lease owner (`text`), `$5` lease
+    /// seconds (`float8`), `$6`–`$11` the runs to settle (see [`Settle`]).
     pub fn claim_sql() -> String {
-        format!(
-            "WITH tenants AS MATERIALIZED (
-                 SELECT q.tenant_id, q.running FROM queue_tenants q
-                 WHERE q.next_run_at <= now() AND q.running < $2::int8
-                 ORDER BY q.next_run_at
-                 LIMIT $3
-                 FOR UPDATE SKIP LOCKED
-             ),
-             picked AS MATERIALIZED (
-                 SELECT c.id FROM tenants t
-                 CROSS JOIN LATERAL (
-                     SELECT j.id, j.run_at FROM jobs j
-                     WHERE j.state = 'queued' AND j.tenant_id = t.tenant_id
-                       AND j.run_at <= now() AND j.kind = ANY($1)
-                     ORDER BY j.run_at
-                     LIMIT least($2::int8 - t.running, $3)
-                     FOR UPDATE OF j SKIP LOCKED
-                 ) c
-                 ORDER BY c.run_at, c.id
-                 LIMIT $3
-             )
-             UPDATE jobs SET state = 'running', attempt = jobs.attempt + 1, lease_owner = $4,
-                 lease_expires_at = now() + make_interval(secs => $5), updated_at = now(),
-                 started_at = coalesce(jobs.started_at, now())
-             FROM picked WHERE jobs.id = picked.id
-             RETURNING {}",
-            COLUMNS
-                .split(", ")
-                .map(|c| format!("jobs.{c}"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        )
+        format!("SELECT {COLUMNS} FROM queue_claim($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)")
     }
 
     /// Claim up to `limit` runnable jobs of the given kinds, fairly across tenants.
     pub async fn claim(&self, kinds: &[String], limit: i64) -> Result<Vec<JobRecord>, StoreError> {
-        self.settle_and_claim(kinds, limit, &[], &Held::default())
-            .await
+        Ok(self
+            .settle_and_claim(kinds, limit, &[], &Held::default())
+            .await?
+            .0)
+    }
+
+    /// What the run loop does once per batch: write the outcomes of runs that ended
+    /// (`(id, attempt, outcome)`; only succeeded and rescheduled ones) and claim up to `limit`
+    /// jobs, in one call. Returns the claimed jobs and the ids whose outcome was written.
+    pub async fn settle_and_claim_batch(
+        &self,
+        kinds: &[String],
+        limit: i64,
+        ended: Vec<(Uuid, i32, Outcome)>,
+    ) -> Result<(Vec<JobRecord>, Vec<Uuid>), StoreError> {
+        let ended: Vec<Ended> = ended
+            .into_iter()
+            .map(|(id, attempt, outcome)| Ended {
+                id,
+                attempt,
+                outcome: Some(outcome),
+            })
+            .collect();
+        let (claimed, written) = self
+            .settle_and_claim(kinds, limit, &ended, &Held::default())
+            .await?;
+        let written = written.into_iter().collect();
+        Ok((claimed, written))
     }
 
     /// Write the outcomes of runs that ended (one statement, fenced by attempt) and claim up to
@@ -461,57 +443,47 @@ impl Worker {
         limit: i64,
         ended: &[Ended],
         held: &Held,
-    ) -> Result<Vec<JobRecord>, StoreError> {
+    ) -> Result<(Vec<JobRecord>, HashSet<Uuid>), StoreError> {
         let started = Instant::now();
-        let mut client = self.pool.get().await?;
-        let settle = ended.iter().filter(|e| e.outcome.is_some()).count() > 0;
-        let settle_sql = if settle {
-            Some(client.prepare_cached(SETTLE_SQL).await?)
-        } else {
-            None
-        };
-        let claim_sql = if limit > 0 {
-            Some(client.prepare_cached(&Self::claim_sql()).await?)
-        } else {
-            None
-        };
+        let client = self.pool.get().await?;
+        let statement = client.prepare_cached(&Self::claim_sql()).await?;
         let batch = Settle::of(ended);
-        let tx = client.transaction().await?;
-        let settled = async {
-            match &settle_sql {
-                Some(st) => tx.query(st, &batch.params()).await,
-                None => Ok(Vec::new()),
-            }
-        };
-        let claimed = async {
-            match &claim_sql {
-                Some(st) => {
-                    tx.query(
-                        st,
-                        &[
-                            &kinds,
-                            &self.cfg.per_tenant_cap,
-                            &limit,
-                            &self.cfg.owner,
-                            &self.cfg.lease.as_secs_f64(),
-                        ],
-                    )
-                    .await
-                }
-                None => Ok(Vec::new()),
-            }
-        };
-        // The plan is a handful of index probes; JIT compilation would cost more than it runs.
-        // Sent in this order without waiting between them.
-        let (_, settled, claimed) =
-            tokio::try_join!(tx.batch_execute("SET LOCAL jit = off"), settled, claimed)?;
-        tx.commit().await?;
+        let [ids, attempts, done, results, run_ats, payloads] = batch.params();
+        // One statement in its own transaction: one round trip and one commit for the batch.
+        let rows = client
+            .query(
+                &statement,
+                &[
+                    &kinds,
+                    &self.cfg.per_tenant_cap,
+                    &limit,
+                    &self.cfg.owner,
+                    &self.cfg.lease.as_secs_f64(),
+                    ids,
+                    attempts,
+                    done,
+                    results,
+                    run_ats,
+                    payloads,
+                ],
+            )
+            .await?;
         if limit > 0 {
             self.metrics
                 .claim_latency
                 .observe(started.elapsed().as_secs_f64());
         }
-        let written: std::collections::HashSet<Uuid> = settled.iter().map(|r| r.get(0)).collect();
+        // Settled runs come back first, as written (no longer running); then the claimed jobs.
+        let mut written = HashSet::new();
+        let mut claimed = Vec::new();
+        for row in &rows {
+            let job = from_row(row);
+            if job.state == super::JobState::Running {
+                claimed.push(job);
+            } else {
+                written.insert(job.id);
+            }
+        }
         for e in ended {
             let Some(outcome) = &e.outcome else { continue };
             held.lock()
@@ -523,7 +495,7 @@ impl Worker {
                 self.due_at(*at);
             }
         }
-        Ok(claimed.iter().map(from_row).collect())
+        Ok((claimed, written))
     }
 
     /// When the idle loop should look again: the next poll, or earlier when a job this worker
@@ -828,18 +800,39 @@ async fn reaper(
 }
 
 pub async fn reap(pool: &Pool) -> Result<u64, StoreError> {
-    let c = pool.get().await?;
-    Ok(c.execute(
-        "UPDATE jobs SET
-             state = CASE WHEN failures + 1 >= max_failures THEN 'failed' ELSE 'queued' END,
-             finished_at = CASE WHEN failures + 1 >= max_failures THEN now() END,
-             failures = failures + 1,
-             last_error = 'the worker running this job stopped (lease expired)',
-             lease_owner = NULL, lease_expires_at = NULL, run_at = now(), updated_at = now()
-         WHERE state = 'running' AND lease_expires_at < now()",
-        &[],
-    )
-    .await?)
+    let mut c = pool.get().await?;
+    let tx = c.transaction().await?;
+    // The jobs' tenants are told in one call below, in tenant order, rather than by the
+    // requeue trigger row by row in no set order: two writers cannot deadlock on them.
+    tx.batch_execute("SELECT set_config('mailscope.queue_settling', 'on', true)")
+        .await?;
+    let rows = tx
+        .query(
+            "UPDATE jobs SET
+                 state = CASE WHEN failures + 1 >= max_failures THEN 'failed' ELSE 'queued' END,
+                 finished_at = CASE WHEN failures + 1 >= max_failures THEN now() END,
+                 failures = failures + 1,
+                 last_error = 'the worker running this job stopped (lease expired)',
+                 lease_owner = NULL, lease_expires_at = NULL, run_at = now(), updated_at = now()
+             WHERE state = 'running' AND lease_expires_at < now()
+             RETURNING tenant_id, run_at, state = 'queued'",
+            &[],
+        )
+        .await?;
+    let (tenants, run_ats): (Vec<Uuid>, Vec<DateTime<Utc>>) = rows
+        .iter()
+        .filter(|r| r.get::<_, bool>(2))
+        .map(|r| (r.get::<_, Uuid>(0), r.get::<_, DateTime<Utc>>(1)))
+        .unzip();
+    if !tenants.is_empty() {
+        tx.execute(
+            "SELECT queue_tenants_entered($1, $2)",
+            &[&tenants, &run_ats],
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(rows.len() as u64)
 }
 
 #[cfg(test)]

@@ -74,6 +74,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "verdict_latency",
         include_str!("../../migrations/0015_verdict_latency.sql"),
     ),
+    (
+        16,
+        "queue_claim_function",
+        include_str!("../../migrations/0016_queue_claim_function.sql"),
+    ),
 ];
 
 /// Arbitrary but fixed: "mailscop" in ASCII.

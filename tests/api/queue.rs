@@ -484,10 +484,10 @@ async fn enqueue_many_inserts_all_in_order_and_respects_unique_keys() {
     assert!(jobs[&out[2].id()].run_at > chrono::Utc::now());
     assert!(queue::enqueue_many(&c, &[]).await.unwrap().is_empty());
 
-    // The claim's per-tenant summary saw the bulk insert: the earliest runnable job of each tenant.
+    // The claim's per-tenant summary saw the bulk insert: the earliest queued job of each tenant.
     let rows = c
         .query(
-            "SELECT q.tenant_id, q.running, q.next_run_at = (SELECT min(run_at) FROM jobs j
+            "SELECT q.next_run_at = (SELECT min(run_at) FROM jobs j
                  WHERE j.tenant_id = q.tenant_id AND j.state = 'queued')
              FROM queue_tenants q ORDER BY q.tenant_id",
             &[],
@@ -495,10 +495,22 @@ async fn enqueue_many_inserts_all_in_order_and_respects_unique_keys() {
         .await
         .unwrap();
     assert_eq!(rows.len(), 2);
-    for r in rows {
-        assert_eq!(r.get::<_, i32>(1), 0);
-        assert!(r.get::<_, bool>(2));
-    }
+    assert!(rows.iter().all(|r| r.get::<_, bool>(0)));
+}
+
+/// Tenants whose summary claims a queued job earlier than their earliest one, or none when they
+/// have one: either would let a job wait unseen.
+async fn summary_violations(c: &deadpool_postgres::Client) -> i64 {
+    c.query_one(
+        "SELECT count(*) FROM (SELECT tenant_id, min(run_at) AS first FROM jobs
+                               WHERE state = 'queued' GROUP BY tenant_id) j
+         LEFT JOIN queue_tenants q USING (tenant_id)
+         WHERE q.next_run_at IS NULL OR q.next_run_at > j.first",
+        &[],
+    )
+    .await
+    .unwrap()
+    .get(0)
 }
 
 #[tokio::test]
@@ -515,17 +527,14 @@ async fn the_per_tenant_summary_follows_claims_outcomes_cancels_and_the_reaper()
         .iter()
         .map(|e| e.id())
         .collect();
-    let summary = || async {
-        let r = c
-            .query_one(
-                "SELECT running, next_run_at IS NOT NULL, (SELECT count(*) FROM jobs
-                     WHERE tenant_id = $1 AND state = 'running')
-                 FROM queue_tenants WHERE tenant_id = $1",
-                &[&tenant],
-            )
-            .await
-            .unwrap();
-        (r.get::<_, i32>(0), r.get::<_, bool>(1), r.get::<_, i64>(2))
+    let bound = || async {
+        c.query_one(
+            "SELECT next_run_at IS NOT NULL FROM queue_tenants WHERE tenant_id = $1",
+            &[&tenant],
+        )
+        .await
+        .unwrap()
+        .get::<_, bool>(0)
     };
     let w = worker(
         &pool,
@@ -540,11 +549,12 @@ async fn the_per_tenant_summary_follows_claims_outcomes_cancels_and_the_reaper()
     // The cap holds within a claim and across claims.
     assert_eq!(w.claim(&kinds, 16).await.unwrap().len(), 2);
     assert_eq!(w.claim(&kinds, 16).await.unwrap().len(), 0);
-    assert_eq!(summary().await, (2, true, 2));
-    // Cancelling queued jobs leaves the summary's earliest job current.
+    assert_eq!(summary_violations(&c).await, 0);
+    // Cancelling queued jobs leaves a bound that still covers the earliest queued job.
     for id in &ids[4..] {
         queue::cancel(&c, *id).await.unwrap();
     }
+    assert_eq!(summary_violations(&c).await, 0);
     // A lapsed lease returns both to the queue.
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(
@@ -552,23 +562,75 @@ async fn the_per_tenant_summary_follows_claims_outcomes_cancels_and_the_reaper()
         2,
         "both leases lapsed"
     );
-    assert_eq!(summary().await, (0, true, 0));
-    // Claim and finish the four queued jobs, two at a time.
-    for _ in 0..2 {
+    assert_eq!(summary_violations(&c).await, 0);
+    // Claim and finish the four queued jobs, two at a time; a rescheduled one comes back.
+    for round in 0..3 {
         let claimed = w.claim(&kinds, 16).await.unwrap();
-        assert_eq!(claimed.len(), 2);
-        for j in claimed {
-            assert!(
-                w.record(
-                    j.id,
-                    j.attempt,
-                    &Outcome::Succeeded(serde_json::Value::Null)
-                )
-                .await
-                .unwrap()
-            );
+        assert_eq!(claimed.len(), if round < 2 { 2 } else { 1 });
+        for (n, j) in claimed.into_iter().enumerate() {
+            let outcome = if round == 0 && n == 0 {
+                Outcome::Reschedule {
+                    at: chrono::Utc::now(),
+                    payload: None,
+                }
+            } else {
+                Outcome::Succeeded(serde_json::Value::Null)
+            };
+            assert!(w.record(j.id, j.attempt, &outcome).await.unwrap());
+            assert_eq!(summary_violations(&c).await, 0);
         }
     }
-    assert_eq!(summary().await, (0, false, 0), "nothing queued or running");
+    // Nothing left: the next claim finds nothing and clears the bound it left behind.
     assert!(w.claim(&kinds, 16).await.unwrap().is_empty());
+    assert!(!bound().await, "no queued job, no bound");
+}
+
+#[tokio::test]
+async fn a_claim_looks_past_tenants_whose_queued_jobs_were_cancelled() {
+    let (_db, pool) = queue_db().await;
+    let c = pool.get().await.unwrap();
+    // Forty tenants' jobs, all cancelled: their bounds are left behind, earlier than the job
+    // that waits in the forty-first tenant.
+    let past = chrono::Utc::now() - chrono::Duration::minutes(10);
+    let mut batch: Vec<NewJob> = (0..40u128)
+        .map(|t| {
+            let mut j = NewJob::new("step", Uuid::from_u128(100 + t), serde_json::json!({}));
+            j.run_at = Some(past);
+            j
+        })
+        .collect();
+    let cancelled: Vec<Uuid> = queue::enqueue_many(&c, &batch)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.id())
+        .collect();
+    for id in cancelled {
+        queue::cancel(&c, id).await.unwrap();
+    }
+    batch = vec![NewJob::new(
+        "step",
+        Uuid::from_u128(999),
+        serde_json::json!({}),
+    )];
+    let waiting = queue::enqueue_many(&c, &batch).await.unwrap()[0].id();
+    let w = worker(&pool, cfg(), None);
+    let claimed = w.claim(&["step".to_string()], 16).await.unwrap();
+    assert_eq!(
+        claimed.iter().map(|j| j.id).collect::<Vec<_>>(),
+        vec![waiting],
+        "one claim of 16 reaches the live job behind 40 stale tenants"
+    );
+    let stale: i64 = c
+        .query_one(
+            "SELECT count(*) FROM queue_tenants WHERE next_run_at IS NOT NULL",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        stale, 0,
+        "the tenants it looked at have their bounds set right"
+    );
 }
