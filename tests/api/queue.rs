@@ -634,3 +634,81 @@ async fn a_claim_looks_past_tenants_whose_queued_jobs_were_cancelled() {
         "the tenants it looked at have their bounds set right"
     );
 }
+
+#[tokio::test]
+async fn a_busy_worker_never_runs_more_jobs_than_its_concurrency_and_runs_each_once() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let (_db, pool) = queue_db().await;
+    let c = pool.get().await.unwrap();
+    // 300 short jobs over 30 tenants: the worker stays busy, so it claims in half-batches with
+    // two calls under way at once.
+    let batch: Vec<NewJob> = (0..300u128)
+        .map(|i| {
+            NewJob::new(
+                "short",
+                Uuid::from_u128(i % 30),
+                serde_json::json!({ "i": i }),
+            )
+        })
+        .collect();
+    queue::enqueue_many(&c, &batch).await.unwrap();
+    let now_running = Arc::new(AtomicUsize::new(0));
+    let most = Arc::new(AtomicUsize::new(0));
+    let runs = Arc::new(AtomicUsize::new(0));
+    let mut w = worker(
+        &pool,
+        WorkerConfig {
+            concurrency: 6,
+            per_tenant_cap: 6,
+            ..cfg()
+        },
+        None,
+    );
+    let (n, m, r) = (now_running.clone(), most.clone(), runs.clone());
+    w.register("short", move |_ctx| {
+        let (n, m, r) = (n.clone(), m.clone(), r.clone());
+        async move {
+            let now = n.fetch_add(1, Ordering::SeqCst) + 1;
+            m.fetch_max(now, Ordering::SeqCst);
+            r.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(1 + (now as u64 % 4))).await;
+            n.fetch_sub(1, Ordering::SeqCst);
+            Outcome::Succeeded(serde_json::Value::Null)
+        }
+    });
+    let (stop, handle) = start(w);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let done: i64 = c
+            .query_one("SELECT count(*) FROM jobs WHERE state = 'succeeded'", &[])
+            .await
+            .unwrap()
+            .get(0);
+        if done == 300 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "only {done} of 300 succeeded"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.send(true).unwrap();
+    handle.await.unwrap();
+    assert!(
+        most.load(Ordering::SeqCst) <= 6,
+        "ran {} at once",
+        most.load(Ordering::SeqCst)
+    );
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        300,
+        "each job ran exactly once"
+    );
+    let attempts: i32 = c
+        .query_one("SELECT max(attempt) FROM jobs", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(attempts, 1, "no job was claimed twice");
+}
