@@ -968,6 +968,7 @@ async fn a_pause_answers_while_a_step_calls_microsoft_and_holds_after_that_step(
         .post_empty(&format!("/rbac-migrations/{id}/pause"), 200)
         .await;
     let took = t.elapsed();
+    eprintln!("pause answered in {took:?} while create_rbac called Exchange");
     assert_eq!(paused["state"], "paused");
     assert_eq!(paused["paused_reason"], "requested");
     assert!(
@@ -1053,6 +1054,7 @@ async fn a_rollback_is_refused_at_once_while_the_policy_removal_is_under_way() {
         )
         .await;
     let took = t.elapsed();
+    eprintln!("rollback refused in {took:?} while remove_access_policy called Exchange");
     assert!(
         took < Duration::from_secs(1),
         "the rollback waited {took:?} for the step's Microsoft calls"
