@@ -582,7 +582,8 @@ async fn act(
     Ok(res.json(view(m)?))
 }
 
-/// Pause: the step under way finishes and is recorded; no further step runs until resumed.
+/// Pause, answered at once: a step under way finishes and is recorded (it shows in `steps`); no
+/// further step runs until resumed.
 #[utoipa::path(post, path = "/v1/tenants/{tenant_id}/rbac-migrations/{id}/pause", tag = "rbac migrations",
     params(("tenant_id" = Uuid, Path, description = "The Microsoft Entra tenant id"),
            ("id" = Uuid, Path, description = "The migration's id"),

@@ -358,15 +358,43 @@ pub fn record(
     e.finished_at = matches!(state, StepState::Done | StepState::Failed).then_some(now);
 }
 
+/// Mark step `name` started, before a run of it calls Microsoft: a pending step becomes running
+/// and gets its `started_at`. Attempts are counted when the run's result is recorded (a throttled
+/// run is none); what [`rollback_allowed`] needs is known even if the run never returns.
+pub fn mark_started(log: &mut Vec<StepEntry>, name: &str, now: chrono::DateTime<chrono::Utc>) {
+    let i = match log.iter().position(|e| e.name == name) {
+        Some(i) => i,
+        None => {
+            log.push(StepEntry {
+                name: name.to_string(),
+                state: StepState::Pending,
+                attempts: 0,
+                output: serde_json::Value::Null,
+                last_error: None,
+                started_at: None,
+                finished_at: None,
+            });
+            log.len() - 1
+        }
+    };
+    let e = &mut log[i];
+    if e.state == StepState::Pending {
+        e.state = StepState::Running;
+    }
+    e.started_at.get_or_insert(now);
+}
+
 /// The log entry of a step.
 pub fn entry<'a>(log: &'a [StepEntry], name: &str) -> Option<&'a StepEntry> {
     log.iter().find(|e| e.name == name)
 }
 
 /// Rolling back is allowed while the step that removes the access policy has not started: once
-/// it ran (even partly), some policy may be gone and only RBAC bounds the app.
+/// a run of it began (even one that never returned, or was throttled after a first removal),
+/// some policy may be gone and only RBAC bounds the app.
 pub fn rollback_allowed(log: &[StepEntry]) -> bool {
-    entry(log, Step::RemoveAccessPolicy.as_str()).is_none_or(|e| e.attempts == 0)
+    entry(log, Step::RemoveAccessPolicy.as_str())
+        .is_none_or(|e| e.attempts == 0 && e.started_at.is_none())
 }
 
 #[cfg(test)]
@@ -504,5 +532,39 @@ mod tests {
             assert_eq!(State::parse(s.as_str()), Some(s));
         }
         assert!(State::RolledBack.is_final() && !State::Paused.is_final());
+    }
+
+    #[test]
+    fn a_started_policy_removal_closes_rollback_before_its_first_call_returns() {
+        let t = chrono::Utc::now();
+        let mut log = initial_log();
+        mark_started(&mut log, "remove_access_policy", t);
+        let e = entry(&log, "remove_access_policy").unwrap();
+        assert_eq!((e.state, e.attempts), (StepState::Running, 0));
+        assert!(!rollback_allowed(&log), "closed before the run is recorded");
+        // Throttled after a first removal: no attempt counted, and rollback stays closed.
+        record(
+            &mut log,
+            "remove_access_policy",
+            StepState::Running,
+            None,
+            None,
+            false,
+            t,
+        );
+        assert!(!rollback_allowed(&log));
+        // A failed step stays failed when a resumed run starts it again (a check that failed is
+        // not looked at again).
+        record(
+            &mut log,
+            "verify_rbac",
+            StepState::Failed,
+            None,
+            None,
+            true,
+            t,
+        );
+        mark_started(&mut log, "verify_rbac", t);
+        assert_eq!(entry(&log, "verify_rbac").unwrap().state, StepState::Failed);
     }
 }

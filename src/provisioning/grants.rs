@@ -5,7 +5,11 @@
 //! then calls [`advance`] once per run: it picks the next step with the pure
 //! `domain::grant::next`, runs it through the same use cases as the five-call API (scope groups,
 //! applications, access policies or RBAC restrictions, propagation checks), and records what it
-//! produced in the transaction that holds the grant's lock, then reschedules itself. A crash at
+//! produced, then reschedules itself. No connection, transaction or lock is held while a step
+//! calls Microsoft (`step_lease`): a short transaction under the grant's lock starts the step
+//! under a fresh token, and another records its result only while the grant still names that
+//! token and revision; a PUT or DELETE meanwhile answers at once, and its revision's job waits
+//! for the step under way. A crash at
 //! any point re-runs at most the step that was under way, and every step is idempotent in the
 //! tenant (by scope group alias, application key and marker, policy key, RBAC restriction key
 //! (app, scope) with names derived from it, and one check per app), so the grant resumes to the
@@ -28,7 +32,7 @@ use super::access_policies::{self as policies, PolicyInput};
 use super::applications;
 use super::rbac;
 use super::scope_groups::{self, GroupSpec};
-use super::{Actor, Error, Rejection, Services, audit, tenants};
+use super::{Actor, Error, Rejection, Services, audit, step_lease, tenants};
 use crate::domain::access::AccessRight;
 use crate::domain::field_error::FieldError;
 use crate::domain::grant::{
@@ -42,6 +46,7 @@ use crate::store;
 use crate::store::access_grants::{Filter, GrantRecord};
 use crate::store::propagation_checks::CheckState;
 use crate::store::scope_groups::Membership;
+use crate::store::step_runs::Saga;
 
 /// Advisory-lock namespace: one runner of a grant's steps at a time.
 pub const GRANT_LOCK: &str = "access_grant";
@@ -400,6 +405,7 @@ pub async fn put(
     request: Request,
 ) -> Result<(GrantRecord, bool), Error> {
     let valid = validate(services, key, request)?;
+    let _turn = grant_turn(services, tenant_id, key).await;
     let mut db = services.db().await?;
     let tx = db.transaction().await?;
     if store::tenants::get(&tx, tenant_id).await?.is_none() {
@@ -439,6 +445,7 @@ pub async fn put(
         created_at: Utc::now(),
         updated_at: Utc::now(),
         condition_at: Utc::now(),
+        step_run: None,
     };
     let inserted = store::access_grants::insert(&tx, &fresh).await?;
     let mut g = store::access_grants::get_for_update(&tx, tenant_id, key)
@@ -492,9 +499,12 @@ pub async fn put(
         g.condition = saga::condition(&plan_of(&g), &g.steps);
         action = "access_grant.updated";
     }
+    // The scan first: its insert may wait for a worker writing the scan job's outcome, whose
+    // statement then updates the tenant's queue summary, which the grant's job locks until
+    // commit. In the other order the two would wait for each other (deadlock, a 500).
+    ensure_expiry_scan(&tx, tenant_id).await?;
     g.job_id = Some(enqueue(&tx, &g).await?);
     store::access_grants::save(&tx, &g).await?;
-    ensure_expiry_scan(&tx, tenant_id).await?;
     audit::record(
         &tx,
         actor,
@@ -516,6 +526,7 @@ pub async fn delete(
     tenant_id: Uuid,
     key: &str,
 ) -> Result<(GrantRecord, bool), Error> {
+    let _turn = grant_turn(services, tenant_id, key).await;
     let mut db = services.db().await?;
     let tx = db.transaction().await?;
     let mut g = store::access_grants::get_for_update(&tx, tenant_id, key)
@@ -626,42 +637,158 @@ async fn advance_inner(
     job: &crate::queue::JobRecord,
     p: &GrantJob,
 ) -> Result<Outcome, Error> {
-    let mut db = services.db().await?;
-    // The grant's lock is held for the step: the step's result is recorded in this transaction,
-    // and no second runner (a worker whose lease lapsed) works on the grant meanwhile.
-    let tx = db.transaction().await?;
-    store::lock_key(&tx, GRANT_LOCK, &format!("{}:{}", p.tenant_id, p.key)).await?;
-    let Some(mut g) = store::access_grants::get(&tx, p.tenant_id, &p.key).await? else {
-        return Ok(Outcome::Succeeded(
-            json!({"ended": "the grant no longer exists"}),
-        ));
-    };
-    if g.revision != p.revision {
-        return Ok(Outcome::Succeeded(
-            json!({"ended": "superseded by a newer revision", "revision": g.revision}),
-        ));
-    }
-    let plan = plan_of(&g);
-    let step = match saga::next(&plan, &g.steps) {
-        Next::Settled(c) => {
-            settle(&tx, &mut g, c).await?;
-            tx.commit().await?;
-            return Ok(Outcome::Succeeded(json!({"condition": c.as_str()})));
-        }
-        Next::Run(s) => s,
-    };
-    // A poll of a check this revision started is not a new attempt of the step.
-    let polling = g.steps.iter().any(|e| {
-        e.step == step
-            && e.revision == g.revision
-            && e.state == StepState::Running
-            && e.output.get("check_id").is_some()
-    });
+    let lock = format!("{}:{}", p.tenant_id, p.key);
     let actor = Actor::Job {
         kind: GrantJob::KIND,
         id: job.id,
     };
-    let ran = run_step(services, &actor, &tx, &g, step).await;
+    // 1. Decide the step and name this run its runner, in a short transaction.
+    let (g, step, polling, token) = {
+        let _turn = grant_turn(services, p.tenant_id, &p.key).await;
+        let mut db = services.db().await?;
+        let tx = db.transaction().await?;
+        store::lock_key(&tx, GRANT_LOCK, &lock).await?;
+        let Some(mut g) = store::access_grants::get_for_update(&tx, p.tenant_id, &p.key).await?
+        else {
+            return Ok(Outcome::Succeeded(
+                json!({"ended": "the grant no longer exists"}),
+            ));
+        };
+        if g.revision != p.revision {
+            return Ok(Outcome::Succeeded(
+                json!({"ended": "superseded by a newer revision", "revision": g.revision}),
+            ));
+        }
+        // A step of an older revision may still be calling Microsoft: one step at a time.
+        if let Some(at) = step_lease::held_elsewhere(&tx, g.step_run.as_ref(), job).await? {
+            return Ok(Outcome::Reschedule { at, payload: None });
+        }
+        let plan = plan_of(&g);
+        let step = match saga::next(&plan, &g.steps) {
+            Next::Settled(c) => {
+                clear_runner(&tx, &g).await?;
+                settle(&tx, &mut g, c).await?;
+                tx.commit().await?;
+                return Ok(Outcome::Succeeded(json!({"condition": c.as_str()})));
+            }
+            Next::Run(s) => s,
+        };
+        // A poll of a check this revision started is not a new attempt of the step.
+        let polling = g.steps.iter().any(|e| {
+            e.step == step
+                && e.revision == g.revision
+                && e.state == StepState::Running
+                && e.output.get("check_id").is_some()
+        });
+        // The propagation check step calls no Microsoft API (it starts or polls the check): it
+        // runs here, and a check it starts commits with the step's record.
+        if step == Step::PropagationCheck {
+            let ran = propagation(services, &tx, &g).await;
+            clear_runner(&tx, &g).await?;
+            let outcome = record_result(&tx, job, &mut g, step, polling, ran).await?;
+            tx.commit().await?;
+            return Ok(outcome);
+        }
+        let run = step_lease::start(job, step.as_str());
+        store::step_runs::set(&tx, Saga::AccessGrant, g.id, Some(&run)).await?;
+        tx.commit().await?;
+        (g, step, polling, run.token)
+    };
+
+    // 2. The step, with no connection held here.
+    let ran = run_step(services, &actor, &g, step).await;
+
+    // 3. Record the result, if this run is still the step's runner.
+    let _turn = grant_turn(services, p.tenant_id, &p.key).await;
+    let mut db = services.db().await?;
+    let tx = db.transaction().await?;
+    store::lock_key(&tx, GRANT_LOCK, &lock).await?;
+    let Some(mut g) = store::access_grants::get_for_update(&tx, p.tenant_id, &p.key).await? else {
+        return Ok(Outcome::Succeeded(
+            json!({"ended": "the grant no longer exists"}),
+        ));
+    };
+    if !step_lease::still_ours(g.step_run.as_ref(), token) {
+        // Taken over after this run's lease lapsed: the newer run's result stands.
+        tracing::warn!(grant = %g.key, step = step.as_str(), "step taken over by another run; its result is discarded");
+        return Ok(Outcome::Succeeded(
+            json!({"ended": "another run took the step over; this run's result was discarded"}),
+        ));
+    }
+    clear_runner(&tx, &g).await?;
+    if g.revision != p.revision {
+        // A newer revision was accepted meanwhile. Its steps converge from what the tenant holds,
+        // so what this step made is kept under its own revision (e.g. the policy a later
+        // revision replaces), never as a result of the newer one.
+        let now = Utc::now();
+        let kept = match ran {
+            Ok(Ran::Done(output)) => Some((StepState::Done, output)),
+            Ok(Ran::Wait {
+                output: Some(output),
+                ..
+            }) => Some((StepState::Running, output)),
+            _ => None,
+        };
+        if let Some((state, output)) = kept {
+            saga::record(
+                &mut g.steps,
+                step,
+                p.revision,
+                state,
+                Some(output),
+                None,
+                !polling,
+                now,
+            );
+            let condition = saga::condition(&plan_of(&g), &g.steps);
+            store::access_grants::record_steps(&tx, g.id, g.revision, &g.steps, condition).await?;
+        }
+        tx.commit().await?;
+        // The newer revision's job waits for this step: let it go on now.
+        if let Some(next) = g.job_id.filter(|j| *j != job.id) {
+            step_lease::wake(&db, next).await;
+        }
+        return Ok(Outcome::Succeeded(
+            json!({"ended": "superseded by a newer revision", "revision": g.revision}),
+        ));
+    }
+    let outcome = record_result(&tx, job, &mut g, step, polling, ran).await?;
+    tx.commit().await?;
+    Ok(outcome)
+}
+
+/// The grant's turn in this process (see `locks`), taken before a pooled connection by every
+/// writer of the grant's record, so callers and runners waiting for it hold no connection.
+async fn grant_turn(
+    services: &Services,
+    tenant_id: Uuid,
+    key: &str,
+) -> tokio::sync::OwnedMutexGuard<()> {
+    services
+        .key_locks
+        .lock(format!("{GRANT_LOCK}:{tenant_id}:{key}"))
+        .await
+}
+
+/// Forget the runner the grant names, if any (this run's, or a dead one's it takes over).
+async fn clear_runner(tx: &impl GenericClient, g: &GrantRecord) -> Result<(), Error> {
+    if g.step_run.is_some() {
+        store::step_runs::set(tx, Saga::AccessGrant, g.id, None).await?;
+    }
+    Ok(())
+}
+
+/// Record one run of `step` for the grant's current revision, in the transaction that holds the
+/// grant's lock and row; settle the grant when that decides it. The queue's outcome.
+async fn record_result(
+    tx: &impl GenericClient,
+    job: &crate::queue::JobRecord,
+    g: &mut GrantRecord,
+    step: Step,
+    polling: bool,
+    ran: Result<Ran, Error>,
+) -> Result<Outcome, Error> {
+    let plan = plan_of(g);
     let now = Utc::now();
     let outcome = match ran {
         Ok(Ran::Done(output)) => {
@@ -740,19 +867,17 @@ async fn advance_inner(
     };
     let condition = saga::condition(&plan, &g.steps);
     if condition.is_settled() {
-        settle(&tx, &mut g, condition).await?;
-        tx.commit().await?;
+        settle(tx, g, condition).await?;
         return Ok(match outcome {
             Outcome::Fail(m) => Outcome::Fail(m),
             _ => Outcome::Succeeded(json!({"condition": condition.as_str()})),
         });
     }
-    if !store::access_grants::record_steps(&tx, g.id, g.revision, &g.steps, condition).await? {
+    if !store::access_grants::record_steps(tx, g.id, g.revision, &g.steps, condition).await? {
         return Ok(Outcome::Succeeded(
             json!({"ended": "superseded by a newer revision"}),
         ));
     }
-    tx.commit().await?;
     Ok(outcome)
 }
 
@@ -823,12 +948,12 @@ fn app_id_of(app: &store::applications::ApplicationRecord) -> Result<Uuid, Error
     })
 }
 
-/// One step, through the provisioning use cases. `tx` holds the grant's lock; a propagation check
-/// is started in it, so the check and the step's record commit together.
+/// One step that calls Microsoft, through the provisioning use cases (which take their own
+/// connections, briefly). No connection is held here across a call: the reads the step needs
+/// are short ones of their own.
 async fn run_step(
     services: &Services,
     actor: &Actor,
-    tx: &impl GenericClient,
     g: &GrantRecord,
     step: Step,
 ) -> Result<Ran, Error> {
@@ -857,9 +982,11 @@ async fn run_step(
                 })))
             }
             MailboxSpec::ScopeGroup(a) => {
-                let r = store::scope_groups::get(tx, t, a).await?.ok_or_else(|| {
-                    Error::not_found(format!("mailscope has no scope group `{a}` any more"))
-                })?;
+                let r = store::scope_groups::get(&services.db().await?, t, a)
+                    .await?
+                    .ok_or_else(|| {
+                        Error::not_found(format!("mailscope has no scope group `{a}` any more"))
+                    })?;
                 Ok(Ran::Done(json!({
                     "alias": r.alias, "address": r.primary_smtp_address, "object_id": r.object_id,
                     "members": r.members, "origin": r.origin, "managed_by_grant": false,
@@ -891,7 +1018,7 @@ async fn run_step(
             })))
         }
         Step::Restriction if g.mechanism == Mechanism::Rbac => {
-            rbac_restriction(services, actor, tx, g, &spec, &alias).await
+            rbac_restriction(services, actor, g, &spec, &alias).await
         }
         Step::Restriction => {
             let app = app_record(services, g).await?.ok_or_else(|| {
@@ -910,7 +1037,7 @@ async fn run_step(
             let previous = output_of(g, Step::Restriction)
                 .and_then(|e| e.output.get("policy_id")?.as_str()?.parse::<Uuid>().ok());
             let previous = match previous {
-                Some(id) => store::access_policies::get(tx, t, id).await?,
+                Some(id) => store::access_policies::get(&services.db().await?, t, id).await?,
                 None => None,
             };
             let changed = match previous {
@@ -978,7 +1105,10 @@ async fn run_step(
                 "granted": change.granted, "revoked": change.revoked,
             })))
         }
-        Step::PropagationCheck => propagation(services, tx, g, &spec, &alias).await,
+        // Run by `advance_inner` in the transaction that records it (no Microsoft call).
+        Step::PropagationCheck => Err(Error::internal(anyhow::anyhow!(
+            "the propagation check step runs in the recording transaction"
+        ))),
         Step::RevokeConsent => match app_record(services, g).await? {
             Some(_) => {
                 let change =
@@ -1000,11 +1130,12 @@ async fn run_step(
                     json!({"skipped": true, "note": "the app was never created"}),
                 ));
             };
-            let ours: Vec<_> = store::access_policies::for_app(tx, t, &app_id.to_string())
-                .await?
-                .into_iter()
-                .filter(|p| p.scope_alias.as_deref() == Some(alias.as_str()))
-                .collect();
+            let ours: Vec<_> =
+                store::access_policies::for_app(&services.db().await?, t, &app_id.to_string())
+                    .await?
+                    .into_iter()
+                    .filter(|p| p.scope_alias.as_deref() == Some(alias.as_str()))
+                    .collect();
             let mut removed = Vec::new();
             for p in ours {
                 // The consent was revoked by the step before: without mail permissions, losing
@@ -1022,7 +1153,7 @@ async fn run_step(
             // scope and the service principal pointer once nothing else of the app uses them.
             let recorded = restriction_of(g);
             let app = app_id.to_string();
-            let rbac_ours: Vec<_> = store::rbac_restrictions::all(tx, t)
+            let rbac_ours: Vec<_> = store::rbac_restrictions::all(&services.db().await?, t)
                 .await?
                 .into_iter()
                 .filter(|r| r.app_id.eq_ignore_ascii_case(&app))
@@ -1071,7 +1202,7 @@ async fn run_step(
                 MailboxSpec::ScopeGroup(a) => Some(a.clone()),
                 MailboxSpec::Addresses(_) => None,
             };
-            let rec = store::scope_groups::get(tx, t, &ours).await?;
+            let rec = store::scope_groups::get(&services.db().await?, t, &ours).await?;
             let mut out = json!({"alias": ours, "deleted_in_tenant": false});
             if let Some(rec) = rec.filter(|_| named.as_deref() != Some(ours.as_str())) {
                 match scope_groups::delete(services, actor, t, &ours).await {
@@ -1097,16 +1228,17 @@ async fn propagation(
     services: &Services,
     tx: &impl GenericClient,
     g: &GrantRecord,
-    spec: &Spec,
-    alias: &str,
 ) -> Result<Ran, Error> {
+    let spec = spec_of(g)?;
+    let alias = scope_alias(g, &spec);
+    let alias = alias.as_str();
     let started = g
         .steps
         .iter()
         .find(|e| e.step == Step::PropagationCheck && e.revision == g.revision)
         .and_then(|e| e.output.get("check_id")?.as_str()?.parse::<Uuid>().ok());
     let Some(check_id) = started else {
-        let app = app_record(services, g)
+        let app = store::applications::get(tx, g.tenant_id, &app_key(&g.key))
             .await?
             .ok_or_else(|| Error::conflict("the grant's app is not recorded"))?;
         let app_id = app_id_of(&app)?;
@@ -1203,7 +1335,6 @@ fn restriction_of(g: &GrantRecord) -> Option<Uuid> {
 async fn rbac_restriction(
     services: &Services,
     actor: &Actor,
-    tx: &impl GenericClient,
     g: &GrantRecord,
     spec: &Spec,
     alias: &str,
@@ -1227,7 +1358,7 @@ async fn rbac_restriction(
         access_right: None,
     };
     let previous = match restriction_of(g) {
-        Some(id) => store::rbac_restrictions::get(tx, t, id).await?,
+        Some(id) => store::rbac_restrictions::get(&services.db().await?, t, id).await?,
         None => None,
     };
     let r = match previous {
@@ -1245,7 +1376,7 @@ async fn rbac_restriction(
                 kind: Rejection::RbacConflict,
                 ..
             }) => {
-                let existing = store::rbac_restrictions::all(tx, t)
+                let existing = store::rbac_restrictions::all(&services.db().await?, t)
                     .await?
                     .into_iter()
                     .find(|r| {

@@ -25,6 +25,7 @@ pub mod locks;
 pub mod rbac;
 pub mod rbac_migration;
 pub mod scope_groups;
+pub mod step_lease;
 pub mod sync;
 pub mod tenants;
 

@@ -3,9 +3,14 @@
 //!
 //! [`start`] plans (a dry run stops there) and records the migration with its job in one
 //! transaction; the `rbac_migration` job ([`MigrationJob`], run by `jobs::rbac_migration`) calls
-//! [`advance`] once per run, which runs **one** step under the migration's advisory lock and
-//! records its result in the transaction holding that lock, so a crash re-runs at most the step
-//! under way. The steps, in the order that never widens the app's access
+//! [`advance`] once per run, which runs **one** step and records its result, so a crash re-runs
+//! at most the step under way. No connection, transaction or lock is held while the step calls
+//! Microsoft (`step_lease`): a short transaction under the migration's advisory lock marks the
+//! step started under a fresh token (a rollback closes once `remove_access_policy` has started),
+//! another records the result only while the migration still names that token. A pause, resume
+//! or rollback meanwhile answers at once; the step's result is still recorded when it ends (what
+//! it did in the tenant is a fact), and the migration then goes no further than that request
+//! says. The steps, in the order that never widens the app's access
 //! (`domain::rbac_migration`):
 //!
 //! 1. `create_rbac`: one RBAC restriction per RestrictAccess scope, **beside** the policy
@@ -38,7 +43,7 @@ use uuid::Uuid;
 use super::access_policies::{self, check_app_id, same_app};
 use super::rbac::{self, GroupVia, RestrictionInput, ScopeInput, Verification};
 use super::scope_groups::primary_address;
-use super::{Actor, Error, Rejection, Services, audit, tenants};
+use super::{Actor, Error, Rejection, Services, audit, step_lease, tenants};
 use crate::domain::field_error::FieldError;
 use crate::domain::grant::StepError;
 use crate::domain::rbac_migration::{
@@ -50,6 +55,7 @@ use crate::queue::worker::Outcome;
 use crate::store;
 use crate::store::propagation_checks::CheckState;
 use crate::store::rbac_migrations::MigrationRecord;
+use crate::store::step_runs::Saga;
 
 /// Advisory-lock namespace: one runner of a migration's steps (or state change) at a time.
 const MIGRATION_LOCK: &str = "rbac_migration";
@@ -479,7 +485,12 @@ pub async fn start(
         created_at: Utc::now(),
         updated_at: Utc::now(),
         finished_at: None,
+        step_run: None,
     };
+    let _turn = services
+        .key_locks
+        .lock(format!("{MIGRATION_LOCK}:{tenant_id}:{}", m.app_id))
+        .await;
     let mut db = services.db().await?;
     let tx = db.transaction().await?;
     store::lock_key(&tx, MIGRATION_LOCK, &format!("{tenant_id}:{}", m.app_id)).await?;
@@ -574,8 +585,11 @@ impl Action {
     }
 }
 
-/// Pause, resume or roll back. Waits for a step under way to be recorded (the migration's lock),
-/// so a pause stops before the next step. Returns the migration and whether it changed.
+/// Pause, resume or roll back. Does not wait for a step under way (its runner holds no lock while
+/// it calls Microsoft): the step's result is recorded when it ends, and the migration then goes
+/// no further than the request says (a pause stops before the next step; a resumed or rolled
+/// back run's job starts once that step is recorded). A rollback is refused as soon as the
+/// policy's removal has started. Returns the migration and whether it changed.
 pub async fn act(
     services: &Services,
     actor: &Actor,
@@ -583,6 +597,7 @@ pub async fn act(
     id: Uuid,
     action: Action,
 ) -> Result<(MigrationRecord, bool), Error> {
+    let _turn = migration_turn(services, id).await;
     let mut db = services.db().await?;
     let tx = db.transaction().await?;
     let Some(found) = store::rbac_migrations::get(&tx, tenant_id, id).await? else {
@@ -671,10 +686,19 @@ fn step_error(code: &str, cause: String, fix: &str) -> StepError {
 /// What one run of a step did.
 enum Ran {
     Done(serde_json::Value),
+    /// Done, with a change in the tenant to audit in the transaction that records the step.
+    Audited {
+        output: serde_json::Value,
+        action: &'static str,
+        details: serde_json::Value,
+    },
     Wait {
         output: Option<serde_json::Value>,
         at: chrono::DateTime<Utc>,
     },
+    /// The verification in the tenant passed; the step's propagation check starts in the
+    /// transaction that records the step (then it waits for it).
+    StartCheck,
     Failed(StepError),
 }
 
@@ -695,68 +719,225 @@ async fn advance_inner(
     job: &crate::queue::JobRecord,
     p: &MigrationJob,
 ) -> Result<Outcome, Error> {
-    let mut db = services.db().await?;
-    let tx = db.transaction().await?;
-    store::lock_key(&tx, MIGRATION_LOCK, &p.migration_id.to_string()).await?;
-    let Some(mut m) = store::rbac_migrations::get(&tx, p.tenant_id, p.migration_id).await? else {
-        return Ok(Outcome::Succeeded(
-            json!({"ended": "the migration no longer exists"}),
-        ));
-    };
-    if m.run != p.run {
-        return Ok(Outcome::Succeeded(
-            json!({"ended": "superseded by a newer run", "run": m.run}),
-        ));
-    }
-    let planned = planned_of(&m)?;
+    let lock = p.migration_id.to_string();
     let actor = Actor::Job {
         kind: MigrationJob::KIND,
         id: job.id,
     };
-    let (name, forward) = match m.state {
-        State::Running if m.current_step == Step::Done => {
-            settle(services, &tx, &mut m, State::Succeeded, None).await?;
-            tx.commit().await?;
-            return Ok(Outcome::Succeeded(json!({"state": "succeeded"})));
+    // 1. Decide the step, mark it started and name this run its runner, in a short transaction.
+    let (m, planned, name, forward, polling, token) = {
+        let _turn = migration_turn(services, p.migration_id).await;
+        let mut db = services.db().await?;
+        let tx = db.transaction().await?;
+        store::lock_key(&tx, MIGRATION_LOCK, &lock).await?;
+        let Some(mut m) = store::rbac_migrations::get(&tx, p.tenant_id, p.migration_id).await?
+        else {
+            return Ok(Outcome::Succeeded(
+                json!({"ended": "the migration no longer exists"}),
+            ));
+        };
+        if m.run != p.run {
+            return Ok(Outcome::Succeeded(
+                json!({"ended": "superseded by a newer run", "run": m.run}),
+            ));
         }
-        State::Running => (m.current_step.as_str(), true),
-        State::RollingBack => match next_rollback(&m) {
-            Some(s) => (s.as_str(), false),
-            None => {
-                settle(services, &tx, &mut m, State::RolledBack, None).await?;
+        // A step of an older run may still be calling Microsoft: one step at a time.
+        if let Some(at) = step_lease::held_elsewhere(&tx, m.step_run.as_ref(), job).await? {
+            return Ok(Outcome::Reschedule { at, payload: None });
+        }
+        let planned = planned_of(&m)?;
+        let (name, forward) = match m.state {
+            State::Running if m.current_step == Step::Done => {
+                clear_runner(&tx, &m).await?;
+                settle(services, &tx, &mut m, State::Succeeded, None).await?;
                 tx.commit().await?;
-                return Ok(Outcome::Succeeded(json!({"state": "rolled_back"})));
+                return Ok(Outcome::Succeeded(json!({"state": "succeeded"})));
             }
-        },
-        s => {
-            return Ok(Outcome::Succeeded(json!({"ended": s.as_str()})));
-        }
+            State::Running => (m.current_step.as_str(), true),
+            State::RollingBack => match next_rollback(&m) {
+                Some(s) => (s.as_str(), false),
+                None => {
+                    clear_runner(&tx, &m).await?;
+                    settle(services, &tx, &mut m, State::RolledBack, None).await?;
+                    tx.commit().await?;
+                    return Ok(Outcome::Succeeded(json!({"state": "rolled_back"})));
+                }
+            },
+            s => {
+                return Ok(Outcome::Succeeded(json!({"ended": s.as_str()})));
+            }
+        };
+        // A poll of a check this step started is not a new attempt.
+        let polling = rules::entry(&m.steps, name)
+            .is_some_and(|e| e.state == StepState::Running && e.output.get("check_id").is_some());
+        // Known before Microsoft is asked: the step has started (a rollback closes once the
+        // policy's removal has, whether or not this run ever returns).
+        rules::mark_started(&mut m.steps, name, Utc::now());
+        store::rbac_migrations::save(&tx, &m).await?;
+        let run = step_lease::start(job, name);
+        store::step_runs::set(&tx, Saga::RbacMigration, m.id, Some(&run)).await?;
+        tx.commit().await?;
+        (m, planned, name.to_string(), forward, polling, run.token)
     };
-    // A poll of a check this step started is not a new attempt.
-    let polling = rules::entry(&m.steps, name)
-        .is_some_and(|e| e.state == StepState::Running && e.output.get("check_id").is_some());
+
+    // 2. The step, with no connection held here.
     let ran = if forward {
-        run_forward(services, &actor, &tx, &m, &planned).await
+        run_forward(services, &actor, &m, &planned).await
     } else {
         match next_rollback(&m) {
             Some(s) => run_rollback(services, &actor, &m, &planned, s).await,
             None => Ok(Ran::Done(json!({}))),
         }
     };
+
+    // 3. Record the result, if this run is still the step's runner.
+    let _turn = migration_turn(services, p.migration_id).await;
+    let mut db = services.db().await?;
+    let tx = db.transaction().await?;
+    store::lock_key(&tx, MIGRATION_LOCK, &lock).await?;
+    let Some(mut m) = store::rbac_migrations::get(&tx, p.tenant_id, p.migration_id).await? else {
+        return Ok(Outcome::Succeeded(
+            json!({"ended": "the migration no longer exists"}),
+        ));
+    };
+    if !step_lease::still_ours(m.step_run.as_ref(), token) {
+        // Taken over after this run's lease lapsed: the newer run's result stands.
+        tracing::warn!(migration = %m.id, step = %name, "step taken over by another run; its result is discarded");
+        return Ok(Outcome::Succeeded(
+            json!({"ended": "another run took the step over; this run's result was discarded"}),
+        ));
+    }
+    clear_runner(&tx, &m).await?;
+    let ran = match ran {
+        Ok(r) => Ok(complete(services, &tx, &actor, &m, &planned, r).await?),
+        Err(e) => Err(e),
+    };
+    let ours = m.run == p.run
+        && m.state
+            == if forward {
+                State::Running
+            } else {
+                State::RollingBack
+            };
+    if ours {
+        let outcome =
+            record_result(services, &tx, job, &mut m, &name, forward, polling, ran).await?;
+        tx.commit().await?;
+        return Ok(outcome);
+    }
+    // Paused, resumed or rolled back while the step ran: what it did in the tenant is recorded,
+    // the state stays as that request left it, and a newer run's job (waiting for this step)
+    // goes on from here.
+    record_late(services, &tx, job, &mut m, p, &name, forward, polling, ran).await?;
+    tx.commit().await?;
+    if let Some(next) = m.job_id.filter(|j| *j != job.id) {
+        step_lease::wake(&db, next).await;
+    }
+    Ok(Outcome::Succeeded(
+        json!({"ended": m.state.as_str(), "step": name}),
+    ))
+}
+
+/// The migration's turn in this process (see `locks`), taken before a pooled connection by every
+/// writer that takes the migration's advisory lock, so callers and runners waiting for it hold
+/// no connection.
+async fn migration_turn(services: &Services, id: Uuid) -> tokio::sync::OwnedMutexGuard<()> {
+    services
+        .key_locks
+        .lock(format!("{MIGRATION_LOCK}:{id}"))
+        .await
+}
+
+/// Forget the runner the migration names, if any (this run's, or a dead one's it takes over).
+async fn clear_runner(tx: &impl GenericClient, m: &MigrationRecord) -> Result<(), Error> {
+    if m.step_run.is_some() {
+        store::step_runs::set(tx, Saga::RbacMigration, m.id, None).await?;
+    }
+    Ok(())
+}
+
+/// The part of a step that writes mailscope's own records, done in the transaction that records
+/// the step: start the propagation check a verification asked for, audit a change made in the
+/// tenant.
+async fn complete(
+    services: &Services,
+    tx: &impl GenericClient,
+    actor: &Actor,
+    m: &MigrationRecord,
+    planned: &Planned,
+    ran: Ran,
+) -> Result<Ran, Error> {
+    match ran {
+        Ran::StartCheck => {
+            let check = super::checks::after_rbac_change(
+                tx,
+                services,
+                m.tenant_id,
+                &planned.app_id,
+                &planned.sample_mailboxes,
+                &planned.canary_mailboxes,
+                "rbac_migration",
+            )
+            .await?
+            .ok_or_else(|| internal("no expectation for the propagation check"))?;
+            Ok(Ran::Wait {
+                output: Some(json!({"check_id": check.id})),
+                at: Utc::now() + chrono::Duration::milliseconds(500),
+            })
+        }
+        Ran::Audited {
+            output,
+            action,
+            details,
+        } => {
+            audit::record(
+                tx,
+                actor,
+                m.tenant_id,
+                action,
+                &format!("rbac_migration/{}", m.id),
+                details,
+            )
+            .await?;
+            Ok(Ran::Done(output))
+        }
+        other => Ok(other),
+    }
+}
+
+fn remember_check(m: &mut MigrationRecord, output: Option<&serde_json::Value>) {
+    if let Some(c) = output.and_then(|o| o.get("check_id")?.as_str()?.parse::<Uuid>().ok())
+        && !m.check_ids.contains(&c)
+    {
+        m.check_ids.push(c);
+    }
+}
+
+/// Record one run of step `name` for the run and state it started in, and move the migration on
+/// (next step, pause on an error, final state) in the transaction that holds its lock.
+#[allow(clippy::too_many_arguments)]
+async fn record_result(
+    services: &Services,
+    tx: &impl GenericClient,
+    job: &crate::queue::JobRecord,
+    m: &mut MigrationRecord,
+    name: &str,
+    forward: bool,
+    polling: bool,
+    ran: Result<Ran, Error>,
+) -> Result<Outcome, Error> {
     let now = Utc::now();
-    let name = name.to_string();
+    let stopped = if forward {
+        State::Paused
+    } else {
+        State::Failed
+    };
     let outcome = match ran {
         Ok(Ran::Done(output)) => {
-            if let Some(c) = output
-                .get("check_id")
-                .and_then(|c| c.as_str()?.parse::<Uuid>().ok())
-                && !m.check_ids.contains(&c)
-            {
-                m.check_ids.push(c);
-            }
+            remember_check(m, Some(&output));
             rules::record(
                 &mut m.steps,
-                &name,
+                name,
                 StepState::Done,
                 Some(output),
                 None,
@@ -772,16 +953,10 @@ async fn advance_inner(
             }
         }
         Ok(Ran::Wait { output, at }) => {
-            if let Some(c) = output
-                .as_ref()
-                .and_then(|o| o.get("check_id")?.as_str()?.parse::<Uuid>().ok())
-                && !m.check_ids.contains(&c)
-            {
-                m.check_ids.push(c);
-            }
+            remember_check(m, output.as_ref());
             rules::record(
                 &mut m.steps,
-                &name,
+                name,
                 StepState::Running,
                 output,
                 None,
@@ -793,23 +968,20 @@ async fn advance_inner(
         Ok(Ran::Failed(why)) => {
             rules::record(
                 &mut m.steps,
-                &name,
+                name,
                 StepState::Failed,
                 None,
                 Some(why),
                 !polling,
                 now,
             );
-            let next = if forward {
-                State::Paused
-            } else {
-                State::Failed
-            };
-            settle(services, &tx, &mut m, next, Some("error")).await?;
-            tx.commit().await?;
+            settle(services, tx, m, stopped, Some("error")).await?;
             return Ok(Outcome::Succeeded(
-                json!({"state": next.as_str(), "step": name}),
+                json!({"state": stopped.as_str(), "step": name}),
             ));
+        }
+        Ok(Ran::StartCheck | Ran::Audited { .. }) => {
+            return Err(internal("a step's record was not completed"));
         }
         Err(e) => {
             let outcome = e.job_outcome();
@@ -823,7 +995,7 @@ async fn advance_inner(
             }
             rules::record(
                 &mut m.steps,
-                &name,
+                name,
                 if gives_up {
                     StepState::Failed
                 } else {
@@ -835,23 +1007,109 @@ async fn advance_inner(
                 now,
             );
             if gives_up {
-                let next = if forward {
-                    State::Paused
-                } else {
-                    State::Failed
-                };
-                settle(services, &tx, &mut m, next, Some("error")).await?;
-                tx.commit().await?;
+                settle(services, tx, m, stopped, Some("error")).await?;
                 return Ok(Outcome::Succeeded(
-                    json!({"state": next.as_str(), "step": name, "error": e.to_string()}),
+                    json!({"state": stopped.as_str(), "step": name, "error": e.to_string()}),
                 ));
             }
             outcome
         }
     };
-    store::rbac_migrations::save(&tx, &m).await?;
-    tx.commit().await?;
+    store::rbac_migrations::save(tx, m).await?;
     Ok(outcome)
+}
+
+/// Record one run of step `name` that ended after a pause, resume or rollback was accepted: the
+/// step's log and, for a forward step that finished, the next step (what the tenant now holds),
+/// but not the state. A forward step that failed for good while paused pauses it for that error
+/// (`rbac_migration.attention_needed`), as it would have had the step ended first.
+#[allow(clippy::too_many_arguments)]
+async fn record_late(
+    services: &Services,
+    tx: &impl GenericClient,
+    job: &crate::queue::JobRecord,
+    m: &mut MigrationRecord,
+    p: &MigrationJob,
+    name: &str,
+    forward: bool,
+    polling: bool,
+    ran: Result<Ran, Error>,
+) -> Result<(), Error> {
+    let now = Utc::now();
+    let failed = match ran {
+        Ok(Ran::Done(output)) => {
+            remember_check(m, Some(&output));
+            rules::record(
+                &mut m.steps,
+                name,
+                StepState::Done,
+                Some(output),
+                None,
+                !polling,
+                now,
+            );
+            if forward {
+                m.current_step = m.current_step.next();
+            }
+            false
+        }
+        Ok(Ran::Wait { output, .. }) => {
+            remember_check(m, output.as_ref());
+            rules::record(
+                &mut m.steps,
+                name,
+                StepState::Running,
+                output,
+                None,
+                !polling,
+                now,
+            );
+            false
+        }
+        Ok(Ran::Failed(why)) => {
+            rules::record(
+                &mut m.steps,
+                name,
+                StepState::Failed,
+                None,
+                Some(why),
+                !polling,
+                now,
+            );
+            true
+        }
+        Ok(Ran::StartCheck | Ran::Audited { .. }) => {
+            return Err(internal("a step's record was not completed"));
+        }
+        Err(e) => {
+            let outcome = e.job_outcome();
+            let gives_up = match &outcome {
+                Outcome::Retry(_) => job.failures + 1 >= job.max_failures,
+                Outcome::Fail(_) => true,
+                _ => false,
+            };
+            rules::record(
+                &mut m.steps,
+                name,
+                if gives_up {
+                    StepState::Failed
+                } else {
+                    StepState::Running
+                },
+                None,
+                Some(explain(&e)),
+                !matches!(outcome, Outcome::Reschedule { .. }),
+                now,
+            );
+            gives_up
+        }
+    };
+    if failed && forward && m.state == State::Paused && m.run == p.run {
+        settle(services, tx, m, State::Paused, Some("error")).await?;
+    } else {
+        store::rbac_migrations::save(tx, m).await?;
+    }
+    Ok(())
 }
 
 /// The next rollback step not done yet.
@@ -984,12 +1242,11 @@ async fn verify_scope(exo: &ExchangeClient, planned: &Planned) -> Result<Vec<Str
     Ok(failures)
 }
 
-/// Start the app's RBAC propagation check (once per step), then wait for it.
+/// Start the app's RBAC propagation check (once per step; started by [`complete`] in the
+/// transaction that records the step), then wait for it. `None` once it succeeded.
 async fn check_step(
     services: &Services,
-    tx: &impl GenericClient,
     m: &MigrationRecord,
-    planned: &Planned,
     step: Step,
 ) -> Result<Option<Ran>, Error> {
     // A check whose failure paused the migration is not looked at again: a resume starts anew.
@@ -997,23 +1254,11 @@ async fn check_step(
         .filter(|e| e.state != StepState::Failed)
         .and_then(|e| e.output.get("check_id")?.as_str()?.parse::<Uuid>().ok());
     let Some(check_id) = started else {
-        let check = super::checks::after_rbac_change(
-            tx,
-            services,
-            m.tenant_id,
-            &planned.app_id,
-            &planned.sample_mailboxes,
-            &planned.canary_mailboxes,
-            "rbac_migration",
-        )
-        .await?
-        .ok_or_else(|| internal("no expectation for the propagation check"))?;
-        return Ok(Some(Ran::Wait {
-            output: Some(json!({"check_id": check.id})),
-            at: Utc::now() + chrono::Duration::milliseconds(500),
-        }));
+        return Ok(Some(Ran::StartCheck));
     };
-    let check = store::propagation_checks::get_by_id(tx, check_id)
+    // Two short reads; no Microsoft call while the connection is held.
+    let db = services.db().await?;
+    let check = store::propagation_checks::get_by_id(&db, check_id)
         .await?
         .ok_or_else(|| internal(format!("propagation check {check_id} vanished")))?;
     match check.state {
@@ -1030,7 +1275,7 @@ async fn check_step(
         )))),
         _ => {
             let job_at = match check.job_id {
-                Some(j) => crate::queue::get(tx, j).await?.map(|j| j.run_at),
+                Some(j) => crate::queue::get(&db, j).await?.map(|j| j.run_at),
                 None => None,
             };
             let soon = Utc::now() + chrono::Duration::seconds(1);
@@ -1042,10 +1287,11 @@ async fn check_step(
     }
 }
 
+/// One forward step. The use cases it calls take their own connections, briefly; the writes to
+/// mailscope's records it asks for are done by [`complete`].
 async fn run_forward(
     services: &Services,
     actor: &Actor,
-    tx: &impl GenericClient,
     m: &MigrationRecord,
     planned: &Planned,
 ) -> Result<Ran, Error> {
@@ -1127,18 +1373,11 @@ async fn run_forward(
                     removed.push(g.permission.clone());
                 }
             }
-            audit::record(
-                tx,
-                actor,
-                t,
-                "rbac_migration.entra_consent_removed",
-                &format!("rbac_migration/{}", m.id),
-                json!({"app_id": planned.app_id, "removed": removed}),
-            )
-            .await?;
-            Ok(Ran::Done(
-                json!({"removed": removed, "removed_at": Utc::now()}),
-            ))
+            Ok(Ran::Audited {
+                output: json!({"removed": removed, "removed_at": Utc::now()}),
+                action: "rbac_migration.entra_consent_removed",
+                details: json!({"app_id": planned.app_id, "removed": removed}),
+            })
         }
         Step::VerifyEntraRemoved => {
             let held: Vec<String> = rbac::entra_grants(&graph, sp)
@@ -1157,9 +1396,7 @@ async fn run_forward(
                     "remove the Entra grant again (or roll back), then resume",
                 )));
             }
-            if let Some(ran) =
-                check_step(services, tx, m, planned, Step::VerifyEntraRemoved).await?
-            {
+            if let Some(ran) = check_step(services, m, Step::VerifyEntraRemoved).await? {
                 return Ok(ran);
             }
             // Tokens issued before the revocation still carry the revoked roles; only the
@@ -1231,9 +1468,7 @@ async fn run_forward(
                     "correct the RBAC restriction (PUT /rbac-restrictions/{id}), then resume",
                 )));
             }
-            if let Some(ran) =
-                check_step(services, tx, m, planned, Step::VerifyPolicyRemoved).await?
-            {
+            if let Some(ran) = check_step(services, m, Step::VerifyPolicyRemoved).await? {
                 return Ok(ran);
             }
             Ok(Ran::Done(json!({"access_policies_in_tenant": 0})))

@@ -290,6 +290,23 @@ pub async fn update_payload(
         == 1)
 }
 
+/// When the lease of one run of a job (its id and claim attempt) ends, while that run still
+/// holds it: `None` once the job finished, was claimed again or its lease lapsed (its worker died
+/// or lost the database). Sagas use it to tell a step under way from one a dead runner left.
+pub async fn live_lease(
+    c: &impl GenericClient,
+    id: Uuid,
+    attempt: i32,
+) -> Result<Option<DateTime<Utc>>, StoreError> {
+    Ok(c.query_opt(
+        "SELECT lease_expires_at FROM jobs
+             WHERE id = $1 AND attempt = $2 AND state = 'running' AND lease_expires_at > now()",
+        &[&id, &attempt],
+    )
+    .await?
+    .map(|r| r.get(0)))
+}
+
 /// Run an active job as soon as possible (a queued one now; a running one keeps its turn) and
 /// withdraw a pending cancel: a newer change needs the job all the same. False if the job is no
 /// longer active.

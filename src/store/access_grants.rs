@@ -5,6 +5,7 @@ use tokio_postgres::Row;
 use uuid::Uuid;
 
 use super::StoreError;
+use super::step_runs::StepRun;
 use crate::domain::grant::{Condition, Mechanism, StepEntry};
 
 #[derive(Debug, Clone)]
@@ -26,10 +27,12 @@ pub struct GrantRecord {
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub condition_at: DateTime<Utc>,
+    /// The runner of the step under way (`store::step_runs`); written only through that module.
+    pub step_run: Option<StepRun>,
 }
 
 const COLUMNS: &str = "id, tenant_id, key, spec, mechanism, revision, removing, condition, steps, \
-     labels, external_ref, callback_url, job_id, created_at, updated_at, condition_at";
+     labels, external_ref, callback_url, job_id, created_at, updated_at, condition_at, step_run";
 
 fn from_row(r: &Row) -> Result<GrantRecord, StoreError> {
     let mechanism: String = r.get(4);
@@ -60,6 +63,7 @@ fn from_row(r: &Row) -> Result<GrantRecord, StoreError> {
         created_at: r.get(13),
         updated_at: r.get(14),
         condition_at: r.get(15),
+        step_run: super::step_runs::parse(r.get(16))?,
     })
 }
 

@@ -79,6 +79,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "queue_claim_function",
         include_str!("../../migrations/0016_queue_claim_function.sql"),
     ),
+    (
+        17,
+        "step_runs",
+        include_str!("../../migrations/0017_step_runs.sql"),
+    ),
 ];
 
 /// Arbitrary but fixed: "mailscop" in ASCII.

@@ -19,6 +19,7 @@ pub mod rbac_migrations;
 pub mod rbac_restrictions;
 pub mod scope_groups;
 pub mod settings;
+pub mod step_runs;
 pub mod tenants;
 
 pub use settings::DatabaseSettings;

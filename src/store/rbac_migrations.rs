@@ -6,6 +6,7 @@ use tokio_postgres::Row;
 use uuid::Uuid;
 
 use super::StoreError;
+use super::step_runs::StepRun;
 use crate::domain::rbac_migration::{State, Step, StepEntry};
 
 #[derive(Debug, Clone)]
@@ -27,10 +28,12 @@ pub struct MigrationRecord {
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub finished_at: Option<DateTime<Utc>>,
+    /// The runner of the step under way (`store::step_runs`); written only through that module.
+    pub step_run: Option<StepRun>,
 }
 
 const COLUMNS: &str = "id, tenant_id, app_id, state, current_step, plan, steps, run, \
-     paused_reason, callback_url, check_ids, job_id, created_at, updated_at, finished_at";
+     paused_reason, callback_url, check_ids, job_id, created_at, updated_at, finished_at, step_run";
 
 fn other(e: impl std::fmt::Display) -> StoreError {
     StoreError::Other(anyhow::anyhow!("rbac_migrations: {e}"))
@@ -56,6 +59,7 @@ fn from_row(r: &Row) -> Result<MigrationRecord, StoreError> {
         created_at: r.get(12),
         updated_at: r.get(13),
         finished_at: r.get(14),
+        step_run: super::step_runs::parse(r.get(15))?,
     })
 }
 

@@ -1595,3 +1595,265 @@ async fn a_worker_killed_mid_rbac_change_resumes_with_the_new_mailbox_and_no_dup
         2
     );
 }
+
+/// Slow every Exchange call down by `ms` (0: back to normal), leaving login and Graph as they are.
+pub(crate) async fn slow_exchange(env: &WithSandbox, ms: u64) {
+    env.control()
+        .patch(
+            "/settings",
+            &json!({"pacing": {"latency": format!("{ms}ms"), "faultApis": ["exchange"]}}),
+            200,
+        )
+        .await;
+}
+
+/// Wait until a job of `kind` is running (a step under way).
+pub(crate) async fn wait_for_running_job(env: &WithSandbox, kind: &str) {
+    let db = env.app.db.client().await;
+    for _ in 0..600 {
+        let n: i64 = db
+            .query_one(
+                "SELECT count(*) FROM jobs WHERE kind = $1 AND state = 'running'",
+                &[&kind],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if n > 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("no {kind} job ever ran");
+}
+
+/// A timed request: (status, body, milliseconds).
+async fn timed(
+    env: &WithSandbox,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<Value>,
+) -> (u16, Value, u128) {
+    let t = std::time::Instant::now();
+    let (status, v) = send(env, method, path, body).await;
+    (status, v, t.elapsed().as_millis())
+}
+
+/// Issue 15 goal 3: access-grant steps call Microsoft with no pooled connection held, so while
+/// several of one tenant's grants wait on a slow Exchange and its users keep sending PUTs and
+/// GETs, another tenant's reads answer at once, and a PUT to a grant whose step is under way is
+/// accepted at once instead of waiting for the step's Microsoft calls.
+#[tokio::test]
+async fn slow_grant_steps_and_a_burst_on_one_tenant_leave_another_tenants_reads_fast() {
+    // The test's small pool (4, 2 s wait) and the default per-tenant job concurrency (4).
+    let env = start(|s| {
+        s.database.pool_size = 4;
+        s.worker.per_tenant_concurrency = 4;
+    })
+    .await;
+    let other = "22222222-2222-4222-8222-222222222222";
+    env.app
+        .api()
+        .put(&format!("/v1/tenants/{other}"), &tenant_body("x"), 201)
+        .await;
+    let keys: Vec<String> = (0..6).map(|i| format!("burst{i}")).collect();
+    for k in &keys {
+        let mut body = acme(&["alice"]);
+        body["display_name"] = json!(format!("Burst {k}"));
+        let (status, g) = put_grant(&env, k, body).await;
+        assert_eq!(status, 202, "{g}");
+    }
+    slow_exchange(&env, 2_000).await;
+    wait_for_running_job(&env, "access_grant").await;
+
+    // Tenant A's users keep at it: reads of every grant and repeated PUTs (labels only; burst0
+    // gets its own change below).
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let burst = {
+        let (http, base, token, keys, stop) = (
+            env.app.http.clone(),
+            env.url(""),
+            env.app.admin(),
+            keys.clone(),
+            stop.clone(),
+        );
+        tokio::spawn(async move {
+            let mut statuses = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let mut calls = Vec::new();
+                for k in &keys {
+                    let url = format!("{base}/access-grants/{k}");
+                    calls.push(http.get(&url).bearer_auth(&token).send());
+                    if k == "burst0" {
+                        continue;
+                    }
+                    let mut body = acme(&["alice"]);
+                    body["display_name"] = json!(format!("Burst {k}"));
+                    body["labels"] = json!({"vendor": "acme", "burst": "yes"});
+                    calls.push(http.put(&url).bearer_auth(&token).json(&body).send());
+                }
+                for r in futures_util::future::join_all(calls).await {
+                    statuses.push(r.map(|r| r.status().as_u16()).unwrap_or(0));
+                }
+            }
+            statuses
+        })
+    };
+
+    // Meanwhile: tenant B reads, and a grant of A whose step is under way gets a new revision.
+    let reader = env.app.token(&["MailScope.Read"], &[other]);
+    let mut b = Vec::new();
+    let started = std::time::Instant::now();
+    let mut changed = None;
+    while started.elapsed() < Duration::from_secs(8) {
+        for path in [
+            format!("/v1/tenants/{other}"),
+            format!("/v1/tenants/{other}/access-grants"),
+        ] {
+            let t = std::time::Instant::now();
+            let res = env
+                .app
+                .http
+                .get(env.app.url(&path))
+                .bearer_auth(&reader)
+                .send()
+                .await
+                .unwrap();
+            b.push((res.status().as_u16(), t.elapsed().as_millis()));
+        }
+        if changed.is_none() && started.elapsed() > Duration::from_secs(2) {
+            let mut body = acme(&["alice", "bob"]);
+            body["display_name"] = json!("Burst burst0");
+            let (status, g, ms) = timed(
+                &env,
+                reqwest::Method::PUT,
+                "/access-grants/burst0",
+                Some(body),
+            )
+            .await;
+            changed = Some((status, g["revision"].clone(), ms));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let a = burst.await.unwrap();
+
+    let mut ms: Vec<u128> = b.iter().map(|(_, ms)| *ms).collect();
+    ms.sort();
+    let failed = b.iter().filter(|(s, _)| *s != 200).count();
+    eprintln!(
+        "tenant B: {} reads, {failed} not 200 ({} x 503), p50 {} ms, max {} ms; tenant A: {} calls, {} not 2xx; PUT during a step: {changed:?}",
+        b.len(),
+        b.iter().filter(|(s, _)| *s == 503).count(),
+        ms[ms.len() / 2],
+        ms[ms.len() - 1],
+        a.len(),
+        a.iter().filter(|s| !(200..300).contains(*s)).count(),
+    );
+    assert_eq!(failed, 0, "tenant B's reads: {b:?}");
+    assert!(ms[ms.len() - 1] < 1_000, "tenant B waited: {ms:?}");
+    assert!(
+        a.iter().all(|s| (200..300).contains(s)),
+        "tenant A's own burst: {a:?}"
+    );
+    let (status, revision, took) = changed.expect("a PUT during the steps");
+    assert_eq!((status, revision), (202, json!(2)));
+    assert!(took < 1_000, "the PUT waited {took} ms for a step");
+
+    // Microsoft back to normal: every grant converges, burst0 to its second revision.
+    slow_exchange(&env, 0).await;
+    for k in &keys {
+        let g = wait_for(&env, k, "ready").await;
+        if k == "burst0" {
+            assert_eq!(g["revision"], 2, "{g:#}");
+            assert_eq!(g["mailboxes"], json!([addr("alice"), addr("bob")]));
+            assert_eq!(
+                step(&g, "scope_group")["output"]["members"]
+                    .as_array()
+                    .map(Vec::len),
+                Some(2)
+            );
+        }
+    }
+}
+
+/// A step's result is recorded only for the revision it ran for: PUTs accepted while a step
+/// waits on Microsoft answer at once, the step's late result never shows as the newest
+/// revision's, and the grant converges to the last PUT.
+#[tokio::test]
+async fn puts_during_a_slow_step_answer_at_once_and_its_late_result_is_not_taken_for_theirs() {
+    let env = start(|s| s.database.pool_size = 4).await;
+    slow_exchange(&env, 1_500).await;
+    let (status, _) = put_grant(&env, "acme", acme(&["alice"])).await;
+    assert_eq!(status, 202);
+    wait_for_running_job(&env, "access_grant").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let revisions: [&[&str]; 4] = [
+        &["alice", "bob"],
+        &["alice", "dave"],
+        &["bob", "erin"],
+        &["bob", "dave"],
+    ];
+    for (i, mailboxes) in revisions.iter().enumerate() {
+        let (status, g, ms) = timed(
+            &env,
+            reqwest::Method::PUT,
+            "/access-grants/acme",
+            Some(acme(mailboxes)),
+        )
+        .await;
+        assert_eq!(status, 202, "{g}");
+        assert_eq!(g["revision"], i as i64 + 2);
+        assert!(ms < 1_000, "PUT {} waited {ms} ms", i + 2);
+        let (status, g, ms) = timed(&env, reqwest::Method::GET, "/access-grants/acme", None).await;
+        assert_eq!(status, 200, "{g}");
+        assert!(ms < 1_000, "GET waited {ms} ms");
+    }
+    let last: Vec<String> = ["bob", "dave"].iter().map(|m| addr(m)).collect();
+
+    // Whatever the first revision's step records when it returns, the newest revision's steps
+    // only ever show the newest revision's work.
+    let started = std::time::Instant::now();
+    let mut slow = true;
+    let ready = loop {
+        let (status, g) = send(&env, reqwest::Method::GET, "/access-grants/acme", None).await;
+        assert_eq!(status, 200, "{g}");
+        assert_eq!(g["revision"], 5, "{g:#}");
+        let s = step(&g, "scope_group");
+        if s["state"] == "done" {
+            assert_eq!(s["output"]["members"], json!(last), "{g:#}");
+        }
+        if g["condition"] == "ready" {
+            break g;
+        }
+        assert_ne!(g["condition"], "failed", "{g:#}");
+        if slow && started.elapsed() > Duration::from_secs(10) {
+            slow_exchange(&env, 0).await;
+            slow = false;
+        }
+        assert!(started.elapsed() < Duration::from_secs(120), "{g:#}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(ready["mailboxes"], json!(last));
+    let app_id = ready["app_id"].as_str().unwrap().to_string();
+    assert_eq!(
+        in_tenant(&env, "ACME mail sync", "grant-acme", &app_id).await,
+        (1, 1, 1, 1)
+    );
+    let t = tenant(&env).await;
+    let group = t["recipients"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["alias"] == "grant-acme")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        group["members"].as_array().map(Vec::len),
+        Some(2),
+        "{group}"
+    );
+    assert_eq!(exchange_verdict(&env, &app_id, "alice").await, "Denied");
+    assert_eq!(exchange_verdict(&env, &app_id, "dave").await, "Granted");
+}

@@ -936,3 +936,132 @@ async fn an_app_owned_by_an_access_grant_is_not_migrated_under_it() {
         "{p}"
     );
 }
+
+/// Issue 15 goal 3: a migration step calls Microsoft with no lock held, so a pause answers at
+/// once; the step under way still records what it made when it returns (the migration shows it
+/// done), and the migration holds before the next step until it is resumed.
+#[tokio::test]
+async fn a_pause_answers_while_a_step_calls_microsoft_and_holds_after_that_step() {
+    let env = start(|_| {}).await;
+    restricted_by_policy(&env).await;
+    let m = env
+        .api()
+        .post(
+            "/rbac-migrations",
+            &json!({"app_id": APP, "canary_mailboxes": [addr("bob")]}),
+            202,
+        )
+        .await;
+    let id = m["id"].as_str().unwrap().to_string();
+    crate::access_grants::slow_exchange(&env, 1_500).await;
+    // Mid-step: the pointer exists, the role assignments (one Exchange call each) are to come.
+    for _ in 0..3000 {
+        if count(&env, "New-ServicePrincipal").await >= 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(count(&env, "New-ServicePrincipal").await, 1);
+    let t = std::time::Instant::now();
+    let paused = env
+        .api()
+        .post_empty(&format!("/rbac-migrations/{id}/pause"), 200)
+        .await;
+    let took = t.elapsed();
+    eprintln!("pause answered in {took:?} while create_rbac called Exchange");
+    assert_eq!(paused["state"], "paused");
+    assert_eq!(paused["paused_reason"], "requested");
+    assert!(
+        took < Duration::from_secs(1),
+        "the pause waited {took:?} for the step's Microsoft calls"
+    );
+
+    // The step returns: its result is recorded, and nothing after it runs.
+    let m = wait_until(&env, &id, "create_rbac recorded", |m| {
+        step(m, "create_rbac")["state"] == "done"
+    })
+    .await;
+    assert_eq!(m["state"], "paused", "{m:#}");
+    assert_eq!(m["current_step"], "verify_rbac");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let m = migration(&env, &id).await;
+    assert_eq!(m["state"], "paused", "{m:#}");
+    assert_eq!(m["paused_reason"], "requested");
+    assert_eq!(step(&m, "verify_rbac")["state"], "pending", "{m:#}");
+    assert_eq!(step(&m, "create_rbac")["attempts"], 1);
+    assert_eq!(in_tenant(&env).await.0, 3, "the step's role assignments");
+    assert_eq!(
+        entra_mailbox_grants(&env).await,
+        json!(["Calendars.Read", "Mail.Read", "Mail.Send"]),
+        "the consent stays while paused"
+    );
+
+    crate::access_grants::slow_exchange(&env, 0).await;
+    env.api()
+        .post_empty(&format!("/rbac-migrations/{id}/resume"), 202)
+        .await;
+    let done = wait_for_state(&env, &id, "succeeded").await;
+    assert_eq!(step(&done, "create_rbac")["attempts"], 1, "not run again");
+    assert_eq!(in_tenant(&env).await.0, 3);
+    assert_eq!(in_tenant(&env).await.1, 0);
+    assert_eq!(count(&env, "New-ServicePrincipal").await, 1);
+    assert_eq!(count(&env, "New-ManagementRoleAssignment").await, 3);
+}
+
+/// The rollback closes when the access policy's removal starts, not when it is recorded: while
+/// that step waits on Exchange, the migration already shows `rollback_allowed: false` and a
+/// rollback is refused at once.
+#[tokio::test]
+async fn a_rollback_is_refused_at_once_while_the_policy_removal_is_under_way() {
+    let env = start(|_| {}).await;
+    restricted_by_policy(&env).await;
+    let m = env
+        .api()
+        .post(
+            "/rbac-migrations",
+            &json!({"app_id": APP, "canary_mailboxes": [addr("bob")]}),
+            202,
+        )
+        .await;
+    let id = m["id"].as_str().unwrap().to_string();
+    wait_until(&env, &id, "the token drain", |m| {
+        step(m, "verify_entra_removed")["output"]["waiting_for"].is_string()
+    })
+    .await;
+    crate::access_grants::slow_exchange(&env, 2_000).await;
+    let m = wait_until(&env, &id, "the policy's removal", |m| {
+        m["current_step"] == "remove_access_policy"
+    })
+    .await;
+    assert_eq!(m["state"], "running");
+    // Its run starts at once (the previous step's run rescheduled it for now), and its first
+    // Exchange call takes two seconds.
+    let m = wait_until(&env, &id, "the policy's removal started", |m| {
+        step(m, "remove_access_policy")["state"] != "pending"
+    })
+    .await;
+    assert_eq!(
+        step(&m, "remove_access_policy")["state"],
+        "running",
+        "{m:#}"
+    );
+    assert_eq!(m["rollback_allowed"], false, "{m:#}");
+    let t = std::time::Instant::now();
+    env.api()
+        .post_empty(
+            &format!("/rbac-migrations/{id}/rollback"),
+            (409, "rbac_migration_rollback_closed"),
+        )
+        .await;
+    let took = t.elapsed();
+    eprintln!("rollback refused in {took:?} while remove_access_policy called Exchange");
+    assert!(
+        took < Duration::from_secs(1),
+        "the rollback waited {took:?} for the step's Microsoft calls"
+    );
+    crate::access_grants::slow_exchange(&env, 0).await;
+    let done = wait_for_state(&env, &id, "succeeded").await;
+    assert_eq!(step(&done, "remove_access_policy")["attempts"], 1);
+    let (role_assignments, policies, _) = in_tenant(&env).await;
+    assert_eq!((role_assignments, policies), (3, 0));
+}
