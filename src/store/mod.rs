@@ -51,7 +51,10 @@ impl From<tokio_postgres::Error> for StoreError {
     }
 }
 
-/// Connection-level failures (SQLSTATE classes 08 and 57P, too many connections, closed socket).
+/// Connection-level failures (SQLSTATE classes 08 and 57P, too many connections, closed socket),
+/// and transactions the server aborted only because of what ran beside them (a deadlock, a
+/// serialization failure): the same request succeeds when it is sent again, and every write
+/// here is idempotent, so callers are told to retry (503) rather than handed a 500.
 fn is_unavailable(e: &tokio_postgres::Error) -> bool {
     if e.is_closed() {
         return true;
@@ -59,7 +62,11 @@ fn is_unavailable(e: &tokio_postgres::Error) -> bool {
     match e.as_db_error() {
         Some(db) => {
             let code = db.code().code();
-            code.starts_with("08") || code.starts_with("57P") || code == "53300"
+            code.starts_with("08")
+                || code.starts_with("57P")
+                || code == "53300"
+                || code == "40P01"
+                || code == "40001"
         }
         // No server error attached: an I/O or protocol failure talking to the server.
         None => true,

@@ -712,3 +712,41 @@ async fn a_busy_worker_never_runs_more_jobs_than_its_concurrency_and_runs_each_o
         .get(0);
     assert_eq!(attempts, 1, "no job was claimed twice");
 }
+
+#[tokio::test]
+async fn a_transaction_lost_to_a_deadlock_is_reported_as_retryable_not_as_an_internal_error() {
+    let (_db, pool) = queue_db().await;
+    let setup = pool.get().await.unwrap();
+    setup
+        .batch_execute("CREATE TABLE pair (id int PRIMARY KEY); INSERT INTO pair VALUES (1), (2)")
+        .await
+        .unwrap();
+    let (mut a, mut b) = (pool.get().await.unwrap(), pool.get().await.unwrap());
+    let (ta, tb) = (
+        a.transaction().await.unwrap(),
+        b.transaction().await.unwrap(),
+    );
+    ta.execute("UPDATE pair SET id = id WHERE id = 1", &[])
+        .await
+        .unwrap();
+    tb.execute("UPDATE pair SET id = id WHERE id = 2", &[])
+        .await
+        .unwrap();
+    // Each now waits for the other's row: the server aborts one of them.
+    let (ra, rb) = tokio::join!(
+        ta.execute("UPDATE pair SET id = id WHERE id = 2", &[]),
+        tb.execute("UPDATE pair SET id = id WHERE id = 1", &[]),
+    );
+    let lost = match (ra, rb) {
+        (Err(e), Ok(_)) | (Ok(_), Err(e)) => e,
+        other => panic!("expected exactly one deadlock victim: {other:?}"),
+    };
+    assert_eq!(mailscope::store::sqlstate(&lost), Some("40P01"));
+    assert!(
+        matches!(
+            mailscope::store::StoreError::from(lost),
+            mailscope::store::StoreError::Unavailable(_)
+        ),
+        "a deadlock victim is worth retrying (503 with Retry-After), not a 500"
+    );
+}
