@@ -926,13 +926,54 @@ async fn record_result(
     polling: bool,
     ran: Result<Ran, Error>,
 ) -> Result<Outcome, Error> {
-    let now = Utc::now();
     let stopped = if forward {
         State::Paused
     } else {
         State::Failed
     };
-    let outcome = match ran {
+    let outcome = match log_run(job, m, name, forward, polling, ran)? {
+        Logged::Done => Outcome::Reschedule {
+            at: Utc::now(),
+            payload: None,
+        },
+        Logged::Wait(at) => Outcome::Reschedule { at, payload: None },
+        Logged::Again(outcome) => outcome,
+        Logged::Failed(error) => {
+            settle(services, tx, m, stopped, Some("error")).await?;
+            let mut result = json!({"state": stopped.as_str(), "step": name});
+            if let Some(error) = error {
+                result["error"] = json!(error);
+            }
+            return Ok(Outcome::Succeeded(result));
+        }
+    };
+    store::rbac_migrations::save(tx, m).await?;
+    Ok(outcome)
+}
+
+/// What one run of a step came to, once written to the migration's step log.
+enum Logged {
+    Done,
+    /// Under way: look again at this time.
+    Wait(chrono::DateTime<Utc>),
+    /// Failed for good: a verification that did not pass (`None`), or an error past its retries.
+    Failed(Option<String>),
+    /// A failure the queue retries or reschedules.
+    Again(Outcome),
+}
+
+/// Write one run of step `name` to the step log (and, for a forward step that finished, move
+/// `current_step` on); the caller decides what it means for the migration's state.
+fn log_run(
+    job: &crate::queue::JobRecord,
+    m: &mut MigrationRecord,
+    name: &str,
+    forward: bool,
+    polling: bool,
+    ran: Result<Ran, Error>,
+) -> Result<Logged, Error> {
+    let now = Utc::now();
+    Ok(match ran {
         Ok(Ran::Done(output)) => {
             remember_check(m, Some(&output));
             rules::record(
@@ -947,10 +988,7 @@ async fn record_result(
             if forward {
                 m.current_step = m.current_step.next();
             }
-            Outcome::Reschedule {
-                at: now,
-                payload: None,
-            }
+            Logged::Done
         }
         Ok(Ran::Wait { output, at }) => {
             remember_check(m, output.as_ref());
@@ -963,7 +1001,7 @@ async fn record_result(
                 !polling,
                 now,
             );
-            Outcome::Reschedule { at, payload: None }
+            Logged::Wait(at)
         }
         Ok(Ran::Failed(why)) => {
             rules::record(
@@ -975,10 +1013,7 @@ async fn record_result(
                 !polling,
                 now,
             );
-            settle(services, tx, m, stopped, Some("error")).await?;
-            return Ok(Outcome::Succeeded(
-                json!({"state": stopped.as_str(), "step": name}),
-            ));
+            Logged::Failed(None)
         }
         Ok(Ran::StartCheck | Ran::Audited { .. }) => {
             return Err(internal("a step's record was not completed"));
@@ -1007,16 +1042,12 @@ async fn record_result(
                 now,
             );
             if gives_up {
-                settle(services, tx, m, stopped, Some("error")).await?;
-                return Ok(Outcome::Succeeded(
-                    json!({"state": stopped.as_str(), "step": name, "error": e.to_string()}),
-                ));
+                Logged::Failed(Some(e.to_string()))
+            } else {
+                Logged::Again(outcome)
             }
-            outcome
         }
-    };
-    store::rbac_migrations::save(tx, m).await?;
-    Ok(outcome)
+    })
 }
 
 /// Record one run of step `name` that ended after a pause, resume or rollback was accepted: the
@@ -1035,75 +1066,10 @@ async fn record_late(
     polling: bool,
     ran: Result<Ran, Error>,
 ) -> Result<(), Error> {
-    let now = Utc::now();
-    let failed = match ran {
-        Ok(Ran::Done(output)) => {
-            remember_check(m, Some(&output));
-            rules::record(
-                &mut m.steps,
-                name,
-                StepState::Done,
-                Some(output),
-                None,
-                !polling,
-                now,
-            );
-            if forward {
-                m.current_step = m.current_step.next();
-            }
-            false
-        }
-        Ok(Ran::Wait { output, .. }) => {
-            remember_check(m, output.as_ref());
-            rules::record(
-                &mut m.steps,
-                name,
-                StepState::Running,
-                output,
-                None,
-                !polling,
-                now,
-            );
-            false
-        }
-        Ok(Ran::Failed(why)) => {
-            rules::record(
-                &mut m.steps,
-                name,
-                StepState::Failed,
-                None,
-                Some(why),
-                !polling,
-                now,
-            );
-            true
-        }
-        Ok(Ran::StartCheck | Ran::Audited { .. }) => {
-            return Err(internal("a step's record was not completed"));
-        }
-        Err(e) => {
-            let outcome = e.job_outcome();
-            let gives_up = match &outcome {
-                Outcome::Retry(_) => job.failures + 1 >= job.max_failures,
-                Outcome::Fail(_) => true,
-                _ => false,
-            };
-            rules::record(
-                &mut m.steps,
-                name,
-                if gives_up {
-                    StepState::Failed
-                } else {
-                    StepState::Running
-                },
-                None,
-                Some(explain(&e)),
-                !matches!(outcome, Outcome::Reschedule { .. }),
-                now,
-            );
-            gives_up
-        }
-    };
+    let failed = matches!(
+        log_run(job, m, name, forward, polling, ran)?,
+        Logged::Failed(_)
+    );
     if failed && forward && m.state == State::Paused && m.run == p.run {
         settle(services, tx, m, State::Paused, Some("error")).await?;
     } else {

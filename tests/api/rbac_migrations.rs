@@ -186,6 +186,19 @@ async fn wait_until(
     panic!("migration never reached {what}; last: {last:#}");
 }
 
+/// Start migrating the seeded app with bob as the canary; the migration's id.
+async fn start_migration(env: &WithSandbox) -> String {
+    let m = env
+        .api()
+        .post(
+            "/rbac-migrations",
+            &json!({"app_id": APP, "canary_mailboxes": [addr("bob")]}),
+            202,
+        )
+        .await;
+    m["id"].as_str().unwrap().to_string()
+}
+
 async fn wait_for_state(env: &WithSandbox, id: &str, state: &str) -> Value {
     wait_until(env, id, state, |m| {
         assert!(
@@ -519,15 +532,7 @@ async fn a_pause_stops_before_the_next_step_and_resume_finishes() {
     // verify_rbac waits 4 s for the permission cache's (shortened) minimum: time to pause.
     let env = start(|s| s.propagation.rbac_first_delay_ms = 4_000).await;
     restricted_by_policy(&env).await;
-    let m = env
-        .api()
-        .post(
-            "/rbac-migrations",
-            &json!({"app_id": APP, "canary_mailboxes": [addr("bob")]}),
-            202,
-        )
-        .await;
-    let id = m["id"].as_str().unwrap().to_string();
+    let id = start_migration(&env).await;
     wait_until(&env, &id, "verify_rbac waiting", |m| {
         step(m, "verify_rbac")["state"] == "running"
     })
@@ -569,15 +574,7 @@ async fn a_rollback_while_the_policy_exists_restores_the_app_as_it_was() {
     let env = start(|s| s.provisioning.rbac_migration_token_drain_seconds = 3600).await;
     restricted_by_policy(&env).await;
     let (_, _, grants_before) = in_tenant(&env).await;
-    let m = env
-        .api()
-        .post(
-            "/rbac-migrations",
-            &json!({"app_id": APP, "canary_mailboxes": [addr("bob")]}),
-            202,
-        )
-        .await;
-    let id = m["id"].as_str().unwrap().to_string();
+    let id = start_migration(&env).await;
     let waiting = wait_until(&env, &id, "the token drain", |m| {
         step(m, "verify_entra_removed")["output"]["waiting_for"].is_string()
     })
@@ -718,15 +715,7 @@ async fn a_worker_killed_mid_migration_resumes_to_the_same_end_without_duplicate
     let env = start(|s| s.worker.per_tenant_concurrency = 0).await;
     restricted_by_policy(&env).await;
     let probe = CanaryProbe::start(&env, "bob").await;
-    let m = env
-        .api()
-        .post(
-            "/rbac-migrations",
-            &json!({"app_id": APP, "canary_mailboxes": [addr("bob")]}),
-            202,
-        )
-        .await;
-    let id = m["id"].as_str().unwrap().to_string();
+    let id = start_migration(&env).await;
 
     let first = worker(&env);
     // Mid-step: the pointer exists in the tenant, the step is not recorded yet (most runs).
@@ -808,15 +797,7 @@ async fn a_throttled_step_waits_for_retry_after_without_counting_an_attempt() {
             200,
         )
         .await;
-    let m = env
-        .api()
-        .post(
-            "/rbac-migrations",
-            &json!({"app_id": APP, "canary_mailboxes": [addr("bob")]}),
-            202,
-        )
-        .await;
-    let id = m["id"].as_str().unwrap().to_string();
+    let id = start_migration(&env).await;
     let waiting = wait_until(&env, &id, "a throttled step", |m| {
         !step(m, "create_rbac")["last_error"].is_null()
     })
@@ -944,15 +925,7 @@ async fn an_app_owned_by_an_access_grant_is_not_migrated_under_it() {
 async fn a_pause_answers_while_a_step_calls_microsoft_and_holds_after_that_step() {
     let env = start(|_| {}).await;
     restricted_by_policy(&env).await;
-    let m = env
-        .api()
-        .post(
-            "/rbac-migrations",
-            &json!({"app_id": APP, "canary_mailboxes": [addr("bob")]}),
-            202,
-        )
-        .await;
-    let id = m["id"].as_str().unwrap().to_string();
+    let id = start_migration(&env).await;
     crate::access_grants::slow_exchange(&env, 1_500).await;
     // Mid-step: the pointer exists, the role assignments (one Exchange call each) are to come.
     for _ in 0..3000 {
@@ -1015,15 +988,7 @@ async fn a_pause_answers_while_a_step_calls_microsoft_and_holds_after_that_step(
 async fn a_rollback_is_refused_at_once_while_the_policy_removal_is_under_way() {
     let env = start(|_| {}).await;
     restricted_by_policy(&env).await;
-    let m = env
-        .api()
-        .post(
-            "/rbac-migrations",
-            &json!({"app_id": APP, "canary_mailboxes": [addr("bob")]}),
-            202,
-        )
-        .await;
-    let id = m["id"].as_str().unwrap().to_string();
+    let id = start_migration(&env).await;
     wait_until(&env, &id, "the token drain", |m| {
         step(m, "verify_entra_removed")["output"]["waiting_for"].is_string()
     })
