@@ -15,6 +15,10 @@
 --   nothing runnable there and sets the bound right.
 -- * `queue_claim` settles the runs that ended (succeeded or rescheduled, fenced by attempt) and
 --   claims the next batch in one call: one statement, one commit.
+--
+-- Not compatible with the previous release's claim, which reads `running`: during a rolling
+-- update its workers cannot claim (their statement fails; nothing is claimed twice) and write
+-- their last outcomes when they stop. docs/deploy.md says how to upgrade past this one.
 
 DROP TRIGGER queue_tenants_update ON jobs;
 DROP TRIGGER queue_tenants_delete ON jobs;
