@@ -6,7 +6,7 @@
 -- time. Now:
 --
 -- * `queue_tenants.running` is gone: the claim counts a tenant's running jobs itself, from the
---   `jobs_running` partial index (at most the cap's worth of rows per tenant it looks at).
+--   `jobs_running` partial index, for the tenants it looks at only.
 -- * `queue_tenants.next_run_at` is a lower bound: never later than the tenant's earliest queued
 --   job, possibly earlier (a job that left the queue, by a claim, a cancel or a purge, leaves it
 --   behind). Jobs entering the queue lower it: the INSERT trigger for new jobs, and a row-level
@@ -65,9 +65,10 @@ CREATE TRIGGER queue_tenants_insert AFTER INSERT ON jobs
     REFERENCING NEW TABLE AS new_rows
     FOR EACH STATEMENT EXECUTE FUNCTION queue_tenants_on_insert();
 
--- A job back in the queue (reaped, released, rescheduled by `record`, requeued) or moved earlier
--- (woken). `queue_claim` does this itself for the runs it settles, for all of them at once, and
--- says so with the transaction-local setting below.
+-- A job back in the queue (released, rescheduled or retried by `record`, requeued) or moved
+-- earlier (woken). `queue_claim` for the runs it settles and the reaper for the leases it ends do
+-- this themselves, for all their jobs at once in tenant order, and say so with the
+-- transaction-local setting below.
 CREATE FUNCTION queue_tenants_on_requeue() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     PERFORM queue_tenants_entered(ARRAY[NEW.tenant_id], ARRAY[NEW.run_at]);
