@@ -273,7 +273,7 @@ impl Worker {
         let mut running = JoinSet::new();
         // Batch calls under way, each with the slots it reserved and the outcomes it writes.
         let mut claims: JoinSet<ClaimDone> = JoinSet::new();
-        // Runs that ended: their outcomes are written with the next claim, in its transaction.
+        // Runs that ended: their outcomes are written by the next claim's call.
         let (ended_tx, mut ended_rx) = mpsc::unbounded_channel::<Ended>();
         let mut ended: Vec<Ended> = Vec::new();
         // The last claim filled every slot it asked for: more work is probably waiting.
@@ -513,9 +513,10 @@ impl Worker {
         Ok((claimed, written))
     }
 
-    /// Write the outcomes of runs that ended (one statement, fenced by attempt) and claim up to
-    /// `limit` jobs, in one transaction: one commit for a batch instead of one per job. The
-    /// statements are prepared once per connection and sent together (one round trip).
+    /// Write the outcomes of runs that ended (fenced by attempt) and claim up to `limit` jobs in
+    /// one `queue_claim` call, prepared once per connection: one round trip and one commit for a
+    /// batch instead of one per job. Returns the claimed jobs and the ids whose outcome was
+    /// written.
     async fn settle_and_claim(
         &self,
         kinds: &[String],
