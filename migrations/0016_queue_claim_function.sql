@@ -102,10 +102,14 @@ CREATE FUNCTION queue_claim(kinds text[], cap bigint, lim bigint, owner text,
 RETURNS SETOF jobs LANGUAGE plpgsql SET jit = off AS $$
 DECLARE
     visited uuid[]; free bigint[]; picked uuid[]; served bigint; n bigint; got bigint := 0;
-    rounds integer := 0; requeued_ids uuid[]; requeued_at timestamptz[];
+    rounds integer := 0; requeues boolean; requeued_ids uuid[]; requeued_at timestamptz[];
 BEGIN
     IF cardinality(s_ids) > 0 THEN
-        PERFORM set_config('mailscope.queue_settling', 'on', true);
+        -- Only rescheduled runs re-enter the queue; a batch of successes needs none of this.
+        requeues := false = ANY(s_done);
+        IF requeues THEN
+            PERFORM set_config('mailscope.queue_settling', 'on', true);
+        END IF;
         RETURN QUERY
         UPDATE jobs j SET
             state = CASE WHEN d.done THEN 'succeeded' ELSE 'queued' END,
@@ -118,13 +122,15 @@ BEGIN
              AS d(id, attempt, done, result, run_at, payload)
         WHERE j.id = d.id AND j.attempt = d.attempt AND j.state = 'running'
         RETURNING j.*;
-        PERFORM set_config('mailscope.queue_settling', '', true);
-        SELECT array_agg(j.tenant_id), array_agg(j.run_at) INTO requeued_ids, requeued_at
-        FROM jobs j JOIN unnest(s_ids, s_attempts, s_done) AS d(id, attempt, done)
-             ON j.id = d.id AND j.attempt = d.attempt
-        WHERE NOT d.done AND j.state = 'queued';
-        IF requeued_ids IS NOT NULL THEN
-            PERFORM queue_tenants_entered(requeued_ids, requeued_at);
+        IF requeues THEN
+            PERFORM set_config('mailscope.queue_settling', '', true);
+            SELECT array_agg(j.tenant_id), array_agg(j.run_at) INTO requeued_ids, requeued_at
+            FROM jobs j JOIN unnest(s_ids, s_attempts, s_done) AS d(id, attempt, done)
+                 ON j.id = d.id AND j.attempt = d.attempt
+            WHERE NOT d.done AND j.state = 'queued';
+            IF requeued_ids IS NOT NULL THEN
+                PERFORM queue_tenants_entered(requeued_ids, requeued_at);
+            END IF;
         END IF;
     END IF;
     WHILE got < lim AND rounds < 4 LOOP
