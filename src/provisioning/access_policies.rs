@@ -2,10 +2,12 @@
 //! pitfalls docs/microsoft-365.md §6.3–6.5, 6.10–6.12).
 //!
 //! A policy is identified by (app id, scope object id), never by Exchange's generated Identity;
-//! mailscope's own UUID is the API id. Every writer of a tenant's policies (and sync) holds one
-//! transaction-scoped advisory lock for the tenant, then looks the key up in its records and in
-//! the tenant before creating anything: concurrent duplicates create one policy, and a retry after
-//! a crash between Exchange's create and mailscope's write adopts what Exchange has.
+//! mailscope's own UUID is the API id. Every writer of a tenant's policies (and sync) takes the
+//! tenant's policy lease (`scope_groups::policy_lease`), then looks the key up in its records and
+//! in the tenant before creating anything: concurrent duplicates create one policy, and a retry
+//! after a crash between Exchange's create and mailscope's write adopts what Exchange has. No
+//! pooled connection is held while Exchange is called: records are read in short statements and
+//! the result written in one short transaction that goes on only while the lease is still held.
 //!
 //! Safety rules:
 //! - a replacement creates the new policy **before** removing the old one, so the interim state
@@ -14,8 +16,8 @@
 //! - removing (or turning into DenyAccess) an app's last RestrictAccess policy, which silently
 //!   gives the app every mailbox (rule 4), is refused unless the caller accepts it.
 //!
-//! Change points for the propagation check (each inside the change's transaction, so a job
-//! enqueued there commits with the change): [`create`] after `New-…`, [`replace`] after the old
+//! Change points for the propagation check (each inside the transaction that records the change,
+//! so a job enqueued there commits with it): [`create`] after `New-…`, [`replace`] after the old
 //! policy is removed, and [`delete`] after `Remove-…`.
 use chrono::Utc;
 use deadpool_postgres::GenericClient;
@@ -24,8 +26,7 @@ use uuid::Uuid;
 use super::applications::covered_permissions_held;
 use super::checks::{CheckView, TouchedScope, after_policy_change};
 use super::scope_groups::{
-    POLICY_LOCK, ids_of, maybe_exists, policy_turn, primary_address, recipient_object_id,
-    scope_refusal,
+    ids_of, maybe_exists, policy_lease, primary_address, recipient_object_id, scope_refusal,
 };
 use super::{Actor, Change, Ensured, Error, Rejection, Services, audit, tenants};
 use crate::domain::access::{self as rules, AccessRight};
@@ -271,11 +272,6 @@ async fn guard_last_restrict(
     Ok(Some(held))
 }
 
-async fn lock_policies(c: &impl GenericClient, tenant_id: Uuid) -> Result<(), Error> {
-    store::lock_key(c, POLICY_LOCK, &tenant_id.to_string()).await?;
-    Ok(())
-}
-
 /// Start or update the app's propagation check in the change's transaction.
 async fn check_after_change(
     tx: &impl GenericClient,
@@ -471,13 +467,15 @@ pub async fn create(
     let scope = resolve_scope(services, &exo, tenant_id, &input.scope).await?;
     let right = input.access_right;
 
-    let _turn = policy_turn(services, tenant_id).await;
-    let mut db = services.db().await?;
-    let tx = db.transaction().await?;
-    lock_policies(&tx, tenant_id).await?;
-    if let Some(existing) =
-        store::access_policies::get_by_key(&tx, tenant_id, &app_id, &scope.object_id).await?
-    {
+    let lease = policy_lease(services, tenant_id).await?;
+    let existing = store::access_policies::get_by_key(
+        &services.db().await?,
+        tenant_id,
+        &app_id,
+        &scope.object_id,
+    )
+    .await?;
+    if let Some(existing) = existing {
         let mut diffs = Vec::new();
         if existing.access_right != right.as_str() {
             diffs.push(field(
@@ -498,7 +496,6 @@ pub async fn create(
                 ),
             ));
         }
-        tx.commit().await?;
         if !diffs.is_empty() {
             return Err(conflict(Some(existing.id), diffs, "mailscope"));
         }
@@ -551,6 +548,9 @@ pub async fn create(
         created_at: Utc::now(),
         updated_at: Utc::now(),
     };
+    let mut db = services.db().await?;
+    let tx = db.transaction().await?;
+    lease.confirm(&tx).await?;
     let stored = store::access_policies::insert(&tx, &record).await?;
     audit::record(
         &tx,
@@ -597,15 +597,11 @@ pub async fn describe(
         return Err(Error::Invalid(errs));
     }
     let exo = handle.exchange();
-    let _turn = policy_turn(services, tenant_id).await;
-    let mut db = services.db().await?;
-    let tx = db.transaction().await?;
-    lock_policies(&tx, tenant_id).await?;
-    let rec = store::access_policies::get(&tx, tenant_id, id)
+    let lease = policy_lease(services, tenant_id).await?;
+    let rec = store::access_policies::get(&services.db().await?, tenant_id, id)
         .await?
         .ok_or_else(|| policy_not_found(id))?;
     if rec.description == description {
-        tx.commit().await?;
         return Ok(Ensured {
             value: rec,
             change: Change::Unchanged,
@@ -618,6 +614,9 @@ pub async fn describe(
     exo.set_application_access_policy_description(&identity, &description)
         .await?;
     let old = rec.description.clone();
+    let mut db = services.db().await?;
+    let tx = db.transaction().await?;
+    lease.confirm(&tx).await?;
     let stored = store::access_policies::update(
         &tx,
         &AccessPolicyRecord {
@@ -665,11 +664,8 @@ pub async fn replace(
     let scope = resolve_scope(services, &exo, tenant_id, &input.scope).await?;
     let right = input.access_right;
 
-    let _turn = policy_turn(services, tenant_id).await;
-    let mut db = services.db().await?;
-    let tx = db.transaction().await?;
-    lock_policies(&tx, tenant_id).await?;
-    let rec = store::access_policies::get(&tx, tenant_id, id)
+    let lease = policy_lease(services, tenant_id).await?;
+    let rec = store::access_policies::get(&services.db().await?, tenant_id, id)
         .await?
         .ok_or_else(|| policy_not_found(id))?;
     if rec.app_id != app_id {
@@ -684,7 +680,6 @@ pub async fn replace(
     let same_scope = scope.ids.contains(&rec.scope_object_id);
     let old_right = rec.right();
     if same_scope && old_right == right && rec.description == description {
-        tx.commit().await?;
         return Ok(Ensured {
             value: PolicyChange {
                 policy: rec,
@@ -739,9 +734,14 @@ pub async fn replace(
             }
         }
     } else {
-        if let Some(other) =
-            store::access_policies::get_by_key(&tx, tenant_id, &app_id, &scope.object_id).await?
-        {
+        let other = store::access_policies::get_by_key(
+            &services.db().await?,
+            tenant_id,
+            &app_id,
+            &scope.object_id,
+        )
+        .await?;
+        if let Some(other) = other {
             return Err(conflict(
                 Some(other.id),
                 vec![field(
@@ -772,6 +772,9 @@ pub async fn replace(
         address: rec.scope_address.clone(),
         alias: rec.scope_alias.clone(),
     }];
+    let mut db = services.db().await?;
+    let tx = db.transaction().await?;
+    lease.confirm(&tx).await?;
     let stored = store::access_policies::update(
         &tx,
         &AccessPolicyRecord {
@@ -859,11 +862,8 @@ async fn delete_with(
 ) -> Result<Option<CheckView>, Error> {
     let (_, handle) = tenants::load(services, tenant_id).await?;
     let exo = handle.exchange();
-    let _turn = policy_turn(services, tenant_id).await;
-    let mut db = services.db().await?;
-    let tx = db.transaction().await?;
-    lock_policies(&tx, tenant_id).await?;
-    let rec = store::access_policies::get(&tx, tenant_id, id)
+    let lease = policy_lease(services, tenant_id).await?;
+    let rec = store::access_policies::get(&services.db().await?, tenant_id, id)
         .await?
         .ok_or_else(|| policy_not_found(id))?;
     let all = exo.list_application_access_policies().await?;
@@ -886,6 +886,9 @@ async fn delete_with(
         None => false,
     };
     // Change point for the propagation check: a removal takes up to 30 minutes to apply (docs/microsoft-365.md §2.1).
+    let mut db = services.db().await?;
+    let tx = db.transaction().await?;
+    lease.confirm(&tx).await?;
     store::access_policies::delete(&tx, tenant_id, id).await?;
     audit::record(
         &tx,

@@ -6,9 +6,11 @@
 //! crash-safe: the intent is committed before Microsoft is asked, the new registration carries the
 //! tag `mailscope:<key>`, and a retry finds it by that tag instead of creating a second one. Every
 //! step after that looks before it creates (service principal by app id, consent by listing the
-//! assignments), all under an advisory lock on (tenant, key), so concurrent identical requests
-//! make one registration. Secret texts pass through once, in the result of [`add_secret`], and are
-//! never stored.
+//! assignments), all under the lease of (tenant, key) (`key_lease`), so concurrent identical
+//! requests make one registration, on any replica. No pooled connection is held while Graph is
+//! called: the lease is taken in one short statement, the record read in another, and the result
+//! written in a short transaction that goes on only while the lease is still this request's.
+//! Secret texts pass through once, in the result of [`add_secret`], and are never stored.
 use std::collections::{BTreeSet, HashMap};
 
 use chrono::{DateTime, Duration, Utc};
@@ -16,6 +18,7 @@ use secrecy::SecretString;
 use serde_json::json;
 use uuid::Uuid;
 
+use super::key_lease::KeyLease;
 use super::{Actor, Change, Ensured, Error, Rejection, Services, audit, tenants};
 use crate::domain::field_error::FieldError;
 use crate::domain::permissions::{self, PermissionInfo};
@@ -50,21 +53,9 @@ fn app_not_found(key: &str) -> Error {
     Error::not_found(format!("no application `{key}` in this tenant"))
 }
 
-fn lock_name(tenant_id: Uuid, key: &str) -> String {
-    format!("{tenant_id}/{key}")
-}
-
-/// Queue behind other requests for this application in this process before taking a pooled
-/// connection (see `locks`); the advisory lock taken afterwards covers other replicas.
-async fn take_turn(
-    services: &Services,
-    tenant_id: Uuid,
-    key: &str,
-) -> tokio::sync::OwnedMutexGuard<()> {
-    services
-        .key_locks
-        .lock(format!("application:{}", lock_name(tenant_id, key)))
-        .await
+/// The only writer of the application (tenant, key) on every replica until dropped.
+async fn lease(services: &Services, tenant_id: Uuid, key: &str) -> Result<KeyLease, Error> {
+    KeyLease::take(services, "application", &format!("{tenant_id}/{key}")).await
 }
 
 /// Graph object ids are GUIDs; anything else is a protocol surprise.
@@ -733,11 +724,10 @@ async fn ensure_created(
     let roles = resolve_permissions(graph, &spec.permissions, spec.grant_admin_consent).await?;
     refuse_unscoped(&spec)?;
     let mark = marker(key);
-    let _turn = take_turn(services, tenant_id, key).await;
-    let mut db = services.db().await?;
+    let lease = lease(services, tenant_id, key).await?;
     // The intent, committed before Microsoft is asked to create anything.
     store::applications::insert_intent(
-        &db,
+        &services.db().await?,
         &ApplicationRecord {
             tenant_id,
             key: key.to_string(),
@@ -756,11 +746,9 @@ async fn ensure_created(
         },
     )
     .await?;
-    let tx = db.transaction().await?;
-    // Held until commit, across the Graph calls: one writer per (tenant, key), on every replica.
-    store::lock_key(&tx, "application", &lock_name(tenant_id, key)).await?;
-    let Some(existing) = store::applications::get(&tx, tenant_id, key).await? else {
-        // Deleted between the intent and the lock: the caller may simply retry.
+    let Some(existing) = store::applications::get(&services.db().await?, tenant_id, key).await?
+    else {
+        // Cannot happen under the lease (deleting takes it too); a guard, not a path.
         return Err(Error::conflict(format!(
             "application `{key}` was deleted while this request ran; retry it"
         )));
@@ -921,9 +909,11 @@ async fn ensure_created(
         ..existing.clone()
     };
     if !was_creating && changed.is_empty() && record == existing {
-        tx.commit().await?;
         return Ok((existing, false));
     }
+    let mut db = services.db().await?;
+    let tx = db.transaction().await?;
+    lease.confirm(&tx).await?;
     let stored = match store::applications::save(&tx, &record).await {
         Ok(s) => s,
         Err(e) if store::sqlstate(&e) == Some("23505") => {
@@ -973,13 +963,10 @@ async fn adopt(
     app_id: Uuid,
     allow_unscoped: bool,
 ) -> Result<(ApplicationRecord, bool), Error> {
-    let _turn = take_turn(services, tenant_id, key).await;
-    let mut db = services.db().await?;
-    let tx = db.transaction().await?;
-    store::lock_key(&tx, "application", &lock_name(tenant_id, key)).await?;
-    if let Some(existing) = store::applications::get(&tx, tenant_id, key).await? {
+    let lease = lease(services, tenant_id, key).await?;
+    let db = services.db().await?;
+    if let Some(existing) = store::applications::get(&db, tenant_id, key).await? {
         if existing.state()? == ApplicationState::Ready && existing.app_id == Some(app_id) {
-            tx.commit().await?;
             return Ok((existing, false));
         }
         return Err(Error::conflict(match existing.app_id {
@@ -991,11 +978,12 @@ async fn adopt(
             ),
         }));
     }
-    if let Some(other) = store::applications::key_of_app(&tx, tenant_id, app_id).await? {
+    if let Some(other) = store::applications::key_of_app(&db, tenant_id, app_id).await? {
         return Err(Error::conflict(format!(
             "app {app_id} is already recorded as application `{other}` in this tenant"
         )));
     }
+    drop(db);
     let app = graph.application_by_app_id(&app_id.to_string()).await?;
     let sp = graph
         .service_principal_by_app_id(&app_id.to_string())
@@ -1067,6 +1055,9 @@ async fn adopt(
         created_at: Utc::now(),
         updated_at: Utc::now(),
     };
+    let mut db = services.db().await?;
+    let tx = db.transaction().await?;
+    lease.confirm(&tx).await?;
     let stored = match store::applications::save(&tx, &record).await {
         Ok(s) => s,
         Err(e) if store::sqlstate(&e) == Some("23505") => {
@@ -1186,17 +1177,15 @@ pub async fn delete(
 ) -> Result<(), Error> {
     let (_, handle) = tenants::load(services, tenant_id).await?;
     let graph = handle.graph();
-    let _turn = take_turn(services, tenant_id, key).await;
-    let mut db = services.db().await?;
-    let tx = db.transaction().await?;
-    store::lock_key(&tx, "application", &lock_name(tenant_id, key)).await?;
-    let record = store::applications::get(&tx, tenant_id, key)
+    let lease = lease(services, tenant_id, key).await?;
+    let db = services.db().await?;
+    let record = store::applications::get(&db, tenant_id, key)
         .await?
         .ok_or_else(|| app_not_found(key))?;
     if let Some(app_id) = record.app_id {
         // Deleting or forgetting an app must not strand its policies: a forgotten app keeps
         // access, and removing its last RestrictAccess policy is a decision of its own.
-        let policies = store::access_policies::for_app(&tx, tenant_id, &app_id.to_string()).await?;
+        let policies = store::access_policies::for_app(&db, tenant_id, &app_id.to_string()).await?;
         if !policies.is_empty() {
             let ids: Vec<String> = policies.iter().map(|p| p.id.to_string()).collect();
             return Err(Error::rejected(
@@ -1212,6 +1201,8 @@ pub async fn delete(
             ));
         }
     }
+    let secrets = store::applications::secrets(&db, tenant_id, key).await?;
+    drop(db);
     let mut deleted_in_tenant: Vec<String> = Vec::new();
     let mut removed_secrets: Vec<Uuid> = Vec::new();
     if record.origin()? == ApplicationOrigin::Created {
@@ -1236,7 +1227,7 @@ pub async fn delete(
             }
         }
     } else if let Some(obj) = record.application_object_id {
-        for s in store::applications::secrets(&tx, tenant_id, key).await? {
+        for s in secrets {
             match graph
                 .remove_password(&obj.to_string(), &s.key_id.to_string())
                 .await
@@ -1247,6 +1238,9 @@ pub async fn delete(
             }
         }
     }
+    let mut db = services.db().await?;
+    let tx = db.transaction().await?;
+    lease.confirm(&tx).await?;
     store::applications::delete(&tx, tenant_id, key).await?;
     audit::record(
         &tx,
@@ -1324,11 +1318,8 @@ pub async fn add_secret(
     }
     let (_, handle) = tenants::load(services, tenant_id).await?;
     let graph = handle.graph();
-    let _turn = take_turn(services, tenant_id, key).await;
-    let mut db = services.db().await?;
-    let tx = db.transaction().await?;
-    store::lock_key(&tx, "application", &lock_name(tenant_id, key)).await?;
-    let (_, obj) = registration(&tx, tenant_id, key).await?;
+    let lease = lease(services, tenant_id, key).await?;
+    let (_, obj) = registration(&services.db().await?, tenant_id, key).await?;
     let end = Utc::now() + Duration::days(request.lifetime_days);
     let end_text = end.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
     let added = graph
@@ -1343,6 +1334,9 @@ pub async fn add_secret(
         created_at: Utc::now(),
     };
     let saved: Result<(), Error> = async {
+        let mut db = services.db().await?;
+        let tx = db.transaction().await?;
+        lease.confirm(&tx).await?;
         store::applications::insert_secret(&tx, tenant_id, key, &meta).await?;
         audit::record(
             &tx,
@@ -1397,11 +1391,8 @@ pub async fn delete_secret(
 ) -> Result<(), Error> {
     let (_, handle) = tenants::load(services, tenant_id).await?;
     let graph = handle.graph();
-    let _turn = take_turn(services, tenant_id, key).await;
-    let mut db = services.db().await?;
-    let tx = db.transaction().await?;
-    store::lock_key(&tx, "application", &lock_name(tenant_id, key)).await?;
-    let (_, obj) = registration(&tx, tenant_id, key).await?;
+    let lease = lease(services, tenant_id, key).await?;
+    let (_, obj) = registration(&services.db().await?, tenant_id, key).await?;
     match graph
         .remove_password(&obj.to_string(), &key_id.to_string())
         .await
@@ -1414,6 +1405,9 @@ pub async fn delete_secret(
         }
         Err(e) => return Err(e.into()),
     }
+    let mut db = services.db().await?;
+    let tx = db.transaction().await?;
+    lease.confirm(&tx).await?;
     let ours = store::applications::delete_secret(&tx, tenant_id, key, key_id).await?;
     audit::record(
         &tx,
@@ -1563,7 +1557,7 @@ pub async fn set_consent(
 ) -> Result<ConsentChange, Error> {
     let (_, handle) = tenants::load(services, tenant_id).await?;
     let graph = handle.graph();
-    let _turn = take_turn(services, tenant_id, key).await;
+    let _lease = lease(services, tenant_id, key).await?;
     let record = {
         let db = services.db().await?;
         store::applications::get(&db, tenant_id, key)

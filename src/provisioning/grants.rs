@@ -1672,7 +1672,21 @@ pub async fn scan_expiring(services: &Services, tenant_id: Uuid) -> Result<Outco
     })
 }
 
-const CREDENTIAL_LOCK: &str = "access_grant_credentials";
+/// The lease on a grant's certificate credentials (`key_lease`): adding or removing one sets the
+/// app's whole `keyCredentials` list in Graph, so one writer at a time on every replica, with no
+/// pooled connection held while Graph is called.
+async fn credential_lease(
+    services: &Services,
+    tenant_id: Uuid,
+    key: &str,
+) -> Result<super::key_lease::KeyLease, Error> {
+    super::key_lease::KeyLease::take(
+        services,
+        "access_grant_credentials",
+        &format!("{tenant_id}:{key}"),
+    )
+    .await
+}
 
 fn key_credentials(certs: &[store::access_grants::CertificateRecord]) -> serde_json::Value {
     use base64::Engine;
@@ -1722,10 +1736,9 @@ pub async fn add_certificate(
     }
     let (_, object_id) = created_app(services, tenant_id, key).await?;
     let (_, handle) = tenants::load(services, tenant_id).await?;
-    let mut db = services.db().await?;
-    let tx = db.transaction().await?;
-    store::lock_key(&tx, CREDENTIAL_LOCK, &format!("{tenant_id}:{key}")).await?;
-    let mut certs = store::access_grants::certificates(&tx, tenant_id, key).await?;
+    let lease = credential_lease(services, tenant_id, key).await?;
+    let mut certs =
+        store::access_grants::certificates(&services.db().await?, tenant_id, key).await?;
     if let Some(c) = certs.iter().find(|c| c.thumbprint == info.thumbprint) {
         return Ok((c.clone(), false));
     }
@@ -1746,6 +1759,9 @@ pub async fn add_certificate(
             &json!({"keyCredentials": key_credentials(&certs)}),
         )
         .await?;
+    let mut db = services.db().await?;
+    let tx = db.transaction().await?;
+    lease.confirm(&tx).await?;
     store::access_grants::insert_certificate(&tx, tenant_id, key, &new).await?;
     audit::record(
         &tx,
@@ -1770,10 +1786,8 @@ pub async fn delete_certificate(
 ) -> Result<(), Error> {
     let (_, object_id) = created_app(services, tenant_id, key).await?;
     let (_, handle) = tenants::load(services, tenant_id).await?;
-    let mut db = services.db().await?;
-    let tx = db.transaction().await?;
-    store::lock_key(&tx, CREDENTIAL_LOCK, &format!("{tenant_id}:{key}")).await?;
-    let certs = store::access_grants::certificates(&tx, tenant_id, key).await?;
+    let lease = credential_lease(services, tenant_id, key).await?;
+    let certs = store::access_grants::certificates(&services.db().await?, tenant_id, key).await?;
     if !certs.iter().any(|c| c.key_id == key_id) {
         return Err(Error::not_found(format!(
             "access grant `{key}` has no certificate {key_id}"
@@ -1787,6 +1801,9 @@ pub async fn delete_certificate(
             &json!({"keyCredentials": key_credentials(&rest)}),
         )
         .await?;
+    let mut db = services.db().await?;
+    let tx = db.transaction().await?;
+    lease.confirm(&tx).await?;
     store::access_grants::delete_certificate(&tx, tenant_id, key, key_id).await?;
     audit::record(
         &tx,

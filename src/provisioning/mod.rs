@@ -21,6 +21,7 @@ pub mod audit;
 pub mod checks;
 pub mod error;
 pub mod grants;
+pub mod key_lease;
 pub mod locks;
 pub mod rbac;
 pub mod rbac_migration;

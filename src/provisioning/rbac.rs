@@ -30,6 +30,7 @@ use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 use super::access_policies::check_app_id;
+use super::key_lease::KeyLease;
 use super::scope_groups::{maybe_exists, primary_address, recipient_object_id};
 use super::{Actor, Change, Ensured, Error, Rejection, Services, audit, tenants};
 use crate::domain::field_error::FieldError;
@@ -759,8 +760,12 @@ async fn prepare(
     })
 }
 
-async fn take_turn(services: &Services, tenant_id: Uuid) -> tokio::sync::OwnedMutexGuard<()> {
-    services.key_locks.lock(format!("rbac:{tenant_id}")).await
+/// The lease on the tenant's RBAC restrictions (`key_lease`): creating, replacing and deleting
+/// one are the only writers of the tenant's RBAC objects, one at a time on every replica, and none
+/// holds a pooled connection while it calls Exchange. Each records its result in a short
+/// transaction under the tenant's advisory lock, which [`enforce`] takes too for its own write.
+async fn lease(services: &Services, tenant_id: Uuid) -> Result<KeyLease, Error> {
+    KeyLease::take(services, RBAC_LOCK, &tenant_id.to_string()).await
 }
 
 /// Create a restriction (pointer → scope → assignments), or adopt what the tenant has. With
@@ -774,14 +779,15 @@ pub async fn create(
     let (_, handle) = tenants::load(services, tenant_id).await?;
     let (graph, exo) = (handle.graph(), handle.exchange());
     let pre = prepare(services, &graph, &exo, tenant_id, &input).await?;
-    let _turn = take_turn(services, tenant_id).await;
-    let mut db = services.db().await?;
-    let tx = db.transaction().await?;
-    store::lock_key(&tx, RBAC_LOCK, &tenant_id.to_string()).await?;
-    if let Some(existing) =
-        store::rbac_restrictions::get_by_key(&tx, tenant_id, &pre.app_id, &pre.scope.key).await?
-    {
-        tx.commit().await?;
+    let lease = lease(services, tenant_id).await?;
+    let existing = store::rbac_restrictions::get_by_key(
+        &services.db().await?,
+        tenant_id,
+        &pre.app_id,
+        &pre.scope.key,
+    )
+    .await?;
+    if let Some(existing) = existing {
         let mut diffs = Vec::new();
         if existing.permissions != pre.permissions {
             diffs.push(field(
@@ -805,7 +811,7 @@ pub async fn create(
         if !diffs.is_empty() {
             return Err(conflict(existing.id, diffs));
         }
-        drop(db);
+        drop(lease);
         let enforcement = if input.remove_entra_grants {
             Some(enforce(services, actor, tenant_id, existing.id, input.verification).await?)
         } else {
@@ -862,6 +868,10 @@ pub async fn create(
         created_at: Utc::now(),
         updated_at: Utc::now(),
     };
+    let mut db = services.db().await?;
+    let tx = db.transaction().await?;
+    lease.confirm(&tx).await?;
+    store::lock_key(&tx, RBAC_LOCK, &tenant_id.to_string()).await?;
     let stored = store::rbac_restrictions::upsert(&tx, &record).await?;
     audit::record(
         &tx,
@@ -881,6 +891,8 @@ pub async fn create(
     .await?;
     tx.commit().await?;
     drop(db);
+    // Enforcing takes no lease (it writes under the advisory lock only); ours ends here.
+    drop(lease);
     let enforcement = if input.remove_entra_grants {
         Some(enforce(services, actor, tenant_id, stored.id, input.verification).await?)
     } else {
@@ -1041,11 +1053,9 @@ pub async fn replace(
     let pre = prepare(services, &graph, &exo, tenant_id, &input).await?;
     // Mailboxes the propagation check expects in the new scope, read before the transaction.
     let samples = check_samples(&exo, &pre.scope, &input.verification).await?;
-    let _turn = take_turn(services, tenant_id).await;
-    let mut db = services.db().await?;
-    let tx = db.transaction().await?;
-    store::lock_key(&tx, RBAC_LOCK, &tenant_id.to_string()).await?;
-    let rec = store::rbac_restrictions::get(&tx, tenant_id, id)
+    let lease = lease(services, tenant_id).await?;
+    let db = services.db().await?;
+    let rec = store::rbac_restrictions::get(&db, tenant_id, id)
         .await?
         .ok_or_else(|| restriction_not_found(id))?;
     if rec.app_id != pre.app_id {
@@ -1061,7 +1071,6 @@ pub async fn replace(
         && rec.permissions == pre.permissions
         && rec.scope_kind == pre.scope.kind
     {
-        tx.commit().await?;
         drop(db);
         return Ok(Ensured {
             value: (get(services, tenant_id, id).await?, None),
@@ -1070,7 +1079,7 @@ pub async fn replace(
     }
     if rec.scope_key != pre.scope.key
         && let Some(other) =
-            store::rbac_restrictions::get_by_key(&tx, tenant_id, &pre.app_id, &pre.scope.key)
+            store::rbac_restrictions::get_by_key(&db, tenant_id, &pre.app_id, &pre.scope.key)
                 .await?
     {
         return Err(conflict(
@@ -1081,6 +1090,7 @@ pub async fn replace(
             )],
         ));
     }
+    drop(db);
     ensure_pointer(&exo, &pre.app_id, &pre.sp_object_id).await?;
     // A new key gets its own management scope name, so the old scope stays intact until the
     // new assignments exist.
@@ -1114,6 +1124,14 @@ pub async fn replace(
         remove_scope_if_ours(&exo, rec.management_scope.as_deref()).await?;
     }
     let before = serde_json::json!({"scope_key": rec.scope_key, "permissions": rec.permissions});
+    let mut db = services.db().await?;
+    let tx = db.transaction().await?;
+    lease.confirm(&tx).await?;
+    store::lock_key(&tx, RBAC_LOCK, &tenant_id.to_string()).await?;
+    // An enforcement may have recorded the Entra grants it removed meanwhile: keep them.
+    let rec = store::rbac_restrictions::get(&tx, tenant_id, id)
+        .await?
+        .ok_or_else(|| restriction_not_found(id))?;
     let stored = store::rbac_restrictions::upsert(
         &tx,
         &RbacRestrictionRecord {
@@ -1218,19 +1236,18 @@ pub async fn delete(
 ) -> Result<(), Error> {
     let (_, handle) = tenants::load(services, tenant_id).await?;
     let exo = handle.exchange();
-    let _turn = take_turn(services, tenant_id).await;
-    let mut db = services.db().await?;
-    let tx = db.transaction().await?;
-    store::lock_key(&tx, RBAC_LOCK, &tenant_id.to_string()).await?;
-    let rec = store::rbac_restrictions::get(&tx, tenant_id, id)
+    let lease = lease(services, tenant_id).await?;
+    let db = services.db().await?;
+    let rec = store::rbac_restrictions::get(&db, tenant_id, id)
         .await?
         .ok_or_else(|| restriction_not_found(id))?;
-    remove_assignments(&exo, &rec.assignment_names).await?;
-    remove_scope_if_ours(&exo, rec.management_scope.as_deref()).await?;
-    let others = store::rbac_restrictions::all(&tx, tenant_id)
+    let others = store::rbac_restrictions::all(&db, tenant_id)
         .await?
         .into_iter()
         .any(|r| r.id != id && r.app_id == rec.app_id);
+    drop(db);
+    remove_assignments(&exo, &rec.assignment_names).await?;
+    remove_scope_if_ours(&exo, rec.management_scope.as_deref()).await?;
     let mut pointer_removed = false;
     if !others
         && assignments_of(&exo, &rec.service_principal_object_id)
@@ -1241,6 +1258,10 @@ pub async fn delete(
             .remove_service_principal(&rec.service_principal_object_id)
             .await?;
     }
+    let mut db = services.db().await?;
+    let tx = db.transaction().await?;
+    lease.confirm(&tx).await?;
+    store::lock_key(&tx, RBAC_LOCK, &tenant_id.to_string()).await?;
     store::rbac_restrictions::delete(&tx, tenant_id, id).await?;
     audit::record(
         &tx,

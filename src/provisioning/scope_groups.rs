@@ -19,6 +19,7 @@ use chrono::Utc;
 use futures_util::StreamExt;
 use uuid::Uuid;
 
+use super::key_lease::KeyLease;
 use super::{Actor, Change, Ensured, Error, Rejection, Services, audit, tenants};
 use crate::domain::address::is_address;
 use crate::domain::field_error::FieldError;
@@ -32,22 +33,16 @@ use crate::store::{
     scope_groups::{GroupOrigin, Membership, ScopeGroupRecord},
 };
 
-/// Advisory-lock namespace shared by every writer of one tenant's access policies; scope-group
-/// deletion and `/sync` take it too, always before any scope-group lock (one lock order).
+/// The lease namespace of one tenant's access policies (see [`policy_lease`]).
 pub const POLICY_LOCK: &str = "access_policies";
 
-/// Queue behind this process's other writers of the tenant's policies *before* taking a pooled
-/// connection (see `locks`): fifty concurrent policy writes on one tenant then hold one
-/// connection, not fifty, and other tenants keep being served. Hold the turn until the
-/// transaction that takes [`POLICY_LOCK`] has ended.
-pub async fn policy_turn(
-    services: &super::Services,
-    tenant_id: Uuid,
-) -> tokio::sync::OwnedMutexGuard<()> {
-    services
-        .key_locks
-        .lock(format!("{POLICY_LOCK}:{tenant_id}"))
-        .await
+/// The lease on the tenant's access policies (`key_lease`; it queues in this process first, so
+/// fifty concurrent policy writes on one tenant cost no connections while they wait). Every writer
+/// of them takes it, as do sync and scope-group deletion, always before any scope group's turn
+/// (one order): no policy is created, replaced or removed, on any replica, while another writer is
+/// between reading the tenant and recording what it did there.
+pub async fn policy_lease(services: &Services, tenant_id: Uuid) -> Result<KeyLease, Error> {
+    KeyLease::take(services, POLICY_LOCK, &tenant_id.to_string()).await
 }
 
 /// Queue behind other writers of this group in this process, before taking a pooled connection
@@ -657,20 +652,16 @@ pub async fn delete(
 ) -> Result<(), Error> {
     let (_, handle) = tenants::load(services, tenant_id).await?;
     let exo = handle.exchange();
-    // Deletion keeps its locks across the Microsoft calls (no policy may start using the group
-    // meanwhile); queuing in this process first keeps waiting writers off the pool. Policy turn
-    // first, then the group's: the same order as the database locks.
-    let _policy_turn = policy_turn(services, tenant_id).await;
+    // The policy lease covers the Microsoft calls (no policy may start using the group
+    // meanwhile), with no connection held; then this process's turn at the group.
+    let lease = policy_lease(services, tenant_id).await?;
     let _turn = take_turn(services, tenant_id, alias).await;
-    let mut db = services.db().await?;
-    let tx = db.transaction().await?;
-    // Policy lock first (the one lock order): no policy can start using the group meanwhile.
-    store::lock_key(&tx, POLICY_LOCK, &tenant_id.to_string()).await?;
-    lock_group(&tx, tenant_id, alias).await?;
-    let rec = store::scope_groups::get(&tx, tenant_id, alias)
+    let db = services.db().await?;
+    let rec = store::scope_groups::get(&db, tenant_id, alias)
         .await?
         .ok_or_else(|| group_not_found(alias))?;
-    let in_use = store::access_policies::count_by_scope(&tx, tenant_id, &rec.object_id).await?;
+    let in_use = store::access_policies::count_by_scope(&db, tenant_id, &rec.object_id).await?;
+    drop(db);
     if in_use > 0 {
         return Err(Error::rejected(
             Rejection::ScopeGroupInUse,
@@ -712,6 +703,18 @@ pub async fn delete(
     } else {
         false
     };
+    let mut db = services.db().await?;
+    let tx = db.transaction().await?;
+    lease.confirm(&tx).await?;
+    // The group's writers record under its advisory lock; one that re-pointed the alias at
+    // another group meanwhile (a retried create) is not this deletion's to forget.
+    lock_group(&tx, tenant_id, alias).await?;
+    let now = store::scope_groups::get(&tx, tenant_id, alias).await?;
+    if now.as_ref().is_some_and(|g| g.object_id != rec.object_id) {
+        return Err(Error::conflict(format!(
+            "scope group {alias} was recorded for another group while it was being deleted; repeat the request"
+        )));
+    }
     store::scope_groups::delete(&tx, tenant_id, alias).await?;
     audit::record(
         &tx,

@@ -2,9 +2,13 @@
 //! scopes) and report drift, what was added, removed or changed outside mailscope. The tenant is
 //! the truth: unless it is a dry run, mailscope's records are made to match it.
 //!
-//! The whole run holds the tenant's policy lock (and each scope group's) in one transaction while
-//! it reads the tenant: reading Microsoft first and locking afterwards would let a policy created
-//! in between be "removed" by a sync that never saw it.
+//! The whole run holds the tenant's policy lease (`key_lease`), so no policy is written on any
+//! replica while it reads the tenant: reading Microsoft first and locking afterwards would let a
+//! policy created in between be "removed" by a sync that never saw it. Unlike the other writers it
+//! also keeps one transaction, and so one pooled connection, across its Exchange reads, because
+//! it takes each scope group's advisory lock as it reads that group (scope-group writers record
+//! under it); the lease queues sync runs in this process first, so a tenant's burst of them holds
+//! one connection at a time.
 use std::collections::{BTreeMap, BTreeSet};
 
 use chrono::Utc;
@@ -13,7 +17,7 @@ use uuid::Uuid;
 
 use super::access_policies::scope_guid;
 use super::scope_groups::{
-    POLICY_LOCK, current_members_of, lock_group, policy_turn, primary_address, recipient_object_id,
+    current_members_of, lock_group, policy_lease, primary_address, recipient_object_id,
 };
 use super::{Actor, Error, Services, audit, tenants};
 use deadpool_postgres::GenericClient;
@@ -78,10 +82,9 @@ pub async fn run(
 ) -> Result<SyncReport, Error> {
     let (_, handle) = tenants::load(services, tenant_id).await?;
     let exo = handle.exchange();
-    let _turn = policy_turn(services, tenant_id).await;
+    let lease = policy_lease(services, tenant_id).await?;
     let mut db = services.db().await?;
     let tx = db.transaction().await?;
-    store::lock_key(&tx, POLICY_LOCK, &tenant_id.to_string()).await?;
 
     // Scope groups first, so imported policies can name their group's alias.
     let tenant_policies = exo.list_application_access_policies().await?;
@@ -110,6 +113,7 @@ pub async fn run(
         )
         .await?;
     }
+    lease.confirm(&tx).await?;
     tx.commit().await?;
     Ok(report)
 }

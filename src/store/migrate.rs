@@ -84,6 +84,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "step_runs",
         include_str!("../../migrations/0017_step_runs.sql"),
     ),
+    (
+        18,
+        "key_leases",
+        include_str!("../../migrations/0018_key_leases.sql"),
+    ),
 ];
 
 /// Arbitrary but fixed: "mailscop" in ASCII.

@@ -11,6 +11,7 @@ pub mod access_policies;
 pub mod applications;
 pub mod audit;
 pub mod embedded;
+pub mod key_leases;
 pub mod liveness;
 pub mod local_secrets;
 pub mod migrate;

@@ -665,3 +665,41 @@ async fn the_last_restrict_policy_goes_once_the_app_holds_no_mail_permission() {
     delete_policy(&env, &id, "", 204).await;
     assert_eq!(count(&env, "Remove-ApplicationAccessPolicy").await, 1);
 }
+
+/// Issue 15 goal 3: a policy write holds no pooled connection while it waits for Exchange. With a
+/// pool of one connection and every Exchange call slowed to 1.5 s, another tenant's reads keep
+/// answering at once while a policy is created (before, the creation held the one connection,
+/// with its transaction and advisory lock, across `Get-…` and `New-ApplicationAccessPolicy`: the
+/// reads waited the pool's 2 s, then answered 503).
+#[tokio::test]
+async fn a_policy_write_waiting_on_a_slow_exchange_holds_no_connection() {
+    let env = WithSandbox::start_adjusted(mailscope::sandbox::SandboxSettings::fast(), |s| {
+        s.database.pool_size = 1;
+    })
+    .await;
+    create_group(&env, "crm-scope", &["alice"]).await;
+    let other = OtherTenant::register(&env).await;
+    slow_api(&env, "exchange", 1_500).await;
+    let body = json!({"app_id": APP, "scope": "crm-scope", "access_right": "RestrictAccess"});
+    let write = {
+        let api = env.api();
+        tokio::spawn(async move {
+            let res = api
+                .send(Method::POST, "/access-policies", Some(&body))
+                .await;
+            (res.status().as_u16(), res.text().await.unwrap())
+        })
+    };
+    let seen = other
+        .reads_while(
+            &env,
+            "/access-policies",
+            &write,
+            std::time::Duration::from_secs(8),
+        )
+        .await;
+    assert_reads_fast("a policy creation on a slow Exchange", &seen, 1_000);
+    slow_api(&env, "exchange", 0).await;
+    let (status, text) = write.await.unwrap();
+    assert_eq!(status, 201, "{text}");
+}

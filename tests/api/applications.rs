@@ -760,3 +760,109 @@ async fn the_list_pages_by_key() {
     assert_eq!(page["items"][0]["state"], "ready");
     assert!(page["next_after"].is_null());
 }
+
+/// Issue 15 goal 3: creating an application calls Graph with no pooled connection held, so a
+/// burst of new applications on one tenant while Graph is slow leaves another tenant's reads
+/// answering at once (before, each creation held a connection across its Graph calls: a pool of
+/// 4 ran dry and the other tenant's reads waited for it, then answered 503).
+#[tokio::test]
+async fn a_burst_of_new_apps_on_slow_graph_leaves_another_tenants_reads_fast() {
+    let env = WithSandbox::start_adjusted(mailscope::sandbox::SandboxSettings::fast(), |s| {
+        s.database.pool_size = 4;
+    })
+    .await;
+    let other = OtherTenant::register(&env).await;
+    slow_api(&env, "graph", 1_500).await;
+    let body = create_body(&["Mail.Read"]);
+    let burst = {
+        let (api, body) = (env.api(), body.clone());
+        tokio::spawn(async move {
+            let paths: Vec<String> = (0..10)
+                .map(|i| format!("/applications/burst-{i}"))
+                .collect();
+            let puts = paths.iter().map(|p| api.send(Method::PUT, p, Some(&body)));
+            futures_util::future::join_all(puts)
+                .await
+                .iter()
+                .map(|r| r.status().as_u16())
+                .collect::<Vec<u16>>()
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let seen = other
+        .reads_while(
+            &env,
+            "/applications",
+            &burst,
+            std::time::Duration::from_secs(6),
+        )
+        .await;
+    // Far below the pool's 2 s wait and the 1.5 s Graph calls the burst is making.
+    assert_reads_fast("a burst of 10 new apps", &seen, 1_000);
+
+    slow_api(&env, "graph", 0).await;
+    let statuses = burst.await.unwrap();
+    assert!(statuses.iter().all(|s| *s == 201), "{statuses:?}");
+    let c = env.counters().await;
+    assert_eq!(count(&c, "graph:POST /applications"), 10, "{c:#}");
+}
+
+/// Two mailscope processes sharing one database: identical PUTs sent to both at once make one
+/// registration in the tenant, because the lease on (tenant, key) admits one writer on every
+/// replica while it calls Graph, and the other then finds the registration it made.
+#[tokio::test]
+async fn identical_puts_to_two_processes_at_once_make_one_registration() {
+    let env = WithSandbox::start().await;
+    let second =
+        mailscope::app::Application::build(env.app.settings.clone(), mailscope::app::Role::All)
+            .await
+            .expect("a second process builds");
+    let second_base = format!(
+        "http://127.0.0.1:{}/v1/tenants/{}",
+        second.port(),
+        env.tenant
+    );
+    let second_handle = second.handle();
+    tokio::spawn(second.run_until_stopped());
+    let apis = [
+        env.api(),
+        TestClient {
+            base: second_base,
+            ..env.api()
+        },
+    ];
+    let body = create_body(&["Mail.Read", "Mail.Send"]);
+    let all = futures_util::future::join_all(
+        (0..12).map(|i| apis[i % 2].send(Method::PUT, "/applications/twice", Some(&body))),
+    )
+    .await;
+    let statuses: Vec<u16> = all.iter().map(|r| r.status().as_u16()).collect();
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 201).count(),
+        1,
+        "{statuses:?}"
+    );
+    assert!(
+        statuses.iter().all(|s| *s == 200 || *s == 201),
+        "{statuses:?}"
+    );
+    let c = env.counters().await;
+    assert_eq!(count(&c, "graph:POST /applications"), 1, "{c:#}");
+    assert_eq!(count(&c, "graph:POST /servicePrincipals"), 1, "{c:#}");
+    // Each request gave its lease back when it ended.
+    let db = env.app.db.client().await;
+    let mut left = -1i64;
+    for _ in 0..100 {
+        left = db
+            .query_one("SELECT count(*) FROM key_leases", &[])
+            .await
+            .unwrap()
+            .get(0);
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(left, 0, "a lease was left behind");
+    drop(second_handle.stop(false));
+}

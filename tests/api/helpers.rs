@@ -526,3 +526,85 @@ pub fn sandbox_tenant_body(
         "credentials": {"client_id": client_id, "client_secret": secret},
     })
 }
+
+/// Issue 15 goal 3's witness: a second tenant, registered with the service, whose reads are timed
+/// while the first tenant's writers call a slowed Microsoft.
+pub struct OtherTenant {
+    pub id: &'static str,
+    token: String,
+}
+
+impl OtherTenant {
+    pub async fn register(env: &WithSandbox) -> OtherTenant {
+        let id = "33333333-3333-4333-8333-333333333333";
+        env.app
+            .api()
+            .put(&format!("/v1/tenants/{id}"), &tenant_body("x"), 201)
+            .await;
+        OtherTenant {
+            id,
+            token: env.app.token(&["MailScope.Read"], &[id]),
+        }
+    }
+
+    /// Read the tenant and `/v1/tenants/{id}{list}` over and over until `busy` has finished or
+    /// `at_most` has passed: each answer's status and milliseconds.
+    pub async fn reads_while<T>(
+        &self,
+        env: &WithSandbox,
+        list: &str,
+        busy: &tokio::task::JoinHandle<T>,
+        at_most: Duration,
+    ) -> Vec<(u16, u128)> {
+        let mut seen = Vec::new();
+        let started = std::time::Instant::now();
+        while !busy.is_finished() && started.elapsed() < at_most {
+            for path in [
+                format!("/v1/tenants/{}", self.id),
+                format!("/v1/tenants/{}{list}", self.id),
+            ] {
+                let t = std::time::Instant::now();
+                let res = env
+                    .app
+                    .http
+                    .get(env.app.url(&path))
+                    .bearer_auth(&self.token)
+                    .send()
+                    .await
+                    .unwrap();
+                seen.push((res.status().as_u16(), t.elapsed().as_millis()));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        seen
+    }
+}
+
+/// Assert that every read answered 200 within `max_ms`, and print the median and the maximum.
+pub fn assert_reads_fast(what: &str, seen: &[(u16, u128)], max_ms: u128) {
+    assert!(seen.len() >= 4, "too few reads ran during {what}: {seen:?}");
+    let mut ms: Vec<u128> = seen.iter().map(|(_, ms)| *ms).collect();
+    ms.sort();
+    eprintln!(
+        "tenant B's reads during {what}: {} answers, median {} ms, max {} ms",
+        ms.len(),
+        ms[ms.len() / 2],
+        ms[ms.len() - 1]
+    );
+    assert!(
+        seen.iter().all(|(s, _)| *s == 200),
+        "during {what}: {seen:?}"
+    );
+    assert!(ms[ms.len() - 1] < max_ms, "during {what}: {seen:?}");
+}
+
+/// Slow every call to one of the sandbox's APIs (`graph` or `exchange`) by `ms`; 0 ends it.
+pub async fn slow_api(env: &WithSandbox, api: &str, ms: u64) {
+    env.control()
+        .patch(
+            "/settings",
+            &serde_json::json!({"pacing": {"latency": format!("{ms}ms"), "faultApis": [api]}}),
+            200,
+        )
+        .await;
+}

@@ -521,3 +521,50 @@ async fn enforcing_right_after_creation_waits_for_exchange_replication() {
     assert_eq!(r["restricted"], true, "{r}");
     assert_eq!(r["unscoped_entra_grants"], json!([]), "{r}");
 }
+
+/// Issue 15 goal 3: creating an RBAC restriction holds no pooled connection while it waits for
+/// Exchange (pointer, management scope, role assignments): with a pool of one connection and
+/// every Exchange call slowed to 1.5 s, another tenant's reads keep answering at once.
+#[tokio::test]
+async fn a_restriction_write_waiting_on_a_slow_exchange_holds_no_connection() {
+    let env = WithSandbox::start_adjusted(mailscope::sandbox::SandboxSettings::fast(), |s| {
+        s.database.pool_size = 1;
+    })
+    .await;
+    create_group(&env, "crm-scope", &["alice"]).await;
+    let other = OtherTenant::register(&env).await;
+    slow_api(&env, "exchange", 1_500).await;
+    let write = {
+        let (http, url, token) = (
+            env.app.http.clone(),
+            env.url("/rbac-restrictions"),
+            env.app.admin(),
+        );
+        tokio::spawn(async move {
+            let res = http
+                .post(url)
+                .bearer_auth(token)
+                .json(&json!({"app_id": APP, "scope": {"scope_group": "crm-scope"}}))
+                .send()
+                .await
+                .unwrap();
+            (res.status().as_u16(), res.text().await.unwrap())
+        })
+    };
+    let seen = other
+        .reads_while(
+            &env,
+            "/rbac-restrictions",
+            &write,
+            std::time::Duration::from_secs(10),
+        )
+        .await;
+    assert_reads_fast(
+        "an RBAC restriction's creation on a slow Exchange",
+        &seen,
+        1_000,
+    );
+    slow_api(&env, "exchange", 0).await;
+    let (status, text) = write.await.unwrap();
+    assert_eq!(status, 201, "{text}");
+}
