@@ -866,3 +866,56 @@ async fn identical_puts_to_two_processes_at_once_make_one_registration() {
     assert_eq!(left, 0, "a lease was left behind");
     drop(second_handle.stop(false));
 }
+
+/// The lease of an application another live mailscope process is changing makes a request wait
+/// (it must not call Graph meanwhile); when that process dies, its liveness lock ends with its
+/// connection and the request goes on at once, without waiting for the lease's time to lapse.
+#[tokio::test]
+async fn a_request_waits_for_a_live_holder_and_takes_over_from_a_dead_one() {
+    let env = WithSandbox::start().await;
+    // Another process: its liveness lock (store::liveness) and the lease it took.
+    let other_process = env.app.db.client().await;
+    other_process
+        .execute(
+            "SELECT pg_advisory_lock($1, $2)",
+            &[&0x6d73_4c76_i32, &4242_i32],
+        )
+        .await
+        .unwrap();
+    other_process
+        .execute(
+            "INSERT INTO key_leases (name, holder, token, locked_until)
+             VALUES ($1, 4242, gen_random_uuid(), now() + interval '10 minutes')",
+            &[&format!("application:{}/held", env.tenant)],
+        )
+        .await
+        .unwrap();
+    let put = {
+        let api = env.api();
+        tokio::spawn(async move {
+            let body = create_body(&["Mail.Read"]);
+            api.send(Method::PUT, "/applications/held", Some(&body))
+                .await
+                .status()
+                .as_u16()
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(1_500)).await;
+    assert!(!put.is_finished(), "the request waits for the live holder");
+    let c = env.counters().await;
+    assert_eq!(count(&c, "graph:POST /applications"), 0, "{c:#}");
+
+    let died = std::time::Instant::now();
+    drop(other_process);
+    let status = tokio::time::timeout(std::time::Duration::from_secs(10), put)
+        .await
+        .expect("taken over within seconds, not at the lease's end")
+        .unwrap();
+    assert_eq!(status, 201);
+    eprintln!(
+        "taken over {} ms after the holder died",
+        died.elapsed().as_millis()
+    );
+    let c = env.counters().await;
+    assert_eq!(count(&c, "graph:POST /applications"), 1, "{c:#}");
+}
