@@ -21,6 +21,25 @@
 //! The probe secret is removed when the check ends, whatever the outcome. Removal is idempotent
 //! and looks for the secret by its display name too, so a crash between Microsoft's `addPassword`
 //! and mailscope's write cannot leak it: the next run (or the final one) removes it.
+//!
+//! No pooled connection (and no transaction) is held while Microsoft is called: a run takes a
+//! connection for each short read or write and gives it back before the next call, so checks
+//! waiting on a slow Exchange or Graph never starve the API or other tenants' jobs of the pool.
+//! Holding one across the calls never protected anything (each statement committed on its own);
+//! the writes that follow the calls are fenced by their own conditions on what may change
+//! meanwhile:
+//! - new expectations (`revision` moves on): `save_progress`, and so `finish_with`'s single
+//!   transaction of verdict, policies in force and callback, writes only for the revision the
+//!   run read; otherwise the run's observations are dropped and the check runs again at once;
+//! - a cancel (`cancel_requested`): `save_progress` does not keep such a check running, so the
+//!   next run removes the probe secret and ends it `cancelled`;
+//! - the check ended elsewhere (another worker after a lapsed lease): `save_progress` and
+//!   `checks::finish` change only a `queued` or `running` check, so a final state is never
+//!   overwritten.
+//!
+//! The probe-secret bookkeeping (`set_probe`, `clear_probe`) is by check id alone, as it always
+//! was: a secret recorded on a check that ended meanwhile is removed by the next run, which finds
+//! the check final, or by the sweep.
 use chrono::{DateTime, Utc};
 use deadpool_postgres::GenericClient;
 use secrecy::{ExposeSecret, SecretString};
@@ -116,14 +135,19 @@ async fn end(
     final_state: CheckState,
     reason: Option<&str>,
 ) -> Step<()> {
-    let db = services.db().await?;
-    let Some(check) = checks::get_by_id(&db, check_id).await? else {
-        return Ok(());
+    let (check, tenant) = {
+        let db = services.db().await?;
+        let Some(check) = checks::get_by_id(&db, check_id).await? else {
+            return Ok(());
+        };
+        let tenant = store::tenants::get(&db, check.tenant_id).await?;
+        (check, tenant)
     };
-    if let Some(tenant) = store::tenants::get(&db, check.tenant_id).await? {
+    if let Some(tenant) = tenant {
         let handle = handle_for(services, &tenant)?;
-        remove_probe_secret(&db, &handle, &check).await?;
+        remove_probe_secret(services, &handle, &check).await?;
     }
+    let db = services.db().await?;
     Ok(checks::finish(&db, check_id, final_state, reason).await?)
 }
 
@@ -132,21 +156,25 @@ fn summary(check: &CheckRecord, state: CheckState) -> serde_json::Value {
 }
 
 async fn step(services: &Services, ctx: &JobContext, check_id: Uuid) -> Step<Outcome> {
-    let mut db = services.db().await?;
-    let Some(check) = checks::get_by_id(&db, check_id).await? else {
-        return Ok(Outcome::Fail(format!("check {check_id} no longer exists")));
-    };
-    let Some(tenant) = store::tenants::get(&db, check.tenant_id).await? else {
-        return Ok(Outcome::Fail("the tenant is no longer registered".into()));
+    let (check, tenant) = {
+        let db = services.db().await?;
+        let Some(check) = checks::get_by_id(&db, check_id).await? else {
+            return Ok(Outcome::Fail(format!("check {check_id} no longer exists")));
+        };
+        let Some(tenant) = store::tenants::get(&db, check.tenant_id).await? else {
+            return Ok(Outcome::Fail("the tenant is no longer registered".into()));
+        };
+        (check, tenant)
     };
     let handle = handle_for(services, &tenant)?;
     if check.is_final() {
         // Ended elsewhere; make sure nothing is left behind.
-        remove_probe_secret(&db, &handle, &check).await?;
+        remove_probe_secret(services, &handle, &check).await?;
         return Ok(Outcome::Succeeded(summary(&check, check.state)));
     }
     if check.cancel_requested {
-        remove_probe_secret(&db, &handle, &check).await?;
+        remove_probe_secret(services, &handle, &check).await?;
+        let db = services.db().await?;
         checks::finish(
             &db,
             check.id,
@@ -163,7 +191,7 @@ async fn step(services: &Services, ctx: &JobContext, check_id: Uuid) -> Step<Out
     let now = Utc::now();
     let mut exps = check.expectations.clone();
     if now >= check.deadline {
-        remove_probe_secret(&db, &handle, &check).await?;
+        remove_probe_secret(services, &handle, &check).await?;
         let pending: Vec<String> = exps
             .iter()
             .filter(|e| !e.is_met())
@@ -182,7 +210,6 @@ async fn step(services: &Services, ctx: &JobContext, check_id: Uuid) -> Step<Out
         );
         return finish_with(
             services,
-            &mut db,
             &check,
             Progress {
                 state: CheckState::TimedOut,
@@ -198,14 +225,14 @@ async fn step(services: &Services, ctx: &JobContext, check_id: Uuid) -> Step<Out
         .await;
     }
 
-    let live = live_target(&db, &check).await?;
+    let live = live_target(services, &check).await?;
     if check.stage == Stage::Configuration {
         let (problems, unproven) = match check.mechanism {
             Mechanism::AccessPolicy => {
-                access_policy_verdicts(&db, &handle, &check, &mut exps, now).await?
+                access_policy_verdicts(services, &handle, &check, &mut exps, now).await?
             }
             Mechanism::Rbac => (
-                rbac_verdicts(&db, &handle, &check, &mut exps, now).await?,
+                rbac_verdicts(services, &handle, &check, &mut exps, now).await?,
                 false,
             ),
         };
@@ -213,7 +240,6 @@ async fn step(services: &Services, ctx: &JobContext, check_id: Uuid) -> Step<Out
             let reason = problems.join("; ");
             return end_on_exchange_word(
                 services,
-                &mut db,
                 &handle,
                 &check,
                 &exps,
@@ -229,7 +255,6 @@ async fn step(services: &Services, ctx: &JobContext, check_id: Uuid) -> Step<Out
             let reason = "the restriction was not verified in Graph: no mailbox outside the app's scopes was found to observe a denial (add a canary mailbox to the tenant or the policy)";
             return end_on_exchange_word(
                 services,
-                &mut db,
                 &handle,
                 &check,
                 &exps,
@@ -242,7 +267,6 @@ async fn step(services: &Services, ctx: &JobContext, check_id: Uuid) -> Step<Out
         if live.is_none() {
             return end_on_exchange_word(
                 services,
-                &mut db,
                 &handle,
                 &check,
                 &exps,
@@ -258,6 +282,7 @@ async fn step(services: &Services, ctx: &JobContext, check_id: Uuid) -> Step<Out
             // Graph cannot show an RBAC change before the permission cache's documented minimum.
             Mechanism::Rbac => std::time::Duration::from_millis(settings.rbac_first_delay_ms),
         };
+        let db = services.db().await?;
         let saved = checks::save_progress(
             &db,
             check.id,
@@ -282,7 +307,6 @@ async fn step(services: &Services, ctx: &JobContext, check_id: Uuid) -> Step<Out
         // The app stopped being one mailscope manages with a harmless read.
         return end_on_exchange_word(
             services,
-            &mut db,
             &handle,
             &check,
             &exps,
@@ -292,7 +316,7 @@ async fn step(services: &Services, ctx: &JobContext, check_id: Uuid) -> Step<Out
         )
         .await;
     };
-    let secret = ensure_probe_secret(services, &db, &handle, &check, &object_id).await?;
+    let secret = ensure_probe_secret(services, &handle, &check, &object_id).await?;
     let as_app = services.m365.tenant(TenantContext {
         tenant_id: check.tenant_id.to_string(),
         endpoints: handle.context().endpoints.clone(),
@@ -338,12 +362,11 @@ async fn step(services: &Services, ctx: &JobContext, check_id: Uuid) -> Step<Out
     }
     let rounds = check.rounds.saturating_add(1);
     if rules::all_met(&exps) {
-        remove_probe_secret(&db, &handle, &check).await?;
+        remove_probe_secret(services, &handle, &check).await?;
         let seconds = rules::propagation_seconds(check.changed_at, &exps);
         // The verdict, the policies it puts in force and the callback commit together.
         return finish_with(
             services,
-            &mut db,
             &check,
             Progress {
                 state: CheckState::Succeeded,
@@ -365,6 +388,7 @@ async fn step(services: &Services, ctx: &JobContext, check_id: Uuid) -> Step<Out
         std::time::Duration::from_millis(settings.confirm_interval_ms),
         &exps,
     );
+    let db = services.db().await?;
     let saved = checks::save_progress(
         &db,
         check.id,
@@ -389,13 +413,14 @@ async fn step(services: &Services, ctx: &JobContext, check_id: Uuid) -> Step<Out
 /// Stage 1 for application access policies: `Test-ApplicationAccessPolicy` per expectation.
 /// Also says whether the restriction cannot be proven (no mailbox outside the app's scopes).
 async fn access_policy_verdicts(
-    db: &deadpool_postgres::Object,
+    services: &Services,
     handle: &TenantHandle,
     check: &CheckRecord,
     exps: &mut Vec<Expectation>,
     now: DateTime<Utc>,
 ) -> Step<(Vec<String>, bool)> {
-    let records = app_policies(db, check).await?;
+    // The connection goes back to the pool at the end of this statement, before Exchange is asked.
+    let records = app_policies(&services.db().await?, check).await?;
     let exo = handle.exchange();
     let app = check.app_id.to_string();
     let mut problems = Vec::new();
@@ -442,15 +467,16 @@ async fn access_policy_verdicts(
 /// mailbox grant left beside the restriction reaches every mailbox whatever the scope (the union
 /// trap, docs/microsoft-365.md §3.3), so a check expecting a denial reports it instead of waiting for Graph in vain.
 async fn rbac_verdicts(
-    db: &deadpool_postgres::Object,
+    services: &Services,
     handle: &TenantHandle,
     check: &CheckRecord,
     exps: &mut [Expectation],
     now: DateTime<Utc>,
 ) -> Step<Vec<String>> {
     let app = check.app_id.to_string();
+    // The connection goes back to the pool at the end of this statement, before Exchange is asked.
     let restrictions: Vec<RbacRestrictionRecord> =
-        store::rbac_restrictions::all(db, check.tenant_id)
+        store::rbac_restrictions::all(&services.db().await?, check.tenant_id)
             .await?
             .into_iter()
             .filter(|r| r.app_id.eq_ignore_ascii_case(&app))
@@ -557,7 +583,6 @@ fn reschedule(
 #[allow(clippy::too_many_arguments)]
 async fn end_on_exchange_word(
     services: &Services,
-    db: &mut deadpool_postgres::Object,
     handle: &TenantHandle,
     check: &CheckRecord,
     exps: &[Expectation],
@@ -565,10 +590,9 @@ async fn end_on_exchange_word(
     verified_by: Option<&str>,
     reason: Option<&str>,
 ) -> Step<Outcome> {
-    remove_probe_secret(db, handle, check).await?;
+    remove_probe_secret(services, handle, check).await?;
     finish_with(
         services,
-        db,
         check,
         Progress {
             state,
@@ -584,12 +608,8 @@ async fn end_on_exchange_word(
     .await
 }
 
-async fn finish_with(
-    services: &Services,
-    db: &mut deadpool_postgres::Object,
-    check: &CheckRecord,
-    p: Progress<'_>,
-) -> Step<Outcome> {
+/// Record the verdict. Its one transaction is opened only now, after every Microsoft call.
+async fn finish_with(services: &Services, check: &CheckRecord, p: Progress<'_>) -> Step<Outcome> {
     let result = summary(check, p.state);
     // Only a change seen in Graph puts policies in force (Exchange's word alone does not).
     let in_force = p.state == CheckState::Succeeded && p.verified_by == Some("graph");
@@ -597,6 +617,7 @@ async fn finish_with(
     // queued outside the verdict's transaction could be claimed by a worker before its delivery
     // row exists (then failed with no attempt), and a user polling must never see a verdict
     // without the policies it puts in force.
+    let mut db = services.db().await?;
     let tx = db.transaction().await?;
     let saved = checks::save_progress(
         &tx,
@@ -747,14 +768,15 @@ fn explain(app: &str, e: &Expectation, records: &[AccessPolicyRecord]) -> String
 
 /// For an app mailscope created with a harmless read: the read and the registration's object id.
 async fn live_target(
-    db: &deadpool_postgres::Object,
+    services: &Services,
     check: &CheckRecord,
 ) -> Step<Option<(MailboxProbe, String)>> {
-    let Some(key) = store::applications::key_of_app(db, check.tenant_id, check.app_id).await?
+    let db = services.db().await?;
+    let Some(key) = store::applications::key_of_app(&db, check.tenant_id, check.app_id).await?
     else {
         return Ok(None);
     };
-    let Some(app) = store::applications::get(db, check.tenant_id, &key).await? else {
+    let Some(app) = store::applications::get(&db, check.tenant_id, &key).await? else {
         return Ok(None);
     };
     if app.origin != "created" || app.state != "ready" {
@@ -770,7 +792,6 @@ async fn live_target(
 /// before it is used).
 async fn ensure_probe_secret(
     services: &Services,
-    db: &deadpool_postgres::Object,
     handle: &TenantHandle,
     check: &CheckRecord,
     object_id: &str,
@@ -799,7 +820,8 @@ async fn ensure_probe_secret(
             p.secret_text.expose_secret().as_bytes(),
         )
         .map_err(internal)?;
-    checks::set_probe(db, check.id, key_id, &sealed, services.cipher.key_id()).await?;
+    let db = services.db().await?;
+    checks::set_probe(&db, check.id, key_id, &sealed, services.cipher.key_id()).await?;
     Ok(p.secret_text)
 }
 

@@ -583,9 +583,10 @@ async fn remove_key(handle: &TenantHandle, object_id: &str, key_id: &str) -> Res
     }
 }
 
-/// Remove the check's probe secret from the app (idempotent), then forget it.
+/// Remove the check's probe secret from the app (idempotent), then forget it. A connection is
+/// taken for the read before Graph is called and again for the write after, none held between.
 pub async fn remove_probe_secret(
-    db: &deadpool_postgres::Object,
+    services: &Services,
     handle: &TenantHandle,
     check: &CheckRecord,
 ) -> Result<(), Error> {
@@ -593,12 +594,14 @@ pub async fn remove_probe_secret(
     if check.probe_key_id.is_none() && check.stage == Stage::Configuration {
         return Ok(());
     }
-    let object_id = match store::applications::key_of_app(db, check.tenant_id, check.app_id).await?
-    {
-        Some(key) => store::applications::get(db, check.tenant_id, &key)
-            .await?
-            .and_then(|a| a.application_object_id),
-        None => None,
+    let object_id = {
+        let db = services.db().await?;
+        match store::applications::key_of_app(&db, check.tenant_id, check.app_id).await? {
+            Some(key) => store::applications::get(&db, check.tenant_id, &key)
+                .await?
+                .and_then(|a| a.application_object_id),
+            None => None,
+        }
     };
     if let Some(object_id) = object_id.map(|o| o.to_string()) {
         if let Some(k) = check.probe_key_id {
@@ -606,19 +609,21 @@ pub async fn remove_probe_secret(
         }
         remove_named_secrets(handle, &object_id, check.id).await?;
     }
-    Ok(store::propagation_checks::clear_probe(db, check.id).await?)
+    let db = services.db().await?;
+    Ok(store::propagation_checks::clear_probe(&db, check.id).await?)
 }
 
 /// Before a tenant is forgotten: remove every probe secret its checks may have added (afterwards
 /// mailscope would hold no credential to reach the apps).
 pub async fn remove_tenant_probe_secrets(
-    db: &deadpool_postgres::Object,
+    services: &Services,
     handle: &TenantHandle,
     tenant_id: Uuid,
 ) -> Result<usize, Error> {
-    let holding = store::propagation_checks::holding_probes(db, tenant_id).await?;
+    let holding =
+        store::propagation_checks::holding_probes(&services.db().await?, tenant_id).await?;
     for check in &holding {
-        remove_probe_secret(db, handle, check).await?;
+        remove_probe_secret(services, handle, check).await?;
     }
     Ok(holding.len())
 }

@@ -164,8 +164,8 @@ pub async fn delete(services: &Services, actor: &Actor, tenant_id: Uuid) -> Resu
     // tenant is forgotten, mailscope has no credential left to remove them with. If Microsoft
     // cannot be reached, the deletion is refused with that cause and can be retried.
     let (_, handle) = load(services, tenant_id).await?;
+    let probes = super::checks::remove_tenant_probe_secrets(services, &handle, tenant_id).await?;
     let mut db = services.db().await?;
-    let probes = super::checks::remove_tenant_probe_secrets(&db, &handle, tenant_id).await?;
     let tx = db.transaction().await?;
     if !store::tenants::delete(&tx, tenant_id).await? {
         return Err(tenant_not_found(tenant_id));

@@ -1119,3 +1119,138 @@ async fn rbac_check_reports_the_union_trap() {
     assert_eq!(expectation(&done, "alice")["last_observed"], "granted");
     assert_eq!(expectation(&done, "bob")["last_observed"], "denied");
 }
+
+/// Slow every Exchange and Graph call by `ms` (the sandbox's injected latency).
+async fn slow_microsoft(env: &WithSandbox, ms: u64) {
+    env.control()
+        .patch(
+            "/settings",
+            &json!({"pacing": {"latency": format!("{ms}ms"), "faultApis": ["exchange", "graph"]}}),
+            200,
+        )
+        .await;
+}
+
+/// Wait until at least `n` propagation-check jobs run at the same time.
+async fn wait_for_running_checks(env: &WithSandbox, n: i64) {
+    let db = env.app.db.client().await;
+    let mut running = 0;
+    for _ in 0..600 {
+        running = db
+            .query_one(
+                "SELECT count(*) FROM jobs WHERE kind = 'propagation_check' AND state = 'running'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if running >= n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("never {n} check jobs running at once (last {running})");
+}
+
+/// Issue 15 goal 3: a check's run holds no pooled connection while it calls Microsoft, so while
+/// more of one tenant's checks than the pool has connections wait on a slow Exchange and Graph
+/// (stage 1's verdicts, one Exchange call per mailbox, and stage 2's probes), another tenant's
+/// reads answer at once. The checks are given new expectations while their runs are under way
+/// (the revision fence) and carry on as before once Microsoft is fast again.
+#[tokio::test]
+async fn checks_waiting_on_a_slow_microsoft_leave_another_tenants_reads_fast() {
+    let env = start(sandbox(600, 1200), |s| {
+        s.database.pool_size = 3;
+        s.worker.per_tenant_concurrency = 4;
+    })
+    .await;
+    let other = "22222222-2222-4222-8222-222222222222";
+    env.app
+        .api()
+        .put(&format!("/v1/tenants/{other}"), &tenant_body("x"), 201)
+        .await;
+    create_group(&env, "crm-scope", &["alice", "bob"]).await;
+    let mut apps = Vec::new();
+    let mut ids = Vec::new();
+    for i in 0..4 {
+        let app = managed_app(&env, &format!("crm{i}"), &["Mail.Read"]).await;
+        let (policy, _) = restrict(&env, &app, "crm-scope", &["carol"]).await;
+        ids.push(
+            policy["propagation_check"]["id"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        );
+        apps.push(app);
+    }
+    // Propagation takes hours of sandbox time: every check keeps probing Graph.
+    for id in &ids {
+        wait_until(&env, id, |c| c["stage"] == "live").await;
+    }
+    slow_microsoft(&env, 2_000).await;
+    // New expectations send each check back to stage 1 (five Exchange calls of 2 s), whatever
+    // its run was doing; a fifth check starts on an app with no policy.
+    let granted = json!([{"mailbox": addr("alice"), "expected": "granted"},
+                         {"mailbox": addr("bob"), "expected": "granted"}]);
+    for (app, id) in apps.iter().zip(&ids) {
+        let body = json!({"app_id": app, "expectations": granted,
+            "canary_mailboxes": [addr("carol"), addr("dave"), addr("erin")]});
+        let updated = env.api().post("/propagation-checks", &body, 200).await;
+        assert_eq!(updated["id"], id.as_str());
+    }
+    let body = json!({"app_id": CRM, "expectations": granted, "canary_mailboxes": [addr("carol")]});
+    let crm = env.api().post("/propagation-checks", &body, 201).await;
+    let crm = crm["id"].as_str().unwrap().to_string();
+    wait_for_running_checks(&env, 4).await;
+
+    let reader = env.app.token(&["MailScope.Read"], &[other]);
+    let mut b = Vec::new();
+    let started = std::time::Instant::now();
+    while started.elapsed() < Duration::from_secs(8) {
+        for path in [
+            format!("/v1/tenants/{other}"),
+            format!("/v1/tenants/{other}/propagation-checks"),
+        ] {
+            let t = std::time::Instant::now();
+            let res = env
+                .app
+                .http
+                .get(env.app.url(&path))
+                .bearer_auth(&reader)
+                .send()
+                .await
+                .unwrap();
+            b.push((res.status().as_u16(), t.elapsed().as_millis()));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut ms: Vec<u128> = b.iter().map(|(_, ms)| *ms).collect();
+    ms.sort();
+    let failed = b.iter().filter(|(s, _)| *s != 200).count();
+    eprintln!(
+        "tenant B: {} reads, {failed} not 200 ({} x 503), p50 {} ms, max {} ms",
+        b.len(),
+        b.iter().filter(|(s, _)| *s == 503).count(),
+        ms[ms.len() / 2],
+        ms[ms.len() - 1],
+    );
+    assert_eq!(failed, 0, "tenant B's reads: {b:?}");
+    assert!(ms[ms.len() - 1] < 1_000, "tenant B waited: {ms:?}");
+
+    // Microsoft fast again: the checks carry on with their new expectations.
+    slow_microsoft(&env, 0).await;
+    let done = wait_until(&env, &crm, is_final).await;
+    assert_eq!(done["state"], "misconfigured", "{done:#}");
+    assert!(
+        done["reason"].as_str().unwrap().contains("rule 4"),
+        "{done:#}"
+    );
+    for id in &ids {
+        let c = wait_until(&env, id, |c| {
+            c["stage"] == "live" && expectation(c, "erin")["last_observed"] == "granted"
+        })
+        .await;
+        assert_eq!(c["state"], "running", "{c:#}");
+        assert_eq!(c["expectations"].as_array().map(Vec::len), Some(5));
+    }
+}
