@@ -408,10 +408,9 @@ async fn step(services: &Services, ctx: &JobContext, check_id: Uuid) -> Step<Out
     Ok(reschedule(now, delay, &check, saved))
 }
 
-/// Stage 1 for an access policy: `Test-ApplicationAccessPolicy` per expectation. Returns the
-/// disagreements, explained in the policies' words.
 /// Stage 1 for application access policies: `Test-ApplicationAccessPolicy` per expectation.
-/// Also says whether the restriction cannot be proven (no mailbox outside the app's scopes).
+/// Returns the disagreements, explained in the policies' words, and whether the restriction
+/// cannot be proven (no mailbox outside the app's scopes).
 async fn access_policy_verdicts(
     services: &Services,
     handle: &TenantHandle,
@@ -682,7 +681,6 @@ async fn notify(
     Ok(())
 }
 
-/// The app's policies known to mailscope (for explaining a misconfiguration).
 /// Mailboxes sampled when looking for one the app must be denied, and how many are tested.
 const WITNESS_SAMPLE: u32 = 50;
 const WITNESS_TESTS: usize = 5;
@@ -713,6 +711,7 @@ async fn denied_witness(
     Ok(None)
 }
 
+/// The app's policies known to mailscope (for explaining a misconfiguration).
 async fn app_policies(
     db: &deadpool_postgres::Object,
     check: &CheckRecord,

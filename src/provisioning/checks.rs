@@ -630,10 +630,12 @@ pub async fn remove_tenant_probe_secrets(
 
 /// Remove probe secrets left on apps mailscope manages whose check no longer runs (deleted, or
 /// ended without its clean-up). Tenant by tenant; a tenant that cannot be reached is skipped and
-/// tried again at the next sweep. Returns how many secrets were removed.
+/// tried again at the next sweep. Returns how many secrets were removed. Like the checks, it holds
+/// no pooled connection while Graph is called: each read takes one briefly.
 pub async fn sweep_probe_secrets(services: &Services) -> Result<usize, Error> {
-    let db = services.db().await?;
-    let tenants = db
+    let tenants = services
+        .db()
+        .await?
         .query(
             "SELECT DISTINCT tenant_id FROM applications WHERE application_object_id IS NOT NULL",
             &[],
@@ -643,7 +645,7 @@ pub async fn sweep_probe_secrets(services: &Services) -> Result<usize, Error> {
     let mut removed = 0;
     for row in tenants {
         let tenant_id: Uuid = row.get(0);
-        match sweep_tenant(services, &db, tenant_id).await {
+        match sweep_tenant(services, tenant_id).await {
             Ok(n) => removed += n,
             Err(e) => tracing::warn!(%tenant_id, error = %e, "probe-secret sweep skipped a tenant"),
         }
@@ -651,24 +653,24 @@ pub async fn sweep_probe_secrets(services: &Services) -> Result<usize, Error> {
     Ok(removed)
 }
 
-async fn sweep_tenant(
-    services: &Services,
-    db: &deadpool_postgres::Object,
-    tenant_id: Uuid,
-) -> Result<usize, Error> {
-    let Some(record) = store::tenants::get(db, tenant_id).await? else {
-        return Ok(0);
+async fn sweep_tenant(services: &Services, tenant_id: Uuid) -> Result<usize, Error> {
+    let (record, apps) = {
+        let db = services.db().await?;
+        let Some(record) = store::tenants::get(&db, tenant_id).await? else {
+            return Ok(0);
+        };
+        let apps = db
+            .query(
+                "SELECT application_object_id FROM applications
+                 WHERE tenant_id = $1 AND application_object_id IS NOT NULL",
+                &[&tenant_id],
+            )
+            .await
+            .map_err(StoreError::from)?;
+        (record, apps)
     };
     let handle = super::tenants::handle_for(services, &record)?;
     let graph = handle.graph();
-    let apps = db
-        .query(
-            "SELECT application_object_id FROM applications
-             WHERE tenant_id = $1 AND application_object_id IS NOT NULL",
-            &[&tenant_id],
-        )
-        .await
-        .map_err(StoreError::from)?;
     let prefix = probe_secret_name(Uuid::nil());
     let prefix = prefix.trim_end_matches(&Uuid::nil().to_string());
     let mut removed = 0;
@@ -689,9 +691,10 @@ async fn sweep_tenant(
             else {
                 continue;
             };
-            let running = store::propagation_checks::get(db, tenant_id, check_id)
-                .await?
-                .is_some_and(|c| !c.state.is_final());
+            let running =
+                store::propagation_checks::get(&services.db().await?, tenant_id, check_id)
+                    .await?
+                    .is_some_and(|c| !c.state.is_final());
             if !running {
                 remove_key(&handle, &object_id, key_id).await?;
                 removed += 1;

@@ -4,11 +4,10 @@
 //!
 //! The whole run holds the tenant's policy lease (`key_lease`), so no policy is written on any
 //! replica while it reads the tenant: reading Microsoft first and locking afterwards would let a
-//! policy created in between be "removed" by a sync that never saw it. Unlike the other writers it
-//! also keeps one transaction, and so one pooled connection, across its Exchange reads, because
-//! it takes each scope group's advisory lock as it reads that group (scope-group writers record
-//! under it); the lease queues sync runs in this process first, so a tenant's burst of them holds
-//! one connection at a time.
+//! policy created in between be "removed" by a sync that never saw it. It reads the tenant with no
+//! pooled connection held, then writes in one short transaction. Scope-group writers do not take
+//! the lease (they record under each group's advisory lock): a group one of them wrote while sync
+//! was reading makes the sync a conflict to run again instead of a stale overwrite.
 use std::collections::{BTreeMap, BTreeSet};
 
 use chrono::Utc;
@@ -83,9 +82,8 @@ pub async fn run(
     let (_, handle) = tenants::load(services, tenant_id).await?;
     let exo = handle.exchange();
     let lease = policy_lease(services, tenant_id).await?;
-    let mut db = services.db().await?;
-    let tx = db.transaction().await?;
 
+    // Read the tenant first, with no connection held (the lease keeps policy writers out).
     // Scope groups first, so imported policies can name their group's alias.
     let tenant_policies = exo.list_application_access_policies().await?;
     let mut scope_cache: BTreeMap<String, Option<Recipient>> = BTreeMap::new();
@@ -95,7 +93,13 @@ pub async fn run(
             slot.insert(r);
         }
     }
-    let groups = sync_scope_groups(&tx, &exo, tenant_id, dry, &scope_cache).await?;
+    let seen = observe_scope_groups(services, &exo, tenant_id, &scope_cache).await?;
+
+    // Then make mailscope's records match, in one short transaction.
+    let mut db = services.db().await?;
+    let tx = db.transaction().await?;
+    lease.confirm(&tx).await?;
+    let groups = sync_scope_groups(&tx, tenant_id, dry, seen).await?;
     let policies = sync_policies(&tx, tenant_id, dry, &tenant_policies, &scope_cache).await?;
     let report = SyncReport {
         dry_run: dry,
@@ -113,30 +117,113 @@ pub async fn run(
         )
         .await?;
     }
-    lease.confirm(&tx).await?;
     tx.commit().await?;
     Ok(report)
 }
 
-/// mailscope's scope groups against the tenant, then the security groups that scope tenant
-/// policies but are unknown to mailscope (imported).
-async fn sync_scope_groups(
-    tx: &impl GenericClient,
+/// What the tenant shows of the scope groups: each group mailscope records (with its display
+/// name and members, or `None` when it is gone), and the security groups that scope tenant
+/// policies but are unknown to mailscope, to import.
+struct ObservedGroups {
+    known: Vec<(ScopeGroupRecord, Option<LiveGroup>)>,
+    unknown: Vec<ScopeGroupRecord>,
+}
+
+/// A group as Exchange shows it: display name and members.
+struct LiveGroup {
+    display_name: String,
+    members: Vec<String>,
+}
+
+/// Read the scope groups from Exchange, taking a connection only for each short read.
+async fn observe_scope_groups(
+    services: &Services,
     exo: &ExchangeClient,
     tenant_id: Uuid,
-    dry: bool,
     scope_cache: &BTreeMap<String, Option<Recipient>>,
-) -> Result<DriftSet, Error> {
-    let mut groups = DriftSet::default();
-    let mut known_groups = store::scope_groups::list(tx, tenant_id, None, i64::MAX).await?;
+) -> Result<ObservedGroups, Error> {
+    let mut known_groups =
+        store::scope_groups::list(&services.db().await?, tenant_id, None, i64::MAX).await?;
     known_groups.sort_by(|a, b| a.alias.cmp(&b.alias));
     let mut known_group_ids: BTreeSet<String> = BTreeSet::new();
+    let mut known = Vec::new();
     for g in known_groups {
-        lock_group(tx, tenant_id, &g.alias).await?;
         known_group_ids.insert(g.object_id.clone());
-        let Some(live) = exo
+        let live = match exo
             .get_distribution_group(&g.object_id, Replication::Ignore)
             .await?
+        {
+            Some(live) => Some(LiveGroup {
+                display_name: live.display_name.clone().unwrap_or_default(),
+                members: current_members_of(exo, &g.object_id).await?,
+            }),
+            None => None,
+        };
+        known.push((g, live));
+    }
+    let mut unknown = Vec::new();
+    for r in scope_cache.values().flatten() {
+        let Some(oid) = recipient_object_id(r) else {
+            continue;
+        };
+        if r.recipient_type_details.as_deref() != Some("MailUniversalSecurityGroup")
+            || known_group_ids.contains(&oid)
+        {
+            continue;
+        }
+        known_group_ids.insert(oid.clone());
+        let alias = r.alias.clone().unwrap_or_default().to_ascii_lowercase();
+        if alias.is_empty()
+            || store::scope_groups::get(&services.db().await?, tenant_id, &alias)
+                .await?
+                .is_some()
+        {
+            continue;
+        }
+        let members = current_members_of(exo, &oid).await?;
+        unknown.push(ScopeGroupRecord {
+            tenant_id,
+            alias: alias.clone(),
+            display_name: r.display_name.clone().unwrap_or_else(|| alias.clone()),
+            primary_smtp_address: primary_address(r).unwrap_or_default(),
+            object_id: oid,
+            membership: "exact".into(),
+            members,
+            origin: "imported".into(),
+            created_at: Utc::now(),
+            updated_at: Utc::now(),
+        });
+    }
+    Ok(ObservedGroups { known, unknown })
+}
+
+/// mailscope's scope groups against what the tenant showed, then the groups to import. Each
+/// group is written under its advisory lock, where scope-group writers record too: a group one of
+/// them wrote after sync read the tenant makes the sync a conflict to run again, rather than
+/// overwrite the newer record with what sync saw before it.
+async fn sync_scope_groups(
+    tx: &impl GenericClient,
+    tenant_id: Uuid,
+    dry: bool,
+    seen: ObservedGroups,
+) -> Result<DriftSet, Error> {
+    let mut groups = DriftSet::default();
+    for (g, live) in seen.known {
+        lock_group(tx, tenant_id, &g.alias).await?;
+        if store::scope_groups::get(tx, tenant_id, &g.alias)
+            .await?
+            .as_ref()
+            != Some(&g)
+        {
+            return Err(Error::conflict(format!(
+                "scope group {} was changed while sync read the tenant; run sync again",
+                g.alias
+            )));
+        }
+        let Some(LiveGroup {
+            display_name: display,
+            members,
+        }) = live
         else {
             if !dry {
                 store::scope_groups::delete(tx, tenant_id, &g.alias).await?;
@@ -148,8 +235,6 @@ async fn sync_scope_groups(
             });
             continue;
         };
-        let members: Vec<String> = current_members_of(exo, &g.object_id).await?;
-        let display = live.display_name.clone().unwrap_or_default();
         let changes: Vec<FieldDrift> = [
             drift("display_name", &g.display_name, &display),
             drift("members", &g.members.join(","), &members.join(",")),
@@ -179,43 +264,18 @@ async fn sync_scope_groups(
         });
     }
     // Security groups that scope tenant policies but are unknown to mailscope.
-    for r in scope_cache.values().flatten() {
-        let Some(oid) = recipient_object_id(r) else {
-            continue;
-        };
-        if r.recipient_type_details.as_deref() != Some("MailUniversalSecurityGroup")
-            || known_group_ids.contains(&oid)
+    for record in seen.unknown {
+        lock_group(tx, tenant_id, &record.alias).await?;
+        if store::scope_groups::get(tx, tenant_id, &record.alias)
+            .await?
+            .is_some()
         {
+            // Recorded meanwhile (created or adopted through the API): it is known now.
             continue;
         }
-        known_group_ids.insert(oid.clone());
-        let alias = r.alias.clone().unwrap_or_default().to_ascii_lowercase();
-        if alias.is_empty()
-            || store::scope_groups::get(tx, tenant_id, &alias)
-                .await?
-                .is_some()
-        {
-            continue;
-        }
-        let members = current_members_of(exo, &oid).await?;
+        let alias = record.alias.clone();
         if !dry {
-            lock_group(tx, tenant_id, &alias).await?;
-            store::scope_groups::upsert(
-                tx,
-                &ScopeGroupRecord {
-                    tenant_id,
-                    alias: alias.clone(),
-                    display_name: r.display_name.clone().unwrap_or_else(|| alias.clone()),
-                    primary_smtp_address: primary_address(r).unwrap_or_default(),
-                    object_id: oid,
-                    membership: "exact".into(),
-                    members,
-                    origin: "imported".into(),
-                    created_at: Utc::now(),
-                    updated_at: Utc::now(),
-                },
-            )
-            .await?;
+            store::scope_groups::upsert(tx, &record).await?;
         }
         groups.added.push(DriftItem {
             key: alias,

@@ -703,3 +703,35 @@ async fn a_policy_write_waiting_on_a_slow_exchange_holds_no_connection() {
     let (status, text) = write.await.unwrap();
     assert_eq!(status, 201, "{text}");
 }
+
+/// Issue 15 goal 3: sync reads the tenant with no pooled connection held, then writes in one
+/// short transaction: with a pool of one connection and Exchange slowed to 1.5 s a call, another
+/// tenant's reads keep answering while it runs, and the group it imports is recorded.
+#[tokio::test]
+async fn sync_reading_a_slow_exchange_holds_no_connection() {
+    let env = WithSandbox::start_adjusted(mailscope::sandbox::SandboxSettings::fast(), |s| {
+        s.database.pool_size = 1;
+    })
+    .await;
+    create_group(&env, "crm-scope", &["alice"]).await;
+    restrict(&env, "crm-scope").await;
+    let other = OtherTenant::register(&env).await;
+    slow_api(&env, "exchange", 1_500).await;
+    let run = {
+        let api = env.api();
+        tokio::spawn(async move {
+            let res = api.send(Method::POST, "/sync", None).await;
+            (res.status().as_u16(), res.text().await.unwrap())
+        })
+    };
+    let seen = other
+        .reads_while(&env, "/access-policies", &run, std::time::Duration::from_secs(10))
+        .await;
+    assert_reads_fast("a sync on a slow Exchange", &seen, 1_000);
+    slow_api(&env, "exchange", 0).await;
+    let (status, text) = run.await.unwrap();
+    assert_eq!(status, 200, "{text}");
+    let report: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(report["scope_groups"]["unchanged"], 1, "{report}");
+    assert_eq!(report["access_policies"]["unchanged"], 1, "{report}");
+}
