@@ -679,28 +679,15 @@ async fn a_policy_write_waiting_on_a_slow_exchange_holds_no_connection() {
     .await;
     create_group(&env, "crm-scope", &["alice"]).await;
     let other = OtherTenant::register(&env).await;
-    slow_api(&env, "exchange", 1_500).await;
     let body = json!({"app_id": APP, "scope": "crm-scope", "access_right": "RestrictAccess"});
-    let write = {
-        let api = env.api();
-        tokio::spawn(async move {
-            let res = api
-                .send(Method::POST, "/access-policies", Some(&body))
-                .await;
-            (res.status().as_u16(), res.text().await.unwrap())
-        })
-    };
-    let seen = other
-        .reads_while(
-            &env,
-            "/access-policies",
-            &write,
-            std::time::Duration::from_secs(8),
-        )
-        .await;
-    assert_reads_fast("a policy creation on a slow Exchange", &seen, 1_000);
-    slow_api(&env, "exchange", 0).await;
-    let (status, text) = write.await.unwrap();
+    let (status, text) = assert_write_leaves_reads_fast(
+        &env,
+        &other,
+        "exchange",
+        (Method::POST, "/access-policies", Some(body)),
+        "/access-policies",
+    )
+    .await;
     assert_eq!(status, 201, "{text}");
 }
 
@@ -716,20 +703,14 @@ async fn sync_reading_a_slow_exchange_holds_no_connection() {
     create_group(&env, "crm-scope", &["alice"]).await;
     restrict(&env, "crm-scope").await;
     let other = OtherTenant::register(&env).await;
-    slow_api(&env, "exchange", 1_500).await;
-    let run = {
-        let api = env.api();
-        tokio::spawn(async move {
-            let res = api.send(Method::POST, "/sync", None).await;
-            (res.status().as_u16(), res.text().await.unwrap())
-        })
-    };
-    let seen = other
-        .reads_while(&env, "/access-policies", &run, std::time::Duration::from_secs(10))
-        .await;
-    assert_reads_fast("a sync on a slow Exchange", &seen, 1_000);
-    slow_api(&env, "exchange", 0).await;
-    let (status, text) = run.await.unwrap();
+    let (status, text) = assert_write_leaves_reads_fast(
+        &env,
+        &other,
+        "exchange",
+        (Method::POST, "/sync", None),
+        "/access-policies",
+    )
+    .await;
     assert_eq!(status, 200, "{text}");
     let report: Value = serde_json::from_str(&text).unwrap();
     assert_eq!(report["scope_groups"]["unchanged"], 1, "{report}");

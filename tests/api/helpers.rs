@@ -556,9 +556,30 @@ impl OtherTenant {
         busy: &tokio::task::JoinHandle<T>,
         at_most: Duration,
     ) -> Vec<(u16, u128)> {
+        self.reads_until(env, list, at_most, || busy.is_finished())
+            .await
+    }
+
+    /// The same reads for `how_long`.
+    pub async fn reads_for(
+        &self,
+        env: &WithSandbox,
+        list: &str,
+        how_long: Duration,
+    ) -> Vec<(u16, u128)> {
+        self.reads_until(env, list, how_long, || false).await
+    }
+
+    async fn reads_until(
+        &self,
+        env: &WithSandbox,
+        list: &str,
+        at_most: Duration,
+        done: impl Fn() -> bool,
+    ) -> Vec<(u16, u128)> {
         let mut seen = Vec::new();
         let started = std::time::Instant::now();
-        while !busy.is_finished() && started.elapsed() < at_most {
+        while !done() && started.elapsed() < at_most {
             for path in [
                 format!("/v1/tenants/{}", self.id),
                 format!("/v1/tenants/{}{list}", self.id),
@@ -607,4 +628,30 @@ pub async fn slow_api(env: &WithSandbox, api: &str, ms: u64) {
             200,
         )
         .await;
+}
+
+/// Send one request to the sandbox tenant while every call to `api` (`graph` or `exchange`) is
+/// slowed by 1.5 s, assert that `other`'s reads (of `list`) answer 200 within 1 s all along, and
+/// return the request's status and body once Microsoft is fast again.
+pub async fn assert_write_leaves_reads_fast(
+    env: &WithSandbox,
+    other: &OtherTenant,
+    api: &str,
+    (method, path, body): (Method, &str, Option<Value>),
+    list: &str,
+) -> (u16, String) {
+    slow_api(env, api, 1_500).await;
+    let write = {
+        let (client, path) = (env.api(), path.to_string());
+        tokio::spawn(async move {
+            let res = client.send(method, &path, body.as_ref()).await;
+            (res.status().as_u16(), res.text().await.unwrap())
+        })
+    };
+    let seen = other
+        .reads_while(env, list, &write, Duration::from_secs(10))
+        .await;
+    assert_reads_fast(&format!("{path} on a slow {api}"), &seen, 1_000);
+    slow_api(env, api, 0).await;
+    write.await.unwrap()
 }

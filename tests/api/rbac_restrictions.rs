@@ -533,38 +533,14 @@ async fn a_restriction_write_waiting_on_a_slow_exchange_holds_no_connection() {
     .await;
     create_group(&env, "crm-scope", &["alice"]).await;
     let other = OtherTenant::register(&env).await;
-    slow_api(&env, "exchange", 1_500).await;
-    let write = {
-        let (http, url, token) = (
-            env.app.http.clone(),
-            env.url("/rbac-restrictions"),
-            env.app.admin(),
-        );
-        tokio::spawn(async move {
-            let res = http
-                .post(url)
-                .bearer_auth(token)
-                .json(&json!({"app_id": APP, "scope": {"scope_group": "crm-scope"}}))
-                .send()
-                .await
-                .unwrap();
-            (res.status().as_u16(), res.text().await.unwrap())
-        })
-    };
-    let seen = other
-        .reads_while(
-            &env,
-            "/rbac-restrictions",
-            &write,
-            std::time::Duration::from_secs(10),
-        )
-        .await;
-    assert_reads_fast(
-        "an RBAC restriction's creation on a slow Exchange",
-        &seen,
-        1_000,
-    );
-    slow_api(&env, "exchange", 0).await;
-    let (status, text) = write.await.unwrap();
+    let body = json!({"app_id": APP, "scope": {"scope_group": "crm-scope"}});
+    let (status, text) = assert_write_leaves_reads_fast(
+        &env,
+        &other,
+        "exchange",
+        (Method::POST, "/rbac-restrictions", Some(body)),
+        "/rbac-restrictions",
+    )
+    .await;
     assert_eq!(status, 201, "{text}");
 }
