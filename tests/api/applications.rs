@@ -101,6 +101,24 @@ fn perm<'a>(view: &'a Value, name: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("{name} in {view:#}"))
 }
 
+/// Concurrent identical PUTs: one created the registration (201), the others found it (200), and
+/// the tenant holds one registration and one service principal.
+async fn assert_one_registration(env: &WithSandbox, responses: &[reqwest::Response]) {
+    let statuses: Vec<u16> = responses.iter().map(|r| r.status().as_u16()).collect();
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 201).count(),
+        1,
+        "{statuses:?}"
+    );
+    assert!(
+        statuses.iter().all(|s| *s == 200 || *s == 201),
+        "{statuses:?}"
+    );
+    let c = env.counters().await;
+    assert_eq!(count(&c, "graph:POST /applications"), 1, "{c:#}");
+    assert_eq!(count(&c, "graph:POST /servicePrincipals"), 1, "{c:#}");
+}
+
 #[tokio::test]
 async fn created_app_gets_consent_and_signs_in_with_exactly_those_roles() {
     let env = WithSandbox::start().await;
@@ -336,20 +354,8 @@ async fn fifty_concurrent_identical_puts_create_one_registration() {
         (0..50).map(|_| api.send(Method::PUT, "/applications/burst", Some(&body))),
     )
     .await;
-    let mut statuses: Vec<u16> = all.iter().map(|r| r.status().as_u16()).collect();
-    statuses.sort();
-    assert_eq!(
-        statuses.iter().filter(|s| **s == 201).count(),
-        1,
-        "{statuses:?}"
-    );
-    assert!(
-        statuses.iter().all(|s| *s == 200 || *s == 201),
-        "{statuses:?}"
-    );
+    assert_one_registration(&env, &all).await;
     let c = env.counters().await;
-    assert_eq!(count(&c, "graph:POST /applications"), 1, "{c:#}");
-    assert_eq!(count(&c, "graph:POST /servicePrincipals"), 1, "{c:#}");
     assert_eq!(
         count(&c, "graph:POST /servicePrincipals/{id}/appRoleAssignedTo"),
         2,
@@ -836,19 +842,7 @@ async fn identical_puts_to_two_processes_at_once_make_one_registration() {
         (0..12).map(|i| apis[i % 2].send(Method::PUT, "/applications/twice", Some(&body))),
     )
     .await;
-    let statuses: Vec<u16> = all.iter().map(|r| r.status().as_u16()).collect();
-    assert_eq!(
-        statuses.iter().filter(|s| **s == 201).count(),
-        1,
-        "{statuses:?}"
-    );
-    assert!(
-        statuses.iter().all(|s| *s == 200 || *s == 201),
-        "{statuses:?}"
-    );
-    let c = env.counters().await;
-    assert_eq!(count(&c, "graph:POST /applications"), 1, "{c:#}");
-    assert_eq!(count(&c, "graph:POST /servicePrincipals"), 1, "{c:#}");
+    assert_one_registration(&env, &all).await;
     // Each request gave its lease back when it ended.
     let db = env.app.db.client().await;
     let mut left = -1i64;
