@@ -148,8 +148,28 @@ impl Modify for BearerAuth {
 struct CrossCutting;
 
 impl CrossCutting {
+    /// Whether the operation takes a key lease (`provisioning::key_lease`) while it calls
+    /// Microsoft, and so may answer `object_busy` when another process holds it too long.
+    fn leased(path: &str, method: &str) -> bool {
+        let tail = path.trim_start_matches("/v1/tenants/{tenant_id}");
+        let writes = matches!(method, "put" | "post" | "patch" | "delete");
+        writes
+            && (tail.starts_with("/applications/")
+                || tail.starts_with("/access-policies")
+                || (tail.starts_with("/rbac-restrictions") && !tail.ends_with("/enforce"))
+                || (tail == "/scope-groups/{alias}" && method == "delete")
+                || tail == "/sync"
+                || tail.ends_with("/certificates")
+                || tail.ends_with("/certificates/{key_id}")
+                || (tail.starts_with("/access-grants/") && tail.contains("/secrets")))
+    }
+
     /// (status, problem code, cause) for one operation.
-    fn causes(method: &str, op: &Operation) -> Vec<(&'static str, &'static str, &'static str)> {
+    fn causes(
+        path: &str,
+        method: &str,
+        op: &Operation,
+    ) -> Vec<(&'static str, &'static str, &'static str)> {
         let params = op.parameters.as_deref().unwrap_or_default();
         let uuid_in_path = params.iter().any(|p| {
             p.parameter_in == ParameterIn::Path
@@ -200,6 +220,13 @@ impl CrossCutting {
                 "409",
                 "idempotency_key_in_use",
                 "the first request with this Idempotency-Key is still running (see Retry-After)",
+            ));
+        }
+        if Self::leased(path, method) {
+            causes.push((
+                "409",
+                "object_busy",
+                "another mailscope process has been changing the same object for over a minute (see Retry-After)",
             ));
         }
         if body.is_some() {
@@ -277,7 +304,7 @@ impl Modify for CrossCutting {
             ];
             for (method, op) in ops {
                 let Some(op) = op else { continue };
-                let causes = Self::causes(method, op);
+                let causes = Self::causes(path, method, op);
                 if matches!(method, "post" | "patch") {
                     let params = op.parameters.get_or_insert_with(Vec::new);
                     if !params.iter().any(|p| p.name == "Idempotency-Key") {

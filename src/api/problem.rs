@@ -28,6 +28,8 @@ pub enum ProblemKind {
     InvalidIdempotencyKey,
     IdempotencyKeyReused,
     IdempotencyKeyInUse,
+    /// Another mailscope process is changing the same object in the tenant (its key lease).
+    ObjectBusy,
     DatabaseUnavailable,
     /// The identity provider's signing keys could not be fetched, so no token can be checked.
     KeysUnavailable,
@@ -134,6 +136,11 @@ pub const CATALOGUE: &[(ProblemKind, &str, &str)] = &[
         ProblemKind::IdempotencyKeyInUse,
         "Idempotency key in use",
         "The first request with this Idempotency-Key is still running; retry the same request shortly.",
+    ),
+    (
+        ProblemKind::ObjectBusy,
+        "Object busy",
+        "Another mailscope process is changing the same object in the tenant (a replica serving the same request, or a job); repeat the request after the indicated delay.",
     ),
     (
         ProblemKind::DatabaseUnavailable,
@@ -274,6 +281,7 @@ impl ProblemKind {
             ProblemKind::InvalidIdempotencyKey => "invalid_idempotency_key",
             ProblemKind::IdempotencyKeyReused => "idempotency_key_reused",
             ProblemKind::IdempotencyKeyInUse => "idempotency_key_in_use",
+            ProblemKind::ObjectBusy => "object_busy",
             ProblemKind::DatabaseUnavailable => "database_unavailable",
             ProblemKind::KeysUnavailable => "keys_unavailable",
             ProblemKind::NotReady => "not_ready",
@@ -308,7 +316,7 @@ impl ProblemKind {
             | ProblemKind::InvalidQuery
             | ProblemKind::InvalidIdempotencyKey => StatusCode::BAD_REQUEST,
             ProblemKind::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
-            ProblemKind::IdempotencyKeyInUse => StatusCode::CONFLICT,
+            ProblemKind::IdempotencyKeyInUse | ProblemKind::ObjectBusy => StatusCode::CONFLICT,
             ProblemKind::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ProblemKind::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ProblemKind::ValidationFailed => StatusCode::UNPROCESSABLE_ENTITY,
@@ -607,6 +615,10 @@ impl From<crate::provisioning::Error> for ApiError {
                     ..ApiError::new(kind, detail)
                 }
             }
+            Error::Busy(detail) => ApiError {
+                retry_after: Some(5),
+                ..ApiError::new(ProblemKind::ObjectBusy, detail)
+            },
             Error::Microsoft(m) => m.into(),
             Error::Store(s) => s.into(),
             Error::Internal(cause) => ApiError::internal(cause),
@@ -656,7 +668,7 @@ mod tests {
         codes.sort();
         codes.dedup();
         assert_eq!(codes.len(), n);
-        assert_eq!(n, 38);
+        assert_eq!(n, 39);
     }
 
     #[test]
@@ -665,6 +677,17 @@ mod tests {
         let p = e.to_problem("/v1/x", "rid");
         assert!(!serde_json::to_string(&p).unwrap().contains("hunter2"));
         assert_eq!(p.status, 500);
+    }
+
+    #[test]
+    fn a_busy_object_is_a_conflict_to_repeat_later_with_its_cause() {
+        let e = ApiError::from(crate::provisioning::Error::Busy(
+            "another mailscope process has been changing `application:t/acme`".into(),
+        ));
+        assert_eq!(e.code(), "object_busy");
+        assert_eq!(e.status(), StatusCode::CONFLICT);
+        assert_eq!(e.retry_after, Some(5));
+        assert!(e.detail.contains("application:t/acme"), "{}", e.detail);
     }
 
     #[test]

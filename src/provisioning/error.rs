@@ -92,6 +92,10 @@ pub enum Error {
         detail: String,
         errors: Vec<FieldError>,
     },
+    /// Another mailscope process has been changing the same object in the tenant for longer
+    /// than a request waits (its key lease, `key_lease`); the same request can be repeated.
+    #[error("busy: {0}")]
+    Busy(String),
     /// Microsoft refused or failed; keeps `Retry-After` and the cause and fix.
     #[error(transparent)]
     Microsoft(#[from] M365Error),
@@ -161,7 +165,7 @@ impl Error {
     pub fn is_transient(&self) -> bool {
         match self {
             Error::Microsoft(e) => e.is_retryable(),
-            Error::Store(StoreError::Unavailable(_)) => true,
+            Error::Store(StoreError::Unavailable(_)) | Error::Busy(_) => true,
             _ => false,
         }
     }
@@ -223,5 +227,8 @@ mod tests {
         assert!(matches!(t.job_outcome(), Outcome::Retry(_)));
         let p = Error::invalid("scope", "no such recipient");
         assert!(matches!(p.job_outcome(), Outcome::Fail(m) if m.contains("no such recipient")));
+        // A key another process is changing: the step runs again later.
+        let b = Error::Busy("another process is changing `application:t/acme`".into());
+        assert!(matches!(b.job_outcome(), Outcome::Retry(m) if m.contains("application:t/acme")));
     }
 }

@@ -593,6 +593,11 @@ pub fn explain(e: &Error) -> StepError {
         Error::NotFound(d) => ("not_found", d.clone(), again.to_string()),
         Error::Rejected { kind, detail, .. } => (kind.code(), detail.clone(), again.to_string()),
         Error::Microsoft(m) => (m.code(), m.cause(), m.fix()),
+        Error::Busy(d) => (
+            "object_busy",
+            d.clone(),
+            "nothing: mailscope retries the step once the other process has finished".to_string(),
+        ),
         Error::Store(_) => (
             "database_unavailable",
             "mailscope's database was unavailable".to_string(),

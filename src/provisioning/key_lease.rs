@@ -26,7 +26,7 @@ use crate::store::{StoreError, key_leases};
 const HOLD_FOR: Duration = Duration::from_secs(600);
 /// How often a holder pushes `locked_until` on while it works.
 const RENEW_EVERY: Duration = Duration::from_secs(60);
-/// How long a request waits for another process's lease before it answers "try again".
+/// How long a request waits for another process's lease before it answers `object_busy`.
 const WAIT_AT_MOST: Duration = Duration::from_secs(60);
 
 /// A held lease; dropping it gives the key back (also when the request is cancelled).
@@ -59,10 +59,11 @@ impl KeyLease {
             }
             if started.elapsed() >= WAIT_AT_MOST {
                 // Retryable: the other process's work ends, or its lease lapses.
-                return Err(Error::Store(StoreError::Unavailable(anyhow::anyhow!(
-                    "another mailscope process has been changing {name} for {} s",
+                return Err(Error::Busy(format!(
+                    "another mailscope process has been changing `{name}` in the tenant for over \
+                     {} s; repeat this request once it has finished",
                     WAIT_AT_MOST.as_secs()
-                ))));
+                )));
             }
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_secs(1));
