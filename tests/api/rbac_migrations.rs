@@ -609,17 +609,10 @@ async fn a_rollback_while_the_policy_exists_restores_the_app_as_it_was() {
     assert_eq!(read_as_app(&env, &token, "alice").await, 200);
     assert_eq!(read_as_app(&env, &token, "bob").await, 403);
     // A new migration may start again; the list pages newest first.
-    let second = env
-        .api()
-        .post(
-            "/rbac-migrations",
-            &json!({"app_id": APP, "canary_mailboxes": [addr("bob")]}),
-            202,
-        )
-        .await;
+    let second = start_migration(&env).await;
     let page = env.api().get("/rbac-migrations?limit=1", 200).await;
-    assert_eq!(page["items"][0]["id"], second["id"]);
-    assert_eq!(page["next_after"], second["id"]);
+    assert_eq!(page["items"][0]["id"], second.as_str());
+    assert_eq!(page["next_after"], second.as_str());
     let next = format!(
         "/rbac-migrations?limit=1&after={}",
         page["next_after"].as_str().unwrap()
